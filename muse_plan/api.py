@@ -1,0 +1,145 @@
+"""What the CLI's plan commands do, as library functions.
+
+Each takes a ``Store`` and plain arguments, validates everything before it
+opens a write transaction, and returns what it stored; the CLI only parses
+flags and renders. A function that raises has written nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from muse_plan.errors import PlanError
+from muse_plan.plan import io
+from muse_plan.plan.diff import Change, diff
+from muse_plan.plan.edit import apply_sets
+from muse_plan.plan.flags import overlay_flags
+from muse_plan.plan.planner import complete
+from muse_plan.plan.spec import PlanSpec
+from muse_plan.store import repo
+from muse_plan.store.db import Store
+from muse_plan.store.models import Plan, PlanRevision
+
+
+@dataclass(frozen=True)
+class Stored:
+    plan: Plan
+    revision: PlanRevision
+    spec: PlanSpec
+    created: bool = True
+
+
+def _auto_name(store: Store, data: dict[str, Any]) -> str:
+    scale = str((data.get("model") or {}).get("scale", "350M")).lower()
+    techniques = data.get("techniques") or {}
+    names = list(techniques) if isinstance(techniques, dict) else list(techniques)
+    stem = re.sub(r"[^a-z0-9._-]+", "-", "-".join(["plan", scale, *names]).lower())[:56]
+    with store.read() as session:
+        taken = {p.name for p, _ in repo.list_plans(session)}
+    name, n = stem, 2
+    while name in taken:
+        name, n = f"{stem}-{n}", n + 1
+    return name
+
+
+def create(store: Store, *, from_yaml: str | None = None, reason: str | None = None,
+           **flags: str | None) -> Stored:
+    """``muse plan create``: flags over an optional YAML file, completed by the planner."""
+    data = io.spec_to_dict(io.load_file(from_yaml)) if from_yaml else {}
+    data = overlay_flags(data, **flags)
+    if not data.get("name"):
+        data["name"] = _auto_name(store, data)
+    spec = complete(io.spec_from_dict(data, "plan"))
+    source = f"from {from_yaml}" if from_yaml else "from flags"
+    with store.write() as session:
+        plan, revision = repo.create_plan(session, spec, reason=reason or f"created {source}")
+    return Stored(plan, revision, spec)
+
+
+def import_file(store: Store, path: str, *, name: str | None = None, update: bool = False) -> Stored:
+    """``muse plan import``: a new plan, or with ``update`` a new revision of the
+    plan of that name. Importing what is already stored changes nothing."""
+    spec = io.load_file(path)
+    if name is not None:
+        spec = io.spec_from_dict({**io.spec_to_dict(spec), "name": name}, str(path))
+    spec = complete(spec)
+    with store.write() as session:
+        plan = repo.find_plan(session, spec.name)
+        if plan is None:
+            plan, revision = repo.create_plan(session, spec, reason=f"imported from {Path(path).name}")
+            return Stored(plan, revision, spec)
+        head = repo.get_revision(session, plan)
+        if repo.spec_of(head) == spec:
+            return Stored(plan, head, spec, created=False)
+        if not update:
+            raise PlanError(
+                f"plan {spec.name!r} exists with other contents; add --update to record the file "
+                f"as its next revision, or --name to import it as a new plan"
+            )
+        revision = repo.add_revision(session, plan, spec, "user", f"imported from {Path(path).name}")
+        return Stored(plan, revision, spec)
+
+
+def show(store: Store, ref: str, number: int | None = None) -> Stored:
+    with store.read() as session:
+        plan = repo.get_plan(session, ref)
+        revision = repo.get_revision(session, plan, number)
+        return Stored(plan, revision, repo.spec_of(revision), created=False)
+
+
+def edit(store: Store, ref: str, sets: list[str], *, reason: str | None = None,
+         replan: bool = False, author: str = "user") -> tuple[Stored, list[Change]]:
+    """``muse plan edit``: apply ``--set`` edits as a new revision; no change, no revision."""
+    if not sets and not replan:
+        raise PlanError("nothing to change; give --set FIELD=VALUE (e.g. --set training.lr=3e-4) or --replan")
+    with store.write() as session:
+        plan = repo.get_plan(session, ref)
+        head = repo.get_revision(session, plan)
+        old = io.spec_to_dict(repo.spec_of(head))
+        data = apply_sets(old, sets)
+        if replan:
+            data["stages"] = []
+            data.setdefault("model", {}).pop("residual", None)
+        spec = complete(io.spec_from_dict(data, "edited plan"))
+        changes = diff(old, io.spec_to_dict(spec))
+        if not changes:
+            return Stored(plan, head, spec, created=False), []
+        summary = ", ".join(sets) + (" (stages re-derived)" if replan else "") if sets else "stages re-derived"
+        revision = repo.add_revision(session, plan, spec, author, reason or f"edit: {summary}")
+        return Stored(plan, revision, spec), changes
+
+
+def diff_revisions(store: Store, ref: str, a: int, b: int) -> tuple[Plan, list[Change]]:
+    with store.read() as session:
+        plan = repo.get_plan(session, ref)
+        old = io.spec_to_dict(repo.spec_of(repo.get_revision(session, plan, a)))
+        new = io.spec_to_dict(repo.spec_of(repo.get_revision(session, plan, b)))
+    return plan, diff(old, new)
+
+
+def history(store: Store, ref: str) -> tuple[Plan, list[tuple[PlanRevision, list[Change]]]]:
+    """Every revision with what it changed against the one before."""
+    with store.read() as session:
+        plan = repo.get_plan(session, ref)
+        revisions = repo.list_revisions(session, plan)
+    rows, previous = [], None
+    for revision in revisions:
+        current = io.spec_to_dict(repo.spec_of(revision))
+        rows.append((revision, diff(previous, current) if previous is not None else []))
+        previous = current
+    return plan, rows
+
+
+def list_plans(store: Store) -> list[tuple[Plan, PlanRevision, PlanSpec]]:
+    with store.read() as session:
+        return [(plan, rev, repo.spec_of(rev)) for plan, rev in repo.list_plans(session)]
+
+
+def delete(store: Store, ref: str) -> Plan:
+    with store.write() as session:
+        plan = repo.get_plan(session, ref)
+        repo.delete_plan(session, plan)
+        return plan

@@ -1,0 +1,33 @@
+"""What every command group shares: the store from ``--db``, consoles, JSON output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from muse_plan.store.db import Store
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def store(ctx: typer.Context) -> Store:
+    """The store named by the root ``--db`` option (or MUSE_DB_URL, or the default)."""
+    from muse_plan.store.db import Store
+
+    root = ctx.find_root()
+    root.ensure_object(dict)
+    if "store" not in root.obj:
+        root.obj["store"] = Store(root.obj.get("db_url"))
+        root.call_on_close(root.obj["store"].close)
+    return root.obj["store"]
+
+
+def print_json(data: Any) -> None:
+    """Plain JSON on stdout (no rich wrapping or colour), for scripts."""
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")

@@ -1,0 +1,1 @@
+"""What a machine has: the GPU catalog and detection of local hardware."""

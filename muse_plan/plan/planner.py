@@ -1,0 +1,126 @@
+"""The planner: turns techniques and tasks into an explicit plan.
+
+``complete(spec)`` fills what a person left to muse and nothing else: the
+residual mode the techniques imply, and, when the plan lists no stages, the
+stages its techniques expand into. A plan with stages keeps them as written.
+Everything the planner decides is written into the stored revision, so
+``muse plan show`` displays exactly what ``muse plan run`` will do.
+
+Budgets are starting points, not promises: pretraining defaults to 20 tokens
+per parameter (Chinchilla); the RL stages take SEEDS.md's order of effort
+(SFT shortest, all-scenarios RL longest). The optimizer (a later issue)
+turns budgets into predicted time against the timeline.
+"""
+
+from __future__ import annotations
+
+from muse_plan.plan import units
+from muse_plan.plan.shapes import Shape
+from muse_plan.plan.spec import ModelShape, PlanSpec, StageSpec, required_residual
+from muse_plan.plan.techniques import GrowthOptions
+
+TOKENS_PER_PARAM = 20
+RL_STEPS = {"cold_start_sft": 1000, "reasoning_rl": 500, "rejection_sampling": 300, "all_scenarios_rl": 800}
+
+
+def complete(spec: PlanSpec) -> PlanSpec:
+    """The plan with its residual mode and stages filled in where left open."""
+    model = spec.model
+    if model.residual is None:
+        model = model.model_copy(update={"residual": required_residual(spec.techniques) or "standard"})
+    stages = spec.stages or derive_stages(spec)
+    data = spec.model_dump(mode="json", exclude_none=True)
+    data["model"] = model.model_dump(mode="json", exclude_none=True)
+    data["stages"] = [s.model_dump(mode="json", exclude_none=True) for s in stages]
+    return PlanSpec.model_validate(data)
+
+
+def derive_stages(spec: PlanSpec) -> tuple[StageSpec, ...]:
+    stages: list[StageSpec] = []
+    if spec.techniques.growth is not None:
+        stages += growth_stages(spec, spec.techniques.growth)
+    elif spec.model.init_from is None and _trains_a_language_model(spec):
+        stages.append(StageSpec(name="pretrain", kind="pretrain", tokens=_pretrain_tokens(spec, 1.0)))
+    stages += reasoning_stages(spec)
+    if spec.techniques.rkdo is not None:
+        options = {"dataset": spec.techniques.rkdo.dataset}
+        stages.append(StageSpec(name="representation", kind="representation", steps=2000, options=options))
+    return tuple(stages)
+
+
+def _trains_a_language_model(spec: PlanSpec) -> bool:
+    """False only for a representation-learning plan: rkdo alone, no language tasks."""
+    return spec.techniques.names() != ["rkdo"] or bool(spec.target_tasks)
+
+
+def _pretrain_tokens(spec: PlanSpec, share: float) -> str:
+    total = TOKENS_PER_PARAM * spec.model.approx_params()
+    return units.format_count(max(1e6, total * share))
+
+
+def small_shape(shape: Shape, growth: GrowthOptions) -> ModelShape:
+    """The shape trained before growth: depth ÷ factor for the depth operators,
+    width ÷ factor for Net2Net, both halved for CompoundGrow."""
+    layers, d_model, heads = shape.layers, shape.d_model, shape.n_heads
+    if growth.operator in ("g_stack", "layer_dup", "ligo"):
+        layers = max(1, layers // growth.factor)
+    if growth.operator == "net2net":
+        heads = max(1, heads // growth.factor)
+        d_model = d_model // shape.n_heads * heads
+    if growth.operator == "compound":
+        layers, heads = max(1, layers // 2), max(1, heads // 2)
+        d_model = d_model // shape.n_heads * heads
+    return ModelShape(layers=layers, d_model=d_model, n_heads=heads)
+
+
+def growth_stages(spec: PlanSpec, growth: GrowthOptions) -> list[StageSpec]:
+    target = spec.model.resolved_shape()
+    small = small_shape(target, growth)
+    grow_options = {
+        "operator": growth.operator,
+        "factor": growth.factor,
+        "function_preserving": growth.function_preserving,
+        "optimizer_state": growth.optimizer_state,
+    }
+    return [
+        StageSpec(name="pretrain_small", kind="pretrain", shape=small,
+                  tokens=_pretrain_tokens(spec, growth.at_fraction)),
+        StageSpec(name="grow", kind="grow", options=grow_options),
+        StageSpec(name="continue", kind="continue", tokens=_pretrain_tokens(spec, 1 - growth.at_fraction),
+                  options={"rewarm_fraction": growth.rewarm_fraction}),
+    ]
+
+
+def verifiable_tasks(spec: PlanSpec) -> list[str]:
+    """Generated tasks with checkable answers that serve the plan's target tasks."""
+    tasks = []
+    if "arithmetic" in spec.target_tasks or not spec.target_tasks:
+        tasks += ["multiplication", "add_sub"]
+    if "reasoning" in spec.target_tasks:
+        tasks += ["word_problems", "multiplication"]
+    return list(dict.fromkeys(tasks))
+
+
+def reasoning_stages(spec: PlanSpec) -> list[StageSpec]:
+    """DeepSeek-R1's four stages; several RL algorithms each start from the SFT result."""
+    algorithms = spec.techniques.rl_algorithms()
+    if not algorithms:
+        return []
+    common = {"tasks": verifiable_tasks(spec)}
+    if spec.techniques.lora is not None:
+        common["lora"] = True
+    stages = [StageSpec(name="cold_start_sft", kind="cold_start_sft", steps=RL_STEPS["cold_start_sft"],
+                        options=common)]
+    several = len(algorithms) > 1
+    for algorithm in algorithms:
+        stages.append(StageSpec(
+            name=f"reasoning_rl_{algorithm}" if several else "reasoning_rl",
+            kind="reasoning_rl", steps=RL_STEPS["reasoning_rl"],
+            options={**common, "algorithm": algorithm},
+            from_stage="cold_start_sft" if several else None,
+        ))
+    stages.append(StageSpec(name="rejection_sampling", kind="rejection_sampling",
+                            steps=RL_STEPS["rejection_sampling"], options=common))
+    stages.append(StageSpec(name="all_scenarios_rl", kind="all_scenarios_rl",
+                            steps=RL_STEPS["all_scenarios_rl"], options=common))
+    return stages

@@ -1,0 +1,316 @@
+"""PlanSpec: the only shape a plan has.
+
+A tree of small frozen pydantic models with ``extra="forbid"``: an unknown
+key is an error, not silently dropped. Human strings ("10B", "8xH100",
+"7days") are parsed by ``units`` and kept in canonical form, so a plan
+written to YAML and read back is the same plan. ``None`` means "left open":
+the planner and the optimizer fill it; ``muse plan show`` says which.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
+
+from muse_plan.plan import units
+from muse_plan.plan.shapes import Shape, decoder_params, shape_for_params, swiglu_hidden
+from muse_plan.plan.techniques import Techniques
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _via(parse):
+    """Run a units parser on strings; its ValueError becomes the field's error."""
+    return lambda value: parse(value) if isinstance(value, str) else value
+
+
+Scale = Annotated[str, BeforeValidator(lambda v: units.canonical_scale(str(v)))]
+Duration = Annotated[
+    str, BeforeValidator(lambda v: units.format_duration(units.parse_duration(str(v))))
+]
+GiB = Annotated[PositiveFloat, BeforeValidator(_via(units.parse_gib))]
+Gbps = Annotated[PositiveFloat, BeforeValidator(_via(units.parse_gbps))]
+
+RESIDUAL_MODES = ("standard", "hc", "mhc", "ddl", "mgt")
+Residual = Literal["standard", "hc", "mhc", "ddl", "mgt"]
+TASKS = ("reasoning", "knowledge", "coding", "multilingual", "arithmetic")
+
+
+def _task_set(value: Any) -> tuple[str, ...]:
+    names = units.split_csv(value) if isinstance(value, str) else [str(v).lower() for v in value]
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task {', '.join(map(repr, unknown))}; accepted: {', '.join(TASKS)}")
+    return tuple(t for t in TASKS if t in names)
+
+
+TaskSet = Annotated[tuple[str, ...], BeforeValidator(_task_set)]
+
+
+class ModelShape(Frozen):
+    """An explicit shape; overrides what the model scale implies."""
+
+    layers: PositiveInt
+    d_model: PositiveInt
+    n_heads: PositiveInt
+    n_kv_heads: PositiveInt | None = None
+    d_ff: PositiveInt | None = Field(None, description="SwiGLU hidden width; default ≈ 8/3·d_model")
+
+    @model_validator(mode="after")
+    def _divisible(self) -> ModelShape:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.n_kv_heads and self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        return self
+
+    def resolved(self) -> Shape:
+        return Shape(
+            self.layers, self.d_model, self.n_heads,
+            self.n_kv_heads or self.n_heads, self.d_ff or swiglu_hidden(self.d_model),
+        )
+
+
+class ModelSpec(Frozen):
+    scale: Scale = "350M"
+    family: Literal["decoder", "hf"] = Field(
+        "decoder", description="muse's decoder (engines.architecture) or a local Hugging Face causal LM"
+    )
+    residual: Residual | None = Field(None, description="left open: chosen from the techniques")
+    seq_len: PositiveInt = 2048
+    vocab_size: PositiveInt = 32000
+    shape: ModelShape | None = None
+    init_from: str | None = Field(None, description="local checkpoint or Hugging Face model directory")
+
+    @property
+    def n_params_nominal(self) -> int:
+        return units.parse_scale(self.scale)
+
+    def resolved_shape(self) -> Shape:
+        if self.shape is not None:
+            return self.shape.resolved()
+        return shape_for_params(self.n_params_nominal, self.vocab_size)
+
+    def approx_params(self, shape: Shape | None = None) -> int:
+        return decoder_params(shape or self.resolved_shape(), self.vocab_size)
+
+
+class ComputeSpec(Frozen):
+    """Hardware the plan may use. A string like "8xH100" fills gpu, count and memory."""
+
+    gpu: str | None = Field(None, description="GPU kind (catalog key) or None for CPU only")
+    count: NonNegativeInt = 0
+    memory_gib: PositiveFloat | None = Field(None, description="memory per GPU")
+    memory_budget_gib: GiB | None = Field(
+        None, validation_alias=AliasChoices("memory_budget_gib", "memory_budget"),
+        description="cap on what the run may use in all; also written memory_budget: 128GB")
+    host_ram_gib: GiB | None = Field(
+        None, validation_alias=AliasChoices("host_ram_gib", "host_ram"),
+        description="host memory; also written host_ram: 64GB")
+    network_gbps: Gbps | None = Field(
+        None, validation_alias=AliasChoices("network_gbps", "network_bandwidth", "network"),
+        description="bandwidth between machines; also written network_bandwidth: 100Gbps")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            budget = units.parse_compute(data)
+            return {"gpu": budget.gpu, "count": budget.count, "memory_gib": budget.memory_gib}
+        if isinstance(data, dict) and "budget" in data:
+            data = dict(data)
+            budget = units.parse_compute(data.pop("budget"))
+            data.update(gpu=budget.gpu, count=budget.count, memory_gib=budget.memory_gib)
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ComputeSpec:
+        if self.gpu is None and self.count:
+            raise ValueError("count is set but no gpu is named; write gpu: H100 or budget: 8xH100")
+        if self.gpu is not None and self.count < 1:
+            raise ValueError(f"gpu {self.gpu} needs a count of at least 1")
+        return self
+
+    @property
+    def budget(self) -> str:
+        return units.format_compute(units.ComputeBudget(self.gpu, self.count, self.memory_gib))
+
+    @property
+    def data_parallel(self) -> int:
+        return max(1, self.count)
+
+
+class TrainingSpec(Frozen):
+    """Loop settings; every field left open is the optimizer's to fill."""
+
+    precision: Literal["fp32", "fp16", "bf16"] | None = None
+    micro_batch: PositiveInt | None = None
+    grad_accum: PositiveInt | None = None
+    global_batch: PositiveInt | None = Field(None, description="sequences per optimizer step, all GPUs")
+    lr: PositiveFloat | None = None
+    min_lr_ratio: float | None = Field(None, ge=0, le=1)
+    weight_decay: float | None = Field(None, ge=0)
+    warmup_steps: NonNegativeInt | None = None
+    schedule: Literal["cosine", "linear", "constant", "wsd"] | None = None
+    clip_grad_norm: PositiveFloat | None = None
+    activation_checkpointing: Literal["none", "selective", "full"] | None = None
+    sharding: Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp"] | None = None
+    offload: Literal["none", "optimizer", "parameters"] | None = None
+    optimizer: Literal["adamw", "adamw_8bit"] | None = None
+    seed: int = 0
+
+
+class DataSpec(Frozen):
+    source: str = Field("arithmetic", description="'arithmetic' (generated) or a local file/folder path")
+    tokenizer: str = Field("byte", description="'byte' or a local Hugging Face tokenizer directory")
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+
+
+# stage kind → the engine that runs it, and whether it trains (needs a budget)
+STAGE_KINDS: dict[str, tuple[str, bool]] = {
+    "pretrain": ("architecture", True),
+    "continue": ("architecture", True),
+    "finetune": ("architecture", True),
+    "cold_start_sft": ("grpo", True),
+    "reasoning_rl": ("grpo", True),
+    "rejection_sampling": ("grpo", True),
+    "all_scenarios_rl": ("grpo", True),
+    "grow": ("growth", False),
+    "representation": ("rkdo", True),
+}
+ENGINES = tuple(dict.fromkeys(engine for engine, _ in STAGE_KINDS.values()))
+_SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _slug(value: str) -> str:
+    if not _SLUG.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid name; use letters, digits, '.', '_' or '-' (at most 64)"
+        )
+    return value
+
+
+Slug = Annotated[str, AfterValidator(_slug)]
+
+
+class StageSpec(Frozen):
+    name: Slug
+    kind: str
+    engine: str | None = Field(None, description="implied by kind; filled in on validation")
+    options: dict[str, Any] = Field(default_factory=dict)
+    steps: PositiveInt | None = None
+    tokens: Scale | None = Field(None, description="token budget instead of steps, like 2B")
+    checkpoint_every: PositiveInt | None = None
+    eval_every: PositiveInt | None = None
+    shape: ModelShape | None = Field(None, description="shape trained here when not the plan's")
+    from_stage: str | None = Field(None, description="stage whose result starts this one; default the previous")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_from_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") in STAGE_KINDS and data.get("engine") is None:
+            data = {**data, "engine": STAGE_KINDS[data["kind"]][0]}
+        return data
+
+    @model_validator(mode="after")
+    def _kind_and_budget(self) -> StageSpec:
+        if self.kind not in STAGE_KINDS:
+            raise ValueError(f"unknown stage kind {self.kind!r}; accepted: {', '.join(STAGE_KINDS)}")
+        engine, trains = STAGE_KINDS[self.kind]
+        if self.engine != engine:
+            raise ValueError(f"stage kind {self.kind!r} runs on engine {engine!r}, not {self.engine!r}")
+        if self.steps is not None and self.tokens is not None:
+            raise ValueError(f"stage {self.name!r}: give steps or tokens, not both")
+        if trains and self.steps is None and self.tokens is None:
+            raise ValueError(f"stage {self.name!r} trains, so it needs a budget: steps or tokens")
+        return self
+
+
+def _plan_name(value: str) -> str:
+    _slug(value)
+    if value.isdigit():
+        raise ValueError(f"{value!r}: a plan name can't be all digits (those address plans by id)")
+    return value
+
+
+class PlanSpec(Frozen):
+    name: Annotated[str, AfterValidator(_plan_name)]
+    description: str = ""
+    model: ModelSpec = ModelSpec()
+    target_tasks: TaskSet = ()
+    techniques: Techniques = Techniques()
+    compute: ComputeSpec | None = Field(None, description="left open: this machine, detected")
+    timeline: Duration | None = None
+    training: TrainingSpec = TrainingSpec()
+    data: DataSpec = DataSpec()
+    stages: tuple[StageSpec, ...] = ()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> PlanSpec:
+        self._check_stages()
+        self._check_residual()
+        self._check_batch()
+        return self
+
+    def _check_stages(self) -> None:
+        seen: list[str] = []
+        for stage in self.stages:
+            if stage.name in seen:
+                raise ValueError(f"stage name {stage.name!r} appears twice")
+            if stage.from_stage is not None and stage.from_stage not in seen:
+                raise ValueError(
+                    f"stage {stage.name!r}: from_stage {stage.from_stage!r} is not an earlier stage"
+                )
+            seen.append(stage.name)
+
+    def _check_residual(self) -> None:
+        wanted = required_residual(self.techniques)
+        if wanted and self.model.residual and self.model.residual != wanted:
+            raise ValueError(
+                f"model.residual is {self.model.residual!r} but techniques "
+                f"{', '.join(self.techniques.names())} need {wanted!r}"
+            )
+
+    def _check_batch(self) -> None:
+        t = self.training
+        if t.micro_batch and t.grad_accum and t.global_batch:
+            ranks = self.compute.data_parallel if self.compute else 1
+            if t.micro_batch * t.grad_accum * ranks != t.global_batch:
+                raise ValueError(
+                    f"training: micro_batch {t.micro_batch} × grad_accum {t.grad_accum} × "
+                    f"{ranks} GPU(s) = {t.micro_batch * t.grad_accum * ranks}, not global_batch {t.global_batch}"
+                )
+
+    @property
+    def timeline_seconds(self) -> int | None:
+        return units.parse_duration(self.timeline) if self.timeline else None
+
+    def stage(self, name: str) -> StageSpec:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+
+def required_residual(techniques: Techniques) -> str | None:
+    """The residual mode the techniques imply: mhc → mhc, geometric_scaling → mgt."""
+    if techniques.geometric_scaling is not None:
+        return "mgt"
+    if techniques.mhc is not None:
+        return "mhc"
+    return None

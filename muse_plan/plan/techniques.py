@@ -1,0 +1,149 @@
+"""Techniques a plan can integrate, each with its own typed options.
+
+A plan's ``techniques`` is a set with options: in YAML a mapping from name to
+options (``{grpo: {group_size: 8}, mhc: {}}``) or a plain list of names; on
+the command line ``--techniques grpo,mhc,growth`` (every option at its
+default). Unknown names and unknown options fail at validation, naming what
+is accepted. Defaults follow the papers where the papers state them (cited
+per field); the engines' issues check them again when they implement them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RewardWeights(Options):
+    """SEEDS.md's weights for an unstable GRPO run (the KL term is the loss's)."""
+
+    correctness: float = 1.0
+    format: float = 0.3
+    efficiency: float = 0.2
+
+
+class GrpoOptions(Options):
+    """GRPO (DeepSeekMath; DeepSeek-R1): group-normalised advantages, clipped ratio, k3 KL."""
+
+    group_size: PositiveInt = 8
+    clip_eps: float = Field(0.2, gt=0)
+    clip_eps_high: float | None = Field(None, gt=0, description="asymmetric upper clip; None = clip_eps")
+    kl_beta: float = Field(0.04, ge=0)
+    scale_by_std: bool = Field(True, description="False is Dr. GRPO's unscaled advantage")
+    loss_normalization: Literal["token", "sequence", "constant"] = "token"
+    temperature: float = Field(0.3, gt=0, description="Lee & Tong sample at 0.3")
+    max_new_tokens: PositiveInt = 300
+    reward_weights: RewardWeights = RewardWeights()
+
+
+class SGrpoOptions(Options):
+    """S-GRPO (Lee & Tong 2025): tokens before cutoff ``alpha`` always, later ones w.p. ``p`` up to ``k``."""
+
+    group_size: PositiveInt = 8
+    alpha: PositiveInt = Field(25, description="cutoff index: earlier completion tokens always enter the loss")
+    p: float = Field(0.5, gt=0, le=1, description="probability that a later token enters the loss")
+    k: PositiveInt = Field(50, description="most tokens of one completion that enter the loss")
+    kl_beta: float = Field(0.01, ge=0)
+
+
+class TSpmoOptions(Options):
+    """T-SPMO (Lee & Tong 2025): prefix-tree token advantages, LoRA L2, replay."""
+
+    group_size: PositiveInt = Field(50, description="the paper samples |G| = 50")
+    l2_lambda: float = Field(0.01, ge=0, description="λ on the LoRA weights' squared norm")
+    replay: bool = True
+    success_threshold: float = Field(1.0, description="reward r at or above which a completion is a success")
+    success_budget: int = Field(2, ge=0, description="C_success: replays from successes per update")
+    failure_budget: int = Field(0, ge=0, description="C_failure: replays from failures per update")
+
+
+class MhcOptions(Options):
+    """mHC (DeepSeek 2025): n residual streams, H_res on the Birkhoff polytope."""
+
+    streams: PositiveInt = Field(4, description="expansion rate n")
+    sinkhorn_iters: PositiveInt = Field(20, description="Sinkhorn-Knopp iterations t_max")
+
+
+class GeometricScalingOptions(Options):
+    """mHC + deep delta learning (Su & You 2026; Zhang et al. 2026): residual mode ``mgt``."""
+
+    streams: PositiveInt = 4
+    sinkhorn_iters: PositiveInt = 20
+    beta_max: float = Field(2.0, gt=0, le=2, description="upper end of the delta gate β ∈ [0, β_max]")
+
+
+class GrowthOptions(Options):
+    """Train small, grow, continue (G_stack, Net2Net, CompoundGrow, LiGO)."""
+
+    operator: Literal["g_stack", "layer_dup", "net2net", "compound", "ligo"] = "g_stack"
+    factor: PositiveInt = Field(4, description="G_stack recommends a growth factor g = 4")
+    at_fraction: float = Field(0.25, gt=0, lt=1, description="share of the token budget spent small")
+    function_preserving: bool = False
+    optimizer_state: Literal["fresh", "mapped"] = "fresh"
+    rewarm_fraction: float = Field(0.02, ge=0, lt=1, description="LR re-warmup, share of the continue stage")
+
+
+class RkdoOptions(Options):
+    """RKDO (Martin 2025): EMA-recursive supervisory distribution vs static I-Con."""
+
+    alpha: float = Field(0.5, ge=0, le=1, description="EMA weight of q in p(t) = (1-α)p(t-1) + αq(t-1)")
+    depth: PositiveInt = Field(3, description="recursion depth (the paper uses 3)")
+    tau0: float = Field(0.5, gt=0)
+    beta: float = Field(0.1, ge=0, lt=1, description="temperature decay τ(t) = τ0 (1 - β t/T)")
+    in_batch: bool = Field(False, description="the author's code's in-batch recursion instead of across iterations")
+    dataset: str = Field("digits", description="'digits' (scikit-learn), 'synthetic', or a local path")
+
+
+class LoraOptions(Options):
+    """LoRA (QLoRA with ``quantize_base: 4bit``) for the fine-tuning stages."""
+
+    rank: PositiveInt = 8
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    layers_fraction: float = Field(0.25, gt=0, le=1, description="last share of layers adapted (paper: 1/4 or 1/3)")
+    quantize_base: Literal["none", "4bit"] = "none"
+
+
+class Techniques(Options):
+    """The techniques a plan integrates; an absent one is off."""
+
+    grpo: GrpoOptions | None = None
+    s_grpo: SGrpoOptions | None = None
+    t_spmo: TSpmoOptions | None = None
+    mhc: MhcOptions | None = None
+    geometric_scaling: GeometricScalingOptions | None = None
+    growth: GrowthOptions | None = None
+    rkdo: RkdoOptions | None = None
+    lora: LoraOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_to_options(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            data = [n.strip() for n in data.split(",") if n.strip()]
+        if isinstance(data, (list, tuple, set)):
+            data = {str(name).strip().lower(): {} for name in data}
+        if isinstance(data, dict):
+            unknown = sorted(k for k in data if k not in cls.model_fields)
+            if unknown:
+                raise ValueError(
+                    f"unknown technique {', '.join(map(repr, unknown))}; "
+                    f"accepted: {', '.join(TECHNIQUE_NAMES)}"
+                )
+            data = {k: ({} if v is None else v) for k, v in data.items()}
+        return data
+
+    def names(self) -> list[str]:
+        return [name for name in TECHNIQUE_NAMES if getattr(self, name) is not None]
+
+    def rl_algorithms(self) -> list[str]:
+        return [name for name in ("grpo", "s_grpo", "t_spmo") if getattr(self, name) is not None]
+
+
+TECHNIQUE_NAMES: tuple[str, ...] = tuple(Techniques.model_fields)

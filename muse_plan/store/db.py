@@ -1,0 +1,160 @@
+"""Opening the store: the engine from a URL, SQLite settings, schema migrations.
+
+Default database: SQLite at ``$MUSE_HOME/muse.db`` (``~/.muse`` when unset);
+``--db`` or ``MUSE_DB_URL`` take any SQLAlchemy URL (PostgreSQL for a team).
+
+SQLite runs in WAL mode (readers never block the writer), with a busy
+timeout and foreign keys on. Write transactions start with ``BEGIN
+IMMEDIATE``: a deferred transaction that reads and then writes can fail at
+once with "database is locked" when another process wrote in between, busy
+timeout or not; taking the write lock up front makes writers queue instead.
+Read transactions stay deferred so a monitor never holds up a run.
+
+Migrations: a ``schema_version`` table and an ordered list of migration
+functions, chosen over Alembic because the schema is small, a migration
+must run unattended inside ``muse`` on a user's machine, and Alembic would
+add a dependency and a config directory to every install. A new database
+is created from the current models and stamped with the newest version;
+an older one is brought forward by running each later migration in order
+inside one write transaction; a newer one is refused, never touched.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, select
+from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
+from sqlalchemy.pool import StaticPool
+from sqlmodel import Session, SQLModel
+
+from muse_plan.errors import StoreError
+from muse_plan.store import models
+
+BUSY_TIMEOUT_S = 30
+SCHEMA_VERSION = 1
+# version N → the function that upgrades a version N-1 database to N
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+
+def muse_home() -> Path:
+    return Path(os.environ.get("MUSE_HOME") or Path.home() / ".muse").expanduser()
+
+
+def default_url() -> str:
+    return os.environ.get("MUSE_DB_URL") or f"sqlite:///{muse_home() / 'muse.db'}"
+
+
+def make_engine(url: str) -> Engine:
+    try:
+        if url.startswith("sqlite"):
+            return _sqlite_engine(url)
+        return create_engine(url, pool_pre_ping=True)
+    except (ArgumentError, ImportError, ValueError) as exc:
+        raise StoreError(f"can't open database {url!r}: {exc}") from None
+
+
+def _sqlite_engine(url: str) -> Engine:
+    memory = url in ("sqlite://", "sqlite:///:memory:")
+    if not memory:
+        path = Path(url.split("///", 1)[-1]).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"can't create the database folder {str(path.parent)!r}: {exc.strerror}") from None
+    engine = create_engine(
+        url,
+        connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False},
+        poolclass=StaticPool if memory else None,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves, below
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection) -> None:
+        write = connection.get_execution_options().get("muse_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+def migrate(engine: Engine, migrations: dict[int, Callable[[Connection], None]] | None = None,
+            latest: int = SCHEMA_VERSION) -> int:
+    """Bring the database to ``latest``; returns the version it was at (0 if new)."""
+    migrations = MIGRATIONS if migrations is None else migrations
+    with engine.execution_options(muse_write=True).begin() as conn:
+        if not inspect(conn).has_table(models.SchemaVersion.__tablename__):
+            SQLModel.metadata.create_all(conn)
+            conn.execute(models.SchemaVersion.__table__.insert().values(version=latest))
+            return 0
+        current = conn.execute(select(models.SchemaVersion.version).order_by(
+            models.SchemaVersion.version.desc())).scalar() or 0
+        if current > latest:
+            raise StoreError(
+                f"the database is at schema version {current}, newer than this muse knows "
+                f"({latest}); upgrade muse to use it"
+            )
+        for version in range(current + 1, latest + 1):
+            migrations[version](conn)
+            conn.execute(models.SchemaVersion.__table__.insert().values(version=version))
+        return current
+
+
+# what SQLite says when the file, not muse, is the problem
+_UNUSABLE = ("unable to open", "not a database", "disk I/O", "readonly", "malformed", "Connection refused")
+
+
+class Store:
+    """The opened database. ``read()`` and ``write()`` give sessions; a write
+    commits at the end of its block or, on any error, leaves nothing behind."""
+
+    def __init__(self, url: str | None = None):
+        self.url = url or default_url()
+        self.engine = make_engine(self.url)
+        self._write_engine = self.engine.execution_options(muse_write=True)
+        with self._translated():
+            migrate(self.engine)
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self._translated(), Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        with self._translated(), Session(self._write_engine, expire_on_commit=False) as session:
+            with session.begin():
+                yield session
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        try:
+            yield
+        except OperationalError as exc:
+            text = str(exc.orig)
+            if "locked" in text or "busy" in text:
+                raise StoreError(
+                    f"the database {self.url!r} stayed locked by another process for "
+                    f"{BUSY_TIMEOUT_S} s; nothing was written"
+                ) from None
+            if any(sign in text for sign in _UNUSABLE):
+                raise StoreError(f"database {self.url!r} can't be used: {text}") from None
+            raise
+        except DatabaseError as exc:
+            if any(sign in str(exc.orig) for sign in _UNUSABLE):
+                raise StoreError(f"database {self.url!r} can't be used: {exc.orig}") from None
+            raise
+
+    def close(self) -> None:
+        self.engine.dispose()
