@@ -213,11 +213,11 @@ def delete(
 ) -> None:
     """Delete a plan with all its revisions, runs and metrics."""
     from muse_plan import api
-    from muse_plan.errors import MuseError
 
     if not yes and not typer.confirm(f"Delete plan {plan!r} with its revisions, runs and metrics?",
                                      default=False):
-        raise MuseError("not deleted (answer y, or pass --yes)")
+        console.print("not deleted")
+        raise typer.Exit(1)
     gone = api.delete(store(ctx), plan)
     console.print(f"deleted plan {gone.name} (id {gone.id})")
 

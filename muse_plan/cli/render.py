@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from rich.console import Group
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -19,8 +20,8 @@ from muse_plan.store.models import Plan, PlanRevision
 OPEN = "[dim]— optimizer fills[/]"
 
 
-def when(moment: datetime, short: bool = False) -> str:
-    return moment.astimezone().strftime("%m-%d %H:%M" if short else "%Y-%m-%d %H:%M")
+def when(moment: datetime) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M")
 
 
 def _kv(rows: list[tuple[str, Any]]) -> Table:
@@ -45,7 +46,7 @@ def model_panel(spec: PlanSpec) -> Panel:
         ("sequence", f"{m.seq_len} tokens, vocabulary {m.vocab_size}"),
     ]
     if m.init_from:
-        rows.append(("init from", m.init_from))
+        rows.append(("init from", escape(m.init_from)))
     return Panel(_kv(rows), title="model", title_align="left")
 
 
@@ -68,7 +69,7 @@ def compute_panel(spec: PlanSpec) -> Panel:
                 rows.append((label, f"{value:g} {unit}"))
     rows.append(("timeline", spec.timeline or "[dim]none set[/]"))
     rows.append(("tasks", ", ".join(spec.target_tasks) or "[dim]none set[/]"))
-    rows.append(("data", f"{spec.data.source} (tokenizer {spec.data.tokenizer})"))
+    rows.append(("data", escape(f"{spec.data.source} (tokenizer {spec.data.tokenizer})")))
     return Panel(_kv(rows), title="compute, time, tasks", title_align="left")
 
 
@@ -145,7 +146,7 @@ def revisions_table(revisions: list[tuple[PlanRevision, list[Change]]], title: s
     for revision, changes in revisions:
         changed = ", ".join(c.path for c in changes[:4]) + (f" (+{len(changes) - 4})" if len(changes) > 4 else "")
         table.add_row(str(revision.number), when(revision.created_at), revision.author,
-                      revision.reason, changed or "[dim]—[/]")
+                      Text(revision.reason), Text(changed or "—", style="" if changed else "dim"))
     return table
 
 
@@ -153,7 +154,7 @@ def plan_view(plan: Plan, revision: PlanRevision, spec: PlanSpec,
               recent: list[tuple[PlanRevision, list[Change]]]) -> Group:
     head = f" (newest is {plan.head})" if revision.number != plan.head else ""
     title = Text.assemble((spec.name, "bold"), f"  id {plan.id} · revision {revision.number}{head} · "
-                          f"{revision.author}: {revision.reason}")
+                          f"{revision.author}: {revision.reason}")  # Text: user text is never markup
     parts: list[Any] = [title]
     if spec.description:
         parts.append(Text(spec.description, style="italic"))
@@ -165,16 +166,15 @@ def plan_view(plan: Plan, revision: PlanRevision, spec: PlanSpec,
 def plans_table(rows: list[tuple[Plan, PlanRevision, PlanSpec]]) -> Table:
     table = Table(header_style="bold underline", box=None, padding=(0, 1), pad_edge=False)
     table.add_column("id", justify="right")
-    table.add_column("name", overflow="fold", min_width=12)
+    table.add_column("name", no_wrap=True)
     table.add_column("scale", no_wrap=True)
     table.add_column("techniques", overflow="fold", min_width=10)
-    for column in ("compute", "timeline", "rev"):
+    for column in ("compute", "timeline", "rev", "date"):
         table.add_column(column, no_wrap=True)
-    table.add_column("updated", no_wrap=True, min_width=11)
     for plan, revision, spec in rows:
         table.add_row(str(plan.id), plan.name, spec.model.scale, ", ".join(spec.techniques.names()) or "—",
                       spec.compute.budget if spec.compute else "detected", spec.timeline or "—",
-                      str(plan.head), when(revision.created_at, short=True))
+                      str(plan.head), revision.created_at.astimezone().strftime("%m-%d"))
     return table
 
 
@@ -188,7 +188,7 @@ def changes_table(changes: list[Change], title: str) -> Table:
         table.add_column(column, overflow="fold")
     marks = {"added": "[green]+[/]", "removed": "[red]-[/]", "changed": "[yellow]~[/]"}
     for change in changes:
-        table.add_row(change.path, marks[change.kind], _value(change.old), _value(change.new))
+        table.add_row(Text(change.path), marks[change.kind], Text(_value(change.old)), Text(_value(change.new)))
     return table
 
 

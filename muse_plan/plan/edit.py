@@ -3,8 +3,9 @@
 Paths are dotted field names; a stage is addressed by name or index
 (``stages.pretrain.steps=100`` or ``stages.0.steps=100``). Values are read
 as YAML scalars or flow collections (``3e-4``, ``true``, ``[a, b]``,
-``{rank: 8}``, ``null``), so a technique is switched on with
-``techniques.lora={}`` and off with ``techniques.lora=null``.
+``{rank: 8}``). ``null`` removes the field, putting it back to its
+default: a technique is switched on with ``techniques.lora={}`` and off
+with ``techniques.lora=null`` (a bare ``lora:`` in YAML means "on").
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def _child(node: Any, key: str, text: str) -> Any:
 def _put(node: Any, key: str, value: Any, text: str) -> None:
     if isinstance(node, list):
         node[_index(node, key, text)] = value
+    elif value is None:
+        node.pop(key, None)
     else:
         node[key] = value
 

@@ -133,7 +133,7 @@ class ComputeBudget:
 
 
 _COMPUTE_RE = re.compile(
-    r"^\s*(?:(\d+)\s*[x×*]\s*)?([A-Za-z][A-Za-z0-9_ ]*?)(?:\s*[-_ ]\s*(\d+(?:\.\d+)?)\s*(?:GB|GiB|G))?\s*$",
+    r"^\s*(?:(\d+)\s*[x×*]\s*)?([A-Za-z][A-Za-z0-9_]*?)(?:\s*[-_ ]\s*(\d+(?:\.\d+)?)\s*(?:GB|GiB|G))?\s*$",
     re.IGNORECASE,
 )
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import Column, Index, Text, UniqueConstraint
+from sqlalchemy import DDL, Column, Index, Text, UniqueConstraint, event
 from sqlmodel import Field, SQLModel
 
 AUTHORS = ("user", "optimizer", "recovery", "adapt")
@@ -51,6 +51,14 @@ class PlanRevision(SQLModel, table=True):
     reason: str
     spec_json: str = Field(sa_column=Column(Text, nullable=False))
     created_at: datetime = Field(default_factory=utcnow)
+
+
+# Immutability is the store's promise, so the database keeps it too: on SQLite
+# an UPDATE of a revision aborts, whatever code issues it.
+event.listen(PlanRevision.__table__, "after_create", DDL(
+    "CREATE TRIGGER plan_revisions_immutable BEFORE UPDATE ON plan_revisions "
+    "BEGIN SELECT RAISE(ABORT, 'plan revisions are immutable'); END"
+).execute_if(dialect="sqlite"))
 
 
 class Run(SQLModel, table=True):

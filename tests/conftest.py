@@ -1,0 +1,44 @@
+"""Shared fixtures: every test gets its own MUSE_HOME, so nothing touches ~/.muse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from muse_plan.store.db import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+PLANS = sorted((ROOT / "plans").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def muse_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "muse-home"
+    monkeypatch.setenv("MUSE_HOME", str(home))
+    monkeypatch.delenv("MUSE_DB_URL", raising=False)
+    return home
+
+
+@pytest.fixture
+def store(muse_home) -> Store:
+    opened = Store()
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def memory_store() -> Store:
+    opened = Store("sqlite://")
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def cli():
+    """Invoke ``muse`` in-process: ``cli("plan", "list")`` → click Result."""
+    from muse_plan.cli.main import app
+
+    runner = CliRunner()
+    return lambda *args, **kw: runner.invoke(app, [str(a) for a in args], **kw)
