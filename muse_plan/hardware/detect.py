@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from dataclasses import asdict, dataclass, field
 
 import psutil
 
-from muse_plan.hardware.catalog import match_device_name
+from muse_plan.hardware.catalog import CATALOG, match_device_name
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,13 @@ class HostInfo:
         if not self.gpus:
             return "cpu"
         first = self.gpus[0]
-        name = first.kind or first.name.replace(" ", "")
-        return f"{len(self.gpus)}x{name}-{first.memory_gib:.0f}GB"
+        memory = first.memory_gib
+        kind = CATALOG.get(first.kind or "")
+        if kind:  # drivers report a little less than the marketed size (79.2 GiB on an "80GB" card)
+            nearest = min(kind.memory_variants, key=lambda v: abs(v - memory))
+            memory = nearest if abs(nearest - memory) <= 0.08 * nearest else memory
+        name = first.kind or re.sub(r"[^A-Za-z0-9]", "", first.name)
+        return f"{len(self.gpus)}x{name}-{memory:g}GB"
 
 
 def _cpu_model() -> str:
