@@ -113,6 +113,14 @@ def test_edit_makes_a_revision_history_and_diff_show_it(cli):
     assert old["spec"]["training"]["lr"] == 0.003 and old["head"] == 2
 
 
+def test_edit_can_rename_a_plan(cli):
+    cli("plan", "import", ROOT / "plans/quickstart-cpu.yaml")
+    assert cli("plan", "edit", "quickstart-cpu", "--set", "name=qs").exit_code == 0
+    assert [p["name"] for p in json.loads(cli("plan", "list", "--json").stdout)] == ["qs"]
+    assert json.loads(cli("plan", "show", "qs", "--json").stdout)["head"] == 2
+    one_error_line(cli("plan", "show", "quickstart-cpu"), "no plan 'quickstart-cpu'")
+
+
 def test_edit_without_change_records_nothing(cli):
     cli("plan", "import", ROOT / "plans/quickstart-cpu.yaml")
     result = cli("plan", "edit", "quickstart-cpu", "--set", "training.lr=0.003")

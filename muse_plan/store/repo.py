@@ -61,6 +61,7 @@ def create_plan(session: Session, spec: PlanSpec, reason: str = "created",
 def add_revision(session: Session, plan: Plan, spec: PlanSpec, author: str,
                  reason: str) -> PlanRevision:
     """Append ``spec`` as the plan's next revision (renaming the plan if its name changed)."""
+    session.refresh(plan)  # the head as stored now, not as this session last saw it
     if spec.name != plan.name:
         other = find_plan(session, spec.name)
         if other is not None and other.id != plan.id:
@@ -72,7 +73,6 @@ def add_revision(session: Session, plan: Plan, spec: PlanSpec, author: str,
 def _append(session: Session, plan: Plan, spec: PlanSpec, author: str, reason: str) -> PlanRevision:
     if author not in AUTHORS:
         raise ValueError(f"author must be one of {AUTHORS}, not {author!r}")
-    session.refresh(plan)  # the head as stored now, not as this session last saw it
     now = utcnow()
     revision = PlanRevision(plan_id=plan.id, number=plan.head + 1, author=author,
                             reason=reason, spec_json=_snapshot(spec), created_at=now)
