@@ -1,0 +1,147 @@
+"""The decoder's configuration and its exact parameter count, without torch.
+
+Design decisions:
+- ``ModelConfig`` is a plain dataclass validated in ``__post_init__``; a bad
+  value raises ``ValueError`` naming what is accepted, so a plan fails at
+  validation rather than mid-run.
+- A shape comes either explicitly (``ModelConfig(n_layers=..., d_model=...)``
+  or ``from_shape``) or from a model scale through the one table of standard
+  shapes in ``muse_plan.plan.shapes`` (``from_scale``); there is no second
+  table here to drift out of step with the planner's.
+- ``param_count`` is arithmetic on the config. The CLI imports this module to
+  size plans, so it must not import torch; the residual modules in
+  ``residual.py`` have their counts mirrored in ``RESIDUAL_PARAMS`` below and
+  the tests check the two agree for every mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from muse_plan.plan.shapes import Shape, shape_for_params, swiglu_hidden
+
+RESIDUAL_NAMES: tuple[str, ...] = ("standard", "hc", "mhc", "ddl", "mgt")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    seq_len: int
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int | None = None  # None: as many as n_heads (no GQA)
+    d_ff: int | None = None  # None: SwiGLU width 64·ceil((8·d_model/3)/64)
+    residual: str = "standard"
+    streams: int = 4  # n residual streams for hc / mhc / mgt
+    sinkhorn_iters: int = 20  # mHC paper's t_max
+    beta_max: float = 2.0  # DDL gate range [0, beta_max]; 2 allows reflection
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.residual not in RESIDUAL_NAMES:
+            raise ValueError(
+                f"unknown residual {self.residual!r}; accepted: {', '.join(RESIDUAL_NAMES)}"
+            )
+        for name in ("vocab_size", "seq_len", "n_layers", "d_model", "n_heads", "streams"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+            raise ValueError(
+                f"n_kv_heads {self.n_kv_heads} must be a positive divisor of n_heads {self.n_heads}"
+            )
+        if self.d_ff is not None and self.d_ff < 1:
+            raise ValueError(f"d_ff must be a positive integer, got {self.d_ff!r}")
+        if self.sinkhorn_iters < 1:
+            raise ValueError(f"sinkhorn_iters must be at least 1, got {self.sinkhorn_iters}")
+        if not 0.0 < self.beta_max <= 2.0:
+            raise ValueError(f"beta_max must be in (0, 2], got {self.beta_max}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.d_ff or swiglu_hidden(self.d_model)
+
+    @property
+    def n_streams(self) -> int:
+        """Residual streams the hidden state carries: 1 unless the mode widens it."""
+        return self.streams if self.residual in MULTI_STREAM else 1
+
+    @classmethod
+    def from_shape(cls, shape: Shape, vocab_size: int, seq_len: int, **kwargs: Any) -> ModelConfig:
+        return cls(
+            vocab_size=vocab_size, seq_len=seq_len, n_layers=shape.layers,
+            d_model=shape.d_model, n_heads=shape.n_heads,
+            n_kv_heads=shape.n_kv_heads, d_ff=shape.d_ff, **kwargs,
+        )
+
+    @classmethod
+    def from_scale(cls, scale: int | str, vocab_size: int, seq_len: int, **kwargs: Any) -> ModelConfig:
+        """A nominal scale ("350M" or 350_000_000) → the standard table's shape."""
+        if isinstance(scale, str):
+            from muse_plan.plan.units import parse_scale  # only when a string needs parsing
+
+            scale = parse_scale(scale)
+        return cls.from_shape(shape_for_params(scale, vocab_size), vocab_size, seq_len, **kwargs)
+
+
+MULTI_STREAM: frozenset[str] = frozenset({"hc", "mhc", "mgt"})
+
+
+def _hc_params(c: ModelConfig) -> int:
+    n, d = c.streams, c.d_model
+    static = n + n * n + n  # A_m, A_r, B
+    dynamic = d * (n + 2) + 2  # W_m, W_r, W_beta and the scales s_alpha, s_beta
+    return static + dynamic
+
+
+def _mhc_params(c: ModelConfig) -> int:
+    n, d = c.streams, c.d_model
+    phi = n * d * (n + n + n * n)  # phi_pre, phi_post, phi_res
+    bias = n + n + n * n  # b_pre, b_post, b_res
+    return phi + bias + 3  # alpha_pre, alpha_post, alpha_res
+
+
+def _ddl_params(c: ModelConfig) -> int:
+    return 2 * (c.d_model + 1)  # gate w_beta, b_beta; value w_v, b_v
+
+
+# parameters one residual connection (around one sublayer) adds
+RESIDUAL_PARAMS: dict[str, Callable[[ModelConfig], int]] = {
+    "standard": lambda c: 0,
+    "hc": _hc_params,
+    "mhc": _mhc_params,
+    "ddl": _ddl_params,
+    "mgt": lambda c: _mhc_params(c) + _ddl_params(c),
+}
+
+
+def param_count(config: ModelConfig) -> int:
+    """Exact number of parameters of ``DecoderLM(config)`` (tied embeddings count once)."""
+    c = config
+    attention = 2 * c.d_model * c.d_model + 2 * c.d_model * c.kv_heads * c.head_dim
+    mlp = 3 * c.d_model * c.ffn_dim
+    norms = 2 * c.d_model
+    residual = 2 * RESIDUAL_PARAMS[c.residual](c)  # one around attention, one around the MLP
+    per_layer = attention + mlp + norms + residual
+    return c.n_layers * per_layer + c.vocab_size * c.d_model + c.d_model  # + final norm
+
+
+assert set(RESIDUAL_PARAMS) == set(RESIDUAL_NAMES), "every residual mode needs a count"

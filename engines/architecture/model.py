@@ -1,0 +1,154 @@
+"""A decoder-only language model in the manner of nanoGPT's model.py.
+
+Design decisions:
+- Pre-norm blocks with RMSNorm, rotary position embeddings (RoFormer, Su et
+  al. 2021) on queries and keys, SwiGLU MLP (Shazeer 2020), grouped-query
+  attention when ``n_kv_heads < n_heads``; no biases anywhere.
+- Attention goes through ``F.scaled_dot_product_attention(is_causal=True)``,
+  which picks flash / memory-efficient kernels on GPU and a math kernel on CPU.
+- Input and output embeddings are tied (one ``vocab × d_model`` matrix).
+- The residual path is not written here: each block asks the ``RESIDUALS``
+  registry for a connection around attention and one around the MLP, and the
+  model only expands to / reduces from n streams when the mode is multi-stream.
+  See ``residual.py`` for the equations of each mode.
+- Init as nanoGPT: N(0, 0.02) for linear and embedding weights, and the two
+  projections that write into the residual stream scaled by 1/sqrt(2·n_layers)
+  so the stream's variance does not grow with depth. Residual-connection
+  parameters keep their own (identity-like) init.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engines.architecture.config import ModelConfig
+from engines.architecture.residual import RESIDUALS, expand_streams, reduce_streams
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32: the mean of squares loses precision in bf16
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (T, head_dim/2)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(seq_len).float(), inv_freq)  # (T, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x: (B, H, T, hd) by the position's angle."""
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]  # (B, H, T, hd/2)
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, H, T, hd/2, 2)
+    return out.flatten(-2).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = config.n_heads, config.kv_heads, config.head_dim
+        self.wq = nn.Linear(config.d_model, config.n_heads * self.hd, bias=False)
+        self.wk = nn.Linear(config.d_model, self.n_kv * self.hd, bias=False)
+        self.wv = nn.Linear(config.d_model, self.n_kv * self.hd, bias=False)
+        self.wo = nn.Linear(config.n_heads * self.hd, config.d_model, bias=False)
+        self.wo.residual_out = True  # type: ignore[attr-defined]
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv != self.n_heads:  # GQA: each kv head serves a group of query heads
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(config.d_model, config.ffn_dim, bias=False)
+        self.w_up = nn.Linear(config.d_model, config.ffn_dim, bias=False)
+        self.w_down = nn.Linear(config.ffn_dim, config.d_model, bias=False)
+        self.w_down.residual_out = True  # type: ignore[attr-defined]
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.w_down(F.silu(self.w_gate(x)) * self.w_up(x)))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        make = RESIDUALS[config.residual].make
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config)
+        # HC staggers which stream each sublayer reads, so it needs the sublayer's index
+        self.attn_res = make(config, 2 * layer_index)
+        self.mlp_res = make(config, 2 * layer_index + 1)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = self.attn_res(x, lambda h: self.attn(self.attn_norm(h), cos, sin))
+        return self.mlp_res(x, lambda h: self.mlp(self.mlp_norm(h)))
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.n_streams = config.streams if RESIDUALS[config.residual].multi_stream else 1
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # tied: one matrix, counted once
+        cos, sin = rope_cache(config.seq_len, config.head_dim, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            std = 0.02 / math.sqrt(2 * self.config.n_layers) if getattr(module, "residual_out", False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T = idx.shape
+        assert T <= self.config.seq_len, f"sequence of {T} tokens exceeds seq_len {self.config.seq_len}"
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.drop(self.tok_emb(idx))  # (B, T, C)
+        if self.n_streams > 1:
+            x = expand_streams(x, self.n_streams)  # (B, T, n, C)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        if self.n_streams > 1:
+            x = reduce_streams(x)  # (B, T, C)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
