@@ -169,12 +169,12 @@ def plans_table(rows: list[tuple[Plan, PlanRevision, PlanSpec]]) -> Table:
     table.add_column("name", no_wrap=True)
     table.add_column("scale", no_wrap=True)
     table.add_column("techniques", overflow="fold", min_width=10)
-    for column in ("compute", "timeline", "rev", "date"):
+    for column in ("compute", "timeline", "rev"):
         table.add_column(column, no_wrap=True)
     for plan, revision, spec in rows:
         table.add_row(str(plan.id), plan.name, spec.model.scale, ", ".join(spec.techniques.names()) or "—",
                       spec.compute.budget if spec.compute else "detected", spec.timeline or "—",
-                      str(plan.head), revision.created_at.astimezone().strftime("%m-%d"))
+                      str(plan.head))
     return table
 
 
