@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 quickstart: setup
 	$(BIN)/muse plan import plans/quickstart-cpu.yaml
-	$(BIN)/muse plan show quickstart-cpu
+	$(BIN)/muse plan run quickstart-cpu
 
 test: setup
 	$(BIN)/python -m pytest

@@ -28,3 +28,13 @@ class Conflict(MuseError):
 
 class StoreError(MuseError):
     """The database can't be opened or used (bad URL, newer schema, locked)."""
+
+
+class RunFailed(MuseError):
+    """A run stopped on a training fault (NaN loss, out of memory); exit code 1.
+
+    Not the user's input: the plan was valid, training failed. The message says
+    where, why, and how to resume.
+    """
+
+    exit_code = 1

@@ -77,7 +77,7 @@ def test_export_yaml_json_and_to_file(cli, tmp_path):
     cli("plan", "import", ROOT / "plans/quickstart-cpu.yaml")
     as_yaml = yaml.safe_load(cli("plan", "export", "quickstart-cpu").stdout)
     as_json = json.loads(cli("plan", "export", "quickstart-cpu", "--format", "json").stdout)
-    assert as_yaml == as_json and as_yaml["stages"][0]["steps"] == 400
+    assert as_yaml == as_json and as_yaml["stages"][0]["steps"] == 250
     out = tmp_path / "q.yaml"
     assert cli("plan", "export", "1", "-o", out).exit_code == 0
     assert yaml.safe_load(out.read_text()) == as_yaml
@@ -88,7 +88,7 @@ def test_import_again_unchanged_then_update(cli, tmp_path):
     cli("plan", "import", path)
     assert "nothing changed" in cli("plan", "import", path).output
     changed = tmp_path / "q.yaml"
-    changed.write_text(path.read_text().replace("steps: 400", "steps: 500"))
+    changed.write_text(path.read_text().replace("steps: 250", "steps: 500"))
     one_error_line(cli("plan", "import", changed), "exists with other contents; add --update")
     result = cli("plan", "import", changed, "--update")
     assert result.exit_code == 0 and "revision 2" in result.output
@@ -105,7 +105,7 @@ def test_edit_makes_a_revision_history_and_diff_show_it(cli):
         (1, "imported from quickstart-cpu.yaml"), (2, "slower, longer")]
     assert {c["path"] for c in history[1]["changes"]} == {"training.lr", "stages[pretrain].steps"}
     changes = json.loads(cli("plan", "diff", "quickstart-cpu", "1", "2", "--json").stdout)
-    assert {"path": "stages[pretrain].steps", "kind": "changed", "old": 400, "new": 600} in changes
+    assert {"path": "stages[pretrain].steps", "kind": "changed", "old": 250, "new": 600} in changes
     assert "slower, longer" in cli("plan", "history", "quickstart-cpu").output
     assert "stages[pretrain].steps" in cli("plan", "diff", "quickstart-cpu", "1", "2").output
     assert "are the same plan" in cli("plan", "diff", "quickstart-cpu", "2", "2").output

@@ -52,9 +52,10 @@ def main(
 
 
 def _register() -> None:
-    from muse_plan.cli import hardware, plan
+    from muse_plan.cli import hardware, plan, run
 
     app.add_typer(plan.app, name="plan")
+    app.add_typer(run.app, name="run")
     app.command("hardware")(hardware.hardware)
 
 

@@ -1,4 +1,4 @@
-"""``muse plan ...``: create, list, show, export, import, edit, history, diff, delete, schema."""
+"""``muse plan ...``: create, list, show, export, import, edit, history, diff, run, delete, schema."""
 
 from __future__ import annotations
 
@@ -203,6 +203,21 @@ def diff(
         console.print(f"revisions {rev_a} and {rev_b} of {found.name} are the same plan")
     else:
         console.print(changes_table(changes, f"{found.name}: revision {rev_a} → {rev_b}"))
+
+
+@app.command("run")
+def run_(
+    ctx: typer.Context,
+    plan: PlanArg,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the plan's latest unfinished run from its last checkpoint.")] = False,
+    num_processes: Annotated[int, typer.Option(
+        "--num-processes", min=1, help="GPUs to use, through accelerate launch.")] = 1,
+) -> None:
+    """Run a plan's stages with the bundled engines (or resume its last run)."""
+    from muse_plan.cli.run import execute
+
+    execute(ctx, plan, resume=resume, num_processes=num_processes)
 
 
 @app.command()

@@ -1,0 +1,80 @@
+"""The architecture engine's trainer: next-token prediction on packed text.
+
+Implements the engine contract (``engines/contract.py``) for the stage kinds
+pretrain, continue and finetune. The executor owns the loop; this class
+builds the ``DecoderLM`` and the corpus, hands out micro-batches, computes a
+micro-batch's cross-entropy, evaluates on fixed held-out batches and keeps
+the data position as its resumable state.
+
+Design decisions:
+- The tokenizer's vocabulary must fit the model's (a byte tokenizer needs
+  vocab_size >= 260); a mismatch is refused at setup with both numbers.
+- Validation batches are the first windows of the held-out stream, the same
+  on every evaluation and every process, so val losses are comparable along
+  a run and across resumes.
+- ``summary`` reports the unigram model's loss on the same validation data:
+  the floor a model that ignores context would reach, printed next to the
+  trained model's loss so a user can see it learned something.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from engines.architecture.model import DecoderLM
+from engines.contract import MicroStep, StageSetup
+from engines.data import BatchSampler, build_corpus, eval_batches, load_tokenizer, unigram_loss
+
+
+class ArchitectureTrainer:
+    def setup(self, stage: StageSetup) -> None:
+        config = stage.model
+        tokenizer = load_tokenizer(stage.tokenizer)
+        if tokenizer.vocab_size > config.vocab_size:
+            raise ValueError(
+                f"tokenizer {stage.tokenizer!r} has {tokenizer.vocab_size} tokens but the model's "
+                f"vocab_size is {config.vocab_size}; set model.vocab_size to at least {tokenizer.vocab_size}"
+            )
+        self.device = torch.device(stage.device)
+        self.micro_batch = stage.micro_batch
+        self.corpus = build_corpus(
+            stage.data_source, tokenizer, seed=stage.seed, val_fraction=stage.val_fraction,
+            cache_dir=stage.cache_dir, min_tokens=stage.tokens_needed,
+        )
+        self.sampler = BatchSampler(
+            self.corpus.train, seq_len=config.seq_len, seed=stage.seed,
+            rank=stage.rank, world_size=stage.world_size,
+        )
+        self.val = eval_batches(self.corpus.val, config.seq_len, stage.micro_batch, stage.eval_batches)
+        self.model = DecoderLM(config).to(self.device)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.sampler.next_batch(self.micro_batch)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def micro_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> MicroStep:
+        x, y = batch  # (B, T) each
+        _, loss = self.model(x, y)
+        return MicroStep(loss=loss, tokens=x.numel())
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        was_training = self.model.training
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for x, y in self.val:
+            _, loss = self.model(x.to(self.device), y.to(self.device))
+            total += loss.float()
+        self.model.train(was_training)
+        return {"val_loss": (total / len(self.val)).item()}
+
+    def summary(self) -> dict[str, float]:
+        return {"unigram_val_loss": unigram_loss(self.corpus.train, self.corpus.val, self.corpus.vocab_size)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])

@@ -1,0 +1,99 @@
+"""The engine contract: what the executor hands an engine, and what it calls.
+
+Design decisions:
+- An engine does not own time. The executor owns the loop (steps, gradient
+  accumulation, clipping, precision, learning-rate schedule, checkpoints,
+  resume, several processes); an engine's trainer only builds its model and
+  data in ``setup``, hands out micro-batches, computes a micro-batch's loss,
+  evaluates, and keeps its own resumable state (the data position, replay
+  buffers) in ``state_dict``. So every engine gets accumulation, clipping,
+  mixed precision, checkpoints, monitoring and recovery for free, and a
+  trainer is testable in a few lines without the CLI or the store.
+- The model's weights are not part of ``state_dict``: the executor saves
+  ``trainer.model`` itself (safetensors), so a stage's result is one weights
+  file whatever engine made it.
+- ``StageSetup`` is a plain dataclass, not the plan's pydantic model: engines
+  stay importable and testable without the orchestrator.
+- Engines are found through a registry of import paths, so an unknown or
+  not-yet-built engine fails when a run starts, not mid-plan, and importing
+  the registry imports no torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+    from engines.architecture.config import ModelConfig
+
+
+@dataclass
+class StageSetup:
+    """Everything an engine needs to build one stage; filled in by the executor."""
+
+    name: str
+    kind: str
+    model: ModelConfig
+    options: dict[str, Any] = field(default_factory=dict)
+    data_source: str = "arithmetic"
+    tokenizer: str = "byte"
+    val_fraction: float = 0.05
+    seed: int = 0
+    micro_batch: int = 8
+    rank: int = 0
+    world_size: int = 1
+    tokens_needed: int = 0  # training tokens the stage will read (all processes)
+    eval_batches: int = 8
+    cache_dir: Path = Path(".")
+    device: str = "cpu"
+
+
+@dataclass
+class MicroStep:
+    """One micro-batch's loss (a graph-connected scalar) and what it covered."""
+
+    loss: torch.Tensor
+    tokens: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer(Protocol):
+    model: torch.nn.Module
+
+    def setup(self, stage: StageSetup) -> None: ...
+
+    def next_batch(self) -> Any: ...
+
+    def micro_step(self, batch: Any) -> MicroStep: ...
+
+    def evaluate(self) -> dict[str, float]: ...
+
+    def summary(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# engine name (as in the plan's STAGE_KINDS) -> "module:TrainerClass"
+TRAINERS: dict[str, str] = {
+    "architecture": "engines.architecture.trainer:ArchitectureTrainer",
+}
+
+
+def available(engine: str) -> bool:
+    return engine in TRAINERS
+
+
+def make_trainer(engine: str) -> Trainer:
+    if engine not in TRAINERS:
+        raise ValueError(
+            f"engine {engine!r} is not available in this version of muse; available: {', '.join(TRAINERS)}"
+        )
+    module, cls = TRAINERS[engine].split(":")
+    return getattr(importlib.import_module(module), cls)()

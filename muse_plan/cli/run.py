@@ -1,0 +1,108 @@
+"""``muse run ...``: list, show and resume runs; and the body of ``muse plan run``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from muse_plan.cli.common import console, print_json, store
+
+app = typer.Typer(help="Inspect and resume training runs.", no_args_is_help=True)
+
+RunArg = Annotated[str, typer.Argument(help="Run id (as in `muse run list`).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def execute(ctx: typer.Context, plan_ref: str, *, resume: bool, run_ref: str | None = None,
+            num_processes: int = 1) -> None:
+    """Run or resume a plan here, or on N GPUs through ``accelerate launch``."""
+    from muse_plan.executor import launch
+
+    db_url = ctx.find_root().obj.get("db_url")
+    if num_processes > 1 and not launch.launched():
+        args = (["--db", db_url] if db_url else []) + (
+            ["run", "resume", run_ref] if run_ref else ["plan", "run", plan_ref, *(["--resume"] if resume else [])])
+        raise typer.Exit(launch.relaunch(num_processes, args))
+    from muse_plan.cli.progress import ProgressView
+    from muse_plan.executor.runner import run_plan
+
+    with ProgressView(console) as view:
+        result = run_plan(db_url, plan_ref, resume=resume, run_ref=run_ref, view=view)
+    if result.main:
+        _report(result)
+
+
+def _report(result) -> None:
+    verb = "resumed and finished" if result.resumed else "finished"
+    where = f" on {result.processes} processes" if result.processes > 1 else ""
+    console.print(f"run {result.run_id} of plan [bold]{result.plan}[/] (revision {result.revision}) {verb}{where}")
+    for stage in result.stages:
+        m = stage.metrics
+        console.print(f"  {stage.name}: {stage.steps} steps in {stage.seconds:.0f}s, "
+                      f"train loss {m.get('loss', float('nan')):.3f}", highlight=False)
+        if "val_loss" in m:
+            baseline = m.get("unigram_val_loss")
+            tail = f"; a unigram model of the same data: {baseline:.3f}" if baseline is not None else ""
+            console.print(f"    validation loss {m['val_loss']:.3f} nats/token{tail}", highlight=False)
+    console.print(f"see it with: muse run show {result.run_id}")
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    plan: Annotated[Optional[str], typer.Option(help="Only this plan's runs (id or name).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List runs, newest first."""
+    from muse_plan.store import repo, runs
+
+    with store(ctx).read() as session:
+        only = repo.get_plan(session, plan) if plan else None
+        rows = [(r, p, runs.shown_status(r), runs.stage_runs(session, r)) for r, p in runs.list_runs(session, only)]
+    if as_json:
+        print_json([{"id": r.id, "plan": p.name, "revision": r.revision, "status": status,
+                     "stages": [{"name": s.name, "status": s.status, "step": s.step, "total_steps": s.total_steps}
+                                for s in stages],
+                     "started_at": r.started_at, "finished_at": r.finished_at} for r, p, status, stages in rows])
+        return
+    if not rows:
+        console.print("No runs yet. Start one with `muse plan run PLAN`.")
+        return
+    from muse_plan.cli.render_runs import runs_table
+
+    console.print(runs_table(rows))
+
+
+@app.command()
+def show(ctx: typer.Context, run: RunArg, as_json: JsonOpt = False) -> None:
+    """A run's stages, status, last metrics, checkpoints and recent events."""
+    from muse_plan.store import runs
+
+    with store(ctx).read() as session:
+        r = runs.get_run(session, run)
+        plan = session.get(runs.Plan, r.plan_id)
+        stages = [(s, runs.last_metrics(session, s.id)) for s in runs.stage_runs(session, r)]
+        events = runs.events(session, r.id)
+        status = runs.shown_status(r)
+    if as_json:
+        print_json({"id": r.id, "plan": plan.name, "revision": r.revision, "status": status, "error": r.error,
+                    "run_dir": r.run_dir, "started_at": r.started_at, "finished_at": r.finished_at,
+                    "stages": [{"name": s.name, "status": s.status, "step": s.step, "total_steps": s.total_steps,
+                                "checkpoint": s.checkpoint, "metrics": {k: v for k, (_, v) in m.items()}}
+                               for s, m in stages],
+                    "events": [{"time": e.time, "severity": e.severity, "message": e.message} for e in events]})
+        return
+    from muse_plan.cli.render_runs import run_view
+
+    console.print(run_view(r, plan.name, status, stages, events))
+
+
+@app.command()
+def resume(
+    ctx: typer.Context,
+    run: RunArg,
+    num_processes: Annotated[int, typer.Option("--num-processes", min=1, help="GPUs to use.")] = 1,
+) -> None:
+    """Continue a stopped run from its last good checkpoint."""
+    execute(ctx, "", resume=True, run_ref=run, num_processes=num_processes)

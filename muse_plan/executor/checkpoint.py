@@ -1,0 +1,181 @@
+"""Checkpoints: write atomically, verify on load, fall back past a corrupt one.
+
+A checkpoint is a folder ``step-00000100`` under a stage's folder holding
+- ``model.safetensors``: the weights (safetensors: no code runs on load;
+  tied tensors are stored once);
+- ``state.pt``: optimizer, scheduler, RNG states, the engine's state (data
+  position), the step; tensors and plain containers only, loaded with
+  ``torch.load(weights_only=True)``;
+- ``manifest.json``, written last: the step, the plan revision, the time and
+  the SHA-256 of each file.
+
+Design decisions:
+- Atomic by rename: everything is written into ``step-N.tmp`` and the
+  folder renamed to ``step-N`` once the manifest is flushed, so a crash
+  leaves either a whole checkpoint or a ``.tmp`` folder that is ignored
+  (and removed by the next save).
+- The loader trusts nothing: a checkpoint whose manifest is missing, whose
+  checksums differ (a truncated file, a bad disk) or that fails to
+  deserialise is reported and the next older one is tried.
+- ``keep`` bounds disk use; the newest checkpoints are kept, and a stage's
+  final checkpoint is what the next stage starts from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+STATE = "state.pt"
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint folder that can't be trusted; the message says why."""
+
+
+@dataclass
+class Loaded:
+    path: Path
+    step: int
+    state: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+def step_dir(stage_dir: Path, step: int) -> Path:
+    return stage_dir / f"step-{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator a run draws from, as tensors and plain values."""
+    version, mt, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+        "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(int(v) for v in mt.tolist()), gauss))
+    kind, keys, pos, has_gauss, gauss_np = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_np))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(stage_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
+         meta: dict[str, Any], keep: int | None = 3) -> Path:
+    """Write checkpoint ``step`` atomically and prune older ones beyond ``keep``."""
+    final = step_dir(stage_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / WEIGHTS))
+    torch.save({**state, "step": step}, tmp / STATE)
+    manifest = {
+        "step": step, **meta, "time": datetime.now(timezone.utc).isoformat(),
+        "files": {name: _sha256(tmp / name) for name in (WEIGHTS, STATE)},
+    }
+    with open(tmp / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():  # a re-run of the same step after a resume: replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep is not None:
+        for old in checkpoints(stage_dir)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoints(stage_dir: Path) -> list[Path]:
+    """Finished checkpoint folders, newest first."""
+    if not stage_dir.is_dir():
+        return []
+    found = [p for p in stage_dir.iterdir() if p.is_dir() and p.name.startswith("step-")
+             and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """The manifest of a checkpoint whose files all match their checksums."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptCheckpoint(f"{path.name}: unreadable manifest ({exc})") from None
+    for name, digest in files.items():
+        if not (path / name).is_file():
+            raise CorruptCheckpoint(f"{path.name}: {name} is missing")
+        if _sha256(path / name) != digest:
+            raise CorruptCheckpoint(f"{path.name}: {name} does not match its checksum")
+    return manifest
+
+
+def load(path: Path, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load one verified checkpoint: weights into ``model``; returns (state, manifest)."""
+    manifest = verify(path)
+    try:
+        missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a file that passed its checksum but still won't load
+        raise CorruptCheckpoint(f"{path.name}: {exc}") from None
+    if missing or unexpected:
+        raise CorruptCheckpoint(
+            f"{path.name}: weights don't match the model (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})"
+        )
+    return state, manifest
+
+
+def load_latest(stage_dir: Path, model: torch.nn.Module) -> tuple[Loaded | None, list[str]]:
+    """The newest checkpoint that verifies and loads (None when there is none),
+    and "step-N: why" for each newer one that was passed over as corrupt."""
+    skipped: list[str] = []
+    for path in checkpoints(stage_dir):
+        try:
+            state, manifest = load(path, model)
+        except CorruptCheckpoint as exc:
+            skipped.append(str(exc))
+            continue
+        return Loaded(path=path, step=int(state["step"]), state=state, manifest=manifest), skipped
+    return None, skipped
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Only the weights of a verified checkpoint (a previous stage's result)."""
+    verify(path)
+    missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+    if missing or unexpected:
+        raise CorruptCheckpoint(
+            f"{path}: weights don't fit this stage's model (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}); does the stage's shape match the one it starts from?"
+        )

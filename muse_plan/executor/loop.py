@@ -1,0 +1,185 @@
+"""The training loop of one stage: step → record → evaluate → checkpoint.
+
+The executor owns time; the engine's trainer only supplies micro-batches and
+their losses (``engines/contract.py``). One code path serves one CPU, one GPU
+and several GPUs: everything goes through an ``accelerate.Accelerator``
+(DDP/FSDP underneath when launched with several processes).
+
+Design decisions:
+- Gradient accumulation is explicit: ``grad_accum`` micro-batches, each loss
+  divided by ``grad_accum``, gradient all-reduce skipped (``no_sync``) on all
+  but the last micro-batch. The global batch is micro × accum × processes.
+- The gradient norm is recorded before clipping (that is the number a user
+  sets an explosion threshold against); with no clipping the norm is still
+  measured.
+- A non-finite loss stops the step before the optimizer touches the weights,
+  so the last checkpoint and the live weights agree; it raises
+  ``NonFiniteLoss`` with the step and value for the recovery layer. CUDA
+  out-of-memory and ``MemoryError`` become ``OutOfMemory``.
+- Resume is exact on CPU: the checkpoint restores weights, optimizer and
+  scheduler state, every RNG and the data position, and the loop continues
+  at the step after the checkpoint's.
+- Only the main process writes checkpoints; the others wait for it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+import torch
+
+from engines.contract import Trainer
+from muse_plan.executor import checkpoint
+from muse_plan.executor.settings import StageSettings, lr_factor
+
+
+class Fault(Exception):
+    """A training failure the recovery layer can act on."""
+
+    def __init__(self, message: str, step: int, value: float | None = None):
+        super().__init__(message)
+        self.step, self.value = step, value
+
+
+class NonFiniteLoss(Fault):
+    pass
+
+
+class OutOfMemory(Fault):
+    pass
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int  # 1-based: optimizer steps done
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int  # tokens this step, all processes
+    tokens_per_s: float
+    memory_gib: float
+
+
+class Hooks(Protocol):
+    """What the loop reports to (the store recorder, the progress bar); main process only."""
+
+    def on_start(self, step: int) -> None: ...
+
+    def on_step(self, record: StepRecord) -> None: ...
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_checkpoint(self, step: int, path: Path) -> None: ...
+
+
+def make_optimizer(model: torch.nn.Module, s: StageSettings) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, vectors and scalars (norms, gates, biases) don't."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir: Path,
+                meta: dict[str, Any], hooks: Hooks | None,
+                start: checkpoint.Loaded | None = None) -> dict[str, float]:
+    """Run ``s.steps`` optimizer steps (from ``start``'s step when resuming).
+
+    ``trainer.setup`` has run and the weights to start from are loaded.
+    Returns the last step's loss and the last evaluation's metrics.
+    """
+    main = accelerator.is_main_process
+    model, optimizer = accelerator.prepare(trainer.model, make_optimizer(trainer.model, s))
+    trainer.model = model
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, s))
+    step = 0
+    if start is not None:
+        optimizer.load_state_dict(start.state["optimizer"])
+        scheduler.load_state_dict(start.state["scheduler"])
+        trainer.load_state_dict(start.state["engine"])
+        checkpoint.set_rng_state(start.state["rng"])
+        step = start.step
+    if main and hooks:
+        hooks.on_start(step)
+    clip = s.clip_grad_norm if s.clip_grad_norm is not None else math.inf
+    result: dict[str, float] = {}
+    model.train()
+    while step < s.steps:
+        t0 = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
+        loss, tokens = _accumulate(trainer, model, accelerator, s, step + 1)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_value = accelerator.reduce(loss, "mean").item()
+        result["loss"] = loss_value
+        if main and hooks:
+            dt = time.perf_counter() - t0
+            total_tokens = tokens * accelerator.num_processes
+            hooks.on_step(StepRecord(step, loss_value, float(grad_norm), lr, total_tokens,
+                                     total_tokens / dt, memory_gib(accelerator.device)))
+        if step % s.eval_every == 0 or step == s.steps:
+            with accelerator.autocast():
+                metrics = trainer.evaluate()
+            result.update(metrics)
+            if main and hooks:
+                hooks.on_eval(step, metrics)
+        if step % s.checkpoint_every == 0 or step == s.steps:
+            _save(trainer, accelerator, optimizer, scheduler, stage_dir, step, meta, hooks)
+    return result
+
+
+def _accumulate(trainer: Trainer, model: torch.nn.Module, accelerator: Any, s: StageSettings,
+                step: int) -> tuple[torch.Tensor, int]:
+    """Forward and backward over ``grad_accum`` micro-batches; mean loss, tokens."""
+    total = torch.zeros((), device=accelerator.device)
+    tokens = 0
+    try:
+        for i in range(s.grad_accum):
+            batch = trainer.next_batch()
+            sync = i == s.grad_accum - 1
+            with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+                out = trainer.micro_step(batch)
+                accelerator.backward(out.loss / s.grad_accum)
+            total += out.loss.detach().float()
+            tokens += out.tokens
+    except torch.cuda.OutOfMemoryError as exc:
+        raise OutOfMemory(f"CUDA out of memory at step {step}: {str(exc).splitlines()[0]}", step) from None
+    except MemoryError:
+        raise OutOfMemory(f"out of host memory at step {step}", step) from None
+    mean = total / s.grad_accum
+    if not torch.isfinite(mean):
+        value = mean.item()
+        raise NonFiniteLoss(f"loss is {value} at step {step}", step, value)
+    return mean, tokens
+
+
+def _save(trainer: Trainer, accelerator: Any, optimizer: Any, scheduler: Any, stage_dir: Path,
+          step: int, meta: dict[str, Any], hooks: Hooks | None) -> None:
+    if accelerator.is_main_process:
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "engine": trainer.state_dict(),
+            "rng": checkpoint.rng_state(),
+        }
+        path = checkpoint.save(stage_dir, step, accelerator.unwrap_model(trainer.model), state, meta)
+        if hooks:
+            hooks.on_checkpoint(step, path)
+    accelerator.wait_for_everyone()

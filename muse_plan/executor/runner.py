@@ -1,0 +1,361 @@
+"""``muse plan run``: run a stored plan's stages in order, or resume a run.
+
+Design decisions:
+- Every process of a distributed launch runs this same function. Only the
+  main process opens the store: it validates the plan, creates (or reopens)
+  the run and broadcasts what the others need (run id, folder, the plan's
+  JSON, where to start); every write to the store and every checkpoint is
+  the main process's.
+- Everything that can be refused is refused before a run exists: every
+  stage's engine must be available and its settings must resolve. A plan
+  that names an engine this version lacks fails with that one line.
+- A stage starts from the previous stage's (or ``from_stage``'s) final
+  checkpoint, the first from ``model.init_from`` when given; a resumed stage
+  starts from its own newest good checkpoint, skipping corrupt ones (each
+  skip is recorded as an event and shown).
+- Resume runs under the plan's head revision; when a checkpoint was made
+  under another revision, resume says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from engines.contract import StageSetup, available, make_trainer
+from muse_plan.errors import Conflict, MuseError, NotFound, PlanError, RunFailed
+from muse_plan.executor import checkpoint
+from muse_plan.executor.loop import Fault, StepRecord, train_stage
+from muse_plan.executor.settings import StageSettings, resolve
+from muse_plan.plan.io import spec_from_dict, spec_to_dict
+from muse_plan.plan.spec import PlanSpec
+from muse_plan.store import repo, runs
+from muse_plan.store.db import Store, muse_home
+from muse_plan.store.models import Run, StageRun, utcnow
+
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+class View(Protocol):
+    """How a run shows itself (the CLI's progress bar); main process only."""
+
+    def message(self, text: str) -> None: ...
+
+    def stage_started(self, name: str, total_steps: int, start_step: int) -> None: ...
+
+    def step(self, record: StepRecord) -> None: ...
+
+    def evaluated(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def stage_finished(self, name: str) -> None: ...
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int
+    metrics: dict[str, float]
+    seconds: float
+
+
+@dataclass
+class RunResult:
+    run_id: int
+    plan: str
+    revision: int
+    resumed: bool
+    main: bool = True  # the main process reports; the others stay quiet
+    processes: int = 1
+    stages: list[StageResult] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    """What the main process decided, broadcast to every process."""
+
+    run_id: int
+    run_dir: str
+    plan: str
+    revision: int
+    spec_json: str
+    start: int  # position of the first stage to run
+    resume: bool
+    stage_run_ids: list[int]
+
+
+def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref: str | None = None,
+             view: View | None = None) -> RunResult:
+    """Run (or resume) a plan on this process and any launched with it."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import broadcast_object_list
+
+    cuda = torch.cuda.is_available()
+    state = PartialState(cpu=not cuda)
+    store = Store(db_url) if state.is_main_process else None
+    decided: list[Any] = [None]
+    if store is not None:
+        try:
+            decided[0] = _prepare(store, plan_ref, resume, run_ref, state.num_processes, cuda)
+        except MuseError as exc:
+            decided[0] = exc
+    if state.num_processes > 1:
+        broadcast_object_list(decided, from_process=0)
+    if isinstance(decided[0], MuseError):
+        raise decided[0]
+    prepared: Prepared = decided[0]
+    spec = spec_from_dict(json.loads(prepared.spec_json), "the plan")
+    first = resolve(spec, spec.stages[0], world_size=state.num_processes, cuda=cuda, bf16=_bf16(cuda))
+    accelerator = Accelerator(mixed_precision=MIXED_PRECISION[first.precision], cpu=not cuda)
+    result = RunResult(prepared.run_id, prepared.plan, prepared.revision, prepared.resume,
+                       main=state.is_main_process, processes=state.num_processes)
+    try:
+        for position in range(prepared.start, len(spec.stages)):
+            resuming = prepared.resume and position == prepared.start
+            result.stages.append(_run_stage(store, accelerator, spec, prepared, position, resuming, view))
+    except BaseException as exc:
+        if store is not None:
+            _mark_stopped(store, prepared, exc)
+        if isinstance(exc, Fault):
+            raise RunFailed(
+                f"run {prepared.run_id} stopped: {exc}; resume with: muse plan run {prepared.plan} --resume"
+            ) from exc
+        raise
+    if store is not None:
+        with store.write() as session:
+            run = session.get(Run, prepared.run_id)
+            run.status, run.finished_at, run.error = "completed", utcnow(), None
+            runs.add_event(session, run, "run completed")
+        store.close()
+    return result
+
+
+def _bf16(cuda: bool) -> bool:
+    return cuda and torch.cuda.is_bf16_supported()
+
+
+def _check_stages(spec: PlanSpec, world_size: int, cuda: bool) -> list[StageSettings]:
+    if not spec.stages:
+        raise PlanError(f"plan {spec.name!r} has no stages to run")
+    settings = []
+    for stage in spec.stages:
+        if not available(stage.engine or ""):
+            raise PlanError(
+                f"stage {stage.name!r} runs on the {stage.engine!r} engine, which this version of muse "
+                "does not have yet; available: architecture (stage kinds pretrain, continue, finetune)"
+            )
+        settings.append(resolve(spec, stage, world_size=world_size, cuda=cuda, bf16=_bf16(cuda)))
+    return settings
+
+
+def _prepare(store: Store, plan_ref: str, resume: bool, run_ref: str | None, world_size: int,
+             cuda: bool) -> Prepared:
+    with store.read() as session:
+        if run_ref is not None:
+            plan = session.get(repo.Plan, runs.get_run(session, run_ref).plan_id)
+        else:
+            plan = repo.get_plan(session, plan_ref)
+        revision = repo.get_revision(session, plan)
+        spec = repo.spec_of(revision)
+    settings = _check_stages(spec, world_size, cuda)
+    with store.write() as session:
+        if resume:
+            run, start = _reopen(session, plan, spec, run_ref)
+        else:
+            run = runs.create_run(session, plan, revision.number, [(s.name, s.steps) for s in settings],
+                                  str(muse_home() / "runs"))
+            start = 0
+            device = f"{world_size} GPU process(es)" if cuda else f"{world_size} CPU process(es)"
+            runs.add_event(session, run, f"run started under revision {revision.number} on {device}")
+        stage_ids = [sr.id for sr in runs.stage_runs(session, run)]
+    return Prepared(run.id, run.run_dir, plan.name, revision.number,
+                    json.dumps(spec_to_dict(spec)), start, resume, stage_ids)
+
+
+def _reopen(session: Any, plan: Any, spec: PlanSpec, run_ref: str | None) -> tuple[Run, int]:
+    run = runs.get_run(session, run_ref) if run_ref is not None else runs.latest_unfinished(session, plan)
+    if run is None:
+        raise NotFound(f"plan {plan.name!r} has no unfinished run to resume; start one with: "
+                       f"muse plan run {plan.name}")
+    if run.status == "completed":
+        raise Conflict(f"run {run.id} already completed; start a new one with: muse plan run {plan.name}")
+    if runs.is_alive(run) and run.pid != os.getpid():
+        raise Conflict(f"run {run.id} is still running (pid {run.pid} on {run.host})")
+    stages = runs.stage_runs(session, run)
+    if [s.name for s in stages] != [s.name for s in spec.stages]:
+        raise Conflict(f"plan {plan.name!r} has other stages than run {run.id} was started with; "
+                       f"start a new run with: muse plan run {plan.name}")
+    start = next((s.position for s in stages if s.status != "completed"), len(stages))
+    run.status, run.pid, run.error, run.finished_at = "running", os.getpid(), None, None
+    run.host = socket.gethostname()
+    runs.add_event(session, run, f"run resumed at stage {spec.stages[min(start, len(stages) - 1)].name}")
+    return run, start
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: Prepared, position: int,
+               resuming: bool, view: View | None) -> StageResult:
+    stage = spec.stages[position]
+    s = resolve(spec, stage, world_size=accelerator.num_processes, cuda=accelerator.device.type == "cuda",
+                bf16=_bf16(accelerator.device.type == "cuda"))
+    _seed(s.seed + position)
+    trainer = make_trainer(stage.engine or "")
+    setup = StageSetup(
+        name=stage.name, kind=stage.kind, model=s.model, options=dict(stage.options),
+        data_source=spec.data.source, tokenizer=spec.data.tokenizer, val_fraction=spec.data.val_fraction,
+        seed=s.seed, micro_batch=s.micro_batch, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, tokens_needed=s.steps * s.tokens_per_step,
+        cache_dir=muse_home() / "cache", device=str(accelerator.device),
+    )
+    # the main process builds (and caches) the data first, so the others read its cache
+    for turn in (True, False):
+        if accelerator.is_main_process == turn:
+            try:
+                trainer.setup(setup)
+            except (ValueError, FileNotFoundError) as exc:
+                raise PlanError(f"stage {stage.name!r}: {exc}") from None
+        accelerator.wait_for_everyone()
+    run_dir = Path(prepared.run_dir)
+    start = _starting_point(store, accelerator, spec, prepared, position, resuming, trainer, view)
+    meta = {"plan": prepared.plan, "revision": prepared.revision, "run": prepared.run_id, "stage": stage.name}
+    hooks = None
+    if store is not None:
+        hooks = Recorder(store, prepared.run_id, prepared.stage_run_ids[position], view)
+        if view:
+            view.stage_started(stage.name, s.steps, start.step if start else 0)
+    t0 = time.perf_counter()
+    metrics = train_stage(trainer, s, accelerator, run_dir / stage.name, meta, hooks, start)
+    if store is not None:
+        summary = trainer.summary()
+        metrics.update(summary)
+        hooks.finish(s.steps, summary, checkpoint.step_dir(run_dir / stage.name, s.steps))
+        if view:
+            view.stage_finished(stage.name)
+    return StageResult(stage.name, s.steps, metrics, time.perf_counter() - t0)
+
+
+def _starting_point(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: Prepared,
+                    position: int, resuming: bool, trainer: Any,
+                    view: View | None) -> checkpoint.Loaded | None:
+    """Load the weights this stage starts from; the checkpoint when resuming."""
+    run_dir = Path(prepared.run_dir)
+    stage = spec.stages[position]
+    if resuming:
+        start, skipped = checkpoint.load_latest(run_dir / stage.name, trainer.model)
+        notes = [f"checkpoint {why}; trying an older one" for why in skipped]
+        if start is not None:
+            notes.append(f"resuming stage {stage.name} from {start.path.name}")
+            made_under = start.manifest.get("revision")
+            if made_under != prepared.revision:
+                notes.append(f"checkpoint was made under revision {made_under}; "
+                             f"continuing under revision {prepared.revision}")
+        elif skipped:
+            notes.append(f"no usable checkpoint for stage {stage.name}; starting it from its beginning")
+        _note(store, prepared, position, notes, view, severity="warning" if skipped else "info")
+        if start is not None:
+            return start
+    source = stage.from_stage or (spec.stages[position - 1].name if position else None)
+    try:
+        if source is not None:
+            found = checkpoint.checkpoints(run_dir / source)
+            if not found:
+                raise PlanError(f"stage {stage.name!r} starts from stage {source!r}, which has no checkpoint")
+            checkpoint.load_weights(found[0], trainer.model)
+        elif spec.model.init_from:
+            checkpoint.load_weights(Path(spec.model.init_from).expanduser(), trainer.model)
+    except checkpoint.CorruptCheckpoint as exc:
+        raise PlanError(f"stage {stage.name!r}: {exc}") from None
+    return None
+
+
+def _note(store: Store | None, prepared: Prepared, position: int, notes: list[str], view: View | None,
+          severity: str) -> None:
+    if store is None or not notes:
+        return
+    with store.write() as session:
+        run = session.get(Run, prepared.run_id)
+        for text in notes:
+            runs.add_event(session, run, text, severity=severity,
+                           stage_run_id=prepared.stage_run_ids[position])
+    if view:
+        for text in notes:
+            view.message(text)
+
+
+def _mark_stopped(store: Store, prepared: Prepared, exc: BaseException) -> None:
+    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+    message = "interrupted by the user" if status == "interrupted" else f"{type(exc).__name__}: {exc}"
+    with store.write() as session:
+        run = session.get(Run, prepared.run_id)
+        run.status, run.error, run.finished_at = status, message, utcnow()
+        for sr in runs.stage_runs(session, run):
+            if sr.status == "running":
+                sr.status = status
+        runs.add_event(session, run, message, kind="fault" if isinstance(exc, Fault) else "info",
+                       severity="error", step=getattr(exc, "step", None))
+
+
+class Recorder:
+    """Loop hooks that write a stage's metrics to the store in batches (main process)."""
+
+    def __init__(self, store: Store, run_id: int, stage_run_id: int, view: View | None,
+                 flush_seconds: float = 2.0) -> None:
+        self.store, self.run_id, self.stage_run_id, self.view = store, run_id, stage_run_id, view
+        self.flush_seconds = flush_seconds
+        self.buffer: list[tuple[int, str, float]] = []
+        self.step = 0
+        self.last_flush = time.monotonic()
+
+    def on_start(self, step: int) -> None:
+        self.step = step
+        with self.store.write() as session:
+            runs.drop_metrics_after(session, self.stage_run_id, step)
+            sr = session.get(StageRun, self.stage_run_id)
+            sr.status, sr.step = "running", step
+            sr.started_at = sr.started_at or utcnow()
+
+    def on_step(self, r: StepRecord) -> None:
+        self.step = r.step
+        self.buffer += [(r.step, "loss", r.loss), (r.step, "grad_norm", r.grad_norm), (r.step, "lr", r.lr),
+                        (r.step, "tokens_per_s", r.tokens_per_s), (r.step, "memory_gib", r.memory_gib)]
+        if self.view:
+            self.view.step(r)
+        if time.monotonic() - self.last_flush > self.flush_seconds:
+            self.flush()
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.buffer += [(step, name, value) for name, value in metrics.items()]
+        if self.view:
+            self.view.evaluated(step, metrics)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.flush(checkpoint=str(path))
+
+    def flush(self, checkpoint: str | None = None, **updates: Any) -> None:
+        with self.store.write() as session:
+            runs.add_metrics(session, self.run_id, self.stage_run_id, self.buffer)
+            sr = session.get(StageRun, self.stage_run_id)
+            sr.step = self.step
+            if checkpoint is not None:
+                sr.checkpoint = checkpoint
+            for key, value in updates.items():
+                setattr(sr, key, value)
+        self.buffer = []
+        self.last_flush = time.monotonic()
+
+    def finish(self, step: int, summary: dict[str, float], final: Path) -> None:
+        self.buffer += [(step, name, value) for name, value in summary.items()]
+        self.flush(checkpoint=str(final), status="completed", finished_at=utcnow())

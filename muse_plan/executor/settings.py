@@ -1,0 +1,161 @@
+"""A stage's concrete training settings, resolved from the plan; no torch.
+
+Design decisions:
+- The plan may leave any training field open (the optimizer fills them when
+  it fits a plan to hardware); the executor still has to run, so each open
+  field gets a documented default here, in one place: fp32 on CPU and bf16
+  on GPUs that have it, micro-batch 8, AdamW lr 3e-4 with cosine decay to
+  10%, weight decay 0.1, clipping at 1.0, warmup over 5% of the steps.
+- The global batch is micro_batch × grad_accum × processes. When the plan
+  names a global batch, the number of processes changes the accumulation,
+  never the global batch, so one plan gives the same curve on 1 or 8 GPUs;
+  a global batch the GPUs can't split evenly is refused with the numbers.
+- A stage's budget is steps, or tokens turned into steps at the global batch
+  and the sequence length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from engines.architecture.config import ModelConfig
+from muse_plan.errors import PlanError
+from muse_plan.plan.shapes import Shape, shape_for_params, swiglu_hidden
+from muse_plan.plan.spec import PlanSpec, StageSpec
+from muse_plan.plan.units import parse_scale
+
+DEFAULT_MICRO_BATCH = 8
+DEFAULT_LR = 3e-4
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    name: str
+    kind: str
+    engine: str
+    model: ModelConfig
+    steps: int
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+    precision: str  # fp32 | bf16 | fp16
+    lr: float
+    min_lr_ratio: float
+    weight_decay: float
+    warmup_steps: int
+    schedule: str  # cosine | linear | constant | wsd
+    clip_grad_norm: float | None
+    checkpoint_every: int
+    eval_every: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.model.seq_len
+
+
+def model_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
+    """The decoder a stage trains: the stage's shape, else the plan's, else the scale's."""
+    m = spec.model
+    if m.family != "decoder":
+        raise PlanError(
+            f"stage {stage.name!r}: model family {m.family!r} can't be trained by the architecture "
+            "engine; use family 'decoder'"
+        )
+    given = stage.shape or m.shape
+    if given is None:
+        shape = shape_for_params(parse_scale(m.scale), m.vocab_size)
+    else:
+        shape = Shape(layers=given.layers, d_model=given.d_model, n_heads=given.n_heads,
+                      n_kv_heads=given.n_kv_heads or given.n_heads,
+                      d_ff=given.d_ff or swiglu_hidden(given.d_model))
+    t = spec.techniques
+    extra: dict[str, object] = {}
+    mixing = t.geometric_scaling or t.mhc
+    if mixing is not None:
+        extra.update(streams=mixing.streams, sinkhorn_iters=mixing.sinkhorn_iters)
+    if t.geometric_scaling is not None:
+        extra["beta_max"] = t.geometric_scaling.beta_max
+    try:
+        return ModelConfig.from_shape(shape, m.vocab_size, m.seq_len,
+                                      residual=m.residual or "standard", **extra)
+    except ValueError as exc:
+        raise PlanError(f"stage {stage.name!r}: {exc}") from None
+
+
+def _batching(spec: PlanSpec, stage: StageSpec, world_size: int) -> tuple[int, int]:
+    t = spec.training
+    if t.global_batch is None:
+        return t.micro_batch or DEFAULT_MICRO_BATCH, t.grad_accum or 1
+    per_process, rest = divmod(t.global_batch, world_size)
+    if rest:
+        raise PlanError(f"global_batch {t.global_batch} can't be split evenly over {world_size} processes")
+    micro = t.micro_batch or min(DEFAULT_MICRO_BATCH, per_process)
+    accum, rest = divmod(per_process, micro)
+    if rest:
+        raise PlanError(
+            f"global_batch {t.global_batch} is not a multiple of micro_batch {micro} × {world_size} "
+            f"processes; choose a global batch divisible by {micro * world_size}"
+        )
+    return micro, accum
+
+
+def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool = False,
+            bf16: bool = False) -> StageSettings:
+    """Concrete settings for ``stage`` on ``world_size`` processes (GPUs if ``cuda``)."""
+    t = spec.training
+    config = model_config(spec, stage)
+    micro, accum = _batching(spec, stage, world_size)
+    if stage.steps is not None:
+        steps = stage.steps
+    elif stage.tokens is not None:
+        steps = max(1, math.ceil(parse_scale(stage.tokens) / (micro * accum * world_size * config.seq_len)))
+    else:
+        raise PlanError(f"stage {stage.name!r} has no budget; give it steps or tokens")
+    precision = t.precision or ("bf16" if cuda and bf16 else "fp32")
+    if precision == "fp16" and not cuda:
+        raise PlanError("precision fp16 needs a GPU; use fp32 or bf16 on CPU")
+    default_every = max(1, min(1000, steps // 10))
+    return StageSettings(
+        name=stage.name, kind=stage.kind, engine=stage.engine or "", model=config, steps=steps,
+        micro_batch=micro, grad_accum=accum, world_size=world_size, precision=precision,
+        lr=t.lr or DEFAULT_LR,
+        min_lr_ratio=0.1 if t.min_lr_ratio is None else t.min_lr_ratio,
+        weight_decay=0.1 if t.weight_decay is None else t.weight_decay,
+        warmup_steps=min(steps, t.warmup_steps if t.warmup_steps is not None else max(1, steps // 20)),
+        schedule=t.schedule or "cosine",
+        clip_grad_norm=1.0 if t.clip_grad_norm is None else t.clip_grad_norm,
+        checkpoint_every=stage.checkpoint_every or default_every,
+        eval_every=stage.eval_every or default_every,
+        seed=t.seed,
+    )
+
+
+def _wsd(progress: float, floor: float, decay_from: float = 0.8) -> float:
+    if progress < decay_from:
+        return 1.0
+    return 1.0 - (1.0 - floor) * (progress - decay_from) / (1.0 - decay_from)
+
+
+# after warmup: progress in [0, 1] and the floor (min_lr_ratio) -> lr multiplier
+SCHEDULES: dict[str, Callable[[float, float], float]] = {
+    "cosine": lambda p, floor: floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p)),
+    "linear": lambda p, floor: 1.0 - (1.0 - floor) * p,
+    "constant": lambda p, floor: 1.0,
+    "wsd": _wsd,  # warmup-stable-decay: hold, then decay linearly over the last 20%
+}
+
+
+def lr_factor(step: int, s: StageSettings) -> float:
+    """Multiplier on the peak lr for optimizer step ``step`` (0-based): linear
+    warmup to 1, then the schedule down to ``min_lr_ratio`` at the last step."""
+    if step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    progress = min(1.0, (step - s.warmup_steps) / max(1, s.steps - 1 - s.warmup_steps))
+    return SCHEDULES[s.schedule](progress, s.min_lr_ratio)

@@ -1,0 +1,185 @@
+"""``muse plan run`` end to end on tiny plans: store records, stage chaining,
+resume after SIGKILL matching the uninterrupted loss sequence, errors."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from muse_plan.store import runs
+from muse_plan.store.db import Store
+from muse_plan.store.models import Run
+
+TINY = {
+    "name": "tiny",
+    "model": {"scale": "1M", "residual": "mhc", "seq_len": 32, "vocab_size": 260,
+              "shape": {"layers": 2, "d_model": 32, "n_heads": 2}},
+    "techniques": {"mhc": {"streams": 2, "sinkhorn_iters": 5}},
+    "compute": "cpu",
+    "training": {"micro_batch": 4, "grad_accum": 2, "lr": 0.01, "warmup_steps": 3, "seed": 1},
+    "stages": [{"name": "pretrain", "kind": "pretrain", "steps": 30, "checkpoint_every": 10, "eval_every": 15}],
+}
+
+
+def write_plan(tmp_path: Path, **changes) -> Path:
+    data = {**TINY, **changes}
+    path = tmp_path / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def losses(run_id: int, stage_position: int = 0) -> list[tuple[int, float]]:
+    with Store().read() as session:
+        run = runs.get_run(session, run_id)
+        stage = runs.stage_runs(session, run)[stage_position]
+        return runs.metric_series(session, run_id, "loss", stage.id)
+
+
+def test_a_plan_runs_to_completion_and_records_everything(cli, tmp_path, muse_home) -> None:
+    assert cli("plan", "import", write_plan(tmp_path)).exit_code == 0
+    result = cli("plan", "run", "tiny")
+    assert result.exit_code == 0, result.output
+    assert "validation loss" in result.output and "unigram model of the same data" in result.output
+    series = losses(1)
+    assert [s for s, _ in series] == list(range(1, 31))
+    assert all(math.isfinite(v) for _, v in series)
+    assert series[-1][1] < series[0][1] - 0.5  # it learns
+    with Store().read() as session:
+        run = runs.get_run(session, 1)
+        assert run.status == "completed"
+        stage = runs.stage_runs(session, run)[0]
+        assert (stage.status, stage.step, stage.total_steps) == ("completed", 30, 30)
+        last = runs.last_metrics(session, stage.id)
+        assert last["val_loss"][0] == 30 and last["val_loss"][1] < last["unigram_val_loss"][1]
+        assert {"grad_norm", "lr", "tokens_per_s", "memory_gib"} <= set(last)
+    folder = muse_home / "runs" / "run-00001" / "pretrain"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-00000010", "step-00000020", "step-00000030"]
+    shown = cli("run", "show", "1", "--json")
+    assert shown.exit_code == 0 and '"status": "completed"' in shown.output
+    listed = cli("run", "list")
+    assert "tiny" in listed.output and "completed" in listed.output
+
+
+def test_a_later_stage_starts_from_the_earlier_ones_weights(cli, tmp_path) -> None:
+    stages = [{"name": "pretrain", "kind": "pretrain", "steps": 12, "checkpoint_every": 12},
+              {"name": "more", "kind": "continue", "steps": 3, "checkpoint_every": 3}]
+    cli("plan", "import", write_plan(tmp_path, stages=stages))
+    assert cli("plan", "run", "tiny").exit_code == 0
+    first, second = losses(1, 0), losses(1, 1)
+    # a fresh model starts near ln(260) = 5.56; the continued one where the first stage ended
+    assert second[0][1] < first[0][1] - 1.0
+    assert abs(second[0][1] - first[-1][1]) < 0.5
+
+
+def _muse(home: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "MUSE_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "muse_plan", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, monkeypatch) -> None:
+    """Kill a run with SIGKILL mid-stage, truncate its newest checkpoint, resume:
+    the corrupt checkpoint is skipped and the loss sequence is bit-identical."""
+    stages = [{"name": "pretrain", "kind": "pretrain", "steps": 150, "checkpoint_every": 10, "eval_every": 50}]
+    plan = write_plan(tmp_path, stages=stages)
+    homes = {name: tmp_path / name for name in ("whole", "killed")}
+    for home in homes.values():
+        assert _muse(home, "plan", "import", str(plan)).wait() == 0
+    whole = _muse(homes["whole"], "plan", "run", "tiny")
+    assert whole.wait(timeout=300) == 0, whole.stdout.read()
+
+    folder = homes["killed"] / "runs" / "run-00001" / "pretrain"
+    victim = _muse(homes["killed"], "plan", "run", "tiny")
+    deadline = time.monotonic() + 120
+    while not (folder / "step-00000030").is_dir():
+        assert victim.poll() is None and time.monotonic() < deadline, "run ended before it could be killed"
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    newest = sorted(p for p in folder.iterdir() if p.name.startswith("step-") and not p.name.endswith(".tmp"))[-1]
+    assert newest.name != "step-00000150", "the run finished before the kill"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    resumed = _muse(homes["killed"], "plan", "run", "tiny", "--resume")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert f"checkpoint {newest.name}: model.safetensors does not match its checksum" in output
+
+    monkeypatch.setenv("MUSE_HOME", str(homes["whole"]))
+    expected = losses(1)
+    monkeypatch.setenv("MUSE_HOME", str(homes["killed"]))
+    got = losses(1)
+    assert [s for s, _ in got] == list(range(1, 151))
+    assert got == expected  # exact: same floats, step for step
+    with Store().read() as session:
+        run = session.get(Run, 1)
+        assert run.status == "completed"
+        messages = [e.message for e in runs.events(session, 1)]
+        assert any(m.startswith("resuming stage pretrain from step-") for m in messages)
+
+
+def test_plan_with_an_engine_not_built_yet_is_refused_before_a_run_exists(cli, tmp_path) -> None:
+    data = {**TINY, "name": "rl", "techniques": {"grpo": {}}, "stages": []}
+    data["model"] = {**TINY["model"], "residual": "standard"}
+    cli("plan", "import", write_plan(tmp_path, **data))
+    result = cli("plan", "run", "rl")
+    assert result.exit_code == 2
+    assert "runs on the 'grpo' engine, which this version of muse does not have yet" in result.output
+    assert cli("run", "list", "--json").output.strip() == "[]"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("plan", "run", "nope"), "no plan 'nope'"),
+    (("plan", "run", "tiny", "--resume"), "has no unfinished run to resume"),
+    (("run", "show", "7"), "no run '7'"),
+    (("run", "resume", "x"), "no run 'x'"),
+])
+def test_bad_run_requests(cli, tmp_path, args, message) -> None:
+    cli("plan", "import", write_plan(tmp_path))
+    result = cli(*args)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_a_completed_run_is_not_resumed(cli, tmp_path) -> None:
+    cli("plan", "import", write_plan(tmp_path))
+    assert cli("plan", "run", "tiny").exit_code == 0
+    result = cli("run", "resume", "1")
+    assert result.exit_code == 2 and "run 1 already completed" in result.output
+
+
+def test_data_that_does_not_exist_is_a_plan_error(cli, tmp_path) -> None:
+    cli("plan", "import", write_plan(tmp_path, data={"source": str(tmp_path / "missing.txt")}))
+    result = cli("plan", "run", "tiny")
+    assert result.exit_code == 2
+    assert "stage 'pretrain': data source" in result.output and "does not exist" in result.output
+
+
+def test_two_processes_follow_the_one_process_curve_at_the_same_global_batch(tmp_path, monkeypatch) -> None:
+    """The distributed code path (DDP over gloo, launched by torchrun as accelerate
+    would): 2 processes × micro 4 give the loss of 1 process × micro 4 × accum 2."""
+    training = {**TINY["training"], "global_batch": 8}
+    training.pop("grad_accum")
+    plan = write_plan(tmp_path, training=training)
+    home = tmp_path / "home"
+    env = {**os.environ, "MUSE_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    assert _muse(home, "plan", "import", str(plan)).wait() == 0
+    assert _muse(home, "plan", "run", "tiny").wait(timeout=300) == 0
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "-m", "muse_plan", "plan", "run", "tiny"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert two.stdout.count("finished on 2 processes") == 1  # only the main process reports
+    monkeypatch.setenv("MUSE_HOME", str(home))
+    one_curve, two_curve = losses(1), losses(2)
+    assert [s for s, _ in two_curve] == list(range(1, 31))
+    assert max(abs(a - b) for (_, a), (_, b) in zip(one_curve, two_curve)) < 1e-4
