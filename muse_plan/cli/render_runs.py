@@ -13,7 +13,9 @@ from muse_plan.store.models import Event, Run, StageRun
 
 STATUS_STYLE = {"completed": "green", "running": "cyan", "failed": "red", "interrupted": "yellow",
                 "pending": "dim"}
-SHOWN_METRICS = ("loss", "val_loss", "unigram_val_loss", "grad_norm", "lr", "tokens_per_s", "memory_gib")
+LOSSES = (("loss", "loss"), ("val_loss", "val loss"), ("unigram_val_loss", "unigram"))
+RATES = {"grad_norm": "grad norm {:.3g}", "lr": "lr {:.2e}", "tokens_per_s": "{:,.0f} tok/s",
+         "memory_gib": "memory {:.2f} GiB"}
 
 
 def _status(status: str) -> Text:
@@ -52,17 +54,23 @@ def run_view(run: Run, plan_name: str, status: str, stages: list[tuple[StageRun,
         parts.append(Text(f"stopped by: {run.error}", style="red"))
     if run.run_dir:
         parts.append(Text(f"folder: {run.run_dir}", style="dim"))
-    table = Table(title="stages", title_justify="left", header_style="bold")
-    for column in ("stage", "status", "step", *SHOWN_METRICS, "checkpoint"):
-        table.add_column(column.replace("_", " "), overflow="fold")
+    table = Table(header_style="bold underline", box=None, padding=(0, 1), pad_edge=False)
+    for column in ("stage", "status", "step", *(label for _, label in LOSSES), "checkpoint"):
+        table.add_column(column, no_wrap=True)
+    rates = []
     for stage, metrics in stages:
-        values = [_metric(n, metrics[n][1]) if n in metrics else "—" for n in SHOWN_METRICS]
+        values = [_metric(n, metrics[n][1]) if n in metrics else "—" for n, _ in LOSSES]
         checkpoint = stage.checkpoint.rsplit("/", 1)[-1] if stage.checkpoint else "—"
         table.add_row(stage.name, _status(stage.status), f"{stage.step}/{stage.total_steps or '?'}",
                       *values, checkpoint)
-    parts.append(table)
+        shown = [form.format(metrics[n][1]) for n, form in RATES.items() if n in metrics]
+        if shown:
+            rates.append(Text(f"{stage.name} at step {metrics['loss'][0] if 'loss' in metrics else '?'}: "
+                              + " · ".join(shown), style="dim"))
+    parts += [Text(""), table, *rates]
     if events:
-        log = Table(title="events", title_justify="left", header_style="bold", show_header=False)
+        parts.append(Text("\nevents", style="bold"))
+        log = Table(box=None, show_header=False, padding=(0, 1), pad_edge=False)
         log.add_column(no_wrap=True)
         log.add_column(overflow="fold")
         for event in events:
