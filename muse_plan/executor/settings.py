@@ -106,10 +106,27 @@ def _batching(spec: PlanSpec, stage: StageSpec, world_size: int) -> tuple[int, i
     return micro, accum
 
 
+# training fields the executor can't honour yet: refused, never silently ignored
+NOT_YET = {
+    "sharding": ("none", "ddp"),
+    "offload": ("none",),
+    "optimizer": ("adamw",),
+}
+
+
+def _supported(spec: PlanSpec) -> None:
+    for name, accepted in NOT_YET.items():
+        value = getattr(spec.training, name)
+        if value is not None and value not in accepted:
+            raise PlanError(f"training.{name} {value!r} is not supported by the executor yet; "
+                            f"use {' or '.join(accepted)}")
+
+
 def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool = False,
             bf16: bool = False) -> StageSettings:
     """Concrete settings for ``stage`` on ``world_size`` processes (GPUs if ``cuda``)."""
     t = spec.training
+    _supported(spec)
     config = model_config(spec, stage)
     micro, accum = _batching(spec, stage, world_size)
     if stage.steps is not None:
