@@ -12,10 +12,14 @@ Design decisions:
 - The gradient norm is recorded before clipping (that is the number a user
   sets an explosion threshold against); with no clipping the norm is still
   measured.
-- A non-finite loss stops the step before the optimizer touches the weights,
-  so the last checkpoint and the live weights agree; it raises
-  ``NonFiniteLoss`` with the step and value for the recovery layer. CUDA
-  out-of-memory and ``MemoryError`` become ``OutOfMemory``.
+- No host sync inside a GPU step: a step's loss and gradient norm are read
+  after the next step has been queued (one step late), and always before an
+  evaluation or a checkpoint. On CPU they are read at once. A non-finite
+  (all-process mean) loss raises ``NonFiniteLoss`` with the step and value
+  for the recovery layer: on CPU before the optimizer touches the weights,
+  on a GPU one step later — never after a checkpoint of bad weights, since a
+  checkpoint step reads its numbers first. CUDA out-of-memory and
+  ``MemoryError`` become ``OutOfMemory``.
 - Resume is exact on CPU: the checkpoint restores weights, optimizer and
   scheduler state, every RNG and the data position, and the loop continues
   at the step after the checkpoint's.
@@ -96,10 +100,11 @@ def memory_gib(device: torch.device) -> float:
 
 def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir: Path,
                 meta: dict[str, Any], hooks: Hooks | None,
-                start: checkpoint.Loaded | None = None) -> dict[str, float]:
+                start: checkpoint.Loaded | None = None, lag: bool | None = None) -> dict[str, float]:
     """Run ``s.steps`` optimizer steps (from ``start``'s step when resuming).
 
     ``trainer.setup`` has run and the weights to start from are loaded.
+    ``lag``: read each step's numbers one step late (default: on a GPU).
     Returns the last step's loss and the last evaluation's metrics.
     """
     main = accelerator.is_main_process
@@ -116,24 +121,31 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
     if main and hooks:
         hooks.on_start(step)
     clip = s.clip_grad_norm if s.clip_grad_norm is not None else math.inf
+    # On a GPU the step's numbers are read one step late, after the next step's
+    # kernels are queued, so the host never waits on the GPU mid-loop.
+    lag = accelerator.device.type == "cuda" if lag is None else lag
     result: dict[str, float] = {}
+    pending: _Pending | None = None
     model.train()
     while step < s.steps:
-        t0 = time.perf_counter()
+        started = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
         loss, tokens = _accumulate(trainer, model, accelerator, s, step + 1)
+        loss = accelerator.reduce(loss, "mean")
+        if not lag:
+            _check_finite(loss, step + 1)  # before the optimizer touches the weights
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss_value = accelerator.reduce(loss, "mean").item()
-        result["loss"] = loss_value
-        if main and hooks:
-            dt = time.perf_counter() - t0
-            total_tokens = tokens * accelerator.num_processes
-            hooks.on_step(StepRecord(step, loss_value, float(grad_norm), lr, total_tokens,
-                                     total_tokens / dt, memory_gib(accelerator.device)))
+        current = _Pending(step, loss, grad_norm, lr, tokens * accelerator.num_processes, started)
+        due = step % s.eval_every == 0 or step % s.checkpoint_every == 0 or step == s.steps
+        if pending:  # the previous step ran from its launch to this one's
+            _report(pending, started, accelerator, hooks if main else None, result)
+        if not lag or due:
+            _report(current, None, accelerator, hooks if main else None, result)
+        pending = current if lag and not due else None
         if step % s.eval_every == 0 or step == s.steps:
             with accelerator.autocast():
                 metrics = trainer.evaluate()
@@ -143,6 +155,38 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
         if step % s.checkpoint_every == 0 or step == s.steps:
             _save(trainer, accelerator, optimizer, scheduler, stage_dir, step, meta, hooks)
     return result
+
+
+@dataclass
+class _Pending:
+    """A finished step whose numbers still live on the device."""
+
+    step: int
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    lr: float
+    tokens: int
+    started: float  # host time the step's launch began
+
+
+def _check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        value = loss.item()
+        raise NonFiniteLoss(f"loss is {value} at step {step}", step, value)
+
+
+def _report(p: _Pending, ended: float | None, accelerator: Any, hooks: Hooks | None,
+            result: dict[str, float]) -> None:
+    """Read a step's numbers (a host sync), check them, hand them to the hooks.
+
+    ``ended``: when the next step's launch began; None: now, after the sync.
+    """
+    _check_finite(p.loss, p.step)
+    result["loss"] = loss = p.loss.item()
+    if hooks:
+        seconds = (ended if ended is not None else time.perf_counter()) - p.started
+        hooks.on_step(StepRecord(p.step, loss, float(p.grad_norm), p.lr, p.tokens,
+                                 p.tokens / max(seconds, 1e-9), memory_gib(accelerator.device)))
 
 
 def _accumulate(trainer: Trainer, model: torch.nn.Module, accelerator: Any, s: StageSettings,
@@ -163,11 +207,7 @@ def _accumulate(trainer: Trainer, model: torch.nn.Module, accelerator: Any, s: S
         raise OutOfMemory(f"CUDA out of memory at step {step}: {str(exc).splitlines()[0]}", step) from None
     except MemoryError:
         raise OutOfMemory(f"out of host memory at step {step}", step) from None
-    mean = total / s.grad_accum
-    if not torch.isfinite(mean):
-        value = mean.item()
-        raise NonFiniteLoss(f"loss is {value} at step {step}", step, value)
-    return mean, tokens
+    return total / s.grad_accum, tokens
 
 
 def _save(trainer: Trainer, accelerator: Any, optimizer: Any, scheduler: Any, stage_dir: Path,

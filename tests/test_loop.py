@@ -1,0 +1,99 @@
+"""The stage loop on its own: the real architecture trainer, no store, no CLI."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from engines.contract import StageSetup
+from engines.architecture.trainer import ArchitectureTrainer
+from muse_plan.executor.loop import NonFiniteLoss, StepRecord, train_stage
+from muse_plan.executor.settings import resolve
+from muse_plan.plan.io import spec_from_dict
+
+SPEC = spec_from_dict({
+    "name": "loop",
+    "model": {"scale": "1M", "residual": "ddl", "seq_len": 32, "vocab_size": 260,
+              "shape": {"layers": 2, "d_model": 32, "n_heads": 2}},
+    "training": {"micro_batch": 4, "grad_accum": 2, "lr": 0.01, "warmup_steps": 2, "clip_grad_norm": 0.5},
+    "stages": [{"name": "pretrain", "kind": "pretrain", "steps": 8, "checkpoint_every": 5, "eval_every": 4}],
+}, "test")
+SETTINGS = resolve(SPEC, SPEC.stages[0])
+
+
+class Collect:
+    def __init__(self, poison_at: int | None = None, trainer=None) -> None:
+        self.steps: list[StepRecord] = []
+        self.evals: list[tuple[int, dict]] = []
+        self.saved: list[int] = []
+        self.poison_at, self.trainer = poison_at, trainer
+
+    def on_start(self, step: int) -> None:
+        pass
+
+    def on_step(self, record: StepRecord) -> None:
+        self.steps.append(record)
+        if record.step == self.poison_at:  # a weight goes bad: the next loss is NaN
+            with torch.no_grad():
+                self.trainer.model.tok_emb.weight.fill_(float("nan"))
+
+    def on_eval(self, step: int, metrics: dict) -> None:
+        self.evals.append((step, metrics))
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.saved.append(step)
+
+
+def trainer(tmp_path: Path) -> ArchitectureTrainer:
+    torch.manual_seed(0)
+    t = ArchitectureTrainer()
+    t.setup(StageSetup(name="pretrain", kind="pretrain", model=SETTINGS.model, micro_batch=4,
+                       tokens_needed=SETTINGS.steps * SETTINGS.tokens_per_step, cache_dir=tmp_path))
+    return t
+
+
+@pytest.mark.parametrize("lag", [False, True])
+def test_every_step_is_recorded_once_in_order_with_or_without_lag(tmp_path, lag: bool) -> None:
+    hooks = Collect()
+    result = train_stage(trainer(tmp_path), SETTINGS, Accelerator(cpu=True), tmp_path / "ckpt", {}, hooks,
+                         lag=lag)
+    assert [r.step for r in hooks.steps] == list(range(1, 9))
+    assert [step for step, _ in hooks.evals] == [4, 8] and hooks.saved == [5, 8]
+    assert all(r.tokens == 2 * 4 * 32 and r.tokens_per_s > 0 for r in hooks.steps)
+    # warmup over 2 steps, then cosine from 0.01 down to 10%
+    assert [round(r.lr, 6) for r in hooks.steps[:3]] == [0.005, 0.01, 0.01]
+    assert result["loss"] == hooks.steps[-1].loss and result["val_loss"] == hooks.evals[-1][1]["val_loss"]
+    assert hooks.steps[-1].loss < hooks.steps[0].loss
+
+
+def test_lag_changes_when_numbers_are_read_not_what_they_are(tmp_path) -> None:
+    runs = []
+    for lag in (False, True):
+        hooks = Collect()
+        train_stage(trainer(tmp_path), SETTINGS, Accelerator(cpu=True), tmp_path / f"c{lag}", {}, hooks, lag=lag)
+        runs.append([(r.loss, r.grad_norm) for r in hooks.steps])
+    assert runs[0] == runs[1]
+
+
+def test_gradient_norm_is_recorded_before_clipping(tmp_path) -> None:
+    hooks = Collect()
+    train_stage(trainer(tmp_path), SETTINGS, Accelerator(cpu=True), tmp_path / "ckpt", {}, hooks)
+    assert hooks.steps[0].grad_norm > 0.5  # clipping is at 0.5; the first step's norm is larger
+
+
+@pytest.mark.parametrize("lag", [False, True])
+def test_nan_loss_stops_the_stage_before_a_checkpoint_of_bad_weights(tmp_path, lag: bool) -> None:
+    t = trainer(tmp_path)
+    hooks = Collect(poison_at=3, trainer=t)
+    # step 3's numbers reach the hooks after step 3 (no lag) or after step 4 was launched (lag),
+    # so the first NaN loss is step 4's or step 5's; step 5 is a checkpoint step
+    bad = 5 if lag else 4
+    with pytest.raises(NonFiniteLoss, match=f"loss is nan at step {bad}") as caught:
+        train_stage(t, SETTINGS, Accelerator(cpu=True), tmp_path / "ckpt", {}, hooks, lag=lag)
+    assert caught.value.step == bad and math.isnan(caught.value.value)
+    assert hooks.saved == []  # step 5's checkpoint was never written
+    assert not (tmp_path / "ckpt").exists()
