@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def plan(steps: int, processes: int) -> dict:
     return {
         "name": "ddp-check",
-        "description": "A ~125M decoder on generated arithmetic text; 1 vs N GPUs at one global batch.",
+        "description": "An 85M-parameter decoder on generated arithmetic text; 1 vs N GPUs at one global batch.",
         "model": {"scale": "125M", "residual": "standard", "seq_len": 1024, "vocab_size": 260,
                   "shape": {"layers": 12, "d_model": 768, "n_heads": 12}},
         "training": {"precision": "bf16", "micro_batch": 16, "global_batch": 16 * processes, "lr": 1e-3,
@@ -103,8 +103,8 @@ def main() -> None:
     md = [
         f"# One plan on 1 and {n} GPUs (Accelerate/DDP)", "",
         f"Command: `{result['command']}`  ",
-        f"Device: {n}× {result['device']}, torch {result['torch']}. Plan: 12×768 decoder (~125M incl. "
-        f"embeddings), seq 1024, bf16, global batch {16 * n} sequences (1 GPU: micro 16 × accumulation {n}; "
+        f"Device: {n}× {result['device']}, torch {result['torch']}. Plan: 12×768 decoder (85M "
+        f"parameters), seq 1024, bf16, global batch {16 * n} sequences (1 GPU: micro 16 × accumulation {n}; "
         f"{n} GPUs: micro 16 each), {args.steps} steps on generated arithmetic text.", "",
         "| | 1 GPU | %d GPUs |" % n, "| --- | --- | --- |",
         f"| tokens/s (median, steps > {skip}) | {tps1:,.0f} | {tpsn:,.0f} |",
