@@ -45,6 +45,7 @@ class StageSetup:
     val_fraction: float = 0.05
     seed: int = 0
     micro_batch: int = 8
+    activation_checkpointing: str = "none"  # none | selective | full
     rank: int = 0
     world_size: int = 1
     tokens_needed: int = 0  # training tokens the stage will read (all processes)

@@ -178,3 +178,35 @@ def test_config_imports_no_torch() -> None:
 
     code = "import sys, engines.architecture.config; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("residual", ["standard", "mhc"])
+def test_activation_checkpointing_saves_memory_and_changes_no_gradient(residual: str) -> None:
+    config = ModelConfig(vocab_size=64, seq_len=16, n_layers=2, d_model=32, n_heads=2, residual=residual)
+    torch.manual_seed(0)
+    model = DecoderLM(config)
+    x = torch.randint(0, 64, (4, 16))
+    grads, saved = {}, {}
+    for mode in ("none", "selective", "full"):
+        model.set_checkpointing(mode)
+        model.zero_grad()
+        sizes: list[int] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, loss = model(x, x)
+        loss.backward()
+        grads[mode] = [p.grad.clone() for p in model.parameters()]
+        saved[mode] = sum(sizes)
+    for mode in ("selective", "full"):
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads["none"], grads[mode]))
+    assert saved["full"] < saved["selective"] < saved["none"]
+
+
+def test_unknown_checkpointing_mode_is_refused() -> None:
+    model = DecoderLM(ModelConfig(vocab_size=64, seq_len=16, n_layers=1, d_model=32, n_heads=2))
+    with pytest.raises(ValueError, match="accepted: none, selective, full"):
+        model.set_checkpointing("some")

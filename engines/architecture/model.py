@@ -11,6 +11,9 @@ Design decisions:
   registry for a connection around attention and one around the MLP, and the
   model only expands to / reduces from n streams when the mode is multi-stream.
   See ``residual.py`` for the equations of each mode.
+- Activation checkpointing (``set_checkpointing``): ``full`` recomputes each
+  block in backward from its input; ``selective`` recomputes only the SwiGLU
+  hidden activations, the widest tensors and the cheapest to redo.
 - Init as nanoGPT: N(0, 0.02) for linear and embedding weights, and the two
   projections that write into the residual stream scaled by 1/sqrt(2·n_layers)
   so the stream's variance does not grow with depth. Residual-connection
@@ -24,6 +27,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from engines.architecture.config import ModelConfig
 from engines.architecture.residual import RESIDUALS, expand_streams, reduce_streams
@@ -89,9 +93,17 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Linear(config.ffn_dim, config.d_model, bias=False)
         self.w_down.residual_out = True  # type: ignore[attr-defined]
         self.drop = nn.Dropout(config.dropout)
+        self.recompute = False  # selective checkpointing: keep only the input, redo the hidden
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.w_gate(x)) * self.w_up(x)  # (B, T, ffn_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.w_down(F.silu(self.w_gate(x)) * self.w_up(x)))  # (B, T, C)
+        if self.recompute and torch.is_grad_enabled():
+            h = checkpoint(self.hidden, x, use_reentrant=False)
+        else:
+            h = self.hidden(x)
+        return self.drop(self.w_down(h))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -126,6 +138,19 @@ class DecoderLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
+        self.checkpointing = "none"
+
+    CHECKPOINTING = ("none", "selective", "full")
+
+    def set_checkpointing(self, mode: str) -> None:
+        """Activation checkpointing: ``none``; ``selective`` recomputes the SwiGLU
+        hidden activations (the widest tensors, cheap to redo); ``full`` keeps
+        only each block's input and recomputes the block in backward."""
+        if mode not in self.CHECKPOINTING:
+            raise ValueError(f"unknown activation checkpointing {mode!r}; accepted: {', '.join(self.CHECKPOINTING)}")
+        self.checkpointing = mode
+        for block in self.blocks:
+            block.mlp.recompute = mode == "selective"
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -143,8 +168,10 @@ class DecoderLM(nn.Module):
         x = self.drop(self.tok_emb(idx))  # (B, T, C)
         if self.n_streams > 1:
             x = expand_streams(x, self.n_streams)  # (B, T, n, C)
+        full = self.checkpointing == "full" and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, cos, sin)
+            # full checkpointing keeps only each block's input and recomputes the rest
+            x = checkpoint(block, x, cos, sin, use_reentrant=False) if full else block(x, cos, sin)
         if self.n_streams > 1:
             x = reduce_streams(x)  # (B, T, C)
         logits = self.lm_head(self.norm(x))  # (B, T, V)

@@ -49,6 +49,7 @@ class ArchitectureTrainer:
         )
         self.val = eval_batches(self.corpus.val, config.seq_len, stage.micro_batch, stage.eval_batches)
         self.model = DecoderLM(config).to(self.device)
+        self.model.set_checkpointing(stage.activation_checkpointing)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.sampler.next_batch(self.micro_batch)

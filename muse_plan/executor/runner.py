@@ -216,7 +216,8 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
     setup = StageSetup(
         name=stage.name, kind=stage.kind, model=s.model, options=dict(stage.options),
         data_source=spec.data.source, tokenizer=spec.data.tokenizer, val_fraction=spec.data.val_fraction,
-        seed=s.seed, micro_batch=s.micro_batch, rank=accelerator.process_index,
+        seed=s.seed, micro_batch=s.micro_batch, activation_checkpointing=s.activation_checkpointing,
+        rank=accelerator.process_index,
         world_size=accelerator.num_processes, tokens_needed=s.steps * s.tokens_per_step,
         cache_dir=muse_home() / "cache", device=str(accelerator.device),
     )

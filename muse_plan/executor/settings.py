@@ -50,6 +50,7 @@ class StageSettings:
     checkpoint_every: int
     eval_every: int
     seed: int
+    activation_checkpointing: str = "none"  # none | selective | full
 
     @property
     def global_batch(self) -> int:
@@ -151,6 +152,7 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
         checkpoint_every=stage.checkpoint_every or default_every,
         eval_every=stage.eval_every or default_every,
         seed=t.seed,
+        activation_checkpointing=t.activation_checkpointing or "none",
     )
 
 
