@@ -143,3 +143,45 @@ def delete(store: Store, ref: str) -> Plan:
         plan = repo.get_plan(session, ref)
         repo.delete_plan(session, plan)
         return plan
+
+
+@dataclass(frozen=True)
+class Optimized:
+    plan: Plan
+    result: Any  # optimizer.fit.FitResult
+    stored: Stored | None  # the optimizer's revision, when it wrote one
+
+
+def optimize(store: Store, ref: str, *, gpu_type: str | None = None, available_gpus: int | None = None,
+             memory_budget: str | None = None, network_bandwidth: str | None = None,
+             dry_run: bool = False) -> Optimized:
+    """``muse plan optimize``: fit the plan to its hardware (flags override the plan's
+    budget); a fitting result with new settings becomes a revision by the optimizer."""
+    from muse_plan.optimizer import fit as fitting
+    from muse_plan.plan.units import parse_gbps, parse_gib
+
+    try:
+        budget = parse_gib(memory_budget) if memory_budget else None
+        network = parse_gbps(network_bandwidth) if network_bandwidth else None
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
+    if available_gpus is not None and available_gpus < 1:
+        raise PlanError(f"--available-gpus must be at least 1, got {available_gpus}")
+    with store.read() as session:
+        plan = repo.get_plan(session, ref)
+        spec = repo.spec_of(repo.get_revision(session, plan))
+    try:
+        hw = fitting.hardware_for(spec, gpu=gpu_type, count=available_gpus, memory_budget_gib=budget,
+                                  network_gbps=network)
+    except ValueError as exc:
+        raise PlanError(f"--gpu-type: {exc}") from None
+    result = fitting.fit(spec, hw)
+    fitted = result.fitted_spec
+    if dry_run or fitted is None or not diff(io.spec_to_dict(spec), io.spec_to_dict(fitted)):
+        return Optimized(plan, result, None)
+    reason = f"fitted to {hw.describe()}: " + (", ".join(f"{n} {a}→{b}" for n, a, b in result.changes)
+                                                 or "settings filled in")
+    with store.write() as session:
+        plan = repo.get_plan(session, ref)
+        revision = repo.add_revision(session, plan, fitted, "optimizer", reason)
+    return Optimized(plan, result, Stored(plan, revision, fitted))

@@ -1,4 +1,4 @@
-"""``muse plan ...``: create, list, show, export, import, edit, history, diff, run, delete, schema."""
+"""``muse plan ...``: create, list, show, export, import, edit, history, diff, optimize, run, delete, schema."""
 
 from __future__ import annotations
 
@@ -205,6 +205,30 @@ def diff(
         console.print(changes_table(changes, f"{found.name}: revision {rev_a} → {rev_b}"))
 
 
+@app.command()
+def optimize(
+    ctx: typer.Context,
+    plan: PlanArg,
+    available_gpus: Annotated[Optional[int], typer.Option(help="GPUs to fit on [default: the plan's].")] = None,
+    gpu_type: Annotated[Optional[str], typer.Option(help="GPU kind: H100, A100, RTX3080, ... [default: the plan's].")] = None,
+    memory_budget: Annotated[Optional[str], typer.Option(help="Cap on GPU memory in all, like 128GB.")] = None,
+    network_bandwidth: Annotated[Optional[str], typer.Option(help="Between machines, like 100Gbps.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the fit; store no revision.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fit the plan to the hardware: verdict, memory breakdown, settings, ETA, alternatives."""
+    from muse_plan import api
+
+    done = api.optimize(store(ctx), plan, gpu_type=gpu_type, available_gpus=available_gpus,
+                        memory_budget=memory_budget, network_bandwidth=network_bandwidth, dry_run=dry_run)
+    from muse_plan.cli.render_fit import fit_dict, fit_view
+
+    if as_json:
+        print_json(fit_dict(done.result, done.stored))
+    else:
+        console.print(fit_view(done.result, done.stored))
+
+
 @app.command("run")
 def run_(
     ctx: typer.Context,
@@ -213,11 +237,13 @@ def run_(
         "--resume", help="Continue the plan's latest unfinished run from its last checkpoint.")] = False,
     num_processes: Annotated[int, typer.Option(
         "--num-processes", min=1, help="GPUs to use, through accelerate launch.")] = 1,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Run even when the optimizer predicts it does not fit.")] = False,
 ) -> None:
-    """Run a plan's stages with the bundled engines (or resume its last run)."""
+    """Fit the plan to this machine, then run its stages (or resume its last run)."""
     from muse_plan.cli.run import execute
 
-    execute(ctx, plan, resume=resume, num_processes=num_processes)
+    execute(ctx, plan, resume=resume, num_processes=num_processes, force=force)
 
 
 @app.command()

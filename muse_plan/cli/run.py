@@ -15,20 +15,21 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")
 
 
 def execute(ctx: typer.Context, plan_ref: str, *, resume: bool, run_ref: str | None = None,
-            num_processes: int = 1) -> None:
+            num_processes: int = 1, force: bool = False) -> None:
     """Run or resume a plan here, or on N GPUs through ``accelerate launch``."""
     from muse_plan.executor import launch
 
     db_url = ctx.find_root().obj.get("db_url")
     if num_processes > 1 and not launch.launched():
         args = (["--db", db_url] if db_url else []) + (
-            ["run", "resume", run_ref] if run_ref else ["plan", "run", plan_ref, *(["--resume"] if resume else [])])
+            ["run", "resume", run_ref] if run_ref else
+            ["plan", "run", plan_ref, *(["--resume"] if resume else []), *(["--force"] if force else [])])
         raise typer.Exit(launch.relaunch(num_processes, args))
     from muse_plan.cli.progress import ProgressView
     from muse_plan.executor.runner import run_plan
 
     with ProgressView(console) as view:
-        result = run_plan(db_url, plan_ref, resume=resume, run_ref=run_ref, view=view)
+        result = run_plan(db_url, plan_ref, resume=resume, run_ref=run_ref, view=view, force=force)
     if result.main:
         _report(result)
 

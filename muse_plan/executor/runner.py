@@ -93,7 +93,7 @@ class Prepared:
 
 
 def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref: str | None = None,
-             view: View | None = None) -> RunResult:
+             view: View | None = None, force: bool = False) -> RunResult:
     """Run (or resume) a plan on this process and any launched with it."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import broadcast_object_list
@@ -104,7 +104,7 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
     decided: list[Any] = [None]
     if store is not None:
         try:
-            decided[0] = _prepare(store, plan_ref, resume, run_ref, state.num_processes, cuda)
+            decided[0] = _prepare(store, plan_ref, resume, run_ref, state.num_processes, cuda, force, view)
         except MuseError as exc:
             decided[0] = exc
     if state.num_processes > 1:
@@ -157,7 +157,7 @@ def _check_stages(spec: PlanSpec, world_size: int, cuda: bool) -> list[StageSett
 
 
 def _prepare(store: Store, plan_ref: str, resume: bool, run_ref: str | None, world_size: int,
-             cuda: bool) -> Prepared:
+             cuda: bool, force: bool = False, view: View | None = None) -> Prepared:
     with store.read() as session:
         if run_ref is not None:
             plan = session.get(repo.Plan, runs.get_run(session, run_ref).plan_id)
@@ -165,6 +165,9 @@ def _prepare(store: Store, plan_ref: str, resume: bool, run_ref: str | None, wor
             plan = repo.get_plan(session, plan_ref)
         revision = repo.get_revision(session, plan)
         spec = repo.spec_of(revision)
+    _check_stages(spec, world_size, cuda)
+    if not resume:
+        revision, spec = _fit_here(store, plan, revision, spec, world_size, force, view)
     settings = _check_stages(spec, world_size, cuda)
     with store.write() as session:
         if resume:
@@ -178,6 +181,38 @@ def _prepare(store: Store, plan_ref: str, resume: bool, run_ref: str | None, wor
         stage_ids = [sr.id for sr in runs.stage_runs(session, run)]
     return Prepared(run.id, run.run_dir, plan.name, revision.number,
                     json.dumps(spec_to_dict(spec)), start, resume, stage_ids)
+
+
+def _fit_here(store: Store, plan: Any, revision: Any, spec: PlanSpec, world_size: int, force: bool,
+              view: View | None) -> tuple[Any, PlanSpec]:
+    """Fit the plan to this machine before a run: refuse what can't fit (unless
+    forced); when it fits only with changes, record them as the optimizer's
+    revision and run that."""
+    from muse_plan.optimizer import fit as fitting
+
+    hw = fitting.this_machine(world_size)
+    if hw is None:
+        return revision, spec
+    result = fitting.fit(spec, hw, alternatives=False)
+    say = view.message if view else (lambda text: None)
+    if result.verdict == "does_not_fit":
+        peak = result.written.peak / 2**30
+        text = (f"plan {spec.name!r} does not fit {hw.describe()}: predicted peak {peak:.1f} GiB per device "
+                f"with {hw.limit_bytes / 2**30:.1f} GiB usable, and no setting brings it under; "
+                f"see the alternatives with: muse plan optimize {spec.name}")
+        if not force:
+            raise PlanError(text + "; --force runs it anyway")
+        say(f"warning: {text}; running anyway (--force)")
+        return revision, spec
+    if result.verdict == "fits_with_changes":
+        fitted = result.fitted_spec
+        reason = f"fitted to {hw.describe()} before run: " + ", ".join(
+            f"{n} {a}→{b}" for n, a, b in result.changes)
+        with store.write() as session:
+            revision = repo.add_revision(session, repo.get_plan(session, plan.id), fitted, "optimizer", reason)
+        say(f"revision {revision.number} by the optimizer: {reason}")
+        return revision, fitted
+    return revision, spec
 
 
 def _reopen(session: Any, plan: Any, spec: PlanSpec, run_ref: str | None) -> tuple[Run, int]:

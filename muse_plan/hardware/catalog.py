@@ -77,3 +77,24 @@ def match_device_name(device_name: str) -> GpuKind | None:
 
 def known_kinds() -> str:
     return ", ".join(CATALOG)
+
+
+# The 8 GB and 16 GB RTX 3080 are the laptop part: 6144 of the desktop's 8704
+# CUDA cores at similar clocks (~0.7x the math) and a narrower memory bus.
+LAPTOP_RTX3080 = {8.0: 448.0, 16.0: 512.0}  # memory GiB -> bandwidth GB/s
+
+
+def variant(kind: GpuKind, memory_gib: float | None) -> GpuKind:
+    """The entry for the memory size a plan names (an A100-40GB, a laptop RTX 3080)."""
+    from dataclasses import replace
+
+    if memory_gib is None:
+        return kind
+    if kind.key == "RTX3080" and memory_gib in LAPTOP_RTX3080:
+        return replace(kind, display=f"NVIDIA GeForce RTX 3080 Laptop {memory_gib:g} GB", memory_gib=memory_gib,
+                       peak_tflops_bf16=kind.peak_tflops_bf16 * 0.7, peak_tflops_fp16=kind.peak_tflops_fp16 * 0.7,
+                       peak_tflops_fp32=kind.peak_tflops_fp32 * 0.7,
+                       memory_bandwidth_gbs=LAPTOP_RTX3080[memory_gib])
+    if kind.key == "A100" and memory_gib <= 40:
+        return replace(kind, memory_gib=memory_gib, memory_bandwidth_gbs=A100_40GB_BANDWIDTH_GBS)
+    return replace(kind, memory_gib=memory_gib)

@@ -85,6 +85,14 @@ def format_duration(seconds: int) -> str:
     return f"{seconds}s"
 
 
+def approx_duration(seconds: float) -> str:
+    """A predicted time for people: 45 s, 12 min, 3.2 h, 195 days, 2.1 years."""
+    for unit, size, digits in (("years", 365 * 86400, 1), ("days", 86400, 0), ("h", 3600, 1), ("min", 60, 0)):
+        if seconds >= 2 * size or (unit in ("h", "min") and seconds >= size):
+            return f"{seconds / size:,.{digits}f} {unit}"
+    return f"{seconds:.0f} s"
+
+
 _BYTES_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 

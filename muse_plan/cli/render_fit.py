@@ -1,0 +1,146 @@
+"""Rich renderings of a fit: verdict, memory breakdown with bars, settings, ETA, alternatives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from muse_plan.plan.units import approx_duration
+
+GIB = 2**30
+VERDICTS = {
+    "fits": ("fits as written", "green"),
+    "fits_with_changes": ("fits with these changes", "yellow"),
+    "does_not_fit": ("does not fit", "red"),
+}
+BAR = 30
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:,.2f}"
+
+
+def _peak_stage(candidate: Any) -> Any:
+    return max(candidate.priced, key=lambda s: s.memory.total, default=None)
+
+
+def memory_table(stage: Any, limit: int, capacity: int, title: str) -> Table:
+    """Each term of the peak, in GiB, with a bar scaled to the device's memory."""
+    table = Table(title=title, title_justify="left", header_style="bold", box=None, padding=(0, 1))
+    table.add_column("term")
+    table.add_column("GiB", justify="right")
+    table.add_column("")
+    scale = max(capacity, stage.memory.total)
+    for name, value in stage.memory.items():
+        if value:
+            table.add_row(name, _gib(value), Text("█" * max(1, round(BAR * value / scale)), style="cyan"))
+    total = stage.memory.total
+    style = "green" if total <= limit else "red"
+    table.add_row(Text("peak", style="bold"), Text(_gib(total), style=style),
+                  Text(f"of {_gib(limit)} GiB usable ({_gib(capacity)} GiB, 10% kept free)", style="dim"))
+    if stage.memory.host:
+        table.add_row("host RAM (offloaded)", _gib(stage.memory.host), "")
+    return table
+
+
+def stages_table(candidate: Any) -> Table:
+    table = Table(title="predicted time", title_justify="left", header_style="bold", box=None, padding=(0, 1))
+    for column in ("stage", "steps", "peak GiB", "tokens/s", "time"):
+        table.add_column(column, justify="right" if column != "stage" else "left")
+    for s in candidate.stages:
+        if s.memory is None:
+            table.add_row(s.name, str(s.steps or "—"), "—", "—", Text(s.note, style="dim"))
+            continue
+        table.add_row(s.name, f"{s.steps:,}", _gib(s.memory.total), f"{s.time.tokens_per_s:,.0f}",
+                      approx_duration(s.seconds))
+    return table
+
+
+def settings_line(candidate: Any) -> Text:
+    s = candidate.settings
+    parts = [f"precision {s.precision}", f"micro-batch {s.micro_batch} × accumulation {s.grad_accum}",
+             f"checkpointing {s.checkpointing}", f"sharding {s.sharding}", f"offload {s.offload}",
+             f"optimizer {s.optimizer}"] + (["LoRA"] if s.lora else [])
+    return Text("settings: " + ", ".join(parts))
+
+
+def eta_line(eta: Any, timeline: str | None) -> Text:
+    total = approx_duration(eta.total_s)
+    if eta.timeline_s is None:
+        return Text(f"ETA {total} (the plan gives no timeline)")
+    if eta.meets:
+        return Text(f"ETA {total}, within the timeline of {timeline}", style="green")
+    return Text(f"ETA {total}: misses the timeline of {timeline} by "
+                f"{approx_duration(eta.total_s - eta.timeline_s)}", style="red")
+
+
+def meets_line(m: Any, hw: Any) -> Text:
+    ways = [f"train on {m.token_fraction:.0%} of the planned tokens"]
+    if m.world_size:
+        ways.append(f"use {m.world_size} {hw.gpu.key} GPUs at the same global batch")
+    elif m.cpu_cores:
+        ways.append(f"use about {m.cpu_cores} CPU cores")
+    elif hw.gpu is not None:
+        ways.append(f"no count of {hw.gpu.key} GPUs up to 1024 gets there at this global batch")
+    return Text(f"to meet the timeline it needs {m.speedup:.1f}x: " + "; or ".join(ways), style="yellow")
+
+
+def fit_view(result: Any, stored: Any) -> Group:
+    label, style = VERDICTS[result.verdict]
+    hw = result.hardware
+    parts: list[Any] = [Text.assemble((result.spec.name, "bold"), " on ", (hw.describe(), "bold"), ": ",
+                                      (label, f"bold {style}"))]
+    capacity = int(hw.memory_gib * 2**30)
+    shown = result.chosen or result.written
+    peak = _peak_stage(shown)
+    if result.changes:
+        for name, old, new in result.changes:
+            parts.append(Text(f"  {name}: {old} → {new}", style="yellow"))
+    if peak is not None:
+        which = "as written" if result.chosen is None else "chosen settings"
+        parts.append(memory_table(peak, hw.limit_bytes, capacity,
+                                  f"memory per device, stage {peak.name} ({which})"))
+    if result.chosen is not None:
+        parts += [settings_line(result.chosen), stages_table(result.chosen)]
+        if result.eta is not None:
+            parts.append(eta_line(result.eta, result.spec.timeline))
+        if result.meets is not None:
+            parts.append(meets_line(result.meets, hw))
+    for i, alt in enumerate(result.alternatives, 1):
+        if i == 1:
+            parts.append(Text("alternatives that fit, closest first:", style="bold"))
+        parts.append(Text(f" {i}. {alt.title}", style="bold"))
+        parts.append(Text(f"    {alt.detail}"))
+    if result.verdict == "does_not_fit" and not result.alternatives:
+        parts.append(Text("no alternative in the catalog fits either", style="red"))
+    if stored is not None:
+        parts.append(Text(f"stored as revision {stored.revision.number} (author optimizer): "
+                          f"{stored.revision.reason}", style="dim"))
+    return Group(*parts)
+
+
+def fit_dict(result: Any, stored: Any) -> dict[str, Any]:
+    def candidate(c: Any) -> dict[str, Any] | None:
+        if c is None:
+            return None
+        return {"settings": vars(c.settings) | {}, "fits": c.fits, "seconds": c.seconds,
+                "stages": [{"name": s.name, "steps": s.steps, "note": s.note or None,
+                            "memory": s.memory.as_dict() | {"total": s.memory.total} if s.memory else None,
+                            "tokens_per_s": s.time.tokens_per_s if s.time else None,
+                            "seconds": s.seconds} for s in c.stages]}
+
+    return {
+        "plan": result.spec.name, "hardware": result.hardware.describe(), "verdict": result.verdict,
+        "limit_bytes": result.hardware.limit_bytes,
+        "changes": [{"field": n, "old": a, "new": b} for n, a, b in result.changes],
+        "written": candidate(result.written), "chosen": candidate(result.chosen),
+        "eta_s": result.eta.total_s if result.eta else None,
+        "meets_timeline": result.eta.meets if result.eta else None,
+        "to_meet_timeline": vars(result.meets) if result.meets else None,
+        "alternatives": [{"title": a.title, "detail": a.detail, "hardware": a.hardware.describe(),
+                          "verdict": a.result.verdict} for a in result.alternatives],
+        "revision": stored.revision.number if stored else None,
+    }

@@ -1,0 +1,454 @@
+"""What autograd keeps for backward in one micro-batch of ``DecoderLM``; no torch.
+
+The memory model's activation term, derived by reading
+``engines/architecture/{model,residual}.py`` op by op and writing down what each
+op saves for its backward (PyTorch's ``derivatives.yaml``): a matmul saves its
+inputs (each only for the other's gradient), a product its two factors,
+``pow``/``rsqrt``/``sigmoid``/``exp``/``logsumexp`` their input or result,
+additions and reshapes nothing. Tensors that several ops save are counted once
+(one storage), parameters and buffers not at all (the ``weights`` term).
+``tests/test_memory_model.py`` counts the unique storages ``saved_tensors_hooks``
+sees on the real model: on CPU this formula matches them to the byte for every
+residual mode, checkpointing mode and precision, two shapes (GQA included);
+on an H200 (``device="cuda"``) to within 0.12% (efficient attention pads its
+logsumexp to 32 positions in fp32, not modelled).
+
+Notation, bytes per token: C = d_model, H = n_heads, F = ffn_dim, V = vocab,
+n = streams, m = 2n + n², t = sinkhorn_iters, a = the compute dtype's bytes (4
+in fp32; 2 under bf16/fp16 autocast, whose matmuls output and save bf16); 4 for
+what stays fp32 under autocast (the residual stream, statistics, sigmoids).
+"CUDA" below means CUDA autocast, which also runs pow, rsqrt, norms and
+nll_loss in fp32 where CPU autocast keeps bf16.
+
+Per layer, two residual connections around pre-normed sublayers:
+- RMSNorm (``RMSNorm.forward``): its input as fp32 (4C; the stream itself, or an
+  upcast copy of a bf16 input), rsqrt 4, the normalised x in the input's dtype.
+  The gain's product promotes the output to fp32.
+- attention (``CausalSelfAttention``): wq/wk/wv's input (fp32: the norm output
+  once, 4C; autocast: a cast per linear, 3aC); q, k after RoPE and v after GQA's
+  ``repeat_interleave`` (H·hd = C each: 3aC); the SDPA output aC and logsumexp
+  4H; wo's input aC, which ``transpose(1, 2).reshape`` copies from a (B, H, T, hd)
+  output (CPU; cuDNN, PyTorch's bf16 choice on Hopper) but views in the
+  memory-efficient kernel's (B, T, H, hd) one (fp32 on CUDA); CUDA kernels also
+  save a philox seed and offset (16 B a layer). RoPE saves its cos/sin buffers.
+- SwiGLU (``SwiGLU.hidden``): w_gate/w_up's input (4C or 2aC), the gate output
+  (silu's input), silu's output, the up output and their product: 4aF.
+- the connection, one function per mode in ``RESIDUAL_ACTIVATIONS``:
+  standard  the stream 4C (the norm's input).
+  hc        stream 4nC, rsqrt 4n, xn (4nC, or 3 casts 3a·nC: each matmul casts a
+            non-leaf), tanh (2n+n²)a, a_m and a_r as the bmms save them (n+n²)a,
+            the stream cast for each einsum 2a·nC under autocast, b 4n, y aC.
+  mhc       the stream (4nC, or its one shared cast a·nC), ‖x‖ and rsqrt 8, xφ
+            and its fp32 scaling m(a+4), σ(pre), σ(post), H_post 12n, Sinkhorn
+            (CPU loop: each logsumexp's input and result, 4(2t(n²+n) + n²); the
+            fused CUDA op for n = 4: its logits 4n²), H_pre and H_res as the bmms
+            save them (casts an + an², or fp32 4n² from the fused op), y aC; per
+            forward the concatenated φ (or its cast) a·nC·m.
+  ddl       stream 4C, u aC, ‖u‖, its clamp and k = u/‖u‖ (2 + C)·s with s = 4 on
+            CUDA else a, rsqrt(x) 4, rms(x) as @w_β saves it aC, σ and β 8, βk
+            4C, v − kᵀx 4.
+  mgt       mHC's stream/maps/reads; h = H_pre X aC; u aC; the delta gate on h
+            as ddl's (rsqrt in h's dtype, and on CUDA ``pow``'s fp32 copy 4C);
+            H_res X a·nC; v 4; v − kᵀx 4n; βk 4C.
+Outside the layers: token ids and targets (int64, 16) and nll's total weight
+(4 B); the final norm (input 4C, rsqrt 4, normalised 4C) and lm_head's input
+(4C, or its cast aC); the log-probabilities 4V (CUDA: log_softmax's bf16 aV and
+nll's fp32 copy 4V); the logits themselves are not saved (``transient``).
+
+Autocast keeps one compute-dtype copy of every parameter a matmul reads for
+the whole forward-and-backward (its cast cache lives until the outermost
+autocast exits, which in the executor is after ``backward``): 2 B per matmul
+weight element, in ``weight_casts``, whatever the checkpointing (saved by
+autograd without it, held by the cache with it).
+
+Checkpointing (``DecoderLM.set_checkpointing``):
+- ``selective``: each SwiGLU hidden runs under ``checkpoint``, so the forward
+  keeps its fp32 input (4C) and the product (aF, w_down's input); backward
+  recomputes one layer's hidden at a time (w_gate/w_up's input casts and 3aF),
+  the ``recompute`` component.
+- ``full``: the forward keeps each block's input stream (4nC) and nothing inside
+  the blocks; backward recomputes one block at a time, which saves what that
+  block saves without checkpointing, less its input (``recompute``).
+The term is the forward's saved bytes plus one recomputed segment: an upper
+bound of the bytes alive at once, since the head's saved tensors are freed
+before the first segment is recomputed.
+
+LoRA (``lora=``): see the section below; exact for the standard residual,
+an overcount for the others (their connections priced as in full training).
+
+Not modelled: dropout masks (the engine's default dropout is 0, and a plan
+has no knob for the model's), scalar constants autograd saves (8 B each).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from engines.architecture.config import ModelConfig
+from muse_plan.optimizer.config import LoraConfig
+
+FP32 = 4
+INT64 = 8
+COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+FUSED_SINKHORN_STREAMS = 4  # residual.sinkhorn's Triton kernel handles 4×4 matrices only
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """How a forward runs: the compute dtype's bytes and the device kind."""
+
+    act: int  # bytes per element of matmul outputs: 4 in fp32, 2 under autocast
+    cuda: bool
+
+    @property
+    def autocast(self) -> bool:
+        return self.act != FP32
+
+    def cast(self, elems: int) -> int:
+        """Bytes of autocast's compute-dtype copy of an fp32 tensor; none in fp32."""
+        return elems * self.act if self.autocast else 0
+
+    @property
+    def fp32_ops(self) -> bool:
+        """CUDA autocast runs pow, rsqrt, norms and nll_loss in fp32 (CPU autocast keeps bf16)."""
+        return self.cuda and self.autocast
+
+    @property
+    def attention_output_copied(self) -> bool:
+        """wo reads ``transpose(1, 2).reshape`` of the SDPA output: a copy of the (B, H, T, hd)
+        output on CPU and from cuDNN (bf16/fp16 on CUDA); a view of the memory-efficient
+        kernel's (B, T, H, hd) output (fp32 on CUDA)."""
+        return self.autocast or not self.cuda
+
+    @property
+    def attention_fixed(self) -> int:
+        """CUDA kernels save their dropout RNG state, a philox seed and offset (int64 each)."""
+        return 2 * INT64 if self.cuda else 0
+
+
+@dataclass(frozen=True)
+class Connection:
+    """What one residual connection saves around its sublayer, bytes per token
+    unless named otherwise."""
+
+    stream: int  # the incoming stream itself (4nC), if anything saves it
+    saved: int  # everything else the connection saves, its sublayer excluded
+    sublayer_in: int  # bytes per element of the tensor it feeds the sublayer
+    sublayer_in_saved: bool = False  # that tensor is already counted above
+    fixed: int = 0  # bytes per forward, not per token: uncached weight copies
+    cast_weights: int = 0  # parameter elements its matmuls read (autocast caches a copy)
+
+
+# ---- sublayers -----------------------------------------------------------------
+
+def rmsnorm(c: ModelConfig, in_bytes: int, input_saved: bool) -> int:
+    """``RMSNorm.forward``: xf (the input, or its fp32 upcast), rsqrt, normalised x."""
+    upcast = c.d_model * FP32 if in_bytes != FP32 or not input_saved else 0
+    return upcast + FP32 + c.d_model * in_bytes
+
+
+def linear_inputs(c: ModelConfig, nm: Numerics, readers: int) -> int:
+    """The fp32 norm output read by ``readers`` linears: shared in fp32, one cast each under autocast."""
+    return readers * nm.cast(c.d_model) if nm.autocast else c.d_model * FP32
+
+
+def attention(c: ModelConfig, nm: Numerics) -> int:
+    qkv = 3 * c.n_heads * c.head_dim * nm.act  # after RoPE / the GQA repeat: H heads each
+    out = c.d_model * nm.act + c.n_heads * FP32  # SDPA output and logsumexp
+    wo_input = c.d_model * nm.act if nm.attention_output_copied else 0
+    return linear_inputs(c, nm, 3) + qkv + out + wo_input
+
+
+def mlp(c: ModelConfig, nm: Numerics) -> int:
+    return linear_inputs(c, nm, 2) + 4 * c.ffn_dim * nm.act
+
+
+def mlp_selective(c: ModelConfig, nm: Numerics) -> tuple[int, int]:
+    """(forward, recompute): the checkpoint's fp32 input and the product; the rest redone."""
+    recompute = (2 * nm.cast(c.d_model)) + 3 * c.ffn_dim * nm.act
+    return c.d_model * FP32 + c.ffn_dim * nm.act, recompute
+
+
+# ---- residual connections (residual.py) -------------------------------------------
+
+def _standard(c: ModelConfig, nm: Numerics) -> Connection:
+    # x + f(x): the add saves nothing; the sublayer's norm saves x
+    return Connection(stream=c.d_model * FP32, saved=0, sublayer_in=FP32, sublayer_in_saved=True)
+
+
+def _hc(c: ModelConfig, nm: Numerics) -> Connection:
+    """HyperConnection: rms(x) → three tanh maps → two einsums → b·y.
+
+    A matmul saves its inputs in the compute dtype: the fp32 tensor itself in
+    fp32, else autocast's cast, one per matmul for a non-leaf (no cache).
+    """
+    n, C, a = c.streams, c.d_model, nm.act
+    rstd = n * FP32  # rms over C for each stream
+    xn = 3 * n * C * a if nm.autocast else n * C * FP32  # read by xn@w_m, xn@w_r, xn@w_b
+    tanh = (2 * n + n * n) * a  # tanh saves its result, in the matmul's dtype
+    mixers = (n + n * n) * a  # a_m, a_r (fp32 parameter + s·tanh) as the two bmms save them
+    x = 2 * nm.cast(n * C)  # both einsums read the stream: a cast each under autocast
+    b = n * FP32  # b·y saves b (fp32) and the sublayer output
+    y = C * a
+    return Connection(stream=n * C * FP32, saved=rstd + xn + tanh + mixers + x + b + y,
+                      sublayer_in=a, cast_weights=C * (n + 2))
+
+
+def sinkhorn(c: ModelConfig, nm: Numerics) -> int:
+    """``residual.sinkhorn``: the CPU loop's logsumexps each save input (n²) and
+    result (n), exp its result; the fused CUDA op saves only its logits."""
+    n = c.streams
+    if nm.cuda and n == FUSED_SINKHORN_STREAMS:
+        return n * n * FP32
+    return (2 * c.sinkhorn_iters * (n * n + n) + n * n) * FP32
+
+
+def _h_res_for_mix(c: ModelConfig, nm: Numerics) -> int:
+    """What mix_streams' bmm saves of H_res: a cast, the fused output, or (loop) exp's result again."""
+    n = c.streams
+    if nm.autocast:
+        return n * n * nm.act
+    return n * n * FP32 if nm.cuda and n == FUSED_SINKHORN_STREAMS else 0
+
+
+def _manifold_maps(c: ModelConfig, nm: Numerics) -> tuple[int, int]:
+    """ManifoldMaps: (bytes per token, bytes per forward for φ's concatenated copy)."""
+    n, C = c.streams, c.d_model
+    m = 2 * n + n * n
+    stats = 2 * FP32  # ‖x‖ (vector_norm's result, pow's input) and rsqrt(ms + eps)
+    proj = m * nm.act + m * FP32  # x φ (matmul output), × rsqrt → fp32, read by the α products
+    gates = 3 * n * FP32  # sigmoid results (pre, post) and H_post = 2σ
+    phi = n * C * m * nm.act  # cat(φ_pre, φ_post, φ_res), or its cast: no cache for a non-leaf
+    return stats + proj + gates + sinkhorn(c, nm), phi
+
+
+def _streams_operand(c: ModelConfig, nm: Numerics) -> tuple[int, int]:
+    """(stream, copy): matmul_operand keeps x itself in fp32, one compute-dtype copy under autocast."""
+    nc = c.streams * c.d_model
+    return (0, nc * nm.act) if nm.autocast else (nc * FP32, 0)
+
+
+def _mhc(c: ModelConfig, nm: Numerics) -> Connection:
+    """ManifoldHyperConnection: maps(xm) → read_streams → f → mix_streams + H_post·y."""
+    n, C, a = c.streams, c.d_model, nm.act
+    stream, xm = _streams_operand(c, nm)
+    maps, phi = _manifold_maps(c, nm)
+    reads = nm.cast(n) + _h_res_for_mix(c, nm)  # bmm casts H_pre and H_res under autocast
+    y = C * a  # H_post·y saves the sublayer output
+    return Connection(stream=stream, saved=xm + maps + reads + y, sublayer_in=a, fixed=phi)
+
+
+def _delta_gate(c: ModelConfig, nm: Numerics, h_bytes: int) -> int:
+    """DeltaGate's saves beyond h and u: ‖u‖ and its clamp, rms(h)'s rsqrt and output
+    (as @w_β saves it: in the compute dtype), σ and β; then k = u/‖u‖.
+
+    On CPU the norms and rsqrt keep u's and h's dtype; CUDA autocast returns them in
+    fp32, which promotes k to fp32, and its ``pow`` saves an fp32 copy of a bf16 h.
+    """
+    C, a = c.d_model, nm.act
+    stat = FP32 if nm.fp32_ops else a  # ‖u‖, clamp_min(‖u‖)
+    normalize = 2 * stat + C * stat  # and k
+    h_stat = FP32 if nm.fp32_ops or h_bytes == FP32 else a
+    upcast = C * FP32 if nm.fp32_ops and h_bytes != FP32 else 0
+    rms_h = upcast + h_stat + C * a
+    gate = 2 * FP32  # sigmoid result and β (the fp32 bias promotes)
+    return normalize + rms_h + gate
+
+
+def _ddl(c: ModelConfig, nm: Numerics) -> Connection:
+    """DeltaResidual: x + β k (v − kᵀx) with k, β, v from DeltaGate(x, f(x))."""
+    C, a = c.d_model, nm.act
+    u = C * a  # sublayer output: normalize, @w_v
+    update = C * FP32 + FP32  # β·k (fp32: β promotes) and v − kᵀx, both read by their product
+    return Connection(stream=C * FP32, saved=u + _delta_gate(c, nm, FP32) + update,
+                      sublayer_in=FP32, sublayer_in_saved=True, cast_weights=2 * C)
+
+
+def _mgt(c: ModelConfig, nm: Numerics) -> Connection:
+    """ManifoldDeltaConnection: mHC's maps, h = H_pre X, DeltaGate(h, f(h)), delta update of H_res X."""
+    n, C, a = c.streams, c.d_model, nm.act
+    stream, xm = _streams_operand(c, nm)
+    maps, phi = _manifold_maps(c, nm)
+    reads = nm.cast(n) + _h_res_for_mix(c, nm)
+    h = C * a  # read_streams output: rms(h) saves it (and so does the norm in fp32)
+    u = C * a
+    mixed = n * C * a  # H_res X, saved by k·mixed
+    target = FP32 + n * FP32  # H_post·v saves v (fp32) and H_post (counted in maps); v − kᵀx per stream
+    update = C * FP32  # β·k (fp32: β promotes)
+    saved = xm + maps + reads + h + u + _delta_gate(c, nm, a) + mixed + target + update
+    return Connection(stream=stream, saved=saved, sublayer_in=a, sublayer_in_saved=not nm.autocast,
+                      fixed=phi, cast_weights=2 * C)
+
+
+RESIDUAL_ACTIVATIONS: dict[str, Callable[[ModelConfig, Numerics], Connection]] = {
+    "standard": _standard,
+    "hc": _hc,
+    "mhc": _mhc,
+    "ddl": _ddl,
+    "mgt": _mgt,
+}
+
+
+# ---- the whole model ------------------------------------------------------------
+
+def matmul_weight_elements(c: ModelConfig) -> int:
+    """Parameter elements the forward's matmuls read: autocast casts each once."""
+    attn = 2 * c.d_model * c.d_model + 2 * c.d_model * c.kv_heads * c.head_dim
+    mlp_w = 3 * c.d_model * c.ffn_dim
+    residual = 2 * RESIDUAL_ACTIVATIONS[c.residual](c, Numerics(FP32, False)).cast_weights
+    return c.n_layers * (attn + mlp_w + residual) + c.vocab_size * c.d_model  # + lm_head (tied)
+
+
+def _layer(c: ModelConfig, nm: Numerics, checkpointing: str) -> tuple[dict[str, int], dict[str, int]]:
+    """One block's saved bytes: per token by component (with 'recompute', selective
+    checkpointing's hidden), and per forward by component."""
+    conn = RESIDUAL_ACTIVATIONS[c.residual](c, nm)
+    sub_in, sub_saved = conn.sublayer_in, conn.sublayer_in_saved
+    per_token = {
+        "streams": 2 * conn.stream,
+        "residual": 2 * conn.saved,
+        "norms": 2 * rmsnorm(c, sub_in, sub_saved),
+        "attention": attention(c, nm),
+    }
+    if checkpointing == "selective":
+        per_token["mlp"], per_token["recompute"] = mlp_selective(c, nm)
+    else:
+        per_token["mlp"] = mlp(c, nm)
+    return per_token, {"residual": 2 * conn.fixed, "attention": nm.attention_fixed}
+
+
+def log_probs(c: ModelConfig, nm: Numerics) -> int:
+    """The cross-entropy's saved log-probabilities: fp32 (CPU autocast runs cross_entropy
+    in fp32); CUDA autocast runs log_softmax in bf16 and nll_loss on an fp32 copy."""
+    return c.vocab_size * (FP32 + (nm.act if nm.fp32_ops else 0))
+
+
+def _head(c: ModelConfig, nm: Numerics) -> int:
+    """Final norm (of the fp32 stream sum), lm_head's input, the log-probabilities."""
+    lm_input = nm.cast(c.d_model) if nm.autocast else c.d_model * FP32
+    return rmsnorm(c, FP32, input_saved=False) + lm_input + log_probs(c, nm)
+
+
+def _assemble(detail: dict[str, int], per_token: dict[str, int], fixed: dict[str, int],
+              layers: int, tokens: int) -> None:
+    """Add ``layers`` blocks of (per_token, fixed) bytes into ``detail`` by component."""
+    for name in per_token.keys() | fixed.keys():
+        value = layers * (per_token.get(name, 0) * tokens + fixed.get(name, 0))
+        detail[name] = detail.get(name, 0) + value
+
+
+def activation_detail(model: ModelConfig, micro_batch: int, precision: str, checkpointing: str,
+                      *, device: str = "cuda", lora: LoraConfig | None = None) -> dict[str, int]:
+    """Saved bytes at the peak of one micro-batch, by component, summing to
+    ``activation_bytes``: tokens, head, weight_casts, and over the layers streams,
+    norms, attention, mlp, residual; recompute (one checkpointed segment)."""
+    if precision not in COMPUTE_BYTES:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(COMPUTE_BYTES)}")
+    if checkpointing not in ("none", "selective", "full"):
+        raise ValueError(f"checkpointing {checkpointing!r} is not one of none, selective, full")
+    c, tokens = model, micro_batch * model.seq_len
+    nm = Numerics(COMPUTE_BYTES[precision], device == "cuda")
+    if lora is not None:
+        return _lora_detail(c, nm, tokens, checkpointing, lora)
+    per_token, fixed = _layer(c, nm, checkpointing)
+    recompute = per_token.pop("recompute", 0) * tokens
+    detail = {"tokens": 2 * INT64 * tokens + FP32, "head": _head(c, nm) * tokens,  # + nll's total weight
+              "weight_casts": nm.cast(matmul_weight_elements(c))}
+    if checkpointing == "full":
+        block_input = c.n_streams * c.d_model * FP32
+        detail["streams"] = c.n_layers * block_input * tokens
+        # one block recomputed in backward: all it saves but its input, which the checkpoint holds
+        first_stream = RESIDUAL_ACTIVATIONS[c.residual](c, nm).stream
+        detail["recompute"] = (sum(per_token.values()) - first_stream) * tokens + sum(fixed.values())
+    else:
+        _assemble(detail, per_token, fixed, c.n_layers, tokens)
+        detail["recompute"] = recompute
+    return {name: value for name, value in detail.items() if value}
+
+
+def activation_bytes(model: ModelConfig, micro_batch: int, precision: str, checkpointing: str,
+                     *, device: str = "cuda", lora: LoraConfig | None = None) -> int:
+    """Bytes autograd keeps for backward at the peak of one micro-batch of ``DecoderLM(model)``."""
+    return sum(activation_detail(model, micro_batch, precision, checkpointing,
+                                 device=device, lora=lora).values())
+
+
+# ---- LoRA -----------------------------------------------------------------------------
+# The base is frozen and stored in the compute dtype, so its stream and matmul
+# outputs are in that dtype and no weight is cast. A matmul saves its input only
+# for its weight's gradient, a product a factor only for the other factor's: so
+# frozen projections and norm gains save nothing of their own, while everything
+# on the gradient's path to the adapters still does. Layers below the first
+# adapted one see no gradient at all and save nothing.
+
+# the tensors adapters read, per token, as the frozen forward leaves them
+WIDTHS: dict[str, Callable[[ModelConfig, Numerics], int]] = {
+    "attn_in": lambda c, nm: c.d_model * nm.act,  # the attention norm's output
+    "attn_out": lambda c, nm: c.d_model * nm.act if nm.attention_output_copied else 0,  # wo's input
+    "mlp_in": lambda c, nm: c.d_model * nm.act,  # the MLP norm's output
+    "mlp_hidden": lambda c, nm: c.ffn_dim * nm.act,  # w_down's input
+}
+ATTENTION_INPUTS = {"attn_in": ("q_proj", "k_proj", "v_proj"), "attn_out": ("o_proj",)}
+MLP_INPUTS = {"mlp_in": ("gate_proj", "up_proj"), "mlp_hidden": ("down_proj",)}
+
+
+def _adapters(c: ModelConfig, nm: Numerics, lora: LoraConfig, inputs: dict[str, tuple[str, ...]]) -> int:
+    """An adapter saves its input (shared by adapters reading one tensor) and its r-wide hidden."""
+    targets = set(lora.target_modules)
+    saved = 0
+    for width, names in inputs.items():
+        hit = targets.intersection(names)
+        if hit:
+            saved += WIDTHS[width](c, nm) + len(hit) * lora.rank * nm.act
+    return saved
+
+
+def _lora_layer(c: ModelConfig, nm: Numerics, lora: LoraConfig,
+                checkpointing: str) -> tuple[dict[str, int], dict[str, int]]:
+    """One adapted block: bytes per token, bytes per forward. Residual modes other than
+    standard add their connections as derived for full training: an overcount."""
+    a = nm.act
+    frozen_norm = c.d_model * FP32 + FP32  # fp32 input (upcast, or the fp32 stream) and rsqrt
+    core = 3 * c.d_model * a + c.d_model * a + c.n_heads * FP32  # q, k, v, SDPA output, logsumexp
+    parts = {"norms": 2 * frozen_norm, "attention": core + _adapters(c, nm, lora, ATTENTION_INPUTS)}
+    hidden = 3 * c.ffn_dim * a  # silu's input, silu's output and up's output (each other's factors)
+    mlp_adapters = _adapters(c, nm, lora, MLP_INPUTS)
+    if checkpointing == "selective":  # the checkpoint keeps the MLP input; w_down's adapter its input
+        gate_up = _adapters(c, nm, lora, {"mlp_in": MLP_INPUTS["mlp_in"]})
+        gate_up_hidden = gate_up - (c.d_model * a if gate_up else 0)
+        parts["mlp"] = c.d_model * a + mlp_adapters - gate_up
+        parts["recompute"] = hidden + gate_up_hidden
+    else:
+        parts["mlp"] = hidden + mlp_adapters
+    fixed = {"attention": nm.attention_fixed}
+    if c.residual != "standard":
+        conn = RESIDUAL_ACTIVATIONS[c.residual](c, nm)
+        parts["residual"], fixed["residual"] = 2 * (conn.stream + conn.saved), 2 * conn.fixed
+    return parts, fixed
+
+
+def _lora_detail(c: ModelConfig, nm: Numerics, tokens: int, checkpointing: str,
+                 lora: LoraConfig) -> dict[str, int]:
+    from muse_plan.optimizer.memory import lora_layers, lora_tensors  # memory imports this module
+
+    adapted = lora_layers(c, lora)
+    per_token, fixed = _lora_layer(c, nm, lora, checkpointing)
+    recompute = per_token.pop("recompute", 0) * tokens
+    first_norm = c.d_model * FP32 + FP32  # the first adapted layer's attention norm: no gradient reaches it
+    head = c.d_model * FP32 + FP32 + log_probs(c, nm)  # the frozen final norm
+    detail = {"tokens": INT64 * tokens + FP32, "head": head * tokens,  # targets: the embedding is frozen
+              "weight_casts": nm.cast(sum(lora_tensors(c, lora)))}
+    # the stream is in the compute dtype for standard; mHC's fp32 H_post promotes the others' (bound: fp32)
+    block_input = c.n_streams * c.d_model * (nm.act if c.residual == "standard" else FP32) * tokens
+    if checkpointing == "full":  # checkpoint keeps every block's input, adapted or not
+        detail["streams"] = c.n_layers * block_input
+        input_again = 0 if nm.autocast else c.d_model * FP32  # fp32: the norm's input is the block's
+        detail["recompute"] = (sum(per_token.values()) - input_again) * tokens + sum(fixed.values())
+    else:
+        _assemble(detail, per_token, fixed, adapted, tokens)
+        detail["norms"] -= first_norm * tokens
+        detail["recompute"] = recompute
+        if checkpointing == "selective":  # every layer's SwiGLU checkpoint keeps its input
+            detail["mlp"] += (c.n_layers - adapted) * c.d_model * nm.act * tokens
+    return {name: value for name, value in detail.items() if value}

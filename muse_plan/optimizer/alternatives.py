@@ -1,0 +1,157 @@
+"""What to do when a plan does not fit: ranked alternatives, each a whole plan
+(and hardware) that passes the same fit check.
+
+Order, closest to what the user asked first: keep the model and fine-tune it
+with QLoRA (needs a pretrained checkpoint of that size); the largest model
+trainable from scratch here; a growth path up to that model (train a
+smaller one, grow it, continue); the same plan on more GPUs of this kind;
+the same plan on GPUs with more memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from muse_plan.hardware.catalog import CATALOG, variant
+from muse_plan.optimizer import fit as fitting
+from muse_plan.plan.io import spec_from_dict, spec_to_dict
+from muse_plan.plan.planner import complete
+from muse_plan.plan.spec import PlanSpec
+from muse_plan.plan.units import approx_duration, format_count
+
+CHINCHILLA_TOKENS_PER_PARAM = 20
+GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _variant(spec: PlanSpec, name: str, **changes: Any) -> PlanSpec:
+    data = spec_to_dict(spec)
+    data["name"] = f"{spec.name}-{name}"[:120]
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    return complete(spec_from_dict(data, f"alternative {name}"))
+
+
+def _fits(spec: PlanSpec, hw: fitting.Hardware) -> fitting.FitResult | None:
+    result = fitting.fit(spec, hw, alternatives=False)
+    return result if result.verdict != "does_not_fit" else None
+
+
+def _when(result: fitting.FitResult) -> str:
+    if result.eta is None:
+        return "time not predicted"
+    when = approx_duration(result.eta.total_s)
+    if result.eta.meets is False:
+        when += f" (over the {result.spec.timeline} timeline)"
+    return when
+
+
+def _model(spec: PlanSpec, scale: int) -> dict[str, Any]:
+    model = {k: v for k, v in spec_to_dict(spec)["model"].items() if k not in ("shape", "init_from")}
+    model["scale"] = format_count(scale)
+    return model
+
+
+def qlora(spec: PlanSpec, hw: fitting.Hardware) -> fitting.Alternative | None:
+    first = next((s for s in spec.stages if s.kind not in fitting.NOT_PRICED), None)
+    if first is None:
+        return None
+    techniques = spec_to_dict(spec).get("techniques") or {}
+    techniques = {k: v for k, v in (techniques.items() if isinstance(techniques, dict) else
+                                    ((t, {}) for t in techniques)) if k not in ("growth",)}
+    techniques["lora"] = {"rank": 16, "layers_fraction": 1.0, "target_modules": ALL_TARGETS, "quantize_base": "4bit"}
+    stage = {"name": "finetune", "kind": "finetune", "tokens": "100M"}
+    alt = _variant(spec, "qlora", techniques=techniques, stages=[stage])
+    result = _fits(alt, hw)
+    if result is None:
+        return None
+    return fitting.Alternative(
+        "fine-tune with QLoRA instead of training from scratch",
+        f"keep the {spec.model.scale} model, start from a pretrained checkpoint of it (model.init_from), "
+        f"4-bit frozen base with rank-16 adapters on every projection; 100M tokens take {_when(result)}",
+        alt, hw, result)
+
+
+def largest_from_scratch(spec: PlanSpec, hw: fitting.Hardware) -> fitting.Alternative | None:
+    target = spec.model.approx_params()
+    for scale in fitting.largest_standard_scale(target):
+        tokens = CHINCHILLA_TOKENS_PER_PARAM * scale
+        alt = _variant(spec, f"{format_count(scale).lower()}-scratch", model=_model(spec, scale),
+                       techniques=_without(spec, "growth"),
+                       stages=[{"name": "pretrain", "kind": "pretrain", "tokens": format_count(tokens)}])
+        result = _fits(alt, hw)
+        if result is not None:
+            return fitting.Alternative(
+                f"the largest model trainable from scratch here: {format_count(scale)}",
+                f"pretrain {format_count(scale)} parameters on {format_count(tokens)} tokens "
+                f"(20 per parameter): {_when(result)}", alt, hw, result)
+    return None
+
+
+def growth_path(spec: PlanSpec, hw: fitting.Hardware, largest: fitting.Alternative | None) -> fitting.Alternative | None:
+    if largest is None:
+        return None
+    scale = largest.spec.model.n_params_nominal
+    techniques = _without(spec, "growth")
+    techniques["growth"] = {}
+    alt = _variant(spec, f"{format_count(scale).lower()}-growth", model=_model(spec, scale),
+                   techniques=techniques, stages=None)
+    result = _fits(alt, hw)
+    if result is None:
+        return None
+    saving = 1 - result.eta.total_s / largest.result.eta.total_s if result.eta and largest.result.eta else 0
+    return fitting.Alternative(
+        f"a growth path to {format_count(scale)}",
+        f"pretrain a smaller model, grow it ({spec.techniques.growth.operator if spec.techniques.growth else 'g_stack'}), "
+        f"continue at {format_count(scale)}: {_when(result)}, {saving:.0%} less time than from scratch "
+        "(predicted from the small model's cheaper steps; the growth engine is a later issue)", alt, hw, result)
+
+
+def _without(spec: PlanSpec, name: str) -> dict[str, Any]:
+    techniques = spec_to_dict(spec).get("techniques") or {}
+    if not isinstance(techniques, dict):
+        techniques = {t: {} for t in techniques}
+    return {k: v for k, v in techniques.items() if k != name}
+
+
+def _on(spec: PlanSpec, hw: fitting.Hardware) -> PlanSpec:
+    compute = {"gpu": hw.gpu.key, "count": hw.count, "memory_gib": hw.gpu.memory_gib}
+    return _variant(spec, f"{hw.count}x{hw.gpu.key.lower()}", compute=compute)
+
+
+def more_gpus(spec: PlanSpec, hw: fitting.Hardware) -> fitting.Alternative | None:
+    if hw.gpu is None:
+        return None
+    for count in (c for c in GPU_COUNTS if c > hw.count):
+        bigger = replace(hw, count=count, memory_gib=hw.gpu.memory_gib)
+        alt = _on(spec, bigger)
+        result = _fits(alt, bigger)
+        if result is not None:
+            return fitting.Alternative(f"{count} {hw.gpu.key} GPUs", f"the plan as written on "
+                                       f"{bigger.describe()}: {_when(result)}", alt, bigger, result)
+    return None
+
+
+def larger_gpus(spec: PlanSpec, hw: fitting.Hardware) -> fitting.Alternative | None:
+    have = hw.gpu.memory_gib if hw.gpu else 0
+    kinds = sorted((variant(k, v) for k in CATALOG.values() for v in k.memory_variants if v > have),
+                   key=lambda k: (k.memory_gib, -k.peak_tflops_bf16))
+    for count in GPU_COUNTS:
+        for kind in kinds:
+            bigger = fitting.Hardware(kind, count, kind.memory_gib, hw.host_ram_gib, hw.network_gbps, hw.cpu_cores)
+            alt = _on(spec, bigger)
+            result = _fits(alt, bigger)
+            if result is not None:
+                return fitting.Alternative(f"{bigger.describe()}", f"the plan as written on "
+                                           f"{bigger.describe()}: {_when(result)}", alt, bigger, result)
+    return None
+
+
+def propose(spec: PlanSpec, hw: fitting.Hardware) -> list[fitting.Alternative]:
+    largest = largest_from_scratch(spec, hw)
+    found = [qlora(spec, hw), largest, growth_path(spec, hw, largest), more_gpus(spec, hw), larger_gpus(spec, hw)]
+    return [a for a in found if a is not None]

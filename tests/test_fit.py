@@ -1,0 +1,131 @@
+"""The fit search and its verdicts: fits, fits with changes, does not fit with
+alternatives that fit; and `muse plan optimize` / `muse plan run` around it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from muse_plan.hardware.detect import HostInfo
+from muse_plan.optimizer import fit as fitting
+from muse_plan.plan.io import load_file, spec_from_dict
+from muse_plan.plan.planner import complete
+from tests.conftest import ROOT
+
+HOST = HostInfo(cpu_model="test", cores_physical=2, cores_logical=2, ram_gib=64.0)
+
+
+def bundled(name: str):
+    return complete(load_file(str(ROOT / "plans" / f"{name}.yaml")))
+
+
+def plan(training: dict, scale: str = "1.3B", compute: str = "1xA100-40GB", **extra):
+    return complete(spec_from_dict({
+        "name": "p", "model": {"scale": scale, "seq_len": 2048, "vocab_size": 32000},
+        "compute": compute, "training": training,
+        "stages": [{"name": "pretrain", "kind": "pretrain", "tokens": "1B"}], **extra}, "test"))
+
+
+def test_the_quickstart_fits_this_cpu_as_written() -> None:
+    spec = bundled("quickstart-cpu")
+    result = fitting.fit(spec, fitting.hardware_for(spec, host=HOST))
+    assert result.verdict == "fits" and result.changes == []
+    assert result.eta is not None and result.eta.total_s > 0
+
+
+def test_open_fields_are_filled_but_written_ones_kept() -> None:
+    spec = plan({"precision": "bf16", "global_batch": 64}, scale="125M")
+    result = fitting.fit(spec, fitting.hardware_for(spec, host=HOST))
+    assert result.verdict == "fits"
+    assert result.chosen.settings.precision == "bf16"  # written: kept
+    assert result.chosen.seconds <= result.written.seconds
+    fitted = result.fitted_spec
+    assert fitted.training.global_batch == 64
+    assert fitted.training.micro_batch * fitted.training.grad_accum == 64
+
+
+def test_a_plan_that_fits_only_with_changes_lists_them() -> None:
+    # 1.3B at micro-batch 16 without checkpointing needs far more than 40 GB of activations
+    spec = plan({"precision": "bf16", "micro_batch": 16, "global_batch": 64,
+                 "activation_checkpointing": "none", "offload": "none"})
+    result = fitting.fit(spec, fitting.hardware_for(spec, host=HOST))
+    assert result.verdict == "fits_with_changes"
+    assert not result.written.fits and result.chosen.fits
+    changed = {name for name, _, _ in result.changes}
+    assert changed & {"micro_batch", "checkpointing", "offload"}
+    assert result.chosen.peak <= fitting.hardware_for(spec, host=HOST).limit_bytes
+    fitted = result.fitted_spec
+    assert fitted.training.micro_batch * fitted.training.grad_accum == 64  # the global batch is kept
+
+
+def test_the_10b_plan_on_one_8gb_card_does_not_fit_and_each_alternative_does() -> None:
+    spec = bundled("muse-10b-japanese")
+    hw = fitting.hardware_for(spec, host=HOST)
+    assert hw.describe() == "1xRTX3080-8GB"
+    result = fitting.fit(spec, hw)
+    assert result.verdict == "does_not_fit" and result.chosen is None
+    assert len(result.alternatives) >= 2
+    for alt in result.alternatives:  # each passes its own fit check, from scratch
+        again = fitting.fit(alt.spec, alt.hardware, alternatives=False)
+        assert again.verdict in ("fits", "fits_with_changes"), alt.title
+        assert again.chosen.peak <= alt.hardware.limit_bytes
+
+
+def test_a_memory_budget_caps_what_each_gpu_may_use() -> None:
+    spec = plan({}, compute="8xH100")
+    hw = fitting.hardware_for(spec, memory_budget_gib=128, host=HOST)
+    assert hw.memory_gib == 16 and hw.count == 8
+    assert fitting.hardware_for(spec, gpu="A100", count=2, host=HOST).describe() == "2xA100-80GB"
+
+
+def test_unknown_gpu_is_refused() -> None:
+    spec = plan({})
+    with pytest.raises(ValueError, match="unknown GPU 'B300'"):
+        fitting.hardware_for(spec, gpu="B300", host=HOST)
+
+
+def test_optimize_cli_stores_the_optimizers_revision(cli) -> None:
+    cli("plan", "import", ROOT / "plans/quickstart-cpu.yaml")
+    result = cli("plan", "optimize", "quickstart-cpu", "--gpu-type", "H100", "--available-gpus", "1",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["verdict"] in ("fits", "fits_with_changes") and data["hardware"] == "1xH100-80GB"
+    history = json.loads(cli("plan", "history", "quickstart-cpu", "--json").stdout)
+    if data["revision"] is not None:
+        assert history[-1]["author"] == "optimizer" and "fitted to 1xH100-80GB" in history[-1]["reason"]
+    shown = cli("plan", "optimize", "quickstart-cpu", "--dry-run")
+    assert shown.exit_code == 0 and "quickstart-cpu on" in shown.output
+
+
+def test_optimize_cli_says_does_not_fit_with_alternatives(cli) -> None:
+    cli("plan", "import", ROOT / "plans/muse-10b-japanese.yaml")
+    result = cli("plan", "optimize", "muse-10b-japanese")
+    assert result.exit_code == 0, result.output
+    assert "does not fit" in result.output and "alternatives that fit" in result.output
+    history = json.loads(cli("plan", "history", "muse-10b-japanese", "--json").stdout)
+    assert len(history) == 1  # nothing fitted, nothing stored
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--gpu-type", "B300", "unknown GPU 'B300'"),
+    ("--memory-budget", "lots", "memory"),
+    ("--available-gpus", "0", "at least 1"),
+])
+def test_optimize_bad_flags(cli, flag, value, message) -> None:
+    cli("plan", "import", ROOT / "plans/quickstart-cpu.yaml")
+    result = cli("plan", "optimize", "quickstart-cpu", flag, value)
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_run_refuses_a_plan_that_cannot_fit_this_machine(cli, tmp_path) -> None:
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("name: huge\nmodel: {scale: 70B, seq_len: 2048, vocab_size: 32000}\ncompute: cpu\n"
+                    "stages: [{name: pretrain, kind: pretrain, steps: 1}]\n")
+    cli("plan", "import", huge)
+    result = cli("plan", "run", "huge")
+    assert result.exit_code == 2
+    assert "does not fit" in result.output and "muse plan optimize huge" in result.output
+    assert "--force" in result.output
+    assert cli("run", "list", "--json").output.strip() == "[]"

@@ -1,0 +1,204 @@
+"""The throughput model: FLOPs, calibrations against the measured runs, ETA."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from engines.architecture.config import ModelConfig, param_count
+from muse_plan.hardware.catalog import CATALOG
+from muse_plan.optimizer import throughput as tp
+from muse_plan.optimizer.config import GenerationConfig, LoraConfig, TrainConfig
+
+H200, H100 = CATALOG["H200"], CATALOG["H100"]
+BENCH_85M = ModelConfig(vocab_size=260, seq_len=1024, n_layers=12, d_model=768, n_heads=12)
+QUICKSTART = ModelConfig(vocab_size=260, seq_len=128, n_layers=4, d_model=128, n_heads=4, residual="mhc")
+SMALL = ModelConfig(vocab_size=100, seq_len=16, n_layers=2, d_model=8, n_heads=2)
+
+
+def test_flops_per_token_on_a_hand_example():
+    n = param_count(SMALL)
+    # per layer 4·8² attention + 3·8·64 SwiGLU + 2·8 norms = 1808; 2 layers + 100·8 embedding + 8
+    assert n == 2 * 1808 + 800 + 8 == 4424
+    assert tp.flops_per_token(SMALL) == 6 * 4424 + 12 * 2 * 8 * 16
+    assert tp.flops_per_token(SMALL, training=False) == 2 * 4424 + 4 * 2 * 8 * 16
+
+
+def test_the_85m_bench_model_is_at_16_5_percent_of_the_h200_datasheet():
+    assert param_count(BENCH_85M) == 85_153_536
+    fpt = tp.flops_per_token(BENCH_85M)
+    assert fpt == pytest.approx(6 * 85_153_536 + 12 * 12 * 768 * 1024)
+    assert fpt * 261_566 / 989e12 == pytest.approx(0.165, abs=0.001)  # 20.7% of the measured ~790
+
+
+def test_residual_modes_add_small_computed_work():
+    base = tp.flops_per_token(replace(QUICKSTART, residual="standard"))
+    extra = {}
+    for mode in ("hc", "mhc", "ddl", "mgt"):
+        c = ModelConfig(vocab_size=260, seq_len=128, n_layers=4, d_model=128, n_heads=4, residual=mode)
+        extra[mode] = tp.flops_per_token(c) - 6 * param_count(c) - 12 * 4 * 128 * 128
+    n, d = 4, 128
+    mixing = 2 * n * n * d + 4 * n * d
+    assert extra["mhc"] == 3 * 2 * 4 * (mixing + 5 * n * n * 2 * 20)  # x3 training, 2 connections, 4 layers
+    assert extra["ddl"] == 3 * 2 * 4 * 6 * d
+    assert extra["mgt"] > extra["mhc"] > extra["ddl"] > 0 and extra["hc"] > 0
+    assert max(extra.values()) < 0.1 * base  # small beside 6N
+
+
+def test_recompute_factors():
+    cfg = TrainConfig(BENCH_85M, micro_batch=16)
+    c = BENCH_85M
+    full_ratio = tp.recompute_flops(cfg.with_(checkpointing="full")) / tp.train_flops(cfg)
+    head = 2 * (c.vocab_size * c.d_model + c.d_model)
+    assert full_ratio == pytest.approx((tp.flops_per_token(c, training=False) - head) / tp.flops_per_token(c))
+    assert full_ratio == pytest.approx(1 / 3, abs=0.005)  # one more forward; the tiny head aside
+    selective = tp.recompute_flops(cfg.with_(checkpointing="selective"))
+    assert selective == 4 * 768 * 2048 * 12
+    base = tp.step_time(cfg, H200)
+    for mode, share in (("full", full_ratio), ("selective", selective / tp.train_flops(cfg))):
+        st = tp.step_time(cfg.with_(checkpointing=mode), H200)
+        assert st.recompute_s == pytest.approx(base.compute_s * share)
+        assert st.seconds > base.seconds
+    assert base.recompute_s == 0
+
+
+def test_ddp_comm_volume_on_a_hand_example():
+    cfg = TrainConfig(SMALL, world_size=4, sharding="ddp")
+    grads, gathers = tp.comm_bytes(cfg)
+    assert grads == 2 * 3 / 4 * 4 * 4424 and gathers == 0
+    assert tp.comm_bytes(cfg.with_(sharding="zero2")) == (grads, 0)
+    z3 = sum(tp.comm_bytes(cfg.with_(sharding="zero3")))
+    assert z3 == pytest.approx(1.5 * grads)  # reduce-scatter + gathers in forward and backward
+    assert tp.comm_bytes(cfg.with_(world_size=1)) == (0, 0)
+
+
+def test_two_h200s_reproduce_the_measured_1_83x():
+    one = tp.step_time(TrainConfig(BENCH_85M, micro_batch=16, grad_accum=2), H200)
+    two = tp.step_time(TrainConfig(BENCH_85M, micro_batch=16, world_size=2), H200)
+    assert one.tokens_per_s == pytest.approx(261_566, rel=0.05)  # docs/bench_multi_gpu.md, 1 GPU
+    assert two.tokens_per_s == pytest.approx(478_214, rel=0.05)
+    assert two.tokens_per_s / one.tokens_per_s == pytest.approx(1.83, abs=0.15)
+    assert one.comm_s == 0 and two.comm_s > 0
+
+
+def test_the_350m_h100_eager_step_is_within_the_fits_error():
+    m = ModelConfig.from_scale("350M", vocab_size=32000, seq_len=2048)
+    st = tp.step_time(TrainConfig(m, micro_batch=8), H100)
+    assert st.tokens_per_s == pytest.approx(78_922, rel=0.2)  # docs/bench_architecture.md (raw loop)
+    mhc = tp.step_time(TrainConfig(ModelConfig.from_scale("350M", vocab_size=32000, seq_len=2048,
+                                                          residual="mhc"), micro_batch=8), H100)
+    assert st.tokens_per_s / mhc.tokens_per_s == pytest.approx(2.8, rel=0.05)
+
+
+def test_quickstart_on_two_cpu_cores_runs_at_about_6000_tokens_per_s():
+    st = tp.step_time(TrainConfig(QUICKSTART, micro_batch=16, precision="fp32"), None, cpu_cores=2)
+    assert st.tokens_per_s == pytest.approx(6_000, rel=0.2)
+    assert st.mfu is None and st.comm_s == 0
+    four = tp.step_time(TrainConfig(QUICKSTART, micro_batch=16, precision="fp32"), None, cpu_cores=4)
+    assert four.tokens_per_s == pytest.approx(2 * st.tokens_per_s)
+
+
+def test_gpu_is_faster_than_cpu_and_bigger_models_use_the_gpu_better():
+    cfg = TrainConfig(BENCH_85M, micro_batch=16)
+    gpu, cpu = tp.step_time(cfg, H200), tp.step_time(cfg, None, cpu_cores=16)
+    assert gpu.tokens_per_s > 100 * cpu.tokens_per_s
+    assert 0 < gpu.mfu < 1
+    big = ModelConfig.from_scale("1.3B", vocab_size=32000, seq_len=2048)
+    assert tp.utilization(big, H200) > tp.utilization(BENCH_85M, H200)
+    # fp32 on a GPU runs at the plain fp32 peak (no TF32)
+    fp32 = tp.step_time(cfg.with_(precision="fp32"), H200)
+    assert fp32.seconds > 3 * gpu.seconds
+    assert fp32.mfu == pytest.approx(tp.flops_per_token(BENCH_85M) * fp32.tokens_per_s / 67e12)
+
+
+def test_tiny_models_on_a_gpu_are_bound_by_the_host():
+    tiny = ModelConfig(vocab_size=32000, seq_len=1024, n_layers=6, d_model=256, n_heads=4)
+    st = tp.step_time(TrainConfig(tiny, micro_batch=16), H200)
+    assert st.compute_s == pytest.approx(6 * tp.HOST_S_PER_LAYER * tp.EXECUTOR_OVERHEAD)
+    assert st.compute_s == pytest.approx(0.0248 * 1.035, rel=0.05)  # measured 24.8 ms a micro-step, raw
+
+
+def test_utilization_table_covers_the_catalog_and_matches_the_measured_kinds():
+    assert set(tp.UTILIZATION) == set(CATALOG)
+    assert all(0.05 < u < 0.8 for u in tp.UTILIZATION.values())
+    # measured H200 1.28B micro-step: 36.2% raw, so ~35% through the executor
+    assert tp.UTILIZATION["H200"] == pytest.approx(0.362 / 1.035, rel=0.08)
+    assert tp.UTILIZATION["H100"] < tp.UTILIZATION["H200"]  # less bandwidth for eager's traffic
+
+
+def test_offload_adds_time():
+    cfg = TrainConfig(BENCH_85M, micro_batch=16)
+    base = tp.step_time(cfg, H100)
+    opt = tp.step_time(cfg.with_(offload="optimizer"), H100)
+    params = tp.step_time(cfg.with_(offload="parameters"), H100)
+    n = param_count(BENCH_85M)
+    assert opt.offload_s == pytest.approx(8 * n / 25e9 + n * tp.CPU_ADAM_S_PER_PARAM)
+    assert base.offload_s == 0 and opt.optimizer_s == 0 < base.optimizer_s
+    assert base.seconds < opt.seconds < params.seconds
+
+
+def test_more_gpus_over_a_slow_network_pay_for_it():
+    big = ModelConfig.from_scale("1.3B", vocab_size=32000, seq_len=2048)
+    cfg = TrainConfig(big, micro_batch=4, world_size=16, sharding="ddp")
+    fast = tp.step_time(cfg, H100, network_gbps=400)
+    slow = tp.step_time(cfg, H100, network_gbps=10)
+    assert slow.comm_s > 10 * fast.comm_s
+    assert tp.link_gbs(H100, 8, None) == pytest.approx(450 * 0.8)
+    assert tp.link_gbs(H100, 16, None) == pytest.approx(100 / 8 * 0.8)  # hosts joined by the default network
+    assert tp.link_gbs(CATALOG["RTX3090"], 2, None) == pytest.approx(32 * 0.8)
+
+
+def test_generation_adds_memory_bound_sampling():
+    m = ModelConfig.from_scale("1.3B", vocab_size=32000, seq_len=512)
+    gen = GenerationConfig(prompts=2, group_size=8, prompt_tokens=128, completion_tokens=300)
+    plain = tp.step_time(TrainConfig(m, micro_batch=16), H100)
+    grpo = tp.step_time(TrainConfig(m, micro_batch=16, generation=gen), H100)
+    assert plain.generation_s == 0 and grpo.generation_s > 0
+    assert grpo.seconds == pytest.approx(plain.seconds + grpo.generation_s)
+    # each of the 300 decode steps reads the bf16 weights once at least
+    assert grpo.generation_s > 300 * param_count(m) * 2 / (H100.memory_bandwidth_gbs * 1e9)
+
+
+def test_lora_trains_faster_than_full_finetuning():
+    m = ModelConfig.from_scale("1.3B", vocab_size=32000, seq_len=1024)
+    full = TrainConfig(m, micro_batch=8)
+    lora = full.with_(lora=LoraConfig(rank=16, target_modules=("q_proj", "v_proj")))
+    assert tp.train_flops(lora) < 0.75 * tp.train_flops(full)
+    assert tp.step_time(lora, H100).seconds < tp.step_time(full, H100).seconds
+
+
+def test_eta_sums_the_stages_and_checks_the_timeline():
+    st = tp.step_time(TrainConfig(BENCH_85M, micro_batch=16), H200)
+    stages = [("pretrain", 1000, st), ("finetune", 500, st)]
+    result = tp.eta(stages, timeline_s=None)
+    assert result.total_s == pytest.approx(1500 * st.seconds)
+    assert result.per_stage == [("pretrain", tp.stage_seconds(1000, st)), ("finetune", 500 * st.seconds)]
+    assert result.meets is None
+    assert tp.eta(stages, timeline_s=1600 * st.seconds).meets is True
+    assert tp.eta(stages, timeline_s=1400 * st.seconds).meets is False
+
+
+def test_what_meets_says_the_speedup_gpus_and_token_share():
+    cfg = TrainConfig(BENCH_85M, micro_batch=16, grad_accum=8)
+    seconds = tp.step_time(cfg, H200).seconds * 1000
+    meets = tp.what_meets([("pretrain", 1000, cfg)], H200, seconds / 3.2)
+    assert meets.speedup == pytest.approx(3.2)
+    assert meets.token_fraction == pytest.approx(1 / 3.2)
+    assert meets.world_size == 4  # 8 micro-batches a step split over 4 GPUs; 3 does not divide them
+    faster = tp.what_meets([("pretrain", 1000, cfg)], H200, seconds * 2)
+    assert faster.speedup == pytest.approx(0.5) and faster.world_size == 1 and faster.token_fraction == 1
+    never = tp.what_meets([("pretrain", 1000, cfg)], H200, seconds / 100)
+    assert never.world_size is None  # no split of the 128-sequence batch is 100x faster
+    cpu = tp.what_meets([("q", 100, TrainConfig(QUICKSTART, micro_batch=16, precision="fp32"))], None,
+                        tp.step_time(TrainConfig(QUICKSTART, micro_batch=16, precision="fp32"), None,
+                                     cpu_cores=2).seconds * 50, cpu_cores=2)
+    assert cpu.speedup == pytest.approx(2) and cpu.cpu_cores == 4 and cpu.world_size is None
+
+
+def test_importing_the_model_does_not_import_torch():
+    code = "import sys, muse_plan.optimizer.throughput; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
