@@ -107,6 +107,9 @@ def fit_view(result: Any, stored: Any) -> Group:
         parts += [settings_line(result.chosen), stages_table(result.chosen)]
         if result.eta is not None:
             parts.append(eta_line(result.eta, result.spec.timeline))
+            unpriced = [s.name for s in result.chosen.stages if s.memory is None]
+            if unpriced:
+                parts.append(Text(f"not in the ETA: {', '.join(unpriced)} (not priced)", style="dim"))
         if result.meets is not None:
             parts.append(meets_line(result.meets, hw))
     for i, alt in enumerate(result.alternatives, 1):

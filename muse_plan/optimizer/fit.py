@@ -282,7 +282,9 @@ def _choices(spec: PlanSpec, hw: Hardware, free: set[str]) -> dict[str, list[Any
         "checkpointing": ["none", "selective", "full"],
         "sharding": ["ddp", "zero1", "zero2", "zero3"] if hw.processes > 1 else ["none"],
         "offload": ["none", "optimizer", "parameters"] if hw.gpu else ["none"],
-        "lora": [False, True] if any(s.kind in LORA_KINDS for s in spec.stages) else [False],
+        # the plan's LoRA stays; the optimizer may propose it only where a stage fine-tunes
+        "lora": [True] if spec.techniques.lora else
+                [False, True] if any(s.kind in LORA_KINDS for s in spec.stages) else [False],
     }
     return {k: (v if k in free else [getattr(base, k)]) for k, v in options.items()}
 
@@ -298,11 +300,7 @@ def _candidates(spec: PlanSpec, hw: Hardware, free: set[str]) -> Iterator[Settin
 def _open_fields(spec: PlanSpec) -> set[str]:
     t = spec.training
     free = {k for k, name in Settings.FIELDS.items() if getattr(t, name) is None}
-    if t.micro_batch is None:
-        free.add("micro_batch")
-    if spec.techniques.lora is None:
-        free.discard("lora")
-    return free - {"optimizer", "grad_accum"}
+    return free - {"optimizer", "grad_accum"}  # accumulation follows the micro-batch
 
 
 def search(spec: PlanSpec, hw: Hardware, free: set[str]) -> Candidate | None:
