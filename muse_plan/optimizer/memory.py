@@ -76,7 +76,6 @@ from engines.architecture.config import ModelConfig, param_count
 from muse_plan.optimizer import activations as act
 from muse_plan.optimizer.config import LoraConfig, TrainConfig
 
-GIB = 2**30
 FP32 = 4
 # measured on an H200 (PyTorch 2.11, CUDA 13): 767-771 MiB outside PyTorch's allocator after a
 # training step (context, cuBLAS/cuDNN handles and workspaces, loaded kernels)
@@ -253,8 +252,8 @@ def _step_buffers(cfg: TrainConfig, device: str, stepped_params: int) -> int:
 def _gradients_in_backward(cfg: TrainConfig, gradients: int) -> int:
     """Gradient bytes alive at the backward's start. With one micro-step a step, the
     executor's ``zero_grad(set_to_none=True)`` leaves no .grad: it is allocated layer by
-    layer while the activations are freed, so only the tied head's gradient (its
-    first, held until the embedding's is added) coexists with all the activations.
+    layer while the activations are freed, so only the tied head's gradient (computed
+    first, held until the embedding's is added to it) coexists with the activations.
     Accumulating micro-steps keep every .grad; sharded runs keep their buffers."""
     if cfg.grad_accum > 1 or cfg.lora is not None or cfg.sharding not in ("none", "ddp"):
         return gradients

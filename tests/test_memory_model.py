@@ -1,0 +1,420 @@
+"""The memory model against the real thing.
+
+The activation term is checked against what autograd really saves on the
+architecture engine's ``DecoderLM``: ``saved_tensors_hooks`` see every tensor an
+op saves for backward; we count unique storages (views and shared inputs once)
+and leave out the model's parameters and buffers (the ``weights`` term). What
+is compared, per checkpointing mode:
+- none: everything the forward saves;
+- selective / full: what the forward saves (the checkpoints' inputs, the
+  outputs their consumers save) plus the largest recomputed segment (one
+  SwiGLU hidden, one block), measured by running that segment's forward on the
+  input the checkpoint kept, under the same hooks and autocast; storages
+  already counted are not counted again.
+Under autocast, the compute-dtype copies of parameters that autocast's cache
+holds for the step are counted too (found by watching ``_to_copy`` of a
+parameter in a dispatch mode, alive at the end of the forward): autograd saves
+them without checkpointing and the cache holds them with it.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import weakref
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from engines.architecture.config import RESIDUAL_NAMES, ModelConfig, param_count
+from engines.architecture.model import DecoderLM
+from muse_plan.optimizer import memory
+from muse_plan.optimizer.activations import activation_bytes, activation_detail
+from muse_plan.optimizer.config import GenerationConfig, LoraConfig, TrainConfig
+
+SHAPES = {
+    "mha": dict(vocab_size=96, seq_len=32, n_layers=2, d_model=64, n_heads=4),
+    "gqa": dict(vocab_size=80, seq_len=24, n_layers=2, d_model=96, n_heads=6, n_kv_heads=2,
+                streams=3, sinkhorn_iters=5),
+}
+MICRO = 2
+
+
+# ---- measuring what autograd saves ------------------------------------------------------
+
+class _ParamCasts(TorchDispatchMode):
+    """Weak references to every cast of a parameter (autocast's cached weight copies)."""
+
+    def __init__(self, param_ptrs: set[int]) -> None:
+        super().__init__()
+        self.ptrs, self.casts = param_ptrs, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and args[0].untyped_storage().data_ptr() in self.ptrs:
+            self.casts.append(weakref.ref(out))
+        return out
+
+
+class _Storages:
+    """Unique storages seen, the model's own left out."""
+
+    def __init__(self, own: set[int]) -> None:
+        self.own, self.bytes = own, {}
+
+    def add(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.own:
+            self.bytes.setdefault(storage.data_ptr(), storage.nbytes())
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        self.add(t)
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+
+def _segments(model: DecoderLM) -> tuple[list, list]:
+    """Record each recomputed segment's function and the input its checkpoint kept."""
+    seen: list = []
+    if model.checkpointing == "full":
+        handles = [b.register_forward_pre_hook(lambda m, args: seen.append((m, args))) for b in model.blocks]
+    elif model.checkpointing == "selective":
+        handles = [b.mlp.register_forward_pre_hook(lambda m, args: seen.append((m.hidden, args)))
+                   for b in model.blocks]
+    else:
+        handles = []
+    return seen, handles
+
+
+def measured_activations(model: DecoderLM, micro: int, precision: str) -> int:
+    cfg = model.config
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    idx = torch.randint(0, cfg.vocab_size, (micro, cfg.seq_len))
+    targets = torch.randint(0, cfg.vocab_size, (micro, cfg.seq_len))
+    saved = _Storages(own)
+    segments, handles = _segments(model)
+    casts = _ParamCasts(own)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    with autocast:
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), casts:
+            _, loss = model(idx, targets)
+        for handle in handles:
+            handle.remove()
+        for ref in casts.casts:
+            if ref() is not None:
+                saved.add(ref())
+        forward = saved.total
+        recomputed = 0
+        for fn, args in segments:
+            segment = _Storages(own | set(saved.bytes))
+            with torch.autograd.graph.saved_tensors_hooks(segment.pack, lambda t: t):
+                fn(*args)
+            recomputed = max(recomputed, segment.total)
+    del loss
+    return forward + recomputed
+
+
+def _model(shape: str, residual: str, checkpointing: str) -> DecoderLM:
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(residual=residual, **SHAPES[shape]))
+    model.set_checkpointing(checkpointing)
+    return model
+
+
+# ---- activations: formula vs autograd --------------------------------------------------
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
+@pytest.mark.parametrize("residual", RESIDUAL_NAMES)
+def test_activation_formula_matches_what_autograd_saves(shape, precision, checkpointing, residual):
+    model = _model(shape, residual, checkpointing)
+    measured = measured_activations(model, MICRO, precision)
+    predicted = activation_bytes(model.config, MICRO, precision, checkpointing, device="cpu")
+    assert predicted == pytest.approx(measured, rel=0.05)
+
+
+def test_activation_detail_sums_and_scales_with_micro_batch():
+    cfg = ModelConfig(residual="mhc", **SHAPES["mha"])
+    detail = activation_detail(cfg, 2, "bf16", "none", device="cpu")
+    assert sum(detail.values()) == activation_bytes(cfg, 2, "bf16", "none", device="cpu")
+    assert {"tokens", "head", "norms", "attention", "mlp", "residual", "weight_casts"} <= set(detail)
+    # everything but the per-forward weight copies is per token
+    fixed = detail["weight_casts"]
+    once, twice = (activation_bytes(cfg, m, "bf16", "none", device="cpu") - fixed for m in (1, 2))
+    assert twice - once < once  # the φ copies are per forward, not per token
+    assert activation_bytes(cfg, 4, "bf16", "none", device="cpu") > activation_bytes(cfg, 2, "bf16", "none", device="cpu")
+
+
+def test_checkpointing_orders_activations():
+    cfg = ModelConfig.from_scale("125M", 32000, 1024)
+    none, selective, full = (activation_bytes(cfg, 4, "bf16", mode) for mode in ("none", "selective", "full"))
+    assert none > selective > full
+
+
+def test_cuda_differs_only_where_the_kernels_do():
+    cfg = ModelConfig(residual="mhc", **SHAPES["mha"])  # n = 4: the fused Sinkhorn saves only its logits
+    cpu = activation_detail(cfg, 2, "fp32", "none", device="cpu")
+    cuda = activation_detail(cfg, 2, "fp32", "none", device="cuda")
+    n, iters, tokens, layers = cfg.streams, cfg.sinkhorn_iters, 2 * cfg.seq_len, cfg.n_layers
+    loop = (2 * iters * (n * n + n) + n * n) * 4
+    fused = n * n * 4 + n * n * 4  # the op's saved logits, and H_res which mix_streams then saves
+    assert cpu["residual"] - cuda["residual"] == 2 * layers * tokens * (loop - fused)
+    wo_copy = cfg.d_model * 4  # CUDA's fp32 (memory-efficient) attention writes (B, T, H, hd): a view
+    philox = 16  # its saved RNG seed and offset
+    assert cpu["attention"] - cuda["attention"] == layers * (tokens * wo_copy - philox)
+
+
+def test_cuda_autocast_runs_norms_and_nll_in_fp32():
+    """Measured on an H200 (PyTorch 2.11): F.normalize's norm comes back fp32 and so does k;
+    log_softmax stays bf16 while nll_loss reads an fp32 copy."""
+    cfg = ModelConfig(residual="ddl", **SHAPES["mha"])
+    cpu = activation_detail(cfg, 2, "bf16", "none", device="cpu")
+    cuda = activation_detail(cfg, 2, "bf16", "none", device="cuda")
+    tokens, layers, C = 2 * cfg.seq_len, cfg.n_layers, cfg.d_model
+    assert cuda["head"] - cpu["head"] == tokens * cfg.vocab_size * 2
+    assert cuda["residual"] - cpu["residual"] == 2 * layers * tokens * (2 * C + 4)
+    assert cuda["attention"] - cpu["attention"] == layers * 16
+
+
+# ---- LoRA activations: a frozen base in the compute dtype with adapters -------------------
+
+class _LoraLinear(nn.Module):
+    """Frozen base + B(A x), the adapters in fp32 as the executor keeps trainable weights."""
+
+    def __init__(self, base: nn.Linear, rank: int) -> None:
+        super().__init__()
+        self.base = base
+        self.a = nn.Parameter(torch.randn(rank, base.in_features) * 0.02)
+        self.b = nn.Parameter(torch.randn(base.out_features, rank) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + F.linear(F.linear(x, self.a), self.b)
+
+
+def _lora_model(cfg: ModelConfig, lora: LoraConfig, precision: str, checkpointing: str) -> DecoderLM:
+    torch.manual_seed(0)
+    model = DecoderLM(cfg).to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    model.requires_grad_(False)
+    adapted = memory.lora_layers(cfg, lora)
+    for block in model.blocks[cfg.n_layers - adapted:]:
+        for target in lora.target_modules:
+            owner = block.attn if target in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp
+            name = memory.MODULE_NAMES[target]
+            setattr(owner, name, _LoraLinear(getattr(owner, name), lora.rank))
+    model.set_checkpointing(checkpointing)
+    return model
+
+
+LORAS = {
+    "qv-half": LoraConfig(rank=4, target_modules=("q_proj", "v_proj"), layers_fraction=0.5),
+    "all": LoraConfig(rank=8, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                               "up_proj", "down_proj")),
+}
+
+
+@pytest.mark.parametrize("lora", list(LORAS))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
+def test_lora_activations_match_autograd(lora, precision, checkpointing):
+    cfg = ModelConfig(n_layers=4, **{k: v for k, v in SHAPES["gqa"].items() if k != "n_layers"})
+    model = _lora_model(cfg, LORAS[lora], precision, checkpointing)
+    measured = measured_activations(model, MICRO, precision)
+    predicted = activation_bytes(cfg, MICRO, precision, checkpointing, device="cpu", lora=LORAS[lora])
+    assert predicted == pytest.approx(measured, rel=0.05)
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "full"])
+@pytest.mark.parametrize("residual", [r for r in RESIDUAL_NAMES if r != "standard"])
+def test_lora_activations_of_other_residuals_are_an_upper_bound(residual, checkpointing):
+    """Their connections are priced as in full training (fp32 stream, trainable gates)."""
+    cfg = ModelConfig(residual=residual, n_layers=4, **{k: v for k, v in SHAPES["mha"].items() if k != "n_layers"})
+    lora = LORAS["qv-half"]
+    measured = measured_activations(_lora_model(cfg, lora, "bf16", checkpointing), MICRO, "bf16")
+    predicted = activation_bytes(cfg, MICRO, "bf16", checkpointing, device="cpu", lora=lora)
+    assert measured <= predicted < 3.5 * measured
+
+
+# ---- weights, gradients, optimizer: exactly the real tensors ------------------------------
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("residual", RESIDUAL_NAMES)
+def test_weights_gradients_and_adamw_state_equal_the_real_tensors(residual):
+    cfg = ModelConfig(residual=residual, **SHAPES["gqa"])
+    torch.manual_seed(0)
+    model = DecoderLM(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    idx = torch.randint(0, cfg.vocab_size, (MICRO, cfg.seq_len))
+    _, loss = model(idx, idx)
+    loss.backward()
+    optimizer.step()
+    params = list(model.parameters())
+    # AdamW's per-tensor ``step`` counters are 0-dim host tensors: not counted (see memory.py)
+    moments = [v for state in optimizer.state.values() for k, v in state.items() if k != "step"]
+    # with accumulation every .grad is alive at the backward's peak (see the test below for one step)
+    cfg_train = TrainConfig(model=cfg, micro_batch=MICRO, grad_accum=2, precision="fp32")
+    estimate = memory.estimate(cfg_train, device="cpu")
+    assert estimate.weights == _tensor_bytes(params)
+    assert estimate.gradients == _tensor_bytes(p.grad for p in params)
+    assert estimate.optimizer == _tensor_bytes(moments)
+    assert sorted(memory.parameter_tensors(cfg)) == sorted(p.numel() for p in params)
+
+
+def test_breakdown_total_items_and_dict():
+    b = memory.MemoryBreakdown(1, 2, 3, 4, 5, 6, 7, host=100)
+    assert b.total == 28  # host is not on the device
+    assert [name for name, _ in b.items()] == ["weights", "gradients", "optimizer", "activations",
+                                               "transient", "generation", "overhead", "host"]
+    assert b.as_dict()["host"] == 100 and sum(b.as_dict().values()) == 128
+
+
+def test_cpu_has_no_overhead_and_cuda_does():
+    cfg = TrainConfig(model=ModelConfig(**SHAPES["mha"]), micro_batch=2)
+    assert memory.estimate(cfg, device="cpu").overhead == 0
+    assert memory.estimate(cfg, device="cuda").overhead >= memory.CUDA_CONTEXT_BYTES
+
+
+# ---- sharding, offload, 8-bit optimizer on hand values ------------------------------------
+
+SMALL = ModelConfig(vocab_size=1000, seq_len=16, n_layers=2, d_model=64, n_heads=4)
+P = param_count(SMALL)  # 2·(4·64² + 3·64·192 + 2·64) + 1000·64 + 64 = 170_816
+
+
+def _estimate(**kw) -> memory.MemoryBreakdown:
+    kw.setdefault("grad_accum", 2)  # gradients alive through the backward: the terms are whole
+    return memory.estimate(TrainConfig(model=SMALL, micro_batch=1, **kw), device="cuda")
+
+
+def test_hand_parameter_count():
+    assert P == 2 * (4 * 64 * 64 + 3 * 64 * 192 + 2 * 64) + 1000 * 64 + 64 == 170_816
+
+
+@pytest.mark.parametrize("sharding, weights, grads, optim", [
+    ("none", 4 * P, 4 * P, 8 * P),
+    ("zero1", 4 * P, 4 * P, 8 * P // 4),
+    ("zero2", 4 * P, 4 * P // 4, 8 * P // 4),
+    ("zero3", 4 * P // 4, 4 * P // 4, 8 * P // 4),
+    ("fsdp", 4 * P // 4, 4 * P // 4, 8 * P // 4),
+    ("ddp", 4 * P, 2 * 4 * P, 8 * P),  # the reducer's bucket copy of the gradients
+])
+def test_sharding_divides_what_it_should(sharding, weights, grads, optim):
+    b = _estimate(sharding=sharding, world_size=4)
+    assert (b.weights, b.gradients, b.optimizer) == (weights, grads, optim)
+
+
+def test_one_micro_step_overlaps_gradients_with_activations():
+    """set_to_none: .grad grows while activations are freed, so the peak is the larger of
+    the backward's start (activations, the tied head's gradient) and the optimizer step."""
+    cfg = TrainConfig(model=ModelConfig.from_scale("1.3B", 32000, 2048), micro_batch=2, precision="bf16")
+    one, accum = memory.estimate(cfg), memory.estimate(cfg.with_(grad_accum=2))
+    head_grad = 4 * 32000 * cfg.model.d_model
+    assert one.gradients == head_grad and accum.gradients == 4 * param_count(cfg.model)
+    assert accum.total - one.total == pytest.approx((accum.gradients - head_grad) * (1 + memory.FRAGMENTATION), rel=1e-6)
+    # few activations: the optimizer step is the peak (gradients + foreach AdamW's sqrt(v))
+    short = ModelConfig.from_scale("1.3B", 32000, 128)
+    step = memory.estimate(TrainConfig(model=short, micro_batch=1, checkpointing="full"))
+    assert step.activations + step.gradients + step.transient == 2 * 4 * param_count(short)
+
+
+def test_zero3_gathers_one_layer_in_transient():
+    layer = 4 * (4 * 64 * 64 + 3 * 64 * 192 + 2 * 64)
+    base = _estimate(sharding="zero2", world_size=4, optimizer="adamw_8bit")
+    gathered = _estimate(sharding="zero3", world_size=4, optimizer="adamw_8bit")
+    assert gathered.transient - base.transient == layer
+
+
+def test_offload_moves_bytes_to_host():
+    plain = _estimate()
+    opt = _estimate(offload="optimizer")
+    assert (opt.optimizer, opt.host, opt.weights) == (0, 8 * P, 4 * P)
+    params = _estimate(offload="parameters")
+    layer = 4 * (4 * 64 * 64 + 3 * 64 * 192 + 2 * 64)
+    assert (params.optimizer, params.weights, params.host) == (0, layer, 8 * P + 4 * P)
+    assert params.total < opt.total < plain.total
+
+
+def test_adamw_8bit_state():
+    b = _estimate(optimizer="adamw_8bit")
+    big = [n for n in memory.parameter_tensors(SMALL) if n >= 4096]
+    small = [n for n in memory.parameter_tensors(SMALL) if n < 4096]
+    expect = sum(2 * n + 2 * 4 * math.ceil(n / 256) + 2 * 4 * 256 for n in big) + 8 * sum(small)
+    assert b.optimizer == expect
+    big_model = TrainConfig(model=ModelConfig.from_scale("7B", 32000, 2048), optimizer="adamw_8bit")
+    per_param = memory.estimate(big_model).optimizer / param_count(big_model.model)
+    assert 2.0 < per_param < 2.05  # vs 8 for AdamW
+
+
+# ---- LoRA and QLoRA by hand ---------------------------------------------------------------
+
+def test_lora_counts_by_hand():
+    lora = LoraConfig(rank=8, target_modules=("q_proj", "v_proj"))
+    cfg = TrainConfig(model=SMALL, lora=lora)
+    # per layer: q (64→64) and v (64→64): 8·(64+64) each; 2 layers
+    assert memory.lora_param_count(cfg) == 2 * 2 * 8 * (64 + 64) == 4096
+    assert memory.trainable_param_count(cfg) == 4096
+    gqa = ModelConfig(vocab_size=1000, seq_len=16, n_layers=4, d_model=64, n_heads=4, n_kv_heads=2)
+    half = TrainConfig(model=gqa, lora=LoraConfig(rank=4, target_modules=("v_proj", "down_proj"),
+                                                  layers_fraction=0.5))
+    # v: 64 → 2·16 = 32; down: 192 → 64; the last 2 of 4 layers
+    assert memory.lora_param_count(half) == 2 * (4 * (64 + 32) + 4 * (192 + 64))
+    assert memory.trainable_param_count(TrainConfig(model=SMALL)) == P
+
+
+def test_lora_memory_terms():
+    lora = LoraConfig(rank=8, target_modules=("q_proj", "v_proj"))
+    b = _estimate(lora=lora, precision="bf16")
+    assert b.weights == 2 * P + 4 * 4096  # bf16 base, fp32 adapters
+    assert (b.gradients, b.optimizer) == (4 * 4096, 8 * 4096)
+
+
+def test_qlora_base_bytes():
+    b = _estimate(lora=LoraConfig(rank=8, target_modules=("q_proj",), quantize_base="4bit"), precision="bf16")
+    linear = 2 * (4 * 64 * 64 + 3 * 64 * 192)  # the blocks' projections in NF4
+    rest = P - linear  # embedding and norms stay bf16
+    nf4 = linear * (0.5 + 1 / 64 + 4 / (64 * 256))
+    assert b.weights == math.ceil(nf4) + 2 * rest + 4 * 2 * 8 * (64 + 64)
+
+
+def test_unknown_lora_target_is_refused():
+    with pytest.raises(ValueError, match="accepted: q_proj"):
+        memory.lora_param_count(TrainConfig(model=SMALL, lora=LoraConfig(target_modules=("qkv",))))
+
+
+# ---- generation -----------------------------------------------------------------------------
+
+def test_generation_kv_cache_by_hand():
+    gen = GenerationConfig(prompts=2, group_size=4, prompt_tokens=10, completion_tokens=20, reference_model=False)
+    b = _estimate(generation=gen, precision="bf16")
+    kv = 2 * 2 * 4 * 16 * (2 * 4) * (10 + 20) * 2  # k and v · layers · kv heads · head dim · seqs · tokens · bf16
+    logits = 2 * 4 * 1000 * (2 + 4)
+    assert b.generation == kv + logits == 170_880
+    with_ref = _estimate(generation=GenerationConfig(prompts=2, group_size=4, prompt_tokens=10,
+                                                     completion_tokens=20), precision="bf16")
+    assert with_ref.generation - b.generation == 2 * P
+
+
+def test_no_generation_without_sampling():
+    assert _estimate().generation == 0
+
+
+# ---- import stays light ---------------------------------------------------------------------
+
+def test_memory_model_imports_without_torch():
+    probe = ("import sys, muse_plan.optimizer.memory, muse_plan.optimizer.activations\n"
+             "print(','.join(m for m in ('torch', 'numpy') if m in sys.modules) or 'none')\n")
+    from conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "none"
