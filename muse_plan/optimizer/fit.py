@@ -303,14 +303,25 @@ def _open_fields(spec: PlanSpec) -> set[str]:
     return free - {"optimizer", "grad_accum"}  # accumulation follows the micro-batch
 
 
+TIE = 0.02  # candidates within 2% of the fastest count as equally fast
+
+
 def search(spec: PlanSpec, hw: Hardware, free: set[str]) -> Candidate | None:
-    """The fastest fitting candidate varying ``free`` settings; None when none fits."""
-    best: Candidate | None = None
-    for settings in _candidates(spec, hw, free):
-        cand = price(spec, settings, hw)
-        if cand.fits and (best is None or cand.seconds < best.seconds * (1 - 1e-9)):
-            best = cand
-    return best
+    """The fastest fitting candidate varying ``free`` settings; None when none fits.
+
+    The throughput model resolves time to about 10%, so candidates within 2% of
+    the fastest are ties; a tie goes to the largest micro-batch (fewer
+    micro-steps: less launch, accumulation and optimizer overhead per token
+    than the model sees, and the memory the user paid for put to work), then
+    to the one that changes least.
+    """
+    fitting = [c for c in (price(spec, s, hw) for s in _candidates(spec, hw, free)) if c.fits]
+    if not fitting:
+        return None
+    fastest = min(c.seconds for c in fitting)
+    base = written_settings(spec, hw)
+    ties = [c for c in fitting if c.seconds <= fastest * (1 + TIE)]
+    return max(ties, key=lambda c: (c.settings.micro_batch, -len(_changes(base, c.settings)), -c.seconds))
 
 
 ALL_FIELDS = {"precision", "micro_batch", "checkpointing", "sharding", "offload", "lora"}
