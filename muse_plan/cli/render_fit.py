@@ -43,6 +43,10 @@ def memory_table(stage: Any, limit: int, capacity: int, title: str) -> Table:
                   Text(f"of {_gib(limit)} GiB usable ({_gib(capacity)} GiB, 10% kept free)", style="dim"))
     if stage.memory.host:
         table.add_row("host RAM (offloaded)", _gib(stage.memory.host), "")
+    if stage.memory.gradients * 2 < stage.memory.weights and stage.config and not stage.config.lora:
+        table.caption = ("gradients: what is alive when backward starts; the rest grow as activations "
+                         "are freed and count in transient")
+        table.caption_justify = "left"
     return table
 
 
