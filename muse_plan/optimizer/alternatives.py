@@ -76,20 +76,39 @@ def qlora(spec: PlanSpec, hw: fitting.Hardware) -> fitting.Alternative | None:
         alt, hw, result)
 
 
-def largest_from_scratch(spec: PlanSpec, hw: fitting.Hardware) -> fitting.Alternative | None:
-    target = spec.model.approx_params()
-    for scale in fitting.largest_standard_scale(target):
-        tokens = CHINCHILLA_TOKENS_PER_PARAM * scale
-        alt = _variant(spec, f"{format_count(scale).lower()}-scratch", model=_model(spec, scale),
-                       techniques=_without(spec, "growth"),
-                       stages=[{"name": "pretrain", "kind": "pretrain", "tokens": format_count(tokens)}])
-        result = _fits(alt, hw)
-        if result is not None:
-            return fitting.Alternative(
-                f"the largest model trainable from scratch here: {format_count(scale)}",
-                f"pretrain {format_count(scale)} parameters on {format_count(tokens)} tokens "
-                f"(20 per parameter): {_when(result)}", alt, hw, result)
-    return None
+def _from_scratch(spec: PlanSpec, hw: fitting.Hardware, scale: int) -> tuple[PlanSpec, fitting.FitResult | None]:
+    tokens = CHINCHILLA_TOKENS_PER_PARAM * scale
+    alt = _variant(spec, f"{format_count(scale).lower()}-scratch", model=_model(spec, scale),
+                   techniques=_without(spec, "growth"),
+                   stages=[{"name": "pretrain", "kind": "pretrain", "tokens": format_count(tokens)}])
+    return alt, _fits(alt, hw)
+
+
+def _scratch_alternative(title: str, scale: int, alt: PlanSpec, hw: fitting.Hardware,
+                         result: fitting.FitResult) -> fitting.Alternative:
+    tokens = CHINCHILLA_TOKENS_PER_PARAM * scale
+    return fitting.Alternative(title, f"pretrain {format_count(scale)} parameters on {format_count(tokens)} "
+                               f"tokens (20 per parameter): {_when(result)}", alt, hw, result)
+
+
+def largest_from_scratch(spec: PlanSpec, hw: fitting.Hardware) -> list[fitting.Alternative]:
+    """The largest model that fits here; and, when its run misses the plan's
+    timeline, the largest whose compute-optimal run meets it."""
+    found: list[fitting.Alternative] = []
+    for scale in fitting.largest_standard_scale(spec.model.approx_params()):
+        alt, result = _from_scratch(spec, hw, scale)
+        if result is None:
+            continue
+        if not found:
+            found.append(_scratch_alternative(
+                f"the largest model trainable from scratch here: {format_count(scale)}", scale, alt, hw, result))
+        if result.eta is None or result.eta.meets is not False:
+            if found[0].spec is not alt:
+                found.append(_scratch_alternative(
+                    f"the largest model trained compute-optimally within {spec.timeline}: {format_count(scale)}",
+                    scale, alt, hw, result))
+            break
+    return found
 
 
 def growth_path(spec: PlanSpec, hw: fitting.Hardware, largest: fitting.Alternative | None) -> fitting.Alternative | None:
@@ -152,6 +171,7 @@ def larger_gpus(spec: PlanSpec, hw: fitting.Hardware) -> fitting.Alternative | N
 
 
 def propose(spec: PlanSpec, hw: fitting.Hardware) -> list[fitting.Alternative]:
-    largest = largest_from_scratch(spec, hw)
-    found = [qlora(spec, hw), largest, growth_path(spec, hw, largest), more_gpus(spec, hw), larger_gpus(spec, hw)]
+    scratch = largest_from_scratch(spec, hw)
+    largest = scratch[0] if scratch else None
+    found = [qlora(spec, hw), *scratch, growth_path(spec, hw, largest), more_gpus(spec, hw), larger_gpus(spec, hw)]
     return [a for a in found if a is not None]
