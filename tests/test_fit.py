@@ -66,6 +66,8 @@ def test_the_10b_plan_on_one_8gb_card_does_not_fit_and_each_alternative_does() -
     result = fitting.fit(spec, hw)
     assert result.verdict == "does_not_fit" and result.chosen is None
     assert len(result.alternatives) >= 2
+    within = [a for a in result.alternatives if "within 7days" in a.title]
+    assert within and within[0].result.eta.meets  # the largest model the week can train
     for alt in result.alternatives:  # each passes its own fit check, from scratch
         again = fitting.fit(alt.spec, alt.hardware, alternatives=False)
         assert again.verdict in ("fits", "fits_with_changes"), alt.title
