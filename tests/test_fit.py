@@ -131,3 +131,13 @@ def test_run_refuses_a_plan_that_cannot_fit_this_machine(cli, tmp_path) -> None:
     assert "does not fit" in result.output and "muse plan optimize huge" in result.output
     assert "--force" in result.output
     assert cli("run", "list", "--json").output.strip() == "[]"
+
+
+@pytest.mark.parametrize("gpu, count", [("RTX3080", 1), ("A100", 1), ("H100", 2), ("H200", 2), ("T4", 4)])
+def test_the_quick_no_never_hides_a_fitting_candidate(gpu: str, count: int) -> None:
+    spec = bundled("muse-10b-japanese")
+    hw = fitting.hardware_for(spec, gpu=gpu, count=count, host=HOST)
+    models = [fitting.stage_model(spec, s) for s in spec.stages]
+    exhaustive = any(fitting.price(spec, s, hw, models).fits
+                     for s in fitting._candidates(spec, hw, fitting.ALL_FIELDS))
+    assert fitting._could_fit(spec, hw, fitting.ALL_FIELDS, models) == exhaustive

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 from engines.architecture.config import ModelConfig
@@ -225,12 +225,12 @@ def stage_steps(spec: PlanSpec, stage: StageSpec, batch: int, seq_len: int) -> i
     return 0
 
 
-def price(spec: PlanSpec, s: Settings, hw: Hardware) -> Candidate:
+def price(spec: PlanSpec, s: Settings, hw: Hardware, models: list[ModelConfig] | None = None) -> Candidate:
     """Every stage of ``spec`` under settings ``s`` on ``hw``: memory and time."""
     batch = global_batch(spec, hw)
     stages = []
-    for stage in spec.stages:
-        model = stage_model(spec, stage)
+    models = models or [stage_model(spec, stage) for stage in spec.stages]
+    for stage, model in zip(spec.stages, models):
         steps = stage_steps(spec, stage, batch, model.seq_len)
         if stage.kind in NOT_PRICED:
             stages.append(StageFit(stage.name, stage.kind, steps, None, None, None, NOT_PRICED[stage.kind]))
@@ -315,13 +315,33 @@ def search(spec: PlanSpec, hw: Hardware, free: set[str]) -> Candidate | None:
     than the model sees, and the memory the user paid for put to work), then
     to the one that changes least.
     """
-    fitting = [c for c in (price(spec, s, hw) for s in _candidates(spec, hw, free)) if c.fits]
+    models = [stage_model(spec, stage) for stage in spec.stages]
+    if not _could_fit(spec, hw, free, models):
+        return None
+    fitting = [c for c in (price(spec, s, hw, models) for s in _candidates(spec, hw, free)) if c.fits]
     if not fitting:
         return None
     fastest = min(c.seconds for c in fitting)
     base = written_settings(spec, hw)
     ties = [c for c in fitting if c.seconds <= fastest * (1 + TIE)]
     return max(ties, key=lambda c: (c.settings.micro_batch, -len(_changes(base, c.settings)), -c.seconds))
+
+
+def _could_fit(spec: PlanSpec, hw: Hardware, free: set[str], models: list[ModelConfig]) -> bool:
+    """Whether the most frugal choice of each free setting fits: when it does
+    not, nothing in the search space does (a quick no for hardware far too small).
+    Precision and offload are not monotone in memory (autocast keeps bf16 weight
+    copies; offload trades device memory for host RAM), so each is tried."""
+    choices = _choices(spec, hw, free)
+    micro = min(choices["micro_batch"])
+    frugal = Settings(
+        precision=choices["precision"][0], micro_batch=micro,
+        grad_accum=max(1, global_batch(spec, hw) // hw.processes // micro),
+        checkpointing="full" if "full" in choices["checkpointing"] else choices["checkpointing"][0],
+        sharding=choices["sharding"][-1], offload=choices["offload"][0],
+        optimizer=written_settings(spec, hw).optimizer, lora=choices["lora"][-1])
+    return any(price(spec, replace(frugal, precision=p, offload=o), hw, models).fits
+               for p in choices["precision"] for o in choices["offload"])
 
 
 ALL_FIELDS = {"precision", "micro_batch", "checkpointing", "sharding", "offload", "lora"}
