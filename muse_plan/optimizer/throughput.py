@@ -28,33 +28,46 @@ on a GPU without it: fp32's). ``UTILIZATION`` lists the resulting eager MFU
 per catalog kind for a 1.3B shape (H200 0.34, H100 0.27, A100 0.39 ...).
 The optimizer step adds OPTIMIZER_BYTES_PER_PARAM over memory bandwidth.
 
-Calibration. "H200 rows": a raw eager loop like the executor's (autocast
-bf16, AdamW in its two groups, clipping, random tokens), one H200, torch 2.11,
-2026-11, timed for this module (CUDA events, mean of 10 steps after 3
-warm-ups; a scratch script, not in scripts/). Micro-step MFU (datasheet 989):
+Calibration. "H200 rows": ``scripts/bench_throughput.py``, results and
+command in docs/bench_throughput.md: a raw eager loop like the executor's
+(autocast bf16, AdamW in its two groups, clipping, random tokens), one H200,
+torch 2.11, CUDA events, mean of 10 steps after 3 warm-ups, each row beside
+``step_time``'s prediction (measured/predicted 0.94-1.08 from 85M to 1.28B).
+The constants were fitted to a first run of the same measurements (2026-11, a
+scratch script that the bench replaces) with micro-step MFU (datasheet 989):
 85M (12x768, V 260) 17.4%, 110M (12x768) 19.0%, 336M (24x1024) 24.9%, 729M
-(24x1536) 30.9%, 1.28B (24x2048) 36.2%, 2.6B (32x2560) 37.0% (V 32000).
+(24x1536) 30.9%, 1.28B (24x2048) 36.2%, 2.6B (32x2560) 37.0% (V 32000); the
+bench's run (2026-11-22; no 2.6B row) gives 17.4, 20.9, 24.6, 30.4, 35.6%,
+and every constant below that it re-derives within 11% of its value here.
 - MATMUL_EFFICIENCY 0.80: measured, bf16 8192³ matmul at 784-795 TFLOP/s on
-  the H200 (989 datasheet); 742-798 on H100s (docs/bench_architecture.md).
+  the H200 (989 datasheet; 781 in the bench's run); 742-798 on H100s
+  (docs/bench_architecture.md).
 - EAGER_TRAFFIC 1420 B per layer·d_model·token: fitted (relative least squares,
   the efficiency fixed) to the six H200 micro-steps and the H100 350M eager
   step of docs/bench_architecture.md. The fit's errors: 85M -3%, 110M -10%,
   336M -1%, 729M +2%, 1.28B +4%, 2.6B -4%, H100 350M +10% (slower than seen).
+  The bench's refit over its five micro-steps: 1476 (+4%).
   On kinds not measured (all but H100/H200) the table is this extrapolation.
 - EXECUTOR_OVERHEAD 1.035: measured, the executor's step at the 85M plan of
   docs/bench_multi_gpu.md (micro 16 x accumulation 2, 125.3 ms, 261,566 tok/s)
   over the raw loop's (2 x 59.5 ms micro-steps + 2.0 ms optimizer). The model
   predicts 270,000 tok/s there (+3%) and 493,000 on 2 GPUs (measured 478,214).
+  The bench recomputes it from its own 85M rows: 1.032.
 - HOST_S_PER_LAYER 4.15 ms: measured; the H200 runs of 4x128, 6x256 and 8x512
   decoders took 4.24, 4.14 and 4.10 ms a layer a step whatever their FLOPs,
-  i.e. eager small models are bound by Python/launch time on that host.
+  i.e. eager small models are bound by Python/launch time on that host. The
+  bench's micro-steps: 4.04, 3.59 and 3.51 ms a layer (mean 3.72, -10%; the
+  host's speed varies between machines of one kind).
 - OPTIMIZER_BYTES_PER_PARAM 120: clipping plus foreach AdamW (the executor's)
   make ~12 passes over fp32 tensors; fitted to the H200 rows' optimizer timings
-  (2.0 ms at 85M from accumulation 1/2/4; 34 ms at 1.28B, 69 ms at 2.6B).
+  (2.0 ms at 85M from accumulation 1/2/4; 34 ms at 1.28B, 69 ms at 2.6B). The
+  bench times clip + AdamW alone: 9.1, 19.1 and 32.8 ms at 336M, 729M and
+  1.28B, i.e. 126 B a parameter (+5%).
 - RESIDUAL_SLOWDOWN (GPU, eager, step time vs standard): measured on an H100 at
   350M (docs/bench_architecture.md): mhc 2.835, ddl 1.581, mgt 3.577; hc 2.0 is
   assumed (mhc less Sinkhorn; the CPU ratio hc/mhc = 0.73 supports it). At 85M
-  on the H200 mhc measured 3.29x and ddl 1.64x: the penalty grows at small d.
+  on the H200 mhc measured 3.29x and ddl 1.64x in the first (scratch) run; the
+  bench does not time residual modes. The penalty grows at small d.
 - CPU: CPU_RESIDUAL_SLOWDOWN measured on this project's 2-core machine (the
   quickstart shape, DecoderLM steps timed directly: standard 21,996 tok/s, hc
   12,797, mhc 9,302, ddl 19,590, mgt 7,358). CPU_FLOPS_PER_CORE (effective, the
