@@ -185,3 +185,25 @@ def optimize(store: Store, ref: str, *, gpu_type: str | None = None, available_g
         plan = repo.get_plan(session, ref)
         revision = repo.add_revision(session, plan, fitted, "optimizer", reason)
     return Optimized(plan, result, Stored(plan, revision, fitted))
+
+
+def set_alerts(store: Store, ref: str, text: str) -> Stored | None:
+    """``--alert-thresholds``: parse and validate, store with the plan (a revision
+    by the user) when they differ from what the plan holds; None when unchanged."""
+    from muse_plan.monitor.alerts import parse_thresholds
+
+    try:
+        thresholds = parse_thresholds(text)
+    except ValueError as exc:
+        raise PlanError(f"--alert-thresholds: {exc}") from None
+    with store.write() as session:
+        plan = repo.get_plan(session, ref)
+        spec = repo.spec_of(repo.get_revision(session, plan))
+        if spec.alerts == {**spec.alerts, **thresholds}:
+            return None
+        data = io.spec_to_dict(spec)
+        data["alerts"] = {**spec.alerts, **thresholds}
+        new = io.spec_from_dict(data, "plan with alert thresholds")
+        shown = ",".join(f"{k}:{v:g}" for k, v in thresholds.items())
+        revision = repo.add_revision(session, plan, new, "user", f"alert thresholds {shown}")
+        return Stored(plan, revision, new)

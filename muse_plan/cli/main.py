@@ -52,11 +52,13 @@ def main(
 
 
 def _register() -> None:
-    from muse_plan.cli import hardware, plan, run
+    from muse_plan.cli import hardware, monitor, plan, report, run
 
     app.add_typer(plan.app, name="plan")
     app.add_typer(run.app, name="run")
     app.command("hardware")(hardware.hardware)
+    app.command("monitor")(monitor.monitor)
+    app.command("report")(report.report)
 
 
 _register()

@@ -239,11 +239,16 @@ def run_(
         "--num-processes", min=1, help="GPUs to use, through accelerate launch.")] = 1,
     force: Annotated[bool, typer.Option(
         "--force", help="Run even when the optimizer predicts it does not fit.")] = False,
+    alert_thresholds: Annotated[Optional[str], typer.Option(
+        help="Alert rules stored with the plan, like gradient_norm:10,memory_usage:90,loss_spike:3.")] = None,
+    inject: Annotated[Optional[str], typer.Option(
+        help="Faults on purpose, like nan@120,oom@200,grad_spike@300 (also MUSE_INJECT).")] = None,
 ) -> None:
     """Fit the plan to this machine, then run its stages (or resume its last run)."""
     from muse_plan.cli.run import execute
 
-    execute(ctx, plan, resume=resume, num_processes=num_processes, force=force)
+    execute(ctx, plan, resume=resume, num_processes=num_processes, force=force, inject=inject,
+            alert_thresholds=alert_thresholds)
 
 
 @app.command()

@@ -40,6 +40,11 @@ class ProgressView:
         if not self.started:
             self.progress.start()
             self.started = True
+        same = [t for t in self.progress.tasks if t.description == name]
+        if same:  # the stage resumed after a recovery: the same bar goes back to its checkpoint
+            self.task = same[-1].id
+            self.progress.update(self.task, total=total_steps, completed=start_step)
+            return
         self.task = self.progress.add_task(name, total=total_steps, completed=start_step,
                                            loss="-", val="-", rate="-")
 

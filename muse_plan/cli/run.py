@@ -15,21 +15,36 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")
 
 
 def execute(ctx: typer.Context, plan_ref: str, *, resume: bool, run_ref: str | None = None,
-            num_processes: int = 1, force: bool = False) -> None:
+            num_processes: int = 1, force: bool = False, inject: str | None = None,
+            alert_thresholds: str | None = None) -> None:
     """Run or resume a plan here, or on N GPUs through ``accelerate launch``."""
     from muse_plan.executor import launch
 
     db_url = ctx.find_root().obj.get("db_url")
+    if inject:
+        from muse_plan.errors import PlanError
+        from muse_plan.executor.loop import Injector
+
+        try:
+            Injector(inject)
+        except ValueError as exc:
+            raise PlanError(str(exc)) from None
+    if alert_thresholds and not launch.launched():
+        from muse_plan import api
+
+        stored = api.set_alerts(store(ctx), plan_ref, alert_thresholds)
+        if stored is not None:
+            console.print(f"alert thresholds stored as revision {stored.revision.number}")
     if num_processes > 1 and not launch.launched():
         args = (["--db", db_url] if db_url else []) + (
             ["run", "resume", run_ref] if run_ref else
             ["plan", "run", plan_ref, *(["--resume"] if resume else []), *(["--force"] if force else [])])
-        raise typer.Exit(launch.relaunch(num_processes, args))
+        raise typer.Exit(launch.relaunch(num_processes, args, {"MUSE_INJECT": inject} if inject else None))
     from muse_plan.cli.progress import ProgressView
     from muse_plan.executor.runner import run_plan
 
     with ProgressView(console) as view:
-        result = run_plan(db_url, plan_ref, resume=resume, run_ref=run_ref, view=view, force=force)
+        result = run_plan(db_url, plan_ref, resume=resume, run_ref=run_ref, view=view, force=force, inject=inject)
     if result.main:
         _report(result)
 

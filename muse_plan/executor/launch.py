@@ -31,9 +31,10 @@ def command(num_processes: int, muse_args: list[str]) -> list[str]:
     ]
 
 
-def relaunch(num_processes: int, muse_args: list[str]) -> int:
-    """Run ``muse <muse_args>`` on ``num_processes`` GPUs; returns its exit code."""
+def relaunch(num_processes: int, muse_args: list[str], env: dict[str, str] | None = None) -> int:
+    """Run ``muse <muse_args>`` on ``num_processes`` GPUs (``env`` added to the
+    workers' environment, e.g. MUSE_INJECT); returns its exit code."""
     gpus = gpu_count()
     if num_processes > gpus:
         raise PlanError(f"--num-processes {num_processes} needs as many GPUs; this machine has {gpus}")
-    return subprocess.call(command(num_processes, muse_args))
+    return subprocess.call(command(num_processes, muse_args), env={**os.environ, **(env or {})})

@@ -59,6 +59,46 @@ class OutOfMemory(Fault):
     pass
 
 
+class GradientExplosion(Fault):
+    pass
+
+
+FAULTS: dict[str, type[Fault]] = {"nan": NonFiniteLoss, "oom": OutOfMemory, "grad_explosion": GradientExplosion}
+
+
+class Injector:
+    """Faults on purpose (``--inject nan@120,oom@200,grad_spike@300``), through the
+    real code paths: a poisoned loss, the real out-of-memory error type, a loss
+    scaled 10⁴× (its gradients explode). Each fires once per run, so a resumed
+    stage does not meet it again."""
+
+    KINDS = ("nan", "oom", "grad_spike")
+
+    def __init__(self, spec: str | None = None) -> None:
+        self.pending: set[tuple[str, int]] = set()
+        for part in (p.strip() for p in (spec or "").split(",") if p.strip()):
+            kind, _, at = part.partition("@")
+            if kind not in self.KINDS or not at.strip().isdigit() or int(at) < 1:
+                raise ValueError(f"--inject {part!r}: write KIND@STEP with KIND one of {', '.join(self.KINDS)}, "
+                                 "like nan@120,oom@200")
+            self.pending.add((kind, int(at)))
+
+    def _fire(self, kind: str, step: int) -> bool:
+        if (kind, step) in self.pending:
+            self.pending.discard((kind, step))
+            return True
+        return False
+
+    def before_step(self, step: int) -> None:
+        if self._fire("oom", step):
+            raise torch.cuda.OutOfMemoryError(f"injected out-of-memory at step {step}")
+
+    def loss_factor(self, step: int) -> float:
+        if self._fire("nan", step):
+            return float("nan")
+        return 1e4 if self._fire("grad_spike", step) else 1.0
+
+
 @dataclass(frozen=True)
 class StepRecord:
     step: int  # 1-based: optimizer steps done
@@ -81,6 +121,8 @@ class Hooks(Protocol):
 
     def on_checkpoint(self, step: int, path: Path) -> None: ...
 
+    def on_alerts(self, findings: list[Any]) -> None: ...
+
 
 def make_optimizer(model: torch.nn.Module, s: StageSettings) -> torch.optim.Optimizer:
     """AdamW; matrices decay, vectors and scalars (norms, gates, biases) don't."""
@@ -100,7 +142,9 @@ def memory_gib(device: torch.device) -> float:
 
 def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir: Path,
                 meta: dict[str, Any], hooks: Hooks | None,
-                start: checkpoint.Loaded | None = None, lag: bool | None = None) -> dict[str, float]:
+                start: checkpoint.Loaded | None = None, lag: bool | None = None,
+                watch: Any = None, injector: Injector | None = None,
+                skip_until: int | None = None) -> dict[str, float]:
     """Run ``s.steps`` optimizer steps (from ``start``'s step when resuming).
 
     ``trainer.setup`` has run and the weights to start from are loaded.
@@ -118,6 +162,14 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
         trainer.load_state_dict(start.state["engine"])
         checkpoint.set_rng_state(start.state["rng"])
         step = start.step
+        # the plan's lr is authoritative (a recovery rewrite may have changed it)
+        scheduler.base_lrs = [s.lr for _ in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = s.lr * lr_factor(step, s)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    if skip_until is not None:  # leave out the data that led to a NaN
+        for _ in range(max(0, skip_until - step) * s.grad_accum):
+            trainer.next_batch()
     if main and hooks:
         hooks.on_start(step)
     clip = s.clip_grad_norm if s.clip_grad_norm is not None else math.inf
@@ -130,7 +182,7 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
     while step < s.steps:
         started = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
-        loss, tokens = _accumulate(trainer, model, accelerator, s, step + 1)
+        loss, tokens = _accumulate(trainer, model, accelerator, s, step + 1, injector)
         loss = accelerator.reduce(loss, "mean")
         if not lag:
             _check_finite(loss, step + 1)  # before the optimizer touches the weights
@@ -142,9 +194,9 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
         current = _Pending(step, loss, grad_norm, lr, tokens * accelerator.num_processes, started)
         due = step % s.eval_every == 0 or step % s.checkpoint_every == 0 or step == s.steps
         if pending:  # the previous step ran from its launch to this one's
-            _report(pending, started, accelerator, hooks if main else None, result)
+            _report(pending, started, accelerator, hooks if main else None, result, watch)
         if not lag or due:
-            _report(current, None, accelerator, hooks if main else None, result)
+            _report(current, None, accelerator, hooks if main else None, result, watch)
         pending = current if lag and not due else None
         if step % s.eval_every == 0 or step == s.steps:
             with accelerator.autocast():
@@ -176,30 +228,44 @@ def _check_finite(loss: torch.Tensor, step: int) -> None:
 
 
 def _report(p: _Pending, ended: float | None, accelerator: Any, hooks: Hooks | None,
-            result: dict[str, float]) -> None:
-    """Read a step's numbers (a host sync), check them, hand them to the hooks.
+            result: dict[str, float], watch: Any = None) -> None:
+    """Read a step's numbers (a host sync), check them, hand them to the hooks;
+    the detectors' faults stop the stage on every process alike.
 
     ``ended``: when the next step's launch began; None: now, after the sync.
     """
     _check_finite(p.loss, p.step)
     result["loss"] = loss = p.loss.item()
+    seconds = (ended if ended is not None else time.perf_counter()) - p.started
+    record = StepRecord(p.step, loss, float(p.grad_norm), p.lr, p.tokens, p.tokens / max(seconds, 1e-9),
+                        memory_gib(accelerator.device))
     if hooks:
-        seconds = (ended if ended is not None else time.perf_counter()) - p.started
-        hooks.on_step(StepRecord(p.step, loss, float(p.grad_norm), p.lr, p.tokens,
-                                 p.tokens / max(seconds, 1e-9), memory_gib(accelerator.device)))
+        hooks.on_step(record)
+    if watch is not None:
+        found = watch.fault(record)
+        if found is not None:
+            raise FAULTS[found.kind](found.message, found.step, found.value)
+        alerts = watch.alert(record)
+        if alerts and hooks:
+            hooks.on_alerts(alerts)
 
 
 def _accumulate(trainer: Trainer, model: torch.nn.Module, accelerator: Any, s: StageSettings,
-                step: int) -> tuple[torch.Tensor, int]:
+                step: int, injector: Injector | None = None) -> tuple[torch.Tensor, int]:
     """Forward and backward over ``grad_accum`` micro-batches; mean loss, tokens."""
     total = torch.zeros((), device=accelerator.device)
     tokens = 0
+    factor = injector.loss_factor(step) if injector else 1.0
     try:
+        if injector:
+            injector.before_step(step)
         for i in range(s.grad_accum):
             batch = trainer.next_batch()
             sync = i == s.grad_accum - 1
             with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
                 out = trainer.micro_step(batch)
+                if factor != 1.0:
+                    out.loss = out.loss * factor
                 accelerator.backward(out.loss / s.grad_accum)
             total += out.loss.detach().float()
             tokens += out.tokens

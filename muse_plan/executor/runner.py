@@ -34,7 +34,9 @@ import torch
 from engines.contract import StageSetup, available, make_trainer
 from muse_plan.errors import Conflict, MuseError, NotFound, PlanError, RunFailed
 from muse_plan.executor import checkpoint
-from muse_plan.executor.loop import Fault, StepRecord, train_stage
+from muse_plan.executor.loop import Fault, Injector, StepRecord, train_stage
+from muse_plan.monitor.detectors import Watch
+from muse_plan.recovery.handler import Budget, recover
 from muse_plan.executor.settings import StageSettings, resolve
 from muse_plan.plan.io import spec_from_dict, spec_to_dict
 from muse_plan.plan.spec import PlanSpec
@@ -93,7 +95,7 @@ class Prepared:
 
 
 def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref: str | None = None,
-             view: View | None = None, force: bool = False) -> RunResult:
+             view: View | None = None, force: bool = False, inject: str | None = None) -> RunResult:
     """Run (or resume) a plan on this process and any launched with it."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import broadcast_object_list
@@ -117,10 +119,22 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
     accelerator = Accelerator(mixed_precision=MIXED_PRECISION[first.precision], cpu=not cuda)
     result = RunResult(prepared.run_id, prepared.plan, prepared.revision, prepared.resume,
                        main=state.is_main_process, processes=state.num_processes)
+    injector = Injector(inject or os.environ.get("MUSE_INJECT"))
     try:
         for position in range(prepared.start, len(spec.stages)):
             resuming = prepared.resume and position == prepared.start
-            result.stages.append(_run_stage(store, accelerator, spec, prepared, position, resuming, view))
+            budget, skip_until = Budget(), None
+            while True:
+                try:
+                    result.stages.append(_run_stage(store, accelerator, spec, prepared, position, resuming, view,
+                                                    injector, skip_until))
+                    break
+                except Fault as fault:
+                    spec, skip = recover(store, prepared.run_id, prepared.stage_run_ids[position], prepared.plan,
+                                         spec, position, fault, budget, accelerator.num_processes,
+                                         view.message if view and store is not None else None)
+                    prepared.revision += 1
+                    resuming, skip_until = True, fault.step if skip else None
     except BaseException as exc:
         if store is not None:
             _mark_stopped(store, prepared, exc)
@@ -129,6 +143,7 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
                 f"run {prepared.run_id} stopped: {exc}; resume with: muse plan run {prepared.plan} --resume"
             ) from exc
         raise
+    result.revision = prepared.revision
     if store is not None:
         with store.write() as session:
             run = session.get(Run, prepared.run_id)
@@ -242,7 +257,8 @@ def _seed(seed: int) -> None:
 
 
 def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: Prepared, position: int,
-               resuming: bool, view: View | None) -> StageResult:
+               resuming: bool, view: View | None, injector: Injector | None = None,
+               skip_until: int | None = None) -> StageResult:
     stage = spec.stages[position]
     s = resolve(spec, stage, world_size=accelerator.num_processes, cuda=accelerator.device.type == "cuda",
                 bf16=_bf16(accelerator.device.type == "cuda"))
@@ -273,7 +289,9 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         if view:
             view.stage_started(stage.name, s.steps, start.step if start else 0)
     t0 = time.perf_counter()
-    metrics = train_stage(trainer, s, accelerator, run_dir / stage.name, meta, hooks, start)
+    watch = Watch(spec.alerts, _capacity_gib(accelerator))
+    metrics = train_stage(trainer, s, accelerator, run_dir / stage.name, meta, hooks, start, watch=watch,
+                          injector=injector, skip_until=skip_until)
     if store is not None:
         summary = trainer.summary()
         metrics.update(summary)
@@ -281,6 +299,14 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         if view:
             view.stage_finished(stage.name)
     return StageResult(stage.name, s.steps, metrics, time.perf_counter() - t0)
+
+
+def _capacity_gib(accelerator: Any) -> float:
+    if accelerator.device.type == "cuda":
+        return torch.cuda.get_device_properties(accelerator.device).total_memory / 2**30
+    import psutil
+
+    return psutil.virtual_memory().total / 2**30
 
 
 def _starting_point(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: Prepared,
@@ -379,6 +405,16 @@ class Recorder:
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.flush(checkpoint=str(path))
+
+    def on_alerts(self, findings: list[Any]) -> None:
+        with self.store.write() as session:
+            run = session.get(Run, self.run_id)
+            for f in findings:
+                runs.add_event(session, run, f.message, kind="alert", severity="warning",
+                               stage_run_id=self.stage_run_id, step=f.step, data=f.data())
+        if self.view:
+            for f in findings:
+                self.view.message(f"alert: {f.message}")
 
     def flush(self, checkpoint: str | None = None, **updates: Any) -> None:
         with self.store.write() as session:

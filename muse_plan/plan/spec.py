@@ -13,6 +13,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    field_validator,
     AliasChoices,
     AfterValidator,
     BaseModel,
@@ -259,6 +260,15 @@ class PlanSpec(Frozen):
     training: TrainingSpec = TrainingSpec()
     data: DataSpec = DataSpec()
     stages: tuple[StageSpec, ...] = ()
+    alerts: dict[str, float] = Field(
+        default_factory=dict, description="alert thresholds, e.g. {gradient_norm: 10, memory_usage: 90}")
+
+    @field_validator("alerts")
+    @classmethod
+    def _alerts(cls, value: dict[str, float]) -> dict[str, float]:
+        from muse_plan.monitor.alerts import check
+
+        return {name: check(name, v) for name, v in value.items()}
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PlanSpec:

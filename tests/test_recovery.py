@@ -1,0 +1,127 @@
+"""The error handler: a fault → a recorded plan rewrite → rollback → resume,
+on the CPU quickstart plan (its model, fewer steps), one test per fault class."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from muse_plan.plan.io import load_file, spec_from_dict, spec_to_dict
+from muse_plan.recovery.policies import apply, halve_micro_batch, next_rewrite
+from muse_plan.store import runs
+from muse_plan.store.db import Store
+from tests.conftest import ROOT
+
+QUICKSTART = ROOT / "plans" / "quickstart-cpu.yaml"
+SHORT = ["--set", "stages.pretrain.steps=60", "--set", "stages.pretrain.checkpoint_every=10",
+         "--set", "stages.pretrain.eval_every=30", "--set", "training.warmup_steps=10"]
+
+
+def losses(run_id: int, name: str = "loss") -> list[tuple[int, float]]:
+    with Store().read() as session:
+        return runs.metric_series(session, run_id, name)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> float:
+    """The unfaulted run's final validation loss (its own MUSE_HOME)."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from muse_plan.cli.main import app
+
+    home = tmp_path_factory.mktemp("baseline")
+    env = {"MUSE_HOME": str(home)}
+    runner = CliRunner()
+    assert runner.invoke(app, ["plan", "import", str(QUICKSTART)], env=env).exit_code == 0
+    assert runner.invoke(app, ["plan", "edit", "quickstart-cpu", *SHORT], env=env).exit_code == 0
+    result = runner.invoke(app, ["plan", "run", "quickstart-cpu"], env=env)
+    assert result.exit_code == 0, result.output
+    old = os.environ.get("MUSE_HOME")
+    os.environ["MUSE_HOME"] = str(home)
+    try:
+        return losses(1, "val_loss")[-1][1]
+    finally:
+        os.environ["MUSE_HOME"] = old or ""
+
+
+@pytest.mark.parametrize("inject, kind, change", [
+    ("nan@45", "nan", "lr 0.003→0.0015, data window skipped"),
+    ("oom@45", "oom", "micro_batch 16→8, grad_accum 1→2 (global batch 16 kept)"),
+    ("grad_spike@45", "grad_explosion", "clip_grad_norm 1→0.5"),
+])
+def test_a_fault_is_repaired_recorded_and_the_run_completes(cli, baseline, inject, kind, change) -> None:
+    cli("plan", "import", QUICKSTART)
+    cli("plan", "edit", "quickstart-cpu", *SHORT)
+    result = cli("plan", "run", "quickstart-cpu", "--inject", inject)
+    assert result.exit_code == 0, result.output
+    history = json.loads(cli("plan", "history", "quickstart-cpu", "--json").stdout)
+    rewrite = history[-1]
+    assert rewrite["author"] == "recovery"
+    assert f"recovery from {kind} at step 45 of pretrain" in rewrite["reason"] and change in rewrite["reason"]
+    series = losses(1)
+    assert [s for s, _ in series] == list(range(1, 61))  # nothing before the checkpoint lost, nothing twice
+    final = losses(1, "val_loss")[-1]
+    assert final[0] == 60 and abs(final[1] - baseline) / baseline < 0.05  # within 5% of the unfaulted run
+    with Store().read() as session:
+        events = runs.events(session, 1, limit=50)
+        assert runs.get_run(session, 1).status == "completed"
+    assert any(e.kind == "rewrite" and e.step == 45 for e in events)
+    assert any(e.message.startswith("resuming stage pretrain from step-00000040") for e in events)
+
+
+def test_an_exhausted_budget_stops_with_a_report_and_the_store_intact(cli) -> None:
+    cli("plan", "import", QUICKSTART)
+    cli("plan", "edit", "quickstart-cpu", *SHORT)
+    result = cli("plan", "run", "quickstart-cpu", "--inject", "nan@13,nan@15,nan@17")
+    assert result.exit_code == 1
+    assert "Recovery tried: lr 0.003→0.0015, data window skipped; lr 0.0015→0.00075" in result.output
+    assert "No rewrite is left for nan" in result.output
+    history = json.loads(cli("plan", "history", "quickstart-cpu", "--json").stdout)
+    assert [h["author"] for h in history] == ["user", "user", "recovery", "recovery"]
+    with Store().read() as session:
+        run = runs.get_run(session, 1)
+        assert run.status == "failed" and "No rewrite is left" in run.error
+        assert runs.stage_runs(session, run)[0].checkpoint.endswith("step-00000010")
+
+
+def test_bad_injection_and_thresholds_are_refused(cli) -> None:
+    cli("plan", "import", QUICKSTART)
+    bad = cli("plan", "run", "quickstart-cpu", "--inject", "boom@3")
+    assert bad.exit_code == 2 and "KIND@STEP" in bad.output
+    bad = cli("plan", "run", "quickstart-cpu", "--alert-thresholds", "gradient_norm=10")
+    assert bad.exit_code == 2 and "needs NAME:VALUE" in bad.output
+
+
+def test_halving_the_micro_batch_keeps_the_global_batch() -> None:
+    spec = load_file(str(QUICKSTART))
+    rewrite = halve_micro_batch(spec, spec.stages[0], 1)
+    new = apply(spec, rewrite)
+    assert (new.training.micro_batch, new.training.grad_accum, new.training.global_batch) == (8, 2, 16)
+
+
+def test_an_oom_rung_predicted_not_to_be_enough_climbs_on() -> None:
+    spec = load_file(str(QUICKSTART))
+    calls = []
+
+    def fits(candidate) -> bool:  # the memory model's verdict, here: only with checkpointing
+        calls.append(candidate)
+        return candidate.training.activation_checkpointing not in (None, "none")
+
+    used, rewrite, new = next_rewrite(spec, spec.stages[0], "oom", 0, 1, fits=fits)
+    assert new.training.micro_batch == 4 and new.training.activation_checkpointing == "selective"
+    assert rewrite.summary.count("micro_batch") == 2 and "activation_checkpointing none→selective" in rewrite.summary
+    assert used == 3
+
+
+def test_alert_thresholds_are_stored_with_the_plan(cli) -> None:
+    cli("plan", "import", QUICKSTART)
+    cli("plan", "edit", "quickstart-cpu", "--set", "stages.pretrain.steps=3")
+    result = cli("plan", "run", "quickstart-cpu", "--alert-thresholds", "gradient_norm:10,memory_usage:90")
+    assert result.exit_code == 0, result.output
+    spec = json.loads(cli("plan", "export", "quickstart-cpu", "--format", "json").stdout)
+    assert spec["alerts"] == {"gradient_norm": 10.0, "memory_usage": 90.0}
+    history = json.loads(cli("plan", "history", "quickstart-cpu", "--json").stdout)
+    assert history[-1]["reason"] == "alert thresholds gradient_norm:10,memory_usage:90"
