@@ -20,16 +20,8 @@ from muse_plan.plan.io import spec_from_dict
 from muse_plan.store import repo, runs
 from muse_plan.store.db import Store
 from muse_plan.store.models import MetricPoint
+from test_runner import TINY  # the same tiny plan the runner tests train
 
-TINY = {
-    "name": "tiny",
-    "model": {"scale": "1M", "residual": "mhc", "seq_len": 32, "vocab_size": 260,
-              "shape": {"layers": 2, "d_model": 32, "n_heads": 2}},
-    "techniques": {"mhc": {"streams": 2, "sinkhorn_iters": 5}},
-    "compute": "cpu",
-    "training": {"micro_batch": 4, "grad_accum": 2, "lr": 0.01, "warmup_steps": 3, "seed": 1},
-    "stages": [{"name": "pretrain", "kind": "pretrain", "steps": 30, "checkpoint_every": 10, "eval_every": 15}],
-}
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
 
 
