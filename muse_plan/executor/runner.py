@@ -363,11 +363,12 @@ def _mark_stopped(store: Store, prepared: Prepared, exc: BaseException) -> None:
     with store.write() as session:
         run = session.get(Run, prepared.run_id)
         run.status, run.error, run.finished_at = status, message, utcnow()
+        stopped = None
         for sr in runs.stage_runs(session, run):
             if sr.status == "running":
-                sr.status = status
+                sr.status, stopped = status, sr.id
         runs.add_event(session, run, message, kind="fault" if isinstance(exc, Fault) else "info",
-                       severity="error", step=getattr(exc, "step", None))
+                       severity="error", step=getattr(exc, "step", None), stage_run_id=stopped)
 
 
 class Recorder:
