@@ -141,3 +141,12 @@ def test_the_quick_no_never_hides_a_fitting_candidate(gpu: str, count: int) -> N
     exhaustive = any(fitting.price(spec, s, hw, models).fits
                      for s in fitting._candidates(spec, hw, fitting.ALL_FIELDS))
     assert fitting._could_fit(spec, hw, fitting.ALL_FIELDS, models) == exhaustive
+
+
+def test_a_plan_fitted_to_fewer_gpus_than_it_names_says_so() -> None:
+    spec = plan({"micro_batch": 8, "global_batch": 64}, scale="350M", compute="8xH100")
+    result = fitting.fit(spec, fitting.hardware_for(spec, count=4, host=HOST))
+    fitted = result.fitted_spec
+    assert (fitted.compute.gpu, fitted.compute.count) == ("H100", 4)
+    t = fitted.training
+    assert t.micro_batch * t.grad_accum * 4 == t.global_batch == 64

@@ -385,7 +385,8 @@ def _changes(a: Settings, b: Settings) -> list[tuple[str, Any, Any]]:
 
 
 def apply_settings(spec: PlanSpec, s: Settings, hw: Hardware) -> PlanSpec:
-    """The plan with the chosen settings written into ``training`` (and LoRA added)."""
+    """The plan with the chosen settings written into ``training`` (and LoRA added),
+    its compute set to the hardware they were fitted to."""
     from muse_plan.plan.io import spec_from_dict, spec_to_dict
 
     data = spec_to_dict(spec)
@@ -393,6 +394,11 @@ def apply_settings(spec: PlanSpec, s: Settings, hw: Hardware) -> PlanSpec:
     training.update({name: getattr(s, key) for key, name in Settings.FIELDS.items()})
     training["global_batch"] = global_batch(spec, hw)
     data["training"] = training
+    # the settings hold for the hardware they were fitted to: the plan says so
+    compute = {k: v for k, v in (data.get("compute") or {}).items() if k not in ("gpu", "count", "memory_gib")}
+    if hw.gpu is not None:
+        compute.update(gpu=hw.gpu.key, count=hw.count, memory_gib=hw.gpu.memory_gib)
+    data["compute"] = compute
     if s.lora and spec.techniques.lora is None:
         data.setdefault("techniques", {})["lora"] = {"rank": 16, "layers_fraction": 1.0,
                                                      "target_modules": list(_lora(spec).target_modules)}
