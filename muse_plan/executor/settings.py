@@ -22,7 +22,7 @@ from typing import Callable
 
 from engines.architecture.config import ModelConfig
 from muse_plan.errors import PlanError
-from muse_plan.plan.shapes import Shape, shape_for_params, swiglu_hidden
+from muse_plan.plan.shapes import shape_for_params
 from muse_plan.plan.spec import PlanSpec, StageSpec
 from muse_plan.plan.units import parse_scale
 
@@ -61,21 +61,13 @@ class StageSettings:
         return self.global_batch * self.model.seq_len
 
 
-def model_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
-    """The decoder a stage trains: the stage's shape, else the plan's, else the scale's."""
+def decoder_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
+    """The decoder shape a stage trains, whatever the family: the stage's shape,
+    else the plan's, else the scale's; residual options from the techniques.
+    The optimizer prices every stage with it; ``ValueError`` on a bad shape."""
     m = spec.model
-    if m.family != "decoder":
-        raise PlanError(
-            f"stage {stage.name!r}: model family {m.family!r} can't be trained by the architecture "
-            "engine; use family 'decoder'"
-        )
     given = stage.shape or m.shape
-    if given is None:
-        shape = shape_for_params(parse_scale(m.scale), m.vocab_size)
-    else:
-        shape = Shape(layers=given.layers, d_model=given.d_model, n_heads=given.n_heads,
-                      n_kv_heads=given.n_kv_heads or given.n_heads,
-                      d_ff=given.d_ff or swiglu_hidden(given.d_model))
+    shape = given.resolved() if given is not None else shape_for_params(parse_scale(m.scale), m.vocab_size)
     t = spec.techniques
     extra: dict[str, object] = {}
     mixing = t.geometric_scaling or t.mhc
@@ -83,9 +75,18 @@ def model_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
         extra.update(streams=mixing.streams, sinkhorn_iters=mixing.sinkhorn_iters)
     if t.geometric_scaling is not None:
         extra["beta_max"] = t.geometric_scaling.beta_max
+    return ModelConfig.from_shape(shape, m.vocab_size, m.seq_len, residual=m.residual or "standard", **extra)
+
+
+def model_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
+    """The decoder the architecture engine trains for ``stage``; refused as a plan error."""
+    if spec.model.family != "decoder":
+        raise PlanError(
+            f"stage {stage.name!r}: model family {spec.model.family!r} can't be trained by the architecture "
+            "engine; use family 'decoder'"
+        )
     try:
-        return ModelConfig.from_shape(shape, m.vocab_size, m.seq_len,
-                                      residual=m.residual or "standard", **extra)
+        return decoder_config(spec, stage)
     except ValueError as exc:
         raise PlanError(f"stage {stage.name!r}: {exc}") from None
 

@@ -29,10 +29,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 from engines.architecture.config import ModelConfig
+from muse_plan.executor.settings import DEFAULT_MICRO_BATCH, decoder_config
 from muse_plan.hardware.catalog import CATALOG, GpuKind, lookup, variant
 from muse_plan.optimizer import memory, throughput
 from muse_plan.optimizer.config import GenerationConfig, LoraConfig, TrainConfig
-from muse_plan.plan.shapes import STANDARD_SHAPES, shape_for_params
+from muse_plan.plan.shapes import STANDARD_SHAPES
 from muse_plan.plan.spec import PlanSpec, StageSpec
 from muse_plan.plan.units import format_count, parse_scale
 
@@ -41,7 +42,6 @@ GIB = 2**30
 LORA_KINDS = frozenset({"finetune", "cold_start_sft", "reasoning_rl", "rejection_sampling", "all_scenarios_rl"})
 GENERATION_KINDS = frozenset({"reasoning_rl", "rejection_sampling", "all_scenarios_rl"})
 NOT_PRICED = {"grow": "growth changes weights, it does not train", "representation": "not priced yet"}
-DEFAULT_MICRO_BATCH, DEFAULT_GLOBAL_BATCH = 8, None
 
 
 @dataclass(frozen=True)
@@ -182,15 +182,8 @@ class FitResult:
 
 # ---- plan → configurations ---------------------------------------------------
 
-def stage_model(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
-    """The decoder a stage trains, for pricing (any family: only the shape matters)."""
-    m = spec.model
-    given = stage.shape or m.shape
-    shape = given.resolved() if given is not None else shape_for_params(parse_scale(m.scale), m.vocab_size)
-    t = spec.techniques
-    mixing = t.geometric_scaling or t.mhc
-    extra = {"streams": mixing.streams, "sinkhorn_iters": mixing.sinkhorn_iters} if mixing else {}
-    return ModelConfig.from_shape(shape, m.vocab_size, m.seq_len, residual=m.residual or "standard", **extra)
+# the decoder a stage trains, for pricing (any family: only the shape matters)
+stage_model = decoder_config
 
 
 def _generation(spec: PlanSpec) -> GenerationConfig:
