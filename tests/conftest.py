@@ -42,3 +42,25 @@ def cli():
 
     runner = CliRunner()
     return lambda *args, **kw: runner.invoke(app, [str(a) for a in args], **kw)
+
+
+def heavy_imports(home: Path, commands: list[list[str]]) -> str:
+    """Run ``muse`` commands in a fresh interpreter; the heavy modules they imported
+    ("none" when neither torch, accelerate nor numpy), each command having exited 0."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from muse_plan.cli.main import app\n"
+        f"for args in {commands!r}:\n"
+        "    result = CliRunner().invoke(app, args)\n"
+        "    assert result.exit_code == 0, (args, result.output)\n"
+        "heavy = [m for m in ('torch', 'accelerate', 'numpy') if m in sys.modules]\n"
+        "print(','.join(heavy) or 'none')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                         env={"MUSE_HOME": str(home), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, heavy_imports
 from muse_plan.monitor import dashboard
 from muse_plan.plan.io import spec_from_dict
 from muse_plan.store import repo, runs
@@ -280,21 +280,9 @@ def test_monitor_does_not_import_torch(tmp_path):
     with opened.write() as session:
         runs.get_run(session, 1).status = "completed"
     opened.close()
-    probe = (
-        "import sys\n"
-        "from typer.testing import CliRunner\n"
-        "from muse_plan.cli.main import app\n"
-        f"for args in (['monitor', '1', '--once'], ['monitor', 'hand', '--json'],"
-        " ['monitor', '1', '--update-interval', '0.2']):\n"
-        f"    result = CliRunner().invoke(app, ['--db', {url!r}, *args])\n"
-        "    assert result.exit_code == 0, (args, result.output)\n"
-        "heavy = [m for m in ('torch', 'accelerate', 'numpy') if m in sys.modules]\n"
-        "print(','.join(heavy) or 'none')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
-                         env={"MUSE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "none"
+    commands = [["--db", url, *args] for args in (["monitor", "1", "--once"], ["monitor", "hand", "--json"],
+                                                  ["monitor", "1", "--update-interval", "0.2"])]
+    assert heavy_imports(tmp_path, commands) == "none"
 
 
 def test_polling_a_run_while_it_writes(cli, tmp_path, muse_home):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from muse_plan.plan.io import load_file, spec_from_dict, spec_to_dict
+from muse_plan.plan.io import load_file
 from muse_plan.recovery.policies import apply, halve_micro_batch, next_rewrite
 from muse_plan.store import runs
 from muse_plan.store.db import Store
