@@ -56,6 +56,8 @@ sys.path.insert(0, str(ROOT))
 from engines.architecture import DecoderLM, ModelConfig, param_count  # noqa: E402
 from engines.architecture import residual as residual_module  # noqa: E402
 
+from _timing import timer  # noqa: E402
+
 OURS = ("standard", "mhc", "ddl", "mgt")
 TARGET_MFU = 0.60  # standard, compiled
 TARGET_VS_HF = 2.0  # standard compiled tokens/s over the HF peer's
@@ -90,22 +92,6 @@ def measure_peak(setup: Setup) -> float:
             times.append(elapsed)
     del a, b
     return 2 * n**3 / statistics.median(times)
-
-
-def timer(device: torch.device) -> Callable[[], float]:
-    """Start a timer; calling the result returns seconds (events on CUDA, so it syncs)."""
-    if device.type == "cuda":
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-
-        def stop() -> float:
-            end.record()
-            end.synchronize()
-            return begin.elapsed_time(end) / 1e3
-
-        return stop
-    t0 = time.perf_counter()
-    return lambda: time.perf_counter() - t0
 
 
 def flops_per_token(n_params: int, config: ModelConfig) -> float:

@@ -62,6 +62,8 @@ from muse_plan.hardware.catalog import CATALOG, GpuKind, match_device_name  # no
 from muse_plan.optimizer import throughput as tp  # noqa: E402
 from muse_plan.optimizer.config import TrainConfig  # noqa: E402
 
+from _timing import timer  # noqa: E402
+
 EXECUTOR_85M_STEP_S = 0.1253  # docs/bench_multi_gpu.md: the executor, 85M, micro 16 x accumulation 2, 1 H200
 CLIP = 1.0
 
@@ -76,24 +78,6 @@ MODEL_ROWS = [("85M", 12, 768, 12, 260, 1024, 16, (1, 2, 4)),
               ("1.28B", 24, 2048, 16, 32000, 2048, 8, (1,))]
 SMOKE_HOST_ROWS = [("2x64", 2, 64, 2, 260, 64, 2, (1,))]
 SMOKE_MODEL_ROWS = [("smoke", 2, 128, 4, 260, 128, 4, (1, 2))]
-
-
-def timer(device: Any) -> Callable[[], float]:
-    """Start a timer; calling the result returns seconds (CUDA events on a GPU, so it syncs)."""
-    import torch
-
-    if device.type == "cuda":
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-
-        def stop() -> float:
-            end.record()
-            end.synchronize()
-            return begin.elapsed_time(end) / 1e3
-
-        return stop
-    t0 = time.perf_counter()
-    return lambda: time.perf_counter() - t0
 
 
 def measure_peak(device: Any) -> dict[str, float]:
