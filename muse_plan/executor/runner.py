@@ -31,13 +31,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from engines.contract import StageSetup, available, make_trainer
+from engines.contract import TRAINERS, StageSetup, available, make_trainer
 from muse_plan.errors import Conflict, MuseError, NotFound, PlanError, RunFailed
 from muse_plan.executor import checkpoint
 from muse_plan.executor.loop import Fault, Injector, StepRecord, train_stage
 from muse_plan.monitor.detectors import Watch
 from muse_plan.recovery.handler import Budget, recover
-from muse_plan.executor.settings import StageSettings, resolve
+from muse_plan.executor.settings import StageSettings, engine_options, resolve
 from muse_plan.plan.io import spec_from_dict, spec_to_dict
 from muse_plan.plan.spec import PlanSpec
 from muse_plan.store import repo, runs
@@ -165,7 +165,7 @@ def _check_stages(spec: PlanSpec, world_size: int, cuda: bool) -> list[StageSett
         if not available(stage.engine or ""):
             raise PlanError(
                 f"stage {stage.name!r} runs on the {stage.engine!r} engine, which this version of muse "
-                "does not have yet; available: architecture (stage kinds pretrain, continue, finetune)"
+                f"does not have yet; available engines: {', '.join(TRAINERS)}"
             )
         settings.append(resolve(spec, stage, world_size=world_size, cuda=cuda, bf16=_bf16(cuda)))
     return settings
@@ -265,7 +265,7 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
     _seed(s.seed + position)
     trainer = make_trainer(stage.engine or "")
     setup = StageSetup(
-        name=stage.name, kind=stage.kind, model=s.model, options=dict(stage.options),
+        name=stage.name, kind=stage.kind, model=s.model, options=engine_options(spec, stage),
         data_source=spec.data.source, tokenizer=spec.data.tokenizer, val_fraction=spec.data.val_fraction,
         seed=s.seed, micro_batch=s.micro_batch, activation_checkpointing=s.activation_checkpointing,
         rank=accelerator.process_index,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from engines.architecture.config import ModelConfig
 from muse_plan.errors import PlanError
@@ -76,6 +76,31 @@ def decoder_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
     if t.geometric_scaling is not None:
         extra["beta_max"] = t.geometric_scaling.beta_max
     return ModelConfig.from_shape(shape, m.vocab_size, m.seq_len, residual=m.residual or "standard", **extra)
+
+
+# engine -> the technique whose options its stages read (grpo stages: the
+# stage's algorithm; see engine_options)
+ENGINE_TECHNIQUE = {"growth": "growth", "rkdo": "rkdo"}
+
+
+def engine_options(spec: PlanSpec, stage: StageSpec) -> dict[str, Any]:
+    """What an engine reads for a stage: its technique's options from the plan
+    (``techniques.rkdo``, ``techniques.growth``, the RL stage's algorithm —
+    ``grpo`` unless the stage says ``algorithm: s_grpo | t_spmo`` — and
+    ``lora`` as ``options["lora"]``), overridden by the stage's own options."""
+    t = spec.techniques
+    name = ENGINE_TECHNIQUE.get(stage.engine or "")
+    if stage.engine == "grpo":
+        name = stage.options.get("algorithm", "grpo")
+    chosen = getattr(t, name, None) if name else None
+    options: dict[str, Any] = chosen.model_dump(mode="json") if chosen is not None else {}
+    if stage.engine == "grpo" and t.lora is not None and stage.options.get("lora", True):
+        options["lora"] = t.lora.model_dump(mode="json")
+    for key, value in stage.options.items():
+        if key == "lora" and value is True and "lora" in options:
+            continue  # the planner's flag: keep the technique's LoRA options
+        options[key] = value
+    return options
 
 
 def model_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
