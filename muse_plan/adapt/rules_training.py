@@ -1,0 +1,184 @@
+"""Rules on the loss and gradient curves: stability and convergence.
+
+- ``loss_spikes``: the monitor's own ``LossSpike`` detector replayed over each
+  stage's loss (z-score against the last 50 steps above the plan's
+  ``loss_spike`` threshold, default 4). When the gradient norms' 90th
+  percentile is under the clip, clipping there cuts the outliers and leaves
+  nine steps in ten alone: the proposal is that clip, and its effect is
+  counted on the measured norms. When most steps are clipped already a
+  tighter clip changes little, so the proposal is half the learning rate.
+- ``clipped_always``: the median gradient norm at least 5× the clip and 90%
+  of steps clipped. Adam's update is almost invariant to a uniform scale of
+  the gradient, so a clip that cuts every step no longer singles out the
+  bad ones; the step size itself is too large for this curvature: half the
+  learning rate. (SEEDS.md's user saw raw norms of 20,000–86,000 clipped to
+  2.0: every step clipped.)
+- ``plateau``: the stage's loss, in blocks of an eighth of the stage (at
+  least 10 steps), improves by under 1% per block from some block to the end
+  (the monitor's ``Plateau`` criterion, at the curve's own scale), and that
+  flat part is at least a quarter of the stage. Before a growth stage the
+  small model has stopped learning: grow earlier, at the plateau's start
+  (``techniques.growth.at_fraction`` and the two stages' budgets, the total
+  kept). Otherwise: a constant schedule gets a cosine decay; a decaying one
+  half the peak learning rate.
+
+No model predicts a learning rate's or a clip's effect on the loss; those
+proposals say so and name the measured numbers they rest on.
+"""
+
+from __future__ import annotations
+
+import statistics
+from types import SimpleNamespace
+
+from muse_plan.adapt.context import Context, Proposal
+from muse_plan.adapt.evidence import StageEvidence
+from muse_plan.monitor.detectors import LossSpike
+from muse_plan.plan.units import format_count, parse_scale
+
+CLIPPED_FACTOR = 5.0
+CLIPPED_SHARE = 0.9
+PLATEAU_GAIN = 0.01
+PLATEAU_SHARE = 0.25
+UNPRICED = "no model predicts a learning rate's or a clip's effect on the loss; run again and compare"
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _round(value: float) -> float:
+    return float(f"{value:.2g}")
+
+
+def _halve_lr(ctx: Context, rule: str, title: str, evidence: list[str], measured: dict[str, float]) -> Proposal:
+    lr = ctx.lr
+    return Proposal(rule, title, ((("training", "lr"), lr / 2),), f"lr {lr:g}→{lr / 2:g}", tuple(evidence),
+                    f"half the step size; {UNPRICED}", measured, {"lr": lr / 2})
+
+
+def spike_steps(stage: StageEvidence, z: float) -> list[int]:
+    detector = LossSpike(z)
+    return [step for step, loss in stage.series.get("loss", [])
+            if detector.observe(SimpleNamespace(step=step, loss=loss)) is not None]
+
+
+def loss_spikes(ctx: Context) -> Proposal | str:
+    z = ctx.spec.alerts.get("loss_spike", 4.0)
+    spikes = {s.name: spike_steps(s, z) for s in ctx.evidence.trained("loss")}
+    found = [(name, step) for name, steps in spikes.items() for step in steps]
+    points = sum(len(s.values("loss")) for s in ctx.evidence.trained("loss"))
+    if not found:
+        return f"no loss spike above z = {z:g} in {points} steps"
+    where = ", ".join(f"{name} step {step}" for name, step in found[:5]) + (" …" if len(found) > 5 else "")
+    evidence = [f"{len(found)} loss spike(s) above z = {z:g} in {points} steps: {where}"]
+    alerts = ctx.evidence.alerts.get("loss_spike", 0)
+    if alerts:
+        evidence.append(f"the monitor raised {alerts} loss-spike alert(s) during the run")
+    norms = {s.name: dict(s.series.get("grad_norm", [])) for s in ctx.evidence.stages}
+    values = [v for by_step in norms.values() for v in by_step.values()]
+    measured = {"spikes": float(len(found)), "steps": float(points)}
+    if not values:
+        return _halve_lr(ctx, "loss_spikes", "smaller learning rate", evidence, measured)
+    p90, clip = _quantile(values, 0.9), ctx.clip
+    measured.update(grad_norm_p90=p90, clip=clip)
+    evidence.append(f"gradient norm 90th percentile {p90:.3g}, clip {clip:g}")
+    new = _round(p90)
+    if new >= clip:  # most steps are clipped already: the clip is not what lets spikes through
+        return _halve_lr(ctx, "loss_spikes", "smaller learning rate", evidence, measured)
+    caught = sum(1 for name, step in found
+                 if max(norms[name].get(step, 0.0), norms[name].get(step - 1, 0.0)) > new)
+    share = sum(v > new for v in values) / len(values)
+    return Proposal(
+        "loss_spikes", "tighter gradient clipping", ((("training", "clip_grad_norm"), new),),
+        f"clip_grad_norm {clip:g}→{new:g}", tuple(evidence),
+        f"on the measured norms, clipping at {new:g} cuts {share:.0%} of steps and {caught} of the "
+        f"{len(found)} spike steps (the step or the one before); {UNPRICED}",
+        measured, {"clipped_share": share, "spikes_clipped": float(caught)})
+
+
+def clipped_always(ctx: Context) -> Proposal | str:
+    values = [v for s in ctx.evidence.trained("grad_norm") for v in s.values("grad_norm")]
+    if not values:
+        return "the run recorded no gradient norms"
+    median, clip = statistics.median(values), ctx.clip
+    share = sum(v > clip for v in values) / len(values)
+    line = f"median gradient norm {median:.3g} is {median / clip:.1f}× the clip {clip:g}; {share:.0%} of steps clipped"
+    if median < CLIPPED_FACTOR * clip or share < CLIPPED_SHARE:
+        return line + f": under {CLIPPED_FACTOR:g}× or under {CLIPPED_SHARE:.0%}"
+    return _halve_lr(ctx, "clipped_always", "smaller learning rate", [line],
+                     {"grad_norm_median": median, "clip": clip, "clipped_share": share})
+
+
+def plateau_start(stage: StageEvidence) -> tuple[int, float, float] | None:
+    """(step the flat part starts, mean loss there, mean loss at the end), or None."""
+    points = stage.series.get("loss", [])
+    width = max(10, len(points) // 8)
+    blocks = [points[i:i + width] for i in range(0, len(points) - width + 1, width)]
+    if len(blocks) < 4:
+        return None
+    means = [statistics.fmean(v for _, v in block) for block in blocks]
+    start = None
+    for j in range(len(means) - 1, 0, -1):  # walk back while each block improved < 1% on the one before
+        if (means[j - 1] - means[j]) / abs(means[j - 1] or 1.0) >= PLATEAU_GAIN:
+            break
+        start = j - 1
+    if start is None:
+        return None
+    return blocks[start][0][0], means[start], means[-1]  # to a block's resolution
+
+
+def _grow_earlier(ctx: Context, stage: StageEvidence, step: int, total: int, evidence: list[str],
+                  measured: dict[str, float]) -> Proposal | str:
+    names = [s.name for s in ctx.spec.stages]
+    position = names.index(stage.name)
+    growth = ctx.spec.techniques.growth
+    after = ctx.spec.stages[position + 2] if position + 2 < len(names) else None
+    small = ctx.spec.stages[position]
+    if after is None or (small.tokens is None) != (after.tokens is None):
+        return "plateau before growth, but the stages' budgets can't be re-split (no stage after the grow stage)"
+    share = step / total
+    fraction = round(max(0.01, growth.at_fraction * share), 3)
+    changes: list = [(("techniques", "growth", "at_fraction"), fraction)]
+    if small.tokens is not None:
+        moved = parse_scale(small.tokens) * (1 - share)
+        changes += [(("stages", small.name, "tokens"), format_count(parse_scale(small.tokens) - moved)),
+                    (("stages", after.name, "tokens"), format_count(parse_scale(after.tokens) + moved))]
+    else:
+        changes += [(("stages", small.name, "steps"), step),
+                    (("stages", after.name, "steps"), after.steps + (small.steps - step))]
+    return Proposal(
+        "plateau", "earlier growth", tuple(changes),
+        f"grow at step {step} of {total} (at_fraction {growth.at_fraction:g}→{fraction:g})", tuple(evidence),
+        f"the {total - step} steps the small model spent flat train the grown model instead, the total "
+        f"budget kept; no model predicts the final loss", measured, {"at_fraction": fraction})
+
+
+def plateau(ctx: Context) -> Proposal | str:
+    checked = []
+    for stage in ctx.evidence.trained("loss"):
+        found = plateau_start(stage)
+        steps = stage.series["loss"]
+        total = stage.total_steps or steps[-1][0]
+        if found is None or (total - found[0]) < PLATEAU_SHARE * total:
+            checked.append(stage.name)
+            continue
+        step, flat, end = found
+        evidence = [f"{stage.name}: the loss improved under {PLATEAU_GAIN:.0%} per block of "
+                    f"{max(10, len(steps) // 8)} steps from step {step} of {total} (mean {flat:.4g} there, "
+                    f"{end:.4g} in the last block)"]
+        alerts = ctx.evidence.alerts.get("plateau", 0)
+        if alerts:
+            evidence.append(f"the monitor raised {alerts} plateau alert(s) during the run")
+        measured = {"plateau_step": float(step), "stage_steps": float(total), "loss_at_plateau": flat}
+        names = [s.name for s in ctx.spec.stages]
+        following = ctx.spec.stages[names.index(stage.name) + 1] if stage.name in names[:-1] else None
+        if ctx.spec.techniques.growth is not None and following is not None and following.kind == "grow":
+            return _grow_earlier(ctx, stage, step, total, evidence, measured)
+        if (ctx.spec.training.schedule or "cosine") == "constant":
+            return Proposal("plateau", "decaying learning rate", ((("training", "schedule"), "cosine"),),
+                            "schedule constant→cosine", tuple(evidence),
+                            f"the rate decays to min_lr_ratio by the end; {UNPRICED}", measured)
+        return _halve_lr(ctx, "plateau", "smaller learning rate", evidence, measured)
+    return f"no plateau over a quarter of a stage ({', '.join(checked) or 'no loss recorded'})"
