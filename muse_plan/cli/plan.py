@@ -1,4 +1,4 @@
-"""``muse plan ...``: create, list, show, export, import, edit, history, diff, optimize, run, delete, schema."""
+"""``muse plan ...``: create, list, show, export, import, edit, history, diff, optimize, adapt, run, delete, schema."""
 
 from __future__ import annotations
 
@@ -227,6 +227,31 @@ def optimize(
         print_json(fit_dict(done.result, done.stored))
     else:
         console.print(fit_view(done.result, done.stored))
+
+
+@app.command()
+def adapt(
+    ctx: typer.Context,
+    plan: PlanArg,
+    performance_metrics: Annotated[Optional[str], typer.Option(
+        help="Comma list of loss, throughput, accuracy, grad_norm to read [default: all].")] = None,
+    optimization_targets: Annotated[Optional[str], typer.Option(
+        help="Comma list of convergence_speed, memory_efficiency, stability, compute_efficiency "
+             "[default: all].")] = None,
+    run: Annotated[Optional[str], typer.Option("--run", help="Read this run [default: the plan's newest].")] = None,
+    apply: Annotated[bool, typer.Option("--apply", help="Store the proposed plan as a revision by adapt.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Read a run's metrics and propose a rewritten plan, each change with its evidence; --apply stores it."""
+    from muse_plan.adapt import adapt as propose
+    from muse_plan.cli.render_adapt import adapt_dict, adapt_view
+
+    done = propose(store(ctx), plan, metrics=performance_metrics, targets=optimization_targets, run=run,
+                   apply=apply)
+    if as_json:
+        print_json(adapt_dict(done))
+    else:
+        console.print(adapt_view(done))
 
 
 @app.command("run")
