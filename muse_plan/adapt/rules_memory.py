@@ -106,15 +106,17 @@ def larger_micro_batch(ctx: Context) -> Proposal | str:
     if not factors:
         return (f"{_memory_line(ctx, peak, share)}, but grad_accum is {accum}: a larger micro-batch would "
                 "change the global batch")
-    best = None
+    fitting = []
     for f in factors:
         changes = ((("training", "micro_batch"), micro * f), (("training", "grad_accum"), accum // f))
         predicted = ctx.predict(with_changes(ctx.spec, changes))
-        if predicted.fits and (best is None or predicted.speedup >= best[1].speedup * 0.98):
-            best = (changes, predicted, f)  # within 2%: the larger micro-batch (as the optimizer's fit)
-    if best is None:
+        if predicted.fits:
+            fitting.append((changes, predicted, f))
+    if not fitting:
         return f"{_memory_line(ctx, peak, share)}, but no larger micro-batch is predicted to fit"
-    changes, predicted, f = best
+    fastest = max(p.speedup for _, p, _ in fitting)
+    # within 2% of the fastest: the largest micro-batch, as the optimizer's fit breaks ties
+    changes, predicted, f = max((c for c in fitting if c[1].speedup >= fastest * 0.98), key=lambda c: c[2])
     if predicted.speedup < MIN_GAIN:
         return (f"{_memory_line(ctx, peak, share)}; micro_batch {micro * f} would fit, but the throughput model "
                 f"predicts tokens/s ×{predicted.speedup:.2f}: not worth a change")
@@ -126,7 +128,7 @@ def larger_micro_batch(ctx: Context) -> Proposal | str:
         from statistics import median
 
         measured["tokens_per_s"] = median(tps)
-        evidence.append(f"measured median {median(tps):,.0f} tokens/s")
+        evidence.append(f"median {median(tps):,.0f} tokens/s")
         effect += f" (≈{median(tps) * predicted.speedup:,.0f} tokens/s)"
     return Proposal(
         "larger_micro_batch", "larger micro-batch", changes,
