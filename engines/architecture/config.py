@@ -38,6 +38,7 @@ class ModelConfig:
     sinkhorn_iters: int = 20  # mHC paper's t_max
     beta_max: float = 2.0  # DDL gate range [0, beta_max]; 2 allows reflection
     rope_theta: float = 10000.0
+    rope_scale: float = 1.0  # position interpolation factor (>1 after a context extension)
     norm_eps: float = 1e-6
     dropout: float = 0.0
 
@@ -64,6 +65,8 @@ class ModelConfig:
             raise ValueError(f"sinkhorn_iters must be at least 1, got {self.sinkhorn_iters}")
         if not 0.0 < self.beta_max <= 2.0:
             raise ValueError(f"beta_max must be in (0, 2], got {self.beta_max}")
+        if not self.rope_scale >= 1.0:
+            raise ValueError(f"rope_scale must be at least 1, got {self.rope_scale}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 

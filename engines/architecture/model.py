@@ -45,10 +45,12 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (T, head_dim/2)."""
+def rope_cache(seq_len: int, head_dim: int, theta: float, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (T, head_dim/2). ``scale`` > 1 is position
+    interpolation (Chen et al. 2023): position t turns by the angle of t/scale,
+    so a context grown ``scale`` times spans the angles the model was trained on."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
-    angles = torch.outer(torch.arange(seq_len).float(), inv_freq)  # (T, hd/2)
+    angles = torch.outer(torch.arange(seq_len).float() / scale, inv_freq)  # (T, hd/2)
     return angles.cos(), angles.sin()
 
 
@@ -134,7 +136,7 @@ class DecoderLM(nn.Module):
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # tied: one matrix, counted once
-        cos, sin = rope_cache(config.seq_len, config.head_dim, config.rope_theta)
+        cos, sin = rope_cache(config.seq_len, config.head_dim, config.rope_theta, config.rope_scale)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)

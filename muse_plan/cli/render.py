@@ -101,6 +101,13 @@ def _budget(stage: StageSpec) -> str:
     return "—"
 
 
+def _shape(spec: PlanSpec, stage: StageSpec) -> str:
+    """layers×d_model and heads of the decoder a stage trains (or grows to)."""
+    given = stage.shape or spec.model.shape
+    shape = given.resolved() if given is not None else spec.model.resolved_shape()
+    return f"{shape.layers}×{shape.d_model}, {shape.n_heads}h"
+
+
 def stages_table(spec: PlanSpec) -> Table:
     branches = any(stage.from_stage for stage in spec.stages)
     table = Table(title="stages", title_justify="left", header_style="bold")
@@ -111,13 +118,11 @@ def stages_table(spec: PlanSpec) -> Table:
     table.add_column("shape", no_wrap=True)
     if branches:
         table.add_column("from", overflow="fold")
-    previous = "—"
+    previous, shapes = "—", {}
     for i, stage in enumerate(spec.stages, 1):
-        shape = stage.shape or spec.model.shape
-        if stage.engine == "growth":
-            shape_text = "→ plan's"
-        else:
-            shape_text = f"{shape.layers}×{shape.d_model}" if shape else "plan's"
+        shapes[stage.name] = shape = _shape(spec, stage)
+        grown_from = shapes.get(stage.from_stage or previous) if stage.engine == "growth" else None
+        shape_text = f"{grown_from} → {shape}" if grown_from else shape
         name = Text(stage.name, style="bold")
         if stage.kind != stage.name:
             name.append(f" ({stage.kind})")

@@ -55,8 +55,8 @@ def _report(result) -> None:
     console.print(f"run {result.run_id} of plan [bold]{result.plan}[/] (revision {result.revision}) {verb}{where}")
     for stage in result.stages:
         m = stage.metrics
-        console.print(f"  {stage.name}: {stage.steps} steps in {stage.seconds:.0f}s, "
-                      f"train loss {m.get('loss', float('nan')):.3f}", highlight=False)
+        trained = f", train loss {m['loss']:.3f}" if "loss" in m else ""  # a grow stage trains nothing
+        console.print(f"  {stage.name}: {stage.steps} steps in {stage.seconds:.0f}s{trained}", highlight=False)
         if "val_loss" in m:
             baseline = m.get("unigram_val_loss")
             tail = f"; a unigram model of the same data: {baseline:.3f}" if baseline is not None else ""

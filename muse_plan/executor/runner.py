@@ -24,7 +24,7 @@ import os
 import random
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,6 +45,9 @@ from muse_plan.store.db import Store, muse_home
 from muse_plan.store.models import Run, StageRun, utcnow
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# engines whose stages change weights without training → the trainer that gives them data and evaluation
+TRANSFORMS = {"growth": "architecture"}
+
 
 
 class View(Protocol):
@@ -161,14 +164,31 @@ def _check_stages(spec: PlanSpec, world_size: int, cuda: bool) -> list[StageSett
     if not spec.stages:
         raise PlanError(f"plan {spec.name!r} has no stages to run")
     settings = []
-    for stage in spec.stages:
-        if not available(stage.engine or ""):
+    for position, stage in enumerate(spec.stages):
+        if not available(stage.engine or "") and stage.engine not in TRANSFORMS:
             raise PlanError(
                 f"stage {stage.name!r} runs on the {stage.engine!r} engine, which this version of muse "
                 f"does not have yet; available engines: {', '.join(TRAINERS)}"
             )
-        settings.append(resolve(spec, stage, world_size=world_size, cuda=cuda, bf16=_bf16(cuda)))
+        settings.append(_settings(spec, position, world_size, cuda))
     return settings
+
+
+def _settings(spec: PlanSpec, position: int, world_size: int, cuda: bool) -> StageSettings:
+    """A stage's settings. A grow stage's budget is its operator's fit (LiGO; 0 for
+    the copying operators) and its growth is checked here, before a run exists; a
+    stage with ``rewarm_fraction`` (continue after growth) warms up over that share."""
+    stage = spec.stages[position]
+    if stage.engine in TRANSFORMS:
+        from muse_plan.executor.grow import check_growth
+
+        stage = stage.model_copy(update={"steps": check_growth(spec, position)})
+    s = resolve(spec, stage, world_size=world_size, cuda=cuda, bf16=_bf16(cuda))
+    if stage.options.get("rewarm_fraction") is not None:
+        from engines.growth.schedule import rewarm_steps
+
+        s = replace(s, warmup_steps=min(s.steps, rewarm_steps(s.steps, float(stage.options["rewarm_fraction"]))))
+    return s
 
 
 def _prepare(store: Store, plan_ref: str, resume: bool, run_ref: str | None, world_size: int,
@@ -260,10 +280,9 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
                resuming: bool, view: View | None, injector: Injector | None = None,
                skip_until: int | None = None) -> StageResult:
     stage = spec.stages[position]
-    s = resolve(spec, stage, world_size=accelerator.num_processes, cuda=accelerator.device.type == "cuda",
-                bf16=_bf16(accelerator.device.type == "cuda"))
+    s = _settings(spec, position, accelerator.num_processes, accelerator.device.type == "cuda")
     _seed(s.seed + position)
-    trainer = make_trainer(stage.engine or "")
+    trainer = make_trainer(TRANSFORMS.get(stage.engine or "", stage.engine or ""))
     setup = StageSetup(
         name=stage.name, kind=stage.kind, model=s.model, options=engine_options(spec, stage),
         data_source=spec.data.source, tokenizer=spec.data.tokenizer, val_fraction=spec.data.val_fraction,
@@ -280,6 +299,10 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
             except (ValueError, FileNotFoundError) as exc:
                 raise PlanError(f"stage {stage.name!r}: {exc}") from None
         accelerator.wait_for_everyone()
+    if stage.engine in TRANSFORMS:
+        from muse_plan.executor.grow import grow_stage
+
+        return grow_stage(store, accelerator, spec, prepared, position, s, trainer, view)
     run_dir = Path(prepared.run_dir)
     start = _starting_point(store, accelerator, spec, prepared, position, resuming, trainer, view)
     meta = {"plan": prepared.plan, "revision": prepared.revision, "run": prepared.run_id, "stage": stage.name}

@@ -59,11 +59,13 @@ def _pretrain_tokens(spec: PlanSpec, share: float) -> str:
 
 
 def small_shape(shape: Shape, growth: GrowthOptions) -> ModelShape:
-    """The shape trained before growth: depth ÷ factor for the depth operators,
-    width ÷ factor for Net2Net, both halved for CompoundGrow."""
+    """The shape trained before growth: depth ÷ factor for the depth operators
+    (the width kept exactly, MLP and kv heads included), width ÷ factor for
+    Net2Net, both halved for CompoundGrow; the head size is always kept."""
     layers, d_model, heads = shape.layers, shape.d_model, shape.n_heads
     if growth.operator in ("g_stack", "layer_dup", "ligo"):
-        layers = max(1, layers // growth.factor)
+        return ModelShape(layers=max(1, layers // growth.factor), d_model=d_model, n_heads=heads,
+                          n_kv_heads=shape.n_kv_heads, d_ff=shape.d_ff)
     if growth.operator == "net2net":
         heads = max(1, heads // growth.factor)
         d_model = d_model // shape.n_heads * heads
@@ -82,6 +84,22 @@ def growth_stages(spec: PlanSpec, growth: GrowthOptions) -> list[StageSpec]:
         "function_preserving": growth.function_preserving,
         "optimizer_state": growth.optimizer_state,
     }
+    rewarm = {"rewarm_fraction": growth.rewarm_fraction}
+    if growth.operator == "compound":  # CompoundGrow: two growth steps through a middle shape
+        from engines.growth.schedule import compound_shapes
+
+        mid = compound_shapes(small.resolved(), target, steps=2)[1]
+        middle = ModelShape(layers=mid.layers, d_model=mid.d_model, n_heads=mid.n_heads)
+        return [
+            StageSpec(name="pretrain_small", kind="pretrain", shape=small,
+                      tokens=_pretrain_tokens(spec, growth.at_fraction / 2)),
+            StageSpec(name="grow_mid", kind="grow", shape=middle, options=grow_options),
+            StageSpec(name="continue_mid", kind="continue", shape=middle,
+                      tokens=_pretrain_tokens(spec, growth.at_fraction / 2), options=rewarm),
+            StageSpec(name="grow", kind="grow", options=grow_options),
+            StageSpec(name="continue", kind="continue", tokens=_pretrain_tokens(spec, 1 - growth.at_fraction),
+                      options=rewarm),
+        ]
     return [
         StageSpec(name="pretrain_small", kind="pretrain", shape=small,
                   tokens=_pretrain_tokens(spec, growth.at_fraction)),

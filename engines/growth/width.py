@@ -1,0 +1,234 @@
+"""Width growth in the manner of Net2Net (Chen, Goodfellow & Shlens, ICLR 2016):
+a wider decoder that computes what the trained one did, for every residual mode.
+
+Equations implemented (small width D, grown D'; r = √(D/D')):
+
+heads, MLP units   Net2WiderNet: grown unit i copies small unit s(i) (s is
+                   the identity on the first units, the extra ones chosen at
+                   random), its incoming weights copied,
+                     W'_in[i] = W_in[s(i)],
+                   its outgoing weights divided by the number of copies,
+                     W'_out[:, i] = W_out[:, s(i)] / |{j : s(j) = s(i)}|,
+                   so the sum the next layer reads is unchanged. SwiGLU's
+                   h = silu(W_gate x) ⊙ (W_up x) is elementwise, so copying a
+                   unit's W_gate and W_up rows copies h. Heads are copied
+                   whole (q, k, v rows, wo columns), at a fixed head size;
+                   with grouped-query attention a query head copies one from
+                   the group of the key/value head its new group copies.
+residual stream    Duplicating some of the D channels is not function-preserving
+                   under RMSNorm (the mean of squares changes, data-dependently),
+                   so the stream is widened by D'−D channels that start at zero:
+                   every projection writing into the stream (embedding, wo,
+                   w_down) writes 0 there; every RMS normalisation over the
+                   stream then divides by r·rms(x) instead of rms(x), which the
+                   norms' gains (×r) and the parameter-free norms' readers
+                   (HC's W_m, W_r, W_β, mHC's φ, DDL's w_β: ×r) undo, and ε is
+                   scaled by r² in the grown config so that
+                   (x/√(r²m+r²ε))·r = x/√(m+ε) holds exactly. Readers of the
+                   new channels keep the grown model's fresh random init: they
+                   read zeros, so the function is unchanged, and different
+                   random reads give the new channels different gradients (no
+                   symmetry to break). DDL's k = u/‖u‖ is unchanged because
+                   u's new entries are 0; its v reads u raw (no ×r).
+noise              Copies of a unit get identical gradients forever, Adam or
+                   not, unless something differs; ``noise`` adds
+                   N(0, (noise·std W_in)²) to the copies' incoming weights
+                   (Net2Net's symmetry breaking), which gives up exactness.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from engines.architecture.config import ModelConfig
+from engines.architecture.model import DecoderLM
+
+State = dict[str, torch.Tensor]
+_BLOCK = re.compile(r"^blocks\.\d+\.(.+)$")
+_CONN = re.compile(r"^(attn_res|mlp_res)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class WidthMap:
+    """Which small unit each grown unit copies, and how often each is copied."""
+
+    d_small: int
+    d_big: int
+    head_dim: int
+    streams: int
+    q_src: torch.Tensor  # (H',) long
+    kv_src: torch.Tensor  # (Hkv',)
+    ff_src: torch.Tensor  # (F',)
+    noise: float
+    generator: torch.Generator
+
+    @property
+    def r(self) -> float:
+        return math.sqrt(self.d_small / self.d_big)
+
+
+def _sources(small: int, big: int, g: torch.Generator) -> torch.Tensor:
+    """The identity on the first ``small`` units, then random picks (Net2Net),
+    spread over the small units before any is picked twice."""
+    extra = []
+    while len(extra) < big - small:
+        extra += torch.randperm(small, generator=g)[: big - small - len(extra)].tolist()
+    return torch.tensor(list(range(small)) + extra, dtype=torch.long)
+
+
+def _query_sources(small: ModelConfig, big: ModelConfig, kv_src: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Query heads in the grown model's group m copy heads of group kv_src[m] in the small one."""
+    g_small, g_big = small.n_heads // small.kv_heads, big.n_heads // big.kv_heads
+    if small.kv_heads == small.n_heads and big.kv_heads == big.n_heads:
+        return kv_src  # no GQA: a head's q and its k, v are copied together
+    src = []
+    for head in range(big.n_heads):
+        group = int(kv_src[head // g_big])
+        src.append(group * g_small + (head % g_big) % g_small)
+    return torch.tensor(src, dtype=torch.long)
+
+
+def width_map(small: ModelConfig, big: ModelConfig, noise: float = 0.0, seed: int = 0) -> WidthMap:
+    g = torch.Generator().manual_seed(seed)
+    kv_src = _sources(small.kv_heads, big.kv_heads, g)
+    return WidthMap(small.d_model, big.d_model, small.head_dim, small.n_streams,
+                    _query_sources(small, big, kv_src, g), kv_src,
+                    _sources(small.ffn_dim, big.ffn_dim, g), noise, g)
+
+
+def _counts(src: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.bincount(src, minlength=n).float()
+
+
+def _copy_rows(w: torch.Tensor, src: torch.Tensor, unit: int, m: WidthMap) -> torch.Tensor:
+    """Incoming weights: rows grouped in units of ``unit`` rows, unit i copying unit src[i]."""
+    n_small = w.shape[0] // unit
+    out = w.view(n_small, unit, *w.shape[1:])[src].reshape(len(src) * unit, *w.shape[1:]).clone()
+    if m.noise > 0 and len(src) > n_small:  # only the extra copies move
+        std = m.noise * w.float().std().item()
+        tail = out[n_small * unit:]
+        tail += std * torch.randn(tail.shape, generator=m.generator).to(tail.dtype)
+    return out
+
+
+def _split_cols(w: torch.Tensor, src: torch.Tensor, unit: int) -> torch.Tensor:
+    """Outgoing weights: column unit i is src[i]'s divided by its number of copies."""
+    n_small = w.shape[1] // unit
+    scale = (1.0 / _counts(src, n_small))[src].to(w.dtype)  # (units',)
+    cols = w.view(w.shape[0], n_small, unit)[:, src] * scale[None, :, None]
+    return cols.reshape(w.shape[0], len(src) * unit)
+
+
+def _reads_stream(w: torch.Tensor, fresh: torch.Tensor, m: WidthMap, scale: float = 1.0) -> torch.Tensor:
+    """A matrix reading the stream (last dim D): old columns kept, new ones fresh."""
+    out = fresh.clone()
+    out[..., : m.d_small] = w * scale
+    return out
+
+
+def _writes_stream(w: torch.Tensor, m: WidthMap) -> torch.Tensor:
+    """A matrix writing the stream (first dim D): new rows zero, so new channels start at 0."""
+    out = w.new_zeros((m.d_big, *w.shape[1:]))
+    out[: m.d_small] = w
+    return out
+
+
+def _gain(w: torch.Tensor, fresh: torch.Tensor, m: WidthMap) -> torch.Tensor:
+    out = fresh.clone()
+    out[: m.d_small] = w * m.r
+    return out
+
+
+def _rms_reader(w: torch.Tensor, fresh: torch.Tensor, m: WidthMap) -> torch.Tensor:
+    """A vector or (D, k) matrix applied to a parameter-free RMS norm of the stream."""
+    out = fresh.clone()
+    out[: m.d_small] = w * m.r
+    return out
+
+
+def _phi(w: torch.Tensor, fresh: torch.Tensor, m: WidthMap) -> torch.Tensor:
+    """mHC's φ: (n·D, k) applied to RMSNorm(vec(x)) over all n streams."""
+    n, k = m.streams, w.shape[1]
+    out = fresh.clone().view(n, m.d_big, k)
+    out[:, : m.d_small] = w.view(n, m.d_small, k) * m.r
+    return out.view(n * m.d_big, k)
+
+
+def _keep(w: torch.Tensor, fresh: torch.Tensor, m: WidthMap) -> torch.Tensor:
+    return w.clone()
+
+
+Rule = Callable[[torch.Tensor, torch.Tensor, WidthMap], torch.Tensor]
+
+# parameter (its name inside a block, a connection or the model) → its widening
+WIDTH_RULES: dict[str, Rule] = {
+    "tok_emb.weight": lambda w, f, m: _writes_stream(w.t(), m).t(),  # (V, D): writes the stream
+    "lm_head.weight": lambda w, f, m: _writes_stream(w.t(), m).t(),  # tied to tok_emb
+    "norm.weight": _gain,
+    "attn_norm.weight": _gain,
+    "mlp_norm.weight": _gain,
+    "attn.wq.weight": lambda w, f, m: _reads_stream(_copy_rows(w, m.q_src, m.head_dim, m), f, m),
+    "attn.wk.weight": lambda w, f, m: _reads_stream(_copy_rows(w, m.kv_src, m.head_dim, m), f, m),
+    "attn.wv.weight": lambda w, f, m: _reads_stream(_copy_rows(w, m.kv_src, m.head_dim, m), f, m),
+    "attn.wo.weight": lambda w, f, m: _writes_stream(_split_cols(w, m.q_src, m.head_dim), m),
+    "mlp.w_gate.weight": lambda w, f, m: _reads_stream(_copy_rows(w, m.ff_src, 1, m), f, m),
+    "mlp.w_up.weight": lambda w, f, m: _reads_stream(_copy_rows(w, m.ff_src, 1, m), f, m),
+    "mlp.w_down.weight": lambda w, f, m: _writes_stream(_split_cols(w, m.ff_src, 1), m),
+    # hc (Zhu et al.): static maps are per stream; the dynamic ones read rms(x)
+    "a_m": _keep, "a_r": _keep, "b": _keep, "s_a": _keep, "s_b": _keep,
+    "w_m": _rms_reader, "w_r": _rms_reader, "w_b": _rms_reader,
+    # mhc: φ reads RMSNorm(vec(x)); biases and α are per stream
+    "maps.phi_pre": _phi, "maps.phi_post": _phi, "maps.phi_res": _phi,
+    "maps.b_pre": _keep, "maps.b_post": _keep, "maps.b_res": _keep, "maps.alpha": _keep,
+    # ddl: β reads rms(h); v reads the sublayer output u raw
+    "gate.w_beta": _rms_reader, "gate.b_beta": _keep, "gate.b_v": _keep,
+    "gate.w_v": lambda w, f, m: _reads_stream(w, f, m),
+}
+
+
+def _rule_name(key: str) -> str:
+    m = _BLOCK.match(key)
+    name = m.group(1) if m else key
+    conn = _CONN.match(name)
+    return conn.group(2) if conn else name
+
+
+def widen_state(state: State, fresh: State, m: WidthMap) -> State:
+    """Every parameter through its rule; ``fresh`` is a grown model's own init (same depth)."""
+    out: State = {}
+    for key, value in state.items():
+        rule = WIDTH_RULES.get(_rule_name(key))
+        if rule is None:
+            raise KeyError(f"no width rule for parameter {key!r}; add one to WIDTH_RULES")
+        out[key] = rule(value, fresh[key], m)
+    return out
+
+
+def widened_config(small: ModelConfig, target: ModelConfig) -> ModelConfig:
+    """``target``'s width at ``small``'s depth, with ε scaled by r² (see the docstring)."""
+    return replace(small, d_model=target.d_model, n_heads=target.n_heads, n_kv_heads=target.n_kv_heads,
+                   d_ff=target.ffn_dim, norm_eps=small.norm_eps * small.d_model / target.d_model)
+
+
+def fresh_model(config: ModelConfig, seed: int, device: torch.device) -> DecoderLM:
+    """A model at its own init, drawn from its own seed (the global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return DecoderLM(config).to(device)
+
+
+def widen(model: DecoderLM, target: ModelConfig, noise: float = 0.0, seed: int = 0) -> DecoderLM:
+    """``model`` at ``target``'s width (d_model, heads, kv heads, MLP), same depth; a new model."""
+    small = model.config
+    config = widened_config(small, target)
+    grown = fresh_model(config, seed, model.tok_emb.weight.device)
+    m = width_map(small, config, noise, seed)
+    with torch.no_grad():
+        state = widen_state(model.state_dict(), grown.state_dict(), m)
+    grown.load_state_dict(state)
+    return grown

@@ -1,0 +1,192 @@
+"""The grow stage in a run: small pretrain → grow → continue through ``muse plan run``,
+the growth recorded, the continue stage starting from the grown weights and
+resuming from its own checkpoint taken after the growth, LiGO in a plan, the
+re-warmup, refusals before a run exists, and ``muse plan show``'s shapes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from muse_plan.executor.runner import run_plan
+from muse_plan.store import runs
+from muse_plan.store.db import Store
+
+torch.set_num_threads(1)  # two shared cores: more threads only contend
+
+SMALL = {"layers": 2, "d_model": 32, "n_heads": 2}
+PLAN = {
+    "name": "grow",
+    "model": {"scale": "1M", "residual": "mhc", "seq_len": 32, "vocab_size": 260,
+              "shape": {"layers": 4, "d_model": 32, "n_heads": 2}},
+    "techniques": {"mhc": {"streams": 2, "sinkhorn_iters": 5},
+                   "growth": {"operator": "g_stack", "factor": 2, "function_preserving": True}},
+    "compute": "cpu",
+    "training": {"micro_batch": 4, "grad_accum": 1, "lr": 0.01, "warmup_steps": 3, "seed": 1},
+    "stages": [
+        {"name": "pretrain_small", "kind": "pretrain", "steps": 30, "shape": SMALL, "checkpoint_every": 30},
+        {"name": "grow", "kind": "grow", "options": {"operator": "g_stack", "function_preserving": True}},
+        {"name": "continue", "kind": "continue", "steps": 20, "checkpoint_every": 5, "eval_every": 10,
+         "options": {"rewarm_fraction": 0.1}},
+    ],
+}
+
+
+def write(tmp_path: Path, **changes) -> Path:
+    data = {**PLAN, **changes}
+    path = tmp_path / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def series(run_id: int, name: str, position: int) -> list[tuple[int, float]]:
+    with Store().read() as session:
+        stage = runs.stage_runs(session, runs.get_run(session, run_id))[position]
+        return runs.metric_series(session, run_id, name, stage.id)
+
+
+def messages(run_id: int) -> list[str]:
+    with Store().read() as session:
+        return [e.message for e in runs.events(session, run_id, limit=100)]
+
+
+def test_small_grow_continue_runs_from_the_grown_weights(cli, tmp_path, muse_home) -> None:
+    assert cli("plan", "import", write(tmp_path)).exit_code == 0
+    result = cli("plan", "run", "grow")
+    assert result.exit_code == 0, result.output
+    before = series(1, "val_loss_before_growth", 1)
+    after = series(1, "val_loss", 1)
+    assert before[0][1] == pytest.approx(after[0][1], abs=1e-4)  # function-preserving, as measured
+    assert before[0][1] < math.log(260) - 1.0  # the small model had learned something
+    grew = [m for m in messages(1) if m.startswith("grew ")]
+    assert len(grew) == 1 and "2×32" in grew[0] and "→ 4×32" in grew[0] and "g_stack (function-preserving)" in grew[0]
+    weights = load_file(str(muse_home / "runs" / "run-00001" / "grow" / "step-00000000" / "model.safetensors"))
+    assert {int(k.split(".")[1]) for k in weights if k.startswith("blocks.")} == {0, 1, 2, 3}
+    assert weights["blocks.3.attn.wo.weight"].abs().sum() == 0  # an identity block, as written
+    small_end, continued = series(1, "loss", 0), series(1, "loss", 2)
+    assert continued[0][1] < math.log(260) - 1.0  # not a fresh model: it starts where the small one ended
+    assert abs(continued[0][1] - small_end[-1][1]) < 0.5
+    assert all(math.isfinite(v) for _, v in continued)
+    lrs = series(1, "lr", 2)
+    assert lrs[0][1] == pytest.approx(0.01 / 2)  # re-warm over 10% of 20 steps: 2 steps, not the plan's 3
+
+
+class StopAt:
+    """A run's view that interrupts it (as Ctrl-C would) at one step of one stage."""
+
+    def __init__(self, stage: str, step: int) -> None:
+        self.stage, self.at, self.current = stage, step, ""
+
+    def message(self, text: str) -> None: ...
+
+    def stage_started(self, name: str, total_steps: int, start_step: int) -> None:
+        self.current = name
+
+    def step(self, record) -> None:
+        if self.current == self.stage and record.step == self.at:
+            raise KeyboardInterrupt
+
+    def evaluated(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def stage_finished(self, name: str) -> None: ...
+
+
+def test_a_stage_after_growth_resumes_from_its_own_checkpoint(cli, tmp_path, monkeypatch) -> None:
+    homes = {name: tmp_path / name for name in ("whole", "cut")}
+    plan = write(tmp_path)
+    for home in homes.values():
+        monkeypatch.setenv("MUSE_HOME", str(home))
+        assert cli("plan", "import", plan).exit_code == 0
+    monkeypatch.setenv("MUSE_HOME", str(homes["whole"]))
+    run_plan(None, "grow")
+    expected = series(1, "loss", 2)
+
+    monkeypatch.setenv("MUSE_HOME", str(homes["cut"]))
+    with pytest.raises(KeyboardInterrupt):
+        run_plan(None, "grow", view=StopAt("continue", 8))
+    with Store().read() as session:
+        run = runs.get_run(session, 1)
+        assert run.status == "interrupted"
+        assert [s.status for s in runs.stage_runs(session, run)] == ["completed", "completed", "interrupted"]
+    result = run_plan(None, "grow", resume=True)
+    assert [s.name for s in result.stages] == ["continue"]  # neither the small stage nor the growth again
+    assert "resuming stage continue from step-00000005" in messages(1)
+    assert sum(m.startswith("grew ") for m in messages(1)) == 1
+    assert series(1, "loss", 2) == expected  # exact: same floats, step for step
+
+
+def test_ligo_in_a_plan_fits_its_operator_and_records_the_fit(cli, tmp_path, muse_home) -> None:
+    stages = [dict(s) for s in PLAN["stages"]]
+    stages[0] = {**stages[0], "steps": 10, "checkpoint_every": 10}
+    stages[1] = {"name": "grow", "kind": "grow", "options": {"operator": "ligo", "fit_steps": 6,
+                                                              "function_preserving": False}}
+    stages[2] = {**stages[2], "steps": 2}
+    techniques = {**PLAN["techniques"], "growth": {"operator": "ligo", "factor": 2}}
+    cli("plan", "import", write(tmp_path, stages=stages, techniques=techniques))
+    result = cli("plan", "run", "grow")
+    assert result.exit_code == 0, result.output
+    assert (muse_home / "runs" / "run-00001" / "grow" / "step-00000006").is_dir()
+    first, last = series(1, "fit_loss_first", 1), series(1, "fit_loss_last", 1)
+    assert math.isfinite(first[0][1]) and math.isfinite(last[0][1])
+    assert any("by ligo" in m and "operator fitted 6 steps" in m for m in messages(1))
+
+
+@pytest.mark.parametrize("grow_options, shape, message", [
+    ({"operator": "g_stack", "optimizer_state": "mapped"}, None, "optimizer_state 'mapped' is not implemented"),
+    ({"operator": "g_stack"}, {"layers": 4, "d_model": 64, "n_heads": 4},
+     "g_stack grows depth only, but the width changes"),
+    ({"operator": "net2net"}, None, "net2net grows width only, but layers change 2 → 4"),
+    ({"operator": "g_stack", "warp": 1}, None, "unknown growth option 'warp'"),
+])
+def test_a_growth_the_plan_cannot_make_is_refused_before_a_run_exists(cli, tmp_path, grow_options, shape,
+                                                                       message) -> None:
+    stages = [dict(s) for s in PLAN["stages"]]
+    stages[1] = {"name": "grow", "kind": "grow", "options": grow_options}
+    model = {**PLAN["model"], "shape": shape} if shape else PLAN["model"]
+    cli("plan", "import", write(tmp_path, stages=stages, model=model))
+    result = cli("plan", "run", "grow")
+    assert result.exit_code == 2
+    assert "stage 'grow': " in result.output and message in result.output
+    assert cli("run", "list", "--json").output.strip() == "[]"
+
+
+def test_plan_show_prints_the_shape_of_each_growth_stage(cli, tmp_path) -> None:
+    data = {"name": "big", "model": {"scale": "125M", "seq_len": 256}, "techniques": {"growth": {"factor": 4}}}
+    (tmp_path / "big.yaml").write_text(yaml.safe_dump(data))
+    assert cli("plan", "import", tmp_path / "big.yaml").exit_code == 0
+    shown = cli("plan", "show", "big", env={"COLUMNS": "200"})
+    assert shown.exit_code == 0
+    rows = {line.split("│")[2].split()[0]: line.split("│")[-2].strip() for line in shown.output.splitlines()
+            if line.count("│") == 6 and line.split("│")[3].strip() in ("architecture", "growth")}
+    assert rows == {"pretrain_small": "3×768, 12h", "grow": "3×768, 12h → 12×768, 12h",
+                    "continue": "12×768, 12h"}
+
+
+def test_compound_growth_expands_into_two_growth_steps(cli, tmp_path) -> None:
+    data = {"name": "cg", "model": {"scale": "125M"}, "techniques": {"growth": {"operator": "compound"}}}
+    (tmp_path / "cg.yaml").write_text(yaml.safe_dump(data))
+    result = cli("plan", "import", tmp_path / "cg.yaml")
+    assert result.exit_code == 0
+    shown = cli("plan", "show", "cg", env={"COLUMNS": "200"}).output
+    assert "6×384, 6h → 9×576, 9h" in shown and "9×576, 9h → 12×768, 12h" in shown
+
+
+def test_grown_weights_load_into_the_plans_model() -> None:
+    """The grow stage writes what DecoderLM(plan shape) loads: names and shapes agree."""
+    from engines.architecture.config import ModelConfig
+    from engines.architecture.model import DecoderLM
+    from engines.growth.operators import grow
+    from engines.growth.schedule import GrowSettings
+
+    small = DecoderLM(ModelConfig(vocab_size=260, seq_len=32, n_layers=2, d_model=32, n_heads=2,
+                                  residual="mgt", streams=2))
+    target = ModelConfig(vocab_size=260, seq_len=32, n_layers=4, d_model=64, n_heads=4, residual="mgt", streams=2)
+    grown = grow(small, target, GrowSettings(operator="compound", function_preserving=True)).model
+    plan_model = DecoderLM(target)
+    plan_model.load_state_dict(grown.state_dict())
+    assert torch.equal(plan_model.blocks[3].mlp.w_up.weight, grown.blocks[3].mlp.w_up.weight)
