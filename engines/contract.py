@@ -49,6 +49,7 @@ class StageSetup:
     rank: int = 0
     world_size: int = 1
     tokens_needed: int = 0  # training tokens the stage will read (all processes)
+    micro_steps: int = 0  # micro-batches each process will run (steps × grad_accum); 0: unknown
     eval_batches: int = 8
     cache_dir: Path = Path(".")
     device: str = "cpu"
@@ -84,6 +85,7 @@ class Trainer(Protocol):
 # engine name (as in the plan's STAGE_KINDS) -> "module:TrainerClass"
 TRAINERS: dict[str, str] = {
     "architecture": "engines.architecture.trainer:ArchitectureTrainer",
+    "rkdo": "engines.rkdo.trainer:RkdoTrainer",
 }
 
 

@@ -24,6 +24,9 @@ Design decisions:
   scheduler state, every RNG and the data position, and the loop continues
   at the step after the checkpoint's.
 - Only the main process writes checkpoints; the others wait for it.
+- An engine may end its stage early with its own rule (RKDO: the loss's
+  geometric decrease has flattened): a trainer's optional ``should_stop()``
+  is asked at each evaluation; the stage then checkpoints and ends there.
 """
 
 from __future__ import annotations
@@ -149,7 +152,9 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
 
     ``trainer.setup`` has run and the weights to start from are loaded.
     ``lag``: read each step's numbers one step late (default: on a GPU).
-    Returns the last step's loss and the last evaluation's metrics.
+    Returns the last step's loss and the last evaluation's metrics; when the
+    engine's stopping rule ends the stage early, ``stopped_at_step`` too (after
+    that step's evaluation and checkpoint).
     """
     main = accelerator.is_main_process
     model, optimizer = accelerator.prepare(trainer.model, make_optimizer(trainer.model, s))
@@ -206,7 +211,25 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
                 hooks.on_eval(step, metrics)
         if step % s.checkpoint_every == 0 or step == s.steps:
             _save(trainer, accelerator, optimizer, scheduler, stage_dir, step, meta, hooks)
+        if step % s.eval_every == 0 and step < s.steps and _engine_stops(trainer, accelerator):
+            if step % s.checkpoint_every:
+                _save(trainer, accelerator, optimizer, scheduler, stage_dir, step, meta, hooks)
+            result["stopped_at_step"] = float(step)
+            break
     return result
+
+
+def _engine_stops(trainer: Trainer, accelerator: Any) -> bool:
+    """An engine's own early-stopping rule (an optional ``should_stop()``), asked
+    only at evaluations, where the host has synced anyway; the main process's
+    answer holds for every process, so all stop at the same step."""
+    should_stop = getattr(trainer, "should_stop", None)
+    if should_stop is None:
+        return False
+    from accelerate.utils import broadcast
+
+    flag = torch.tensor([float(bool(should_stop()))], device=accelerator.device)
+    return bool(broadcast(flag, from_process=0).item())
 
 
 @dataclass

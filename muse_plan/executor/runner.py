@@ -289,6 +289,7 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         seed=s.seed, micro_batch=s.micro_batch, activation_checkpointing=s.activation_checkpointing,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes, tokens_needed=s.steps * s.tokens_per_step,
+        micro_steps=s.steps * s.grad_accum,
         cache_dir=muse_home() / "cache", device=str(accelerator.device),
     )
     # the main process builds (and caches) the data first, so the others read its cache
@@ -315,13 +316,17 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
     watch = Watch(spec.alerts, _capacity_gib(accelerator))
     metrics = train_stage(trainer, s, accelerator, run_dir / stage.name, meta, hooks, start, watch=watch,
                           injector=injector, skip_until=skip_until)
+    steps = int(metrics.pop("stopped_at_step", s.steps))  # the engine's stopping rule may end it early
+    if steps < s.steps:
+        _note(store, prepared, position, [f"stage {stage.name} stopped early at step {steps} of {s.steps}: "
+                                          "its engine's stopping rule"], view, severity="info")
     if store is not None:
         summary = trainer.summary()
         metrics.update(summary)
-        hooks.finish(s.steps, summary, checkpoint.step_dir(run_dir / stage.name, s.steps))
+        hooks.finish(steps, summary, checkpoint.step_dir(run_dir / stage.name, steps))
         if view:
             view.stage_finished(stage.name)
-    return StageResult(stage.name, s.steps, metrics, time.perf_counter() - t0)
+    return StageResult(stage.name, steps, metrics, time.perf_counter() - t0)
 
 
 def _capacity_gib(accelerator: Any) -> float:
@@ -353,14 +358,18 @@ def _starting_point(store: Store | None, accelerator: Any, spec: PlanSpec, prepa
         if start is not None:
             return start
     source = stage.from_stage or (spec.stages[position - 1].name if position else None)
+    # the part of the model earlier weights fit (RKDO's text encoder: its decoder); None: none does
+    target = getattr(trainer, "init_module", trainer.model)
+    if target is None:
+        return None
     try:
         if source is not None:
             found = checkpoint.checkpoints(run_dir / source)
             if not found:
                 raise PlanError(f"stage {stage.name!r} starts from stage {source!r}, which has no checkpoint")
-            checkpoint.load_weights(found[0], trainer.model)
+            checkpoint.load_weights(found[0], target)
         elif spec.model.init_from:
-            checkpoint.load_weights(Path(spec.model.init_from).expanduser(), trainer.model)
+            checkpoint.load_weights(Path(spec.model.init_from).expanduser(), target)
     except checkpoint.CorruptCheckpoint as exc:
         raise PlanError(f"stage {stage.name!r}: {exc}") from None
     return None

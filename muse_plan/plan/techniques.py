@@ -97,6 +97,14 @@ class RkdoOptions(Options):
     beta: float = Field(0.1, ge=0, lt=1, description="temperature decay τ(t) = τ0 (1 - β t/T)")
     in_batch: bool = Field(False, description="the author's code's in-batch recursion instead of across iterations")
     dataset: str = Field("digits", description="'digits' (scikit-learn), 'synthetic', or a local path")
+    debias: float = Field(0.2, ge=0, le=1, description="I-Con's uniform share in p(0) (the paper's I-Con: 0.2)")
+    alpha_schedule: Literal["constant", "linear", "cosine", "adaptive"] = Field(
+        "constant", description="anneal α to alpha_final; adaptive: as the loss's geometric decrease flattens")
+    alpha_final: float = Field(0.0, ge=0, le=1)
+    early_stop: bool = Field(False, description="stop when the loss's geometric decrease flattens (the paper's rule)")
+    stop_tol: float = Field(0.01, gt=0, description="an epoch lowering the loss by less than this share is flat")
+    encoder: Literal["auto", "mlp", "cnn", "decoder"] = Field(
+        "auto", description="auto: cnn for images, mlp for vectors, the plan's decoder for text")
 
 
 class LoraOptions(Options):
