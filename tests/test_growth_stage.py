@@ -155,6 +155,31 @@ def test_a_growth_the_plan_cannot_make_is_refused_before_a_run_exists(cli, tmp_p
     assert cli("run", "list", "--json").output.strip() == "[]"
 
 
+def test_a_loss_plateau_ends_the_small_stage_and_the_growth_starts_there(cli, tmp_path, muse_home) -> None:
+    stages = [dict(s) for s in PLAN["stages"]]
+    stages[0] = {**stages[0], "steps": 200, "eval_every": 10, "checkpoint_every": 100,
+                 "options": {"grow_on_plateau": 5}}
+    stages[2] = {**stages[2], "steps": 2}
+    training = {**PLAN["training"], "lr": 1e-7}  # a loss that cannot move: a plateau by the first full windows
+    cli("plan", "import", write(tmp_path, stages=stages, training=training))
+    result = cli("plan", "run", "grow")
+    assert result.exit_code == 0, result.output
+    assert "stage pretrain_small stopped early at step 10 of 200" in " ".join(messages(1))
+    assert (muse_home / "runs" / "run-00001" / "pretrain_small" / "step-00000010").is_dir()
+    assert [s for s, _ in series(1, "loss", 0)] == list(range(1, 11))
+    assert any(m.startswith("grew 2×32") for m in messages(1))
+    assert len(series(1, "loss", 2)) == 2  # the continue stage ran on the grown model
+
+
+def test_a_bad_plateau_window_is_refused_before_a_run_exists(cli, tmp_path) -> None:
+    stages = [dict(s) for s in PLAN["stages"]]
+    stages[0] = {**stages[0], "options": {"grow_on_plateau": 1}}
+    cli("plan", "import", write(tmp_path, stages=stages))
+    result = cli("plan", "run", "grow")
+    assert result.exit_code == 2
+    assert "grow_on_plateau must be true or a window of at least 2 steps, got 1" in result.output
+
+
 def test_plan_show_prints_the_shape_of_each_growth_stage(cli, tmp_path) -> None:
     data = {"name": "big", "model": {"scale": "125M", "seq_len": 256}, "techniques": {"growth": {"factor": 4}}}
     (tmp_path / "big.yaml").write_text(yaml.safe_dump(data))

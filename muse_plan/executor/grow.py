@@ -19,19 +19,33 @@ Design decisions:
 - The growth is recorded as an event ("grew 2×32 … → 8×32 … by g_stack:
   val loss a → b") and its metrics (val loss before and after, LiGO's first
   and last fit loss) as the stage's metric points.
+- Growth on a plateau instead of at a planned token count: a training stage
+  with the option ``grow_on_plateau`` (true, or the window in steps) ends at
+  the first evaluation after the monitor's plateau rule (``Plateau``: the
+  mean loss of the last window improved by less than 1% on the window
+  before; window: the option, else the plan's ``plateau`` alert threshold,
+  else 200) fires on its training loss; its checkpoint there is its result,
+  so the grow stage after it starts then. It goes through the loop's engine
+  stopping rule (``should_stop``), asked at evaluations only, so the loss
+  tensors it keeps are read when the host syncs anyway. The detector's
+  windows are not checkpointed: a resumed stage refills them.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+import torch
 
 from muse_plan.errors import PlanError
 from muse_plan.executor import checkpoint
 from muse_plan.executor.runner import Prepared, Recorder, StageResult, View, _note
 from muse_plan.executor.settings import StageSettings, engine_options, model_config
-from muse_plan.plan.spec import PlanSpec
+from muse_plan.monitor.detectors import Finding, Plateau
+from muse_plan.plan.spec import PlanSpec, StageSpec
 from muse_plan.store.db import Store
 
 
@@ -85,3 +99,52 @@ def grow_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         if view:
             view.stage_finished(stage.name)
     return StageResult(stage.name, s.steps, report.metrics if report else {}, time.perf_counter() - t0)
+
+
+def plateau_window(spec: PlanSpec, stage: StageSpec) -> int:
+    """The steps per window of a stage's ``grow_on_plateau``; a plan error if it is not one."""
+    value = stage.options["grow_on_plateau"]
+    if value is True:
+        return int(spec.alerts.get("plateau", 200))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise PlanError(f"stage {stage.name!r}: grow_on_plateau must be true or a window of at least 2 steps, "
+                        f"got {value!r}")
+    return value
+
+
+class GrowOnPlateau:
+    """A trainer that ends its stage once its training loss plateaus (see the module docstring)."""
+
+    def __init__(self, inner: Any, window: int, grad_accum: int) -> None:
+        self.inner, self.grad_accum = inner, grad_accum
+        self.detector = Plateau(window)
+        self.losses: list[torch.Tensor] = []  # micro-batch losses since the last evaluation, on the device
+        self.steps = 0
+        self.found: Finding | None = None
+
+    @property
+    def model(self) -> Any:
+        return self.inner.model
+
+    @model.setter
+    def model(self, value: Any) -> None:  # the loop hands back the model it prepared
+        self.inner.model = value
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the inner trainer's
+        if name == "inner":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def micro_step(self, batch: Any) -> Any:
+        out = self.inner.micro_step(batch)
+        self.losses.append(out.loss.detach().float())
+        return out
+
+    def should_stop(self) -> bool:
+        whole = len(self.losses) // self.grad_accum * self.grad_accum
+        per_step = torch.stack(self.losses[:whole]).view(-1, self.grad_accum).mean(1).tolist() if whole else []
+        self.losses = []
+        for loss in per_step:
+            self.steps += 1
+            self.found = self.found or self.detector.observe(SimpleNamespace(step=self.steps, loss=loss))
+        return self.found is not None

@@ -49,7 +49,6 @@ MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 TRANSFORMS = {"growth": "architecture"}
 
 
-
 class View(Protocol):
     """How a run shows itself (the CLI's progress bar); main process only."""
 
@@ -188,6 +187,10 @@ def _settings(spec: PlanSpec, position: int, world_size: int, cuda: bool) -> Sta
         from engines.growth.schedule import rewarm_steps
 
         s = replace(s, warmup_steps=min(s.steps, rewarm_steps(s.steps, float(stage.options["rewarm_fraction"]))))
+    if stage.options.get("grow_on_plateau") is not None:
+        from muse_plan.executor.grow import plateau_window
+
+        plateau_window(spec, stage)  # a bad window is refused before a run exists
     return s
 
 
@@ -314,6 +317,10 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
             view.stage_started(stage.name, s.steps, start.step if start else 0)
     t0 = time.perf_counter()
     watch = Watch(spec.alerts, _capacity_gib(accelerator))
+    if stage.options.get("grow_on_plateau"):  # end the stage at a loss plateau; the grow stage starts then
+        from muse_plan.executor.grow import GrowOnPlateau, plateau_window
+
+        trainer = GrowOnPlateau(trainer, plateau_window(spec, stage), s.grad_accum)
     metrics = train_stage(trainer, s, accelerator, run_dir / stage.name, meta, hooks, start, watch=watch,
                           injector=injector, skip_until=skip_until)
     steps = int(metrics.pop("stopped_at_step", s.steps))  # the engine's stopping rule may end it early
