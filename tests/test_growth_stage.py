@@ -216,3 +216,12 @@ def test_grown_weights_load_into_the_plans_model() -> None:
     plan_model = DecoderLM(target)
     plan_model.load_state_dict(grown.state_dict())
     assert torch.equal(plan_model.blocks[3].mlp.w_up.weight, grown.blocks[3].mlp.w_up.weight)
+
+
+def test_planning_and_showing_growth_imports_no_torch(tmp_path) -> None:
+    from conftest import heavy_imports
+
+    commands = [["plan", "create", "--model-scale", "125M", "--techniques", "growth", "--name", "cg"],
+                ["plan", "edit", "cg", "--set", "techniques.growth.operator=compound", "--replan"],
+                ["plan", "show", "cg"]]
+    assert heavy_imports(tmp_path, commands) == "none"

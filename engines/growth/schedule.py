@@ -23,19 +23,19 @@ Design decisions:
   ``compound_shapes`` interpolates layers and heads linearly between the small
   and the target shape at a fixed head size.
 - G_stack (Du et al., NeurIPS 2024) recommends a growth factor g = 4 and
-  fits the number of tokens to train the small model before stacking,
-  log10 d = 0.88·log10 N + 163.27/log10 C − 5.74 (N the target's parameters,
-  C the FLOPs budget; about 10B tokens at their 410M–7B scales);
-  ``gstack_growth_tokens`` evaluates it. The planner uses ``at_fraction``
-  (SEEDS.md: growth 20–30% into training) instead, since toy budgets are far
-  outside the range the rule was fitted on.
+  fits the number of tokens to train the small model before stacking; we
+  recall the fit as log10 d = 0.88·log10 N + 163.27/log10 C − 5.74 (N the
+  target's parameters, C the FLOPs budget; about 10B tokens at their
+  410M–7B scales) but could not re-check the constants against the paper's
+  text here, so muse does not use it.
+  The planner uses ``at_fraction`` (SEEDS.md: growth 20–30% into training),
+  also because toy budgets lie far outside the range the rule was fitted on.
 - After growth the learning rate re-warms over ``rewarm_fraction`` of the
   continue stage's steps (SEEDS.md: 1–2%), replacing the stage's warmup.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -147,11 +147,6 @@ def compound_shapes(small: Shape, target: Shape, steps: int = 2) -> list[Shape]:
         d_model = heads * head_dim
         shapes.append(Shape(layers, d_model, heads, kv, max(small.d_ff, swiglu_hidden(d_model))))
     return shapes + [target]
-
-
-def gstack_growth_tokens(n_params: float, flops: float) -> float:
-    """G_stack's fitted growth timing d (tokens trained small), Du et al. 2024."""
-    return 10 ** (0.88 * math.log10(n_params) + 163.27 / math.log10(flops) - 5.74)
 
 
 def rewarm_steps(steps: int, fraction: float) -> int:
