@@ -17,7 +17,10 @@ width   W'_j = A W_j Bᵀ for every matrix, with the expansions factored by
                            columns), H'×H, acting on whole heads (⊗ I_hd), so
                            rotary pairs stay intact;
           MLP units        F_out (w_gate, w_up rows), F_in (w_down columns).
-        A dimension that does not grow has no matrix (the identity).
+        Every expansion is shared by all layers (LiGO ties the stream's by
+        necessity; tying the others too keeps the operator small enough to
+        fit in a few hundred steps). A dimension that does not grow has no
+        matrix (the identity).
         Norm gains and residual-connection parameters (hc/mhc/ddl) widen by
         the fixed Net2Net rules of ``width.py``, not learned.
 depth   W'_l = Σ_j ℓ^(p)_{l,j} W'_j, one L'×L matrix ℓ^(p) per parameter p of

@@ -58,7 +58,6 @@ def grow_stage(trainer: Any, small_config: ModelConfig, load_small: Callable[[De
         with autocast():
             metrics["val_loss_before_growth"] = trainer.evaluate()["val_loss"]
         trainer.model = grown_template
-    small.train()
     grown = grow(small, target, settings, trainer.next_batch, autocast)
     grown.model.set_checkpointing(trainer.model.checkpointing)
     trainer.model = grown.model
