@@ -1,6 +1,6 @@
 """The RKDO engine: the recursion and schedules on hand values, the loss against a
 hand-computed KL, the I-Con limit, training, resume and early stopping through
-the executor's loop, and the bundled plan through the CLI."""
+the executor's loop (the CLI and runner: test_rkdo_runner.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from accelerate import Accelerator
 
 from engines.contract import StageSetup
 from engines.rkdo.config import RkdoConfig
-from engines.rkdo.field import TARGETS, SupervisoryField
+from engines.rkdo.field import TARGETS, Neighbourhood, SupervisoryField
 from engines.rkdo.objective import (
     ema_update,
     neighbour_kl,
@@ -29,10 +28,7 @@ from muse_plan.executor import checkpoint
 from muse_plan.executor.loop import train_stage
 from muse_plan.executor.settings import resolve
 from muse_plan.plan.io import spec_from_dict
-from muse_plan.store import runs
-from muse_plan.store.db import Store
 
-ROOT = Path(__file__).resolve().parent.parent
 FAST = {"dataset": "synthetic", "anchors": 48, "hidden": 32, "embed_dim": 16, "proj_dim": 16}
 
 
@@ -229,6 +225,23 @@ def test_the_in_batch_target_lowers_the_loss_by_construction() -> None:
     assert in_batch <= 0.125 * static + 1e-6
 
 
+def test_the_in_batch_gradient_is_the_static_one_scaled_by_one_minus_alpha_to_the_depth() -> None:
+    """With the target detached, d KL(p‖q)/d logits = q − p = (1−α)^d (q − p(0)):
+    the in-batch form trains like I-Con with a smaller gradient (the same under Adam)."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5, requires_grad=True)
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    mask[0, 3] = False
+    p0 = positive_target(mask, 0.2)
+    grads = {}
+    for name in ("static", "in_batch"):
+        n = Neighbourhood(logits, mask, p0, torch.arange(6), alpha=0.5, depth=3, field=None)
+        logits.grad = None
+        neighbour_kl(TARGETS[name](n), logits, mask).backward()
+        grads[name] = logits.grad.clone()
+    assert torch.allclose(grads["in_batch"], 0.125 * grads["static"], atol=1e-6)
+
+
 @pytest.mark.parametrize("options", [{"objective": "icon"}, {"objective": "rkdo"},
                                      {"objective": "rkdo", "in_batch": True}],
                          ids=["icon", "rkdo", "rkdo-in-batch"])
@@ -318,65 +331,3 @@ def test_text_encoder_is_the_decoder_with_a_head_and_learns(tmp_path) -> None:
     train_stage(t, s, Accelerator(cpu=True), tmp_path / "run", {}, hooks)
     losses = [hooks.losses[i] for i in sorted(hooks.losses)]
     assert sum(losses[-3:]) < sum(losses[:3])
-
-
-# ------------------------------------------------------------- the CLI
-def bundled_plan(tmp_path: Path, **stage_options) -> Path:
-    data = yaml.safe_load((ROOT / "plans" / "rkdo-representation.yaml").read_text())
-    data["techniques"]["rkdo"].update(dataset="synthetic")
-    data["training"]["micro_batch"] = 32
-    data["stages"][0].update(steps=40, eval_every=10, checkpoint_every=20)
-    data["stages"][0]["options"] = {"encoder": "mlp", "anchors": 48, **stage_options}
-    path = tmp_path / "rkdo.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def test_the_bundled_plan_runs_through_the_cli_and_records_the_measures(cli, tmp_path) -> None:
-    assert cli("plan", "import", bundled_plan(tmp_path)).exit_code == 0
-    result = cli("plan", "run", "rkdo-representation")
-    assert result.exit_code == 0, result.output
-    with Store().read() as session:
-        run = runs.get_run(session, 1)
-        stage = runs.stage_runs(session, run)[0]
-        assert (run.status, stage.status, stage.step) == ("completed", "completed", 40)
-        last = runs.last_metrics(session, stage.id)
-        assert {"linear_probe_acc", "nmi", "ari", "knn_retention", "val_loss", "recursion_levels"} <= set(last)
-        assert 0.2 < last["knn_retention"][1] <= 1.0
-        # 40 batches of 32 over 960 training samples: every sample seen once, a third twice
-        assert last["recursion_levels"][1] == pytest.approx(40 * 32 / 960)
-
-
-def test_an_early_stop_through_the_cli_is_recorded(cli, tmp_path) -> None:
-    path = bundled_plan(tmp_path, stop_tol=1.0, stop_window=2)
-    cli("plan", "import", path)
-    result = cli("plan", "run", "rkdo-representation")
-    assert result.exit_code == 0, result.output
-    assert "stopped early at step 10 of 40" in result.output
-    with Store().read() as session:
-        stage = runs.stage_runs(session, runs.get_run(session, 1))[0]
-        assert (stage.status, stage.step) == ("completed", 10)
-        assert stage.checkpoint.endswith("step-00000010")
-
-
-def test_an_image_representation_stage_after_a_pretrain_stage_starts_fresh(cli, tmp_path) -> None:
-    data = yaml.safe_load(bundled_plan(tmp_path).read_text())
-    data["model"] = {"scale": "1M", "seq_len": 32, "vocab_size": 260, "shape": {"layers": 2, "d_model": 32, "n_heads": 2}}
-    data["stages"] = [{"name": "pretrain", "kind": "pretrain", "steps": 2}, {**data["stages"][0], "steps": 4}]
-    (tmp_path / "two.yaml").write_text(yaml.safe_dump(data))
-    cli("plan", "import", tmp_path / "two.yaml")
-    result = cli("plan", "run", "rkdo-representation")
-    assert result.exit_code == 0, result.output  # no attempt to load decoder weights into the MLP
-    assert "representation: 4 steps" in result.output
-
-
-@pytest.mark.parametrize("options, message", [
-    ({"gamma": 1}, "stage 'representation': unknown rkdo option 'gamma'; accepted:"),
-    ({"dataset": "/no/such/folder"}, "rkdo dataset '/no/such/folder' is neither 'digits', 'synthetic' nor a folder"),
-    ({"encoder": "cnn"}, "the cnn encoder reads images, not vector data"),
-])
-def test_bad_options_are_refused_with_one_line_before_any_step(cli, tmp_path, options, message) -> None:
-    cli("plan", "import", bundled_plan(tmp_path, **options))
-    result = cli("plan", "run", "rkdo-representation")
-    assert result.exit_code == 2 and message in result.output
-    assert "Traceback" not in result.output

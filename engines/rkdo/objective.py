@@ -26,7 +26,10 @@ Design decisions:
   current q (detached), applying R d times: p = (1−α)^d p⁽⁰⁾ + (1−(1−α)^d) q.
   By convexity of KL in its first argument that loss is at most (1−α)^d times
   the static one before any learning happens, so "lower loss" is partly by
-  construction. It is offered (``in_batch``) and is the same unrolled formula
+  construction. With the target detached (as here) its gradient with respect
+  to the logits is q − p = (1−α)^d (q − p⁽⁰⁾): I-Con's gradient scaled down,
+  which Adam's per-parameter normalisation undoes, so it trains like I-Con
+  (tested). It is offered (``in_batch``) and is the same unrolled formula
   with the current q in every level.
 - Every target is detached: p is supervision, gradients flow through q only.
 - Neighbourhood columns a row can't use (the sample itself among the
