@@ -306,6 +306,33 @@ def test_cnn_encoder_learns_digits(tmp_path) -> None:
     assert hooks.evals[-1][1]["val_loss"] < before["val_loss"] - 0.1
 
 
+def test_adaptive_alpha_shrinks_as_the_geometric_decrease_flattens() -> None:
+    t = trainer(settings(), alpha=0.5, alpha_final=0.1, alpha_schedule="adaptive", stop_window=1)
+    assert t.alpha() == 0.5  # no decrease measured yet
+    for loss in (4.0, 2.0, 1.5):  # decays 0.5, then 0.25: half the best decrease is left
+        t.rule.observe(loss)
+    assert t.alpha() == pytest.approx(0.1 + 0.4 * 0.5)
+
+
+def test_a_folder_of_images_is_a_labelled_image_dataset(tmp_path) -> None:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for label, row in (("bars", slice(4, 8)), ("blocks", slice(0, 4))):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(40):
+            pixels = (torch.rand(12, 12, generator=g) * 60).to(torch.uint8)
+            pixels[row] += 180
+            Image.fromarray(pixels.numpy()).save(tmp_path / "images" / label / f"{i}.png")
+    s = settings(steps=6, eval_every=6, checkpoint_every=6, micro_batch=16)
+    t = trainer(s, dataset=str(tmp_path / "images"), image_size=8, anchors=16)
+    assert t.data.kind == "image" and tuple(t.data.x.shape) == (80, 1, 8, 8) and t.data.classes == 2
+    assert type(t.model).__name__ == "CNNEncoder"
+    assert torch.bincount(t.data.labels[t.data.test]).tolist() == [8, 8]  # a stratified 20%
+    result = train_stage(t, s, Accelerator(cpu=True), tmp_path / "run", {}, Collect())
+    assert result["linear_probe_acc"] >= 0.9  # labels follow the folders: bright top or bottom half
+
+
 def write_texts(folder: Path) -> Path:
     lines = {"sums": [f"{a} plus {b} is {a + b}" for a in range(12) for b in range(4)],
              "words": [f"the {w} sat on the {v} mat" for w in ("cat", "dog", "fox", "owl", "bee", "elk")

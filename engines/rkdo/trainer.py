@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from engines.contract import MicroStep, StageSetup
 from engines.rkdo.config import RkdoConfig
-from engines.rkdo.data import AUGMENTATIONS, EpochSampler, load_dataset
+from engines.rkdo.data import AUGMENTATIONS, DATASETS, EpochSampler, load_dataset
 from engines.rkdo.encoders import DEFAULT_ENCODER, ENCODERS
 from engines.rkdo.evaluate import measures
 from engines.rkdo.field import TARGETS, Neighbourhood, SupervisoryField
@@ -50,7 +50,7 @@ class RkdoTrainer:
         self.config = c = RkdoConfig.from_options(stage.options)
         self.device = torch.device(stage.device)
         tokenizer = None
-        if c.dataset not in ("digits", "synthetic"):
+        if c.dataset not in DATASETS:  # a local folder: text needs the plan's tokenizer
             from engines.data import load_tokenizer
 
             tokenizer = load_tokenizer(stage.tokenizer)
@@ -188,6 +188,7 @@ class RkdoTrainer:
         self.t = int(state["t"])
         self.anchors = state["anchors"].clone()  # the field's columns are these samples
         self.anchor_x = self.data.x[self.anchors].to(self.device)
+        self._val = self._held_out_views()
         self.sampler.load_state_dict(state["sampler"])
         self.generator.set_state(state["generator"])
         self.rule.load_state_dict(state["rule"])
