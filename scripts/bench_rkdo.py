@@ -196,7 +196,7 @@ def plot(results: dict[str, Any], epochs: list[int], path: Path) -> None:
         ax.set_title(titles[key], fontsize=10)
         if key == "train_loss":
             ax.set_yscale("log")
-    axes.flat[0].legend(fontsize=8)
+    axes.flat[1].legend(fontsize=8)  # the first panel has no untrained line
     fig.suptitle(f"RKDO vs I-Con on {results['dataset']} ({results['encoder']} encoder), "
                  f"mean ± std over {len(results['seeds'])} seeds", fontsize=11)
     fig.tight_layout()
@@ -219,7 +219,7 @@ def write_markdown(results: dict[str, Any], epochs: list[int], path: Path, comma
         "",
         f"Data: {results['dataset']} (train {results['n_train']}, held out {results['n_test']}); "
         f"encoder: {results['encoder']}; batch {results['batch']} (two views each) over "
-        f"[positive, {results['anchors']} anchors]; Adam lr {results['lr']}; "
+        f"[positive, {results['anchors']} anchors]; Adam lr {results['lr']} (no decay, constant, clip 10); "
         f"{results['steps_per_epoch']} steps per epoch; seeds {results['seeds']}. "
         "RKDO: α 0.5, depth 3, τ⁰ 0.5, β 0.1; I-Con: τ 0.5 fixed, debiasing 0.2 (both share p⁽⁰⁾).",
         "",
