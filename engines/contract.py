@@ -53,6 +53,8 @@ class StageSetup:
     eval_batches: int = 8
     cache_dir: Path = Path(".")
     device: str = "cpu"
+    family: str = "decoder"  # decoder (the architecture engine's) | hf (a local Hugging Face model)
+    init_from: str | None = None  # the hf model's directory
 
 
 @dataclass
@@ -86,6 +88,7 @@ class Trainer(Protocol):
 TRAINERS: dict[str, str] = {
     "architecture": "engines.architecture.trainer:ArchitectureTrainer",
     "rkdo": "engines.rkdo.trainer:RkdoTrainer",
+    "grpo": "engines.grpo.trainer:GrpoTrainer",
 }
 
 

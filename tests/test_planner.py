@@ -19,7 +19,7 @@ def test_grpo_expands_into_the_r1_stages():
     assert names(spec) == ["pretrain", "cold_start_sft", "reasoning_rl", "rejection_sampling", "all_scenarios_rl"]
     rl = spec.stage("reasoning_rl")
     assert rl.engine == "grpo" and rl.options["algorithm"] == "grpo"
-    assert "word_problems" in rl.options["tasks"]
+    assert "word_problem" in rl.options["tasks"]
 
 
 def test_s_grpo_alone_sets_the_algorithm_and_lora_marks_stages():

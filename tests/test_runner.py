@@ -127,7 +127,12 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, monkeyp
         assert any(m.startswith("resuming stage pretrain from step-") for m in messages)
 
 
-def test_plan_with_an_engine_not_built_yet_is_refused_before_a_run_exists(cli, tmp_path) -> None:
+def test_plan_with_an_engine_not_built_yet_is_refused_before_a_run_exists(cli, tmp_path, monkeypatch) -> None:
+    # every engine of the plan's stage kinds exists now; take one out of the registry
+    from engines import contract
+
+    monkeypatch.setattr(contract, "TRAINERS", {k: v for k, v in contract.TRAINERS.items() if k != "grpo"})
+    monkeypatch.setattr("muse_plan.executor.runner.TRAINERS", contract.TRAINERS)
     data = {**TINY, "name": "rl", "techniques": {"grpo": {}}, "stages": []}
     data["model"] = {**TINY["model"], "residual": "standard"}
     cli("plan", "import", write_plan(tmp_path, **data))

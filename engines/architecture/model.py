@@ -72,19 +72,71 @@ class CausalSelfAttention(nn.Module):
         self.wo.residual_out = True  # type: ignore[attr-defined]
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
+        if cache is not None:  # generation: attend to everything cached so far
+            k, v, mask = cache.append(k, v)  # (B, Hkv, S, hd) each, mask (B, 1, T, S)
         if self.n_kv != self.n_heads:  # GQA: each kv head serves a group of query heads
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, C))
+
+
+class LayerCache:
+    """One attention layer's keys and values during generation, preallocated."""
+
+    def __init__(self, owner: KVCache, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.owner, self.k, self.v = owner, k, v
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        start, T = self.owner.pos, k.size(2)
+        self.k[:, :, start:start + T] = k
+        self.v[:, :, start:start + T] = v
+        end = start + T
+        return self.k[:, :, :end], self.v[:, :, :end], self.owner.mask(start, T)
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of left-padded sequences.
+
+    Left padding keeps each row's newest token in the same column, so one
+    decode step serves the whole batch. Pad keys are masked out; because
+    rotary embeddings depend only on the distance between positions, a row
+    shifted right by its padding attends exactly as it would unpadded. A pad
+    query may see its own key, so no row of the mask is empty (no NaN).
+    """
+
+    def __init__(self, model: DecoderLM, batch: int, max_len: int, valid: torch.Tensor) -> None:
+        c = model.config
+        assert max_len <= c.seq_len, f"generation of {max_len} tokens exceeds seq_len {c.seq_len}"
+        p = model.tok_emb.weight
+        shape = (batch, c.kv_heads, max_len, c.head_dim)
+        self.layers = [LayerCache(self, p.new_empty(shape), p.new_empty(shape)) for _ in range(c.n_layers)]
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=p.device)  # (B, S)
+        self.valid[:, : valid.size(1)] = valid
+        self.pos = 0
+
+    def mask(self, start: int, T: int) -> torch.Tensor:
+        """(B, 1, T, start+T): query i (at start+i) sees valid keys at or before it, and itself."""
+        end = start + T
+        keys = torch.arange(end, device=self.valid.device)
+        queries = torch.arange(start, end, device=self.valid.device)
+        causal = keys[None, :] <= queries[:, None]  # (T, S)
+        own = keys[None, :] == queries[:, None]
+        return ((causal & self.valid[:, None, :end]) | own)[:, None]
+
+    def extend(self, valid: torch.Tensor) -> None:
+        """Mark the next ``valid.size(1)`` columns' validity (generated tokens are valid)."""
+        self.valid[:, self.pos:self.pos + valid.size(1)] = valid
 
 
 class SwiGLU(nn.Module):
@@ -120,8 +172,9 @@ class Block(nn.Module):
         self.attn_res = make(config, 2 * layer_index)
         self.mlp_res = make(config, 2 * layer_index + 1)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = self.attn_res(x, lambda h: self.attn(self.attn_norm(h), cos, sin))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        x = self.attn_res(x, lambda h: self.attn(self.attn_norm(h), cos, sin, cache))
         return self.mlp_res(x, lambda h: self.mlp(self.mlp_norm(h)))
 
 
@@ -162,18 +215,27 @@ class DecoderLM(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) and, given targets, the mean cross-entropy (-1 ignored).
+        With ``cache`` the tokens continue the cached ones (generation, no grad)."""
         B, T = idx.shape
-        assert T <= self.config.seq_len, f"sequence of {T} tokens exceeds seq_len {self.config.seq_len}"
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        start = cache.pos if cache is not None else 0
+        assert start + T <= self.config.seq_len, f"sequence of {start + T} tokens exceeds seq_len {self.config.seq_len}"
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.drop(self.tok_emb(idx))  # (B, T, C)
         if self.n_streams > 1:
             x = expand_streams(x, self.n_streams)  # (B, T, n, C)
         full = self.checkpointing == "full" and torch.is_grad_enabled()
-        for block in self.blocks:
-            # full checkpointing keeps only each block's input and recomputes the rest
-            x = checkpoint(block, x, cos, sin, use_reentrant=False) if full else block(x, cos, sin)
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                x = block(x, cos, sin, cache.layers[i])
+            elif full:  # keep only each block's input and recompute the rest in backward
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        if cache is not None:
+            cache.pos += T
         if self.n_streams > 1:
             x = reduce_streams(x)  # (B, T, C)
         logits = self.lm_head(self.norm(x))  # (B, T, V)

@@ -7,6 +7,8 @@ micro-batch's cross-entropy, evaluates on fixed held-out batches and keeps
 the data position as its resumable state.
 
 Design decisions:
+- Generated arithmetic covers the stage's ``options.tasks`` when given
+  (e.g. ``[multiplication:2x1]``), else the default mix.
 - The tokenizer's vocabulary must fit the model's (a byte tokenizer needs
   vocab_size >= 260); a mismatch is refused at setup with both numbers.
 - Validation batches are the first windows of the held-out stream, the same
@@ -42,6 +44,7 @@ class ArchitectureTrainer:
         self.corpus = build_corpus(
             stage.data_source, tokenizer, seed=stage.seed, val_fraction=stage.val_fraction,
             cache_dir=stage.cache_dir, min_tokens=stage.tokens_needed,
+            **({"tasks": stage.options["tasks"]} if "tasks" in stage.options else {}),
         )
         self.sampler = BatchSampler(
             self.corpus.train, seq_len=config.seq_len, seed=stage.seed,

@@ -155,6 +155,25 @@ TASKS: dict[str, Callable[[random.Random], Problem]] = {
 }
 
 
+def task(name: str) -> Callable[[random.Random], Problem]:
+    """A task by name; ``multiplication:AxB`` sets the digit counts (the paper's 3x3),
+    ``add_sub:TERMSxDIGITS`` the chain."""
+    base, _, sizes = name.partition(":")
+    if base not in TASKS:
+        raise ValueError(f"unknown arithmetic task '{name}'; accepted: {', '.join(TASKS)} "
+                         "(multiplication:AxB and add_sub:TERMSxDIGITS take sizes)")
+    if not sizes:
+        return TASKS[base]
+    parts = sizes.lower().split("x")
+    if base == "word_problem" or len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"arithmetic task '{name}': write multiplication:AxB or add_sub:TERMSxDIGITS "
+                         "with positive integers, like multiplication:3x3")
+    a, b = int(parts[0]), int(parts[1])
+    if base == "multiplication":
+        return lambda rng: multiplication(rng, a, b)
+    return lambda rng: add_sub_chain(rng, a, b)
+
+
 def split_seeds(seed: int) -> tuple[int, int]:
     """(train_seed, test_seed): distinct 63-bit seeds derived from one plan seed."""
     def derive(split: str) -> int:
@@ -173,9 +192,8 @@ def _check_tasks(task_names: Sequence[str]) -> list[str]:
     names = list(task_names)
     if not names:
         raise ValueError(f"no arithmetic tasks given; accepted: {', '.join(TASKS)}")
-    unknown = [n for n in names if n not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown arithmetic task '{unknown[0]}'; accepted: {', '.join(TASKS)}")
+    for name in names:
+        task(name)
     return names
 
 
@@ -187,10 +205,10 @@ def iter_problems(task_names: Sequence[str], seed: int, split: Split = "train") 
     train_seed, test_seed = split_seeds(seed)
     rng = random.Random(train_seed if split == "train" else test_seed)
     want_test = split == "test"
+    tasks = {name: task(name) for name in names}
     for name in itertools.cycle(names):
-        task = TASKS[name]
         for _ in range(_MAX_REJECTIONS):
-            problem = task(rng)
+            problem = tasks[name](rng)
             if in_test_split(problem.prompt) == want_test:
                 break
         else:

@@ -35,7 +35,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
+
+from muse_plan.executor.weights import load_into
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -172,8 +174,11 @@ def load_latest(stage_dir: Path, model: torch.nn.Module) -> tuple[Loaded | None,
 
 def load_weights(path: Path, model: torch.nn.Module) -> None:
     """Only the weights of a verified checkpoint (a previous stage's result)."""
-    verify(path)
-    missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+    manifest = verify(path)
+    try:
+        missing, unexpected = load_into(model, load_file(str(path / WEIGHTS)), manifest.get("lora_scaling"))
+    except ValueError as exc:
+        raise CorruptCheckpoint(f"{path}: {exc}") from None
     if missing or unexpected:
         raise CorruptCheckpoint(
             f"{path}: weights don't fit this stage's model (missing {sorted(missing)[:3]}, "

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -111,6 +111,7 @@ class StepRecord:
     tokens: int  # tokens this step, all processes
     tokens_per_s: float
     memory_gib: float
+    extra: dict[str, float] = field(default_factory=dict)  # the engine's own (reward, accuracy, ...)
 
 
 class Hooks(Protocol):
@@ -187,7 +188,7 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
     while step < s.steps:
         started = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
-        loss, tokens = _accumulate(trainer, model, accelerator, s, step + 1, injector)
+        loss, tokens, extra = _accumulate(trainer, model, accelerator, s, step + 1, injector)
         loss = accelerator.reduce(loss, "mean")
         if not lag:
             _check_finite(loss, step + 1)  # before the optimizer touches the weights
@@ -196,7 +197,7 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        current = _Pending(step, loss, grad_norm, lr, tokens * accelerator.num_processes, started)
+        current = _Pending(step, loss, grad_norm, lr, tokens * accelerator.num_processes, started, extra)
         due = step % s.eval_every == 0 or step % s.checkpoint_every == 0 or step == s.steps
         if pending:  # the previous step ran from its launch to this one's
             _report(pending, started, accelerator, hooks if main else None, result, watch)
@@ -242,6 +243,7 @@ class _Pending:
     lr: float
     tokens: int
     started: float  # host time the step's launch began
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 def _check_finite(loss: torch.Tensor, step: int) -> None:
@@ -261,7 +263,7 @@ def _report(p: _Pending, ended: float | None, accelerator: Any, hooks: Hooks | N
     result["loss"] = loss = p.loss.item()
     seconds = (ended if ended is not None else time.perf_counter()) - p.started
     record = StepRecord(p.step, loss, float(p.grad_norm), p.lr, p.tokens, p.tokens / max(seconds, 1e-9),
-                        memory_gib(accelerator.device))
+                        memory_gib(accelerator.device), p.extra)
     if hooks:
         hooks.on_step(record)
     if watch is not None:
@@ -274,10 +276,12 @@ def _report(p: _Pending, ended: float | None, accelerator: Any, hooks: Hooks | N
 
 
 def _accumulate(trainer: Trainer, model: torch.nn.Module, accelerator: Any, s: StageSettings,
-                step: int, injector: Injector | None = None) -> tuple[torch.Tensor, int]:
-    """Forward and backward over ``grad_accum`` micro-batches; mean loss, tokens."""
+                step: int, injector: Injector | None = None) -> tuple[torch.Tensor, int, dict[str, float]]:
+    """Forward and backward over ``grad_accum`` micro-batches: mean loss, tokens,
+    and the mean of each metric the engine reported (host floats, this process)."""
     total = torch.zeros((), device=accelerator.device)
     tokens = 0
+    extra: dict[str, float] = {}
     factor = injector.loss_factor(step) if injector else 1.0
     try:
         if injector:
@@ -292,11 +296,13 @@ def _accumulate(trainer: Trainer, model: torch.nn.Module, accelerator: Any, s: S
                 accelerator.backward(out.loss / s.grad_accum)
             total += out.loss.detach().float()
             tokens += out.tokens
+            for name, value in out.metrics.items():
+                extra[name] = extra.get(name, 0.0) + float(value) / s.grad_accum
     except torch.cuda.OutOfMemoryError as exc:
         raise OutOfMemory(f"CUDA out of memory at step {step}: {str(exc).splitlines()[0]}", step) from None
     except MemoryError:
         raise OutOfMemory(f"out of host memory at step {step}", step) from None
-    return total / s.grad_accum, tokens
+    return total / s.grad_accum, tokens, extra
 
 
 def _save(trainer: Trainer, accelerator: Any, optimizer: Any, scheduler: Any, stage_dir: Path,
@@ -308,6 +314,7 @@ def _save(trainer: Trainer, accelerator: Any, optimizer: Any, scheduler: Any, st
             "engine": trainer.state_dict(),
             "rng": checkpoint.rng_state(),
         }
+        meta = {**meta, **getattr(trainer, "checkpoint_meta", {})}  # e.g. LoRA scaling
         path = checkpoint.save(stage_dir, step, accelerator.unwrap_model(trainer.model), state, meta)
         if hooks:
             hooks.on_checkpoint(step, path)

@@ -294,6 +294,7 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         world_size=accelerator.num_processes, tokens_needed=s.steps * s.tokens_per_step,
         micro_steps=s.steps * s.grad_accum,
         cache_dir=muse_home() / "cache", device=str(accelerator.device),
+        family=spec.model.family, init_from=spec.model.init_from,
     )
     # the main process builds (and caches) the data first, so the others read its cache
     for turn in (True, False):
@@ -375,7 +376,7 @@ def _starting_point(store: Store | None, accelerator: Any, spec: PlanSpec, prepa
             if not found:
                 raise PlanError(f"stage {stage.name!r} starts from stage {source!r}, which has no checkpoint")
             checkpoint.load_weights(found[0], target)
-        elif spec.model.init_from:
+        elif spec.model.init_from and spec.model.family == "decoder":  # an hf model loads itself
             checkpoint.load_weights(Path(spec.model.init_from).expanduser(), target)
     except checkpoint.CorruptCheckpoint as exc:
         raise PlanError(f"stage {stage.name!r}: {exc}") from None
@@ -433,6 +434,7 @@ class Recorder:
         self.step = r.step
         self.buffer += [(r.step, "loss", r.loss), (r.step, "grad_norm", r.grad_norm), (r.step, "lr", r.lr),
                         (r.step, "tokens_per_s", r.tokens_per_s), (r.step, "memory_gib", r.memory_gib)]
+        self.buffer += [(r.step, name, value) for name, value in r.extra.items()]
         if self.view:
             self.view.step(r)
         if time.monotonic() - self.last_flush > self.flush_seconds:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from engines.architecture.config import ModelConfig
 from muse_plan.errors import PlanError
 from muse_plan.plan.shapes import shape_for_params
-from muse_plan.plan.spec import PlanSpec, StageSpec
+from muse_plan.plan.spec import PlanSpec, StageSpec, TrainingSpec
 from muse_plan.plan.units import parse_scale
 
 DEFAULT_MICRO_BATCH = 8
@@ -105,7 +105,7 @@ def engine_options(spec: PlanSpec, stage: StageSpec) -> dict[str, Any]:
 
 def model_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
     """The decoder the architecture engine trains for ``stage``; refused as a plan error."""
-    if spec.model.family != "decoder":
+    if spec.model.family != "decoder" and stage.engine == "architecture":
         raise PlanError(
             f"stage {stage.name!r}: model family {spec.model.family!r} can't be trained by the architecture "
             "engine; use family 'decoder'"
@@ -117,7 +117,7 @@ def model_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
 
 
 def _batching(spec: PlanSpec, stage: StageSpec, world_size: int) -> tuple[int, int]:
-    t = spec.training
+    t = spec.training_for(stage)
     if t.global_batch is None:
         return t.micro_batch or DEFAULT_MICRO_BATCH, t.grad_accum or 1
     per_process, rest = divmod(t.global_batch, world_size)
@@ -141,9 +141,9 @@ NOT_YET = {
 }
 
 
-def _supported(spec: PlanSpec) -> None:
+def _supported(t: TrainingSpec) -> None:
     for name, accepted in NOT_YET.items():
-        value = getattr(spec.training, name)
+        value = getattr(t, name)
         if value is not None and value not in accepted:
             raise PlanError(f"training.{name} {value!r} is not supported by the executor yet; "
                             f"use {' or '.join(accepted)}")
@@ -152,8 +152,8 @@ def _supported(spec: PlanSpec) -> None:
 def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool = False,
             bf16: bool = False) -> StageSettings:
     """Concrete settings for ``stage`` on ``world_size`` processes (GPUs if ``cuda``)."""
-    t = spec.training
-    _supported(spec)
+    t = spec.training_for(stage)
+    _supported(t)
     config = model_config(spec, stage)
     micro, accum = _batching(spec, stage, world_size)
     if stage.steps is not None:

@@ -68,7 +68,10 @@ class GradExplosion:
         limit = self.threshold
         if limit is None and len(self.recent) >= self.warmup:
             limit = self.factor * statistics.median(self.recent)
-        self.recent.append(value)
+        # a zero norm (an RL step whose groups all scored alike) says nothing
+        # about the gradient's scale; counting it would drag the median to 0
+        if value > 0:
+            self.recent.append(value)
         if limit is not None and value > limit:
             why = "threshold" if self.threshold is not None else f"{self.factor:g}× the running median"
             return Finding("grad_explosion", "fault", r.step, value, limit,

@@ -115,7 +115,7 @@ def verifiable_tasks(spec: PlanSpec) -> list[str]:
     if "arithmetic" in spec.target_tasks or not spec.target_tasks:
         tasks += ["multiplication", "add_sub"]
     if "reasoning" in spec.target_tasks:
-        tasks += ["word_problems", "multiplication"]
+        tasks += ["word_problem", "multiplication"]
     return list(dict.fromkeys(tasks))
 
 

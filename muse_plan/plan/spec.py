@@ -220,6 +220,8 @@ class StageSpec(Frozen):
     eval_every: PositiveInt | None = None
     shape: ModelShape | None = Field(None, description="shape trained here when not the plan's")
     from_stage: str | None = Field(None, description="stage whose result starts this one; default the previous")
+    training: TrainingSpec | None = Field(
+        None, description="this stage's own training settings (e.g. a lower lr for RL), over the plan's")
 
     @model_validator(mode="before")
     @classmethod
@@ -309,6 +311,12 @@ class PlanSpec(Frozen):
     @property
     def timeline_seconds(self) -> int | None:
         return units.parse_duration(self.timeline) if self.timeline else None
+
+    def training_for(self, stage: StageSpec) -> TrainingSpec:
+        """The plan's training settings with the stage's own on top."""
+        if stage.training is None:
+            return self.training
+        return self.training.model_copy(update=stage.training.model_dump(exclude_none=True))
 
     def stage(self, name: str) -> StageSpec:
         for stage in self.stages:

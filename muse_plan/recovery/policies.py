@@ -38,17 +38,17 @@ class Rewrite:
 Rung = Callable[[PlanSpec, StageSpec, int], "Rewrite | None"]
 
 
-def _t(spec: PlanSpec, name: str, default: Any = None) -> Any:
-    value = getattr(spec.training, name)
+def _t(spec: PlanSpec, name: str, default: Any = None, stage: StageSpec | None = None) -> Any:
+    value = getattr(spec.training_for(stage) if stage is not None else spec.training, name)
     return default if value is None else value
 
 
 def halve_micro_batch(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
-    micro = _t(spec, "micro_batch", 8)
+    micro = _t(spec, "micro_batch", 8, stage)
     if micro <= 1:
         return None
-    accum = _t(spec, "grad_accum", 1)
-    total = spec.training.global_batch or micro * accum * world
+    accum = _t(spec, "grad_accum", 1, stage)
+    total = spec.training_for(stage).global_batch or micro * accum * world
     new_micro = micro // 2
     new_accum = total // (new_micro * world)
     return Rewrite({"micro_batch": new_micro, "grad_accum": new_accum, "global_batch": total},
@@ -56,7 +56,7 @@ def halve_micro_batch(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite |
 
 
 def more_checkpointing(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
-    now = _t(spec, "activation_checkpointing", "none")
+    now = _t(spec, "activation_checkpointing", "none", stage)
     nxt = {"none": "selective", "selective": "full"}.get(now)
     if nxt is None:
         return None
@@ -64,7 +64,7 @@ def more_checkpointing(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite 
 
 
 def offload_optimizer(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
-    if _t(spec, "offload", "none") != "none":
+    if _t(spec, "offload", "none", stage) != "none":
         return None
     return Rewrite({"offload": "optimizer"}, "offload none→optimizer")
 
@@ -77,19 +77,19 @@ def lora(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
 
 
 def halve_lr(spec: PlanSpec, stage: StageSpec, world: int, *, skip: bool = False) -> Rewrite | None:
-    lr = _t(spec, "lr", 3e-4)
+    lr = _t(spec, "lr", 3e-4, stage)
     return Rewrite({"lr": lr / 2}, f"lr {lr:g}→{lr / 2:g}" + (", data window skipped" if skip else ""),
                    skip_window=skip)
 
 
 def leave_fp16(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
-    if spec.training.precision != "fp16":
+    if spec.training_for(stage).precision != "fp16":
         return None
     return Rewrite({"precision": "bf16"}, "precision fp16→bf16")
 
 
 def clip_tighter(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
-    clip = _t(spec, "clip_grad_norm", 1.0)  # the executor clips at 1.0 by default
+    clip = _t(spec, "clip_grad_norm", 1.0, stage)  # the executor clips at 1.0 by default
     new = 1.0 if clip > 1.0 else clip / 2
     return Rewrite({"clip_grad_norm": new}, f"clip_grad_norm {clip:g}→{new:g}")
 
@@ -106,8 +106,18 @@ LADDERS: dict[str, list[Rung]] = {
 }
 
 
-def apply(spec: PlanSpec, rewrite: Rewrite) -> PlanSpec:
+def apply(spec: PlanSpec, rewrite: Rewrite, stage: StageSpec | None = None) -> PlanSpec:
+    """The plan with the rewrite's training fields set — in the stage's own
+    training settings where the stage sets that field, else plan-wide."""
     data = spec_to_dict(spec)
+    own = stage.training.model_dump(exclude_none=True) if stage is not None and stage.training else {}
+    if own:
+        local = {k: v for k, v in rewrite.training.items() if k in own}
+        for entry in data["stages"]:
+            if entry["name"] == stage.name:
+                entry["training"] = {**entry.get("training", {}), **local}
+        rewrite = Rewrite({k: v for k, v in rewrite.training.items() if k not in own}, rewrite.summary,
+                          rewrite.skip_window, rewrite.techniques)
     training = {**(data.get("training") or {}), **rewrite.training}
     if "micro_batch" in rewrite.training and spec.compute is None:
         training.pop("grad_accum", None)  # follows from global / (micro × processes)
@@ -129,7 +139,8 @@ def next_rewrite(spec: PlanSpec, stage: StageSpec, kind: str, used: int, world: 
         rewrite = ladder[index](spec, stage, world)
         if rewrite is None:
             continue
-        spec = apply(spec, rewrite)
+        spec = apply(spec, rewrite, stage)
+        stage = spec.stage(stage.name)
         done.append(rewrite.summary)
         if kind == "oom" and fits is not None and not fits(spec):
             continue  # predicted not to be enough: climb on from here

@@ -1,0 +1,189 @@
+"""The RL stages: ``reasoning_rl`` (GRPO, S-GRPO, T-SPMO) and ``all_scenarios_rl``.
+
+A micro-batch is a rollout: ``micro_batch`` prompts, |G| completions each,
+sampled together in one batched KV-cache generation, scored by the plan's
+weighted rewards. ``micro_step`` turns each prompt's group into a loss with
+the algorithm from ``ALGORITHMS`` (equations in ``losses.py`` and
+``tspmo.py``) and averages over the groups.
+
+Design decisions:
+- One update per rollout by default (Lee & Tong's setting), so π_old is the
+  current policy detached and no extra forward is spent on it;
+  ``updates_per_rollout: μ > 1`` keeps the rollout for μ micro-steps with
+  π_old recorded at rollout time — then the PPO clip binds.
+- Each group is forwarded on its own (its completions share one prompt, so
+  they need right padding only and the causal mask never lets a real token
+  see a pad).
+- ``all_scenarios_rl`` is GRPO with a weighted multi-objective reward; the
+  planner gives it correctness, format, efficiency and the consistency of
+  the worked steps.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from engines.contract import MicroStep
+from engines.grpo.data import prompt_ids
+from engines.grpo.losses import group_advantages, grpo_loss, s_grpo_mask
+from engines.grpo.rewards import Completion, check_weights, correctness, score
+from engines.grpo.tspmo import ReplayBuffer, prefix_advantages
+
+if TYPE_CHECKING:
+    from engines.grpo.trainer import GrpoTrainer
+
+
+@dataclass
+class Group:
+    prompt: list[int]  # everything before the sampled tokens (a replay's prefix included)
+    completions: list[list[int]]
+    rewards: torch.Tensor  # (G,)
+    correct: float  # share of correct completions
+    old_logp: torch.Tensor | None = None  # (G, T) when μ > 1
+    ref_logp: torch.Tensor | None = None  # (G, T) when the KL term is on
+
+    def ids(self, pad_id: int, device: torch.device, rows: list[int] | None = None) -> torch.Tensor:
+        chosen = [self.completions[r] for r in (rows if rows is not None else range(len(self.completions)))]
+        width = max(len(c) for c in chosen)
+        out = torch.full((len(chosen), len(self.prompt) + width), pad_id, dtype=torch.long)
+        for i, c in enumerate(chosen):
+            out[i, : len(self.prompt) + len(c)] = torch.tensor(self.prompt + c)
+        return out.to(device)
+
+    def mask(self, device: torch.device) -> torch.Tensor:
+        width = max(len(c) for c in self.completions)
+        lengths = torch.tensor([len(c) for c in self.completions], device=device)
+        return torch.arange(width, device=device)[None, :] < lengths[:, None]  # (G, T)
+
+
+class ReinforcementLearning:
+    def __init__(self, t: GrpoTrainer, options: dict[str, Any]) -> None:
+        self.t, self.o = t, options
+        self.algorithm = options.get("algorithm", "grpo")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown RL algorithm {self.algorithm!r}; accepted: {', '.join(ALGORITHMS)}")
+        self.group_size = int(options.get("group_size", 8))
+        self.temperature = float(options.get("temperature", 0.3))  # Lee & Tong sample at 0.3
+        self.weights = check_weights(options.get("reward_weights") or {"correctness": 1.0})
+        self.kl_beta = float(options.get("kl_beta", 0.0))
+        self.updates = int(options.get("updates_per_rollout", 1))
+        self.replay = ReplayBuffer(float(options.get("success_threshold", 1.0)))
+        self.pending: list[list[Group]] = []
+
+    # -- rollouts -------------------------------------------------------------
+    def next_batch(self) -> list[Group]:
+        if self.pending:
+            return self.pending.pop()
+        t = self.t
+        problems = t.stream.take(t.micro_batch)
+        starts = [(prompt_ids(t.tokenizer, p), [], p.answer) for p in problems]
+        groups = self._rollout(starts)
+        if self.algorithm == "t_spmo" and self.o.get("replay", True):
+            for g, (prompt, _, answer) in zip(groups, starts):
+                for c, r in zip(g.completions, g.rewards.tolist()):
+                    self.replay.add(prompt, c, r, answer)
+            drawn = self.replay.draw(random, int(self.o.get("success_budget", 2)),
+                                     int(self.o.get("failure_budget", 0)))
+            if drawn:
+                groups += self._rollout(drawn)
+        if self.updates > 1:
+            self.pending = [groups] * (self.updates - 1)
+        return groups
+
+    @torch.no_grad()
+    def _rollout(self, starts: list[tuple[list[int], list[int], int]]) -> list[Group]:
+        """starts: (prompt, partial completion already given, answer) → one group each."""
+        t, G = self.t, self.group_size
+        prefixes = [prompt + partial for prompt, partial, _ in starts]
+        outs = t.policy.sample([p for p in prefixes for _ in range(G)], t.max_new_tokens, self.temperature)
+        groups = []
+        for i, (prompt, partial, answer) in enumerate(starts):
+            completions = [c or [t.tokenizer.eos_id] for c in outs[i * G:(i + 1) * G]]
+            judged = [Completion(t.decode(partial + c), answer, len(partial) + len(c), t.max_new_tokens)
+                      for c in completions]
+            rewards = torch.tensor([score(c, self.weights)[0] for c in judged])
+            group = Group(prompt + partial, completions, rewards, sum(map(correctness, judged)) / G)
+            if self.updates > 1 or self.kl_beta > 0:
+                ids, start = group.ids(t.pad_id, t.device), len(group.prompt)
+                if self.updates > 1:
+                    group.old_logp = t.policy.token_logprobs(ids, start)
+                if self.kl_beta > 0:
+                    with t.policy.as_reference() as reference:
+                        group.ref_logp = t.policy.token_logprobs(ids, start, reference)
+            groups.append(group)
+        return groups
+
+    # -- updates --------------------------------------------------------------
+    def micro_step(self, groups: list[Group]) -> MicroStep:
+        t = self.t
+        losses, stats = [], {"kl": 0.0}
+        for g in groups:
+            loss, extra = ALGORITHMS[self.algorithm](self, g)
+            losses.append(loss)
+            stats["kl"] += extra.get("kl", 0.0) / len(groups)
+        loss = torch.stack(losses).mean()
+        if self.algorithm == "t_spmo":
+            loss = loss + float(self.o.get("l2_lambda", 0.0)) * sum(
+                p.pow(2).sum() for n, p in t.model.named_parameters() if p.requires_grad and "lora_" in n)
+        rewards = torch.cat([g.rewards for g in groups])
+        tokens = sum(len(c) for g in groups for c in g.completions)
+        metrics = {"reward": float(rewards.mean()), "train_accuracy": sum(g.correct for g in groups) / len(groups),
+                   "completion_tokens": tokens / sum(len(g.completions) for g in groups)}
+        if self.kl_beta > 0:
+            metrics["kl"] = stats["kl"]
+        return MicroStep(loss=loss, tokens=tokens, metrics=metrics)
+
+    def logprobs(self, g: Group, rows: list[int] | None = None) -> torch.Tensor:
+        return self.t.policy.token_logprobs(g.ids(self.t.pad_id, self.t.device, rows), len(g.prompt), self.t.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"replay": self.replay.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.replay.load_state_dict(state["replay"])
+
+
+def _grpo(rl: ReinforcementLearning, g: Group, mask: torch.Tensor | None = None,
+          normalization: str | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    logp = rl.logprobs(g)
+    full = g.mask(logp.device)
+    advantages = group_advantages(g.rewards[None].to(logp.device), bool(rl.o.get("scale_by_std", True)))[0]
+    old = g.old_logp if g.old_logp is not None else logp.detach()
+    return grpo_loss(logp, old, g.ref_logp, advantages, full if mask is None else full & mask,
+                     clip_eps=float(rl.o.get("clip_eps", 0.2)), clip_eps_high=rl.o.get("clip_eps_high"),
+                     kl_beta=rl.kl_beta, normalization=normalization or rl.o.get("loss_normalization", "token"),
+                     max_new_tokens=rl.t.max_new_tokens)
+
+
+def _s_grpo(rl: ReinforcementLearning, g: Group) -> tuple[torch.Tensor, dict[str, float]]:
+    lengths = torch.tensor([len(c) for c in g.completions], device=rl.t.device)
+    width = int(lengths.max())
+    chosen = s_grpo_mask(lengths, width, int(rl.o.get("alpha", 25)), float(rl.o.get("p", 0.5)),
+                         int(rl.o.get("k", 50)))
+    return _grpo(rl, g, chosen, normalization="sequence")
+
+
+def _t_spmo(rl: ReinforcementLearning, g: Group) -> tuple[torch.Tensor, dict[str, float]]:
+    transitions = prefix_advantages(g.completions, g.rewards.tolist())
+    informative = [tr for tr in transitions if tr.advantage != 0.0]
+    if not informative:  # every completion agreed wherever they branched: no signal
+        return sum(p.sum() for p in rl.t.model.parameters() if p.requires_grad) * 0.0, {}
+    rows = sorted({tr.row for tr in informative})
+    where = {row: i for i, row in enumerate(rows)}
+    logp = rl.logprobs(g, rows)  # (R, T)
+    index_row = torch.tensor([where[tr.row] for tr in informative], device=logp.device)
+    index_pos = torch.tensor([tr.position for tr in informative], device=logp.device)
+    advantage = torch.tensor([tr.advantage for tr in informative], device=logp.device)
+    probs = logp[index_row, index_pos].exp()
+    return -(probs * advantage).sum() / len(transitions), {}
+
+
+ALGORITHMS: dict[str, Callable[[ReinforcementLearning, Group], tuple[torch.Tensor, dict[str, float]]]] = {
+    "grpo": _grpo,
+    "s_grpo": _s_grpo,
+    "t_spmo": _t_spmo,
+}

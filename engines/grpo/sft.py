@@ -1,0 +1,86 @@
+"""The supervised stages: cold-start SFT and rejection sampling.
+
+- ``cold_start_sft`` (DeepSeek-R1 stage 1): fine-tune on chain-of-thought
+  examples; here the tasks' programmatic solutions (long multiplication's
+  partial products, running totals, the word problem's equations).
+- ``rejection_sampling`` (DeepSeek-R1 stage 3): sample K completions per
+  prompt from the current policy, keep the correct ones (``keep:
+  most_confident`` keeps only the one with the highest mean token
+  log-probability), and fine-tune on them. A micro-batch whose prompts gave
+  no correct completion contributes a zero loss and says so in its metrics
+  (``kept``), rather than falling back to reference solutions.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from engines.contract import MicroStep
+from engines.grpo.data import prompt_ids, sft_batch
+from engines.grpo.rewards import Completion, correctness
+
+if TYPE_CHECKING:
+    from engines.grpo.trainer import GrpoTrainer
+
+Example = tuple[list[int], list[int]]  # (prompt ids, target ids)
+
+
+def sft_step(t: GrpoTrainer, examples: list[Example]) -> MicroStep:
+    if not examples:  # nothing to learn from: a zero loss that still reaches every trainable weight
+        zero = sum(p.sum() for p in t.model.parameters() if p.requires_grad) * 0.0
+        return MicroStep(loss=zero, tokens=0, metrics={"kept": 0.0})
+    x, y = sft_batch(t.tokenizer, examples, t.pad_id, t.device)
+    logits = t.policy.logits(x, t.model)
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                                             ignore_index=-1)
+    return MicroStep(loss=loss, tokens=int((y >= 0).sum()), metrics={"kept": float(len(examples))})
+
+
+class ColdStartSft:
+    def __init__(self, t: GrpoTrainer, options: dict[str, Any]) -> None:
+        self.t = t
+
+    def next_batch(self) -> list[Example]:
+        eos = self.t.tokenizer.eos_id
+        return [(prompt_ids(self.t.tokenizer, p), self.t.tokenizer.encode(p.solution + "\n") + [eos])
+                for p in self.t.stream.take(self.t.micro_batch)]
+
+    def micro_step(self, batch: list[Example]) -> MicroStep:
+        return sft_step(self.t, batch)
+
+
+class RejectionSampling:
+    KEEP = ("all", "most_confident")
+
+    def __init__(self, t: GrpoTrainer, options: dict[str, Any]) -> None:
+        self.t = t
+        self.samples = int(options.get("samples", options.get("group_size", 8)))
+        self.temperature = float(options.get("sampling_temperature", 0.7))
+        self.keep = options.get("keep", "all")
+        if self.keep not in self.KEEP:
+            raise ValueError(f"rejection_sampling keep {self.keep!r}; accepted: {', '.join(self.KEEP)}")
+
+    def next_batch(self) -> list[Example]:
+        t = self.t
+        problems = t.stream.take(t.micro_batch)
+        prompts = [prompt_ids(t.tokenizer, p) for p in problems]
+        outs = t.policy.sample([p for p in prompts for _ in range(self.samples)], t.max_new_tokens, self.temperature)
+        examples: list[Example] = []
+        for i, (prompt, problem) in enumerate(zip(prompts, problems)):
+            group = outs[i * self.samples:(i + 1) * self.samples]
+            right = [c for c in group if correctness(Completion(t.decode(c), problem.answer, len(c),
+                                                                t.max_new_tokens))]
+            if right and self.keep == "most_confident":
+                right = [max(right, key=lambda c: self._confidence(prompt, c))]
+            examples += [(prompt, c) for c in right]
+        return examples
+
+    @torch.no_grad()
+    def _confidence(self, prompt: list[int], completion: list[int]) -> float:
+        ids = torch.tensor([prompt + completion], device=self.t.device)
+        return float(self.t.policy.token_logprobs(ids, len(prompt)).mean())
+
+    def micro_step(self, batch: list[Example]) -> MicroStep:
+        return sft_step(self.t, batch)
