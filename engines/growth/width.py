@@ -112,14 +112,14 @@ def _copy_rows(w: torch.Tensor, src: torch.Tensor, unit: int, m: WidthMap) -> to
     if m.noise > 0 and len(src) > n_small:  # only the extra copies move
         std = m.noise * w.float().std().item()
         tail = out[n_small * unit:]
-        tail += std * torch.randn(tail.shape, generator=m.generator).to(tail.dtype)
+        tail += std * torch.randn(tail.shape, generator=m.generator).to(tail.device, tail.dtype)
     return out
 
 
 def _split_cols(w: torch.Tensor, src: torch.Tensor, unit: int) -> torch.Tensor:
     """Outgoing weights: column unit i is src[i]'s divided by its number of copies."""
     n_small = w.shape[1] // unit
-    scale = (1.0 / _counts(src, n_small))[src].to(w.dtype)  # (units',)
+    scale = (1.0 / _counts(src, n_small))[src].to(w.device, w.dtype)  # (units',)
     cols = w.view(w.shape[0], n_small, unit)[:, src] * scale[None, :, None]
     return cols.reshape(w.shape[0], len(src) * unit)
 

@@ -1,0 +1,177 @@
+"""GRPO vs S-GRPO vs T-SPMO under one budget, on a model muse pretrains itself.
+
+    python scripts/bench_grpo.py [--tiny] [--out docs]
+
+One run, one GPU: pretrain a decoder on 3×3-digit multiplication with its
+worked long-multiplication steps, cold-start SFT it, then from the same SFT
+weights run each RL algorithm for the same number of updates with LoRA on the
+query/value projections of the last quarter of layers (Lee & Tong's set-up,
+scaled down), all through ``muse plan run``. Held-out accuracy (greedy, last
+integer = answer) after each stage goes into a table next to the paper's
+numbers on Qwen2-1.5B. Then, at the same model size, rollout throughput
+(completions sampled per second with the KV cache) and update throughput
+(completions through the GRPO loss and backward per second).
+
+Writes ``<out>/bench_grpo.{json,md}``. ``--tiny`` runs a seconds-long CPU
+version to check the script (its numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER = {"base": 3.9, "grpo": 4.4, "s_grpo": 22.9, "t_spmo": 70.0}  # 3×3 multiplication, n = 3000
+
+
+def plan(tiny: bool) -> dict:
+    task = ["multiplication:3x3"]
+    shape = {"layers": 2, "d_model": 64, "n_heads": 4} if tiny else {"layers": 12, "d_model": 512, "n_heads": 8}
+    pre, sft, rl = (20, 5, 3) if tiny else (1500, 200, 100)
+    common = {"tasks": task, "max_new_tokens": 64, "eval_problems": 32 if tiny else 500, "eval_samples": 1,
+              "temperature": 1.0}
+    lora = {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "layers_fraction": 0.25}
+    rl_stage = {"kind": "reasoning_rl", "steps": rl, "eval_every": rl, "from_stage": "sft",
+                "training": {"lr": 5.0e-4, "warmup_steps": 5, "micro_batch": 1 if tiny else 16}}
+    algorithms = {"grpo": {"group_size": 8}, "s_grpo": {"group_size": 8, "alpha": 25, "p": 0.5, "k": 50},
+                  "t_spmo": {"group_size": 16 if tiny else 50, "success_budget": 2, "failure_budget": 0}}
+    return {
+        "name": "bench-grpo",
+        "model": {"scale": "1M", "residual": "standard", "seq_len": 160, "vocab_size": 260, "shape": shape},
+        "compute": "cpu" if tiny else None,
+        "training": {"micro_batch": 8 if tiny else 64, "lr": 1.0e-3 if tiny else 5.0e-4,
+                     "warmup_steps": 2 if tiny else 100},
+        "stages": [
+            {"name": "pretrain", "kind": "pretrain", "steps": pre, "eval_every": pre, "options": {"tasks": task}},
+            {"name": "sft", "kind": "cold_start_sft", "steps": sft, "eval_every": sft, "options": common,
+             "training": {"lr": 3.0e-4, "warmup_steps": 2}},
+            *({**rl_stage, "name": name, "options": {**common, **opts, "algorithm": name, "lora": lora},
+               "training": {**rl_stage["training"], **({"micro_batch": 2} if name == "t_spmo" and not tiny else {})}}
+              for name, opts in algorithms.items()),
+        ],
+    }
+
+
+def accuracies() -> dict[str, dict[str, float]]:
+    from muse_plan.store import runs
+    from muse_plan.store.db import Store
+
+    out = {}
+    with Store().read() as session:
+        run = runs.get_run(session, 1)
+        for stage in runs.stage_runs(session, run):
+            last = {k: v for k, (_, v) in runs.last_metrics(session, stage.id).items()}
+            out[stage.name] = {k: last[k] for k in ("test_accuracy", "reward", "tokens_per_s") if k in last}
+            if stage.started_at and stage.finished_at:
+                out[stage.name]["seconds"] = (stage.finished_at - stage.started_at).total_seconds()
+    return out
+
+
+def throughput(spec: dict, device: str, prompts: int, group: int) -> dict[str, float]:
+    """Completions/s for rollout (KV-cache sampling) and for the GRPO update, same model."""
+    import torch
+
+    from engines.architecture.config import ModelConfig
+    from engines.contract import StageSetup
+    from engines.grpo.trainer import GrpoTrainer
+    from muse_plan.plan.spec import ModelShape
+
+    shape = ModelShape(**spec["model"]["shape"]).resolved()
+    config = ModelConfig.from_shape(shape, 260, spec["model"]["seq_len"])
+    trainer = GrpoTrainer()
+    trainer.setup(StageSetup(name="t", kind="reasoning_rl", model=config, micro_batch=prompts, device=device,
+                             options={"tasks": ["multiplication:3x3"], "group_size": group, "max_new_tokens": 64,
+                                      "temperature": 1.0, "eval_problems": 1}))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+
+    def timed(fn):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - start
+
+    with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+        batch, _ = timed(trainer.next_batch)  # warm-up
+        rollouts, updates = [], []
+        for _ in range(3):
+            batch, seconds = timed(trainer.next_batch)
+            rollouts.append(seconds)
+            step, seconds = timed(lambda: trainer.micro_step(batch).loss.backward())
+            updates.append(seconds)
+    n = prompts * group
+    tokens = sum(len(c) for g in batch for c in g.completions) / n
+    return {"completions": n, "mean_completion_tokens": tokens, "rollout_completions_per_s": n / min(rollouts),
+            "update_completions_per_s": n / min(updates),
+            "parameters": sum(p.numel() for p in trainer.model.parameters())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long CPU check of the script")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="re-measure throughput alone (a quiet GPU) into an existing <out>/bench_grpo.json")
+    args = parser.parse_args()
+    if args.throughput_only:
+        result = json.loads((args.out / "bench_grpo.json").read_text())
+        result["throughput"] = throughput(result["plan"], "cuda", prompts=16, group=8)
+        write(result, args.out)
+        return
+    home = Path(tempfile.mkdtemp(prefix="muse-grpo-"))
+    os.environ["MUSE_HOME"] = str(home)
+    spec = plan(args.tiny)
+    path = home / "bench-grpo.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    muse = [sys.executable, "-m", "muse_plan"]
+    subprocess.run([*muse, "plan", "import", str(path)], check=True)
+    started = time.perf_counter()
+    subprocess.run([*muse, "plan", "run", "bench-grpo"], check=True)
+    wall = time.perf_counter() - started
+    acc = accuracies()
+    device = "cpu" if args.tiny else "cuda"
+    speed = throughput(spec, device, prompts=2 if args.tiny else 16, group=4 if args.tiny else 8)
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.tiny else "CPU"
+    result = {"device": gpu, "plan": spec, "stages": acc, "throughput": speed, "wall_seconds": wall,
+              "command": "python scripts/bench_grpo.py" + (" --tiny" if args.tiny else "")}
+    write(result, None if args.tiny else args.out)
+
+
+def write(result: dict, out: Path | None) -> None:
+    acc, speed, gpu, wall = result["stages"], result["throughput"], result["device"], result["wall_seconds"]
+    rows = [("base (after cold-start SFT)", "sft", "base"), ("GRPO", "grpo", "grpo"),
+            ("S-GRPO", "s_grpo", "s_grpo"), ("T-SPMO", "t_spmo", "t_spmo")]
+    lines = ["| method | held-out accuracy here (%) | paper, Qwen2-1.5B (%) | stage time (s) |", "|---|---|---|---|"]
+    for label, stage, paper in rows:
+        a = acc.get(stage, {})
+        lines.append(f"| {label} | {100 * a.get('test_accuracy', float('nan')):.1f} | {PAPER[paper]} | "
+                     f"{a.get('seconds', float('nan')):.0f} |")
+    s = speed
+    table = "\n".join(lines)
+    md = (f"# GRPO vs S-GRPO vs T-SPMO on 3×3-digit multiplication\n\n"
+          f"Command: `{result['command']}` on {gpu}; whole run {wall:.0f} s.\n\n{table}\n\n"
+          f"Throughput at {s['parameters'] / 1e6:.1f}M parameters, {s['completions']} completions per batch "
+          f"(mean {s['mean_completion_tokens']:.0f} tokens): rollout {s['rollout_completions_per_s']:.0f} "
+          f"completions/s, update {s['update_completions_per_s']:.0f} completions/s.\n")
+    print(md)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_grpo.json").write_text(json.dumps(result, indent=2, default=str))
+        (out / "bench_grpo.md").write_text(md)
+
+
+if __name__ == "__main__":
+    main()
