@@ -188,3 +188,17 @@ def test_two_processes_follow_the_one_process_curve_at_the_same_global_batch(tmp
     one_curve, two_curve = losses(1), losses(2)
     assert [s for s, _ in two_curve] == list(range(1, 31))
     assert max(abs(a - b) for (_, a), (_, b) in zip(one_curve, two_curve)) < 1e-4
+
+
+def test_a_stage_of_another_precision_gets_its_own_accelerator(cli, tmp_path, muse_home) -> None:
+    stages = [TINY["stages"][0] | {"steps": 4, "checkpoint_every": 4, "eval_every": 4},
+              {"name": "more", "kind": "continue", "steps": 4, "checkpoint_every": 4, "eval_every": 4,
+               "training": {"precision": "bf16"}}]
+    training = {**TINY["training"], "precision": "fp32"}
+    assert cli("plan", "import", write_plan(tmp_path, stages=stages, training=training)).exit_code == 0
+    result = cli("plan", "run", "tiny")
+    assert result.exit_code == 0, result.output
+    assert "stage more runs in bf16 (was no)" in result.output
+    with Store().read() as session:
+        texts = [e.message for e in runs.events(session, 1)]
+    assert "stage more runs in bf16 (was no)" in texts

@@ -26,7 +26,7 @@ import socket
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -99,7 +99,7 @@ class Prepared:
 def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref: str | None = None,
              view: View | None = None, force: bool = False, inject: str | None = None) -> RunResult:
     """Run (or resume) a plan on this process and any launched with it."""
-    from accelerate import Accelerator, PartialState
+    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
     cuda = torch.cuda.is_available()
@@ -117,8 +117,7 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
         raise decided[0]
     prepared: Prepared = decided[0]
     spec = spec_from_dict(json.loads(prepared.spec_json), "the plan")
-    first = resolve(spec, spec.stages[0], world_size=state.num_processes, cuda=cuda, bf16=_bf16(cuda))
-    accelerator = Accelerator(mixed_precision=MIXED_PRECISION[first.precision], cpu=not cuda)
+    accelerator = None
     result = RunResult(prepared.run_id, prepared.plan, prepared.revision, prepared.resume,
                        main=state.is_main_process, processes=state.num_processes)
     injector = Injector(inject or os.environ.get("MUSE_INJECT"))
@@ -127,6 +126,8 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
             resuming = prepared.resume and position == prepared.start
             budget, skip_until = Budget(), None
             while True:
+                accelerator = _accelerator_for(accelerator, spec, position, state.num_processes, cuda,
+                                               lambda text: _note(store, prepared, position, [text], view, "info"))
                 try:
                     result.stages.append(_run_stage(store, accelerator, spec, prepared, position, resuming, view,
                                                     injector, skip_until))
@@ -153,6 +154,25 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
             runs.add_event(session, run, "run completed")
         store.close()
     return result
+
+
+def _accelerator_for(current: Any, spec: PlanSpec, position: int, world_size: int, cuda: bool,
+                     say: Callable[[str], None]) -> Any:
+    """The Accelerator for a stage's precision: the current one when it matches, else a
+    new one — a stage of its own precision, or a recovery rewrite (fp16 → bf16) takes
+    effect in this process, not at the next launch. The process group is kept."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    precision = resolve(spec, spec.stages[position], world_size=world_size, cuda=cuda, bf16=_bf16(cuda)).precision
+    wanted = MIXED_PRECISION[precision]
+    had = current.mixed_precision if current is not None else None
+    if had == wanted:
+        return current
+    if current is not None:
+        AcceleratorState._reset_state()  # its mixed precision can't change in place
+        say(f"stage {spec.stages[position].name} runs in {precision} (was {had})")
+    return Accelerator(mixed_precision=wanted, cpu=not cuda)
 
 
 def _bf16(cuda: bool) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from muse_plan.plan import units
 from muse_plan.plan.shapes import Shape
 from muse_plan.plan.spec import ModelShape, PlanSpec, StageSpec, required_residual
-from muse_plan.plan.techniques import GrowthOptions
+from muse_plan.plan.techniques import GrowthOptions, RewardWeights
 
 TOKENS_PER_PARAM = 20
 RL_STEPS = {"cold_start_sft": 1000, "reasoning_rl": 500, "rejection_sampling": 300, "all_scenarios_rl": 800}
@@ -139,6 +139,10 @@ def reasoning_stages(spec: PlanSpec) -> list[StageSpec]:
         ))
     stages.append(StageSpec(name="rejection_sampling", kind="rejection_sampling",
                             steps=RL_STEPS["rejection_sampling"], options=common))
+    # all-scenarios RL: the seed's multi-objective reward; the verifiable stand-in
+    # for its "consistency" is the share of true equations in the worked steps
+    weights = (spec.techniques.grpo.reward_weights if spec.techniques.grpo else RewardWeights())
+    scenario = {**common, "reward_weights": {**weights.model_dump(), "consistency": max(weights.consistency, 0.3)}}
     stages.append(StageSpec(name="all_scenarios_rl", kind="all_scenarios_rl",
-                            steps=RL_STEPS["all_scenarios_rl"], options=common))
+                            steps=RL_STEPS["all_scenarios_rl"], options=scenario))
     return stages

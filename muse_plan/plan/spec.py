@@ -316,7 +316,7 @@ class PlanSpec(Frozen):
         """The plan's training settings with the stage's own on top."""
         if stage.training is None:
             return self.training
-        return self.training.model_copy(update=stage.training.model_dump(exclude_none=True))
+        return self.training.model_copy(update=stage.training.model_dump(exclude_defaults=True))
 
     def stage(self, name: str) -> StageSpec:
         for stage in self.stages:

@@ -25,6 +25,7 @@ class RewardWeights(Options):
     correctness: float = 1.0
     format: float = 0.3
     efficiency: float = 0.2
+    consistency: float = Field(0.0, description="share of true equations in the worked steps (all-scenarios RL)")
 
 
 class GrpoOptions(Options):

@@ -110,7 +110,7 @@ def apply(spec: PlanSpec, rewrite: Rewrite, stage: StageSpec | None = None) -> P
     """The plan with the rewrite's training fields set — in the stage's own
     training settings where the stage sets that field, else plan-wide."""
     data = spec_to_dict(spec)
-    own = stage.training.model_dump(exclude_none=True) if stage is not None and stage.training else {}
+    own = stage.training.model_dump(exclude_defaults=True) if stage is not None and stage.training else {}
     if own:
         local = {k: v for k, v in rewrite.training.items() if k in own}
         for entry in data["stages"]:
