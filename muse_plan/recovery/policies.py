@@ -64,13 +64,16 @@ def more_checkpointing(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite 
 
 
 def offload_optimizer(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
-    if _t(spec, "offload", "none", stage) != "none":
-        return None
+    from muse_plan.executor.settings import NOT_YET
+
+    if _t(spec, "offload", "none", stage) != "none" or "optimizer" not in NOT_YET["offload"]:
+        return None  # the executor can't offload yet: a rewrite it would refuse is no remedy
     return Rewrite({"offload": "optimizer"}, "offload none→optimizer")
 
 
 def lora(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
-    if spec.techniques.lora is not None or stage.kind not in ("finetune", "cold_start_sft", "reasoning_rl",
+    # the GRPO engine's fine-tuning stages take LoRA; the architecture engine's finetune doesn't yet
+    if spec.techniques.lora is not None or stage.kind not in ("cold_start_sft", "reasoning_rl",
                                                               "rejection_sampling", "all_scenarios_rl"):
         return None
     return Rewrite({}, "LoRA (rank 16) for the fine-tuning stage", techniques={"lora": {"rank": 16}})
