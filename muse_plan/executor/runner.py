@@ -164,7 +164,7 @@ def _accelerator_for(current: Any, spec: PlanSpec, position: int, world_size: in
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    precision = resolve(spec, spec.stages[position], world_size=world_size, cuda=cuda, bf16=_bf16(cuda)).precision
+    precision = _settings(spec, position, world_size, cuda).precision
     wanted = MIXED_PRECISION[precision]
     had = current.mixed_precision if current is not None else None
     if had == wanted:
