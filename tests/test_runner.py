@@ -202,3 +202,18 @@ def test_a_stage_of_another_precision_gets_its_own_accelerator(cli, tmp_path, mu
     with Store().read() as session:
         texts = [e.message for e in runs.events(session, 1)]
     assert "stage more runs in bf16 (was no)" in texts
+
+
+def test_a_stage_the_plan_lets_stop_on_a_plateau_ends_there_and_the_next_starts(cli, tmp_path, muse_home) -> None:
+    stages = [TINY["stages"][0] | {"steps": 200, "eval_every": 10, "checkpoint_every": 100,
+                                   "options": {"stop_on_plateau": 5}},
+              {"name": "more", "kind": "continue", "steps": 2}]
+    training = {**TINY["training"], "lr": 1e-7}  # a loss that cannot move: a plateau by the first full windows
+    assert cli("plan", "import", write_plan(tmp_path, stages=stages, training=training)).exit_code == 0
+    result = cli("plan", "run", "tiny")
+    assert result.exit_code == 0, result.output
+    with Store().read() as session:
+        texts = [e.message for e in runs.events(session, 1)]
+    assert any("stage pretrain stopped early at step 10 of 200" in t for t in texts)
+    assert [s for s, _ in losses(1)] == list(range(1, 11))
+    assert len(losses(1, 1)) == 2  # the next stage ran from the plateau's checkpoint

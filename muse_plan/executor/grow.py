@@ -25,7 +25,9 @@ Design decisions:
   mean loss of the last window improved by less than 1% on the window
   before; window: the option, else the plan's ``plateau`` alert threshold,
   else 200) fires on its training loss; its checkpoint there is its result,
-  so the grow stage after it starts then. It goes through the loop's engine
+  so the grow stage after it starts then. ``stop_on_plateau`` does the same
+  for any training stage: the plan allows it to end early on a plateau and
+  the next stage starts from there. It goes through the loop's engine
   stopping rule (``should_stop``), asked at evaluations only, so the loss
   tensors it keeps are read when the host syncs anyway. The detector's
   windows are not checkpointed: a resumed stage refills them.
@@ -101,13 +103,23 @@ def grow_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
     return StageResult(stage.name, s.steps, report.metrics if report else {}, time.perf_counter() - t0)
 
 
+# stage options that end a stage at a loss plateau: before a grow stage (growth starts
+# early), or any stage the plan allows to stop early (the recovery rung for a plateau)
+PLATEAU_OPTIONS = ("grow_on_plateau", "stop_on_plateau")
+
+
+def plateau_option(stage: StageSpec) -> str | None:
+    return next((k for k in PLATEAU_OPTIONS if stage.options.get(k) not in (None, False)), None)
+
+
 def plateau_window(spec: PlanSpec, stage: StageSpec) -> int:
-    """The steps per window of a stage's ``grow_on_plateau``; a plan error if it is not one."""
-    value = stage.options["grow_on_plateau"]
+    """The steps per window of a stage's plateau option; a plan error if it is not one."""
+    key = plateau_option(stage) or "grow_on_plateau"
+    value = stage.options[key]
     if value is True:
         return int(spec.alerts.get("plateau", 200))
     if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise PlanError(f"stage {stage.name!r}: grow_on_plateau must be true or a window of at least 2 steps, "
+        raise PlanError(f"stage {stage.name!r}: {key} must be true or a window of at least 2 steps, "
                         f"got {value!r}")
     return value
 

@@ -207,9 +207,9 @@ def _settings(spec: PlanSpec, position: int, world_size: int, cuda: bool) -> Sta
         from engines.growth.schedule import rewarm_steps
 
         s = replace(s, warmup_steps=min(s.steps, rewarm_steps(s.steps, float(stage.options["rewarm_fraction"]))))
-    if stage.options.get("grow_on_plateau") is not None:
-        from muse_plan.executor.grow import plateau_window
+    from muse_plan.executor.grow import plateau_option, plateau_window
 
+    if plateau_option(stage) is not None or stage.options.get("grow_on_plateau") is not None:
         plateau_window(spec, stage)  # a bad window is refused before a run exists
     return s
 
@@ -338,8 +338,9 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
             view.stage_started(stage.name, s.steps, start.step if start else 0)
     t0 = time.perf_counter()
     watch = Watch(spec.alerts, _capacity_gib(accelerator))
-    if stage.options.get("grow_on_plateau"):  # end the stage at a loss plateau; the grow stage starts then
-        from muse_plan.executor.grow import GrowOnPlateau, plateau_window
+    from muse_plan.executor.grow import GrowOnPlateau, plateau_option, plateau_window
+
+    if plateau_option(stage):  # end the stage at a loss plateau; the next (grow) stage starts there
 
         trainer = GrowOnPlateau(trainer, plateau_window(spec, stage), s.grad_accum)
     metrics = train_stage(trainer, s, accelerator, run_dir / stage.name, meta, hooks, start, watch=watch,
