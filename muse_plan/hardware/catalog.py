@@ -4,7 +4,7 @@ Numbers are vendor datasheet figures for dense (not 2:4-sparse) tensor-core
 math with fp32 accumulation, which is what training uses; GeForce cards run
 fp16/bf16 with fp32 accumulation at half their marketed fp16-accumulate rate.
 Memory in GiB, as vendors mean "GB" for GPU memory (an "80GB" H100 has
-80 GiB). The optimizer (a later issue) turns peaks into achievable speed
+80 GiB). The optimizer turns peaks into achievable speed
 with a measured utilisation; this module only states the hardware.
 """
 

@@ -8,7 +8,7 @@ Everything the planner decides is written into the stored revision, so
 
 Budgets are starting points, not promises: pretraining defaults to 20 tokens
 per parameter (Chinchilla); the RL stages take SEEDS.md's order of effort
-(SFT shortest, all-scenarios RL longest). The optimizer (a later issue)
+(SFT shortest, all-scenarios RL longest). The optimizer
 turns budgets into predicted time against the timeline.
 """
 
