@@ -298,7 +298,7 @@ def write(result: dict[str, Any], args: argparse.Namespace, seconds: float) -> N
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else cpu
     label = ("**CPU smoke run (`--tiny`): checks the script; says nothing about growth at scale.**\n\n"
              if args.tiny else "")
-    lines = [f"# Growth vs from scratch: validation loss against training FLOPs\n", label,
+    lines = ["# Growth vs from scratch: validation loss against training FLOPs\n", label,
              f"Produced by `{command}` on {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')} "
              f"in {seconds:.0f} s; device: {device}; torch {torch.__version__}.\n",
              f"Target: {b['n_layers']} layers × d_model {b['d_model']}, {b['n_heads']} heads, residual "

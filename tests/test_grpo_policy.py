@@ -4,7 +4,6 @@ model without adapters, and weights cross LoRA boundaries between stages."""
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from engines.architecture.config import ModelConfig
 from engines.architecture.model import DecoderLM
