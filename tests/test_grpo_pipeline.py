@@ -81,6 +81,8 @@ def test_the_cpu_reasoning_plan_runs_every_stage_kind_with_lora(cli, tmp_path: P
     assert cli("plan", "import", path).exit_code == 0
     result = cli("plan", "run", "reasoning-grpo-cpu")
     assert result.exit_code == 0, result.output
+    assert "held-out accuracy" in result.output and "% sampled" in result.output
+    assert "reasoning_rl_t_spmo: 2 steps" in result.output and ", reward " in result.output
     with Store().read() as session:
         run = runs.get_run(session, 1)
         assert run.status == "completed"

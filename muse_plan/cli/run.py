@@ -55,12 +55,20 @@ def _report(result) -> None:
     console.print(f"run {result.run_id} of plan [bold]{result.plan}[/] (revision {result.revision}) {verb}{where}")
     for stage in result.stages:
         m = stage.metrics
-        trained = f", train loss {m['loss']:.3f}" if "loss" in m else ""  # a grow stage trains nothing
+        if "reward" in m:  # an RL stage: its surrogate loss says little, the reward does
+            trained = f", reward {m['reward']:.3f}"
+        else:
+            trained = f", train loss {m['loss']:.3f}" if "loss" in m else ""  # a grow stage trains nothing
         console.print(f"  {stage.name}: {stage.steps} steps in {stage.seconds:.0f}s{trained}", highlight=False)
         if "val_loss" in m:
             baseline = m.get("unigram_val_loss")
-            tail = f"; a unigram model of the same data: {baseline:.3f}" if baseline is not None else ""
-            console.print(f"    validation loss {m['val_loss']:.3f} nats/token{tail}", highlight=False)
+            tail = (f" nats/token; a unigram model of the same data: {baseline:.3f}" if baseline is not None
+                    else "")
+            console.print(f"    validation loss {m['val_loss']:.3f}{tail}", highlight=False)
+        if "test_accuracy" in m:
+            sampled = (f", {100 * m['test_accuracy_sampled']:.1f}% sampled" if "test_accuracy_sampled" in m
+                       else "")
+            console.print(f"    held-out accuracy {100 * m['test_accuracy']:.1f}% greedy{sampled}", highlight=False)
     console.print(f"see it with: muse run show {result.run_id}")
 
 

@@ -261,6 +261,7 @@ def _report(p: _Pending, ended: float | None, accelerator: Any, hooks: Hooks | N
     """
     _check_finite(p.loss, p.step)
     result["loss"] = loss = p.loss.item()
+    result.update(p.extra)  # the engine's own numbers (an RL stage's reward) reach the run's summary
     seconds = (ended if ended is not None else time.perf_counter()) - p.started
     record = StepRecord(p.step, loss, float(p.grad_norm), p.lr, p.tokens, p.tokens / max(seconds, 1e-9),
                         memory_gib(accelerator.device), p.extra)
