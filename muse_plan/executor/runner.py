@@ -169,8 +169,10 @@ def _accelerator_for(current: Any, spec: PlanSpec, position: int, world_size: in
     had = current.mixed_precision if current is not None else None
     if had == wanted:
         return current
+    # the state is a process-wide singleton whose mixed precision can't change in
+    # place (an earlier run in this process may have left another one)
+    AcceleratorState._reset_state()
     if current is not None:
-        AcceleratorState._reset_state()  # its mixed precision can't change in place
         say(f"stage {spec.stages[position].name} runs in {precision} (was {had})")
     return Accelerator(mixed_precision=wanted, cpu=not cuda)
 
