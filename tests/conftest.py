@@ -64,3 +64,22 @@ def heavy_imports(home: Path, commands: list[list[str]]) -> str:
                          env={"MUSE_HOME": str(home), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
+
+
+def run_once(home: Path, plan: dict) -> str:
+    """Import ``plan`` into a store under ``home`` and run it to completion with
+    ``muse plan run`` (MUSE_HOME pointed there meanwhile); the store's URL."""
+    import yaml
+
+    from muse_plan.cli.main import app
+
+    plan_file = home / f"{plan['name']}.yaml"
+    plan_file.write_text(yaml.safe_dump(plan))
+    url = f"sqlite:///{home / 'muse.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MUSE_HOME", str(home))
+        runner = CliRunner()
+        assert runner.invoke(app, ["--db", url, "plan", "import", str(plan_file)]).exit_code == 0
+        result = runner.invoke(app, ["--db", url, "plan", "run", plan["name"]])
+        assert result.exit_code == 0, result.output
+    return url

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import heavy_imports
+from conftest import heavy_imports, run_once
 from muse_plan.adapt import adapt
 from muse_plan.adapt.context import GIB, with_changes
 from muse_plan.optimizer import fit as fitting
@@ -38,20 +38,8 @@ def one_error_line(result, text: str) -> None:
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory) -> Path:
     """A database holding the CLIPPED plan and one completed ``muse plan run`` of it."""
-    from typer.testing import CliRunner
-
-    from muse_plan.cli.main import app
-
     home = tmp_path_factory.mktemp("adapt-home")
-    plan_file = home / "tiny.yaml"
-    plan_file.write_text(yaml.safe_dump(CLIPPED))
-    url = f"sqlite:///{home / 'muse.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MUSE_HOME", str(home))
-        runner = CliRunner()
-        assert runner.invoke(app, ["--db", url, "plan", "import", str(plan_file)]).exit_code == 0
-        result = runner.invoke(app, ["--db", url, "plan", "run", "tiny"])
-        assert result.exit_code == 0, result.output
+    run_once(home, CLIPPED)
     return home / "muse.db"
 
 

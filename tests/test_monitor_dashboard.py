@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import yaml
 
-from conftest import ROOT, heavy_imports
+from conftest import ROOT, heavy_imports, run_once
 from muse_plan.monitor import dashboard
 from muse_plan.plan.io import spec_from_dict
 from muse_plan.store import repo, runs
@@ -35,21 +35,7 @@ def one_error_line(result, text: str) -> None:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A store holding one completed run of the tiny plan, made by ``muse plan run``: its URL."""
-    from typer.testing import CliRunner
-
-    from muse_plan.cli.main import app
-
-    home = tmp_path_factory.mktemp("monitor-home")
-    plan_file = home / "tiny.yaml"
-    plan_file.write_text(yaml.safe_dump(TINY))
-    url = f"sqlite:///{home / 'muse.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MUSE_HOME", str(home))
-        runner = CliRunner()
-        assert runner.invoke(app, ["--db", url, "plan", "import", str(plan_file)]).exit_code == 0
-        result = runner.invoke(app, ["--db", url, "plan", "run", "tiny"])
-        assert result.exit_code == 0, result.output
-    return url
+    return run_once(tmp_path_factory.mktemp("monitor-home"), TINY)
 
 
 def stored_last(url: str, name: str) -> float:
