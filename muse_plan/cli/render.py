@@ -128,6 +128,9 @@ def stages_table(spec: PlanSpec) -> Table:
             name.append(f" ({stage.kind})")
         if stage.options:
             name.append("\n" + _compact(stage.options), style="dim")
+        if stage.training is not None:  # the stage's own training settings, over the plan's
+            own = stage.training.model_dump(mode="json", exclude_defaults=True)
+            name.append("\ntraining: " + _compact(own), style="dim")
         row = [str(i), name, stage.engine or "", _budget(stage), shape_text]
         table.add_row(*row, *([stage.from_stage or previous] if branches else []))
         previous = stage.name
