@@ -138,3 +138,19 @@ def test_oom_ladder_skips_what_the_executor_cannot_run_and_offers_lora_to_rl_sta
     assert next_rewrite(spec, spec.stage("pre"), "oom", 0, 1) is None  # no offload rung: the executor refuses it
     used, rewrite, new = next_rewrite(spec, spec.stage("rl"), "oom", 0, 1)
     assert rewrite.techniques == {"lora": {"rank": 16}} and new.techniques.lora is not None
+
+
+def test_explosion_rule_ignores_zero_norms_and_takes_its_factor():
+    from types import SimpleNamespace
+
+    from muse_plan.monitor.detectors import Watch
+
+    def record(step: int, norm: float):
+        return SimpleNamespace(step=step, loss=1.0, grad_norm=norm)
+
+    for factor, spike, fires in ((10.0, 20.0, True), (100.0, 20.0, False), (100.0, 200.0, True)):
+        watch = Watch({}, None, explosion_factor=factor)
+        steps = [record(i, 1.0 if i % 2 else 0.0) for i in range(1, 61)]  # half the RL steps carry no signal
+        assert all(watch.fault(r) is None for r in steps)  # zeros don't drag the median to 0
+        found = watch.fault(record(61, spike))
+        assert (found is not None) == fires, (factor, spike)

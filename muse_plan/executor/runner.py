@@ -45,6 +45,10 @@ from muse_plan.store.db import Store, muse_home
 from muse_plan.store.models import Run, StageRun, utcnow
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# how far above its running median a gradient norm must be to count as an explosion:
+# a policy gradient from one rare success in a group is legitimately tens of times
+# the median of an RL stage, which a 10× rule turned into clipping rewrites
+EXPLOSION_FACTOR = {"reasoning_rl": 100.0, "all_scenarios_rl": 100.0}
 # engines whose stages change weights without training → the trainer that gives them data and evaluation
 TRANSFORMS = {"growth": "architecture"}
 
@@ -339,7 +343,7 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         if view:
             view.stage_started(stage.name, s.steps, start.step if start else 0)
     t0 = time.perf_counter()
-    watch = Watch(spec.alerts, _capacity_gib(accelerator))
+    watch = Watch(spec.alerts, _capacity_gib(accelerator), EXPLOSION_FACTOR.get(stage.kind, 10.0))
     from muse_plan.executor.grow import GrowOnPlateau, plateau_option, plateau_window
 
     if plateau_option(stage):  # end the stage at a loss plateau; the next (grow) stage starts there

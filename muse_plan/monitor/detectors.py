@@ -152,9 +152,10 @@ class MemoryUsage:
 class Watch:
     """All detectors of one stage; ``faults`` run on every process, ``alerts`` on the main one."""
 
-    def __init__(self, thresholds: dict[str, float] | None = None, capacity_gib: float | None = None) -> None:
+    def __init__(self, thresholds: dict[str, float] | None = None, capacity_gib: float | None = None,
+                 explosion_factor: float = 10.0) -> None:
         t = thresholds or {}
-        self.faults: list[Detector] = [NonFinite(), GradExplosion(t.get("gradient_norm"))]
+        self.faults: list[Detector] = [NonFinite(), GradExplosion(t.get("gradient_norm"), explosion_factor)]
         self.alerts: list[Detector] = [LossSpike(t.get("loss_spike", 4.0)), Plateau(int(t.get("plateau", 200)))]
         if "throughput_drop" in t:  # opt-in: on a shared machine tokens/s swings without a fault
             self.alerts.append(ThroughputDrop(t["throughput_drop"]))
