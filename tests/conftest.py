@@ -83,3 +83,11 @@ def run_once(home: Path, plan: dict) -> str:
         result = runner.invoke(app, ["--db", url, "plan", "run", plan["name"]])
         assert result.exit_code == 0, result.output
     return url
+
+
+def one_error_line(result, text: str) -> None:
+    """A user error: exit code 2 and one line, ``error: …``, that says ``text``."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert text in lines[0], lines[0]

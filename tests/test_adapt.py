@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import heavy_imports, run_once
+from conftest import heavy_imports, one_error_line, run_once
 from muse_plan.adapt import adapt
 from muse_plan.adapt.context import GIB, with_changes
 from muse_plan.optimizer import fit as fitting
@@ -27,12 +27,6 @@ from test_runner import TINY
 # a clip far under its gradient norms, and recomputation it has memory to spare
 CLIPPED = {**TINY, "training": {**TINY["training"], "clip_grad_norm": 0.05, "activation_checkpointing": "selective"}}
 
-
-def one_error_line(result, text: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert text in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from conftest import PLANS, ROOT
+from conftest import PLANS, ROOT, one_error_line
 
 SEED = ["plan", "create", "--model-scale", "10B", "--target-tasks", "reasoning,knowledge",
         "--techniques", "grpo,mhc,growth", "--compute-budget", "1xRTX3080-8GB", "--timeline", "7days"]
@@ -16,12 +16,6 @@ def state(cli):
     plans = json.loads(cli("plan", "list", "--json").stdout)
     return [(p["name"], json.loads(cli("plan", "history", p["name"], "--json").stdout)) for p in plans]
 
-
-def one_error_line(result, text):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert text in lines[0], lines[0]
 
 
 def test_seed_create_command_stores_a_planned_plan(cli):

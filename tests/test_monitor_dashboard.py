@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import yaml
 
-from conftest import ROOT, heavy_imports, run_once
+from conftest import ROOT, heavy_imports, one_error_line, run_once
 from muse_plan.monitor import dashboard
 from muse_plan.plan.io import spec_from_dict
 from muse_plan.store import repo, runs
@@ -24,12 +24,6 @@ from test_runner import TINY  # the same tiny plan the runner tests train
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
 
-
-def one_error_line(result, text: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert text in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
