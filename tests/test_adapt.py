@@ -28,7 +28,6 @@ from test_runner import TINY
 CLIPPED = {**TINY, "training": {**TINY["training"], "clip_grad_norm": 0.05, "activation_checkpointing": "selective"}}
 
 
-
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory) -> Path:
     """A database holding the CLIPPED plan and one completed ``muse plan run`` of it."""

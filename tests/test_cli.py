@@ -17,7 +17,6 @@ def state(cli):
     return [(p["name"], json.loads(cli("plan", "history", p["name"], "--json").stdout)) for p in plans]
 
 
-
 def test_seed_create_command_stores_a_planned_plan(cli):
     result = cli(*SEED)
     assert result.exit_code == 0, result.output

@@ -25,7 +25,6 @@ from test_runner import TINY  # the same tiny plan the runner tests train
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
 
 
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A store holding one completed run of the tiny plan, made by ``muse plan run``: its URL."""
