@@ -54,10 +54,16 @@ def load_hf(directory: str, device: str) -> nn.Module:
     """A causal LM from a local directory; nothing is downloaded."""
     try:
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
     except ImportError:  # pragma: no cover - transformers comes with peft
         raise ValueError("a Hugging Face policy needs the 'transformers' package") from None
-    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, torch_dtype=torch.float32)
-    return model.to(device)
+    hf_logging.disable_progress_bar()  # muse's own progress bar is on screen
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model.init_from {directory!r} is not a Hugging Face model directory: "
+                         f"{str(exc).splitlines()[0]}") from None
+    return model.float().to(device)  # fp32 master weights; the executor's autocast does mixed precision
 
 
 def _layer_count(model: nn.Module) -> tuple[int, str]:
