@@ -147,13 +147,19 @@ def more_gpus(spec: PlanSpec, hw: fitting.Hardware) -> fitting.Alternative | Non
     if hw.gpu is None:
         return None
     for count in (c for c in GPU_COUNTS if c > hw.count):
-        bigger = replace(hw, count=count, memory_gib=hw.gpu.memory_gib)
-        alt = _on(spec, bigger)
-        result = _fits(alt, bigger)
-        if result is not None:
-            return fitting.Alternative(f"{count} {hw.gpu.key} GPUs", f"the plan as written on "
-                                       f"{bigger.describe()}: {_when(result)}", alt, bigger, result)
+        found = _as_written(spec, replace(hw, count=count, memory_gib=hw.gpu.memory_gib), f"{count} {hw.gpu.key} GPUs")
+        if found is not None:
+            return found
     return None
+
+
+def _as_written(spec: PlanSpec, hw: fitting.Hardware, title: str) -> fitting.Alternative | None:
+    """The plan unchanged on other hardware, when it fits there."""
+    alt = _on(spec, hw)
+    result = _fits(alt, hw)
+    if result is None:
+        return None
+    return fitting.Alternative(title, f"the plan as written on {hw.describe()}: {_when(result)}", alt, hw, result)
 
 
 def larger_gpus(spec: PlanSpec, hw: fitting.Hardware) -> fitting.Alternative | None:
@@ -163,11 +169,9 @@ def larger_gpus(spec: PlanSpec, hw: fitting.Hardware) -> fitting.Alternative | N
     for count in GPU_COUNTS:
         for kind in kinds:
             bigger = fitting.Hardware(kind, count, kind.memory_gib, hw.host_ram_gib, hw.network_gbps, hw.cpu_cores)
-            alt = _on(spec, bigger)
-            result = _fits(alt, bigger)
-            if result is not None:
-                return fitting.Alternative(f"{bigger.describe()}", f"the plan as written on "
-                                           f"{bigger.describe()}: {_when(result)}", alt, bigger, result)
+            found = _as_written(spec, bigger, bigger.describe())
+            if found is not None:
+                return found
     return None
 
 
