@@ -102,7 +102,7 @@ class LayerCache:
         self.k[:, :, start:start + T] = k
         self.v[:, :, start:start + T] = v
         end = start + T
-        return self.k[:, :, :end], self.v[:, :, :end], self.owner.mask(start, T)
+        return self.k[:, :, :end], self.v[:, :, :end], self.owner.current_mask
 
 
 class KVCache:
@@ -124,6 +124,7 @@ class KVCache:
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=p.device)  # (B, S)
         self.valid[:, : valid.size(1)] = valid
         self.pos = 0
+        self.current_mask = torch.ones(1, dtype=torch.bool)  # set once per forward, shared by the layers
 
     def mask(self, start: int, T: int) -> torch.Tensor:
         """(B, 1, T, start+T): query i (at start+i) sees valid keys at or before it, and itself."""
@@ -221,6 +222,8 @@ class DecoderLM(nn.Module):
         With ``cache`` the tokens continue the cached ones (generation, no grad)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
+        if cache is not None:
+            cache.current_mask = cache.mask(start, T)  # one mask for every layer of this forward
         assert start + T <= self.config.seq_len, f"sequence of {start + T} tokens exceeds seq_len {self.config.seq_len}"
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.drop(self.tok_emb(idx))  # (B, T, C)
