@@ -14,6 +14,12 @@ Design decisions:
   file whatever engine made it.
 - ``StageSetup`` is a plain dataclass, not the plan's pydantic model: engines
   stay importable and testable without the orchestrator.
+- Optional extras a trainer may have, each asked for with ``getattr`` by the
+  executor: ``should_stop()`` (its own early-stopping rule, asked at
+  evaluations), ``checkpoint_meta`` (a dict written into each checkpoint's
+  manifest, e.g. LoRA's scaling so a later stage can merge the adapters) and
+  ``init_module`` (the part of the model an earlier stage's weights fit; None:
+  nothing loads).
 - Engines are found through a registry of import paths, so an unknown or
   not-yet-built engine fails when a run starts, not mid-plan, and importing
   the registry imports no torch.

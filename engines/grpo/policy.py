@@ -49,6 +49,22 @@ class LoraSettings:
     def scaling(self) -> float:
         return self.alpha / self.rank
 
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> LoraSettings:
+        """The plan's ``lora`` options (``techniques.lora``); a 4-bit base is refused."""
+        if options.get("quantize_base", "none") != "none":
+            raise ValueError("a 4-bit (QLoRA) base is not available in this version; use lora.quantize_base: none")
+        known = {k: v for k, v in options.items() if k in cls.__dataclass_fields__}
+        if "target_modules" in known:
+            known["target_modules"] = tuple(known["target_modules"])
+        return cls(**known)
+
+
+def zero_loss(model: nn.Module) -> torch.Tensor:
+    """A zero that still reaches every trainable weight (a micro-batch with nothing to learn:
+    backward and the data-parallel all-reduce see the same graph as any other)."""
+    return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+
 
 def load_hf(directory: str, device: str) -> nn.Module:
     """A causal LM from a local directory; nothing is downloaded."""

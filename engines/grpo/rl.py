@@ -30,6 +30,7 @@ import torch
 from engines.contract import MicroStep
 from engines.grpo.data import prompt_ids
 from engines.grpo.losses import group_advantages, grpo_loss, s_grpo_mask
+from engines.grpo.policy import zero_loss
 from engines.grpo.rewards import Completion, check_weights, correctness, score
 from engines.grpo.tspmo import ReplayBuffer, prefix_advantages
 
@@ -171,7 +172,7 @@ def _t_spmo(rl: ReinforcementLearning, g: Group) -> tuple[torch.Tensor, dict[str
     transitions = prefix_advantages(g.completions, g.rewards.tolist())
     informative = [tr for tr in transitions if tr.advantage != 0.0]
     if not informative:  # every completion agreed wherever they branched: no signal
-        return sum(p.sum() for p in rl.t.model.parameters() if p.requires_grad) * 0.0, {}
+        return zero_loss(rl.t.model), {}
     rows = sorted({tr.row for tr in informative})
     where = {row: i for i, row in enumerate(rows)}
     logp = rl.logprobs(g, rows)  # (R, T)

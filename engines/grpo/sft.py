@@ -19,6 +19,7 @@ import torch
 
 from engines.contract import MicroStep
 from engines.grpo.data import prompt_ids, sft_batch
+from engines.grpo.policy import zero_loss
 from engines.grpo.rewards import Completion, correctness
 
 if TYPE_CHECKING:
@@ -28,9 +29,8 @@ Example = tuple[list[int], list[int]]  # (prompt ids, target ids)
 
 
 def sft_step(t: GrpoTrainer, examples: list[Example]) -> MicroStep:
-    if not examples:  # nothing to learn from: a zero loss that still reaches every trainable weight
-        zero = sum(p.sum() for p in t.model.parameters() if p.requires_grad) * 0.0
-        return MicroStep(loss=zero, tokens=0, metrics={"kept": 0.0})
+    if not examples:  # nothing to learn from
+        return MicroStep(loss=zero_loss(t.model), tokens=0, metrics={"kept": 0.0})
     x, y = sft_batch(t.tokenizer, examples, t.pad_id, t.device)
     logits = t.policy.logits(x, t.model)
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),

@@ -63,13 +63,7 @@ class GrpoTrainer:
         peft, self.checkpoint_meta = None, {}
         lora = o.get("lora")
         if lora:
-            settings = LoraSettings(**{k: v for k, v in (lora if isinstance(lora, dict) else {}).items()
-                                       if k in LoraSettings.__dataclass_fields__})
-            if isinstance(lora, dict) and lora.get("quantize_base", "none") != "none":
-                raise ValueError("a 4-bit (QLoRA) base is not available in this version; "
-                                 "use lora.quantize_base: none")
-            if isinstance(lora, dict) and "target_modules" in lora:
-                settings = LoraSettings(**{**settings.__dict__, "target_modules": tuple(lora["target_modules"])})
+            settings = LoraSettings.from_options(lora if isinstance(lora, dict) else {})
             peft = add_lora(model, settings)
             self.checkpoint_meta = {"lora_scaling": settings.scaling}
         self.model = model
