@@ -113,3 +113,10 @@ def test_json_schema_names_every_section():
     schema = PlanSpec.model_json_schema()
     assert {"name", "model", "target_tasks", "techniques", "compute", "timeline", "training",
             "stages"} <= set(schema["properties"])
+
+
+def test_an_unknown_rl_algorithm_is_refused_when_the_plan_is_read():
+    stage = {"name": "rl", "kind": "reasoning_rl", "steps": 5, "options": {"algorithm": "grpoo"}}
+    with pytest.raises(PlanError, match="stage 'rl': unknown RL algorithm 'grpoo'; accepted: grpo, s_grpo, t_spmo"):
+        spec_from_dict({"name": "p", "stages": [stage]})
+    assert spec_from_dict({"name": "p", "stages": [{**stage, "options": {"algorithm": "t_spmo"}}]})

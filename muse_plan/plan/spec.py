@@ -194,6 +194,7 @@ STAGE_KINDS: dict[str, tuple[str, bool]] = {
     "grow": ("growth", False),
     "representation": ("rkdo", True),
 }
+RL_ALGORITHMS = ("grpo", "s_grpo", "t_spmo")  # the GRPO engine's reasoning_rl algorithms
 ENGINES = tuple(dict.fromkeys(engine for engine, _ in STAGE_KINDS.values()))
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -237,6 +238,11 @@ class StageSpec(Frozen):
         engine, trains = STAGE_KINDS[self.kind]
         if self.engine != engine:
             raise ValueError(f"stage kind {self.kind!r} runs on engine {engine!r}, not {self.engine!r}")
+        algorithm = self.options.get("algorithm")
+        if self.kind in ("reasoning_rl", "all_scenarios_rl") and algorithm is not None \
+                and algorithm not in RL_ALGORITHMS:
+            raise ValueError(f"stage {self.name!r}: unknown RL algorithm {algorithm!r}; "
+                             f"accepted: {', '.join(RL_ALGORITHMS)}")
         if self.steps is not None and self.tokens is not None:
             raise ValueError(f"stage {self.name!r}: give steps or tokens, not both")
         if trains and self.steps is None and self.tokens is None:
