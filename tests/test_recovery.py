@@ -127,7 +127,7 @@ def test_alert_thresholds_are_stored_with_the_plan(cli) -> None:
     assert history[-1]["reason"] == "alert thresholds gradient_norm:10,memory_usage:90"
 
 
-def test_oom_ladder_skips_what_the_executor_cannot_run_and_offers_lora_to_rl_stages():
+def test_oom_ladder_offloads_the_optimizer_then_offers_lora_to_rl_stages():
     from muse_plan.plan.io import spec_from_dict
     from muse_plan.recovery.policies import next_rewrite
 
@@ -135,8 +135,10 @@ def test_oom_ladder_skips_what_the_executor_cannot_run_and_offers_lora_to_rl_sta
             "stages": [{"name": "pre", "kind": "pretrain", "steps": 5},
                        {"name": "rl", "kind": "reasoning_rl", "steps": 5}]}
     spec = spec_from_dict(data)
-    assert next_rewrite(spec, spec.stage("pre"), "oom", 0, 1) is None  # no offload rung: the executor refuses it
-    used, rewrite, new = next_rewrite(spec, spec.stage("rl"), "oom", 0, 1)
+    used, rewrite, new = next_rewrite(spec, spec.stage("pre"), "oom", 0, 1)
+    assert rewrite.training == {"offload": "optimizer"}
+    assert next_rewrite(new, new.stage("pre"), "oom", used, 1) is None  # no LoRA for pretraining
+    used, rewrite, new = next_rewrite(new, new.stage("rl"), "oom", used, 1)
     assert rewrite.techniques == {"lora": {"rank": 16}} and new.techniques.lora is not None
 
 

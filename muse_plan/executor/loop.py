@@ -23,7 +23,12 @@ Design decisions:
 - Resume is exact on CPU: the checkpoint restores weights, optimizer and
   scheduler state, every RNG and the data position, and the loop continues
   at the step after the checkpoint's.
-- Only the main process writes checkpoints; the others wait for it.
+- Only the main process writes checkpoints; the others wait for it. Under
+  ZeRO-1 and FSDP every process first takes part in gathering the full
+  optimizer state (and FSDP's full weights) to it; every process loads the
+  full state on resume (``optimizers.save_state`` / ``load_state``).
+- The optimizer is AdamW, on the device, on the host (``offload:
+  optimizer``) or sharded (``zero1``, FSDP): ``executor/optimizers.py``.
 - An engine may end its stage early with its own rule (RKDO: the loss's
   geometric decrease has flattened): a trainer's optional ``should_stop()``
   is asked at each evaluation; the stage then checkpoints and ends there.
@@ -42,7 +47,7 @@ import psutil
 import torch
 
 from engines.contract import Trainer
-from muse_plan.executor import checkpoint
+from muse_plan.executor import checkpoint, optimizers
 from muse_plan.executor.settings import StageSettings, lr_factor
 
 
@@ -129,13 +134,9 @@ class Hooks(Protocol):
 
 
 def make_optimizer(model: torch.nn.Module, s: StageSettings) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, vectors and scalars (norms, gates, biases) don't."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95), eps=1e-8)
+    """AdamW for ``s`` (on the device, or its state on the host under ``offload:
+    optimizer``); matrices decay, vectors and scalars (norms, gates, biases) don't."""
+    return optimizers.make_optimizer(model, s)
 
 
 def memory_gib(device: torch.device) -> float:
@@ -158,12 +159,12 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
     that step's evaluation and checkpoint).
     """
     main = accelerator.is_main_process
-    model, optimizer = accelerator.prepare(trainer.model, make_optimizer(trainer.model, s))
+    model, optimizer = optimizers.prepare(accelerator, trainer.model, s)
     trainer.model = model
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, s))
     step = 0
     if start is not None:
-        optimizer.load_state_dict(start.state["optimizer"])
+        optimizers.load_state(accelerator, model, optimizer, start.state["optimizer"])
         scheduler.load_state_dict(start.state["scheduler"])
         trainer.load_state_dict(start.state["engine"])
         checkpoint.set_rng_state(start.state["rng"])
@@ -193,6 +194,7 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
         if not lag:
             _check_finite(loss, step + 1)  # before the optimizer touches the weights
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -308,15 +310,16 @@ def _accumulate(trainer: Trainer, model: torch.nn.Module, accelerator: Any, s: S
 
 def _save(trainer: Trainer, accelerator: Any, optimizer: Any, scheduler: Any, stage_dir: Path,
           step: int, meta: dict[str, Any], hooks: Hooks | None) -> None:
+    weights, optimizer_state = optimizers.save_state(accelerator, trainer.model, optimizer)  # all processes
     if accelerator.is_main_process:
         state = {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "engine": trainer.state_dict(),
             "rng": checkpoint.rng_state(),
         }
         meta = {**meta, **getattr(trainer, "checkpoint_meta", {})}  # e.g. LoRA scaling
-        path = checkpoint.save(stage_dir, step, accelerator.unwrap_model(trainer.model), state, meta)
+        path = checkpoint.save(stage_dir, step, weights, state, meta)
         if hooks:
             hooks.on_checkpoint(step, path)
     accelerator.wait_for_everyone()

@@ -12,6 +12,12 @@ Design decisions:
   a global batch the GPUs can't split evenly is refused with the numbers.
 - A stage's budget is steps, or tokens turned into steps at the global batch
   and the sequence length.
+- Memory settings the fit search may choose run as chosen or are refused
+  here with a reason, never silently ignored (``_supported``): ``offload:
+  optimizer`` (AdamW on the host), ``sharding: zero1`` (optimizer state
+  sharded over processes) and ``zero2``/``zero3``/``fsdp`` (FSDP, GPUs only)
+  run; ``offload: parameters``, ``adamw_8bit`` and combining offload with
+  sharding are refused (``executor/optimizers.py`` says how each runs).
 """
 
 from __future__ import annotations
@@ -51,6 +57,9 @@ class StageSettings:
     eval_every: int
     seed: int
     activation_checkpointing: str = "none"  # none | selective | full
+    sharding: str = "none"  # none | ddp | zero1 | zero2 | zero3 | fsdp
+    offload: str = "none"  # none | optimizer
+    optimizer: str = "adamw"
 
     @property
     def global_batch(self) -> int:
@@ -133,27 +142,41 @@ def _batching(spec: PlanSpec, stage: StageSpec, world_size: int) -> tuple[int, i
     return micro, accum
 
 
-# training fields the executor can't honour yet: refused, never silently ignored
+# training fields the executor can't honour (yet): refused, never silently ignored
 NOT_YET = {
-    "sharding": ("none", "ddp"),
-    "offload": ("none",),
+    "sharding": ("none", "ddp", "zero1", "zero2", "zero3", "fsdp"),
+    "offload": ("none", "optimizer"),
     "optimizer": ("adamw",),
 }
+WHY_NOT = {
+    ("offload", "parameters"): "streaming the weights from host RAM layer by layer (FSDP's CPU offload) is not "
+                               "wired into the loop",
+    ("optimizer", "adamw_8bit"): "it needs bitsandbytes, which muse does not install",
+}
+FSDP_SHARDING = ("zero2", "zero3", "fsdp")
 
 
-def _supported(t: TrainingSpec) -> None:
+def _supported(t: TrainingSpec, cuda: bool) -> None:
     for name, accepted in NOT_YET.items():
         value = getattr(t, name)
         if value is not None and value not in accepted:
-            raise PlanError(f"training.{name} {value!r} is not supported by the executor yet; "
-                            f"use {' or '.join(accepted)}")
+            why = WHY_NOT.get((name, value))
+            raise PlanError(f"training.{name} {value!r} is not supported by the executor yet"
+                            + (f" ({why})" if why else "") + f"; use {' or '.join(accepted)}")
+    sharding, offload = t.sharding or "none", t.offload or "none"
+    if sharding in FSDP_SHARDING and not cuda:
+        raise PlanError(f"training.sharding {sharding!r} runs through FSDP, which needs GPUs; "
+                        "on CPU use none, ddp or zero1")
+    if offload != "none" and sharding not in ("none", "ddp"):
+        raise PlanError(f"training.offload {offload!r} with sharding {sharding!r} is not supported by the "
+                        "executor yet; offload the optimizer without sharding, or shard without offload")
 
 
 def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool = False,
             bf16: bool = False) -> StageSettings:
     """Concrete settings for ``stage`` on ``world_size`` processes (GPUs if ``cuda``)."""
     t = spec.training_for(stage)
-    _supported(t)
+    _supported(t, cuda)
     config = model_config(spec, stage)
     micro, accum = _batching(spec, stage, world_size)
     if stage.steps is not None:
@@ -179,6 +202,7 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
         eval_every=stage.eval_every or default_every,
         seed=t.seed,
         activation_checkpointing=t.activation_checkpointing or "none",
+        sharding=t.sharding or "none", offload=t.offload or "none", optimizer=t.optimizer or "adamw",
     )
 
 

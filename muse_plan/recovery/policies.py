@@ -66,8 +66,9 @@ def more_checkpointing(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite 
 def offload_optimizer(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
     from muse_plan.executor.settings import NOT_YET
 
-    if _t(spec, "offload", "none", stage) != "none" or "optimizer" not in NOT_YET["offload"]:
-        return None  # the executor can't offload yet: a rewrite it would refuse is no remedy
+    if (_t(spec, "offload", "none", stage) != "none" or "optimizer" not in NOT_YET["offload"]
+            or _t(spec, "sharding", "none", stage) not in ("none", "ddp")):
+        return None  # the executor offloads only unsharded AdamW: a rewrite it would refuse is no remedy
     return Rewrite({"offload": "optimizer"}, "offload none→optimizer")
 
 
