@@ -239,7 +239,7 @@ def test_growth_an_operator_cannot_make_is_refused(operator, changes, message) -
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"optimizer_state": "mapped"}, "'mapped' is not implemented"),
+    ({"operator": "ligo", "optimizer_state": "mapped"}, "'mapped' does not work with ligo"),
     ({"operator": "ligo", "function_preserving": True}, "ligo learns its operator"),
     ({"warp": 2}, "unknown growth option 'warp'"),
     ({"rope": "yarn"}, "growth rope 'yarn'"),

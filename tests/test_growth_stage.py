@@ -138,7 +138,7 @@ def test_ligo_in_a_plan_fits_its_operator_and_records_the_fit(cli, tmp_path, mus
 
 
 @pytest.mark.parametrize("grow_options, shape, message", [
-    ({"operator": "g_stack", "optimizer_state": "mapped"}, None, "optimizer_state 'mapped' is not implemented"),
+    ({"operator": "ligo", "optimizer_state": "mapped"}, None, "optimizer_state 'mapped' does not work with ligo"),
     ({"operator": "g_stack"}, {"layers": 4, "d_model": 64, "n_heads": 4},
      "g_stack grows depth only, but the width changes"),
     ({"operator": "net2net"}, None, "net2net grows width only, but layers change 2 → 4"),

@@ -36,6 +36,17 @@ function_preserving
             non-zero; this is the zero-init residual trick (ReZero, LoRA's B).
             Without the option every copy is a plain copy (G_stack as
             published), which changes the function.
+
+Optimizer moments (``optimizer_state: mapped``, ``deepen_moments``): AdamW's
+exp_avg, exp_avg_sq and step of block B'_l are those of its source block
+B_{sources[l]}, the same bookkeeping as the weights; the embedding's and the
+final norm's are kept. A copy computes what its source did on the same input,
+so the source's gradient history is the best estimate of the copy's. With
+``function_preserving`` the parameters the identity rewrite replaced (the
+zeroed projections, the connection maps set to the identity) get no moments:
+their values no longer relate to their source's, so AdamW starts them fresh
+(its per-parameter state begins at step 0 on the next step), while the
+untouched parameters of the same block keep the source's moments.
 """
 
 from __future__ import annotations
@@ -132,6 +143,31 @@ def deepen_state(state: State, sources: list[int], residual: str, function_prese
         seen.add(source)
         out.update({f"blocks.{layer}.{k}": v for k, v in block.items()})
     return out
+
+
+def rewritten_keys(block: State, residual: str, identity_logit: float = 20.0) -> set[str]:
+    """Names (inside a block) of the parameters ``identity_block`` replaces."""
+    out = identity_block(block, residual, identity_logit)
+    return {k for k, v in out.items() if v is not block[k]}
+
+
+def deepen_moments(moments: State, weights: State, sources: list[int], residual: str,
+                   function_preserving: bool, identity_logit: float = 20.0) -> State:
+    """One optimizer moment (exp_avg, exp_avg_sq or step, keyed by parameter name)
+    carried through the depth growth ``sources`` (see the module docstring);
+    ``weights`` is the small model's state, which names the rewritten parameters."""
+    grown = deepen_state(moments, sources, residual, function_preserving=False)
+    if not function_preserving:
+        return grown
+    block0 = {m.group(2): v for k, v in weights.items() if (m := _BLOCK.match(k)) and m.group(1) == "0"}
+    fresh = rewritten_keys(block0, residual, identity_logit)
+    seen: set[int] = set()
+    for layer, source in enumerate(sources):
+        if source in seen:
+            for name in fresh:
+                grown.pop(f"blocks.{layer}.{name}", None)
+        seen.add(source)
+    return grown
 
 
 def deepen(model: DecoderLM, n_layers: int, order: str = "stack", function_preserving: bool = False,

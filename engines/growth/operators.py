@@ -21,6 +21,13 @@ Design decisions:
   operator owns: ``norm_eps`` scaled by (D/D') after a width growth (what
   makes zero-initialised channels exact under RMSNorm, see ``width.py``) and
   the rotary settings of a context growth. ``grow`` asserts the shape.
+- ``MOMENT_MAPS`` carries AdamW's moments through the same operator
+  (``optimizer_state: mapped``): ``grow_moments`` takes and returns them keyed
+  by parameter name, {name: {"exp_avg", "exp_avg_sq", "step"}}; the
+  executor turns them into an optimizer's indices. A longer context changes
+  no parameter, so it changes no moment. LiGO has none: its grown weights are
+  learned mixtures of several small weights, and a mixture of moments is not
+  the moment of a mixture (``schedule.MAPPED`` lists who accepts ``mapped``).
 """
 
 from __future__ import annotations
@@ -35,9 +42,9 @@ from engines.architecture.config import ModelConfig
 from engines.architecture.model import DecoderLM
 from engines.growth import ligo
 from engines.growth.context import extend_context
-from engines.growth.depth import deepen
-from engines.growth.schedule import OPERATORS, GrowSettings, check_growth
-from engines.growth.width import widen
+from engines.growth.depth import deepen, deepen_moments, layer_sources
+from engines.growth.schedule import MAPPED, OPERATORS, GrowSettings, check_growth
+from engines.growth.width import widen, widen_moments, width_map, widened_config
 
 Batches = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 Autocast = Callable[[], AbstractContextManager]
@@ -89,6 +96,77 @@ GROWTH_OPERATORS: dict[str, GrowFn] = {
     "ligo": _ligo,
 }
 assert tuple(GROWTH_OPERATORS) == OPERATORS, "schedule.OPERATORS (torch-free) must list the registry"
+
+Moments = dict[str, dict[str, torch.Tensor]]  # parameter name → {"exp_avg", "exp_avg_sq", "step"}
+KINDS = {"exp_avg": 1, "exp_avg_sq": 2, "step": 0}  # AdamW's state → the power a gradient's factor takes
+
+
+def _split(moments: Moments) -> dict[str, dict[str, torch.Tensor]]:
+    """{name: {kind: t}} → {kind: {name: t}}."""
+    out: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in KINDS}
+    for name, state in moments.items():
+        for kind, value in state.items():
+            if kind not in KINDS:
+                raise ValueError(f"optimizer state {kind!r} of {name!r} is not AdamW's; mapped moments "
+                                 f"know {', '.join(KINDS)}")
+            out[kind][name] = value
+    return out
+
+
+def _join(by_kind: dict[str, dict[str, torch.Tensor]]) -> Moments:
+    out: Moments = {}
+    for kind, states in by_kind.items():
+        for name, value in states.items():
+            out.setdefault(name, {})[kind] = value
+    return {name: state for name, state in out.items() if set(state) == set(KINDS)}
+
+
+def _depth_moments(order: str) -> Callable[..., Moments]:
+    def mapped(moments: Moments, small: DecoderLM, target: ModelConfig, s: GrowSettings) -> Moments:
+        c = small.config
+        sources = layer_sources(c.n_layers, target.n_layers, order)
+        weights = small.state_dict()
+        return _join({kind: deepen_moments(t, weights, sources, c.residual, s.function_preserving,
+                                           s.identity_logit) for kind, t in _split(moments).items()})
+    return mapped
+
+
+def _width_moments(moments: Moments, small: DecoderLM, target: ModelConfig, s: GrowSettings) -> Moments:
+    config = widened_config(small.config, target)
+    m = width_map(small.config, config, s.symmetry_noise, s.seed)  # the weights' map: same seed, same copies
+    with torch.device("meta"):
+        shapes = DecoderLM(config).state_dict()
+    return _join({kind: widen_moments(t, KINDS[kind], shapes, m) for kind, t in _split(moments).items()})
+
+
+def _compound_moments(moments: Moments, small: DecoderLM, target: ModelConfig, s: GrowSettings) -> Moments:
+    wide = _width_moments(moments, small, target, s)
+    # the depth step reads only the small model's depth, residual mode and parameter names,
+    # which widening keeps
+    return _depth_moments("stack")(wide, small, target, s)
+
+
+MomentFn = Callable[[Moments, DecoderLM, ModelConfig, GrowSettings], Moments]
+
+# operator → how AdamW's moments go through it; ligo has none (see the docstring)
+MOMENT_MAPS: dict[str, MomentFn] = {
+    "g_stack": _depth_moments("stack"),
+    "layer_dup": _depth_moments("dup"),
+    "net2net": _width_moments,
+    "compound": _compound_moments,
+}
+assert frozenset(MOMENT_MAPS) == MAPPED, "schedule.MAPPED (torch-free) must list MOMENT_MAPS"
+
+
+def grow_moments(moments: Moments, small: DecoderLM, target: ModelConfig, settings: GrowSettings) -> Moments:
+    """AdamW's moments of ``small`` carried through ``settings.operator`` to ``target``'s
+    parameters, keyed by name; a parameter without moments (new, or rewritten by
+    the function-preserving option) is left out and starts fresh."""
+    if settings.operator not in MOMENT_MAPS:
+        raise ValueError(settings.mapped_refusal())
+    check_growth(settings.operator, small.config, target)
+    return MOMENT_MAPS[settings.operator](moments, small, target, settings)
+
 
 SHAPE = ("n_layers", "d_model", "n_heads", "kv_heads", "ffn_dim", "seq_len", "vocab_size", "residual", "n_streams")
 

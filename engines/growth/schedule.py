@@ -9,10 +9,13 @@ Design decisions:
   ``growth`` technique's options merged under the stage's own). Unknown keys
   and bad values raise ``ValueError`` naming what is accepted, so a plan
   fails when a run is checked, not after the small model has trained.
-- ``optimizer_state: mapped`` (AdamW moments carried through the operator)
-  is refused: the executor builds a fresh optimizer for every stage and has
-  no hook to start one from mapped moments. ``fresh`` is the default and
-  what G_stack and LiGO do (both restart the optimizer after growth).
+- ``optimizer_state``: ``fresh`` (the default, and what G_stack and LiGO
+  do: both restart the optimizer after growth) or ``mapped``: the small
+  stage's AdamW moments carried through the same operator (``MAPPED``: the
+  copying operators; ``operators.MOMENT_MAPS`` and the docstrings of
+  ``depth.py`` and ``width.py`` say how), written into the grow stage's
+  checkpoint and loaded by the continue stage into its new optimizer (its
+  own lr and schedule kept). LiGO refuses it: its operator is learned.
 - Which dimensions an operator may change: the depth operators (``g_stack``,
   ``layer_dup``) change layers only, ``net2net`` width only (d_model, heads,
   kv heads, MLP width) with the head size fixed — rotary frequencies depend on
@@ -45,6 +48,8 @@ from muse_plan.plan.shapes import Shape, swiglu_hidden
 OPERATORS: tuple[str, ...] = ("g_stack", "layer_dup", "net2net", "compound", "ligo")
 DEPTH = frozenset({"g_stack", "layer_dup", "compound", "ligo"})  # may change n_layers
 WIDTH = frozenset({"net2net", "compound", "ligo"})  # may change d_model, heads, d_ff
+MAPPED = frozenset({"g_stack", "layer_dup", "net2net", "compound"})  # carry AdamW's moments
+OPTIMIZER_STATES: tuple[str, ...] = ("fresh", "mapped")
 ROPE_SCALINGS: tuple[str, ...] = ("none", "linear", "ntk")
 # keys of the growth technique that concern other stages (planner, continue stage)
 _PLAN_KEYS = frozenset({"factor", "at_fraction", "rewarm_fraction"})
@@ -65,11 +70,11 @@ class GrowSettings:
     def __post_init__(self) -> None:
         if self.operator not in OPERATORS:
             raise ValueError(f"unknown growth operator {self.operator!r}; accepted: {', '.join(OPERATORS)}")
-        if self.optimizer_state == "mapped":
-            raise ValueError("growth optimizer_state 'mapped' is not implemented (AdamW moments are not carried "
-                             "through the operator; every stage starts a fresh optimizer); use 'fresh'")
-        if self.optimizer_state != "fresh":
-            raise ValueError(f"growth optimizer_state {self.optimizer_state!r}: accepted is 'fresh'")
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise ValueError(f"growth optimizer_state {self.optimizer_state!r}: accepted "
+                             f"{', '.join(OPTIMIZER_STATES)}")
+        if self.optimizer_state == "mapped" and self.operator not in MAPPED:
+            raise ValueError(self.mapped_refusal())
         if self.function_preserving and self.operator == "ligo":
             raise ValueError("ligo learns its operator and is not function-preserving; set function_preserving "
                              "to false, or use g_stack, layer_dup, net2net or compound")
@@ -80,6 +85,15 @@ class GrowSettings:
         if not isinstance(self.fit_steps, int) or self.fit_steps < 1 or self.fit_lr <= 0:
             raise ValueError(f"growth fit_steps must be a positive integer and fit_lr positive, "
                              f"got {self.fit_steps!r} and {self.fit_lr!r}")
+
+    def mapped_refusal(self) -> str:
+        return (f"growth optimizer_state 'mapped' does not work with {self.operator}: it learns its operator, "
+                f"and moments don't pass through a learned mixture of weights; use optimizer_state 'fresh', "
+                f"or one of {', '.join(o for o in OPERATORS if o in MAPPED)}")
+
+    @property
+    def mapped(self) -> bool:
+        return self.optimizer_state == "mapped"
 
     @property
     def symmetry_noise(self) -> float:

@@ -14,6 +14,10 @@ Design decisions:
   the loss the continue stage must first win back.
 - The grown model replaces ``trainer.model``, so the runner saves exactly
   the module it evaluated.
+- With ``optimizer_state: mapped`` the runner hands over the small stage's
+  AdamW moments keyed by parameter name and gets the grown model's back in
+  ``GrowReport.moments`` (``operators.grow_moments``); turning names into an
+  optimizer's indices is the executor's, which builds the optimizer.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 
 from engines.architecture.config import ModelConfig
 from engines.architecture.model import DecoderLM
-from engines.growth.operators import grow
+from engines.growth.operators import Moments, grow, grow_moments
 from engines.growth.schedule import grow_settings
 
 
@@ -34,6 +38,7 @@ from engines.growth.schedule import grow_settings
 class GrowReport:
     metrics: dict[str, float]
     summary: str  # one line for the run's event log
+    moments: Moments | None = None  # the grown model's AdamW moments by name (optimizer_state: mapped)
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -45,9 +50,12 @@ def _shape(c: ModelConfig) -> str:
 
 
 def grow_stage(trainer: Any, small_config: ModelConfig, load_small: Callable[[DecoderLM], None],
-               options: dict[str, Any], autocast: Callable[[], AbstractContextManager] = nullcontext) -> GrowReport:
+               options: dict[str, Any], autocast: Callable[[], AbstractContextManager] = nullcontext,
+               small_moments: Moments | None = None) -> GrowReport:
     """Grow the small model ``load_small`` fills into ``trainer.model``'s shape, in place
-    of ``trainer.model``; ``ValueError`` for options or shapes the operator refuses."""
+    of ``trainer.model``; ``ValueError`` for options or shapes the operator refuses.
+    ``small_moments``: the small model's AdamW moments by parameter name, mapped
+    through the operator when the options say ``optimizer_state: mapped``."""
     settings = grow_settings(options)
     target = trainer.model.config
     small = DecoderLM(small_config).to(trainer.model.tok_emb.weight.device)
@@ -58,6 +66,9 @@ def grow_stage(trainer: Any, small_config: ModelConfig, load_small: Callable[[De
         with autocast():
             metrics["val_loss_before_growth"] = trainer.evaluate()["val_loss"]
         trainer.model = grown_template
+    if settings.mapped and small_moments is None:
+        raise ValueError("growth optimizer_state 'mapped' needs the small stage's optimizer state")
+    moments = grow_moments(small_moments, small, target, settings) if settings.mapped else None
     grown = grow(small, target, settings, trainer.next_batch, autocast)
     grown.model.set_checkpointing(trainer.model.checkpointing)
     trainer.model = grown.model
@@ -70,6 +81,10 @@ def grow_stage(trainer: Any, small_config: ModelConfig, load_small: Callable[[De
     loss = f"val loss {before:.4f} → {metrics['val_loss']:.4f}" if before is not None else \
         f"val loss {metrics['val_loss']:.4f}"
     fitted = f"; operator fitted {len(grown.fit_losses)} steps" if grown.fit_losses else ""
+    carried = ""
+    if moments is not None:
+        carried = (f"; AdamW moments mapped for {len(moments)} of "
+                   f"{sum(1 for _ in grown.model.parameters())} parameter tensors")
     summary = (f"grew {_shape(small_config)}, {n_params(small):,} parameters → {_shape(target)}, "
-               f"{n_params(grown.model):,} parameters by {how}: {loss}{fitted}")
-    return GrowReport(metrics, summary)
+               f"{n_params(grown.model):,} parameters by {how}: {loss}{fitted}{carried}")
+    return GrowReport(metrics, summary, moments)

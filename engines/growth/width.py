@@ -34,6 +34,37 @@ noise              Copies of a unit get identical gradients forever, Adam or
                    not, unless something differs; ``noise`` adds
                    N(0, (noise·std W_in)²) to the copies' incoming weights
                    (Net2Net's symmetry breaking), which gives up exactness.
+
+Optimizer moments (``optimizer_state: mapped``, ``widen_moments``). AdamW's
+moments are running averages of gradients, so each is mapped by the rule that
+maps a gradient: if the small model had been the grown one all along, these
+are the moments it would have. The first moment m scales like a gradient, by
+a factor a; the second, v, by a². Per weight rule, with the function kept:
+  copied unit     a unit copied c times (itself included) has each copy's
+                  outgoing weights divided by c, so the next layer reads
+                  Σ copies W_out/c · h = W_out · h, and the gradient reaching
+                  each copy's activation is ∂L/∂h / c. Its incoming weights
+                  (q/k/v rows of a head, SwiGLU's gate and up rows) therefore
+                  get gradient/c: m/c, v/c². With grouped-query attention a
+                  key/value head copied c times serves query heads whose own
+                  counts are c·(its share of the group), and the sum over them
+                  is again gradient/c.
+  split outgoing  the divided columns W_out/c: their gradient is δ·hᵀ with h
+                  the unchanged activation, so it is the source's gradient,
+                  not /c: m and v are copied as they are.
+  ×r weights      a weight the operator multiplies by r (the norms' gains,
+                  the readers of a parameter-free RMS norm, mHC's φ) while the
+                  function stays the same function of w = w'/r has gradient
+                  ∂L/∂w' = ∂L/∂w / r: m/r, v/r².
+  stream          the old channels' gradients are unchanged (the new channels
+                  are 0 and the norms, as seen from the old channels, are the
+                  same functions), so readers' old columns and writers' old
+                  rows keep m and v; new channels and the fresh readers of
+                  them have no history: m = v = 0.
+``widen_moments`` maps with the weights' own ``WidthMap`` (same seed), so a
+copy takes its own source's moments; ``noise`` is not applied to moments.
+``test_growth_mapped.py`` checks the rules against the grown model's actual
+gradient on a batch, for every residual mode.
 """
 
 from __future__ import annotations
@@ -191,6 +222,52 @@ WIDTH_RULES: dict[str, Rule] = {
 }
 
 
+def _copy_rows_scaled(t: torch.Tensor, src: torch.Tensor, unit: int, power: int) -> torch.Tensor:
+    """Moments of incoming rows: unit i takes src[i]'s, times (1/copies)^power."""
+    n_small = t.shape[0] // unit
+    scale = (1.0 / _counts(src, n_small))[src].to(t.device, t.dtype) ** power  # (units',)
+    rows = t.view(n_small, unit, *t.shape[1:])[src] * scale.view(-1, *([1] * t.dim()))
+    return rows.reshape(len(src) * unit, *t.shape[1:])
+
+
+def _copy_cols(t: torch.Tensor, src: torch.Tensor, unit: int) -> torch.Tensor:
+    """Moments of outgoing columns: copied undivided (see the module docstring)."""
+    n_small = t.shape[1] // unit
+    return t.view(t.shape[0], n_small, unit)[:, src].reshape(t.shape[0], len(src) * unit)
+
+
+MomentRule = Callable[[torch.Tensor, torch.Tensor, WidthMap, int], torch.Tensor]
+
+
+def _scaled(rule: Rule, factor: Callable[[WidthMap], float]) -> MomentRule:
+    """A ×r weight rule for moments: the old entries × (1/r)^power, new ones 0."""
+    return lambda t, z, m, power: rule(t * (factor(m) ** -power / factor(m)), z, m)
+
+
+# parameter → how its moments widen (t: the moment, z: zeros of the grown shape,
+# power: 1 for exp_avg, 2 for exp_avg_sq); the rules above, for gradients
+MOMENT_RULES: dict[str, MomentRule] = {
+    "tok_emb.weight": lambda t, z, m, p: _writes_stream(t.t(), m).t(),
+    "lm_head.weight": lambda t, z, m, p: _writes_stream(t.t(), m).t(),
+    "attn.wq.weight": lambda t, z, m, p: _reads_stream(_copy_rows_scaled(t, m.q_src, m.head_dim, p), z, m),
+    "attn.wk.weight": lambda t, z, m, p: _reads_stream(_copy_rows_scaled(t, m.kv_src, m.head_dim, p), z, m),
+    "attn.wv.weight": lambda t, z, m, p: _reads_stream(_copy_rows_scaled(t, m.kv_src, m.head_dim, p), z, m),
+    "attn.wo.weight": lambda t, z, m, p: _writes_stream(_copy_cols(t, m.q_src, m.head_dim), m),
+    "mlp.w_gate.weight": lambda t, z, m, p: _reads_stream(_copy_rows_scaled(t, m.ff_src, 1, p), z, m),
+    "mlp.w_up.weight": lambda t, z, m, p: _reads_stream(_copy_rows_scaled(t, m.ff_src, 1, p), z, m),
+    "mlp.w_down.weight": lambda t, z, m, p: _writes_stream(_copy_cols(t, m.ff_src, 1), m),
+    "gate.w_v": lambda t, z, m, p: _reads_stream(t, z, m),
+}
+for _name, _rule in WIDTH_RULES.items():
+    if _name in MOMENT_RULES:
+        continue
+    if _rule is _keep:
+        MOMENT_RULES[_name] = lambda t, z, m, p: t.clone()
+    else:  # _gain, _rms_reader, _phi: weights × r, so gradients × 1/r
+        MOMENT_RULES[_name] = _scaled(_rule, lambda m: m.r)
+assert set(MOMENT_RULES) == set(WIDTH_RULES), "every width rule needs its moment rule"
+
+
 def _rule_name(key: str) -> str:
     m = _BLOCK.match(key)
     name = m.group(1) if m else key
@@ -206,6 +283,20 @@ def widen_state(state: State, fresh: State, m: WidthMap) -> State:
         if rule is None:
             raise KeyError(f"no width rule for parameter {key!r}; add one to WIDTH_RULES")
         out[key] = rule(value, fresh[key], m)
+    return out
+
+
+def widen_moments(moments: State, power: int, shapes: State, m: WidthMap) -> State:
+    """One optimizer moment (keyed by parameter name) widened: exp_avg with
+    ``power`` 1, exp_avg_sq with 2; ``shapes`` holds a tensor of each grown
+    parameter's shape (its values unused). Scalars (AdamW's step) are copied."""
+    out: State = {}
+    for key, value in moments.items():
+        if value.dim() == 0:
+            out[key] = value.clone()
+            continue
+        zeros = torch.zeros_like(shapes[key], dtype=value.dtype, device=value.device)
+        out[key] = MOMENT_RULES[_rule_name(key)](value, zeros, m, power)
     return out
 
 

@@ -149,17 +149,24 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
                 meta: dict[str, Any], hooks: Hooks | None,
                 start: checkpoint.Loaded | None = None, lag: bool | None = None,
                 watch: Any = None, injector: Injector | None = None,
-                skip_until: int | None = None) -> dict[str, float]:
+                skip_until: int | None = None,
+                initial_optimizer_state: dict[str, Any] | None = None) -> dict[str, float]:
     """Run ``s.steps`` optimizer steps (from ``start``'s step when resuming).
 
     ``trainer.setup`` has run and the weights to start from are loaded.
     ``lag``: read each step's numbers one step late (default: on a GPU).
+    ``initial_optimizer_state``: a full optimizer state to start from instead of
+    an empty one (growth's mapped AdamW moments, ``executor/grow.py``).
     Returns the last step's loss and the last evaluation's metrics; when the
     engine's stopping rule ends the stage early, ``stopped_at_step`` too (after
     that step's evaluation and checkpoint).
     """
     main = accelerator.is_main_process
     model, optimizer = optimizers.prepare(accelerator, trainer.model, s)
+    # growth with optimizer_state: mapped (executor/grow.py): the stage starts from the moments
+    # carried through the growth operator, not an empty state (its own lr and decay, set there)
+    if initial_optimizer_state is not None and start is None:
+        optimizers.load_state(accelerator, model, optimizer, initial_optimizer_state)
     trainer.model = model
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, s))
     step = 0

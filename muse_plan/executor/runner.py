@@ -349,8 +349,13 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
     if plateau_option(stage):  # end the stage at a loss plateau; the next (grow) stage starts there
 
         trainer = GrowOnPlateau(trainer, plateau_window(spec, stage), s.grad_accum)
+    # a stage after a growth with optimizer_state: mapped starts from the mapped moments
+    from muse_plan.executor.grow import mapped_optimizer_state
+
+    initial = None if start is not None else mapped_optimizer_state(spec, prepared, position, accelerator,
+                                                                    trainer.model, s)
     metrics = train_stage(trainer, s, accelerator, run_dir / stage.name, meta, hooks, start, watch=watch,
-                          injector=injector, skip_until=skip_until)
+                          injector=injector, skip_until=skip_until, initial_optimizer_state=initial)
     steps = int(metrics.pop("stopped_at_step", s.steps))  # the engine's stopping rule may end it early
     if steps < s.steps:
         _note(store, prepared, position, [f"stage {stage.name} stopped early at step {steps} of {s.steps}: "
