@@ -181,25 +181,104 @@ def test_a_bad_plateau_window_is_refused_before_a_run_exists(cli, tmp_path) -> N
     assert "grow_on_plateau must be true or a window of at least 2 steps, got 1" in result.output
 
 
+def shapes(shown: str) -> dict[str, str]:
+    """``muse plan show``'s shape cell of each stage, its lines joined with spaces."""
+    rows: dict[str, str] = {}
+    name = ""
+    table = shown[shown.index("\nstages"):shown.index("training settings")]
+    for line in table.splitlines():
+        cells = line.split("│")
+        if len(cells) < 6:
+            continue
+        if cells[1].strip():  # a new row: its number
+            name = cells[2].split()[0]
+            rows[name] = ""
+        if name and cells[5].strip():
+            rows[name] = (rows[name] + " " + cells[5].strip()).strip()
+    return rows
+
+
 def test_plan_show_prints_the_shape_of_each_growth_stage(cli, tmp_path) -> None:
-    data = {"name": "big", "model": {"scale": "125M", "seq_len": 256}, "techniques": {"growth": {"factor": 4}}}
+    data = {"name": "big", "model": {"scale": "125M", "seq_len": 256},
+            "techniques": {"growth": {"factor": 4, "small_seq_len": 64}}}
     (tmp_path / "big.yaml").write_text(yaml.safe_dump(data))
     assert cli("plan", "import", tmp_path / "big.yaml").exit_code == 0
-    shown = cli("plan", "show", "big", env={"COLUMNS": "200"})
+    shown = cli("plan", "show", "big")
     assert shown.exit_code == 0
-    rows = {line.split("│")[2].split()[0]: line.split("│")[-2].strip() for line in shown.output.splitlines()
-            if line.count("│") == 6 and line.split("│")[3].strip() in ("architecture", "growth")}
-    assert rows == {"pretrain_small": "3×768, 12h", "grow": "3×768, 12h → 12×768, 12h",
-                    "continue": "12×768, 12h"}
+    assert shapes(shown.output) == {"pretrain_small": "3×768, 12h, seq 64",
+                                    "grow": "3×768, 12h, seq 64 → 12×768, 12h, seq 256",
+                                    "continue": "12×768, 12h, seq 256"}
+    assert "rope=linear" in shown.output  # the grow stage's options say how the context grows
 
 
 def test_compound_growth_expands_into_two_growth_steps(cli, tmp_path) -> None:
-    data = {"name": "cg", "model": {"scale": "125M"}, "techniques": {"growth": {"operator": "compound"}}}
+    data = {"name": "cg", "model": {"scale": "125M", "seq_len": 2048},
+            "techniques": {"growth": {"operator": "compound", "small_seq_len": 512}}}
     (tmp_path / "cg.yaml").write_text(yaml.safe_dump(data))
     result = cli("plan", "import", tmp_path / "cg.yaml")
     assert result.exit_code == 0
-    shown = cli("plan", "show", "cg", env={"COLUMNS": "200"}).output
-    assert "6×384, 6h → 9×576, 9h" in shown and "9×576, 9h → 12×768, 12h" in shown
+    rows = shapes(cli("plan", "show", "cg").output)
+    # CompoundGrow's lengths double: 512 → 1024 → 2048
+    assert rows["grow_mid"] == "6×384, 6h, seq 512 → 9×576, 9h, seq 1024"
+    assert rows["grow"] == "9×576, 9h, seq 1024 → 12×768, 12h, seq 2048"
+
+
+@pytest.mark.parametrize("growth, message", [
+    ({"small_seq_len": 256}, "techniques.growth.small_seq_len 256 must be shorter than model.seq_len 256"),
+    ({"small_seq_len": 0}, "small_seq_len"),
+    ({"rope": "yarn"}, "rope"),
+])
+def test_a_bad_context_growth_option_is_one_line(cli, tmp_path, growth, message) -> None:
+    from conftest import one_error_line
+
+    data = {"name": "bad", "model": {"scale": "125M", "seq_len": 256}, "techniques": {"growth": growth}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+    one_error_line(cli("plan", "import", tmp_path / "bad.yaml"), message)
+
+
+def test_depth_and_context_growth_run_end_to_end(cli, tmp_path, muse_home) -> None:
+    """The small model trains at context 16, the grow stage stacks it and lengthens the
+    context to 32 by position interpolation, the continue stage trains the result."""
+    from muse_plan.executor.settings import model_config
+    from muse_plan.plan.io import spec_from_dict
+
+    stages = [dict(s) for s in PLAN["stages"]]
+    stages[0] = {**stages[0], "seq_len": 16}
+    stages[1] = {**stages[1], "options": {"operator": "g_stack", "function_preserving": True, "rope": "linear"}}
+    assert cli("plan", "import", write(tmp_path, stages=stages)).exit_code == 0
+    assert shapes(cli("plan", "show", "grow").output)["grow"] == "2×32, 2h, seq 16 → 4×32, 2h, seq 32"
+    result = cli("plan", "run", "grow")
+    assert result.exit_code == 0, result.output
+    grew = next(m for m in messages(1) if m.startswith("grew "))
+    assert "context 16" in grew and "→ 4×32 (2 heads, MLP 128, context 32)" in grew
+    assert series(1, "val_loss_before_growth", 1) == []  # another context: no like-for-like loss before
+    spec = spec_from_dict(yaml.safe_load(write(tmp_path, stages=stages).read_text()))
+    small, cont = model_config(spec, spec.stages[0]), model_config(spec, spec.stages[2])
+    assert (small.seq_len, small.rope_scale) == (16, 1.0)
+    assert (cont.seq_len, cont.rope_scale) == (32, 2.0)  # the continue stage trains what was grown
+    small_end, continued = series(1, "loss", 0), series(1, "loss", 2)
+    assert continued[0][1] < math.log(260) - 1.0  # the grown weights, not a fresh model
+    assert all(math.isfinite(v) for _, v in continued)
+    assert len(small_end) == 30
+
+
+def test_the_rotary_settings_follow_the_weights_through_a_context_growth() -> None:
+    from muse_plan.executor.settings import model_config
+    from muse_plan.plan.io import spec_from_dict
+
+    stages = [{"name": "small", "kind": "pretrain", "steps": 1, "seq_len": 16},
+              {"name": "grow", "kind": "grow", "options": {"operator": "g_stack", "rope": "ntk"}},
+              {"name": "continue", "kind": "continue", "steps": 1},
+              {"name": "sft", "kind": "finetune", "steps": 1},
+              {"name": "other", "kind": "pretrain", "steps": 1, "from_stage": "small"}]
+    spec = spec_from_dict({**PLAN, "stages": stages})
+    c = {s.name: model_config(spec, s) for s in spec.stages}
+    head = c["small"].head_dim
+    theta = 10000.0 * 2 ** (head / (head - 2))  # NTK: θ·s^(d/(d−2)), s = 32/16
+    assert c["small"].rope_theta == 10000.0 and c["other"].rope_theta == 10000.0
+    assert c["grow"].rope_theta == pytest.approx(theta) and c["continue"].rope_theta == pytest.approx(theta)
+    assert c["sft"].rope_theta == pytest.approx(theta)  # a later stage trains the same weights
+    assert {x.rope_scale for x in c.values()} == {1.0}
 
 
 def test_grown_weights_load_into_the_plans_model() -> None:

@@ -15,15 +15,27 @@ linear   position interpolation (Chen et al., 2023, "Extending Context Window
 ntk      "NTK-aware" scaling (bloc97, 2023): θ' = θ·s^(d/(d−2)) with s = T'/T
          stretches the low frequencies most and leaves the highest nearly
          as trained.
+
+In a plan the small stage trains at ``stage.seq_len`` (the growth technique's
+``small_seq_len``) and the grow stage lengthens the context to its own. The
+rotary settings are not parameters (the angles are a non-persistent buffer),
+so a stage that trains the grown weights must be built with them:
+``schedule.grown_rope`` walks a stage's lineage through its grow stages and
+gives every later stage the settings its weights were grown into.
+
+This module's config half is torch-free (the planner's side uses it); only
+``extend_context`` builds a model.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from engines.architecture.config import ModelConfig
-from engines.architecture.model import DecoderLM
+
+if TYPE_CHECKING:
+    from engines.architecture.model import DecoderLM
 
 
 def _none(c: ModelConfig, seq_len: int) -> ModelConfig:
@@ -56,6 +68,8 @@ def extended_config(config: ModelConfig, seq_len: int, rope: str = "linear") -> 
 
 def extend_context(model: DecoderLM, seq_len: int, rope: str = "linear") -> DecoderLM:
     """``model`` with a ``seq_len`` context: a new model holding a copy of the weights."""
+    from engines.architecture.model import DecoderLM
+
     config = extended_config(model.config, seq_len, rope)
     if config == model.config:
         return model

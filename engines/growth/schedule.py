@@ -33,17 +33,26 @@ Design decisions:
   text here, so muse does not use it.
   The planner uses ``at_fraction`` (SEEDS.md: growth 20–30% into training),
   also because toy budgets lie far outside the range the rule was fitted on.
+- Sequence length: a growth may lengthen the context (``check_growth``), in
+  a plan through the technique's ``small_seq_len`` (the small stage trains
+  at it; the planner's concern, a plan key here). The rotary settings are
+  the operator's (``rope``: none | linear | ntk, ``context.py``), so the
+  target's ``rope_theta`` is not compared with the small model's, and
+  ``grown_rope`` gives each stage the settings its weights were grown into.
 - After growth the learning rate re-warms over ``rewarm_fraction`` of the
   continue stage's steps (SEEDS.md: 1–2%), replacing the stage's warmup.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, Literal
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 from engines.architecture.config import ModelConfig
 from muse_plan.plan.shapes import Shape, swiglu_hidden
+
+if TYPE_CHECKING:
+    from muse_plan.plan.spec import PlanSpec, StageSpec
 
 OPERATORS: tuple[str, ...] = ("g_stack", "layer_dup", "net2net", "compound", "ligo")
 DEPTH = frozenset({"g_stack", "layer_dup", "compound", "ligo"})  # may change n_layers
@@ -52,7 +61,7 @@ MAPPED = frozenset({"g_stack", "layer_dup", "net2net", "compound"})  # carry Ada
 OPTIMIZER_STATES: tuple[str, ...] = ("fresh", "mapped")
 ROPE_SCALINGS: tuple[str, ...] = ("none", "linear", "ntk")
 # keys of the growth technique that concern other stages (planner, continue stage)
-_PLAN_KEYS = frozenset({"factor", "at_fraction", "rewarm_fraction"})
+_PLAN_KEYS = frozenset({"factor", "at_fraction", "rewarm_fraction", "small_seq_len"})
 
 
 @dataclass(frozen=True)
@@ -125,7 +134,7 @@ def check_growth(operator: str, small: ModelConfig, big: ModelConfig) -> None:
     """Refuse a growth the operator can't make, saying which dimension is wrong."""
     if operator not in OPERATORS:
         raise ValueError(f"unknown growth operator {operator!r}; accepted: {', '.join(OPERATORS)}")
-    fixed = ("vocab_size", "residual", "n_streams", "rope_theta")
+    fixed = ("vocab_size", "residual", "n_streams")
     for name in fixed:
         if getattr(small, name) != getattr(big, name):
             raise ValueError(f"growth keeps {name}: the small model has {getattr(small, name)!r}, "
@@ -166,3 +175,37 @@ def compound_shapes(small: Shape, target: Shape, steps: int = 2) -> list[Shape]:
 def rewarm_steps(steps: int, fraction: float) -> int:
     """Warmup steps after growth: ``fraction`` of the stage, at least one."""
     return max(1, round(steps * fraction))
+
+
+def _lineage(spec: PlanSpec, stage: StageSpec) -> list[StageSpec]:
+    """The stages whose weights lead to ``stage``'s, first to last (``from_stage``, else the one before)."""
+    names = [s.name for s in spec.stages]
+    chain, position = [], names.index(stage.name) if stage.name in names else None
+    current: StageSpec | None = stage
+    while current is not None and position is not None and len(chain) <= len(names):
+        chain.append(current)
+        previous = current.from_stage or (names[position - 1] if position else None)
+        position = names.index(previous) if previous in names else None
+        current = spec.stages[position] if position is not None else None
+    return chain[::-1]
+
+
+def grown_rope(spec: PlanSpec, stage: StageSpec, config: ModelConfig) -> ModelConfig:
+    """``config`` (``stage``'s model, default rotary settings) with the rotary settings
+    its weights were grown into: every grow stage on the way that lengthens the
+    context applies its ``rope`` scaling (``context.ROPE_SCALINGS``); any other
+    stage keeps what its source had. ``ValueError`` for an unknown ``rope``."""
+    from engines.growth.context import extended_config
+
+    growth = spec.techniques.growth
+    chain = _lineage(spec, stage)
+    if not chain:  # a stage outside the plan's list has no lineage
+        return config
+    seq = [s.seq_len or spec.model.seq_len for s in chain]
+    current = replace(config, seq_len=seq[0])
+    for s, length in zip(chain[1:], seq[1:]):
+        if s.engine == "growth" and length > current.seq_len:
+            rope = s.options.get("rope", growth.rope if growth is not None else "linear")
+            current = extended_config(current, length, rope)
+        current = replace(current, seq_len=length)
+    return replace(config, rope_theta=current.rope_theta, rope_scale=current.rope_scale)

@@ -13,7 +13,8 @@ Design decisions:
   the ε of width growth, see ``width.py``), for G_stack and LiGO the gap is
   the loss the continue stage must first win back.
 - The grown model replaces ``trainer.model``, so the runner saves exactly
-  the module it evaluated.
+  the module it evaluated. Its rotary settings must be those the plan builds
+  the stages after it with (``schedule.grown_rope``); a mismatch is refused.
 - With ``optimizer_state: mapped`` the runner hands over the small stage's
   AdamW moments keyed by parameter name and gets the grown model's back in
   ``GrowReport.moments`` (``operators.grow_moments``); turning names into an
@@ -70,6 +71,10 @@ def grow_stage(trainer: Any, small_config: ModelConfig, load_small: Callable[[De
         raise ValueError("growth optimizer_state 'mapped' needs the small stage's optimizer state")
     moments = grow_moments(small_moments, small, target, settings) if settings.mapped else None
     grown = grow(small, target, settings, trainer.next_batch, autocast)
+    rope = (grown.model.config.rope_theta, grown.model.config.rope_scale)
+    if rope != (target.rope_theta, target.rope_scale):  # what the stages after this one are built with
+        raise ValueError(f"the grown model's rotary settings (theta {rope[0]:g}, scale {rope[1]:g}) are not the "
+                         f"stage's (theta {target.rope_theta:g}, scale {target.rope_scale:g})")
     grown.model.set_checkpointing(trainer.model.checkpointing)
     trainer.model = grown.model
     with autocast():

@@ -102,10 +102,10 @@ def _budget(stage: StageSpec) -> str:
 
 
 def _shape(spec: PlanSpec, stage: StageSpec) -> str:
-    """layers×d_model and heads of the decoder a stage trains (or grows to)."""
+    """layers×d_model, heads and context of the decoder a stage trains (or grows to)."""
     given = stage.shape or spec.model.shape
     shape = given.resolved() if given is not None else spec.model.resolved_shape()
-    return f"{shape.layers}×{shape.d_model}, {shape.n_heads}h"
+    return f"{shape.layers}×{shape.d_model}, {shape.n_heads}h, seq {stage.seq_len or spec.model.seq_len}"
 
 
 def stages_table(spec: PlanSpec) -> Table:
@@ -122,7 +122,7 @@ def stages_table(spec: PlanSpec) -> Table:
     for i, stage in enumerate(spec.stages, 1):
         shapes[stage.name] = shape = _shape(spec, stage)
         grown_from = shapes.get(stage.from_stage or previous) if stage.engine == "growth" else None
-        shape_text = f"{grown_from} → {shape}" if grown_from else shape
+        shape_text = f"{grown_from} →\n{shape}" if grown_from else shape  # two lines: the names keep room
         name = Text(stage.name, style="bold")
         if stage.kind != stage.name:
             name.append(f" ({stage.kind})")

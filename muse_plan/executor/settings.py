@@ -72,7 +72,9 @@ class StageSettings:
 
 def decoder_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
     """The decoder shape a stage trains, whatever the family: the stage's shape,
-    else the plan's, else the scale's; residual options from the techniques.
+    else the plan's, else the scale's; residual options from the techniques; the
+    stage's context (``seq_len``, else the plan's) with the rotary settings a
+    context growth before it chose.
     The optimizer prices every stage with it; ``ValueError`` on a bad shape."""
     m = spec.model
     given = stage.shape or m.shape
@@ -84,7 +86,11 @@ def decoder_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
         extra.update(streams=mixing.streams, sinkhorn_iters=mixing.sinkhorn_iters)
     if t.geometric_scaling is not None:
         extra["beta_max"] = t.geometric_scaling.beta_max
-    return ModelConfig.from_shape(shape, m.vocab_size, m.seq_len, residual=m.residual or "standard", **extra)
+    config = ModelConfig.from_shape(shape, m.vocab_size, stage.seq_len or m.seq_len,
+                                    residual=m.residual or "standard", **extra)
+    from engines.growth.schedule import grown_rope  # torch-free
+
+    return grown_rope(spec, stage, config)  # a stage after a context growth: the rotary scaling it grew into
 
 
 # engine -> the technique whose options its stages read (grpo stages: the

@@ -14,6 +14,7 @@ turns budgets into predicted time against the timeline.
 
 from __future__ import annotations
 
+from muse_plan.errors import PlanError
 from muse_plan.plan import units
 from muse_plan.plan.shapes import Shape
 from muse_plan.plan.spec import ModelShape, PlanSpec, StageSpec, required_residual
@@ -75,33 +76,49 @@ def small_shape(shape: Shape, growth: GrowthOptions) -> ModelShape:
     return ModelShape(layers=layers, d_model=d_model, n_heads=heads)
 
 
+def small_seq_len(spec: PlanSpec, growth: GrowthOptions) -> int | None:
+    """The small stage's context, or None (the plan's); a plan error unless shorter."""
+    short = growth.small_seq_len
+    if short is not None and short >= spec.model.seq_len:
+        raise PlanError(f"techniques.growth.small_seq_len {short} must be shorter than model.seq_len "
+                        f"{spec.model.seq_len} (the grow stage extends the context to it)")
+    return short
+
+
 def growth_stages(spec: PlanSpec, growth: GrowthOptions) -> list[StageSpec]:
+    """small pretrain → grow → continue; CompoundGrow grows twice through a middle
+    shape (and, with ``small_seq_len``, a middle context: the geometric mean, as
+    Gu et al. double the length at each step, 128 → 256 → 512)."""
     target = spec.model.resolved_shape()
     small = small_shape(target, growth)
+    short = small_seq_len(spec, growth)
     grow_options = {
         "operator": growth.operator,
         "factor": growth.factor,
         "function_preserving": growth.function_preserving,
         "optimizer_state": growth.optimizer_state,
     }
+    if short is not None:
+        grow_options["rope"] = growth.rope
     rewarm = {"rewarm_fraction": growth.rewarm_fraction}
     if growth.operator == "compound":  # CompoundGrow: two growth steps through a middle shape
         from engines.growth.schedule import compound_shapes
 
         mid = compound_shapes(small.resolved(), target, steps=2)[1]
         middle = ModelShape(layers=mid.layers, d_model=mid.d_model, n_heads=mid.n_heads)
+        mid_seq = None if short is None else round((short * spec.model.seq_len) ** 0.5)
         return [
-            StageSpec(name="pretrain_small", kind="pretrain", shape=small,
+            StageSpec(name="pretrain_small", kind="pretrain", shape=small, seq_len=short,
                       tokens=_pretrain_tokens(spec, growth.at_fraction / 2)),
-            StageSpec(name="grow_mid", kind="grow", shape=middle, options=grow_options),
-            StageSpec(name="continue_mid", kind="continue", shape=middle,
+            StageSpec(name="grow_mid", kind="grow", shape=middle, seq_len=mid_seq, options=grow_options),
+            StageSpec(name="continue_mid", kind="continue", shape=middle, seq_len=mid_seq,
                       tokens=_pretrain_tokens(spec, growth.at_fraction / 2), options=rewarm),
             StageSpec(name="grow", kind="grow", options=grow_options),
             StageSpec(name="continue", kind="continue", tokens=_pretrain_tokens(spec, 1 - growth.at_fraction),
                       options=rewarm),
         ]
     return [
-        StageSpec(name="pretrain_small", kind="pretrain", shape=small,
+        StageSpec(name="pretrain_small", kind="pretrain", shape=small, seq_len=short,
                   tokens=_pretrain_tokens(spec, growth.at_fraction)),
         StageSpec(name="grow", kind="grow", options=grow_options),
         StageSpec(name="continue", kind="continue", tokens=_pretrain_tokens(spec, 1 - growth.at_fraction),

@@ -220,6 +220,7 @@ class StageSpec(Frozen):
     checkpoint_every: PositiveInt | None = None
     eval_every: PositiveInt | None = None
     shape: ModelShape | None = Field(None, description="shape trained here when not the plan's")
+    seq_len: PositiveInt | None = Field(None, description="context trained here when not model.seq_len (growth)")
     from_stage: str | None = Field(None, description="stage whose result starts this one; default the previous")
     training: TrainingSpec | None = Field(
         None, description="this stage's own training settings (e.g. a lower lr for RL), over the plan's")

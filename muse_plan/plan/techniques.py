@@ -79,7 +79,8 @@ class GeometricScalingOptions(Options):
 
 
 class GrowthOptions(Options):
-    """Train small, grow, continue (G_stack, Net2Net, CompoundGrow, LiGO)."""
+    """Train small, grow, continue (G_stack, Net2Net, CompoundGrow, LiGO); with
+    ``small_seq_len`` the small stage also trains at a shorter context."""
 
     operator: Literal["g_stack", "layer_dup", "net2net", "compound", "ligo"] = "g_stack"
     factor: PositiveInt = Field(4, description="G_stack recommends a growth factor g = 4")
@@ -87,6 +88,10 @@ class GrowthOptions(Options):
     function_preserving: bool = False
     optimizer_state: Literal["fresh", "mapped"] = "fresh"
     rewarm_fraction: float = Field(0.02, ge=0, lt=1, description="LR re-warmup, share of the continue stage")
+    small_seq_len: PositiveInt | None = Field(
+        None, description="context the small stage trains at; the grow stage extends it to model.seq_len")
+    rope: Literal["none", "linear", "ntk"] = Field(
+        "linear", description="rotary scaling when the context grows: position interpolation, NTK, or none")
 
 
 class RkdoOptions(Options):
