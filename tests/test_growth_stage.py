@@ -304,3 +304,61 @@ def test_planning_and_showing_growth_imports_no_torch(tmp_path) -> None:
                 ["plan", "edit", "cg", "--set", "techniques.growth.operator=compound", "--replan"],
                 ["plan", "show", "cg"]]
     assert heavy_imports(tmp_path, commands) == "none"
+
+
+def test_the_growth_path_predicts_its_time_and_flops_against_training_from_scratch() -> None:
+    """The optimizer's growth alternative: its pretraining's FLOPs are the small stage's plus
+    the continue stage's, 6N + 12·L·d·T per token each; from scratch is the target on as many
+    tokens, timed like the largest-from-scratch alternative (same model, same hardware)."""
+    from engines.architecture.config import param_count
+    from muse_plan.executor.settings import decoder_config
+    from muse_plan.optimizer import fit as fitting
+    from muse_plan.optimizer.alternatives import growth_saving
+    from muse_plan.plan.io import spec_from_dict
+    from muse_plan.plan.planner import complete
+    from muse_plan.plan.units import approx_duration, parse_scale
+    from test_fit import HOST
+
+    spec = complete(spec_from_dict({"name": "big", "model": {"scale": "10B", "residual": "standard", "seq_len": 1024},
+                                    "compute": "1xRTX3080-8GB", "timeline": "7days"}))
+    hw = fitting.hardware_for(spec, host=HOST)
+    result = fitting.fit(spec, hw)
+    assert result.verdict == "does_not_fit"
+    growth = next(a for a in result.alternatives if a.title.startswith("a growth path to "))
+    largest = next(a for a in result.alternatives if a.title.startswith("the largest model trainable"))
+    alt, chosen = growth.spec, growth.result.chosen.settings
+    assert [s.kind for s in alt.stages] == ["pretrain", "grow", "continue"]
+    batch = chosen.micro_batch * chosen.grad_accum * hw.processes
+    tokens, flops = 0, 0.0
+    for stage in (alt.stages[0], alt.stages[2]):
+        c = decoder_config(alt, stage)
+        stage_tokens = math.ceil(parse_scale(stage.tokens) / (batch * c.seq_len)) * batch * c.seq_len
+        tokens += stage_tokens
+        flops += stage_tokens * (6 * param_count(c) + 12 * c.n_layers * c.d_model * c.seq_len)
+    target = decoder_config(alt, alt.stages[2])
+    saving = growth_saving(alt, growth.result, hw)
+    assert saving.tokens == tokens
+    assert saving.growth_flops == pytest.approx(flops, rel=1e-12)
+    assert saving.scratch_flops == pytest.approx(
+        tokens * (6 * param_count(target) + 12 * target.n_layers * target.d_model * target.seq_len), rel=1e-12)
+    assert alt.stages[0].shape.layers == target.n_layers // 4  # G_stack's g = 4: a quarter of the depth
+    assert 0 < saving.flops_saved < 0.75 * 0.75  # a quarter of the depth for a quarter of the tokens, at most
+    scratch_tokens = 20 * largest.spec.model.n_params_nominal  # the same model and hardware, other tokens
+    assert saving.scratch_s == pytest.approx(largest.result.eta.total_s * tokens / scratch_tokens, rel=0.01)
+    assert saving.growth_s == pytest.approx(sum(s for name, s in growth.result.eta.per_stage
+                                                if name in ("pretrain_small", "continue")))
+    assert 0 < saving.time_saved < 1
+    detail = growth.detail
+    assert f"its pretraining: {approx_duration(saving.growth_s)} and {saving.growth_flops:.2e}".replace("e+", "e") \
+        in detail
+    assert f"against {approx_duration(saving.scratch_s)}" in detail
+    assert f"({saving.time_saved:.0%} less time, {saving.flops_saved:.0%} fewer FLOPs)" in detail
+
+
+def test_a_growth_path_whose_target_does_not_fit_from_scratch_compares_flops_only() -> None:
+    from muse_plan.optimizer.alternatives import GrowthSaving, _describe_saving
+
+    text = _describe_saving(GrowthSaving(tokens=2e9, growth_flops=6e18, scratch_flops=8e18, growth_s=7200,
+                                         scratch_s=None))
+    assert text == ("its pretraining: 2.0 h and 6.00e18 FLOPs; from scratch the target does not fit here, and "
+                    "2B tokens of it would cost 8.00e18 FLOPs (25% fewer FLOPs by growth)")
