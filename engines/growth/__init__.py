@@ -6,8 +6,9 @@ CompoundGrow's shapes, G_stack's timing rule, the re-warmup), ``depth``
 (G_stack stacking, layer duplication, identity new blocks for every residual
 mode), ``width`` (Net2Net widening of the stream, heads and MLP),
 ``context`` (longer context, rotary scaling), ``ligo`` (the learned linear
-growth operator), ``operators`` (the ``GROWTH_OPERATORS`` registry and
-``grow``) and ``stage`` (what the runner's grow stage calls).
+growth operator), ``operators`` (the ``GROWTH_OPERATORS`` registry,
+``grow``, and ``MOMENT_MAPS``: AdamW's moments through the same operators for
+``optimizer_state: mapped``) and ``stage`` (what the runner's grow stage calls).
 
 Importing this package imports no torch; the torch-backed names load on
 first access, so the planner can use ``schedule`` from the CLI.

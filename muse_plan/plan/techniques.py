@@ -86,7 +86,8 @@ class GrowthOptions(Options):
     factor: PositiveInt = Field(4, description="G_stack recommends a growth factor g = 4")
     at_fraction: float = Field(0.25, gt=0, lt=1, description="share of the token budget spent small")
     function_preserving: bool = False
-    optimizer_state: Literal["fresh", "mapped"] = "fresh"
+    optimizer_state: Literal["fresh", "mapped"] = Field(
+        "fresh", description="mapped: the small stage's AdamW moments carried through the operator (not ligo)")
     rewarm_fraction: float = Field(0.02, ge=0, lt=1, description="LR re-warmup, share of the continue stage")
     small_seq_len: PositiveInt | None = Field(
         None, description="context the small stage trains at; the grow stage extends it to model.seq_len")
