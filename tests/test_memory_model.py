@@ -337,7 +337,9 @@ def test_zero3_gathers_one_layer_in_transient():
 def test_offload_moves_bytes_to_host():
     plain = _estimate()
     opt = _estimate(offload="optimizer")
-    assert (opt.optimizer, opt.host, opt.weights) == (0, 8 * P, 4 * P)
+    # the moments, HostAdamW's fp32 master and its gradient buffer; the device keeps weights and gradients
+    assert (opt.optimizer, opt.host, opt.weights, opt.gradients) == (0, 8 * P + 4 * P + 4 * P, 4 * P, 4 * P)
+    assert opt.transient <= plain.transient  # no foreach temporaries on the device
     params = _estimate(offload="parameters")
     layer = 4 * (4 * 64 * 64 + 3 * 64 * 192 + 2 * 64)
     assert (params.optimizer, params.weights, params.host) == (0, layer, 8 * P + 4 * P)

@@ -262,3 +262,31 @@ def test_the_oom_ladder_offers_offload_where_the_executor_runs_it() -> None:
     assert rewrite.training == {"offload": "optimizer"} and new.training.offload == "optimizer"
     sharded = plan(micro_batch=1, activation_checkpointing="full", sharding="zero1")
     assert next_rewrite(sharded, sharded.stage("pretrain"), "oom", 0, 2) is None  # refused combined
+
+
+def test_muse_plan_run_runs_a_plan_that_offloads_and_refuses_fsdp_on_cpu(cli, tmp_path) -> None:
+    import yaml
+
+    from muse_plan.store import runs
+    from muse_plan.store.db import Store
+
+    data = {"name": "offloaded", "compute": "cpu",
+            "model": {"scale": "1M", "seq_len": 32, "vocab_size": 260,
+                      "shape": {"layers": 2, "d_model": 32, "n_heads": 2}},
+            "training": {"micro_batch": 4, "lr": 0.01, "offload": "optimizer"},
+            "stages": [{"name": "pretrain", "kind": "pretrain", "steps": 6}]}
+    path = tmp_path / "offloaded.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert cli("plan", "import", path).exit_code == 0
+    result = cli("plan", "run", "offloaded")
+    assert result.exit_code == 0, result.output
+    with Store().read() as session:
+        run = runs.get_run(session, 1)
+        series = runs.metric_series(session, 1, "loss", runs.stage_runs(session, run)[0].id)
+    assert run.status == "completed" and len(series) == 6 and series[-1][1] < series[0][1]
+    data = {**data, "name": "sharded", "training": {"micro_batch": 4, "sharding": "zero3"}}
+    path.write_text(yaml.safe_dump(data))
+    assert cli("plan", "import", path).exit_code == 0
+    result = cli("plan", "run", "sharded")
+    assert result.exit_code == 2
+    assert "training.sharding 'zero3' runs through FSDP, which needs GPUs" in result.output

@@ -85,7 +85,12 @@ def is_fsdp(accelerator: Any) -> bool:
 
 
 def prepare(accelerator: Any, model: torch.nn.Module, s: StageSettings) -> tuple[Any, Any]:
-    """The model and its optimizer, prepared (wrapped for DDP/FSDP, on the device)."""
+    """The model and its optimizer, prepared (wrapped for DDP/FSDP, on the device).
+
+    The Accelerator first lets go of what an earlier stage (or an earlier try of
+    this one) prepared: its memory, and FSDP's ``clip_grad_norm_``, which looks
+    for the model among every model it holds, fails on finding others."""
+    accelerator.free_memory()
     if s.sharding == "zero1" and accelerator.num_processes > 1:
         model = accelerator.prepare(model)
         optimizer = make_optimizer(accelerator.unwrap_model(model), s, shard=True)

@@ -56,8 +56,13 @@ Terms, per process (P: parameters of ``DecoderLM``, ``param_count``):
 
 Sharding (``world_size`` processes): zero1 divides the optimizer state,
 zero2 also the gradients, zero3/fsdp also the weights. Offload ``optimizer``
-moves the optimizer state to ``host``; ``parameters`` moves the weights and
-the optimizer state, keeping one layer's weights on the device.
+is the executor's ``HostAdamW`` (``executor/optimizers.py``): the host holds
+the optimizer state, an fp32 master copy of every parameter it steps and a
+fp32 buffer its gradient is copied into (4 + 4 B each beside the state); the
+device keeps the fp32 weights autocast reads and the gradients, and its step
+builds no temporaries there. ``parameters`` moves the weights and the
+optimizer state, keeping one layer's weights on the device (priced for the
+fit; the executor does not run it yet).
 
 Checked on an H200 (PyTorch 2.11): over 14 runs of 125M-1.3B models (every
 residual mode, each checkpointing, fp32 and bf16, accumulation 1 and 2, the
@@ -278,6 +283,8 @@ def estimate(cfg: TrainConfig, *, device: str = "cuda") -> MemoryBreakdown:
     host = 0
     if cfg.offload in ("optimizer", "parameters"):
         host, optimizer = optimizer, 0
+    if cfg.offload == "optimizer":  # HostAdamW's fp32 master and gradient buffer
+        host += 2 * FP32 * stepped
     if cfg.offload == "parameters":
         host += weights
         weights = min(weights, _layer_weights(cfg))
