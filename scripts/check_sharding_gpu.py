@@ -15,7 +15,13 @@ fell, the largest difference between the resumed and the uninterrupted losses
 (and final weights), ``torch.cuda.max_memory_allocated`` of the first run and
 ``muse_plan.optimizer.memory.estimate``'s prediction (its total without the
 CUDA context and fragmentation allowance, which max_memory_allocated does not
-see, and its ``host`` term). Exit status 1 when any setting failed a check.
+see, and its ``host`` term). ``allocated_before_gib`` is what an earlier
+setting left allocated when this one started (it is inside the peak): for a
+clean peak, check one setting a launch (``--only zero3``). A resume counts
+as continuing exactly when its losses match to 1e-4 and its final weights to
+1e-5 (on an H200 the losses matched exactly and the weights to < 5e-7: GPU
+kernels may round differently run to run). Exit status 1 when any setting
+failed a check.
 """
 
 from __future__ import annotations
@@ -151,7 +157,8 @@ def check(name: str, training: dict, args: argparse.Namespace, world: int, accel
             "predicted": {k: round(v / GiB, 3) for k, v in predicted.items()},
             "seconds_first_run": round(seconds, 1),
         }
-        row["ok"] = row["loss_fell"] and loss_gap < 1e-3 and weight_gap < 1e-3
+        # GPU kernels (atomics in the embedding's backward) may round differently run to run
+        row["ok"] = row["loss_fell"] and loss_gap < 1e-4 and weight_gap < 1e-5
         print(json.dumps(row), flush=True)
     accelerator.wait_for_everyone()
     return accelerator, row
@@ -166,6 +173,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--only", nargs="*", help="settings to check (default: all this machine can run)")
+    parser.add_argument("--out", type=Path, help="write check_sharding_gpu.json and .md here")
     args = parser.parse_args()
     from accelerate import PartialState
 
@@ -176,7 +184,7 @@ def main() -> int:
         return 2
     wanted = [(n, t) for n, t in SETTINGS if (world > 1 or n not in SHARDED and not n.startswith("ddp"))
               and (not args.only or n in args.only)]
-    accelerator, failed = None, []
+    accelerator, failed, rows = None, [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) if state.is_main_process else None
         from accelerate.utils import broadcast_object_list
@@ -193,9 +201,44 @@ def main() -> int:
                           flush=True)
                 failed.append(name)
                 raise
-            if row is not None and not row["ok"]:
-                failed.append(name)
+            if row is not None:
+                rows.append(row)
+                if not row["ok"]:
+                    failed.append(name)
+    if args.out and state.is_main_process:
+        write_report(args, rows, world)
     return 1 if failed else 0
+
+
+def write_report(args: argparse.Namespace, rows: list[dict], world: int) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "check_sharding_gpu.json").write_text(json.dumps(rows, indent=1))
+    device = f"{world}× {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    lines = [
+        "# The executor's memory settings on GPUs",
+        "",
+        f"Command: `accelerate launch --num_processes {world} scripts/check_sharding_gpu.py`  ",
+        f"Device: {device}. Model: {args.layers}×{args.d_model} decoder, seq {args.seq_len}, "
+        f"micro-batch {args.micro_batch} per GPU, {args.precision}, {args.steps} steps, a checkpoint half way; "
+        "the second half run again from it.",
+        "",
+        "Peak = `torch.cuda.max_memory_allocated` of the first run (it includes *before*, what the "
+        "earlier settings left allocated in this process); predicted = muse's memory model without the "
+        "CUDA context and fragmentation allowance; host = the offloaded optimizer's pinned host memory.",
+        "",
+        "| setting | loss first → last | resume: max Δloss / Δweight | before GiB | peak GiB | "
+        "predicted GiB | peak − before vs predicted | host GiB (predicted) | ok |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        net = r["max_allocated_gib"] - r["allocated_before_gib"]
+        lines.append(
+            f"| {r['setting']} | {r['first_loss']:.3f} → {r['last_loss']:.3f} | "
+            f"{r['resume_loss_gap']:.1e} / {r['resume_weight_gap']:.1e} | {r['allocated_before_gib']:.2f} | "
+            f"{r['max_allocated_gib']:.2f} | {r['predicted_gib']:.2f} | "
+            f"{(net - r['predicted_gib']) / r['predicted_gib']:+.0%} | {r['predicted_host_gib']:.2f} | "
+            f"{'yes' if r['ok'] else 'NO'} |")
+    (args.out / "check_sharding_gpu.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

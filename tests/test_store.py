@@ -194,21 +194,24 @@ def _writer(url: str, tag: str) -> None:
             repo.add_revision(s, plan, PlanSpec(name="shared", description=f"{tag}-{i}"), "user", f"{tag}-{i}")
 
 
-def _lister(url: str, stop, seen) -> None:
+def _lister(url: str, stop, seen, reading) -> None:
     store = db.Store(url)
     while not stop.is_set():
         with store.read() as s:
             rows = repo.list_plans(s)
             seen.value = max(seen.value, rows[0][0].head)
+        reading.set()
 
 
 def test_two_writers_and_a_reader_lose_nothing_and_never_see_a_lock(store):
     make(store, "shared")
     ctx = mp.get_context("spawn")
-    stop, seen = ctx.Event(), ctx.Value("i", 0)
-    reader = ctx.Process(target=_lister, args=(store.url, stop, seen))
+    stop, reading, seen = ctx.Event(), ctx.Event(), ctx.Value("i", 0)
+    reader = ctx.Process(target=_lister, args=(store.url, stop, seen, reading))
     writers = [ctx.Process(target=_writer, args=(store.url, tag)) for tag in ("a", "b")]
     reader.start()
+    # a spawned process takes seconds to import on a slow machine: the writers start once the reader reads
+    assert reading.wait(120)
     for w in writers:
         w.start()
     for w in writers:
