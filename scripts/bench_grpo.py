@@ -6,7 +6,9 @@ One run, one GPU: pretrain a decoder on 3×3-digit multiplication with its
 worked long-multiplication steps, cold-start SFT it, then from the same SFT
 weights run each RL algorithm for the same number of updates with LoRA on the
 query/value projections of the last quarter of layers (Lee & Tong's set-up,
-scaled down), all through ``muse plan run``. Held-out accuracy (greedy, last
+scaled down), all through ``muse plan run``: one plan pretrains and SFTs,
+then three one-stage plans (``model.init_from`` = the SFT checkpoint) run the
+algorithms side by side, each in its own process and store. Held-out accuracy (greedy, last
 integer = answer) after each stage goes into a table next to the paper's
 numbers on Qwen2-1.5B. Then, at the same model size, rollout throughput
 (completions sampled per second with the KV cache) and update throughput
@@ -30,50 +32,91 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+MAX_NEW_TOKENS = 112
 PAPER = {"base": 3.9, "grpo": 4.4, "s_grpo": 22.9, "t_spmo": 70.0}  # 3×3 multiplication, n = 3000
 
 
-def plan(tiny: bool) -> dict:
-    task = ["multiplication:3x3"]
+TASK = ["multiplication:3x3"]
+
+
+def _common(tiny: bool) -> dict:
+    # a worked 3×3 solution is ~90 bytes after "A:" (three partial products and their sum)
+    return {"tasks": TASK, "max_new_tokens": MAX_NEW_TOKENS, "eval_problems": 32 if tiny else 500,
+            "eval_samples": 1, "temperature": 1.0}
+
+
+def _model(tiny: bool) -> dict:
     shape = {"layers": 2, "d_model": 64, "n_heads": 4} if tiny else {"layers": 12, "d_model": 512, "n_heads": 8}
-    pre, sft, rl = (20, 5, 3) if tiny else (1500, 200, 100)
-    common = {"tasks": task, "max_new_tokens": 64, "eval_problems": 32 if tiny else 500, "eval_samples": 1,
-              "temperature": 1.0}
-    lora = {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "layers_fraction": 0.25}
-    rl_stage = {"kind": "reasoning_rl", "steps": rl, "eval_every": rl, "from_stage": "sft",
-                "training": {"lr": 5.0e-4, "warmup_steps": 5, "micro_batch": 1 if tiny else 16}}
-    algorithms = {"grpo": {"group_size": 8}, "s_grpo": {"group_size": 8, "alpha": 25, "p": 0.5, "k": 50},
-                  "t_spmo": {"group_size": 16 if tiny else 50, "success_budget": 2, "failure_budget": 0}}
+    return {"scale": "1M", "residual": "standard", "seq_len": 160, "vocab_size": 260, "shape": shape}
+
+
+def plan(tiny: bool) -> dict:
+    """Pretrain on the task's worked solutions, then cold-start SFT: the base every RL run starts from."""
+    pre, sft = (20, 5) if tiny else (2000, 200)
     return {
         "name": "bench-grpo",
-        "model": {"scale": "1M", "residual": "standard", "seq_len": 160, "vocab_size": 260, "shape": shape},
+        "model": _model(tiny),
         "compute": "cpu" if tiny else None,
         "training": {"micro_batch": 8 if tiny else 64, "lr": 1.0e-3 if tiny else 5.0e-4,
                      "warmup_steps": 2 if tiny else 100},
         "stages": [
-            {"name": "pretrain", "kind": "pretrain", "steps": pre, "eval_every": pre, "options": {"tasks": task}},
-            {"name": "sft", "kind": "cold_start_sft", "steps": sft, "eval_every": sft, "options": common,
+            {"name": "pretrain", "kind": "pretrain", "steps": pre, "eval_every": pre, "options": {"tasks": TASK}},
+            {"name": "sft", "kind": "cold_start_sft", "steps": sft, "eval_every": sft, "options": _common(tiny),
              "training": {"lr": 3.0e-4, "warmup_steps": 2}},
-            *({**rl_stage, "name": name, "options": {**common, **opts, "algorithm": name, "lora": lora},
-               "training": {**rl_stage["training"], **({"micro_batch": 2} if name == "t_spmo" and not tiny else {})}}
-              for name, opts in algorithms.items()),
         ],
     }
 
 
-def accuracies() -> dict[str, dict[str, float]]:
+ALGORITHMS = {"grpo": {"group_size": 8}, "s_grpo": {"group_size": 8, "alpha": 25, "p": 0.5, "k": 50},
+              "t_spmo": {"group_size": 50, "success_budget": 2, "failure_budget": 0}}
+
+
+def rl_plan(name: str, tiny: bool, base: Path) -> dict:
+    """One RL algorithm as a one-stage plan starting from the SFT checkpoint ``base``;
+    LoRA on the query/value projections of the last quarter of layers (Lee & Tong)."""
+    steps = 3 if tiny else 100
+    opts = {**ALGORITHMS[name], **({"group_size": 16} if tiny and name == "t_spmo" else {})}
+    lora = {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "layers_fraction": 0.25}
+    # the same update budget (steps) for each; 16 prompts × 8 completions, T-SPMO 2 × 50
+    micro = 1 if tiny else (2 if name == "t_spmo" else 16)
+    return {
+        "name": f"bench-{name.replace('_', '-')}",
+        "model": {**_model(tiny), "init_from": str(base)},
+        "compute": "cpu" if tiny else None,
+        "training": {"micro_batch": micro, "lr": 5.0e-4, "warmup_steps": 5},
+        "stages": [{"name": name, "kind": "reasoning_rl", "steps": steps, "eval_every": steps,
+                    "options": {**_common(tiny), **opts, "algorithm": name, "lora": lora}}],
+    }
+
+
+def accuracies(home: Path) -> dict[str, dict[str, float]]:
+    """The last metrics of each stage of run 1 in the store under ``home``."""
     from muse_plan.store import runs
     from muse_plan.store.db import Store
 
     out = {}
-    with Store().read() as session:
+    with Store(f"sqlite:///{home / 'muse.db'}").read() as session:
         run = runs.get_run(session, 1)
         for stage in runs.stage_runs(session, run):
             last = {k: v for k, (_, v) in runs.last_metrics(session, stage.id).items()}
-            out[stage.name] = {k: last[k] for k in ("test_accuracy", "reward", "tokens_per_s") if k in last}
+            out[stage.name] = {k: last[k] for k in ("test_accuracy", "test_accuracy_sampled", "reward",
+                                                    "tokens_per_s") if k in last}
             if stage.started_at and stage.finished_at:
                 out[stage.name]["seconds"] = (stage.finished_at - stage.started_at).total_seconds()
+        run_dir = Path(run.run_dir)
+    out["_run_dir"] = str(run_dir)  # type: ignore[assignment]
     return out
+
+
+def launch(home: Path, spec: dict, log: Path) -> subprocess.Popen:
+    """``muse plan import`` + ``muse plan run`` of ``spec`` in its own store (MUSE_HOME)."""
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "plan.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "MUSE_HOME": str(home)}
+    py = sys.executable
+    cmd = f"{py} -m muse_plan plan import {path} && {py} -m muse_plan plan run {spec['name']}"
+    return subprocess.Popen(cmd, shell=True, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
 def throughput(spec: dict, device: str, prompts: int, group: int) -> dict[str, float]:
@@ -89,7 +132,7 @@ def throughput(spec: dict, device: str, prompts: int, group: int) -> dict[str, f
     config = ModelConfig.from_shape(shape, 260, spec["model"]["seq_len"])
     trainer = GrpoTrainer()
     trainer.setup(StageSetup(name="t", kind="reasoning_rl", model=config, micro_batch=prompts, device=device,
-                             options={"tasks": ["multiplication:3x3"], "group_size": group, "max_new_tokens": 64,
+                             options={"tasks": ["multiplication:3x3"], "group_size": group, "max_new_tokens": MAX_NEW_TOKENS,
                                       "temperature": 1.0, "eval_problems": 1}))
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
@@ -129,23 +172,28 @@ def main() -> None:
         result["throughput"] = throughput(result["plan"], "cuda", prompts=16, group=8)
         write(result, args.out)
         return
-    home = Path(tempfile.mkdtemp(prefix="muse-grpo-"))
-    os.environ["MUSE_HOME"] = str(home)
-    spec = plan(args.tiny)
-    path = home / "bench-grpo.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    muse = [sys.executable, "-m", "muse_plan"]
-    subprocess.run([*muse, "plan", "import", str(path)], check=True)
+    root = Path(tempfile.mkdtemp(prefix="muse-grpo-"))
     started = time.perf_counter()
-    subprocess.run([*muse, "plan", "run", "bench-grpo"], check=True)
+    base = launch(root / "base", plan(args.tiny), root / "base.log")
+    if base.wait():
+        sys.exit(f"the base run failed:\n{(root / 'base.log').read_text()[-2000:]}")
+    acc = accuracies(root / "base")
+    sft = max((Path(acc.pop("_run_dir")) / "sft").glob("step-*"))
+    print(f"base done in {time.perf_counter() - started:.0f} s: {acc}", flush=True)
+    # the three algorithms from the same SFT weights, concurrently (each its own process and store)
+    procs = {name: launch(root / name, rl_plan(name, args.tiny, sft), root / f"{name}.log") for name in ALGORITHMS}
+    for name, proc in procs.items():
+        if proc.wait():
+            sys.exit(f"{name} failed:\n{(root / f'{name}.log').read_text()[-2000:]}")
+        acc.update({k: v for k, v in accuracies(root / name).items() if k != "_run_dir"})
     wall = time.perf_counter() - started
-    acc = accuracies()
     device = "cpu" if args.tiny else "cuda"
-    speed = throughput(spec, device, prompts=2 if args.tiny else 16, group=4 if args.tiny else 8)
+    speed = throughput(plan(args.tiny), device, prompts=2 if args.tiny else 16, group=4 if args.tiny else 8)
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.tiny else "CPU"
-    result = {"device": gpu, "plan": spec, "stages": acc, "throughput": speed, "wall_seconds": wall,
+    result = {"device": gpu, "plan": plan(args.tiny), "rl_plans": {n: rl_plan(n, args.tiny, sft) for n in ALGORITHMS},
+              "stages": acc, "throughput": speed, "wall_seconds": wall,
               "command": "python scripts/bench_grpo.py" + (" --tiny" if args.tiny else "")}
     write(result, None if args.tiny else args.out)
 
@@ -154,15 +202,19 @@ def write(result: dict, out: Path | None) -> None:
     acc, speed, gpu, wall = result["stages"], result["throughput"], result["device"], result["wall_seconds"]
     rows = [("base (after cold-start SFT)", "sft", "base"), ("GRPO", "grpo", "grpo"),
             ("S-GRPO", "s_grpo", "s_grpo"), ("T-SPMO", "t_spmo", "t_spmo")]
-    lines = ["| method | held-out accuracy here (%) | paper, Qwen2-1.5B (%) | stage time (s) |", "|---|---|---|---|"]
+    lines = ["| method | held-out greedy (%) | held-out sampled, T=1 (%) | paper, Qwen2-1.5B (%) | stage time (s) |",
+             "|---|---|---|---|---|"]
+    nan = float("nan")
     for label, stage, paper in rows:
         a = acc.get(stage, {})
-        lines.append(f"| {label} | {100 * a.get('test_accuracy', float('nan')):.1f} | {PAPER[paper]} | "
-                     f"{a.get('seconds', float('nan')):.0f} |")
+        lines.append(f"| {label} | {100 * a.get('test_accuracy', nan):.1f} | "
+                     f"{100 * a.get('test_accuracy_sampled', nan):.1f} | {PAPER[paper]} | {a.get('seconds', nan):.0f} |")
     s = speed
     table = "\n".join(lines)
     md = (f"# GRPO vs S-GRPO vs T-SPMO on 3×3-digit multiplication\n\n"
-          f"Command: `{result['command']}` on {gpu}; whole run {wall:.0f} s.\n\n{table}\n\n"
+          f"Command: `{result['command']}` on {gpu}; whole run {wall:.0f} s. The three RL runs start from the "
+          f"same SFT checkpoint and run at the same time on the one GPU (their stage times overlap).\n\n"
+          f"{table}\n\n"
           f"Throughput at {s['parameters'] / 1e6:.1f}M parameters, {s['completions']} completions per batch "
           f"(mean {s['mean_completion_tokens']:.0f} tokens): rollout {s['rollout_completions_per_s']:.0f} "
           f"completions/s, update {s['update_completions_per_s']:.0f} completions/s.\n")
