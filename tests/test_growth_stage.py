@@ -362,3 +362,18 @@ def test_a_growth_path_whose_target_does_not_fit_from_scratch_compares_flops_onl
                                          scratch_s=None))
     assert text == ("its pretraining: 2.0 h and 6.00e18 FLOPs; from scratch the target does not fit here, and "
                     "2B tokens of it would cost 8.00e18 FLOPs (25% fewer FLOPs by growth)")
+
+
+def test_the_bundled_cpu_growth_plan_grows_and_keeps_learning(cli, muse_home) -> None:
+    """plans/growth-cpu.yaml: its written pretrain stage becomes small → grow → continue;
+    AdamW's moments go through the stack; the grown model ends below the small one."""
+    plan = Path(__file__).resolve().parent.parent / "plans" / "growth-cpu.yaml"
+    assert cli("plan", "import", plan).exit_code == 0
+    assert shapes(cli("plan", "show", "growth-cpu").output)["grow"] == "2×128, 4h, seq 64 → 4×128, 4h, seq 128"
+    result = cli("plan", "run", "growth-cpu")
+    assert result.exit_code == 0, result.output
+    grew = next(m for m in messages(1) if m.startswith("grew "))
+    assert "AdamW moments mapped for" in grew
+    small, continued = series(1, "val_loss", 0), series(1, "val_loss", 2)
+    assert [s for s, _ in small][-1] == 120 and [s for s, _ in continued][-1] == 180
+    assert continued[-1][1] < small[-1][1] - 0.1

@@ -91,3 +91,25 @@ def test_param_count_formula_on_a_hand_example():
     assert (shape.layers, shape.d_model, shape.d_ff) == (4, 128, 384)
     per_layer = 4 * 128 * 128 + 3 * 128 * 384 + 2 * 128
     assert decoder_params(shape, 256) == 4 * per_layer + 256 * 128 + 128
+
+
+def test_growth_expands_a_written_pretrain_stage_and_splits_its_budget():
+    stages = [{"name": "pre", "kind": "pretrain", "steps": 300, "eval_every": 50, "checkpoint_every": 25,
+               "training": {"lr": 0.002}},
+              {"name": "sft", "kind": "cold_start_sft", "steps": 10, "from_stage": "pre"}]
+    spec = planned(model={"scale": "1M", "shape": {"layers": 4, "d_model": 128, "n_heads": 4}, "seq_len": 128},
+                   techniques={"growth": {"factor": 2, "at_fraction": 0.4, "small_seq_len": 64}}, stages=stages)
+    assert names(spec) == ["pretrain_small", "grow", "continue", "sft"]
+    small, cont = spec.stage("pretrain_small"), spec.stage("continue")
+    assert (small.steps, cont.steps) == (120, 180)
+    assert (small.shape.layers, small.seq_len) == (2, 64)
+    assert small.eval_every == cont.eval_every == 50 and small.checkpoint_every == 25
+    assert small.training.lr == cont.training.lr == 0.002
+    assert spec.stage("sft").from_stage == "continue"
+    # a token budget is split the same way; a plan that writes its own grow stage is kept as written
+    tokens = planned(techniques={"growth": {"at_fraction": 0.25}},
+                     stages=[{"name": "pretrain", "kind": "pretrain", "tokens": "8B"}])
+    assert (tokens.stage("pretrain_small").tokens, tokens.stage("continue").tokens) == ("2B", "6B")
+    written = [{"name": "a", "kind": "pretrain", "steps": 5, "shape": {"layers": 1, "d_model": 64, "n_heads": 4}},
+               {"name": "g", "kind": "grow"}, {"name": "b", "kind": "continue", "steps": 5}]
+    assert names(planned(techniques=["growth"], stages=written)) == ["a", "g", "b"]

@@ -29,7 +29,7 @@ def complete(spec: PlanSpec) -> PlanSpec:
     model = spec.model
     if model.residual is None:
         model = model.model_copy(update={"residual": required_residual(spec.techniques) or "standard"})
-    stages = spec.stages or derive_stages(spec)
+    stages = grow_written_pretrain(spec) if spec.stages else derive_stages(spec)
     data = spec.model_dump(mode="json", exclude_none=True)
     data["model"] = model.model_dump(mode="json", exclude_none=True)
     data["stages"] = [s.model_dump(mode="json", exclude_none=True) for s in stages]
@@ -85,10 +85,49 @@ def small_seq_len(spec: PlanSpec, growth: GrowthOptions) -> int | None:
     return short
 
 
-def growth_stages(spec: PlanSpec, growth: GrowthOptions) -> list[StageSpec]:
+def grow_written_pretrain(spec: PlanSpec) -> tuple[StageSpec, ...]:
+    """The plan's own stages; with the ``growth`` technique and no ``grow`` stage
+    written, its first full-size ``pretrain`` stage becomes small pretrain → grow →
+    continue: its budget (steps or tokens) split by ``at_fraction``, its checkpoint,
+    evaluation and training settings kept on the stages that train, and a later
+    stage's ``from_stage`` naming it pointed at ``continue``."""
+    growth, stages = spec.techniques.growth, spec.stages
+    if growth is None or any(s.kind == "grow" for s in stages):
+        return stages
+    at = next((i for i, s in enumerate(stages) if s.kind == "pretrain" and s.shape is None), None)
+    if at is None:
+        return stages
+    written = stages[at]
+    taken = {s.name for i, s in enumerate(stages) if i != at}
+    if taken & {"pretrain_small", "grow", "grow_mid", "continue_mid", "continue"}:
+        raise PlanError(f"stage {written.name!r} can't be expanded for growth: the plan already has a stage named "
+                        f"{sorted(taken & {'pretrain_small', 'grow', 'grow_mid', 'continue_mid', 'continue'})[0]!r}")
+
+    def budget(share: float) -> dict:
+        if written.steps is not None:
+            return {"steps": max(1, round(written.steps * share))}
+        if written.tokens is not None:
+            return {"tokens": units.format_count(max(1.0, units.parse_scale(written.tokens) * share))}
+        return {"tokens": _pretrain_tokens(spec, share)}
+
+    kept = {k: v for k, v in (("checkpoint_every", written.checkpoint_every), ("eval_every", written.eval_every),
+                              ("training", written.training)) if v is not None}
+    grown = []
+    for stage in growth_stages(spec, growth, budget):
+        if stage.kind != "grow":
+            stage = stage.model_copy(update={**kept, "options": {**written.options, **stage.options}})
+        grown.append(stage)
+    rest = [s.model_copy(update={"from_stage": "continue"}) if s.from_stage == written.name else s
+            for s in stages[at + 1:]]
+    return (*stages[:at], *grown, *rest)
+
+
+def growth_stages(spec: PlanSpec, growth: GrowthOptions, budget=None) -> list[StageSpec]:
     """small pretrain → grow → continue; CompoundGrow grows twice through a middle
     shape (and, with ``small_seq_len``, a middle context: the geometric mean, as
-    Gu et al. double the length at each step, 128 → 256 → 512)."""
+    Gu et al. double the length at each step, 128 → 256 → 512). ``budget(share)``
+    gives a training stage's budget (default: tokens, a share of 20 per parameter)."""
+    budget = budget or (lambda share: {"tokens": _pretrain_tokens(spec, share)})
     target = spec.model.resolved_shape()
     small = small_shape(target, growth)
     short = small_seq_len(spec, growth)
@@ -109,20 +148,18 @@ def growth_stages(spec: PlanSpec, growth: GrowthOptions) -> list[StageSpec]:
         mid_seq = None if short is None else round((short * spec.model.seq_len) ** 0.5)
         return [
             StageSpec(name="pretrain_small", kind="pretrain", shape=small, seq_len=short,
-                      tokens=_pretrain_tokens(spec, growth.at_fraction / 2)),
+                      **budget(growth.at_fraction / 2)),
             StageSpec(name="grow_mid", kind="grow", shape=middle, seq_len=mid_seq, options=grow_options),
             StageSpec(name="continue_mid", kind="continue", shape=middle, seq_len=mid_seq,
-                      tokens=_pretrain_tokens(spec, growth.at_fraction / 2), options=rewarm),
+                      **budget(growth.at_fraction / 2), options=rewarm),
             StageSpec(name="grow", kind="grow", options=grow_options),
-            StageSpec(name="continue", kind="continue", tokens=_pretrain_tokens(spec, 1 - growth.at_fraction),
-                      options=rewarm),
+            StageSpec(name="continue", kind="continue", **budget(1 - growth.at_fraction), options=rewarm),
         ]
     return [
         StageSpec(name="pretrain_small", kind="pretrain", shape=small, seq_len=short,
-                  tokens=_pretrain_tokens(spec, growth.at_fraction)),
+                  **budget(growth.at_fraction)),
         StageSpec(name="grow", kind="grow", options=grow_options),
-        StageSpec(name="continue", kind="continue", tokens=_pretrain_tokens(spec, 1 - growth.at_fraction),
-                  options={"rewarm_fraction": growth.rewarm_fraction}),
+        StageSpec(name="continue", kind="continue", **budget(1 - growth.at_fraction), options=rewarm),
     ]
 
 
