@@ -59,6 +59,9 @@ class StageSetup:
     eval_batches: int = 8
     cache_dir: Path = Path(".")
     device: str = "cpu"
+    # the dtype weights that never train are kept in (LoRA's frozen base, the KL reference):
+    # fp32, or the stage's compute dtype (bf16 / fp16) when the executor computes in it
+    frozen_precision: str = "fp32"
     family: str = "decoder"  # decoder (the architecture engine's) | hf (a local Hugging Face model)
     init_from: str | None = None  # the hf model's directory
 

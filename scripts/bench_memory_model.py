@@ -2,13 +2,29 @@
 
     python scripts/bench_memory_model.py [--out docs] [--only N]
 
-For each configuration (size, residual mode, micro-batch, checkpointing) it
-builds the architecture engine's model, trains two steps the way the
-executor does (bf16 autocast over fp32 weights, AdamW, clipping) and reads
-the allocator's peak. Beside it: muse's prediction without the framework
-overhead term (the allocator's peak does not see the CUDA context), and the
-weights + gradients + Adam count that Accelerate's estimate-memory and
-DeepSpeed's estimators stop at. Writes ``<out>/bench_memory_model.{json,md}``.
+For each configuration (size, residual mode, micro-batch, checkpointing;
+full training, LoRA, or one GRPO step) it builds the architecture engine's
+model and runs two steps the way the executor does (bf16 autocast over fp32
+trainable weights, AdamW, clipping), then reads the allocator's peak:
+
+- ``full``: every parameter trains (sequence 2048, vocab 32000);
+- ``lora``: the GRPO engine's LoRA (peft adapters, rank 16, on the query and
+  value projections of the last quarter of the layers, Lee & Tong's
+  placement), the frozen base kept in bf16 as the engine keeps it;
+- ``grpo`` / ``grpo_full``: the GRPO engine's own ``reasoning_rl`` micro-step
+  (``GrpoTrainer``: 2 prompts × a group of 8 completions sampled with the KV
+  cache up to 512 new tokens, the byte tokenizer's 260-token vocabulary,
+  then the clipped-ratio update over the 16 sequences), with LoRA (the KL
+  reference is the model with its adapters off) or fully trained with a KL
+  reference copy (β = 0.04).
+
+Beside it: muse's prediction without the framework overhead term (the
+allocator's peak does not see the CUDA context), and Accelerate's
+``estimate-memory`` figure for the model ("Training using Adam" at float32:
+the largest of its model, gradient, optimizer and step terms, 16 B a
+parameter, from ``accelerate.commands.estimate.estimate_training_usage``),
+where it applies (it has no notion of LoRA or sampling). Writes
+``<out>/bench_memory_model.{json,md}``.
 """
 
 from __future__ import annotations
@@ -23,59 +39,139 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
 
-# (scale, residual, micro_batch, checkpointing); sequence 2048, vocab 32000
+# (scale, residual, micro_batch, checkpointing, mode); full and lora: sequence 2048, vocab 32000
 CONFIGS = [
-    ("125M", "standard", 8, "none"), ("125M", "mhc", 8, "none"), ("125M", "standard", 16, "full"),
-    ("350M", "standard", 1, "none"), ("350M", "standard", 8, "none"), ("350M", "standard", 8, "full"),
-    ("350M", "mhc", 8, "none"), ("350M", "mhc", 4, "selective"), ("350M", "ddl", 4, "none"),
-    ("760M", "standard", 4, "none"), ("760M", "standard", 16, "full"), ("1.3B", "standard", 2, "none"),
-    ("1.3B", "standard", 8, "full"), ("1.3B", "mhc", 2, "full"), ("1.3B", "standard", 4, "selective"),
+    ("125M", "standard", 8, "none", "full"), ("125M", "mhc", 8, "none", "full"),
+    ("125M", "standard", 16, "full", "full"), ("350M", "standard", 1, "none", "full"),
+    ("350M", "standard", 8, "none", "full"), ("350M", "standard", 8, "full", "full"),
+    ("350M", "mhc", 8, "none", "full"), ("350M", "mhc", 4, "selective", "full"), ("350M", "ddl", 4, "none", "full"),
+    ("760M", "standard", 4, "none", "full"), ("760M", "standard", 16, "full", "full"),
+    ("1.3B", "standard", 2, "none", "full"), ("1.3B", "standard", 8, "full", "full"),
+    ("1.3B", "mhc", 2, "full", "full"), ("1.3B", "standard", 4, "selective", "full"),
+    ("350M", "standard", 8, "none", "lora"), ("1.3B", "standard", 4, "none", "lora"),
+    ("760M", "mhc", 4, "full", "lora"),
+    ("350M", "standard", 16, "none", "grpo"), ("125M", "standard", 16, "none", "grpo_full"),
 ]
+LORA = {"rank": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"], "layers_fraction": 0.25}
+PROMPTS, GROUP, NEW_TOKENS, GRPO_VOCAB = 2, 8, 512, 260
+DEVICE = "cuda"
 
 
-def measure(scale: str, residual: str, micro: int, ckpt: str) -> dict:
+def accelerate_estimate(params: int) -> float | None:
+    """Accelerate's estimate-memory "Training using Adam" at float32, in bytes (None without accelerate)."""
+    try:
+        from accelerate.commands.estimate import estimate_training_usage
+    except ImportError:
+        return None
+    return float(max(estimate_training_usage(4 * params, "float32").values()))
+
+
+def _optimizer(model):
+    import torch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    rest = [p for p in trainable if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                             lr=1e-4, betas=(0.9, 0.95))
+
+
+def _train_steps(config, micro: int, ckpt: str, lora: bool):
+    """Two executor-like steps of next-token training; returns the model (for its sizes)."""
+    import torch
+
+    from engines.architecture.model import DecoderLM
+    from engines.grpo.policy import LoraSettings, add_lora, keep_frozen_in
+
+    model = DecoderLM(config).to(DEVICE)
+    model.set_checkpointing(ckpt)
+    if lora:
+        add_lora(model, LoraSettings.from_options(LORA))
+        keep_frozen_in(model, torch.bfloat16)
+    opt = _optimizer(model)
+    x = torch.randint(0, config.vocab_size, (micro, config.seq_len), device=DEVICE)
+    for _ in range(2):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = model(x, x)[1]  # as the executor's trainer: the logits are not kept
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {}
+
+
+def _grpo_steps(config, ckpt: str, lora: bool):
+    """Two micro-steps of the GRPO engine's reasoning_rl stage; returns the realised widths."""
+    import torch
+
+    from engines.contract import StageSetup
+    from engines.grpo.trainer import GrpoTrainer
+
+    options = {"tasks": ["multiplication:3x3"], "algorithm": "grpo", "group_size": GROUP,
+               "max_new_tokens": NEW_TOKENS, "temperature": 1.0, "eval_problems": 1,
+               "kl_beta": 0.04, **({"lora": LORA} if lora else {})}
+    t = GrpoTrainer()
+    t.setup(StageSetup(name="rl", kind="reasoning_rl", model=config, micro_batch=PROMPTS, options=options,
+                       activation_checkpointing=ckpt, device=DEVICE, frozen_precision="bf16"))
+    opt = _optimizer(t.model)
+    widths, prompts = [], []
+    for _ in range(2):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            groups = t.next_batch()
+            loss = t.micro_step(groups).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in t.model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        widths.append(sum(len(g.prompt) + max(map(len, g.completions)) for g in groups) / len(groups))
+        prompts.append(max(len(g.prompt) for g in groups))
+    return {"mean_width": max(widths), "prompt_tokens": max(prompts)}
+
+
+def measure(scale: str, residual: str, micro: int, ckpt: str, mode: str = "full") -> dict:
     import torch
 
     from engines.architecture.config import ModelConfig, param_count
-    from engines.architecture.model import DecoderLM
     from muse_plan.optimizer import memory
-    from muse_plan.optimizer.config import TrainConfig
+    from muse_plan.optimizer.config import GenerationConfig, LoraConfig, TrainConfig
 
-    config = ModelConfig.from_scale(scale, vocab_size=32000, seq_len=2048, residual=residual)
-    cfg = TrainConfig(model=config, micro_batch=micro, precision="bf16", checkpointing=ckpt)
-    predicted = memory.estimate(cfg, device="cuda")
+    grpo = mode.startswith("grpo")
+    lora = mode in ("lora", "grpo")
+    vocab, seq = (GRPO_VOCAB, 32 + NEW_TOKENS) if grpo else (32000, 2048)
+    config = ModelConfig.from_scale(scale, vocab_size=vocab, seq_len=seq, residual=residual)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model = DecoderLM(config).cuda()
-    model.set_checkpointing(ckpt)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=1e-4, betas=(0.9, 0.95))
-    x = torch.randint(0, 32000, (micro, 2048), device="cuda")
     t0 = time.perf_counter()
-    for _ in range(2):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(x, x)[1]  # as the executor's trainer: the logits are not kept
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    shape = _grpo_steps(config, ckpt, lora) if grpo else _train_steps(config, micro, ckpt, lora)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     reserved = torch.cuda.max_memory_reserved()
-    del model, opt, x, loss
+    seconds = time.perf_counter() - t0
+    gc.collect()
+    lora_cfg = LoraConfig(rank=LORA["rank"], target_modules=tuple(LORA["target_modules"]),
+                          layers_fraction=LORA["layers_fraction"]) if lora else None
+    generation = None
+    if grpo:  # the update's sequences: prompt + the group's longest completion (measured)
+        generation = GenerationConfig(prompts=PROMPTS, group_size=GROUP, prompt_tokens=shape["prompt_tokens"],
+                                      completion_tokens=NEW_TOKENS, reference_model=True)
+        config = ModelConfig.from_scale(scale, vocab_size=vocab, seq_len=round(shape["mean_width"]),
+                                        residual=residual)
+    cfg = TrainConfig(model=config, micro_batch=micro, precision="bf16", checkpointing=ckpt, lora=lora_cfg,
+                      generation=generation)
+    predicted = memory.estimate(cfg, device="cuda")
     n = param_count(config)
     without_overhead = predicted.total - predicted.overhead
+    accelerate = accelerate_estimate(n) if mode == "full" else None
     return {
-        "scale": scale, "residual": residual, "micro_batch": micro, "checkpointing": ckpt, "params": n,
+        "scale": scale, "residual": residual, "micro_batch": micro, "checkpointing": ckpt, "mode": mode,
+        "params": n, "trainable": memory.trainable_param_count(cfg), **shape,
         "measured_peak_gib": peak / GIB, "measured_reserved_gib": reserved / GIB,
         "predicted_gib": without_overhead / GIB, "predicted_with_overhead_gib": predicted.total / GIB,
         "error": without_overhead / peak - 1,
-        "weights_grads_adam_gib": 16 * memory.trainable_param_count(cfg) / GIB,  # fp32 W + G + 2 moments
+        "accelerate_estimate_gib": None if accelerate is None else accelerate / GIB,
         "breakdown_gib": {k: v / GIB for k, v in predicted.as_dict().items()},
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
     }
 
 
@@ -92,7 +188,7 @@ def main() -> None:
             rows.append(measure(*config))
         except torch.cuda.OutOfMemoryError:
             rows.append({"scale": config[0], "residual": config[1], "micro_batch": config[2],
-                         "checkpointing": config[3], "oom": True})
+                         "checkpointing": config[3], "mode": config[4], "oom": True})
             torch.cuda.empty_cache()
         r = rows[-1]
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
@@ -105,22 +201,29 @@ def main() -> None:
     (args.out / "bench_memory_model.json").write_text(json.dumps(summary, indent=2))
     lines = [
         "# Memory model vs the GPU", "",
-        f"Command: `{summary['command']}` on {summary['device']}, torch {summary['torch']}.",
-        "Each row trains two steps (bf16 autocast over fp32 weights, AdamW, clipping) at sequence 2048,",
-        "vocab 32000; measured = `torch.cuda.max_memory_allocated`; predicted = muse's peak without its",
-        "framework-overhead term (the allocator does not see the CUDA context); W+G+Adam = weights,",
-        "gradients and Adam moments only, what Accelerate's estimate-memory and DeepSpeed's estimators count.",
+        f"Command: `{summary['command']}` on {summary['device']}, torch {summary['torch']}.", "",
+        "Each row runs two steps the way the executor does (bf16 autocast over fp32 trainable weights, AdamW,",
+        "clipping). *full*: every parameter trains, sequence 2048, vocab 32000. *lora*: the GRPO engine's peft",
+        "LoRA (rank 16 on q/v of the last quarter of layers), base kept in bf16. *grpo*: the GRPO engine's",
+        f"reasoning_rl micro-step ({PROMPTS} prompts × {GROUP} completions sampled with the KV cache, up to "
+        f"{NEW_TOKENS} new tokens, byte vocabulary; the update over all {PROMPTS * GROUP}), with LoRA (micro = "
+        "sequences); *grpo_full*: the same fully trained with a bf16 KL reference copy.",
+        "Measured = `torch.cuda.max_memory_allocated`; predicted = muse's peak without its framework-overhead",
+        "term (the allocator does not see the CUDA context). Accelerate = `accelerate estimate-memory`'s",
+        "\"Training using Adam\" at float32 for the same parameter count (weights, gradients and Adam only;",
+        "it has no activations, LoRA or sampling).",
         "",
-        "| scale | residual | micro | checkpointing | measured GiB | predicted GiB | error | W+G+Adam GiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| scale | residual | mode | micro | checkpointing | measured GiB | predicted GiB | error | "
+        "Accelerate GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        head = f"| {r['scale']} | {r['residual']} | {r['mode']} | {r['micro_batch']} | {r['checkpointing']} |"
         if r.get("oom"):
-            lines.append(f"| {r['scale']} | {r['residual']} | {r['micro_batch']} | {r['checkpointing']} | OOM | | | |")
+            lines.append(f"{head} OOM | | | |")
             continue
-        lines.append(f"| {r['scale']} | {r['residual']} | {r['micro_batch']} | {r['checkpointing']} | "
-                     f"{r['measured_peak_gib']:.2f} | {r['predicted_gib']:.2f} | {r['error']:+.1%} | "
-                     f"{r['weights_grads_adam_gib']:.2f} |")
+        acc = "n/a" if r["accelerate_estimate_gib"] is None else f"{r['accelerate_estimate_gib']:.2f}"
+        lines.append(f"{head} {r['measured_peak_gib']:.2f} | {r['predicted_gib']:.2f} | {r['error']:+.1%} | {acc} |")
     lines += ["", f"Median absolute error {summary['median_abs_error']:.1%}, worst {summary['max_abs_error']:.1%} "
               "(target: median ≤ 10%, worst ≤ 20%)."]
     (args.out / "bench_memory_model.md").write_text("\n".join(lines) + "\n")

@@ -104,3 +104,71 @@ def test_adapters_without_a_recorded_scaling_are_refused():
     lora_model, _ = _lora_model_with_trained_adapters()
     with pytest.raises(ValueError, match="without a recorded scaling"):
         load_into(_model(), dict(lora_model.state_dict()), None)
+
+
+def _trainer(frozen: str, lora: dict | None, kl_beta: float = 0.0):
+    from engines.contract import StageSetup
+    from engines.grpo.trainer import GrpoTrainer
+
+    torch.manual_seed(0)
+    options = {"tasks": ["multiplication:2x1"], "group_size": 4, "max_new_tokens": 8, "eval_problems": 2,
+               "kl_beta": kl_beta, **({"lora": lora} if lora else {})}
+    t = GrpoTrainer()
+    t.setup(StageSetup(name="rl", kind="reasoning_rl", micro_batch=2, frozen_precision=frozen, options=options,
+                       model=ModelConfig(vocab_size=260, n_layers=4, d_model=64, n_heads=4, seq_len=48)))
+    return t
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_a_bf16_stage_keeps_the_lora_base_in_bf16_and_the_memory_model_counts_it_exactly():
+    from muse_plan.optimizer import memory
+    from muse_plan.optimizer.config import GenerationConfig, LoraConfig, TrainConfig
+
+    t = _trainer("bf16", {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "layers_fraction": 0.5})
+    params = dict(t.model.named_parameters())
+    trainable = [p for p in params.values() if p.requires_grad]
+    assert {p.dtype for p in trainable} == {torch.float32} and len(trainable) == 2 * 2 * 2  # 2 layers × q, v × A, B
+    assert {p.dtype for p in params.values() if not p.requires_grad} == {torch.bfloat16}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = t.micro_step(t.next_batch()).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+    assert all(p.grad is None for p in params.values() if not p.requires_grad)
+    cfg = TrainConfig(model=t.model.config, micro_batch=2, precision="bf16", grad_accum=2,
+                      lora=LoraConfig(rank=4, target_modules=("q_proj", "v_proj"), layers_fraction=0.5),
+                      generation=GenerationConfig(group_size=4, reference_model=True))
+    b = memory.estimate(cfg, device="cpu")
+    assert b.weights == _bytes(params.values())
+    assert b.gradients == _bytes(p.grad for p in trainable)
+    assert b.optimizer == 2 * _bytes(trainable)
+    # the KL reference under LoRA is the same model with its adapters off: nothing more is held
+    assert memory.reference_bytes(cfg) == 0
+    # an fp32 stage (the CPU default) keeps everything in fp32
+    assert {p.dtype for p in _trainer("fp32", {"rank": 4}).model.parameters()} == {torch.float32}
+
+
+def test_a_full_fine_tuning_reference_is_a_bf16_copy_of_the_weights_the_stage_starts_from():
+    from muse_plan.optimizer import memory
+    from muse_plan.optimizer.config import GenerationConfig, TrainConfig
+
+    t = _trainer("bf16", None, kl_beta=0.04)
+    t.next_batch()
+    reference = dict(t.policy.reference.named_parameters())
+    assert {p.dtype for p in reference.values()} == {torch.bfloat16}
+    assert all(torch.equal(reference[k], p.detach().to(torch.bfloat16)) for k, p in t.model.named_parameters())
+    assert {b.dtype for b in t.policy.reference.buffers() if b.is_floating_point()} <= {torch.float32}
+    cfg = TrainConfig(model=t.model.config, precision="bf16")
+    assert memory.reference_bytes(cfg.with_(generation=GenerationConfig())) == _bytes(reference.values())
+
+
+def test_adapters_merge_into_a_bf16_base_in_fp32_so_a_small_update_survives():
+    from muse_plan.executor.weights import fit_keys
+
+    base = torch.ones(4, 4, dtype=torch.bfloat16)
+    a, b = torch.full((1, 4), 1e-3), torch.ones(4, 1)  # an update of 1e-3: below bf16's resolution at 1.0
+    merged = fit_keys({"w.base_layer.weight": base, "w.lora_A.default.weight": a, "w.lora_B.default.weight": b},
+                      {"w.weight"}, lora_scaling=1.0)["w.weight"]
+    assert merged.dtype == torch.float32 and torch.allclose(merged, torch.full((4, 4), 1.001))

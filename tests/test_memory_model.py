@@ -397,13 +397,32 @@ def test_unknown_lora_target_is_refused():
 
 def test_generation_kv_cache_by_hand():
     gen = GenerationConfig(prompts=2, group_size=4, prompt_tokens=10, completion_tokens=20, reference_model=False)
-    b = _estimate(generation=gen, precision="bf16")
+    cfg = TrainConfig(model=SMALL, micro_batch=1, grad_accum=2, precision="bf16", generation=gen)
     kv = 2 * 2 * 4 * 16 * (2 * 4) * (10 + 20) * 2  # k and v · layers · kv heads · head dim · seqs · tokens · bf16
     logits = 2 * 4 * 1000 * (2 + 4)
-    assert b.generation == kv + logits == 170_880
-    with_ref = _estimate(generation=GenerationConfig(prompts=2, group_size=4, prompt_tokens=10,
-                                                     completion_tokens=20), precision="bf16")
-    assert with_ref.generation - b.generation == 2 * P
+    assert memory.sampling_bytes(cfg) == kv + logits == 170_880
+    assert memory.reference_bytes(cfg) == 0
+    with_ref = cfg.with_(generation=GenerationConfig(prompts=2, group_size=4, prompt_tokens=10, completion_tokens=20))
+    assert memory.reference_bytes(with_ref) == 2 * P  # a bf16 copy
+    # under LoRA the reference is the model with its adapters off; a FSDP-sharded copy stays fp32
+    assert memory.reference_bytes(with_ref.with_(lora=LoraConfig())) == 0
+    assert memory.reference_bytes(with_ref.with_(sharding="fsdp", world_size=2)) == 4 * P
+
+
+def test_sampling_and_training_peaks_do_not_add_up():
+    """The engine samples, frees the cache, then trains: the estimate's generation term is the
+    reference plus what sampling needs beyond the training step's activations and buffers."""
+    def gen(group: int, ref: bool = False) -> GenerationConfig:
+        return GenerationConfig(prompts=2, group_size=group, prompt_tokens=10, completion_tokens=20,
+                                reference_model=ref)
+
+    base = _estimate(precision="bf16")
+    small = _estimate(precision="bf16", generation=gen(4))  # sampling fits inside the training peak
+    assert small.generation == 0 and small.total == base.total
+    big_cfg = TrainConfig(model=SMALL, micro_batch=1, grad_accum=2, precision="bf16", generation=gen(512))
+    big = memory.estimate(big_cfg, device="cuda")
+    assert big.generation == memory.sampling_bytes(big_cfg) - base.activations - base.transient > 0
+    assert _estimate(precision="bf16", generation=gen(4, ref=True)).generation == 2 * P
 
 
 def test_no_generation_without_sampling():

@@ -24,6 +24,7 @@ Design decisions:
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -93,7 +94,7 @@ def add_lora(model: nn.Module, lora: LoraSettings) -> Any:
     from peft import LoraConfig, get_peft_model
 
     n_layers, pattern = _layer_count(model)
-    first = n_layers - max(1, round(n_layers * lora.layers_fraction))
+    first = n_layers - max(1, math.ceil(n_layers * lora.layers_fraction - 1e-9))  # as the memory model counts
     targets = list(lora.target_modules)
     if isinstance(model, DecoderLM):
         unknown = [t for t in targets if t not in DECODER_MODULES and t not in DECODER_MODULES.values()]
@@ -107,6 +108,13 @@ def add_lora(model: nn.Module, lora: LoraSettings) -> Any:
     return get_peft_model(model, config)
 
 
+def keep_frozen_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the parameters that don't train (LoRA's base) to ``dtype``; adapters stay fp32."""
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+
+
 class Policy:
     """The trained model plus how to read log-probs from it and sample from it.
 
@@ -114,9 +122,11 @@ class Policy:
     caller training under DDP passes its wrapped model to ``token_logprobs``.
     """
 
-    def __init__(self, model: nn.Module, pad_id: int, eos_id: int, peft: Any = None) -> None:
+    def __init__(self, model: nn.Module, pad_id: int, eos_id: int, peft: Any = None,
+                 frozen_dtype: torch.dtype = torch.float32) -> None:
         self.model, self.pad_id, self.eos_id, self.peft = model, pad_id, eos_id, peft
         self.reference: nn.Module | None = None  # frozen copy, full fine-tuning only
+        self.frozen_dtype = frozen_dtype  # the reference copy's
 
     @property
     def device(self) -> torch.device:
@@ -149,6 +159,7 @@ class Policy:
             import copy
 
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+            keep_frozen_in(self.reference, self.frozen_dtype)  # parameters only: rotary tables stay fp32
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float) -> list[list[int]]:

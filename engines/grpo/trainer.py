@@ -19,6 +19,11 @@ Design decisions:
   batch is drawn — after the executor loaded the weights the stage starts
   from — and, without LoRA, saved in the engine's state so a resumed stage
   keeps it.
+- Weights that never train — LoRA's frozen base and the KL reference copy —
+  are kept in the stage's compute dtype when the executor computes in bf16
+  or fp16 (``StageSetup.frozen_precision``): half the bytes of fp32, and
+  autocast reads them in that dtype anyway. The adapters and a fully trained
+  model keep fp32 master weights.
 - LoRA stages record their adapters' scaling in ``checkpoint_meta``; the
   executor writes it into the checkpoint manifest, so the next stage can
   merge the adapters into plain weights when it trains without them.
@@ -34,7 +39,7 @@ from engines.architecture.model import DecoderLM
 from engines.contract import MicroStep, StageSetup
 from engines.data import load_tokenizer
 from engines.grpo.data import ProblemStream, held_out, prompt_ids
-from engines.grpo.policy import LoraSettings, Policy, add_lora, load_hf
+from engines.grpo.policy import LoraSettings, Policy, add_lora, keep_frozen_in, load_hf
 from engines.grpo.rewards import Completion, correctness, format_compliance
 from engines.grpo.rl import ReinforcementLearning
 from engines.grpo.sft import ColdStartSft, RejectionSampling
@@ -46,6 +51,7 @@ STAGES: dict[str, Any] = {
     "all_scenarios_rl": ReinforcementLearning,
 }
 DEFAULT_TASKS = ("multiplication",)
+FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class GrpoTrainer:
@@ -61,13 +67,15 @@ class GrpoTrainer:
         self.max_new_tokens = int(o.get("max_new_tokens", 300))
         model = self._build_model(stage)
         peft, self.checkpoint_meta = None, {}
+        frozen = FROZEN_DTYPES[stage.frozen_precision]
         lora = o.get("lora")
         if lora:
             settings = LoraSettings.from_options(lora if isinstance(lora, dict) else {})
             peft = add_lora(model, settings)
             self.checkpoint_meta = {"lora_scaling": settings.scaling}
+            keep_frozen_in(model, frozen)  # the base never trains: the compute dtype is enough
         self.model = model
-        self.policy = Policy(model, self.pad_id, self.tokenizer.eos_id, peft)
+        self.policy = Policy(model, self.pad_id, self.tokenizer.eos_id, peft, frozen)
         tasks = o.get("tasks") or list(DEFAULT_TASKS)
         self.stream = ProblemStream(tasks, stage.seed, stage.rank, stage.world_size)
         self.eval_problems = held_out(tasks, stage.seed, int(o.get("eval_problems", 64)))

@@ -297,7 +297,8 @@ def _accumulate(trainer: Trainer, model: torch.nn.Module, accelerator: Any, s: S
         if injector:
             injector.before_step(step)
         for i in range(s.grad_accum):
-            batch = trainer.next_batch()
+            with accelerator.autocast():  # an engine that samples (GRPO's rollouts) does so in the compute dtype
+                batch = trainer.next_batch()
             sync = i == s.grad_accum - 1
             with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
                 out = trainer.micro_step(batch)

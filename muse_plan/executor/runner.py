@@ -37,7 +37,7 @@ from muse_plan.executor import checkpoint
 from muse_plan.executor.loop import Fault, Injector, StepRecord, train_stage
 from muse_plan.monitor.detectors import Watch
 from muse_plan.recovery.handler import Budget, recover
-from muse_plan.executor.settings import FSDP_SHARDING, StageSettings, engine_options, resolve
+from muse_plan.executor.settings import FSDP_SHARDING, StageSettings, engine_options, frozen_precision, resolve
 from muse_plan.plan.io import spec_from_dict, spec_to_dict
 from muse_plan.plan.spec import PlanSpec
 from muse_plan.store import repo, runs
@@ -355,7 +355,7 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         world_size=accelerator.num_processes, tokens_needed=s.steps * s.tokens_per_step,
         micro_steps=s.steps * s.grad_accum,
         cache_dir=muse_home() / "cache", device=str(accelerator.device),
-        family=spec.model.family, init_from=spec.model.init_from,
+        frozen_precision=frozen_precision(s), family=spec.model.family, init_from=spec.model.init_from,
     )
     # the main process builds (and caches) the data first, so the others read its cache
     for turn in (True, False):

@@ -98,6 +98,12 @@ def decoder_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
 ENGINE_TECHNIQUE = {"growth": "growth", "rkdo": "rkdo"}
 
 
+def frozen_precision(s: StageSettings) -> str:
+    """The dtype an engine keeps weights that never train in (LoRA's base, a KL reference):
+    the compute dtype, except where FSDP shards the parameters (it flattens one dtype)."""
+    return "fp32" if s.sharding in FSDP_SHARDING else s.precision
+
+
 def engine_options(spec: PlanSpec, stage: StageSpec) -> dict[str, Any]:
     """What an engine reads for a stage: its technique's options from the plan
     (``techniques.rkdo``, ``techniques.growth``, the RL stage's algorithm —

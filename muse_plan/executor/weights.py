@@ -34,7 +34,8 @@ def fit_keys(source: dict[str, torch.Tensor], target_keys: set[str],
             if a is not None and b is not None:
                 if lora_scaling is None:
                     raise ValueError(f"{module}: LoRA adapters without a recorded scaling can't be merged")
-                value = value + lora_scaling * (b.float() @ a.float()).to(value.dtype)
+                # in fp32: a bf16 base (kept so under LoRA) would round a small update away
+                value = value.float() + lora_scaling * (b.float() @ a.float())
             out[module + ".weight"] = value
         elif key.endswith((_A, _B)):
             if key in target_keys:

@@ -85,7 +85,8 @@ def qlora(spec: PlanSpec, hw: fitting.Hardware) -> fitting.Alternative | None:
     return fitting.Alternative(
         "fine-tune with QLoRA instead of training from scratch",
         f"keep the {spec.model.scale} model, start from a pretrained checkpoint of it (model.init_from), "
-        f"4-bit frozen base with rank-16 adapters on every projection; 100M tokens take {_when(result)}",
+        f"4-bit frozen base with rank-16 adapters on every projection; 100M tokens take {_when(result)} "
+        f"(priced here; muse's executor does not run a 4-bit base yet: bitsandbytes is not bundled)",
         alt, hw, result)
 
 

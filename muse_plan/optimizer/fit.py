@@ -186,12 +186,15 @@ class FitResult:
 stage_model = decoder_config
 
 
-def _generation(spec: PlanSpec) -> GenerationConfig:
+def _generation(spec: PlanSpec, stage: StageSpec) -> GenerationConfig:
     t = spec.techniques
     algo = t.grpo or t.s_grpo or t.t_spmo
     group = algo.group_size if algo else 8
     new = t.grpo.max_new_tokens if t.grpo else 300
-    return GenerationConfig(prompts=1, group_size=group, prompt_tokens=128, completion_tokens=new)
+    # a KL reference only in the RL stages whose β is above 0 (the engine takes none otherwise)
+    beta = float(stage.options.get("kl_beta", getattr(algo, "kl_beta", 0.0)))
+    return GenerationConfig(prompts=1, group_size=group, prompt_tokens=128, completion_tokens=new,
+                            reference_model=stage.kind in ("reasoning_rl", "all_scenarios_rl") and beta > 0)
 
 
 def _lora(spec: PlanSpec) -> LoraConfig:
@@ -232,7 +235,7 @@ def price(spec: PlanSpec, s: Settings, hw: Hardware, models: list[ModelConfig] |
         cfg = TrainConfig(model=model, micro_batch=s.micro_batch, grad_accum=s.grad_accum,
                           world_size=hw.processes, precision=s.precision, checkpointing=s.checkpointing,
                           sharding=s.sharding, offload=s.offload, optimizer=s.optimizer, lora=lora,
-                          generation=_generation(spec) if stage.kind in GENERATION_KINDS else None)
+                          generation=_generation(spec, stage) if stage.kind in GENERATION_KINDS else None)
         mem = memory.estimate(cfg, device="cuda" if hw.gpu else "cpu")
         time = throughput.step_time(cfg, hw.gpu, cpu_cores=hw.cpu_cores, network_gbps=hw.network_gbps)
         stages.append(StageFit(stage.name, stage.kind, steps, cfg, mem, time))

@@ -46,10 +46,12 @@ Terms, per process (P: parameters of ``DecoderLM``, ``param_count``):
   (4 B each, PyTorch's default on CUDA), less the freed activations.
 - ``generation`` (GRPO stages): the KV cache for prompts × G × (prompt +
   completion) tokens (2 · layers · kv_heads · head_dim values a token, in the
-  compute dtype), the reference model (a frozen copy in the compute dtype, or
-  NF4 under QLoRA) and the sampling logits (prompts × G × V, in the compute
-  dtype and fp32). Counted as if alive alongside the training step: an
-  engine that frees the cache before the policy's forward peaks lower.
+  compute dtype), the reference model for the KL term (a frozen copy in the
+  compute dtype under full fine-tuning; nothing under LoRA, whose reference
+  is the same model with the adapters off) and the sampling logits (prompts × G × V, in the compute
+  dtype and fp32). The GRPO engine samples, frees the cache, then trains, so
+  the cache and logits count only for what they need beyond the training
+  step's activations and transient buffers (the reference stays alive).
 - ``overhead``: ``CUDA_CONTEXT_BYTES`` plus ``FRAGMENTATION`` of the other
   device terms; 0 on CPU.
 - ``host``: bytes offloaded to host RAM (per process).
@@ -186,9 +188,15 @@ def _weights(cfg: TrainConfig) -> int:
     return _base_bytes(cfg) + FP32 * lora_param_count(cfg)
 
 
+def _frozen_bytes(cfg: TrainConfig) -> int:
+    """Bytes per value of weights that never train (LoRA's base, a KL reference): the
+    compute dtype, fp32 where FSDP shards the parameters (as the executor keeps them)."""
+    return FP32 if cfg.sharding in ("zero2", "zero3", "fsdp") else act.COMPUTE_BYTES[cfg.precision]
+
+
 def _base_bytes(cfg: TrainConfig) -> int:
     """LoRA's frozen base: the compute dtype, or NF4 for the blocks' projections."""
-    c, dtype = cfg.model, act.COMPUTE_BYTES[cfg.precision]
+    c, dtype = cfg.model, _frozen_bytes(cfg)
     total = param_count(c)
     if cfg.lora is None or cfg.lora.quantize_base != "4bit":
         return dtype * total
@@ -215,10 +223,20 @@ def _layer_weights(cfg: TrainConfig) -> int:
     per_layer = (param_count(c) - c.vocab_size * c.d_model - c.d_model) // c.n_layers
     if cfg.lora is None:
         return FP32 * per_layer
-    return act.COMPUTE_BYTES[cfg.precision] * per_layer  # gathered/resident in the compute dtype
+    return _frozen_bytes(cfg) * per_layer
 
 
-def generation_bytes(cfg: TrainConfig) -> int:
+def reference_bytes(cfg: TrainConfig) -> int:
+    """The KL reference: a frozen copy under full fine-tuning; under LoRA the same model
+    with its adapters off, no copy."""
+    g = cfg.generation
+    if g is None or not g.reference_model or cfg.lora is not None:
+        return 0
+    return _frozen_bytes(cfg) * param_count(cfg.model)
+
+
+def sampling_bytes(cfg: TrainConfig) -> int:
+    """The sampling phase's own bytes: the KV cache of prompts × G sequences and the logits."""
     g = cfg.generation
     if g is None:
         return 0
@@ -226,11 +244,8 @@ def generation_bytes(cfg: TrainConfig) -> int:
     sequences = g.prompts * g.group_size
     kv = 2 * c.n_layers * c.kv_heads * c.head_dim * sequences * (g.prompt_tokens + g.completion_tokens) * dtype
     logits = sequences * c.vocab_size * (dtype + FP32)
-    reference = 0
-    if g.reference_model:
-        quantized = cfg.lora is not None and cfg.lora.quantize_base == "4bit"
-        reference = _base_bytes(cfg) if quantized else dtype * param_count(c)
-    return kv + logits + reference
+    return kv + logits
+
 
 
 def _backward_buffers(cfg: TrainConfig, device: str) -> int:
@@ -296,7 +311,9 @@ def estimate(cfg: TrainConfig, *, device: str = "cuda") -> MemoryBreakdown:
     backward = activation + in_backward + _backward_buffers(cfg, device)
     step = gradients + _step_buffers(cfg, device, stepped)
     transient = max(backward, step) - activation - in_backward
-    generation = generation_bytes(cfg)
+    # the engine samples, frees the cache, then trains: the sampling phase adds only what
+    # its cache and logits need beyond the training phase's activations and buffers
+    generation = reference_bytes(cfg) + max(0, sampling_bytes(cfg) - activation - transient)
     grads = in_backward + buckets
     device_bytes = weights + grads + optimizer + activation + transient + generation
     return MemoryBreakdown(weights, grads, optimizer, activation, transient, generation,
