@@ -27,7 +27,9 @@ Terms, per process (P: parameters of ``DecoderLM``, ``param_count``):
   as the activations are freed (the rest appear at the step, in
   ``transient`` when that moment is the peak). DDP on several processes adds
   a full copy: its reducer's flat buckets (``gradient_as_bucket_view=False``,
-  Accelerate's default).
+  Accelerate's default); the executor's model is DDP-wrapped on several
+  processes under ``none`` and ``zero1`` too (measured on 2× H200: ``none``
+  peaked at 2.73 GiB, the DDP prediction 2.68).
 - ``optimizer``: AdamW's two fp32 moments, 8 B per trainable parameter; its
   ``step`` counters are host scalars (PyTorch keeps them on the CPU unless
   fused/capturable) and are not counted. ``adamw_8bit`` (bitsandbytes): two
@@ -291,7 +293,8 @@ def estimate(cfg: TrainConfig, *, device: str = "cuda") -> MemoryBreakdown:
     weights = _weights(cfg) // (world if shards >= 3 else 1)
     trainable = trainable_param_count(cfg)
     gradients = FP32 * trainable // (world if shards >= 2 else 1)
-    buckets = gradients if cfg.sharding == "ddp" and world > 1 else 0
+    # Accelerate wraps the model in DDP on several processes unless FSDP shards it
+    buckets = gradients if cfg.sharding in ("none", "ddp", "zero1") and world > 1 else 0
     optimizer = _optimizer_bytes(_trainable_tensors(cfg), cfg.optimizer) // (world if shards >= 1 else 1)
     stepped = trainable // (world if shards >= 1 else 1)
 
