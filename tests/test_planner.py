@@ -113,3 +113,11 @@ def test_growth_expands_a_written_pretrain_stage_and_splits_its_budget():
     written = [{"name": "a", "kind": "pretrain", "steps": 5, "shape": {"layers": 1, "d_model": 64, "n_heads": 4}},
                {"name": "g", "kind": "grow"}, {"name": "b", "kind": "continue", "steps": 5}]
     assert names(planned(techniques=["growth"], stages=written)) == ["a", "g", "b"]
+
+
+def test_a_written_pretrain_stage_is_not_expanded_over_a_stage_of_the_same_name():
+    from muse_plan.errors import PlanError
+
+    stages = [{"name": "pretrain", "kind": "pretrain", "steps": 10}, {"name": "continue", "kind": "finetune", "steps": 5}]
+    with pytest.raises(PlanError, match="already has a stage named 'continue'"):
+        planned(techniques=["growth"], stages=stages)

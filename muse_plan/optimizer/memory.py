@@ -15,7 +15,7 @@ is what the peak needs beyond them.
 Terms, per process (P: parameters of ``DecoderLM``, ``param_count``):
 - ``weights``: 4P (the fp32 master weights autocast reads; no separate master
   copy). LoRA: the frozen base in the compute dtype (2 B/param under
-  bf16/fp16, 4 in fp32) or, with ``quantize_base: 4bit``, the blocks'
+  bf16/fp16, 4 in fp32 and where FSDP shards it) or, with ``quantize_base: 4bit``, the blocks'
   projections in NF4 with double-quantised constants (QLoRA, Dettmers et al.
   2023: 4 bits + 8-bit absmax per 64 + fp32 per 256 blocks ≈ 0.516 B/param;
   the embedding, norms and residual parameters stay in the compute dtype), plus
@@ -50,8 +50,8 @@ Terms, per process (P: parameters of ``DecoderLM``, ``param_count``):
   completion) tokens (2 · layers · kv_heads · head_dim values a token, in the
   compute dtype), the reference model for the KL term (a frozen copy in the
   compute dtype under full fine-tuning; nothing under LoRA, whose reference
-  is the same model with the adapters off) and the sampling logits (prompts × G × V, in the compute
-  dtype and fp32). The GRPO engine samples, frees the cache, then trains, so
+  is the same model with the adapters off) and the sampling logits
+  (prompts × G × V, in the compute dtype and fp32). The GRPO engine samples, frees the cache, then trains, so
   the cache and logits count only for what they need beyond the training
   step's activations and transient buffers (the reference stays alive).
 - ``overhead``: ``CUDA_CONTEXT_BYTES`` plus ``FRAGMENTATION`` of the other
@@ -247,7 +247,6 @@ def sampling_bytes(cfg: TrainConfig) -> int:
     kv = 2 * c.n_layers * c.kv_heads * c.head_dim * sequences * (g.prompt_tokens + g.completion_tokens) * dtype
     logits = sequences * c.vocab_size * (dtype + FP32)
     return kv + logits
-
 
 
 def _backward_buffers(cfg: TrainConfig, device: str) -> int:

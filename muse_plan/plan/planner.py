@@ -14,6 +14,8 @@ turns budgets into predicted time against the timeline.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from muse_plan.errors import PlanError
 from muse_plan.plan import units
 from muse_plan.plan.shapes import Shape
@@ -21,6 +23,7 @@ from muse_plan.plan.spec import ModelShape, PlanSpec, StageSpec, required_residu
 from muse_plan.plan.techniques import GrowthOptions, RewardWeights
 
 TOKENS_PER_PARAM = 20
+GROWTH_STAGE_NAMES = frozenset({"pretrain_small", "grow", "grow_mid", "continue_mid", "continue"})
 RL_STEPS = {"cold_start_sft": 1000, "reasoning_rl": 500, "rejection_sampling": 300, "all_scenarios_rl": 800}
 
 
@@ -98,10 +101,10 @@ def grow_written_pretrain(spec: PlanSpec) -> tuple[StageSpec, ...]:
     if at is None:
         return stages
     written = stages[at]
-    taken = {s.name for i, s in enumerate(stages) if i != at}
-    if taken & {"pretrain_small", "grow", "grow_mid", "continue_mid", "continue"}:
+    clash = sorted({s.name for i, s in enumerate(stages) if i != at} & GROWTH_STAGE_NAMES)
+    if clash:
         raise PlanError(f"stage {written.name!r} can't be expanded for growth: the plan already has a stage named "
-                        f"{sorted(taken & {'pretrain_small', 'grow', 'grow_mid', 'continue_mid', 'continue'})[0]!r}")
+                        f"{clash[0]!r}")
 
     def budget(share: float) -> dict:
         if written.steps is not None:
@@ -122,7 +125,8 @@ def grow_written_pretrain(spec: PlanSpec) -> tuple[StageSpec, ...]:
     return (*stages[:at], *grown, *rest)
 
 
-def growth_stages(spec: PlanSpec, growth: GrowthOptions, budget=None) -> list[StageSpec]:
+def growth_stages(spec: PlanSpec, growth: GrowthOptions,
+                  budget: Callable[[float], dict] | None = None) -> list[StageSpec]:
     """small pretrain → grow → continue; CompoundGrow grows twice through a middle
     shape (and, with ``small_seq_len``, a middle context: the geometric mean, as
     Gu et al. double the length at each step, 128 → 256 → 512). ``budget(share)``
