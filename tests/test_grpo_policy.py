@@ -2,6 +2,8 @@
 every residual mode, LoRA trains only adapters, the reference policy is the
 model without adapters, and weights cross LoRA boundaries between stages."""
 
+import weakref
+
 import pytest
 import torch
 
@@ -30,6 +32,40 @@ def test_cached_greedy_sampling_equals_full_recomputation(residual):
             assert int(logits[0, -1].argmax()) == token
             ids.append(token)
         assert len(out) == 12 or out[-1] == EOS
+
+
+def test_the_kv_cache_is_freed_when_sampling_returns_without_the_garbage_collector(monkeypatch):
+    """A reference cycle would keep the cache (a rollout's largest tensors) alive into the update."""
+    import gc
+
+    import engines.architecture.model as model_module
+
+    caches = []
+
+    class Recorded(model_module.KVCache):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            caches.append(weakref.ref(self.layers[0].k))
+
+    monkeypatch.setattr("engines.grpo.policy.KVCache", Recorded)
+    gc.disable()
+    try:
+        Policy(_model(), PAD, EOS).sample([[256, 5, 6]] * 2, 8, temperature=1.0)
+        assert len(caches) == 1 and caches[0]() is None
+    finally:
+        gc.enable()
+
+
+def test_the_kv_cache_holds_keys_in_the_dtype_autocast_computes_them_in():
+    model = _model()
+    from engines.architecture.model import KVCache
+
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    assert KVCache(model, 1, 8, valid).layers[0].k.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = KVCache(model, 1, 8, valid)
+        model(torch.tensor([[256, 5, 6]]), cache=cache)
+    assert cache.layers[0].k.dtype == cache.layers[0].v.dtype == torch.bfloat16
 
 
 def test_sampling_draws_from_torch_generator_so_a_seed_repeats_it():
