@@ -61,20 +61,49 @@ class _ParamCasts(TorchDispatchMode):
         return out
 
 
+class _Saved:
+    """What a pack hook hands autograd: alive as long as autograd keeps the tensor."""
+
+    __slots__ = ("t", "__weakref__")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
 class _Storages:
-    """Unique storages seen, the model's own left out."""
+    """Unique storages of the tensors autograd still holds, the model's own left out.
+
+    A pack hook also runs for tensors that no graph keeps (a checkpoint saving
+    the inputs of a block none of whose inputs or weights needs a gradient):
+    only what is still alive when the total is read counts."""
 
     def __init__(self, own: set[int]) -> None:
-        self.own, self.bytes = own, {}
+        self.own, self.extra, self.packed = own, {}, []
 
     def add(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         if storage.data_ptr() not in self.own:
-            self.bytes.setdefault(storage.data_ptr(), storage.nbytes())
+            self.extra.setdefault(storage.data_ptr(), storage.nbytes())
 
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        self.add(t)
-        return t
+    def pack(self, t: torch.Tensor) -> _Saved:
+        saved = _Saved(t)
+        self.packed.append(weakref.ref(saved))
+        return saved
+
+    @staticmethod
+    def unpack(saved: _Saved) -> torch.Tensor:
+        return saved.t
+
+    @property
+    def bytes(self) -> dict[int, int]:
+        alive = dict(self.extra)
+        for ref in self.packed:
+            saved = ref()
+            if saved is not None:
+                storage = saved.t.untyped_storage()
+                if storage.data_ptr() not in self.own:
+                    alive.setdefault(storage.data_ptr(), storage.nbytes())
+        return alive
 
     @property
     def total(self) -> int:
@@ -94,6 +123,11 @@ def _segments(model: DecoderLM) -> tuple[list, list]:
     return seen, handles
 
 
+def _owner(fn) -> nn.Module:
+    """The module a recorded segment runs: a block, or the MLP whose ``hidden`` it is."""
+    return fn if isinstance(fn, nn.Module) else fn.__self__
+
+
 def measured_activations(model: DecoderLM, micro: int, precision: str) -> int:
     cfg = model.config
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
@@ -104,7 +138,7 @@ def measured_activations(model: DecoderLM, micro: int, precision: str) -> int:
     casts = _ParamCasts(own)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     with autocast:
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), casts:
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack), casts:
             _, loss = model(idx, targets)
         for handle in handles:
             handle.remove()
@@ -114,10 +148,14 @@ def measured_activations(model: DecoderLM, micro: int, precision: str) -> int:
         forward = saved.total
         recomputed = 0
         for fn, args in segments:
+            if not any(a.requires_grad for a in args if isinstance(a, torch.Tensor)) and \
+                    not any(p.requires_grad for p in _owner(fn).parameters()):
+                continue  # a frozen segment: its checkpoint kept nothing, backward never recomputes it
             segment = _Storages(own | set(saved.bytes))
-            with torch.autograd.graph.saved_tensors_hooks(segment.pack, lambda t: t):
-                fn(*args)
+            with torch.autograd.graph.saved_tensors_hooks(segment.pack, segment.unpack):
+                out = fn(*args)  # kept while counting: its graph holds what the segment saved
             recomputed = max(recomputed, segment.total)
+            del out
     del loss
     return forward + recomputed
 
