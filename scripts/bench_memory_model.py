@@ -115,17 +115,30 @@ def _grpo_steps(config, ckpt: str, lora: bool):
                        activation_checkpointing=ckpt, device=DEVICE, frozen_precision="bf16"))
     opt = _optimizer(t.model)
     widths, prompts = [], []
+    phases: dict[str, float] = {}  # the allocator's running peak after each phase, GiB: where the peak is
+
+    def mark(name: str) -> None:
+        torch.cuda.synchronize()
+        phases[name] = max(phases.get(name, 0.0), torch.cuda.max_memory_allocated() / GIB)
+        phases[f"{name} (allocated)"] = torch.cuda.memory_allocated() / GIB
+
+    mark("setup")
     for _ in range(2):
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             groups = t.next_batch()
+            mark("sampling")
             loss = t.micro_step(groups).loss
+            mark("forward")
         loss.backward()
+        mark("backward")
         torch.nn.utils.clip_grad_norm_([p for p in t.model.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        mark("step")
         widths.append(sum(len(g.prompt) + max(map(len, g.completions)) for g in groups) / len(groups))
         prompts.append(max(len(g.prompt) for g in groups))
-    return {"mean_width": max(widths), "prompt_tokens": max(prompts)}
+    return {"mean_width": max(widths), "prompt_tokens": max(prompts), "phases_gib": phases,
+            "widths": [[len(g.prompt) + max(map(len, g.completions)) for g in groups]]}
 
 
 def measure(scale: str, residual: str, micro: int, ckpt: str, mode: str = "full") -> dict:
@@ -179,11 +192,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--only", type=int, default=None, help="first N configurations")
+    parser.add_argument("--rows", default=None, help="these configurations only, by index: 15,16,18")
     args = parser.parse_args()
     import torch
 
     rows = []
-    for config in CONFIGS[: args.only]:
+    chosen = [CONFIGS[int(i)] for i in args.rows.split(",")] if args.rows else CONFIGS[: args.only]
+    for config in chosen:
         try:
             rows.append(measure(*config))
         except torch.cuda.OutOfMemoryError:
