@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,9 +40,14 @@ PAPER = {"base": 3.9, "grpo": 4.4, "s_grpo": 22.9, "t_spmo": 70.0}  # 3×3 multi
 TASK = ["multiplication:3x3"]
 
 
+# the GPU run's budget: pretraining and SFT steps, and each RL algorithm's updates (see main's flags)
+STEPS = {"pretrain": 1200, "sft": 100, "rl": 60}
+TINY_STEPS = {"pretrain": 20, "sft": 5, "rl": 3}
+
+
 def _common(tiny: bool) -> dict:
     # a worked 3×3 solution is ~90 bytes after "A:" (three partial products and their sum)
-    return {"tasks": TASK, "max_new_tokens": MAX_NEW_TOKENS, "eval_problems": 32 if tiny else 500,
+    return {"tasks": TASK, "max_new_tokens": MAX_NEW_TOKENS, "eval_problems": 32 if tiny else 300,
             "eval_samples": 1, "temperature": 1.0}
 
 
@@ -52,7 +58,7 @@ def _model(tiny: bool) -> dict:
 
 def plan(tiny: bool) -> dict:
     """Pretrain on the task's worked solutions, then cold-start SFT: the base every RL run starts from."""
-    pre, sft = (20, 5) if tiny else (2000, 200)
+    pre, sft = (TINY_STEPS if tiny else STEPS)["pretrain"], (TINY_STEPS if tiny else STEPS)["sft"]
     return {
         "name": "bench-grpo",
         "model": _model(tiny),
@@ -67,14 +73,17 @@ def plan(tiny: bool) -> dict:
     }
 
 
-ALGORITHMS = {"grpo": {"group_size": 8}, "s_grpo": {"group_size": 8, "alpha": 25, "p": 0.5, "k": 50},
-              "t_spmo": {"group_size": 50, "success_budget": 2, "failure_budget": 0}}
+# Lee & Tong's settings: |G| = 8 (GRPO, S-GRPO) and 50 (T-SPMO), β = λ = 0.01, rollouts at temperature 0.3
+ALGORITHMS = {"grpo": {"group_size": 8, "kl_beta": 0.01},
+              "s_grpo": {"group_size": 8, "alpha": 25, "p": 0.5, "k": 50, "kl_beta": 0.01},
+              "t_spmo": {"group_size": 50, "success_budget": 2, "failure_budget": 0, "l2_lambda": 0.01}}
+ROLLOUT_TEMPERATURE = 0.3
 
 
 def rl_plan(name: str, tiny: bool, base: Path) -> dict:
     """One RL algorithm as a one-stage plan starting from the SFT checkpoint ``base``;
     LoRA on the query/value projections of the last quarter of layers (Lee & Tong)."""
-    steps = 3 if tiny else 100
+    steps = (TINY_STEPS if tiny else STEPS)["rl"]
     opts = {**ALGORITHMS[name], **({"group_size": 16} if tiny and name == "t_spmo" else {})}
     lora = {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "layers_fraction": 0.25}
     # the same update budget (steps) for each; 16 prompts × 8 completions, T-SPMO 2 × 50
@@ -83,9 +92,10 @@ def rl_plan(name: str, tiny: bool, base: Path) -> dict:
         "name": f"bench-{name.replace('_', '-')}",
         "model": {**_model(tiny), "init_from": str(base)},
         "compute": "cpu" if tiny else None,
-        "training": {"micro_batch": micro, "lr": 5.0e-4, "warmup_steps": 5},
+        "training": {"micro_batch": micro, "lr": 1.0e-4, "warmup_steps": 5},  # the paper's lr
         "stages": [{"name": name, "kind": "reasoning_rl", "steps": steps, "eval_every": steps,
-                    "options": {**_common(tiny), **opts, "algorithm": name, "lora": lora}}],
+                    "options": {**_common(tiny), **opts, "algorithm": name, "lora": lora,
+                                "temperature": ROLLOUT_TEMPERATURE, "eval_temperature": 1.0}}],
     }
 
 
@@ -101,6 +111,11 @@ def accuracies(home: Path) -> dict[str, dict[str, float]]:
             last = {k: v for k, (_, v) in runs.last_metrics(session, stage.id).items()}
             out[stage.name] = {k: last[k] for k in ("test_accuracy", "test_accuracy_sampled", "reward",
                                                     "tokens_per_s") if k in last}
+            reward = [v for _, v in runs.metric_series(session, run.id, "reward", stage.id)]
+            if reward:  # the rollouts' mean reward over the first and the last tenth of the updates
+                tenth = max(1, len(reward) // 10)
+                out[stage.name]["reward_first"] = sum(reward[:tenth]) / tenth
+                out[stage.name]["reward_last"] = sum(reward[-tenth:]) / tenth
             if stage.started_at and stage.finished_at:
                 out[stage.name]["seconds"] = (stage.finished_at - stage.started_at).total_seconds()
         run_dir = Path(run.run_dir)
@@ -164,9 +179,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a seconds-long CPU check of the script")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--pretrain-steps", type=int, default=STEPS["pretrain"])
+    parser.add_argument("--sft-steps", type=int, default=STEPS["sft"])
+    parser.add_argument("--rl-steps", type=int, default=STEPS["rl"], help="updates per RL algorithm")
     parser.add_argument("--throughput-only", action="store_true",
                         help="re-measure throughput alone (a quiet GPU) into an existing <out>/bench_grpo.json")
     args = parser.parse_args()
+    STEPS.update(pretrain=args.pretrain_steps, sft=args.sft_steps, rl=args.rl_steps)
     if args.throughput_only:
         result = json.loads((args.out / "bench_grpo.json").read_text())
         result["throughput"] = throughput(result["plan"], "cuda", prompts=16, group=8)
@@ -174,51 +193,89 @@ def main() -> None:
         return
     root = Path(tempfile.mkdtemp(prefix="muse-grpo-"))
     started = time.perf_counter()
-    base = launch(root / "base", plan(args.tiny), root / "base.log")
+    out = None if args.tiny else args.out
+    command = "python scripts/bench_grpo.py" + (" --tiny" if args.tiny else
+                                                f" --pretrain-steps {STEPS['pretrain']} --sft-steps {STEPS['sft']} "
+                                                f"--rl-steps {STEPS['rl']}")
+    result = {"device": _device_name(args.tiny), "plan": plan(args.tiny), "rl_plans": {}, "stages": {},
+              "throughput": None, "wall_seconds": 0.0, "command": command}
+    logs: list[Path] = [root / "base.log"]
+
+    def save(partial: bool) -> None:
+        result["wall_seconds"] = time.perf_counter() - started
+        result["partial"] = partial
+        write(result, out)
+
+    def on_term(signum, frame) -> None:  # a time limit: keep what finished, show where the rest was
+        for log in logs:
+            if log.exists():
+                print(f"--- {log.name} (tail)\n{log.read_text()[-1500:]}", flush=True)
+        save(partial=True)
+        sys.exit(124)
+
+    signal.signal(signal.SIGTERM, on_term)
+    base = launch(root / "base", plan(args.tiny), logs[0])
     if base.wait():
-        sys.exit(f"the base run failed:\n{(root / 'base.log').read_text()[-2000:]}")
+        sys.exit(f"the base run failed:\n{logs[0].read_text()[-2000:]}")
     acc = accuracies(root / "base")
     sft = max((Path(acc.pop("_run_dir")) / "sft").glob("step-*"))
+    result["stages"].update(acc)
     print(f"base done in {time.perf_counter() - started:.0f} s: {acc}", flush=True)
-    # the three algorithms from the same SFT weights, concurrently (each its own process and store)
-    procs = {name: launch(root / name, rl_plan(name, args.tiny, sft), root / f"{name}.log") for name in ALGORITHMS}
+    save(partial=True)
+    # the three algorithms from the same SFT weights, concurrently (each its own process and store):
+    # one small model leaves the GPU mostly idle between kernel launches
+    result["rl_plans"] = {n: rl_plan(n, args.tiny, sft) for n in ALGORITHMS}
+    procs = {}
+    for name in ALGORITHMS:
+        logs.append(root / f"{name}.log")
+        procs[name] = launch(root / name, result["rl_plans"][name], logs[-1])
     for name, proc in procs.items():
         if proc.wait():
             sys.exit(f"{name} failed:\n{(root / f'{name}.log').read_text()[-2000:]}")
-        acc.update({k: v for k, v in accuracies(root / name).items() if k != "_run_dir"})
-    wall = time.perf_counter() - started
+        result["stages"].update({k: v for k, v in accuracies(root / name).items() if k != "_run_dir"})
+        print(f"{name} done at {time.perf_counter() - started:.0f} s: {result['stages'][name]}", flush=True)
+        save(partial=True)
     device = "cpu" if args.tiny else "cuda"
-    speed = throughput(plan(args.tiny), device, prompts=2 if args.tiny else 16, group=4 if args.tiny else 8)
+    result["throughput"] = throughput(plan(args.tiny), device, prompts=2 if args.tiny else 16,
+                                      group=4 if args.tiny else 8)
+    save(partial=False)
+
+
+def _device_name(tiny: bool) -> str:
     import torch
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.tiny else "CPU"
-    result = {"device": gpu, "plan": plan(args.tiny), "rl_plans": {n: rl_plan(n, args.tiny, sft) for n in ALGORITHMS},
-              "stages": acc, "throughput": speed, "wall_seconds": wall,
-              "command": "python scripts/bench_grpo.py" + (" --tiny" if args.tiny else "")}
-    write(result, None if args.tiny else args.out)
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() and not tiny else "CPU"
 
 
 def write(result: dict, out: Path | None) -> None:
     acc, speed, gpu, wall = result["stages"], result["throughput"], result["device"], result["wall_seconds"]
     rows = [("base (after cold-start SFT)", "sft", "base"), ("GRPO", "grpo", "grpo"),
             ("S-GRPO", "s_grpo", "s_grpo"), ("T-SPMO", "t_spmo", "t_spmo")]
-    lines = ["| method | held-out greedy (%) | held-out sampled, T=1 (%) | paper, Qwen2-1.5B (%) | stage time (s) |",
-             "|---|---|---|---|---|"]
+    lines = ["| method | held-out greedy (%) | held-out sampled, T=1 (%) | paper, Qwen2-1.5B (%) | "
+             "rollout reward, first → last tenth | stage time (s) |",
+             "|---|---|---|---|---|---|"]
     nan = float("nan")
     for label, stage, paper in rows:
-        a = acc.get(stage, {})
+        a = acc.get(stage)
+        if a is None:
+            lines.append(f"| {label} | not run (cut off) | | {PAPER[paper]} | | |")
+            continue
+        reward = f"{a['reward_first']:.3f} → {a['reward_last']:.3f}" if "reward_first" in a else ""
         lines.append(f"| {label} | {100 * a.get('test_accuracy', nan):.1f} | "
-                     f"{100 * a.get('test_accuracy_sampled', nan):.1f} | {PAPER[paper]} | {a.get('seconds', nan):.0f} |")
-    s = speed
+                     f"{100 * a.get('test_accuracy_sampled', nan):.1f} | {PAPER[paper]} | {reward} | "
+                     f"{a.get('seconds', nan):.0f} |")
     table = "\n".join(lines)
-    md = (f"# GRPO vs S-GRPO vs T-SPMO on 3×3-digit multiplication\n\n"
+    s = speed
+    speed_line = ("Throughput: not measured (the run was cut off before it).\n" if s is None else
+                  f"Throughput at {s['parameters'] / 1e6:.1f}M parameters, {s['completions']} completions per batch "
+                  f"(mean {s['mean_completion_tokens']:.0f} tokens): rollout {s['rollout_completions_per_s']:.0f} "
+                  f"completions/s, update {s['update_completions_per_s']:.0f} completions/s.\n")
+    cut = "**Partial: the run was cut off; the rows it did not reach say so.**\n\n" if result.get("partial") else ""
+    md = (f"# GRPO vs S-GRPO vs T-SPMO on 3×3-digit multiplication\n\n{cut}"
           f"Command: `{result['command']}` on {gpu}; whole run {wall:.0f} s. The three RL runs start from the "
           f"same SFT checkpoint and run at the same time on the one GPU (their stage times overlap).\n\n"
-          f"{table}\n\n"
-          f"Throughput at {s['parameters'] / 1e6:.1f}M parameters, {s['completions']} completions per batch "
-          f"(mean {s['mean_completion_tokens']:.0f} tokens): rollout {s['rollout_completions_per_s']:.0f} "
-          f"completions/s, update {s['update_completions_per_s']:.0f} completions/s.\n")
-    print(md)
+          f"{table}\n\n{speed_line}")
+    print(md, flush=True)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench_grpo.json").write_text(json.dumps(result, indent=2, default=str))
