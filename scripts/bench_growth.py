@@ -196,7 +196,9 @@ def crossing(points: list[tuple[float, float]], target: float) -> float | None:
     return None
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, progress: Callable[[dict[str, Any]], None] = lambda r: None) -> dict[str, Any]:
+    """Every arm in turn; ``progress`` gets the result so far after each arm (a
+    run cut off by a time limit still leaves the arms it finished on disk)."""
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     if device.type == "cuda":
@@ -219,6 +221,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     target = scratch.points[-1][1]
     curves.append(scratch)
     del model
+
+    def result() -> dict[str, Any]:
+        return {"target": target, "scratch_flops": scratch_flops, "small_flops": small_flops,
+                "small_steps": small_steps, "big": big.__dict__, "small": small.__dict__,
+                "data": data.corpus.description, "curves": [c.__dict__ for c in curves]}
 
     t0 = time.perf_counter()
     small_curve = Curve("small")
@@ -248,10 +255,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       target=None if args.no_stop else target, warmup=0.02)  # SEEDS.md: re-warm 1–2%
         curve.params, curve.seconds = n_params(model), small_seconds + time.perf_counter() - t0
         curves.append(curve)
+        progress(result())
         del model, grown
-    return {"target": target, "scratch_flops": scratch_flops, "small_flops": small_flops,
-            "small_steps": small_steps, "big": big.__dict__, "small": small.__dict__,
-            "data": data.corpus.description, "curves": [c.__dict__ for c in curves]}
+    return result()
 
 
 def table(result: dict[str, Any]) -> list[str]:
@@ -360,7 +366,7 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(1)  # a shared CPU: more threads only contend
     t0 = time.perf_counter()
-    result = run(args)
+    result = run(args, progress=lambda partial: write(partial, args, time.perf_counter() - t0))
     write(result, args, time.perf_counter() - t0)
 
 
