@@ -74,6 +74,9 @@ executor's loop), the total without ``overhead`` was within -2.6% to +10.7%
 of ``torch.cuda.max_memory_allocated`` (over only with full checkpointing,
 whose recomputed block we count beside the head's saved tensors), and the
 total within -7% to +5% of the memory in use (allocator reserve + context).
+``scripts/bench_memory_model.py`` (docs/bench_memory_model.md) re-checks it with
+LoRA and the GRPO engine's sampling step: 20 configurations, median |error|
+1.8%, worst 16.9% (full checkpointing, as above).
 """
 
 from __future__ import annotations
