@@ -21,6 +21,20 @@ def muse_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread only adds contention on a shared CPU. A
+    module opts in (``pytestmark = pytest.mark.usefixtures("one_thread")``) and the
+    count is restored after it, so the rest of the suite keeps torch's default (a
+    module-level ``set_num_threads(1)`` would take effect at collection, for every test)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def store(muse_home) -> Store:
     opened = Store()

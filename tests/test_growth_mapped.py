@@ -23,7 +23,7 @@ from muse_plan.executor.runner import run_plan
 from test_growth import config, counting_batches, trained_like
 from test_growth_stage import PLAN, StopAt, messages, series, write
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 KINDS = ("exp_avg", "exp_avg_sq", "step")
 

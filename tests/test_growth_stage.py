@@ -17,7 +17,7 @@ from muse_plan.executor.runner import run_plan
 from muse_plan.store import runs
 from muse_plan.store.db import Store
 
-torch.set_num_threads(1)  # two shared cores: more threads only contend
+pytestmark = pytest.mark.usefixtures("one_thread")  # two shared cores: more threads only contend
 
 SMALL = {"layers": 2, "d_model": 32, "n_heads": 2}
 PLAN = {
