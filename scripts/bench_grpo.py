@@ -45,6 +45,10 @@ STEPS = {"pretrain": 1200, "sft": 100, "rl": 60}
 TINY_STEPS = {"pretrain": 20, "sft": 5, "rl": 3}
 
 
+def _steps(tiny: bool) -> dict[str, int]:
+    return TINY_STEPS if tiny else STEPS
+
+
 def _common(tiny: bool) -> dict:
     # a worked 3×3 solution is ~90 bytes after "A:" (three partial products and their sum)
     return {"tasks": TASK, "max_new_tokens": MAX_NEW_TOKENS, "eval_problems": 32 if tiny else 300,
@@ -58,7 +62,7 @@ def _model(tiny: bool) -> dict:
 
 def plan(tiny: bool) -> dict:
     """Pretrain on the task's worked solutions, then cold-start SFT: the base every RL run starts from."""
-    pre, sft = (TINY_STEPS if tiny else STEPS)["pretrain"], (TINY_STEPS if tiny else STEPS)["sft"]
+    pre, sft = _steps(tiny)["pretrain"], _steps(tiny)["sft"]
     return {
         "name": "bench-grpo",
         "model": _model(tiny),
@@ -83,7 +87,7 @@ ROLLOUT_TEMPERATURE = 0.3
 def rl_plan(name: str, tiny: bool, base: Path) -> dict:
     """One RL algorithm as a one-stage plan starting from the SFT checkpoint ``base``;
     LoRA on the query/value projections of the last quarter of layers (Lee & Tong)."""
-    steps = (TINY_STEPS if tiny else STEPS)["rl"]
+    steps = _steps(tiny)["rl"]
     opts = {**ALGORITHMS[name], **({"group_size": 16} if tiny and name == "t_spmo" else {})}
     lora = {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "layers_fraction": 0.25}
     # the same update budget (steps) for each; 16 prompts × 8 completions, T-SPMO 2 × 50

@@ -81,9 +81,12 @@ class _Storages:
         self.own, self.extra, self.packed = own, {}, []
 
     def add(self, t: torch.Tensor) -> None:
+        self._count(self.extra, t)
+
+    def _count(self, into: dict[int, int], t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         if storage.data_ptr() not in self.own:
-            self.extra.setdefault(storage.data_ptr(), storage.nbytes())
+            into.setdefault(storage.data_ptr(), storage.nbytes())
 
     def pack(self, t: torch.Tensor) -> _Saved:
         saved = _Saved(t)
@@ -100,9 +103,7 @@ class _Storages:
         for ref in self.packed:
             saved = ref()
             if saved is not None:
-                storage = saved.t.untyped_storage()
-                if storage.data_ptr() not in self.own:
-                    alive.setdefault(storage.data_ptr(), storage.nbytes())
+                self._count(alive, saved.t)
         return alive
 
     @property
