@@ -21,7 +21,7 @@ from engines.growth.stage import n_params
 from engines.growth.width import widen
 from muse_plan.plan.shapes import Shape, swiglu_hidden
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(residual: str = "standard", **changes) -> ModelConfig:
