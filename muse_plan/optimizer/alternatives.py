@@ -14,8 +14,8 @@ of tokens on the same hardware, in time (the throughput model, the
 from-scratch plan fitted on its own) and in FLOPs (``throughput.train_flops``
 per token, 6N + 12·L·d·T: PaLM's count, as docs/bench_growth.md). The grow
 stage itself is not priced (a copy; LiGO's short fit is left out). Equal
-tokens are not equal quality: at 304M on an H100, G_stack reached the
-from-scratch loss with 40% fewer FLOPs, so the prediction is the cost of
+tokens are not equal quality: at 304M on an H200, G_stack reached the
+from-scratch loss with 41-53% fewer FLOPs (three seeds), so the prediction is the cost of
 the same token budget, and the measurement says what it buys.
 """
 
@@ -199,8 +199,8 @@ def growth_path(spec: PlanSpec, hw: fitting.Hardware, largest: fitting.Alternati
     operator = alt.techniques.growth.operator if alt.techniques.growth else "g_stack"
     detail = (f"{first}, grow it ({operator}), continue at {format_count(scale)}: {_when(result)}"
               + (f"; {_describe_saving(saving)}" if saving else "")
-              + "; equal tokens are not equal loss: measured on an H100 at 304M, G_stack reached the "
-              "from-scratch loss with 40% fewer FLOPs (docs/bench_growth.md)")
+              + "; equal tokens are not equal loss: measured on an H200 at 304M, G_stack reached the "
+              "from-scratch loss with 41-53% fewer FLOPs over three seeds (docs/bench_growth.md)")
     return fitting.Alternative(f"a growth path to {format_count(scale)}", detail, alt, hw, result)
 
 
