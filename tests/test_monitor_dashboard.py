@@ -146,9 +146,13 @@ def test_a_plan_name_or_id_means_its_newest_run(cli, store):
     assert shown("alpha") == newest == 3
     assert shown("1") == first and shown("run-1") == first  # digits name a run first
     assert shown("5") == other  # no run 5: plan 5's newest run
+    no_target = cli("monitor", "--alert-thresholds", "gradient_norm:10,memory_usage:90", "--json")
+    assert no_target.exit_code == 0, no_target.output
+    assert json.loads(no_target.stdout)["run"] == newest  # no target: the store's newest run
 
 
 def test_unknown_targets_fail_with_one_line(cli, store):
+    one_error_line(cli("monitor", "--once"), "no run yet; start one with: muse plan run PLAN")
     one_error_line(cli("monitor", "99"), "no run or plan '99'")
     one_error_line(cli("monitor", "run-00099"), "no run 'run-00099'")
     one_error_line(cli("monitor", "nosuch"), "no plan 'nosuch'")

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 from matplotlib import image as mpimg
 
-from conftest import ROOT
+from conftest import ROOT, one_error_line
 from muse_plan import report
 from muse_plan.plan.io import spec_from_dict
 from muse_plan.store import repo, runs
@@ -26,13 +26,6 @@ TWO_STAGES = [{"name": "pretrain", "kind": "pretrain", "steps": 30, "checkpoint_
 EVENTS = [("fault", 12, "loss is NaN at step 12 (NonFiniteLoss)"),
           ("alert", 20, "gradient norm 41.3 is 8.2x its running median"),
           ("rewrite", 25, "revision 2 by recovery: lr 0.01 -> 0.005")]
-
-
-def one_error_line(result, text):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert text in lines[0], lines[0]
 
 
 # ---- pure: positions ----------------------------------------------------------------------

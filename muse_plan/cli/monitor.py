@@ -1,4 +1,4 @@
-"""``muse monitor PLAN|RUN``: a live dashboard of a run, read from the store while it trains."""
+"""``muse monitor [RUN|PLAN]``: a live dashboard of a run (by default the newest), read from the store while it trains."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ MIN_INTERVAL_S = 0.2
 
 def monitor(
     ctx: typer.Context,
-    target: Annotated[str, typer.Argument(
-        metavar="RUN|PLAN", help="A run id (12 or run-00012), or a plan id or name: that plan's newest run.")],
+    target: Annotated[Optional[str], typer.Argument(
+        metavar="RUN|PLAN", help="A run id (12 or run-00012), or a plan id or name: that plan's newest run. "
+                                   "Default: the newest run in the store.")] = None,
     update_interval: Annotated[float, typer.Option(
         "--update-interval", help="Seconds between refreshes (at least 0.2).")] = 30.0,
     once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit.")] = False,
@@ -42,7 +43,7 @@ def monitor(
     _watch(opened, target, thresholds, update_interval)
 
 
-def _read(opened: Any, ref: str, thresholds: dict[str, float]) -> dict[str, Any]:
+def _read(opened: Any, ref: str | None, thresholds: dict[str, float]) -> dict[str, Any]:
     """One snapshot in two short read transactions, with the host sampled between them."""
     from muse_plan.monitor import dashboard
 
@@ -53,7 +54,7 @@ def _read(opened: Any, ref: str, thresholds: dict[str, float]) -> dict[str, Any]
         return dashboard.snapshot(session, run, thresholds, host)
 
 
-def _watch(opened: Any, ref: str, thresholds: dict[str, float], interval: float) -> None:
+def _watch(opened: Any, ref: str | None, thresholds: dict[str, float], interval: float) -> None:
     from rich.live import Live
     from rich.text import Text
 

@@ -124,8 +124,14 @@ def _rules(thresholds: dict[str, float], series: dict[str, list[float]]) -> list
 
 # ---- reading the store -----------------------------------------------------------------------
 
-def resolve_run(session: Session, ref: str) -> Run:
-    """A run by id (``12``, ``run-00012``), else the newest run of a plan (id or name)."""
+def resolve_run(session: Session, ref: str | None) -> Run:
+    """A run by id (``12``, ``run-00012``), else the newest run of a plan (id or
+    name); with no ``ref``, the newest run in the store."""
+    if ref is None:
+        newest = runs.list_runs(session, limit=1)
+        if not newest:
+            raise NoRunYet("no run yet; start one with: muse plan run PLAN")
+        return newest[0][0]
     ref = str(ref).strip()
     number = ref.removeprefix("run-")
     if number.isdigit() and (ref.startswith("run-") or session.get(Run, int(number))):
