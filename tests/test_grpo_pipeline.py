@@ -26,10 +26,9 @@
    an earlier machine and torch measured +3.5 / +4.0 / +15.5 on the same
    seeds, sampled +4.8 / +12.9 / +5.1). It can fail: with 8 prompts an
    update instead of 16 the sampled gains shrink to +1.2 / +1.8 / +1.7
-   (mean below MARGIN). The same numbers on 1 and 2 threads. On this
-   session's machine it takes 13 minutes alone on 2 CPU threads (the
-   pretraining 2.7, each RL seed 3.1 of them) and 25 in the suite, which
-   runs single-threaded (tests/test_growth.py sets one thread at import).
+   (mean below MARGIN). The same numbers on 1 and 2 threads. It is the
+   suite's slowest test: 11-13 minutes on 2 CPU threads, alone or in the
+   suite (the pretraining about 2.7 of them, each RL seed about 3).
 2. Every stage kind runs: the CPU variant of the bundled reasoning plan
    (cold-start SFT → GRPO / S-GRPO / T-SPMO with LoRA → rejection sampling →
    all-scenarios RL) completes, records its metrics and hands weights across
