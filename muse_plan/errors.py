@@ -12,6 +12,7 @@ class MuseError(Exception):
     """A failure the user can fix; its message is one line that says how."""
 
     exit_code = 2
+    prefix = "error: "
 
 
 class PlanError(MuseError):
@@ -38,3 +39,11 @@ class RunFailed(MuseError):
     """
 
     exit_code = 1
+
+
+class RunInterrupted(MuseError):
+    """The user stopped a run (Ctrl-C); exit code 130, as for any SIGINT. The
+    message says where it stopped and how to go on; it is not an error."""
+
+    exit_code = 130
+    prefix = ""

@@ -19,6 +19,7 @@ import torch
 from engines.growth.depth import ZEROED
 from engines.growth.operators import grow, grow_moments
 from engines.growth.schedule import GrowSettings
+from muse_plan.errors import RunInterrupted
 from muse_plan.executor.runner import run_plan
 from test_growth import config, counting_batches, trained_like
 from test_growth_stage import PLAN, StopAt, messages, series, write
@@ -189,7 +190,7 @@ def test_the_continue_stage_starts_from_the_moments_of_the_blocks_it_copies(cli,
     from muse_plan.plan.io import spec_from_dict
 
     assert cli("plan", "import", write(tmp_path, **MAPPED_PLAN)).exit_code == 0
-    with pytest.raises(KeyboardInterrupt):  # the continue stage's first checkpoint, before keep=3 prunes it
+    with pytest.raises(RunInterrupted):  # the continue stage's first checkpoint, before keep=3 prunes it
         run_plan(None, "grow", view=StopAt("continue", 2))
     spec = spec_from_dict(MAPPED_PLAN)
     small = by_name(stage_state(muse_home, "pretrain_small", 12)["optimizer"],
@@ -232,7 +233,7 @@ def test_a_continue_stage_cut_before_its_first_checkpoint_restarts_from_the_mapp
     expected = series(1, "loss", 2)
 
     monkeypatch.setenv("MUSE_HOME", str(homes["cut"]))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RunInterrupted):
         run_plan(None, "grow", view=StopAt("continue", 3))
     assert not (homes["cut"] / "runs" / "run-00001" / "continue" / "step-00000005").exists()
     result = run_plan(None, "grow", resume=True)

@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from muse_plan.errors import RunInterrupted
 from muse_plan.executor.runner import run_plan
 from muse_plan.store import runs
 from muse_plan.store.db import Store
@@ -108,8 +109,10 @@ def test_a_stage_after_growth_resumes_from_its_own_checkpoint(cli, tmp_path, mon
     expected = series(1, "loss", 2)
 
     monkeypatch.setenv("MUSE_HOME", str(homes["cut"]))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RunInterrupted) as stopped:
         run_plan(None, "grow", view=StopAt("continue", 8))
+    assert str(stopped.value) == ("run 1 interrupted in stage continue at step 8 of 20, last checkpoint at step 5; "
+                                  "resume with: muse plan run grow --resume")
     with Store().read() as session:
         run = runs.get_run(session, 1)
         assert run.status == "interrupted"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,6 +126,34 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, monkeyp
         assert run.status == "completed"
         messages = [e.message for e in runs.events(session, 1)]
         assert any(m.startswith("resuming stage pretrain from step-") for m in messages)
+
+
+def test_ctrl_c_stops_a_run_with_one_line_saying_where_and_how_to_resume(cli, tmp_path, monkeypatch) -> None:
+    stages = [{"name": "pretrain", "kind": "pretrain", "steps": 5000, "checkpoint_every": 10}]
+    assert _muse(tmp_path, "plan", "import", str(write_plan(tmp_path, stages=stages))).wait() == 0
+    folder = tmp_path / "runs" / "run-00001" / "pretrain"
+    victim = _muse(tmp_path, "plan", "run", "tiny")
+    deadline = time.monotonic() + 120
+    while not (folder / "step-00000020").is_dir():
+        assert victim.poll() is None and time.monotonic() < deadline, "run ended before it could be stopped"
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGINT)
+    output = victim.communicate(timeout=60)[0]
+    assert victim.returncode == 130, output
+    assert "Traceback" not in output, output
+    last = output.strip().splitlines()[-1]
+    found = re.fullmatch(r"run 1 interrupted in stage pretrain at step (\d+) of 5000, last checkpoint at step "
+                         r"(\d+); resume with: muse plan run tiny --resume", last)
+    assert found, last
+    step, saved = int(found[1]), int(found[2])
+    assert 20 <= saved <= step < 5000 and saved % 10 == 0
+    monkeypatch.setenv("MUSE_HOME", str(tmp_path))
+    assert [s for s, _ in losses(1)] == list(range(1, step + 1))  # every step trained is recorded
+    with Store().read() as session:
+        run = session.get(Run, 1)
+        assert run.status == "interrupted" and runs.stage_runs(session, run)[0].step == step
+    shown = cli("run", "show", "1").output
+    assert "interrupted by the user" in shown and "resume with: muse run resume 1" in shown
 
 
 def test_plan_with_an_engine_not_built_yet_is_refused_before_a_run_exists(cli, tmp_path, monkeypatch) -> None:

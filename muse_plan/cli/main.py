@@ -12,13 +12,14 @@ from muse_plan.errors import MuseError
 
 
 class MuseGroup(TyperGroup):
-    """Translates every ``MuseError`` into ``error: <message>`` and exit code 2."""
+    """Translates every ``MuseError`` into ``error: <message>`` and its exit code (2:
+    the user's to fix)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except MuseError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"{exc.prefix}{exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
 
 

@@ -52,6 +52,8 @@ def run_view(run: Run, plan_name: str, status: str, stages: list[tuple[StageRun,
     parts: list[Any] = [title]
     if run.error:
         parts.append(Text(f"stopped by: {run.error}", style="red"))
+    if status in ("failed", "interrupted"):
+        parts.append(Text(f"resume with: muse run resume {run.id}"))
     if run.run_dir:
         parts.append(Text(f"folder: {run.run_dir}", style="dim"))
     table = Table(header_style="bold underline", box=None, padding=(0, 1), pad_edge=False)

@@ -60,6 +60,11 @@ def step_dir(stage_dir: Path, step: int) -> Path:
     return stage_dir / f"step-{step:08d}"
 
 
+def step_of(path: Path) -> int | None:
+    """The step a checkpoint folder ``step-N`` holds (None for another name)."""
+    return int(path.name[5:]) if path.name.startswith("step-") and path.name[5:].isdigit() else None
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -122,9 +127,8 @@ def checkpoints(stage_dir: Path) -> list[Path]:
     """Finished checkpoint folders, newest first."""
     if not stage_dir.is_dir():
         return []
-    found = [p for p in stage_dir.iterdir() if p.is_dir() and p.name.startswith("step-")
-             and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+    found = [p for p in stage_dir.iterdir() if p.is_dir() and step_of(p) is not None]
+    return sorted(found, key=step_of, reverse=True)
 
 
 def verify(path: Path) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from engines.contract import TRAINERS, StageSetup, available, make_trainer
-from muse_plan.errors import Conflict, MuseError, NotFound, PlanError, RunFailed
+from muse_plan.errors import Conflict, MuseError, NotFound, PlanError, RunFailed, RunInterrupted
 from muse_plan.executor import checkpoint
 from muse_plan.executor.loop import Fault, Injector, StepRecord, train_stage
 from muse_plan.monitor.detectors import Watch
@@ -143,8 +143,10 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
                     prepared.revision += 1
                     resuming, skip_until = True, fault.step if skip else None
     except BaseException as exc:
-        if store is not None:
-            _mark_stopped(store, prepared, exc)
+        where = _mark_stopped(store, prepared, exc) if store is not None else ""
+        if isinstance(exc, KeyboardInterrupt) and store is not None:
+            raise RunInterrupted(f"run {prepared.run_id} interrupted{where}; resume with: "
+                                 f"muse plan run {prepared.plan} --resume") from None
         if isinstance(exc, Fault):
             raise RunFailed(
                 f"run {prepared.run_id} stopped: {exc}; resume with: muse plan run {prepared.plan} --resume"
@@ -389,8 +391,13 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
 
     initial = None if start is not None else mapped_optimizer_state(spec, prepared, position, accelerator,
                                                                     trainer.model, s)
-    metrics = train_stage(trainer, s, accelerator, run_dir / stage.name, meta, hooks, start, watch=watch,
-                          injector=injector, skip_until=skip_until, initial_optimizer_state=initial)
+    try:
+        metrics = train_stage(trainer, s, accelerator, run_dir / stage.name, meta, hooks, start, watch=watch,
+                              injector=injector, skip_until=skip_until, initial_optimizer_state=initial)
+    except KeyboardInterrupt:
+        if hooks is not None:  # keep the steps trained since the last flush: monitor and report show them
+            hooks.flush()
+        raise
     steps = int(metrics.pop("stopped_at_step", s.steps))  # the engine's stopping rule may end it early
     if steps < s.steps:
         _note(store, prepared, position, [f"stage {stage.name} stopped early at step {steps} of {s.steps}: "
@@ -464,9 +471,12 @@ def _note(store: Store | None, prepared: Prepared, position: int, notes: list[st
             view.message(text)
 
 
-def _mark_stopped(store: Store, prepared: Prepared, exc: BaseException) -> None:
+def _mark_stopped(store: Store, prepared: Prepared, exc: BaseException) -> str:
+    """Records the run and its running stage as stopped; returns where, for a
+    message (" in stage pretrain at step 29 of 250, last checkpoint at step 0")."""
     status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
     message = "interrupted by the user" if status == "interrupted" else f"{type(exc).__name__}: {exc}"
+    where = ""
     with store.write() as session:
         run = session.get(Run, prepared.run_id)
         run.status, run.error, run.finished_at = status, message, utcnow()
@@ -474,8 +484,13 @@ def _mark_stopped(store: Store, prepared: Prepared, exc: BaseException) -> None:
         for sr in runs.stage_runs(session, run):
             if sr.status == "running":
                 sr.status, stopped = status, sr.id
+                found = checkpoint.checkpoints(Path(prepared.run_dir) / sr.name)  # what a resume loads
+                saved = checkpoint.step_of(found[0]) if found else None
+                where = (f" in stage {sr.name} at step {sr.step} of {sr.total_steps}, "
+                         + (f"last checkpoint at step {saved}" if saved is not None else "no checkpoint yet"))
         runs.add_event(session, run, message, kind="fault" if isinstance(exc, Fault) else "info",
                        severity="error", step=getattr(exc, "step", None), stage_run_id=stopped)
+    return where
 
 
 class Recorder:
