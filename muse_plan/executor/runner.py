@@ -473,7 +473,7 @@ def _note(store: Store | None, prepared: Prepared, position: int, notes: list[st
 
 def _mark_stopped(store: Store, prepared: Prepared, exc: BaseException) -> str:
     """Records the run and its running stage as stopped; returns where, for a
-    message (" in stage pretrain at step 29 of 250, last checkpoint at step 0")."""
+    message (" in stage pretrain at step 29 of 250, last checkpoint at step 20")."""
     status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
     message = "interrupted by the user" if status == "interrupted" else f"{type(exc).__name__}: {exc}"
     where = ""
