@@ -230,8 +230,11 @@ def test_compound_growth_expands_into_two_growth_steps(cli, tmp_path) -> None:
     ({"small_seq_len": 256}, "techniques.growth.small_seq_len 256 must be shorter than model.seq_len 256"),
     ({"small_seq_len": 0}, "small_seq_len"),
     ({"rope": "yarn"}, "rope"),
+    ({"fit_steps": 50}, "fit_steps sets the fit of LiGO's learned operator, and operator 'g_stack' learns none"),
+    ({"operator": "net2net", "fit_steps": 5, "fit_lr": 0.1}, "fit_steps and fit_lr set the fit of LiGO's"),
+    ({"operator": "ligo", "fit_steps": 0}, "fit_steps"),
 ])
-def test_a_bad_context_growth_option_is_one_line(cli, tmp_path, growth, message) -> None:
+def test_a_bad_growth_option_is_one_line(cli, tmp_path, growth, message) -> None:
     from conftest import one_error_line
 
     data = {"name": "bad", "model": {"scale": "125M", "seq_len": 256}, "techniques": {"growth": growth}}
@@ -380,3 +383,40 @@ def test_the_bundled_cpu_growth_plan_grows_and_keeps_learning(cli, muse_home) ->
     small, continued = series(1, "val_loss", 0), series(1, "val_loss", 2)
     assert [s for s, _ in small][-1] == 120 and [s for s, _ in continued][-1] == 180
     assert continued[-1][1] < small[-1][1] - 0.1
+
+
+@pytest.mark.parametrize("fit_steps", [500, None])
+def test_the_growth_path_charges_ligo_for_its_fit(fit_steps) -> None:
+    """LiGO's operator fit is fit_steps steps of the grown model on one micro-batch each
+    (the engine's 200 when the plan gives none); the copying operators cost nothing."""
+    from engines.architecture.config import param_count
+    from muse_plan.executor.settings import decoder_config
+    from muse_plan.optimizer import fit as fitting
+    from muse_plan.optimizer.alternatives import growth_saving
+    from muse_plan.plan.io import spec_from_dict
+    from muse_plan.plan.planner import complete
+    from test_fit import HOST
+
+    def growth_path(growth: dict):
+        spec = complete(spec_from_dict({"name": "big", "model": {"scale": "10B", "residual": "standard",
+                                                                  "seq_len": 1024},
+                                        "techniques": {"growth": growth},
+                                        "compute": "1xRTX3080-8GB", "timeline": "7days"}))
+        hw = fitting.hardware_for(spec, host=HOST)
+        alt = next(a for a in fitting.fit(spec, hw).alternatives if a.title.startswith("a growth path to "))
+        return alt, growth_saving(alt.spec, alt.result, hw), hw
+
+    ligo_options = {"operator": "ligo"} | ({"fit_steps": fit_steps} if fit_steps else {})
+    ligo, charged, hw = growth_path(ligo_options)
+    stack, free, _ = growth_path({"operator": "g_stack"})
+    assert [s.shape for s in ligo.spec.stages] == [s.shape for s in stack.spec.stages]
+    assert ligo.spec.stages[1].options["operator"] == "ligo"
+    assert ligo.spec.stages[1].options.get("fit_steps") == fit_steps  # the engine's default when None
+    chosen = ligo.result.chosen.settings
+    assert chosen == stack.result.chosen.settings
+    target = decoder_config(ligo.spec, ligo.spec.stages[2])
+    per_token = 6 * param_count(target) + 12 * target.n_layers * target.d_model * target.seq_len
+    fit_tokens = (fit_steps or 200) * chosen.micro_batch * hw.processes * target.seq_len
+    assert charged.tokens == free.tokens
+    assert charged.growth_flops - free.growth_flops == pytest.approx(fit_tokens * per_token, rel=1e-9)
+    assert charged.growth_s > free.growth_s

@@ -117,13 +117,14 @@ class GrowSettings:
 
 
 def grow_settings(options: dict[str, Any]) -> GrowSettings:
-    """Parse a grow stage's options; ``ValueError`` with the accepted values."""
+    """Parse a grow stage's options; ``ValueError`` with the accepted values. An
+    option given as None (a plan's unset ``fit_steps``) takes its default."""
     known = {f.name for f in fields(GrowSettings)}
     unknown = sorted(k for k in options if k not in known and k not in _PLAN_KEYS)
     if unknown:
         raise ValueError(f"unknown growth option {', '.join(map(repr, unknown))}; "
                          f"accepted: {', '.join(sorted(known | _PLAN_KEYS))}")
-    return GrowSettings(**{k: v for k, v in options.items() if k in known})
+    return GrowSettings(**{k: v for k, v in options.items() if k in known and v is not None})
 
 
 def _describe(c: ModelConfig) -> str:

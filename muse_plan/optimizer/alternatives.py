@@ -13,7 +13,8 @@ chose for each) against training the target from scratch on the same number
 of tokens on the same hardware, in time (the throughput model, the
 from-scratch plan fitted on its own) and in FLOPs (``throughput.train_flops``
 per token, 6N + 12·L·d·T: PaLM's count, as docs/bench_growth.md). The grow
-stage itself is not priced (a copy; LiGO's short fit is left out). Equal
+stage is priced only for LiGO: its fit, ``fit_steps`` steps of the grown
+model on one micro-batch each (the copying operators cost nothing). Equal
 tokens are not equal quality: at 304M on an H200, G_stack reached the
 from-scratch loss with 41-53% fewer FLOPs (three seeds), so the prediction is the cost of
 the same token budget, and the measurement says what it buys.
@@ -159,12 +160,26 @@ def growth_saving(alt: PlanSpec, result: fitting.FitResult, hw: fitting.Hardware
     flops = sum(st.steps * st.config.tokens_per_step * train_flops(st.config) for st in stages)
     target = stages[-1].config  # the continue stage trains the target
     scratch_flops = tokens * train_flops(target.with_(lora=None))
+    fit = ligo_fit_steps(alt)
+    fit_tokens = fit * target.micro_batch * target.world_size * target.model.seq_len
+    flops += fit_tokens * train_flops(target)
+    fit_s = stages[-1].seconds * fit_tokens / max(1, stages[-1].steps * target.tokens_per_step)
     steps = math.ceil(tokens / (fitting.global_batch(alt, hw) * target.model.seq_len))
     scratch = _variant(alt, "scratch", techniques=_without(alt, "growth"),
                        stages=[{"name": "pretrain", "kind": "pretrain", "steps": steps}])
     fitted = _fits(scratch, hw)
     scratch_s = fitted.eta.total_s if fitted is not None and fitted.eta is not None else None
-    return GrowthSaving(tokens, flops, scratch_flops, sum(st.seconds for st in stages), scratch_s)
+    return GrowthSaving(tokens, flops, scratch_flops, sum(st.seconds for st in stages) + fit_s, scratch_s)
+
+
+def ligo_fit_steps(spec: PlanSpec) -> int:
+    """The steps a growth plan's LiGO fit takes (0 for the copying operators)."""
+    growth = spec.techniques.growth
+    if growth is None or growth.operator != "ligo":
+        return 0
+    from engines.growth.schedule import GrowSettings  # the engine's default
+
+    return growth.fit_steps or GrowSettings.fit_steps
 
 
 def _flops(value: float) -> str:

@@ -143,6 +143,8 @@ def growth_stages(spec: PlanSpec, growth: GrowthOptions,
     }
     if short is not None:
         grow_options["rope"] = growth.rope
+    grow_options.update({k: v for k, v in (("fit_steps", growth.fit_steps), ("fit_lr", growth.fit_lr))
+                         if v is not None})
     rewarm = {"rewarm_fraction": growth.rewarm_fraction}
     if growth.operator == "compound":  # CompoundGrow: two growth steps through a middle shape
         from engines.growth.schedule import compound_shapes

@@ -93,6 +93,18 @@ class GrowthOptions(Options):
         None, description="context the small stage trains at; the grow stage extends it to model.seq_len")
     rope: Literal["none", "linear", "ntk"] = Field(
         "linear", description="rotary scaling when the context grows: position interpolation, NTK, or none")
+    fit_steps: PositiveInt | None = Field(
+        None, description="LiGO: steps fitting its operator (default 200), each about one grown-model micro-step")
+    fit_lr: float | None = Field(None, gt=0, description="LiGO: the operator's Adam learning rate (default 1e-3)")
+
+    @model_validator(mode="after")
+    def _fit_is_ligos(self) -> GrowthOptions:
+        given = [name for name in ("fit_steps", "fit_lr") if getattr(self, name) is not None]
+        if given and self.operator != "ligo":
+            raise ValueError(f"{' and '.join(given)} {'set' if len(given) > 1 else 'sets'} the fit of LiGO's "
+                             f"learned operator, and operator {self.operator!r} learns none; drop "
+                             f"{'them' if len(given) > 1 else 'it'} or use operator ligo")
+        return self
 
 
 class RkdoOptions(Options):
