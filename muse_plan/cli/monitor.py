@@ -1,4 +1,5 @@
-"""``muse monitor [RUN|PLAN]``: a live dashboard of a run (by default the newest), read from the store while it trains."""
+"""``muse monitor [RUN|PLAN]``: a live dashboard of a run (by default the newest),
+read from the store while it trains."""
 
 from __future__ import annotations
 
