@@ -13,7 +13,10 @@ Design decisions:
   ``trainer.model`` itself (safetensors), so a stage's result is one weights
   file whatever engine made it.
 - ``StageSetup`` is a plain dataclass, not the plan's pydantic model: engines
-  stay importable and testable without the orchestrator.
+  stay importable and testable without the orchestrator. Its ``options`` is
+  the engine's own typed options object (``engines/*/options.py``,
+  ``GrowSettings``, ``RkdoConfig``), validated when the plan was read; an
+  engine reads its attributes and holds no defaults of its own.
 - Optional extras a trainer may have, each asked for with ``getattr`` by the
   executor: ``should_stop()`` (its own early-stopping rule, asked at
   evaluations), ``checkpoint_meta`` (a dict written into each checkpoint's
@@ -45,7 +48,7 @@ class StageSetup:
     name: str
     kind: str
     model: ModelConfig
-    options: dict[str, Any] = field(default_factory=dict)
+    options: Any = None  # the stage kind's typed options (its engine's options model); None: the defaults
     data_source: str = "arithmetic"
     tokenizer: str = "byte"
     val_fraction: float = 0.05

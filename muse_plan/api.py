@@ -179,8 +179,7 @@ def optimize(store: Store, ref: str, *, gpu_type: str | None = None, available_g
     fitted = result.fitted_spec
     if dry_run or fitted is None or not diff(io.spec_to_dict(spec), io.spec_to_dict(fitted)):
         return Optimized(plan, result, None)
-    reason = f"fitted to {hw.describe()}: " + (", ".join(f"{n} {a}→{b}" for n, a, b in result.changes)
-                                                 or "settings filled in")
+    reason = f"fitted to {hw.describe()}: " + (result.describe_changes() or "settings filled in")
     with store.write() as session:
         plan = repo.get_plan(session, ref)
         revision = repo.add_revision(session, plan, fitted, "optimizer", reason)

@@ -144,6 +144,7 @@ def throughput(spec: dict, device: str, prompts: int, group: int) -> dict[str, f
 
     from engines.architecture.config import ModelConfig
     from engines.contract import StageSetup
+    from engines.grpo.options import parse
     from engines.grpo.trainer import GrpoTrainer
     from muse_plan.plan.spec import ModelShape
 
@@ -151,8 +152,9 @@ def throughput(spec: dict, device: str, prompts: int, group: int) -> dict[str, f
     config = ModelConfig.from_shape(shape, 260, spec["model"]["seq_len"])
     trainer = GrpoTrainer()
     trainer.setup(StageSetup(name="t", kind="reasoning_rl", model=config, micro_batch=prompts, device=device,
-                             options={"tasks": ["multiplication:3x3"], "group_size": group, "max_new_tokens": MAX_NEW_TOKENS,
-                                      "temperature": 1.0, "eval_problems": 1}))
+                             options=parse("reasoning_rl", {}, {
+                                 "tasks": ["multiplication:3x3"], "group_size": group,
+                                 "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "eval_problems": 1})))
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
     def timed(fn):

@@ -82,11 +82,12 @@ def _train_steps(config, micro: int, ckpt: str, lora: bool):
 
     from engines.architecture.model import DecoderLM
     from engines.grpo.policy import LoraSettings, add_lora, keep_frozen_in
+    from engines.options import LoraOptions
 
     model = DecoderLM(config).to(DEVICE)
     model.set_checkpointing(ckpt)
     if lora:
-        add_lora(model, LoraSettings.from_options(LORA))
+        add_lora(model, LoraSettings.from_options(LoraOptions(**LORA)))
         keep_frozen_in(model, torch.bfloat16)
     opt = _optimizer(model)
     x = torch.randint(0, config.vocab_size, (micro, config.seq_len), device=DEVICE)
@@ -105,13 +106,15 @@ def _grpo_steps(config, ckpt: str, lora: bool):
     import torch
 
     from engines.contract import StageSetup
+    from engines.grpo.options import parse
     from engines.grpo.trainer import GrpoTrainer
 
     options = {"tasks": ["multiplication:3x3"], "algorithm": "grpo", "group_size": GROUP,
                "max_new_tokens": NEW_TOKENS, "temperature": 1.0, "eval_problems": 1,
                "kl_beta": 0.04, **({"lora": LORA} if lora else {})}
     t = GrpoTrainer()
-    t.setup(StageSetup(name="rl", kind="reasoning_rl", model=config, micro_batch=PROMPTS, options=options,
+    t.setup(StageSetup(name="rl", kind="reasoning_rl", model=config, micro_batch=PROMPTS,
+                       options=parse("reasoning_rl", {}, options),
                        activation_checkpointing=ckpt, device=DEVICE, frozen_precision="bf16"))
     opt = _optimizer(t.model)
     widths, prompts = [], []

@@ -90,7 +90,7 @@ def fitting_micro_batch(args: argparse.Namespace) -> int:
     micro = args.micro_batch
     while micro > 1 and hw is not None:
         spec = spec_from_dict(plan_data(argparse.Namespace(**{**vars(args), "micro_batch": micro}), "probe", 10, 10))
-        if fitting.price(spec, fitting.written_settings(spec, hw), hw).fits:
+        if fitting.price(spec, hw).fits:
             break
         micro //= 2
     return micro

@@ -93,12 +93,14 @@ def make_trainer(options: dict[str, Any], seed: int, steps: int, batch: int, dev
     import torch
 
     from engines.contract import StageSetup
+    from engines.rkdo.config import RkdoConfig
     from engines.rkdo.trainer import RkdoTrainer
 
     s = stage_settings(max(steps, 1), batch, 1e-3)
     torch.manual_seed(seed)
     trainer = RkdoTrainer()
-    trainer.setup(StageSetup(name="representation", kind="representation", model=s.model, options=options,
+    trainer.setup(StageSetup(name="representation", kind="representation", model=s.model,
+                             options=RkdoConfig.from_options(options),
                              micro_batch=batch, micro_steps=steps, seed=seed, device=device))
     return trainer
 

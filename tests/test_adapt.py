@@ -178,9 +178,9 @@ def test_memory_headroom_on_an_h100_proposes_the_fastest_micro_batch_that_fits(s
     # the optimizer's models, asked directly, agree with what the proposal says
     spec = repo_spec(store, "h100")
     hw = fitting.hardware_for(spec)
-    before = fitting.price(spec, fitting.written_settings(spec, hw), hw)
+    before = fitting.price(spec, hw)
     after_spec = with_changes(spec, p.changes)
-    after = fitting.price(after_spec, fitting.written_settings(after_spec, hw), hw)
+    after = fitting.price(after_spec, hw)
     assert after.fits
     assert p.predicted["speedup"] == pytest.approx(before.seconds / after.seconds) and p.predicted["speedup"] >= 1.03
     assert p.predicted["calibrated_peak_gib"] == pytest.approx(12.0 + (after.peak - before.peak) / GIB)

@@ -52,7 +52,7 @@ def test_a_plan_that_fits_only_with_changes_lists_them() -> None:
     result = fitting.fit(spec, fitting.hardware_for(spec, host=HOST))
     assert result.verdict == "fits_with_changes"
     assert not result.written.fits and result.chosen.fits
-    changed = {name for name, _, _ in result.changes}
+    changed = {c.field for c in result.changes}
     assert changed & {"micro_batch", "checkpointing", "offload"}
     assert result.chosen.peak <= fitting.hardware_for(spec, host=HOST).limit_bytes
     fitted = result.fitted_spec
@@ -137,10 +137,13 @@ def test_run_refuses_a_plan_that_cannot_fit_this_machine(cli, tmp_path) -> None:
 def test_the_quick_no_never_hides_a_fitting_candidate(gpu: str, count: int) -> None:
     spec = bundled("muse-10b-japanese")
     hw = fitting.hardware_for(spec, gpu=gpu, count=count, host=HOST)
-    models = [fitting.stage_model(spec, s) for s in spec.stages]
-    exhaustive = any(fitting.price(spec, s, hw, models).fits
-                     for s in fitting._candidates(spec, hw, fitting.ALL_FIELDS))
-    assert fitting._could_fit(spec, hw, fitting.ALL_FIELDS, models) == exhaustive
+    limits = fitting._limits(hw)
+    for s in fitting.stage_settings(spec, hw):
+        if fitting.train_config(s) is None:
+            continue
+        exhaustive = any(fitting.price_stage(fitting.with_knobs(s, k), hw).fits(*limits)
+                         for k in fitting._candidates(s, hw, fitting.ALL_FIELDS))
+        assert fitting._could_fit(s, hw, fitting.ALL_FIELDS) == exhaustive, s.name
 
 
 def test_a_plan_fitted_to_fewer_gpus_than_it_names_says_so() -> None:

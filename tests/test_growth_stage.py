@@ -140,20 +140,23 @@ def test_ligo_in_a_plan_fits_its_operator_and_records_the_fit(cli, tmp_path, mus
     assert any("by ligo" in m and "operator fitted 6 steps" in m for m in messages(1))
 
 
-@pytest.mark.parametrize("grow_options, shape, message", [
-    ({"operator": "ligo", "optimizer_state": "mapped"}, None, "optimizer_state 'mapped' does not work with ligo"),
+@pytest.mark.parametrize("grow_options, shape, message, when", [
+    ({"operator": "ligo", "optimizer_state": "mapped"}, None, "optimizer_state 'mapped' does not work with ligo",
+     "import"),
     ({"operator": "g_stack"}, {"layers": 4, "d_model": 64, "n_heads": 4},
-     "g_stack grows depth only, but the width changes"),
-    ({"operator": "net2net"}, None, "net2net grows width only, but layers change 2 → 4"),
-    ({"operator": "g_stack", "warp": 1}, None, "unknown growth option 'warp'"),
+     "g_stack grows depth only, but the width changes", "run"),
+    ({"operator": "net2net"}, None, "net2net grows width only, but layers change 2 → 4", "run"),
+    ({"operator": "g_stack", "warp": 1}, None, "unknown growth option 'warp'", "import"),
 ])
 def test_a_growth_the_plan_cannot_make_is_refused_before_a_run_exists(cli, tmp_path, grow_options, shape,
-                                                                       message) -> None:
+                                                                       message, when) -> None:
+    """Options are refused when the plan is read; shapes the operator can't join when a run starts."""
     stages = [dict(s) for s in PLAN["stages"]]
     stages[1] = {"name": "grow", "kind": "grow", "options": grow_options}
     model = {**PLAN["model"], "shape": shape} if shape else PLAN["model"]
-    cli("plan", "import", write(tmp_path, stages=stages, model=model))
-    result = cli("plan", "run", "grow")
+    imported = cli("plan", "import", write(tmp_path, stages=stages, model=model))
+    assert imported.exit_code == (2 if when == "import" else 0), imported.output
+    result = imported if when == "import" else cli("plan", "run", "grow")
     assert result.exit_code == 2
     assert "stage 'grow': " in result.output and message in result.output
     assert cli("run", "list", "--json").output.strip() == "[]"
@@ -175,13 +178,13 @@ def test_a_loss_plateau_ends_the_small_stage_and_the_growth_starts_there(cli, tm
     assert len(series(1, "loss", 2)) == 2  # the continue stage ran on the grown model
 
 
-def test_a_bad_plateau_window_is_refused_before_a_run_exists(cli, tmp_path) -> None:
+def test_a_bad_plateau_window_is_refused_when_the_plan_is_read(cli, tmp_path) -> None:
     stages = [dict(s) for s in PLAN["stages"]]
     stages[0] = {**stages[0], "options": {"grow_on_plateau": 1}}
-    cli("plan", "import", write(tmp_path, stages=stages))
-    result = cli("plan", "run", "grow")
+    result = cli("plan", "import", write(tmp_path, stages=stages))
     assert result.exit_code == 2
-    assert "grow_on_plateau must be true or a window of at least 2 steps, got 1" in result.output
+    assert "grow_on_plateau: must be true or a window of at least 2 steps, got 1" in result.output
+    assert cli("plan", "list", "--json").output.strip() == "[]"  # nothing stored
 
 
 def shapes(shown: str) -> dict[str, str]:
@@ -332,12 +335,11 @@ def test_the_growth_path_predicts_its_time_and_flops_against_training_from_scrat
     assert result.verdict == "does_not_fit"
     growth = next(a for a in result.alternatives if a.title.startswith("a growth path to "))
     largest = next(a for a in result.alternatives if a.title.startswith("the largest model trainable"))
-    alt, chosen = growth.spec, growth.result.chosen.settings
+    alt, chosen = growth.spec, {s.name: s.settings for s in growth.result.chosen.priced}
     assert [s.kind for s in alt.stages] == ["pretrain", "grow", "continue"]
-    batch = chosen.micro_batch * chosen.grad_accum * hw.processes
     tokens, flops = 0, 0.0
     for stage in (alt.stages[0], alt.stages[2]):
-        c = decoder_config(alt, stage)
+        c, batch = decoder_config(alt, stage), chosen[stage.name].global_batch  # each stage fitted on its own
         stage_tokens = math.ceil(parse_scale(stage.tokens) / (batch * c.seq_len)) * batch * c.seq_len
         tokens += stage_tokens
         flops += stage_tokens * (6 * param_count(c) + 12 * c.n_layers * c.d_model * c.seq_len)
@@ -376,12 +378,16 @@ def test_the_bundled_cpu_growth_plan_grows_and_keeps_learning(cli, muse_home) ->
     plan = Path(__file__).resolve().parent.parent / "plans" / "growth-cpu.yaml"
     assert cli("plan", "import", plan).exit_code == 0
     assert shapes(cli("plan", "show", "growth-cpu").output)["grow"] == "2×128, 4h, seq 64 → 4×128, 4h, seq 128"
+    # a third of its budget (seconds, not a minute): the small stage 40 steps, the continue stage 60
+    assert cli("plan", "edit", "growth-cpu", "--set", "stages.pretrain_small.steps=40",
+               "--set", "stages.continue.steps=60", "--set", "training.warmup_steps=8",
+               "--set", "stages.pretrain_small.eval_every=20", "--set", "stages.continue.eval_every=20").exit_code == 0
     result = cli("plan", "run", "growth-cpu")
     assert result.exit_code == 0, result.output
     grew = next(m for m in messages(1) if m.startswith("grew "))
     assert "AdamW moments mapped for" in grew
     small, continued = series(1, "val_loss", 0), series(1, "val_loss", 2)
-    assert [s for s, _ in small][-1] == 120 and [s for s, _ in continued][-1] == 180
+    assert [s for s, _ in small][-1] == 40 and [s for s, _ in continued][-1] == 60
     assert continued[-1][1] < small[-1][1] - 0.1
 
 
@@ -412,8 +418,8 @@ def test_the_growth_path_charges_ligo_for_its_fit(fit_steps) -> None:
     assert [s.shape for s in ligo.spec.stages] == [s.shape for s in stack.spec.stages]
     assert ligo.spec.stages[1].options["operator"] == "ligo"
     assert ligo.spec.stages[1].options.get("fit_steps") == fit_steps  # the engine's default when None
-    chosen = ligo.result.chosen.settings
-    assert chosen == stack.result.chosen.settings
+    chosen = ligo.result.chosen.priced[-1].knobs  # the continue stage, which trains the grown model
+    assert [s.knobs for s in ligo.result.chosen.priced] == [s.knobs for s in stack.result.chosen.priced]
     target = decoder_config(ligo.spec, ligo.spec.stages[2])
     per_token = 6 * param_count(target) + 12 * target.n_layers * target.d_model * target.seq_len
     fit_tokens = (fit_steps or 200) * chosen.micro_batch * hw.processes * target.seq_len

@@ -144,13 +144,15 @@ def test_adapters_without_a_recorded_scaling_are_refused():
 
 def _trainer(frozen: str, lora: dict | None, kl_beta: float = 0.0):
     from engines.contract import StageSetup
+    from engines.grpo.options import parse
     from engines.grpo.trainer import GrpoTrainer
 
     torch.manual_seed(0)
     options = {"tasks": ["multiplication:2x1"], "group_size": 4, "max_new_tokens": 8, "eval_problems": 2,
                "kl_beta": kl_beta, **({"lora": lora} if lora else {})}
     t = GrpoTrainer()
-    t.setup(StageSetup(name="rl", kind="reasoning_rl", micro_batch=2, frozen_precision=frozen, options=options,
+    t.setup(StageSetup(name="rl", kind="reasoning_rl", micro_batch=2, frozen_precision=frozen,
+                       options=parse("reasoning_rl", {}, options),
                        model=ModelConfig(vocab_size=260, n_layers=4, d_model=64, n_heads=4, seq_len=48)))
     return t
 

@@ -259,7 +259,8 @@ def test_the_oom_ladder_offers_offload_where_the_executor_runs_it() -> None:
 
     spec = plan(micro_batch=1, activation_checkpointing="full")
     used, rewrite, new = next_rewrite(spec, spec.stage("pretrain"), "oom", 0, 1)
-    assert rewrite.training == {"offload": "optimizer"} and new.training.offload == "optimizer"
+    assert rewrite.training == {"offload": "optimizer"}
+    assert new.training_for(new.stage("pretrain")).offload == "optimizer"  # where the stage reads it
     sharded = plan(micro_batch=1, activation_checkpointing="full", sharding="zero1")
     assert next_rewrite(sharded, sharded.stage("pretrain"), "oom", 0, 2) is None  # refused combined
 

@@ -47,7 +47,8 @@ def settings(steps: int = 12, eval_every: int = 6, checkpoint_every: int = 6, **
 def trainer(s, seed: int = 0, **options) -> RkdoTrainer:
     torch.manual_seed(seed)
     t = RkdoTrainer()
-    t.setup(StageSetup(name="representation", kind="representation", model=s.model, options={**FAST, **options},
+    t.setup(StageSetup(name="representation", kind="representation", model=s.model,
+                       options=RkdoConfig.from_options({**FAST, **options}),
                        micro_batch=s.micro_batch, micro_steps=s.steps * s.grad_accum, seed=seed))
     return t
 

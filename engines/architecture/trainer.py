@@ -7,7 +7,8 @@ micro-batch's cross-entropy, evaluates on fixed held-out batches and keeps
 the data position as its resumable state.
 
 Design decisions:
-- Generated arithmetic covers the stage's ``options.tasks`` when given
+- Generated arithmetic covers the stage's ``options.tasks`` (its typed
+  ``ArchitectureOptions``) when given
   (e.g. ``[multiplication:2x1]``), else the default mix.
 - The tokenizer's vocabulary must fit the model's (a byte tokenizer needs
   vocab_size >= 260); a mismatch is refused at setup with both numbers.
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from engines.architecture.model import DecoderLM
+from engines.architecture.options import ArchitectureOptions
 from engines.contract import MicroStep, StageSetup
 from engines.data import BatchSampler, build_corpus, eval_batches, load_tokenizer, unigram_loss
 
@@ -33,6 +35,7 @@ from engines.data import BatchSampler, build_corpus, eval_batches, load_tokenize
 class ArchitectureTrainer:
     def setup(self, stage: StageSetup) -> None:
         config = stage.model
+        options = stage.options or ArchitectureOptions()
         tokenizer = load_tokenizer(stage.tokenizer)
         if tokenizer.vocab_size > config.vocab_size:
             raise ValueError(
@@ -44,7 +47,7 @@ class ArchitectureTrainer:
         self.corpus = build_corpus(
             stage.data_source, tokenizer, seed=stage.seed, val_fraction=stage.val_fraction,
             cache_dir=stage.cache_dir, min_tokens=stage.tokens_needed,
-            **({"tasks": stage.options["tasks"]} if "tasks" in stage.options else {}),
+            **({"tasks": list(options.tasks)} if options.tasks else {}),
         )
         self.sampler = BatchSampler(
             self.corpus.train, seq_len=config.seq_len, seed=stage.seed,

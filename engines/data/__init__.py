@@ -10,9 +10,14 @@ Design decisions:
   train/val streams, pre-tokenized once into a cache) and ``stream``
   (resumable, data-parallel batch sampling) are separate modules, each with
   its own decisions in its docstring.
+- Importing the package imports no torch: ``arithmetic`` and ``tokenizer``
+  are plain Python, and the torch/numpy-backed names (corpus, stream) load
+  on first access, so a plan's task names are checked when it is read.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from engines.data.arithmetic import (
     TASKS,
@@ -26,10 +31,6 @@ from engines.data.arithmetic import (
     split_seeds,
     word_problem,
 )
-from engines.data.corpus import Corpus, build_corpus, pretokenize, token_dtype
-from engines.data.stream import BatchSampler, TokenStream, eval_batches, unigram_loss
-from engines.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
-
 __all__ = [
     "TASKS", "Problem", "add_sub_chain", "as_text", "format_prompt", "generate", "iter_problems",
     "multiplication", "split_seeds", "word_problem",
@@ -37,3 +38,16 @@ __all__ = [
     "BatchSampler", "TokenStream", "eval_batches", "unigram_loss",
     "ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer",
 ]
+
+_LAZY = {"Corpus": "corpus", "build_corpus": "corpus", "pretokenize": "corpus", "token_dtype": "corpus",
+         "BatchSampler": "stream", "TokenStream": "stream", "eval_batches": "stream", "unigram_loss": "stream",
+         "ByteTokenizer": "tokenizer", "HFTokenizer": "tokenizer", "Tokenizer": "tokenizer",
+         "load_tokenizer": "tokenizer"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"engines.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'engines.data' has no attribute {name!r}")

@@ -32,7 +32,7 @@ import torch
 from engines.architecture.config import ModelConfig
 from engines.architecture.model import DecoderLM
 from engines.growth.operators import Moments, grow, grow_moments
-from engines.growth.schedule import grow_settings
+from engines.growth.schedule import GrowSettings
 
 
 @dataclass
@@ -51,13 +51,12 @@ def _shape(c: ModelConfig) -> str:
 
 
 def grow_stage(trainer: Any, small_config: ModelConfig, load_small: Callable[[DecoderLM], None],
-               options: dict[str, Any], autocast: Callable[[], AbstractContextManager] = nullcontext,
+               settings: GrowSettings, autocast: Callable[[], AbstractContextManager] = nullcontext,
                small_moments: Moments | None = None) -> GrowReport:
     """Grow the small model ``load_small`` fills into ``trainer.model``'s shape, in place
     of ``trainer.model``; ``ValueError`` for options or shapes the operator refuses.
     ``small_moments``: the small model's AdamW moments by parameter name, mapped
     through the operator when the options say ``optimizer_state: mapped``."""
-    settings = grow_settings(options)
     target = trainer.model.config
     small = DecoderLM(small_config).to(trainer.model.tok_emb.weight.device)
     load_small(small)

@@ -51,14 +51,12 @@ class LoraSettings:
         return self.alpha / self.rank
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> LoraSettings:
-        """The plan's ``lora`` options (``techniques.lora``); a 4-bit base is refused."""
-        if options.get("quantize_base", "none") != "none":
+    def from_options(cls, options: Any) -> LoraSettings:
+        """The plan's LoRA (``engines.options.LoraOptions``); a 4-bit base is refused."""
+        if options.quantize_base != "none":
             raise ValueError("a 4-bit (QLoRA) base is not available in this version; use lora.quantize_base: none")
-        known = {k: v for k, v in options.items() if k in cls.__dataclass_fields__}
-        if "target_modules" in known:
-            known["target_modules"] = tuple(known["target_modules"])
-        return cls(**known)
+        return cls(rank=options.rank, alpha=options.alpha, dropout=options.dropout,
+                   target_modules=tuple(options.target_modules), layers_fraction=options.layers_fraction)
 
 
 def zero_loss(model: nn.Module) -> torch.Tensor:

@@ -62,17 +62,16 @@ class Group:
 
 
 class ReinforcementLearning:
-    def __init__(self, t: GrpoTrainer, options: dict[str, Any]) -> None:
-        self.t, self.o = t, options
-        self.algorithm = options.get("algorithm", "grpo")
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown RL algorithm {self.algorithm!r}; accepted: {', '.join(ALGORITHMS)}")
-        self.group_size = int(options.get("group_size", 8))
-        self.temperature = float(options.get("temperature", 0.3))  # Lee & Tong sample at 0.3
-        self.weights = check_weights(options.get("reward_weights") or {"correctness": 1.0})
-        self.kl_beta = float(options.get("kl_beta", 0.0))
-        self.updates = int(options.get("updates_per_rollout", 1))
-        self.replay = ReplayBuffer(float(options.get("success_threshold", 1.0)))
+    def __init__(self, t: GrpoTrainer, options: Any) -> None:
+        self.t, self.o = t, options  # GrpoRl | SGrpoRl | TSpmoRl (engines/grpo/options.py)
+        self.algorithm = options.algorithm
+        self.group_size = options.group_size
+        self.temperature = options.temperature
+        self.weights = check_weights(options.reward_weights.active())
+        self.kl_beta = options.kl_beta
+        self.updates = options.updates_per_rollout
+        # only T-SPMO replays; the buffer exists (and is checkpointed) for every algorithm
+        self.replay = ReplayBuffer(options.success_threshold if options.algorithm == "t_spmo" else 1.0)
         self.pending: list[list[Group]] = []
 
     # -- rollouts -------------------------------------------------------------
@@ -83,12 +82,11 @@ class ReinforcementLearning:
         problems = t.stream.take(t.micro_batch)
         starts = [(prompt_ids(t.tokenizer, p), [], p.answer) for p in problems]
         groups = self._rollout(starts)
-        if self.algorithm == "t_spmo" and self.o.get("replay", True):
+        if self.algorithm == "t_spmo" and self.o.replay:
             for g, (prompt, _, answer) in zip(groups, starts):
                 for c, r in zip(g.completions, g.rewards.tolist()):
                     self.replay.add(prompt, c, r, answer)
-            drawn = self.replay.draw(random, int(self.o.get("success_budget", 2)),
-                                     int(self.o.get("failure_budget", 0)))
+            drawn = self.replay.draw(random, self.o.success_budget, self.o.failure_budget)
             if drawn:
                 groups += self._rollout(drawn)
         if self.updates > 1:
@@ -128,7 +126,7 @@ class ReinforcementLearning:
             stats["kl"] += extra.get("kl", 0.0) / len(groups)
         loss = torch.stack(losses).mean()
         if self.algorithm == "t_spmo":
-            loss = loss + float(self.o.get("l2_lambda", 0.0)) * sum(
+            loss = loss + self.o.l2_lambda * sum(
                 p.pow(2).sum() for n, p in t.model.named_parameters() if p.requires_grad and "lora_" in n)
         rewards = torch.cat([g.rewards for g in groups])
         tokens = sum(len(c) for g in groups for c in g.completions)
@@ -152,19 +150,18 @@ def _grpo(rl: ReinforcementLearning, g: Group, mask: torch.Tensor | None = None,
           normalization: str | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     logp = rl.logprobs(g)
     full = g.mask(logp.device)
-    advantages = group_advantages(g.rewards[None].to(logp.device), bool(rl.o.get("scale_by_std", True)))[0]
+    advantages = group_advantages(g.rewards[None].to(logp.device), rl.o.scale_by_std)[0]
     old = g.old_logp if g.old_logp is not None else logp.detach()
     return grpo_loss(logp, old, g.ref_logp, advantages, full if mask is None else full & mask,
-                     clip_eps=float(rl.o.get("clip_eps", 0.2)), clip_eps_high=rl.o.get("clip_eps_high"),
-                     kl_beta=rl.kl_beta, normalization=normalization or rl.o.get("loss_normalization", "token"),
+                     clip_eps=rl.o.clip_eps, clip_eps_high=rl.o.clip_eps_high,
+                     kl_beta=rl.kl_beta, normalization=normalization or rl.o.loss_normalization,
                      max_new_tokens=rl.t.max_new_tokens)
 
 
 def _s_grpo(rl: ReinforcementLearning, g: Group) -> tuple[torch.Tensor, dict[str, float]]:
     lengths = torch.tensor([len(c) for c in g.completions], device=rl.t.device)
     width = int(lengths.max())
-    chosen = s_grpo_mask(lengths, width, int(rl.o.get("alpha", 25)), float(rl.o.get("p", 0.5)),
-                         int(rl.o.get("k", 50)))
+    chosen = s_grpo_mask(lengths, width, rl.o.alpha, rl.o.p, rl.o.k)
     return _grpo(rl, g, chosen, normalization="sequence")
 
 

@@ -39,7 +39,7 @@ def sft_step(t: GrpoTrainer, examples: list[Example]) -> MicroStep:
 
 
 class ColdStartSft:
-    def __init__(self, t: GrpoTrainer, options: dict[str, Any]) -> None:
+    def __init__(self, t: GrpoTrainer, options: Any) -> None:
         self.t = t
 
     def next_batch(self) -> list[Example]:
@@ -52,15 +52,11 @@ class ColdStartSft:
 
 
 class RejectionSampling:
-    KEEP = ("all", "most_confident")
-
-    def __init__(self, t: GrpoTrainer, options: dict[str, Any]) -> None:
-        self.t = t
-        self.samples = int(options.get("samples", options.get("group_size", 8)))
-        self.temperature = float(options.get("sampling_temperature", 0.7))
-        self.keep = options.get("keep", "all")
-        if self.keep not in self.KEEP:
-            raise ValueError(f"rejection_sampling keep {self.keep!r}; accepted: {', '.join(self.KEEP)}")
+    def __init__(self, t: GrpoTrainer, options: Any) -> None:
+        self.t = t  # options: RejectionSamplingOptions (engines/grpo/options.py)
+        self.samples = options.samples
+        self.temperature = options.sampling_temperature
+        self.keep = options.keep
 
     def next_batch(self) -> list[Example]:
         t = self.t

@@ -39,6 +39,7 @@ from engines.architecture.model import DecoderLM
 from engines.contract import MicroStep, StageSetup
 from engines.data import load_tokenizer
 from engines.grpo.data import ProblemStream, held_out, prompt_ids
+from engines.grpo.options import parse
 from engines.grpo.policy import LoraSettings, Policy, add_lora, keep_frozen_in, load_hf
 from engines.grpo.rewards import Completion, correctness, format_compliance
 from engines.grpo.rl import ReinforcementLearning
@@ -50,7 +51,7 @@ STAGES: dict[str, Any] = {
     "rejection_sampling": RejectionSampling,
     "all_scenarios_rl": ReinforcementLearning,
 }
-DEFAULT_TASKS = ("multiplication",)
+KL_KINDS = ("reasoning_rl", "all_scenarios_rl")  # the stages whose loss has a KL term
 FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -58,32 +59,28 @@ class GrpoTrainer:
     def setup(self, stage: StageSetup) -> None:
         if stage.kind not in STAGES:
             raise ValueError(f"the grpo engine runs stage kinds {', '.join(STAGES)}, not {stage.kind!r}")
-        o = stage.options
+        o = stage.options or parse(stage.kind, {}, {})  # the stage kind's typed options (grpo/options.py)
         self.device = torch.device(stage.device)
         self.tokenizer = load_tokenizer(stage.tokenizer)
         self.pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else self.tokenizer.eos_id
         self.special = {self.tokenizer.eos_id, self.pad_id, self.tokenizer.bos_id}
         self.micro_batch = stage.micro_batch
-        self.max_new_tokens = int(o.get("max_new_tokens", 300))
+        self.max_new_tokens = o.max_new_tokens
         model = self._build_model(stage)
         peft, self.checkpoint_meta = None, {}
         frozen = FROZEN_DTYPES[stage.frozen_precision]
-        lora = o.get("lora")
-        if lora:
-            settings = LoraSettings.from_options(lora if isinstance(lora, dict) else {})
-            peft = add_lora(model, settings)
-            self.checkpoint_meta = {"lora_scaling": settings.scaling}
+        if o.lora is not None:
+            peft = add_lora(model, LoraSettings.from_options(o.lora))
+            self.checkpoint_meta = {"lora_scaling": o.lora.scaling}
             keep_frozen_in(model, frozen)  # the base never trains: the compute dtype is enough
         self.model = model
         self.policy = Policy(model, self.pad_id, self.tokenizer.eos_id, peft, frozen)
-        tasks = o.get("tasks") or list(DEFAULT_TASKS)
-        self.stream = ProblemStream(tasks, stage.seed, stage.rank, stage.world_size)
-        self.eval_problems = held_out(tasks, stage.seed, int(o.get("eval_problems", 64)))
-        self.eval_temperature = float(o.get("eval_temperature", o.get("temperature", 1.0)))
-        self.eval_samples = int(o.get("eval_samples", 4))
+        self.stream = ProblemStream(list(o.tasks), stage.seed, stage.rank, stage.world_size)
+        self.eval_problems = held_out(list(o.tasks), stage.seed, o.eval_problems)
+        self.eval_temperature = o.sampled_eval_temperature
+        self.eval_samples = o.eval_samples
         self.handler = STAGES[stage.kind](self, o)
-        self.needs_reference = float(o.get("kl_beta", 0.0)) > 0 and stage.kind in ("reasoning_rl",
-                                                                                    "all_scenarios_rl")
+        self.needs_reference = getattr(o, "kl_beta", 0.0) > 0 and stage.kind in KL_KINDS
 
     def _build_model(self, stage: StageSetup) -> torch.nn.Module:
         if stage.family == "hf":

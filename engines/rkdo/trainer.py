@@ -47,7 +47,7 @@ class RkdoTrainer:
     model: torch.nn.Module
 
     def setup(self, stage: StageSetup) -> None:
-        self.config = c = RkdoConfig.from_options(stage.options)
+        self.config = c = stage.options or RkdoConfig()  # parsed when the plan was read
         self.device = torch.device(stage.device)
         tokenizer = None
         if c.dataset not in DATASETS:  # a local folder: text needs the plan's tokenizer

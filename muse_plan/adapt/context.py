@@ -24,12 +24,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Callable
 
 from muse_plan.adapt.evidence import Evidence
-from muse_plan.executor.settings import DEFAULT_LR
+from muse_plan.executor.settings import StageSettings
 from muse_plan.optimizer import fit as fitting
 from muse_plan.plan.io import spec_from_dict, spec_to_dict
+from muse_plan.plan.kinds import STAGE_KINDS
 from muse_plan.plan.spec import PlanSpec
 
 GIB = 2**30
@@ -55,6 +56,7 @@ class Proposal:
 
 
 def dotted(path: Path) -> str:
+    """``training.lr``, ``stages[rl].training.lr``."""
     if path[0] == "stages":
         return ".".join((f"stages[{path[1]}]",) + path[2:])
     return ".".join(path)
@@ -109,24 +111,33 @@ class Context:
         return fitting.hardware_for(self.spec)
 
     @cached_property
-    def settings(self) -> fitting.Settings:
-        return fitting.written_settings(self.spec, self.hardware)
+    def resolved(self) -> dict[str, StageSettings]:
+        """Every stage's settings as the executor runs them on the plan's hardware (the one resolver)."""
+        return {s.name: s for s in fitting.stage_settings(self.spec, self.hardware)}
 
     @cached_property
     def priced(self) -> fitting.Candidate:
         return self.price(self.spec)
 
     def price(self, spec: PlanSpec) -> fitting.Candidate:
-        return fitting.price(spec, fitting.written_settings(spec, self.hardware), self.hardware)
+        return fitting.price(spec, self.hardware)
 
-    @property
-    def lr(self) -> float:
-        return self.spec.training.lr or DEFAULT_LR
+    def trained_stages(self, names: list[str] | None = None) -> list[StageSettings]:
+        """The named stages' settings (default: every stage that trains), in plan order."""
+        return [s for s in self.resolved.values()
+                if (names is None and STAGE_KINDS[s.kind].trains) or (names is not None and s.name in names)]
 
-    @property
-    def clip(self) -> float:
-        clip = self.spec.training.clip_grad_norm
-        return 1.0 if clip is None else clip  # the executor's default
+    def changes_for(self, stages: list[StageSettings], field: str,
+                    value: Callable[[StageSettings], Any]) -> tuple[tuple[Path, Any], ...]:
+        """``field`` set to ``value(stage)`` where each stage reads it: plan-wide when the
+        stages are every training stage, share the value and none sets the field itself;
+        else in each stage's own ``training`` (every other stage keeps its setting)."""
+        values = {s.name: value(s) for s in stages}
+        own = {s.name for s in self.spec.stages if s.training is not None and getattr(s.training, field) is not None}
+        every = {s.name for s in self.trained_stages()}
+        if set(values) == every and len(set(values.values())) == 1 and not own & every:
+            return ((("training", field), next(iter(values.values()))),)
+        return tuple((("stages", name, "training", field), v) for name, v in values.items())
 
     @property
     def capacity_gib(self) -> float:

@@ -22,6 +22,7 @@ the hardware and so does the measured peak moved by the model's difference.
 from __future__ import annotations
 
 from muse_plan.adapt.context import Context, Proposal, with_changes
+from muse_plan.executor.settings import StageSettings
 
 PRESSURE = 0.90  # of a device: above this, make room
 HEADROOM = 0.50  # of a device: under this, use the room
@@ -39,6 +40,13 @@ def _peak(ctx: Context) -> tuple[float, float] | str:
     return peak, peak / ctx.capacity_gib
 
 
+def _peak_stage(ctx: Context) -> StageSettings:
+    """The settings of the stage with the highest measured peak: the one a memory rule rewrites."""
+    peaks = ctx.measured_peaks()
+    name = max((n for n in peaks if n in ctx.resolved), key=peaks.get, default=None)
+    return ctx.resolved[name] if name else ctx.trained_stages()[0]
+
+
 def _memory_line(ctx: Context, peak: float, share: float) -> str:
     where = "host RAM" if ctx.hardware.gpu is None else f"one {ctx.hardware.gpu.key}"
     return f"peak memory {peak:.3g} GiB = {share:.0%} of {ctx.capacity_gib:.1f} GiB ({where})"
@@ -51,11 +59,12 @@ def memory_pressure(ctx: Context) -> Proposal | str:
     peak, share = reading
     if share < PRESSURE:
         return f"{_memory_line(ctx, peak, share)}: under the {PRESSURE:.0%} mark"
-    now = ctx.settings.checkpointing
+    stage = _peak_stage(ctx)
+    now = stage.activation_checkpointing
     nxt = HEAVIER.get(now)
     if nxt is None:
         return f"{_memory_line(ctx, peak, share)}, but checkpointing is already full"
-    changes = ((("training", "activation_checkpointing"), nxt),)
+    changes = ctx.changes_for([stage], "activation_checkpointing", lambda s: nxt)
     predicted = ctx.predict(with_changes(ctx.spec, changes))
     return Proposal(
         "memory_pressure", "more activation checkpointing", changes, f"activation_checkpointing {now}→{nxt}",
@@ -70,7 +79,8 @@ def _oom_line(ctx: Context) -> tuple[str, ...]:
 
 
 def less_recompute(ctx: Context) -> Proposal | str:
-    now = ctx.settings.checkpointing
+    stage = _peak_stage(ctx)
+    now = stage.activation_checkpointing
     if not LIGHTER[now]:
         return "activation checkpointing is off: nothing is recomputed"
     reading = _peak(ctx)
@@ -79,7 +89,7 @@ def less_recompute(ctx: Context) -> Proposal | str:
     peak, share = reading
     tried = []
     for level in LIGHTER[now]:
-        changes = ((("training", "activation_checkpointing"), level),)
+        changes = ctx.changes_for([stage], "activation_checkpointing", lambda s: level)
         predicted = ctx.predict(with_changes(ctx.spec, changes))
         tried.append(f"{level}: {predicted.describe()}")
         if predicted.fits and predicted.speedup >= MIN_GAIN:
@@ -101,14 +111,16 @@ def larger_micro_batch(ctx: Context) -> Proposal | str:
     peak, share = reading
     if share >= HEADROOM:
         return f"{_memory_line(ctx, peak, share)}: no headroom under the {HEADROOM:.0%} mark"
-    micro, accum = ctx.settings.micro_batch, ctx.settings.grad_accum
+    stage = _peak_stage(ctx)
+    micro, accum = stage.micro_batch, stage.grad_accum
     factors = [f for f in (2, 4, 8, 16) if accum % f == 0]
     if not factors:
         return (f"{_memory_line(ctx, peak, share)}, but grad_accum is {accum}: a larger micro-batch would "
                 "change the global batch")
     fitting = []
     for f in factors:
-        changes = ((("training", "micro_batch"), micro * f), (("training", "grad_accum"), accum // f))
+        changes = (ctx.changes_for([stage], "micro_batch", lambda s: micro * f)
+                   + ctx.changes_for([stage], "grad_accum", lambda s: accum // f))
         predicted = ctx.predict(with_changes(ctx.spec, changes))
         if predicted.fits:
             fitting.append((changes, predicted, f))

@@ -52,10 +52,21 @@ def _round(value: float) -> float:
     return float(f"{value:.2g}")
 
 
-def _halve_lr(ctx: Context, rule: str, title: str, evidence: list[str], measured: dict[str, float]) -> Proposal:
-    lr = ctx.lr
-    return Proposal(rule, title, ((("training", "lr"), lr / 2),), f"lr {lr:g}→{lr / 2:g}", tuple(evidence),
-                    f"half the step size; {UNPRICED}", measured, {"lr": lr / 2})
+def _halve_lr(ctx: Context, rule: str, title: str, evidence: list[str], measured: dict[str, float],
+              stages: list[str] | None = None) -> Proposal:
+    """Half the lr of the named stages (default every training stage), each from the lr it ran."""
+    chosen = ctx.trained_stages(stages)
+    lrs = sorted({s.lr for s in chosen})
+    summary = ", ".join(f"lr {lr:g}→{lr / 2:g}" for lr in lrs)
+    if stages is not None and len(chosen) < len(ctx.trained_stages()):
+        summary += f" (stage{'s' if len(chosen) > 1 else ''} {', '.join(s.name for s in chosen)})"
+    return Proposal(rule, title, ctx.changes_for(chosen, "lr", lambda s: s.lr / 2), summary, tuple(evidence),
+                    f"half the step size; {UNPRICED}", measured, {"lr": lrs[0] / 2})
+
+
+def _clip(ctx: Context, stages: list[str] | None = None) -> float:
+    """The clip the stages ran with (the tightest, where they differ)."""
+    return min(s.clip_grad_norm or float("inf") for s in ctx.trained_stages(stages))
 
 
 def spike_steps(stage: StageEvidence, z: float) -> list[int]:
@@ -79,19 +90,21 @@ def loss_spikes(ctx: Context) -> Proposal | str:
     norms = {s.name: dict(s.series.get("grad_norm", [])) for s in ctx.evidence.stages}
     values = [v for by_step in norms.values() for v in by_step.values()]
     measured = {"spikes": float(len(found)), "steps": float(points)}
+    spiking = sorted({name for name, _ in found})
     if not values:
-        return _halve_lr(ctx, "loss_spikes", "smaller learning rate", evidence, measured)
-    p90, clip = _quantile(values, 0.9), ctx.clip
+        return _halve_lr(ctx, "loss_spikes", "smaller learning rate", evidence, measured, spiking)
+    p90, clip = _quantile(values, 0.9), _clip(ctx, spiking)
     measured.update(grad_norm_p90=p90, clip=clip)
     evidence.append(f"gradient norm 90th percentile {p90:.3g}, clip {clip:g}")
     new = _round(p90)
     if new >= clip:  # most steps are clipped already: the clip is not what lets spikes through
-        return _halve_lr(ctx, "loss_spikes", "smaller learning rate", evidence, measured)
+        return _halve_lr(ctx, "loss_spikes", "smaller learning rate", evidence, measured, spiking)
     caught = sum(1 for name, step in found
                  if max(norms[name].get(step, 0.0), norms[name].get(step - 1, 0.0)) > new)
     share = sum(v > new for v in values) / len(values)
     return Proposal(
-        "loss_spikes", "tighter gradient clipping", ((("training", "clip_grad_norm"), new),),
+        "loss_spikes", "tighter gradient clipping",
+        ctx.changes_for(ctx.trained_stages(spiking), "clip_grad_norm", lambda s: new),
         f"clip_grad_norm {clip:g}→{new:g}", tuple(evidence),
         f"on the measured norms, clipping at {new:g} cuts {share:.0%} of steps and {caught} of the "
         f"{len(found)} spike steps (the step or the one before); {UNPRICED}",
@@ -102,7 +115,7 @@ def clipped_always(ctx: Context) -> Proposal | str:
     values = [v for s in ctx.evidence.trained("grad_norm") for v in s.values("grad_norm")]
     if not values:
         return "the run recorded no gradient norms"
-    median, clip = statistics.median(values), ctx.clip
+    median, clip = statistics.median(values), _clip(ctx)
     share = sum(v > clip for v in values) / len(values)
     line = f"median gradient norm {median:.3g} is {median / clip:.1f}× the clip {clip:g}; {share:.0%} of steps clipped"
     if median < CLIPPED_FACTOR * clip or share < CLIPPED_SHARE:
@@ -176,9 +189,10 @@ def plateau(ctx: Context) -> Proposal | str:
         following = ctx.spec.stages[names.index(stage.name) + 1] if stage.name in names[:-1] else None
         if ctx.spec.techniques.growth is not None and following is not None and following.kind == "grow":
             return _grow_earlier(ctx, stage, step, total, evidence, measured)
-        if (ctx.spec.training.schedule or "cosine") == "constant":
-            return Proposal("plateau", "decaying learning rate", ((("training", "schedule"), "cosine"),),
+        if ctx.resolved[stage.name].schedule == "constant":
+            chosen = ctx.trained_stages([stage.name])
+            return Proposal("plateau", "decaying learning rate", ctx.changes_for(chosen, "schedule", lambda s: "cosine"),
                             "schedule constant→cosine", tuple(evidence),
                             f"the rate decays to min_lr_ratio by the end; {UNPRICED}", measured)
-        return _halve_lr(ctx, "plateau", "smaller learning rate", evidence, measured)
+        return _halve_lr(ctx, "plateau", "smaller learning rate", evidence, measured, [stage.name])
     return f"no plateau over a quarter of a stage ({', '.join(checked) or 'no loss recorded'})"

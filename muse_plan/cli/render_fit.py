@@ -63,12 +63,22 @@ def stages_table(candidate: Any) -> Table:
     return table
 
 
-def settings_line(candidate: Any) -> Text:
-    s = candidate.settings
+def _knobs_text(s: Any) -> str:
     parts = [f"precision {s.precision}", f"micro-batch {s.micro_batch} × accumulation {s.grad_accum}",
              f"checkpointing {s.checkpointing}", f"sharding {s.sharding}", f"offload {s.offload}",
              f"optimizer {s.optimizer}"] + (["LoRA"] if s.lora else [])
-    return Text("settings: " + ", ".join(parts))
+    return ", ".join(parts)
+
+
+def settings_line(candidate: Any) -> Text | None:
+    """One line when every priced stage runs the same settings, else one per stage;
+    None when no stage is priced."""
+    if not candidate.priced:
+        return None
+    if candidate.settings is not None:
+        return Text("settings: " + _knobs_text(candidate.settings))
+    return Text("settings per stage:\n" + "\n".join(f"  {s.name}: {_knobs_text(s.knobs)}"
+                                                     for s in candidate.priced))
 
 
 def eta_line(eta: Any, timeline: str | None) -> Text:
@@ -101,14 +111,17 @@ def fit_view(result: Any, stored: Any) -> Group:
     shown = result.chosen or result.written
     peak = _peak_stage(shown)
     if result.changes:
-        for name, old, new in result.changes:
-            parts.append(Text(f"  {name}: {old} → {new}", style="yellow"))
+        from muse_plan.optimizer.fit import grouped
+
+        for name, old, new, where in grouped(result.changes, len(result.written.priced)):
+            scope = f" (stage {', '.join(where)})" if where else ""
+            parts.append(Text(f"  {name}: {old} → {new}{scope}", style="yellow"))
     if peak is not None:
         which = "as written" if result.chosen is None else "chosen settings"
         parts.append(memory_table(peak, hw.limit_bytes, capacity,
                                   f"memory per device, stage {peak.name} ({which})"))
     if result.chosen is not None:
-        parts += [settings_line(result.chosen), stages_table(result.chosen)]
+        parts += [p for p in (settings_line(result.chosen), stages_table(result.chosen)) if p is not None]
         if result.eta is not None:
             parts.append(eta_line(result.eta, result.spec.timeline))
             unpriced = [s.name for s in result.chosen.stages if s.memory is None]
@@ -133,8 +146,10 @@ def fit_dict(result: Any, stored: Any) -> dict[str, Any]:
     def candidate(c: Any) -> dict[str, Any] | None:
         if c is None:
             return None
-        return {"settings": vars(c.settings) | {}, "fits": c.fits, "seconds": c.seconds,
+        return {"settings": vars(c.settings) if c.settings is not None else None, "fits": c.fits,
+                "seconds": c.seconds,
                 "stages": [{"name": s.name, "steps": s.steps, "note": s.note or None,
+                            "settings": vars(s.knobs) if s.memory is not None else None,
                             "memory": s.memory.as_dict() | {"total": s.memory.total} if s.memory else None,
                             "tokens_per_s": s.time.tokens_per_s if s.time else None,
                             "seconds": s.seconds} for s in c.stages]}
@@ -142,7 +157,7 @@ def fit_dict(result: Any, stored: Any) -> dict[str, Any]:
     return {
         "plan": result.spec.name, "hardware": result.hardware.describe(), "verdict": result.verdict,
         "limit_bytes": result.hardware.limit_bytes,
-        "changes": [{"field": n, "old": a, "new": b} for n, a, b in result.changes],
+        "changes": [{"stage": c.stage, "field": c.field, "old": c.old, "new": c.new} for c in result.changes],
         "written": candidate(result.written), "chosen": candidate(result.chosen),
         "eta_s": result.eta.total_s if result.eta else None,
         "meets_timeline": result.eta.meets if result.eta else None,

@@ -67,14 +67,14 @@ from muse_plan.store.db import Store
 
 def check_growth(spec: PlanSpec, position: int) -> int:
     """Refuse a growth the plan can't make; the grow stage's steps (LiGO's fit, else 0)."""
-    from engines.growth.schedule import check_growth as check_shapes, grow_settings
+    from engines.growth.schedule import check_growth as check_shapes
 
     stage = spec.stages[position]
     if position == 0 and stage.from_stage is None:
         raise PlanError(f"stage {stage.name!r} grows the model of the stage before it, but it is the first stage")
     source = spec.stage(stage.from_stage) if stage.from_stage else spec.stages[position - 1]
     try:
-        grow = grow_settings(engine_options(spec, stage))
+        grow = engine_options(spec, stage)
         if grow.mapped and source.engine == "growth":
             raise ValueError(f"optimizer_state 'mapped' carries the moments of a training stage, but "
                              f"{source.name!r} is a grow stage; grow from a stage that trains")
@@ -102,8 +102,7 @@ def grow_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         options = engine_options(spec, stage)
         small_config = model_config(spec, spec.stage(source))
         try:
-            moments = _small_moments(found[0], small_config) if options.get("optimizer_state") == "mapped" \
-                else None
+            moments = _small_moments(found[0], small_config) if options.mapped else None
             report = grow(trainer, small_config, lambda small: checkpoint.load_weights(found[0], small),
                           options, accelerator.autocast, moments)
         except (ValueError, checkpoint.CorruptCheckpoint) as exc:
@@ -204,27 +203,6 @@ def mapped_optimizer_state(spec: PlanSpec, prepared: Prepared, position: int, ac
     if mapped is None:
         return None
     return _as_optimizer_state(mapped, model, s, by_name=is_fsdp(accelerator))
-
-
-# stage options that end a stage at a loss plateau: before a grow stage (growth starts
-# early), or any stage the plan allows to stop early (the recovery rung for a plateau)
-PLATEAU_OPTIONS = ("grow_on_plateau", "stop_on_plateau")
-
-
-def plateau_option(stage: StageSpec) -> str | None:
-    return next((k for k in PLATEAU_OPTIONS if stage.options.get(k) not in (None, False)), None)
-
-
-def plateau_window(spec: PlanSpec, stage: StageSpec) -> int:
-    """The steps per window of a stage's plateau option; a plan error if it is not one."""
-    key = plateau_option(stage) or "grow_on_plateau"
-    value = stage.options[key]
-    if value is True:
-        return int(spec.alerts.get("plateau", 200))
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise PlanError(f"stage {stage.name!r}: {key} must be true or a window of at least 2 steps, "
-                        f"got {value!r}")
-    return value
 
 
 class GrowOnPlateau:

@@ -37,7 +37,9 @@ from muse_plan.executor import checkpoint
 from muse_plan.executor.loop import Fault, Injector, StepRecord, train_stage
 from muse_plan.monitor.detectors import Watch
 from muse_plan.recovery.handler import Budget, recover
-from muse_plan.executor.settings import FSDP_SHARDING, StageSettings, engine_options, frozen_precision, resolve
+from engines.architecture.options import ArchitectureOptions
+from muse_plan.executor.settings import FSDP_SHARDING, StageSettings, frozen_precision, resolve
+from muse_plan.plan.kinds import STAGE_KINDS
 from muse_plan.plan.io import spec_from_dict, spec_to_dict
 from muse_plan.plan.spec import PlanSpec
 from muse_plan.store import repo, runs
@@ -45,10 +47,6 @@ from muse_plan.store.db import Store, muse_home
 from muse_plan.store.models import Run, StageRun, utcnow
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-# how far above its running median a gradient norm must be to count as an explosion:
-# a policy gradient from one rare success in a group is legitimately tens of times
-# the median of an RL stage, which a 10× rule turned into clipping rewrites
-EXPLOSION_FACTOR = {"reasoning_rl": 100.0, "all_scenarios_rl": 100.0}
 # engines whose stages change weights without training → the trainer that gives them data and evaluation
 TRANSFORMS = {"growth": "architecture"}
 
@@ -238,23 +236,13 @@ def _check_stages(spec: PlanSpec, world_size: int, cuda: bool) -> list[StageSett
 
 def _settings(spec: PlanSpec, position: int, world_size: int, cuda: bool) -> StageSettings:
     """A stage's settings. A grow stage's budget is its operator's fit (LiGO; 0 for
-    the copying operators) and its growth is checked here, before a run exists; a
-    stage with ``rewarm_fraction`` (continue after growth) warms up over that share."""
+    the copying operators) and its growth is checked here, before a run exists."""
     stage = spec.stages[position]
     if stage.engine in TRANSFORMS:
         from muse_plan.executor.grow import check_growth
 
         stage = stage.model_copy(update={"steps": check_growth(spec, position)})
-    s = resolve(spec, stage, world_size=world_size, cuda=cuda, bf16=_bf16(cuda))
-    if stage.options.get("rewarm_fraction") is not None:
-        from engines.growth.schedule import rewarm_steps
-
-        s = replace(s, warmup_steps=min(s.steps, rewarm_steps(s.steps, float(stage.options["rewarm_fraction"]))))
-    from muse_plan.executor.grow import plateau_option, plateau_window
-
-    if plateau_option(stage) is not None or stage.options.get("grow_on_plateau") is not None:
-        plateau_window(spec, stage)  # a bad window is refused before a run exists
-    return s
+    return resolve(spec, stage, world_size=world_size, cuda=cuda, bf16=_bf16(cuda))
 
 
 def _prepare(store: Store, plan_ref: str, resume: bool, run_ref: str | None, world_size: int,
@@ -307,8 +295,7 @@ def _fit_here(store: Store, plan: Any, revision: Any, spec: PlanSpec, world_size
         return revision, spec
     if result.verdict == "fits_with_changes":
         fitted = result.fitted_spec
-        reason = f"fitted to {hw.describe()} before run: " + ", ".join(
-            f"{n} {a}→{b}" for n, a, b in result.changes)
+        reason = f"fitted to {hw.describe()} before run: " + result.describe_changes()
         with store.write() as session:
             revision = repo.add_revision(session, repo.get_plan(session, plan.id), fitted, "optimizer", reason)
         say(f"revision {revision.number} by the optimizer: {reason}")
@@ -350,7 +337,9 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
     _seed(s.seed + position)
     trainer = make_trainer(TRANSFORMS.get(stage.engine or "", stage.engine or ""))
     setup = StageSetup(
-        name=stage.name, kind=stage.kind, model=s.model, options=engine_options(spec, stage),
+        # a grow stage's trainer is the architecture engine's at the grown shape (data, evaluation)
+        name=stage.name, kind=stage.kind, model=s.model,
+        options=ArchitectureOptions() if stage.engine in TRANSFORMS else s.options,
         data_source=spec.data.source, tokenizer=spec.data.tokenizer, val_fraction=spec.data.val_fraction,
         seed=s.seed, micro_batch=s.micro_batch, activation_checkpointing=s.activation_checkpointing,
         rank=accelerator.process_index,
@@ -380,12 +369,11 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         if view:
             view.stage_started(stage.name, s.steps, start.step if start else 0)
     t0 = time.perf_counter()
-    watch = Watch(spec.alerts, _capacity_gib(accelerator), EXPLOSION_FACTOR.get(stage.kind, 10.0))
-    from muse_plan.executor.grow import GrowOnPlateau, plateau_option, plateau_window
+    watch = Watch(spec.alerts, _capacity_gib(accelerator), STAGE_KINDS[stage.kind].explosion_factor)
+    if s.plateau is not None:  # end the stage at a loss plateau; the next (grow) stage starts there
+        from muse_plan.executor.grow import GrowOnPlateau
 
-    if plateau_option(stage):  # end the stage at a loss plateau; the next (grow) stage starts there
-
-        trainer = GrowOnPlateau(trainer, plateau_window(spec, stage), s.grad_accum)
+        trainer = GrowOnPlateau(trainer, s.plateau_window, s.grad_accum)
     # a stage after a growth with optimizer_state: mapped starts from the mapped moments
     from muse_plan.executor.grow import mapped_optimizer_state
 

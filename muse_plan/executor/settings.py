@@ -1,11 +1,25 @@
-"""A stage's concrete training settings, resolved from the plan; no torch.
+"""The one resolver: a stage's concrete settings from the plan, and the memory
+and throughput models' input from those; no torch.
 
 Design decisions:
-- The plan may leave any training field open (the optimizer fills them when
-  it fits a plan to hardware); the executor still has to run, so each open
-  field gets a documented default here, in one place: fp32 on CPU and bf16
+- ``resolve(plan, stage, where)`` is the only place a training field gets a
+  default, and the executor, the optimizer's fit, recovery, the report and
+  ``plan adapt`` all call it, so what is priced is what runs. The plan may
+  leave any field open (the optimizer fills them when it fits a plan to
+  hardware); open fields resolve to: fp32 on CPU and on GPUs without bf16
+  (fp16 needs loss scaling: the fit may choose it, and then writes it), bf16
   on GPUs that have it, micro-batch 8, AdamW lr 3e-4 with cosine decay to
-  10%, weight decay 0.1, clipping at 1.0, warmup over 5% of the steps.
+  10%, weight decay 0.1, clipping at 1.0, warmup over 5% of the steps
+  (``rewarm_fraction`` of it after a growth), DDP on several processes.
+- A stage's settings are the plan-wide ``training`` with the stage's own on
+  top; its options are typed by its engine (``plan/kinds.py``) and travel
+  with the settings, so LoRA and a RL stage's sampling shape are priced as
+  the engine runs them.
+- ``train_config`` turns settings into the models' ``TrainConfig``. A RL
+  stage's micro-batch is that many prompts, each sampled ``group_size``
+  times (``samples`` for rejection sampling, plus T-SPMO's replayed groups),
+  so it trains prompts × G sequences of prompt + ``max_new_tokens`` tokens,
+  beside the KV cache of sampling them.
 - The global batch is micro_batch × grad_accum × processes. When the plan
   names a global batch, the number of processes changes the accumulation,
   never the global batch, so one plan gives the same curve on 1 or 8 GPUs;
@@ -23,12 +37,15 @@ Design decisions:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from engines.architecture.config import ModelConfig
 from muse_plan.errors import PlanError
+from muse_plan.optimizer.config import GenerationConfig, LoraConfig, TrainConfig
 from muse_plan.plan.shapes import shape_for_params
+from engines.options import LoraOptions
+from muse_plan.plan.kinds import STAGE_KINDS, StageControl, TypedOptions, stage_options
 from muse_plan.plan.spec import PlanSpec, StageSpec, TrainingSpec
 from muse_plan.plan.units import parse_scale
 
@@ -60,6 +77,11 @@ class StageSettings:
     sharding: str = "none"  # none | ddp | zero1 | zero2 | zero3 | fsdp
     offload: str = "none"  # none | optimizer
     optimizer: str = "adamw"
+    options: Any = None  # the engine's typed options (plan/kinds.py)
+    control: StageControl = StageControl()
+    lora: LoraOptions | None = None  # the adapters this stage trains, where its kind takes LoRA
+    plateau: str | None = None  # grow_on_plateau | stop_on_plateau: the option that ends it at a plateau
+    plateau_window: int | None = None
 
     @property
     def global_batch(self) -> int:
@@ -93,35 +115,22 @@ def decoder_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
     return grown_rope(spec, stage, config)  # a stage after a context growth: the rotary scaling it grew into
 
 
-# engine -> the technique whose options its stages read (grpo stages: the
-# stage's algorithm; see engine_options)
-ENGINE_TECHNIQUE = {"growth": "growth", "rkdo": "rkdo"}
-
-
 def frozen_precision(s: StageSettings) -> str:
     """The dtype an engine keeps weights that never train in (LoRA's base, a KL reference):
     the compute dtype, except where FSDP shards the parameters (it flattens one dtype)."""
     return "fp32" if s.sharding in FSDP_SHARDING else s.precision
 
 
-def engine_options(spec: PlanSpec, stage: StageSpec) -> dict[str, Any]:
-    """What an engine reads for a stage: its technique's options from the plan
-    (``techniques.rkdo``, ``techniques.growth``, the RL stage's algorithm —
-    ``grpo`` unless the stage says ``algorithm: s_grpo | t_spmo`` — and
-    ``lora`` as ``options["lora"]``), overridden by the stage's own options."""
-    t = spec.techniques
-    name = ENGINE_TECHNIQUE.get(stage.engine or "")
-    if stage.engine == "grpo":
-        name = stage.options.get("algorithm", "grpo")
-    chosen = getattr(t, name, None) if name else None
-    options: dict[str, Any] = chosen.model_dump(mode="json") if chosen is not None else {}
-    if stage.engine == "grpo" and t.lora is not None and stage.options.get("lora", True):
-        options["lora"] = t.lora.model_dump(mode="json")
-    for key, value in stage.options.items():
-        if key == "lora" and value is True and "lora" in options:
-            continue  # the planner's flag: keep the technique's LoRA options
-        options[key] = value
-    return options
+def engine_options(spec: PlanSpec, stage: StageSpec) -> Any:
+    """The engine's typed options for ``stage`` (``plan/kinds.py``); a bad option is a plan error."""
+    return typed_options(spec, stage).engine
+
+
+def typed_options(spec: PlanSpec, stage: StageSpec) -> TypedOptions:
+    try:
+        return stage_options(spec, stage)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
 
 
 def model_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
@@ -131,6 +140,14 @@ def model_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
             f"stage {stage.name!r}: model family {spec.model.family!r} can't be trained by the architecture "
             "engine; use family 'decoder'"
         )
+    try:
+        return decoder_config(spec, stage)
+    except ValueError as exc:
+        raise PlanError(f"stage {stage.name!r}: {exc}") from None
+
+
+def _priced_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
+    """The decoder shape priced for a stage, whatever engine could train it (only the shape matters)."""
     try:
         return decoder_config(spec, stage)
     except ValueError as exc:
@@ -168,54 +185,111 @@ WHY_NOT = {
 FSDP_SHARDING = ("zero2", "zero3", "fsdp")
 
 
-def _supported(t: TrainingSpec, cuda: bool) -> None:
-    for name, accepted in NOT_YET.items():
-        value = getattr(t, name)
-        if value is not None and value not in accepted:
+def refusal(sharding: str, offload: str, optimizer: str, cuda: bool) -> str | None:
+    """Why the executor can't run these memory settings, or None when it can."""
+    for name, value in (("sharding", sharding), ("offload", offload), ("optimizer", optimizer)):
+        accepted = NOT_YET[name]
+        if value not in accepted:
             why = WHY_NOT.get((name, value))
-            raise PlanError(f"training.{name} {value!r} is not supported by the executor yet"
-                            + (f" ({why})" if why else "") + f"; use {' or '.join(accepted)}")
-    sharding, offload = t.sharding or "none", t.offload or "none"
+            return (f"training.{name} {value!r} is not supported by the executor yet"
+                    + (f" ({why})" if why else "") + f"; use {' or '.join(accepted)}")
     if sharding in FSDP_SHARDING and not cuda:
-        raise PlanError(f"training.sharding {sharding!r} runs through FSDP, which needs GPUs; "
-                        "on CPU use none, ddp or zero1")
+        return (f"training.sharding {sharding!r} runs through FSDP, which needs GPUs; "
+                "on CPU use none, ddp or zero1")
     if offload != "none" and sharding not in ("none", "ddp"):
-        raise PlanError(f"training.offload {offload!r} with sharding {sharding!r} is not supported by the "
-                        "executor yet; offload the optimizer without sharding, or shard without offload")
+        return (f"training.offload {offload!r} with sharding {sharding!r} is not supported by the "
+                "executor yet; offload the optimizer without sharding, or shard without offload")
+    return None
+
+
+def _supported(t: TrainingSpec, cuda: bool) -> None:
+    why = refusal(t.sharding or "none", t.offload or "none", t.optimizer or "adamw", cuda)
+    if why is not None:
+        raise PlanError(why)
+
+
+def default_precision(cuda: bool, bf16: bool) -> str:
+    return "bf16" if cuda and bf16 else "fp32"
 
 
 def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool = False,
-            bf16: bool = False) -> StageSettings:
-    """Concrete settings for ``stage`` on ``world_size`` processes (GPUs if ``cuda``)."""
+            bf16: bool = False, check: bool = True) -> StageSettings:
+    """Concrete settings for ``stage`` on ``world_size`` processes (GPUs if ``cuda``).
+    ``check=False`` resolves settings the executor can't run yet, for pricing."""
     t = spec.training_for(stage)
-    _supported(t, cuda)
-    config = model_config(spec, stage)
+    if check:
+        _supported(t, cuda)
+    config = model_config(spec, stage) if check else _priced_config(spec, stage)
     micro, accum = _batching(spec, stage, world_size)
     if stage.steps is not None:
         steps = stage.steps
     elif stage.tokens is not None:
         steps = max(1, math.ceil(parse_scale(stage.tokens) / (micro * accum * world_size * config.seq_len)))
+    elif not STAGE_KINDS[stage.kind].trains:
+        steps = 0
     else:
         raise PlanError(f"stage {stage.name!r} has no budget; give it steps or tokens")
-    precision = t.precision or ("bf16" if cuda and bf16 else "fp32")
-    if precision == "fp16" and not cuda:
+    precision = t.precision or default_precision(cuda, bf16)
+    if precision == "fp16" and not cuda and check:
         raise PlanError("precision fp16 needs a GPU; use fp32 or bf16 on CPU")
+    typed = typed_options(spec, stage)
+    control = typed.control
+    warmup = t.warmup_steps if t.warmup_steps is not None else max(1, steps // 20)
+    if control.rewarm_fraction is not None:
+        from engines.growth.schedule import rewarm_steps
+
+        warmup = rewarm_steps(steps, control.rewarm_fraction)
     default_every = max(1, min(1000, steps // 10))
+    window = getattr(control, control.plateau) if control.plateau else None
     return StageSettings(
         name=stage.name, kind=stage.kind, engine=stage.engine or "", model=config, steps=steps,
         micro_batch=micro, grad_accum=accum, world_size=world_size, precision=precision,
         lr=t.lr or DEFAULT_LR,
         min_lr_ratio=0.1 if t.min_lr_ratio is None else t.min_lr_ratio,
         weight_decay=0.1 if t.weight_decay is None else t.weight_decay,
-        warmup_steps=min(steps, t.warmup_steps if t.warmup_steps is not None else max(1, steps // 20)),
+        warmup_steps=min(steps, warmup),
         schedule=t.schedule or "cosine",
         clip_grad_norm=1.0 if t.clip_grad_norm is None else t.clip_grad_norm,
         checkpoint_every=stage.checkpoint_every or default_every,
         eval_every=stage.eval_every or default_every,
         seed=t.seed,
         activation_checkpointing=t.activation_checkpointing or "none",
-        sharding=t.sharding or "none", offload=t.offload or "none", optimizer=t.optimizer or "adamw",
+        sharding=t.sharding or ("ddp" if world_size > 1 else "none"), offload=t.offload or "none",
+        optimizer=t.optimizer or "adamw",
+        options=typed.engine, control=control,
+        lora=getattr(typed.engine, "lora", None) if STAGE_KINDS[stage.kind].lora else None,
+        plateau=control.plateau,
+        plateau_window=None if window is None else int(spec.alerts.get("plateau", 200)) if window is True else window,
     )
+
+
+PROMPT_TOKENS = 128  # a RL prompt's tokens as priced (the generated arithmetic prompts are shorter)
+
+
+def train_config(s: StageSettings) -> TrainConfig | None:
+    """The memory and throughput models' input for a stage as the executor runs it;
+    None for a stage kind the models don't price (``StageKind.priced``)."""
+    kind = STAGE_KINDS[s.kind]
+    if kind.priced is not None:
+        return None
+    lora = None
+    if s.lora is not None:
+        lora = LoraConfig(rank=s.lora.rank, target_modules=tuple(s.lora.target_modules),
+                          layers_fraction=s.lora.layers_fraction, quantize_base=s.lora.quantize_base)
+    model, micro, generation = s.model, s.micro_batch, None
+    if kind.generates:
+        o = s.options
+        group = getattr(o, "group_size", None) or getattr(o, "samples")
+        prompts = s.micro_batch + getattr(o, "success_budget", 0) + getattr(o, "failure_budget", 0) \
+            if getattr(o, "replay", False) else s.micro_batch
+        reference = kind.kl_reference and getattr(o, "kl_beta", 0.0) > 0
+        generation = GenerationConfig(prompts=prompts, group_size=group, prompt_tokens=PROMPT_TOKENS,
+                                      completion_tokens=o.max_new_tokens, reference_model=reference)
+        model = replace(model, seq_len=PROMPT_TOKENS + o.max_new_tokens)
+        micro = prompts * group  # every completion of every group trains in one micro-step
+    return TrainConfig(model=model, micro_batch=micro, grad_accum=s.grad_accum, world_size=s.world_size,
+                       precision=s.precision, checkpointing=s.activation_checkpointing, sharding=s.sharding,
+                       offload=s.offload, optimizer=s.optimizer, lora=lora, generation=generation)
 
 
 def _wsd(progress: float, floor: float, decay_from: float = 0.8) -> float:

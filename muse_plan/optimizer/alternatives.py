@@ -26,10 +26,12 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from engines.options import LoraOptions
 from muse_plan.hardware.catalog import CATALOG, variant
 from muse_plan.optimizer import fit as fitting
 from muse_plan.optimizer.throughput import train_flops
 from muse_plan.plan.io import spec_from_dict, spec_to_dict
+from muse_plan.plan.kinds import STAGE_KINDS
 from muse_plan.plan.planner import complete
 from muse_plan.plan.spec import PlanSpec
 from muse_plan.plan.units import approx_duration, format_count
@@ -50,8 +52,8 @@ def _variant(spec: PlanSpec, name: str, **changes: Any) -> PlanSpec:
     return complete(spec_from_dict(data, f"alternative {name}"))
 
 
-def _fits(spec: PlanSpec, hw: fitting.Hardware) -> fitting.FitResult | None:
-    result = fitting.fit(spec, hw, alternatives=False)
+def _fits(spec: PlanSpec, hw: fitting.Hardware, lora: LoraOptions | None = None) -> fitting.FitResult | None:
+    result = fitting.fit(spec, hw, alternatives=False, lora=lora)
     return result if result.verdict != "does_not_fit" else None
 
 
@@ -71,16 +73,19 @@ def _model(spec: PlanSpec, scale: int) -> dict[str, Any]:
 
 
 def qlora(spec: PlanSpec, hw: fitting.Hardware) -> fitting.Alternative | None:
-    first = next((s for s in spec.stages if s.kind not in fitting.NOT_PRICED), None)
+    first = next((s for s in spec.stages if STAGE_KINDS[s.kind].priced is None), None)
     if first is None:
         return None
     techniques = spec_to_dict(spec).get("techniques") or {}
     techniques = {k: v for k, v in (techniques.items() if isinstance(techniques, dict) else
                                     ((t, {}) for t in techniques)) if k not in ("growth",)}
-    techniques["lora"] = {"rank": 16, "layers_fraction": 1.0, "target_modules": ALL_TARGETS, "quantize_base": "4bit"}
+    qlora = LoraOptions(rank=16, layers_fraction=1.0, target_modules=tuple(ALL_TARGETS), quantize_base="4bit")
+    techniques["lora"] = qlora.model_dump(mode="json")
     stage = {"name": "finetune", "kind": "finetune", "tokens": "100M"}
     alt = _variant(spec, "qlora", techniques=techniques, stages=[stage])
-    result = _fits(alt, hw)
+    # priced as if the finetune stage ran these adapters: the architecture engine trains
+    # every weight today, so this alternative says what QLoRA would need, not what runs
+    result = _fits(alt, hw, lora=qlora)
     if result is None:
         return None
     return fitting.Alternative(

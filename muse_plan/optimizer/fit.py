@@ -2,46 +2,55 @@
 it does not fit and what does.
 
 Design decisions:
-- Settings are the plan's (``training`` is plan-wide), so the search is
-  joint: a candidate (precision, micro-batch with accumulation keeping the
-  global batch, checkpointing, sharding, offload, LoRA where a stage allows
-  it) fits when every trained stage's predicted peak fits, and costs the
-  sum of the stages' predicted times. The fastest fitting candidate wins;
-  ties go to the one that changes least.
-- Verdicts: ``fits`` — the plan's own settings (open fields at the
+- Every stage is priced as the executor runs it: its settings come from the
+  one resolver (``executor.settings.resolve``: the plan's ``training`` with
+  the stage's own on top, open fields at the same defaults the executor
+  uses) and become the models' input through ``train_config`` (LoRA, a RL
+  stage's prompts × group of completions and their KV cache, offload,
+  sharding). Nothing here holds a default of its own.
+- Each stage is fitted on its own: an RL stage that samples a group of
+  completions is not a pretraining stage, so each gets its own micro-batch
+  (accumulation keeps that stage's global batch), checkpointing, precision,
+  sharding, offload and, where its engine runs it, LoRA. A plan fits when
+  every stage does; its time is the sum of the stages'. The search offers
+  only settings the executor runs (``executor.settings.refusal``).
+- The chosen settings are written where each stage reads them
+  (``plan/rewrite.py``): plan-wide when every priced stage shares a value
+  that no stage sets itself, else in each stage's own ``training``.
+- Verdicts: ``fits`` — every stage's own settings (open fields at the
   executor's defaults) fit; the search may still fill the fields the plan
   left open with faster choices, but changes nothing the plan wrote.
-  ``fits_with_changes`` — only a candidate that changes written settings
-  fits; the changes are listed. ``does_not_fit`` — nothing in the search
+  ``fits_with_changes`` — some stage fits only with changes to what the
+  plan wrote; the changes are listed per stage. ``does_not_fit`` — nothing in the search
   space fits; ranked alternatives follow, each a whole plan (and hardware)
   that passes this same fit.
 - A safety margin (10% of each GPU's memory, or of the memory budget's share)
   is kept free: the memory model is checked against measurements, not exact.
 - Stages no engine trains (``grow``) or that the memory model does not price
-  yet (``representation``) are listed as not priced rather than guessed.
+  yet (``representation``) are listed as not priced rather than guessed
+  (``StageKind.priced``).
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 from engines.architecture.config import ModelConfig
-from muse_plan.executor.settings import DEFAULT_MICRO_BATCH, decoder_config
+from engines.options import LoraOptions
+from muse_plan.executor.settings import (DEFAULT_MICRO_BATCH, StageSettings, decoder_config, refusal, resolve,
+                                         train_config)
 from muse_plan.hardware.catalog import CATALOG, GpuKind, lookup, variant
 from muse_plan.optimizer import memory, throughput
-from muse_plan.optimizer.config import GenerationConfig, LoraConfig, TrainConfig
+from muse_plan.optimizer.config import TrainConfig
+from muse_plan.plan.kinds import STAGE_KINDS
 from muse_plan.plan.shapes import STANDARD_SHAPES
 from muse_plan.plan.spec import PlanSpec, StageSpec
 from muse_plan.plan.units import format_count, parse_scale
 
 SAFETY_MARGIN = 0.10
 GIB = 2**30
-LORA_KINDS = frozenset({"finetune", "cold_start_sft", "reasoning_rl", "rejection_sampling", "all_scenarios_rl"})
-GENERATION_KINDS = frozenset({"reasoning_rl", "rejection_sampling", "all_scenarios_rl"})
-NOT_PRICED = {"grow": "growth changes weights, it does not train", "representation": "not priced yet"}
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,7 @@ def hardware_for(spec: PlanSpec, *, gpu: str | None = None, count: int | None = 
 
 @dataclass(frozen=True)
 class Settings:
-    """The plan-wide training settings one candidate proposes."""
+    """The memory settings the search varies for one stage."""
 
     precision: str
     micro_batch: int
@@ -108,9 +117,15 @@ class Settings:
     optimizer: str = "adamw"
     lora: bool = False
 
+    # knob -> the training field it is written as
     FIELDS = {"precision": "precision", "micro_batch": "micro_batch", "grad_accum": "grad_accum",
               "checkpointing": "activation_checkpointing", "sharding": "sharding", "offload": "offload",
               "optimizer": "optimizer"}
+
+    @classmethod
+    def of(cls, s: StageSettings) -> Settings:
+        return cls(s.precision, s.micro_batch, s.grad_accum, s.activation_checkpointing, s.sharding, s.offload,
+                   s.optimizer, s.lora is not None)
 
 
 @dataclass
@@ -118,19 +133,28 @@ class StageFit:
     name: str
     kind: str
     steps: int
+    settings: StageSettings
     config: TrainConfig | None
     memory: memory.MemoryBreakdown | None
     time: throughput.StepTime | None
     note: str = ""
 
     @property
+    def knobs(self) -> Settings:
+        return Settings.of(self.settings)
+
+    @property
     def seconds(self) -> float:
         return self.time.seconds * self.steps if self.time else 0.0
+
+    def fits(self, limit: int, host_limit: int) -> bool:
+        return self.memory is None or (self.memory.total <= limit and self.memory.host <= host_limit)
 
 
 @dataclass
 class Candidate:
-    settings: Settings
+    """Every stage of a plan under one choice of settings per stage."""
+
     stages: list[StageFit]
     limit: int
     host_limit: int
@@ -145,11 +169,42 @@ class Candidate:
 
     @property
     def fits(self) -> bool:
-        return all(s.memory.total <= self.limit and s.memory.host <= self.host_limit for s in self.priced)
+        return all(s.fits(self.limit, self.host_limit) for s in self.stages)
 
     @property
     def seconds(self) -> float:
         return sum(s.seconds for s in self.stages)
+
+    @property
+    def settings(self) -> Settings | None:
+        """The settings every priced stage shares; None when the stages differ."""
+        knobs = {s.knobs for s in self.priced}
+        return knobs.pop() if len(knobs) == 1 else None
+
+
+@dataclass(frozen=True)
+class Change:
+    stage: str
+    field: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.field} {self.old}→{self.new}"
+
+
+def grouped(changes: list[Change], stages: int) -> list[tuple[str, Any, Any, list[str]]]:
+    """(field, old, new, the stages it changes in; [] when every priced stage shares it)."""
+    by_change: dict[tuple[str, Any, Any], list[str]] = {}
+    for c in changes:
+        by_change.setdefault((c.field, c.old, c.new), []).append(c.stage)
+    return [(name, old, new, [] if len(where) == stages else where) for (name, old, new), where in by_change.items()]
+
+
+def describe_changes(changes: list[Change], stages: int) -> str:
+    """``micro_batch 16→4`` for a change every priced stage shares, else ``stage rl: micro_batch 8→2``."""
+    return ", ".join(f"{'stage ' + ', '.join(where) + ': ' if where else ''}{name} {old}→{new}"
+                     for name, old, new, where in grouped(changes, stages))
 
 
 @dataclass
@@ -168,7 +223,7 @@ class FitResult:
     verdict: str  # fits | fits_with_changes | does_not_fit
     written: Candidate
     chosen: Candidate | None
-    changes: list[tuple[str, Any, Any]] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
     alternatives: list[Alternative] = field(default_factory=list)
     eta: throughput.Eta | None = None
     meets: throughput.Meets | None = None  # what would meet a missed timeline
@@ -177,133 +232,113 @@ class FitResult:
     def fitted_spec(self) -> PlanSpec | None:
         if self.chosen is None:
             return None
-        return apply_settings(self.spec, self.chosen.settings, self.hardware)
+        return apply_settings(self.spec, self.chosen, self.hardware)
+
+    def describe_changes(self) -> str:
+        return describe_changes(self.changes, len(self.written.priced))
 
 
-# ---- plan → configurations ---------------------------------------------------
+# ---- plan → the stages' settings, priced ----------------------------------------
 
 # the decoder a stage trains, for pricing (any family: only the shape matters)
 stage_model = decoder_config
+PROPOSED_LORA = LoraOptions(rank=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                     "up_proj", "down_proj"), layers_fraction=1.0)
 
 
-def _generation(spec: PlanSpec, stage: StageSpec) -> GenerationConfig:
-    t = spec.techniques
-    algo = t.grpo or t.s_grpo or t.t_spmo
-    group = algo.group_size if algo else 8
-    new = t.grpo.max_new_tokens if t.grpo else 300
-    # a KL reference only in the RL stages whose β is above 0 (the engine takes none otherwise)
-    beta = float(stage.options.get("kl_beta", getattr(algo, "kl_beta", 0.0)))
-    return GenerationConfig(prompts=1, group_size=group, prompt_tokens=128, completion_tokens=new,
-                            reference_model=stage.kind in ("reasoning_rl", "all_scenarios_rl") and beta > 0)
+def stage_settings(spec: PlanSpec, hw: Hardware, *, lora: LoraOptions | None = None) -> list[StageSettings]:
+    """Every stage's settings as the executor resolves them on ``hw`` (``executor.settings.resolve``),
+    settings it can't run yet included, for pricing; ``lora``: priced as if every priced
+    stage trained these adapters (the QLoRA alternative's what-if)."""
+    out = []
+    for stage in spec.stages:
+        s = resolve(spec, stage, world_size=hw.processes, cuda=hw.gpu is not None,
+                    bf16=bool(hw.gpu and hw.gpu.bf16), check=False)
+        if lora is not None and STAGE_KINDS[stage.kind].priced is None and s.lora is None:
+            s = replace(s, lora=lora)
+        out.append(s)
+    return out
 
 
-def _lora(spec: PlanSpec) -> LoraConfig:
-    o = spec.techniques.lora
-    if o is None:  # the optimizer proposing LoRA: adapt everything, the common QLoRA recipe
-        return LoraConfig(rank=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                   "up_proj", "down_proj"), layers_fraction=1.0)
-    return LoraConfig(rank=o.rank, target_modules=tuple(o.target_modules), layers_fraction=o.layers_fraction,
-                      quantize_base=o.quantize_base)
+def with_knobs(s: StageSettings, k: Settings) -> StageSettings:
+    """``s`` under the knobs ``k``; LoRA the optimizer proposes adapts every projection."""
+    lora = s.lora if k.lora and s.lora is not None else PROPOSED_LORA if k.lora else None
+    return replace(s, precision=k.precision, micro_batch=k.micro_batch, grad_accum=k.grad_accum,
+                   activation_checkpointing=k.checkpointing, sharding=k.sharding, offload=k.offload,
+                   optimizer=k.optimizer, lora=lora)
+
+
+def price_stage(s: StageSettings, hw: Hardware) -> StageFit:
+    """One stage's memory and time as the executor runs it (``train_config``)."""
+    cfg = train_config(s)
+    if cfg is None:
+        return StageFit(s.name, s.kind, s.steps, s, None, None, None, STAGE_KINDS[s.kind].priced or "")
+    mem = memory.estimate(cfg, device="cuda" if hw.gpu else "cpu")
+    time = throughput.step_time(cfg, hw.gpu, cpu_cores=hw.cpu_cores, network_gbps=hw.network_gbps)
+    return StageFit(s.name, s.kind, s.steps, s, cfg, mem, time)
+
+
+def _limits(hw: Hardware) -> tuple[int, int]:
+    return hw.limit_bytes, int(hw.host_ram_gib * 0.8 * GIB / (hw.processes if hw.gpu else 1))
+
+
+def price(spec: PlanSpec, hw: Hardware) -> Candidate:
+    """The plan as written (open fields at the resolver's defaults) on ``hw``."""
+    return Candidate([price_stage(s, hw) for s in stage_settings(spec, hw)], *_limits(hw))
 
 
 def global_batch(spec: PlanSpec, hw: Hardware) -> int:
-    t = spec.training
-    if t.global_batch:
-        return t.global_batch
-    return (t.micro_batch or DEFAULT_MICRO_BATCH) * (t.grad_accum or 1) * hw.processes
+    """The first training stage's global batch on ``hw``, as the executor resolves it."""
+    trained = [s for s in stage_settings(spec, hw) if STAGE_KINDS[s.kind].trains]
+    return trained[0].global_batch if trained else DEFAULT_MICRO_BATCH * hw.processes
 
 
-def stage_steps(spec: PlanSpec, stage: StageSpec, batch: int, seq_len: int) -> int:
-    if stage.steps:
-        return stage.steps
-    if stage.tokens:
-        return max(1, math.ceil(parse_scale(stage.tokens) / (batch * seq_len)))
-    return 0
+# ---- the search, one stage at a time ---------------------------------------------
+
+def runnable(k: Settings, hw: Hardware) -> bool:
+    """Whether the executor runs these settings on ``hw`` (``executor.settings.refusal``)."""
+    return refusal(k.sharding, k.offload, k.optimizer, hw.gpu is not None) is None
 
 
-def price(spec: PlanSpec, s: Settings, hw: Hardware, models: list[ModelConfig] | None = None) -> Candidate:
-    """Every stage of ``spec`` under settings ``s`` on ``hw``: memory and time."""
-    batch = global_batch(spec, hw)
-    stages = []
-    models = models or [stage_model(spec, stage) for stage in spec.stages]
-    for stage, model in zip(spec.stages, models):
-        steps = stage_steps(spec, stage, batch, model.seq_len)
-        if stage.kind in NOT_PRICED:
-            stages.append(StageFit(stage.name, stage.kind, steps, None, None, None, NOT_PRICED[stage.kind]))
-            continue
-        lora = _lora(spec) if (s.lora or spec.techniques.lora) and stage.kind in LORA_KINDS else None
-        cfg = TrainConfig(model=model, micro_batch=s.micro_batch, grad_accum=s.grad_accum,
-                          world_size=hw.processes, precision=s.precision, checkpointing=s.checkpointing,
-                          sharding=s.sharding, offload=s.offload, optimizer=s.optimizer, lora=lora,
-                          generation=_generation(spec, stage) if stage.kind in GENERATION_KINDS else None)
-        mem = memory.estimate(cfg, device="cuda" if hw.gpu else "cpu")
-        time = throughput.step_time(cfg, hw.gpu, cpu_cores=hw.cpu_cores, network_gbps=hw.network_gbps)
-        stages.append(StageFit(stage.name, stage.kind, steps, cfg, mem, time))
-    host_limit = int(hw.host_ram_gib * 0.8 * GIB / (hw.processes if hw.gpu else 1))
-    return Candidate(s, stages, hw.limit_bytes, host_limit)
-
-
-# ---- the search ------------------------------------------------------------------
-
-def written_settings(spec: PlanSpec, hw: Hardware) -> Settings:
-    """The plan's settings, open fields at the executor's defaults."""
-    t = spec.training
-    batch = global_batch(spec, hw)
-    micro = t.micro_batch or min(DEFAULT_MICRO_BATCH, batch // hw.processes)
-    return Settings(
-        precision=t.precision or _default_precision(hw),
-        micro_batch=micro,
-        grad_accum=max(1, batch // (micro * hw.processes)),
-        checkpointing=t.activation_checkpointing or "none",
-        sharding=t.sharding or ("ddp" if hw.processes > 1 else "none"),
-        offload=t.offload or "none",
-        optimizer=t.optimizer or "adamw",
-        lora=spec.techniques.lora is not None,
-    )
-
-
-def _default_precision(hw: Hardware) -> str:
-    if hw.gpu is None:
-        return "fp32"
-    return "bf16" if hw.gpu.bf16 else "fp16"
-
-
-def _choices(spec: PlanSpec, hw: Hardware, free: set[str]) -> dict[str, list[Any]]:
-    """Values each setting may take; a setting not in ``free`` keeps the plan's."""
-    base = written_settings(spec, hw)
-    per_process = global_batch(spec, hw) // hw.processes
+def _choices(s: StageSettings, hw: Hardware, free: set[str]) -> dict[str, list[Any]]:
+    """Values each knob may take for stage ``s``; a knob not in ``free`` keeps its value."""
+    base = Settings.of(s)
+    per_process = s.micro_batch * s.grad_accum
+    lora_ok = STAGE_KINDS[s.kind].lora
     options: dict[str, list[Any]] = {
         "precision": ["bf16", "fp16", "fp32"] if hw.gpu and hw.gpu.bf16 else ["fp16", "fp32"] if hw.gpu else ["fp32"],
         "micro_batch": [m for m in (1, 2, 4, 8, 16, 32, 64) if per_process % m == 0] or [per_process],
         "checkpointing": ["none", "selective", "full"],
         "sharding": ["ddp", "zero1", "zero2", "zero3"] if hw.processes > 1 else ["none"],
-        "offload": ["none", "optimizer", "parameters"] if hw.gpu else ["none"],
-        # the plan's LoRA stays; the optimizer may propose it only where a stage fine-tunes
-        "lora": [True] if spec.techniques.lora else
-                [False, True] if any(s.kind in LORA_KINDS for s in spec.stages) else [False],
+        "offload": ["none", "optimizer"] if hw.gpu else ["none"],
+        # LoRA a stage has stays; the optimizer may propose it only where the stage's engine runs it
+        "lora": [True] if s.lora is not None else [False, True] if lora_ok else [False],
     }
     return {k: (v if k in free else [getattr(base, k)]) for k, v in options.items()}
 
 
-def _candidates(spec: PlanSpec, hw: Hardware, free: set[str]) -> Iterator[Settings]:
-    choices = _choices(spec, hw, free)
-    per_process = global_batch(spec, hw) // hw.processes
+def _candidates(s: StageSettings, hw: Hardware, free: set[str]) -> Iterator[Settings]:
+    choices = _choices(s, hw, free)
+    per_process = s.micro_batch * s.grad_accum
     for prec, micro, ckpt, shard, off, lora in itertools.product(*choices.values()):
-        yield Settings(prec, micro, max(1, per_process // micro), ckpt, shard, off,
-                       written_settings(spec, hw).optimizer, lora)
+        k = Settings(prec, micro, max(1, per_process // micro), ckpt, shard, off, s.optimizer, lora)
+        if runnable(k, hw):
+            yield k
 
 
-def _open_fields(spec: PlanSpec) -> set[str]:
-    t = spec.training
+def open_fields(spec: PlanSpec, stage: StageSpec) -> set[str]:
+    t = spec.training_for(stage)
     free = {k for k, name in Settings.FIELDS.items() if getattr(t, name) is None}
+    if spec.techniques.lora is None and "lora" not in stage.options:
+        free.add("lora")  # but the search proposes LoRA only when nothing else fits
     return free - {"optimizer", "grad_accum"}  # accumulation follows the micro-batch
 
 
 TIE = 0.02  # candidates within 2% of the fastest count as equally fast
 
 
-def search(spec: PlanSpec, hw: Hardware, free: set[str]) -> Candidate | None:
-    """The fastest fitting candidate varying ``free`` settings; None when none fits.
+def search(s: StageSettings, hw: Hardware, free: set[str]) -> StageFit | None:
+    """The fastest fitting settings for stage ``s`` varying ``free`` knobs; None when none fits.
 
     The throughput model resolves time to about 10%, so candidates within 2% of
     the fastest are ties; a tie goes to the largest micro-batch (fewer
@@ -311,51 +346,66 @@ def search(spec: PlanSpec, hw: Hardware, free: set[str]) -> Candidate | None:
     than the model sees, and the memory the user paid for put to work), then
     to the one that changes least.
     """
-    models = [stage_model(spec, stage) for stage in spec.stages]
-    if not _could_fit(spec, hw, free, models):
+    limit, host_limit = _limits(hw)
+    if not _could_fit(s, hw, free):
         return None
-    fitting = [c for c in (price(spec, s, hw, models) for s in _candidates(spec, hw, free)) if c.fits]
+    fitting = [f for f in (price_stage(with_knobs(s, k), hw) for k in _candidates(s, hw, free))
+               if f.fits(limit, host_limit)]
     if not fitting:
         return None
-    fastest = min(c.seconds for c in fitting)
-    base = written_settings(spec, hw)
-    ties = [c for c in fitting if c.seconds <= fastest * (1 + TIE)]
-    return max(ties, key=lambda c: (c.settings.micro_batch, -len(_changes(base, c.settings)), -c.seconds))
+    fastest = min(f.seconds for f in fitting)
+    base = Settings.of(s)
+    ties = [f for f in fitting if f.seconds <= fastest * (1 + TIE)]
+    return max(ties, key=lambda f: (f.knobs.micro_batch, -len(_changed(base, f.knobs)), -f.seconds))
 
 
-def _could_fit(spec: PlanSpec, hw: Hardware, free: set[str], models: list[ModelConfig]) -> bool:
-    """Whether the most frugal choice of each free setting fits: when it does
-    not, nothing in the search space does (a quick no for hardware far too small).
+def _could_fit(s: StageSettings, hw: Hardware, free: set[str]) -> bool:
+    """Whether the most frugal choice of each free knob fits: when it does not,
+    nothing in the search space does (a quick no for hardware far too small).
     Precision and offload are not monotone in memory (autocast keeps bf16 weight
     copies; offload trades device memory for host RAM), so each is tried."""
-    choices = _choices(spec, hw, free)
+    choices = _choices(s, hw, free)
     micro = min(choices["micro_batch"])
     frugal = Settings(
         precision=choices["precision"][0], micro_batch=micro,
-        grad_accum=max(1, global_batch(spec, hw) // hw.processes // micro),
+        grad_accum=max(1, s.micro_batch * s.grad_accum // micro),
         checkpointing="full" if "full" in choices["checkpointing"] else choices["checkpointing"][0],
-        sharding=choices["sharding"][-1], offload=choices["offload"][0],
-        optimizer=written_settings(spec, hw).optimizer, lora=choices["lora"][-1])
-    return any(price(spec, replace(frugal, precision=p, offload=o), hw, models).fits
-               for p in choices["precision"] for o in choices["offload"])
+        sharding=choices["sharding"][-1], offload=choices["offload"][0], optimizer=s.optimizer,
+        lora=choices["lora"][-1])
+    limit, host_limit = _limits(hw)
+    tries = [replace(frugal, precision=p, offload=o) for p in choices["precision"] for o in choices["offload"]]
+    return any(price_stage(with_knobs(s, k), hw).fits(limit, host_limit) for k in tries)
 
 
 ALL_FIELDS = {"precision", "micro_batch", "checkpointing", "sharding", "offload", "lora"}
 
 
-def fit(spec: PlanSpec, hw: Hardware, *, alternatives: bool = True) -> FitResult:
-    written = price(spec, written_settings(spec, hw), hw)
-    if written.fits:
-        chosen = search(spec, hw, _open_fields(spec)) or written
-        verdict = "fits"
-    else:
-        chosen = search(spec, hw, ALL_FIELDS)
-        verdict = "fits_with_changes" if chosen else "does_not_fit"
+def fit(spec: PlanSpec, hw: Hardware, *, alternatives: bool = True, lora: LoraOptions | None = None) -> FitResult:
+    """Each stage fitted on its own: its written settings when they fit (open knobs
+    filled with faster choices), else the fastest that fit varying every knob."""
+    settings = stage_settings(spec, hw, lora=lora)
+    written = Candidate([price_stage(s, hw) for s in settings], *_limits(hw))
+    chosen_stages: list[StageFit] | None = []
+    for stage, s, as_written in zip(spec.stages, settings, written.stages):
+        if as_written.memory is None:
+            chosen_stages.append(as_written)
+            continue
+        free = open_fields(spec, stage)
+        if as_written.fits(*_limits(hw)):
+            best = search(s, hw, free - {"lora"}) or as_written
+        else:
+            best = search(s, hw, ALL_FIELDS - ({"lora"} - free))
+        if best is None:
+            chosen_stages = None
+            break
+        chosen_stages.append(best)
+    verdict = "fits" if written.fits else "fits_with_changes" if chosen_stages is not None else "does_not_fit"
+    chosen = Candidate(chosen_stages, *_limits(hw)) if chosen_stages is not None else None
     result = FitResult(spec, hw, verdict, written, chosen)
     if chosen is not None:
-        result.changes = _changes(written.settings, chosen.settings)
-        result.eta = throughput.eta([(s.name, s.steps, s.time) for s in chosen.priced],
-                                    parse_timeline(spec))
+        result.changes = [Change(a.name, name, old, new) for a, b in zip(written.priced, chosen.priced)
+                          for name, old, new in _changed(a.knobs, b.knobs)]
+        result.eta = throughput.eta([(s.name, s.steps, s.time) for s in chosen.priced], parse_timeline(spec))
         if result.eta.meets is False:
             result.meets = throughput.what_meets([(s.name, s.steps, s.config) for s in chosen.priced], hw.gpu,
                                                  result.eta.timeline_s, cpu_cores=hw.cpu_cores,
@@ -375,32 +425,40 @@ def parse_timeline(spec: PlanSpec) -> float | None:
     return parse_duration(spec.timeline)
 
 
-def _changes(a: Settings, b: Settings) -> list[tuple[str, Any, Any]]:
+def _changed(a: Settings, b: Settings) -> list[tuple[str, Any, Any]]:
     names = list(Settings.FIELDS) + ["lora"]
     return [(n, getattr(a, n), getattr(b, n)) for n in names if getattr(a, n) != getattr(b, n)]
 
 
-def apply_settings(spec: PlanSpec, s: Settings, hw: Hardware) -> PlanSpec:
-    """The plan with the chosen settings written into ``training`` (and LoRA added),
-    its compute set to the hardware they were fitted to."""
+def apply_settings(spec: PlanSpec, chosen: Candidate, hw: Hardware) -> PlanSpec:
+    """The plan with each stage's chosen settings written where the executor reads them
+    (``plan.rewrite.set_training``: plan-wide when every priced stage shares a value no
+    stage sets itself, else in each stage's own ``training``), LoRA added where chosen,
+    and its compute set to the hardware they were fitted to."""
     from muse_plan.plan.io import spec_from_dict, spec_to_dict
+    from muse_plan.plan.rewrite import set_training
 
-    data = spec_to_dict(spec)
-    training = dict(data.get("training") or {})
-    training.update({name: getattr(s, key) for key, name in Settings.FIELDS.items()})
-    training["global_batch"] = global_batch(spec, hw)
-    data["training"] = training
-    # the settings hold for the hardware they were fitted to: the plan says so
-    compute = {k: v for k, v in (data.get("compute") or {}).items() if k not in ("gpu", "count", "memory_gib")}
+    compute = {k: v for k, v in (spec_to_dict(spec).get("compute") or {}).items()
+               if k not in ("gpu", "count", "memory_gib")}
     if hw.gpu is not None:
         compute.update(gpu=hw.gpu.key, count=hw.count, memory_gib=hw.gpu.memory_gib)
-    data["compute"] = compute
-    if s.lora and spec.techniques.lora is None:
-        data.setdefault("techniques", {})["lora"] = {"rank": 16, "layers_fraction": 1.0,
-                                                     "target_modules": list(_lora(spec).target_modules)}
+    values = {f.name: _written_values(f.settings) for f in chosen.priced}
+    spec = set_training(spec, values, spread=True, source="fitted plan", also={"compute": compute})
+    data = spec_to_dict(spec)
+    with_lora = {f.name for f in chosen.priced if f.settings.lora is not None}
+    if with_lora and spec.techniques.lora is None:
+        data.setdefault("techniques", {})["lora"] = PROPOSED_LORA.model_dump(mode="json", exclude_defaults=True)
+        for entry in data["stages"]:  # the technique reaches every LoRA stage: not those fitted without it
+            if STAGE_KINDS[entry["kind"]].lora and entry["name"] not in with_lora:
+                entry["options"] = {**entry.get("options", {}), "lora": False}
     return spec_from_dict(data, "fitted plan")
 
 
+def _written_values(s: StageSettings) -> dict[str, Any]:
+    knobs = Settings.of(s)
+    values = {name: getattr(knobs, key) for key, name in Settings.FIELDS.items()}
+    values["global_batch"] = s.global_batch
+    return values
 def largest_standard_scale(below: int) -> list[int]:
     """Nominal scales of the standard shape table under ``below``, largest first."""
     return sorted((n for n in STANDARD_SHAPES if n < below), reverse=True)

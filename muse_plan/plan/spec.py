@@ -28,6 +28,7 @@ from pydantic import (
 
 from muse_plan.plan import units
 from muse_plan.plan.shapes import Shape, decoder_params, shape_for_params, swiglu_hidden
+from muse_plan.plan.kinds import STAGE_KINDS, kind_of, stage_options
 from muse_plan.plan.techniques import Techniques
 
 
@@ -182,20 +183,6 @@ class DataSpec(Frozen):
     val_fraction: float = Field(0.05, gt=0, lt=1)
 
 
-# stage kind → the engine that runs it, and whether it trains (needs a budget)
-STAGE_KINDS: dict[str, tuple[str, bool]] = {
-    "pretrain": ("architecture", True),
-    "continue": ("architecture", True),
-    "finetune": ("architecture", True),
-    "cold_start_sft": ("grpo", True),
-    "reasoning_rl": ("grpo", True),
-    "rejection_sampling": ("grpo", True),
-    "all_scenarios_rl": ("grpo", True),
-    "grow": ("growth", False),
-    "representation": ("rkdo", True),
-}
-RL_ALGORITHMS = ("grpo", "s_grpo", "t_spmo")  # the GRPO engine's reasoning_rl algorithms
-ENGINES = tuple(dict.fromkeys(engine for engine, _ in STAGE_KINDS.values()))
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -229,24 +216,17 @@ class StageSpec(Frozen):
     @classmethod
     def _engine_from_kind(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("kind") in STAGE_KINDS and data.get("engine") is None:
-            data = {**data, "engine": STAGE_KINDS[data["kind"]][0]}
+            data = {**data, "engine": STAGE_KINDS[data["kind"]].engine}
         return data
 
     @model_validator(mode="after")
     def _kind_and_budget(self) -> StageSpec:
-        if self.kind not in STAGE_KINDS:
-            raise ValueError(f"unknown stage kind {self.kind!r}; accepted: {', '.join(STAGE_KINDS)}")
-        engine, trains = STAGE_KINDS[self.kind]
-        if self.engine != engine:
-            raise ValueError(f"stage kind {self.kind!r} runs on engine {engine!r}, not {self.engine!r}")
-        algorithm = self.options.get("algorithm")
-        if self.kind in ("reasoning_rl", "all_scenarios_rl") and algorithm is not None \
-                and algorithm not in RL_ALGORITHMS:
-            raise ValueError(f"stage {self.name!r}: unknown RL algorithm {algorithm!r}; "
-                             f"accepted: {', '.join(RL_ALGORITHMS)}")
+        kind = kind_of(self.kind)
+        if self.engine != kind.engine:
+            raise ValueError(f"stage kind {self.kind!r} runs on engine {kind.engine!r}, not {self.engine!r}")
         if self.steps is not None and self.tokens is not None:
             raise ValueError(f"stage {self.name!r}: give steps or tokens, not both")
-        if trains and self.steps is None and self.tokens is None:
+        if kind.trains and self.steps is None and self.tokens is None:
             raise ValueError(f"stage {self.name!r} trains, so it needs a budget: steps or tokens")
         return self
 
@@ -284,6 +264,7 @@ class PlanSpec(Frozen):
         self._check_stages()
         self._check_residual()
         self._check_batch()
+        self._check_options()
         return self
 
     def _check_stages(self) -> None:
@@ -306,14 +287,22 @@ class PlanSpec(Frozen):
             )
 
     def _check_batch(self) -> None:
-        t = self.training
-        if t.micro_batch and t.grad_accum and t.global_batch:
-            ranks = self.compute.data_parallel if self.compute else 1
-            if t.micro_batch * t.grad_accum * ranks != t.global_batch:
+        """micro × accum × GPUs = global batch, plan-wide and in every stage that sets its own."""
+        ranks = self.compute.data_parallel if self.compute else 1
+        scopes = [("training", self.training)] + [
+            (f"stage {s.name!r}", self.training_for(s)) for s in self.stages if s.training is not None]
+        for where, t in scopes:
+            if t.micro_batch and t.grad_accum and t.global_batch \
+                    and t.micro_batch * t.grad_accum * ranks != t.global_batch:
                 raise ValueError(
-                    f"training: micro_batch {t.micro_batch} × grad_accum {t.grad_accum} × "
+                    f"{where}: micro_batch {t.micro_batch} × grad_accum {t.grad_accum} × "
                     f"{ranks} GPU(s) = {t.micro_batch * t.grad_accum * ranks}, not global_batch {t.global_batch}"
                 )
+
+    def _check_options(self) -> None:
+        """Every stage's options typed against its engine's model, here, not when the stage starts."""
+        for stage in self.stages:
+            stage_options(self, stage)
 
     @property
     def timeline_seconds(self) -> int | None:

@@ -5,62 +5,23 @@ options (``{grpo: {group_size: 8}, mhc: {}}``) or a plain list of names; on
 the command line ``--techniques grpo,mhc,growth`` (every option at its
 default). Unknown names and unknown options fail at validation, naming what
 is accepted. Defaults follow the papers where the papers state them (cited
-per field); the engines' issues check them again when they implement them.
+per field). The RL algorithms' and LoRA's models are their engines' own
+(``engines/grpo/options.py``, ``engines/options.py``): a stage of that
+engine takes a technique's values as its defaults, so each default is
+written once.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
+from engines.grpo.options import GrpoOptions, RewardWeights, SGrpoOptions, TSpmoOptions
+from engines.options import LoraOptions, Options
 
-class Options(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class RewardWeights(Options):
-    """SEEDS.md's weights for an unstable GRPO run (the KL term is the loss's)."""
-
-    correctness: float = 1.0
-    format: float = 0.3
-    efficiency: float = 0.2
-    consistency: float = Field(0.0, description="share of true equations in the worked steps (all-scenarios RL)")
-
-
-class GrpoOptions(Options):
-    """GRPO (DeepSeekMath; DeepSeek-R1): group-normalised advantages, clipped ratio, k3 KL."""
-
-    group_size: PositiveInt = 8
-    clip_eps: float = Field(0.2, gt=0)
-    clip_eps_high: float | None = Field(None, gt=0, description="asymmetric upper clip; None = clip_eps")
-    kl_beta: float = Field(0.04, ge=0)
-    scale_by_std: bool = Field(True, description="False is Dr. GRPO's unscaled advantage")
-    loss_normalization: Literal["token", "sequence", "constant"] = "token"
-    temperature: float = Field(0.3, gt=0, description="Lee & Tong sample at 0.3")
-    max_new_tokens: PositiveInt = 300
-    reward_weights: RewardWeights = RewardWeights()
-
-
-class SGrpoOptions(Options):
-    """S-GRPO (Lee & Tong 2025): tokens before cutoff ``alpha`` always, later ones w.p. ``p`` up to ``k``."""
-
-    group_size: PositiveInt = 8
-    alpha: PositiveInt = Field(25, description="cutoff index: earlier completion tokens always enter the loss")
-    p: float = Field(0.5, gt=0, le=1, description="probability that a later token enters the loss")
-    k: PositiveInt = Field(50, description="most tokens of one completion that enter the loss")
-    kl_beta: float = Field(0.01, ge=0)
-
-
-class TSpmoOptions(Options):
-    """T-SPMO (Lee & Tong 2025): prefix-tree token advantages, LoRA L2, replay."""
-
-    group_size: PositiveInt = Field(50, description="the paper samples |G| = 50")
-    l2_lambda: float = Field(0.01, ge=0, description="λ on the LoRA weights' squared norm")
-    replay: bool = True
-    success_threshold: float = Field(1.0, description="reward r at or above which a completion is a success")
-    success_budget: int = Field(2, ge=0, description="C_success: replays from successes per update")
-    failure_budget: int = Field(0, ge=0, description="C_failure: replays from failures per update")
+__all__ = ["GrpoOptions", "SGrpoOptions", "TSpmoOptions", "RewardWeights", "LoraOptions", "MhcOptions",
+           "GeometricScalingOptions", "GrowthOptions", "RkdoOptions", "Techniques", "TECHNIQUE_NAMES"]
 
 
 class MhcOptions(Options):
@@ -124,17 +85,6 @@ class RkdoOptions(Options):
     stop_tol: float = Field(0.01, gt=0, description="an epoch lowering the loss by less than this share is flat")
     encoder: Literal["auto", "mlp", "cnn", "decoder"] = Field(
         "auto", description="auto: cnn for images, mlp for vectors, the plan's decoder for text")
-
-
-class LoraOptions(Options):
-    """LoRA (QLoRA with ``quantize_base: 4bit``) for the fine-tuning stages."""
-
-    rank: PositiveInt = 8
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    layers_fraction: float = Field(0.25, gt=0, le=1, description="last share of layers adapted (paper: 1/4 or 1/3)")
-    quantize_base: Literal["none", "4bit"] = "none"
 
 
 class Techniques(Options):

@@ -35,7 +35,7 @@ def _fits_here(world: int) -> Any:
     hw = fitting.this_machine(world)
     if hw is None:
         return None
-    return lambda spec: fitting.price(spec, fitting.written_settings(spec, hw), hw).fits
+    return lambda spec: fitting.price(spec, hw).fits
 
 
 def recover(store: Any, run_id: int, stage_run_id: int, plan_name: str, spec: PlanSpec, position: int,

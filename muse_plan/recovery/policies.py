@@ -6,8 +6,13 @@ plan (and, for memory, that the optimizer's memory model predicts to fit this
 machine) is the rewrite. A class whose ladder is used up has exhausted its
 retry budget and the run stops with a report of what was tried.
 
-- ``oom``: halve the micro-batch and double accumulation (the global batch
-  is kept) → activation checkpointing (selective, then full) → offload the
+A rewrite lands in the failing stage's own ``training`` (``plan/rewrite.py``):
+the stage that faulted changes, every other stage keeps its settings and
+its global batch. Current values come from the one resolver, so a rung
+halves what the stage actually ran with.
+
+- ``oom``: halve the micro-batch and double accumulation (the stage's global
+  batch is kept) → activation checkpointing (selective, then full) → offload the
   optimizer state → LoRA where the stage fine-tunes.
 - ``nan``: roll back, skip the data window that produced it, halve the
   learning rate → leave fp16 for bf16 (or fp32 without bf16) → halve again.
@@ -23,7 +28,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from muse_plan.executor.settings import StageSettings, refusal, resolve
 from muse_plan.plan.io import spec_from_dict, spec_to_dict
+from muse_plan.plan.kinds import STAGE_KINDS
+from muse_plan.plan.rewrite import set_training
 from muse_plan.plan.spec import PlanSpec, StageSpec
 
 
@@ -38,25 +46,24 @@ class Rewrite:
 Rung = Callable[[PlanSpec, StageSpec, int], "Rewrite | None"]
 
 
-def _t(spec: PlanSpec, name: str, default: Any = None, stage: StageSpec | None = None) -> Any:
-    value = getattr(spec.training_for(stage) if stage is not None else spec.training, name)
-    return default if value is None else value
+def _now(spec: PlanSpec, stage: StageSpec, world: int) -> StageSettings:
+    """The stage's settings as the executor runs them (the one resolver's defaults)."""
+    return resolve(spec, stage, world_size=world, check=False)
 
 
 def halve_micro_batch(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
-    micro = _t(spec, "micro_batch", 8, stage)
-    if micro <= 1:
+    s = _now(spec, stage, world)
+    if s.micro_batch <= 1:
         return None
-    accum = _t(spec, "grad_accum", 1, stage)
-    total = spec.training_for(stage).global_batch or micro * accum * world
-    new_micro = micro // 2
-    new_accum = total // (new_micro * world)
-    return Rewrite({"micro_batch": new_micro, "grad_accum": new_accum, "global_batch": total},
-                   f"micro_batch {micro}→{new_micro}, grad_accum {accum}→{new_accum} (global batch {total} kept)")
+    new_micro = s.micro_batch // 2
+    new_accum = s.global_batch // (new_micro * world)
+    return Rewrite({"micro_batch": new_micro, "grad_accum": new_accum, "global_batch": s.global_batch},
+                   f"micro_batch {s.micro_batch}→{new_micro}, grad_accum {s.grad_accum}→{new_accum} "
+                   f"(global batch {s.global_batch} kept)")
 
 
 def more_checkpointing(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
-    now = _t(spec, "activation_checkpointing", "none", stage)
+    now = _now(spec, stage, world).activation_checkpointing
     nxt = {"none": "selective", "selective": "full"}.get(now)
     if nxt is None:
         return None
@@ -64,24 +71,21 @@ def more_checkpointing(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite 
 
 
 def offload_optimizer(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
-    from muse_plan.executor.settings import NOT_YET
-
-    if (_t(spec, "offload", "none", stage) != "none" or "optimizer" not in NOT_YET["offload"]
-            or _t(spec, "sharding", "none", stage) not in ("none", "ddp")):
-        return None  # the executor offloads only unsharded AdamW: a rewrite it would refuse is no remedy
+    s = _now(spec, stage, world)
+    if s.offload != "none" or refusal(s.sharding, "optimizer", s.optimizer, cuda=True) is not None:
+        return None  # a rewrite the executor would refuse is no remedy
     return Rewrite({"offload": "optimizer"}, "offload none→optimizer")
 
 
 def lora(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
-    # the GRPO engine's fine-tuning stages take LoRA; the architecture engine's finetune doesn't yet
-    if spec.techniques.lora is not None or stage.kind not in ("cold_start_sft", "reasoning_rl",
-                                                              "rejection_sampling", "all_scenarios_rl"):
+    # only where the stage's engine runs LoRA, and the stage has none yet
+    if spec.techniques.lora is not None or not STAGE_KINDS[stage.kind].lora:
         return None
     return Rewrite({}, "LoRA (rank 16) for the fine-tuning stage", techniques={"lora": {"rank": 16}})
 
 
 def halve_lr(spec: PlanSpec, stage: StageSpec, world: int, *, skip: bool = False) -> Rewrite | None:
-    lr = _t(spec, "lr", 3e-4, stage)
+    lr = _now(spec, stage, world).lr
     return Rewrite({"lr": lr / 2}, f"lr {lr:g}→{lr / 2:g}" + (", data window skipped" if skip else ""),
                    skip_window=skip)
 
@@ -93,7 +97,7 @@ def leave_fp16(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
 
 
 def clip_tighter(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
-    clip = _t(spec, "clip_grad_norm", 1.0, stage)  # the executor clips at 1.0 by default
+    clip = _now(spec, stage, world).clip_grad_norm or 1.0
     new = 1.0 if clip > 1.0 else clip / 2
     return Rewrite({"clip_grad_norm": new}, f"clip_grad_norm {clip:g}→{new:g}")
 
@@ -111,27 +115,24 @@ LADDERS: dict[str, list[Rung]] = {
 
 
 def apply(spec: PlanSpec, rewrite: Rewrite, stage: StageSpec | None = None) -> PlanSpec:
-    """The plan with the rewrite's training fields set — in the stage's own
-    training settings where the stage sets that field, else plan-wide."""
-    data = spec_to_dict(spec)
-    own = stage.training.model_dump(exclude_defaults=True) if stage is not None and stage.training else {}
-    if own:
-        local = {k: v for k, v in rewrite.training.items() if k in own}
-        for entry in data["stages"]:
-            if entry["name"] == stage.name:
-                entry["training"] = {**entry.get("training", {}), **local}
-        rewrite = Rewrite({k: v for k, v in rewrite.training.items() if k not in own}, rewrite.summary,
-                          rewrite.skip_window, rewrite.techniques)
-    training = {**(data.get("training") or {}), **rewrite.training}
-    if "micro_batch" in rewrite.training and spec.compute is None:
-        training.pop("grad_accum", None)  # follows from global / (micro × processes)
-    data["training"] = training
+    """The plan with the rewrite's training fields set in the failing stage's own
+    training settings (``plan/rewrite.py``: every other stage keeps its settings and
+    its global batch), plan-wide when no stage is named; its techniques added."""
+    if rewrite.training:
+        if stage is not None:
+            spec = set_training(spec, {stage.name: rewrite.training}, source="recovery rewrite")
+        else:
+            data = spec_to_dict(spec)
+            data["training"] = {**(data.get("training") or {}), **rewrite.training}
+            spec = spec_from_dict(data, "recovery rewrite")
     if rewrite.techniques:
+        data = spec_to_dict(spec)
         techniques = data.get("techniques") or {}
         if not isinstance(techniques, dict):
             techniques = {t: {} for t in techniques}
         data["techniques"] = {**techniques, **rewrite.techniques}
-    return spec_from_dict(data, "recovery rewrite")
+        spec = spec_from_dict(data, "recovery rewrite")
+    return spec
 
 
 def next_rewrite(spec: PlanSpec, stage: StageSpec, kind: str, used: int, world: int,

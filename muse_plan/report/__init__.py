@@ -218,20 +218,17 @@ def _device(events: Sequence[Event]) -> tuple[str, int]:
 
 
 def predicted_gib(spec: Any, stage: Any, *, device: str, processes: int) -> tuple[float | None, str]:
-    """The memory model's peak (GiB per process) for a stage as the executor runs it; or why not."""
-    from muse_plan.executor.settings import resolve
-    from muse_plan.optimizer import fit, memory
-    from muse_plan.optimizer.config import TrainConfig
+    """The memory model's peak (GiB per process) for a stage as the executor ran it
+    (``resolve`` → ``train_config``, as the optimizer prices it); or why not."""
+    from muse_plan.executor.settings import resolve, train_config
+    from muse_plan.optimizer import memory
+    from muse_plan.plan.kinds import STAGE_KINDS
 
-    if stage.kind in fit.NOT_PRICED:
-        return None, f"not priced: {fit.NOT_PRICED[stage.kind]}"
+    if STAGE_KINDS[stage.kind].priced is not None:
+        return None, f"not priced: {STAGE_KINDS[stage.kind].priced}"
     cuda = device == "gpu"
     try:
-        s = resolve(spec, stage, world_size=processes, cuda=cuda, bf16=cuda)
-        cfg = TrainConfig(model=fit.stage_model(spec, stage), micro_batch=s.micro_batch,
-                          grad_accum=s.grad_accum, world_size=processes, precision=s.precision,
-                          checkpointing=s.activation_checkpointing,
-                          sharding=spec.training.sharding or ("ddp" if processes > 1 else "none"))
+        cfg = train_config(resolve(spec, stage, world_size=processes, cuda=cuda, bf16=cuda, check=False))
     except (MuseError, ValueError) as exc:
         return None, f"not priced: {short(str(exc), 60)}"
     peak = memory.estimate(cfg, device="cuda" if cuda else "cpu")

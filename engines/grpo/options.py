@@ -1,0 +1,173 @@
+"""The GRPO engine's options, one frozen model per stage kind and RL algorithm; no torch.
+
+Design decisions:
+- The technique models (``GrpoOptions``, ``SGrpoOptions``, ``TSpmoOptions``,
+  what a plan writes under ``techniques``) and the stage models are one
+  family: a stage's model is its algorithm's technique model plus what every
+  GRPO-engine stage reads (tasks, sampling length and temperature, held-out
+  evaluation, LoRA). So a default is written once, here, and a stage
+  inherits the technique's values for the fields it shares.
+- ``reasoning_rl`` and ``all_scenarios_rl`` pick their model by
+  ``algorithm``; ``cold_start_sft`` and ``rejection_sampling`` have their
+  own. ``parse`` is the one entry: it raises ``ValueError`` with one line.
+- Rewards are named by the fields of ``RewardWeights``; the binary
+  correctness reward is the default of S-GRPO and T-SPMO (Lee & Tong score
+  a completion right or wrong), GRPO's default adds SEEDS.md's format and
+  length terms.
+- T-SPMO's objective has no KL term, so its ``kl_beta`` must stay 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, PositiveInt, ValidationError, field_validator
+
+from engines.options import LoraOptions, Options, one_line
+
+RL_ALGORITHMS = ("grpo", "s_grpo", "t_spmo")
+DEFAULT_TASKS = ("multiplication",)
+
+
+class RewardWeights(Options):
+    """SEEDS.md's weights for an unstable GRPO run (the KL term is the loss's)."""
+
+    correctness: float = 1.0
+    format: float = 0.3
+    efficiency: float = 0.2
+    consistency: float = Field(0.0, description="share of true equations in the worked steps (all-scenarios RL)")
+
+    def active(self) -> dict[str, float]:
+        return {name: float(w) for name, w in self.model_dump().items() if w}
+
+
+CORRECTNESS_ONLY = RewardWeights(format=0.0, efficiency=0.0)
+
+
+class GrpoOptions(Options):
+    """GRPO (DeepSeekMath; DeepSeek-R1): group-normalised advantages, clipped ratio, k3 KL."""
+
+    group_size: PositiveInt = 8
+    clip_eps: float = Field(0.2, gt=0)
+    clip_eps_high: float | None = Field(None, gt=0, description="asymmetric upper clip; None = clip_eps")
+    kl_beta: float = Field(0.04, ge=0)
+    scale_by_std: bool = Field(True, description="False is Dr. GRPO's unscaled advantage")
+    loss_normalization: Literal["token", "sequence", "constant"] = "token"
+    temperature: float = Field(0.3, gt=0, description="Lee & Tong sample at 0.3")
+    max_new_tokens: PositiveInt = 300
+    reward_weights: RewardWeights = RewardWeights()
+
+
+class SGrpoOptions(GrpoOptions):
+    """S-GRPO (Lee & Tong 2025): tokens before cutoff ``alpha`` always, later ones w.p. ``p`` up to ``k``."""
+
+    alpha: PositiveInt = Field(25, description="cutoff index: earlier completion tokens always enter the loss")
+    p: float = Field(0.5, gt=0, le=1, description="probability that a later token enters the loss")
+    k: PositiveInt = Field(50, description="most tokens of one completion that enter the loss")
+    kl_beta: float = Field(0.01, ge=0)
+    reward_weights: RewardWeights = CORRECTNESS_ONLY
+
+
+class TSpmoOptions(Options):
+    """T-SPMO (Lee & Tong 2025): prefix-tree token advantages, LoRA L2, replay."""
+
+    group_size: PositiveInt = Field(50, description="the paper samples |G| = 50")
+    l2_lambda: float = Field(0.01, ge=0, description="λ on the LoRA weights' squared norm")
+    replay: bool = True
+    success_threshold: float = Field(1.0, description="reward r at or above which a completion is a success")
+    success_budget: int = Field(2, ge=0, description="C_success: replays from successes per update")
+    failure_budget: int = Field(0, ge=0, description="C_failure: replays from failures per update")
+    kl_beta: float = Field(0.0, ge=0, le=0, description="T-SPMO's objective has no KL term")
+    temperature: float = Field(0.3, gt=0)
+    max_new_tokens: PositiveInt = 300
+    reward_weights: RewardWeights = CORRECTNESS_ONLY
+
+
+class StageOptions(Options):
+    """What every GRPO-engine stage reads."""
+
+    tasks: tuple[str, ...] = Field(DEFAULT_TASKS, description="generated tasks, e.g. multiplication:3x3")
+    max_new_tokens: PositiveInt = 300
+    temperature: float = Field(0.3, gt=0, description="sampling temperature of the stage's rollouts")
+    eval_problems: PositiveInt = Field(64, description="held-out problems scored at each evaluation")
+    eval_samples: PositiveInt = Field(4, description="samples per held-out problem for sampled accuracy")
+    eval_temperature: float | None = Field(None, gt=0, description="None: the stage's temperature")
+    lora: LoraOptions | None = None
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _tasks(cls, value: Any) -> Any:
+        from engines.data.arithmetic import task
+
+        names = [value] if isinstance(value, str) else list(value)
+        if not names:
+            raise ValueError("tasks is empty; name at least one, e.g. multiplication:3x3")
+        for name in names:
+            task(str(name))  # an unknown task or size raises with what is accepted
+        return tuple(names)
+
+    @property
+    def sampled_eval_temperature(self) -> float:
+        return self.eval_temperature if self.eval_temperature is not None else self.temperature
+
+
+class SftOptions(StageOptions):
+    """``cold_start_sft``: supervised on worked solutions."""
+
+
+class RejectionSamplingOptions(StageOptions):
+    """``rejection_sampling``: sample, keep the right completions, fine-tune on them."""
+
+    samples: PositiveInt = Field(8, description="completions sampled per prompt")
+    sampling_temperature: float = Field(0.7, gt=0)
+    keep: Literal["all", "most_confident"] = "all"
+
+
+class _Rl(StageOptions):
+    updates_per_rollout: PositiveInt = Field(1, description="μ: updates on each batch of rollouts")
+
+
+class GrpoRl(_Rl, GrpoOptions):
+    algorithm: Literal["grpo"] = "grpo"
+
+
+class SGrpoRl(_Rl, SGrpoOptions):
+    algorithm: Literal["s_grpo"] = "s_grpo"
+
+
+class TSpmoRl(_Rl, TSpmoOptions):
+    algorithm: Literal["t_spmo"] = "t_spmo"
+
+
+RL_MODELS: dict[str, type[_Rl]] = {"grpo": GrpoRl, "s_grpo": SGrpoRl, "t_spmo": TSpmoRl}
+TECHNIQUES: dict[str, type[Options]] = {"grpo": GrpoOptions, "s_grpo": SGrpoOptions, "t_spmo": TSpmoOptions}
+KIND_MODELS: dict[str, type[StageOptions]] = {"cold_start_sft": SftOptions,
+                                              "rejection_sampling": RejectionSamplingOptions}
+
+
+def model_for(kind: str, options: dict[str, Any]) -> type[StageOptions]:
+    """The options model of a stage of ``kind`` whose options are ``options``."""
+    if kind in KIND_MODELS:
+        return KIND_MODELS[kind]
+    algorithm = options.get("algorithm", "grpo")
+    if algorithm not in RL_MODELS:
+        raise ValueError(f"unknown RL algorithm {algorithm!r}; accepted: {', '.join(RL_ALGORITHMS)}")
+    return RL_MODELS[algorithm]
+
+
+def technique_of(kind: str, options: dict[str, Any]) -> str:
+    """The technique whose options a stage takes as defaults: its RL algorithm, else grpo."""
+    algorithm = options.get("algorithm", "grpo") if kind not in KIND_MODELS else "grpo"
+    return algorithm if algorithm in RL_MODELS else "grpo"
+
+
+def parse(kind: str, technique: dict[str, Any], stage: dict[str, Any]) -> StageOptions:
+    """A stage's typed options: the technique's values for the fields the stage's
+    model has, the stage's own on top (every key of those must be known)."""
+    model = model_for(kind, stage)
+    merged = {k: v for k, v in technique.items() if k in model.model_fields}
+    merged.update(stage)
+    try:
+        return model.model_validate(merged)
+    except ValidationError as exc:
+        raise ValueError(one_line(exc, model)) from None

@@ -1,0 +1,105 @@
+"""One resolver: what the optimizer prices is what the executor runs, for every bundled
+plan and stage; a rewrite lands where its stage reads it and moves no other stage."""
+
+from __future__ import annotations
+
+import pytest
+
+from muse_plan.executor import runner
+from muse_plan.executor.settings import resolve, train_config
+from muse_plan.optimizer import fit as fitting
+from muse_plan.plan.io import load_file
+from muse_plan.plan.planner import complete
+from muse_plan.recovery.policies import next_rewrite
+from tests.conftest import PLANS
+from tests.test_fit import HOST
+
+
+def _executor_settings(spec, hw, monkeypatch):
+    """The settings ``muse plan run`` resolves for every stage on ``hw`` (bf16 as the card has it)."""
+    monkeypatch.setattr(runner, "_bf16", lambda cuda: bool(cuda and hw.gpu.bf16))
+    return [runner._settings(spec, i, hw.processes, hw.gpu is not None) for i in range(len(spec.stages))]
+
+
+def test_every_bundled_plan_is_priced_as_the_executor_runs_it_before_and_after_fitting(monkeypatch) -> None:
+    checked = []
+    for path in PLANS:
+        spec = complete(load_file(str(path)))
+        hw = fitting.hardware_for(spec, host=HOST)
+        result = fitting.fit(spec, hw, alternatives=False)
+        runs = _executor_settings(spec, hw, monkeypatch)
+        for priced, ran in zip(result.written.stages, runs):
+            if priced.memory is None:
+                continue
+            assert (priced.knobs, priced.config, priced.steps) == (
+                fitting.Settings.of(ran), train_config(ran), ran.steps), (path.name, ran.name)
+            checked.append((path.stem, ran.name))
+        if result.chosen is None:
+            continue
+        fitted = result.fitted_spec  # what the optimizer stores is what then runs
+        for chosen, ran in zip(result.chosen.stages, _executor_settings(fitted, hw, monkeypatch)):
+            if chosen.memory is not None:
+                assert (chosen.knobs, chosen.config) == (fitting.Settings.of(ran), train_config(ran)), \
+                    (path.name, ran.name)
+    assert len({plan for plan, _ in checked}) >= 5 and len(checked) >= 15
+
+
+def test_an_rl_stage_is_priced_as_prompts_times_its_group_at_its_own_settings() -> None:
+    spec = complete(load_file("plans/reasoning-grpo-cpu.yaml"))
+    hw = fitting.hardware_for(spec, host=HOST)
+    stages = {s.name: s for s in fitting.price(spec, hw).stages}
+    grpo, tspmo, rs = stages["reasoning_rl_grpo"], stages["reasoning_rl_t_spmo"], stages["rejection_sampling"]
+    assert grpo.knobs.micro_batch == 8 and grpo.config.micro_batch == 8 * 8  # 8 prompts × group 8
+    assert grpo.config.generation.group_size == 8 and grpo.config.lora is not None
+    # T-SPMO: its own micro-batch (2), its own group (16) and its replayed groups (success_budget 2)
+    assert (tspmo.knobs.micro_batch, tspmo.config.generation.group_size, tspmo.config.micro_batch) == (2, 16, 64)
+    assert tspmo.config.generation.reference_model is False  # its objective has no KL term
+    assert rs.config.generation.group_size == 8 and rs.config.lora is None  # lora: false in the stage
+    assert stages["pretrain"].knobs.micro_batch == 32 and stages["pretrain"].config.generation is None
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_an_oom_rewrite_of_a_stage_with_its_own_micro_batch_keeps_every_global_batch(world: int) -> None:
+    spec = complete(load_file("plans/reasoning-grpo-cpu.yaml"))
+    before = {s.name: resolve(spec, s, world_size=world) for s in spec.stages}
+    used, rewrite, new = next_rewrite(spec, spec.stage("reasoning_rl_grpo"), "oom", 0, world)
+    after = {s.name: resolve(new, s, world_size=world) for s in new.stages}
+    assert after["reasoning_rl_grpo"].micro_batch == before["reasoning_rl_grpo"].micro_batch // 2
+    assert after["reasoning_rl_grpo"].grad_accum == 2 * before["reasoning_rl_grpo"].grad_accum
+    assert {n: s.global_batch for n, s in after.items()} == {n: s.global_batch for n, s in before.items()}
+    assert {n: s.micro_batch for n, s in after.items() if n != "reasoning_rl_grpo"} == \
+        {n: s.micro_batch for n, s in before.items() if n != "reasoning_rl_grpo"}
+    # and again, from the rewritten plan: the ladder climbs on the stage's own numbers
+    _, again, newer = next_rewrite(new, new.stage("reasoning_rl_grpo"), "oom", used, world)
+    assert resolve(newer, newer.stage("reasoning_rl_grpo"), world_size=world).micro_batch == \
+        before["reasoning_rl_grpo"].micro_batch // 4
+
+
+def test_a_nan_rewrite_halves_the_lr_the_stage_ran_with_and_only_its_own() -> None:
+    spec = complete(load_file("plans/reasoning-grpo-cpu.yaml"))
+    _, rewrite, new = next_rewrite(spec, spec.stage("rejection_sampling"), "nan", 0, 1)
+    assert rewrite.summary.startswith("lr 5e-05→2.5e-05")
+    assert resolve(new, new.stage("rejection_sampling")).lr == 2.5e-5
+    assert resolve(new, new.stage("pretrain")).lr == resolve(spec, spec.stage("pretrain")).lr == 1e-3
+
+
+def test_the_report_prices_a_stage_as_the_optimizer_does() -> None:
+    from muse_plan.report import predicted_gib
+
+    spec = complete(load_file("plans/reasoning-grpo-cpu.yaml"))
+    hw = fitting.hardware_for(spec, host=HOST)
+    for priced in fitting.price(spec, hw).priced:
+        gib, note = predicted_gib(spec, spec.stage(priced.name), device="cpu", processes=1)
+        assert note == "" and gib == pytest.approx((priced.memory.total - priced.memory.overhead) / 2**30)
+
+
+def test_open_precision_resolves_the_same_for_the_optimizer_and_the_executor() -> None:
+    from muse_plan.hardware.catalog import lookup
+    from muse_plan.plan.io import spec_from_dict
+
+    spec = spec_from_dict({"name": "p", "model": {"scale": "125M", "seq_len": 512},
+                           "stages": [{"name": "pre", "kind": "pretrain", "steps": 10}]})
+    for gpu, precision in (("T4", "fp32"), ("A100", "bf16")):  # T4: no bf16, and fp16 needs loss scaling
+        hw = fitting.Hardware(lookup(gpu), 1, lookup(gpu).memory_gib, 64.0)
+        assert fitting.price(spec, hw).stages[0].knobs.precision == precision
+        assert resolve(spec, spec.stages[0], cuda=True, bf16=lookup(gpu).bf16).precision == precision
