@@ -19,7 +19,7 @@ from engines.growth.operators import grow
 from engines.growth.schedule import GrowSettings, check_growth, compound_shapes, grow_settings
 from engines.growth.stage import n_params
 from engines.growth.width import widen
-from muse_plan.plan.shapes import Shape, swiglu_hidden
+from engines.architecture.shapes import Shape, swiglu_hidden
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -264,3 +264,37 @@ def test_compound_shapes_keep_the_head_size_between_the_ends() -> None:
     mid = shapes[1]
     assert (mid.layers, mid.d_model, mid.n_heads) == (9, 640, 10)  # Gu et al.'s middle: (8, 640, 10)
     assert mid.d_model // mid.n_heads == 64
+
+
+HEAD_DIM = 8
+HEADS = [(h, kv) for h in (1, 2, 4, 6, 8) for kv in range(1, h + 1) if h % kv == 0]  # (query, key/value)
+
+
+@pytest.mark.parametrize("residual", ["standard", "mhc"])
+def test_net2net_keeps_the_function_for_every_gqa_change_the_growth_check_accepts(residual) -> None:
+    """Every (query heads, key/value heads) → (more or as many of each) at a fixed head size,
+    4 query heads on 1 key/value head → 4 on 4 among them: either the growth check refuses it
+    with the reason, or the grown model computes what the small one did within 1e-5."""
+    grown_ok = refused = 0
+    for (h, kv) in HEADS:
+        small_cfg = config(residual, d_model=h * HEAD_DIM, n_heads=h, n_kv_heads=kv)
+        small = trained_like(small_cfg)
+        x = tokens()
+        with torch.no_grad():
+            before = small(x)[0]
+        for (h2, kv2) in HEADS:
+            if h2 < h or kv2 < kv or (h2, kv2) == (h, kv):
+                continue
+            target = replace(small_cfg, d_model=h2 * HEAD_DIM, n_heads=h2, n_kv_heads=kv2)
+            try:
+                check_growth("net2net", small_cfg, target)
+            except ValueError as exc:
+                assert "can't keep the function" in str(exc)
+                refused += 1
+                continue
+            grown = grow(small, target, GrowSettings(operator="net2net", function_preserving=True)).model.eval()
+            with torch.no_grad():
+                diff = (grown(x)[0] - before).abs().max().item()
+            assert diff <= 1e-5, ((h, kv), (h2, kv2), diff)
+            grown_ok += 1
+    assert grown_ok >= 40 and refused >= 1  # 4q/1kv → 4q/4kv is among those grown; 8q/2kv → 6q/3kv refused

@@ -5,6 +5,7 @@ re-warmup, refusals before a run exists, and ``muse plan show``'s shapes."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -426,3 +427,36 @@ def test_the_growth_path_charges_ligo_for_its_fit(fit_steps) -> None:
     assert charged.tokens == free.tokens
     assert charged.growth_flops - free.growth_flops == pytest.approx(fit_tokens * per_token, rel=1e-9)
     assert charged.growth_s > free.growth_s
+
+
+@pytest.mark.parametrize("residual", ["standard", "hc", "mhc", "ddl", "mgt"])
+@pytest.mark.parametrize("operator", ["net2net", "compound", "ligo"])
+def test_a_grown_then_continued_model_computes_what_the_grown_one_did(tmp_path, operator, residual) -> None:
+    """The checkpoint's manifest holds the config the weights were saved with; the stage after
+    the growth builds that model (a width growth rescales norm_eps), not the plan's default."""
+    from engines.architecture.config import ModelConfig
+    from engines.architecture.model import DecoderLM
+    from engines.growth.operators import grow
+    from engines.growth.schedule import GrowSettings
+    from muse_plan.executor import checkpoint
+    from muse_plan.executor.runner import model_meta
+
+    torch.manual_seed(0)
+    small_layers = 2 if operator == "net2net" else 1
+    small = DecoderLM(ModelConfig(vocab_size=64, seq_len=16, n_layers=small_layers, d_model=16, n_heads=2,
+                                  residual=residual, streams=2))
+    target = ModelConfig(vocab_size=64, seq_len=16, n_layers=2, d_model=32, n_heads=4, residual=residual, streams=2)
+    batches = (lambda: (torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))) if operator == "ligo" else None
+    settings = GrowSettings(operator=operator, fit_steps=2, noise=0.0, function_preserving=operator != "ligo")
+    grown = grow(small, target, settings, batches).model.eval()
+    assert grown.config.norm_eps != target.norm_eps  # what the plan alone would build differs
+    path = checkpoint.save(tmp_path / "grow", 0, grown, {}, model_meta(grown))
+    saved = json.loads((path / checkpoint.MANIFEST).read_text())["model_config"]
+    continued_config = target.as_saved(saved)  # what the continue stage builds (runner._saved_config)
+    fields = continued_config.FUNCTIONAL + continued_config.STRUCTURE
+    assert [getattr(continued_config, f) for f in fields] == [getattr(grown.config, f) for f in fields]
+    continued = DecoderLM(continued_config).eval()
+    checkpoint.load_weights(path, continued)
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        assert (continued(x)[0] - grown(x)[0]).abs().max() <= 1e-5

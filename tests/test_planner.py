@@ -2,7 +2,7 @@ import pytest
 
 from muse_plan.plan.io import spec_from_dict
 from muse_plan.plan.planner import complete
-from muse_plan.plan.shapes import decoder_params, shape_for_params
+from engines.architecture.shapes import decoder_params, shape_for_params
 from muse_plan.plan.spec import ModelSpec
 
 

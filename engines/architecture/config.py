@@ -6,7 +6,7 @@ Design decisions:
   validation rather than mid-run.
 - A shape comes either explicitly (``ModelConfig(n_layers=..., d_model=...)``
   or ``from_shape``) or from a model scale through the one table of standard
-  shapes in ``muse_plan.plan.shapes`` (``from_scale``); there is no second
+  shapes in ``engines.architecture.shapes`` (``from_scale``); there is no second
   table here to drift out of step with the planner's.
 - ``param_count`` is arithmetic on the config. The CLI imports this module to
   size plans, so it must not import torch; the residual modules in
@@ -16,10 +16,10 @@ Design decisions:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from muse_plan.plan.shapes import Shape, shape_for_params, swiglu_hidden
+from engines.architecture.shapes import Shape, parse_scale, shape_for_params, swiglu_hidden
 
 RESIDUAL_NAMES: tuple[str, ...] = ("standard", "hc", "mhc", "ddl", "mgt")
 
@@ -70,6 +70,25 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
+    # what a checkpoint's weights need to compute what they computed when saved, beyond
+    # the shape they fit (growth rescales norm_eps; a context growth sets the rotary scaling)
+    FUNCTIONAL = ("norm_eps", "rope_theta", "rope_scale", "beta_max", "sinkhorn_iters")
+    STRUCTURE = ("vocab_size", "n_layers", "d_model", "n_heads", "kv_heads", "ffn_dim", "residual", "n_streams")
+
+    def as_saved(self, saved: dict[str, Any] | None) -> ModelConfig:
+        """This config with the functional settings of the config a checkpoint was saved
+        with (its manifest's ``model_config``), when that checkpoint's model has this shape;
+        unchanged otherwise (the weights won't load, and the loader says so)."""
+        if not saved:
+            return self
+        try:
+            other = ModelConfig(**{k: v for k, v in saved.items() if k in self.__dataclass_fields__})
+        except (TypeError, ValueError):
+            return self
+        if any(getattr(other, k) != getattr(self, k) for k in self.STRUCTURE):
+            return self
+        return replace(self, **{k: getattr(other, k) for k in self.FUNCTIONAL})
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
@@ -99,8 +118,6 @@ class ModelConfig:
     def from_scale(cls, scale: int | str, vocab_size: int, seq_len: int, **kwargs: Any) -> ModelConfig:
         """A nominal scale ("350M" or 350_000_000) → the standard table's shape."""
         if isinstance(scale, str):
-            from muse_plan.plan.units import parse_scale  # only when a string needs parsing
-
             scale = parse_scale(scale)
         return cls.from_shape(shape_for_params(scale, vocab_size), vocab_size, seq_len, **kwargs)
 

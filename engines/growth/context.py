@@ -20,7 +20,7 @@ In a plan the small stage trains at ``stage.seq_len`` (the growth technique's
 ``small_seq_len``) and the grow stage lengthens the context to its own. The
 rotary settings are not parameters (the angles are a non-persistent buffer),
 so a stage that trains the grown weights must be built with them:
-``schedule.grown_rope`` walks a stage's lineage through its grow stages and
+``muse_plan.executor.settings.grown_rope`` walks a stage's lineage through its grow stages and
 gives every later stage the settings its weights were grown into.
 
 This module's config half is torch-free (the planner's side uses it); only

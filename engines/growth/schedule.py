@@ -38,7 +38,8 @@ Design decisions:
   at it; the planner's concern, a plan key here). The rotary settings are
   the operator's (``rope``: none | linear | ntk, ``context.py``), so the
   target's ``rope_theta`` is not compared with the small model's, and
-  ``grown_rope`` gives each stage the settings its weights were grown into.
+  the resolver (``muse_plan.executor.settings.grown_rope``) gives each stage
+  the settings its weights were grown into.
 - After growth the learning rate re-warms over ``rewarm_fraction`` of the
   continue stage's steps (SEEDS.md: 1–2%), replacing the stage's warmup.
 """
@@ -46,13 +47,11 @@ Design decisions:
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from engines.architecture.config import ModelConfig
-from muse_plan.plan.shapes import Shape, swiglu_hidden
+from engines.architecture.shapes import Shape, swiglu_hidden
 
-if TYPE_CHECKING:
-    from muse_plan.plan.spec import PlanSpec, StageSpec
 
 OPERATORS: tuple[str, ...] = ("g_stack", "layer_dup", "net2net", "compound", "ligo")
 DEPTH = frozenset({"g_stack", "layer_dup", "compound", "ligo"})  # may change n_layers
@@ -152,10 +151,24 @@ def check_growth(operator: str, small: ModelConfig, big: ModelConfig) -> None:
     if operator not in WIDTH and width != grown:
         raise ValueError(f"{operator} grows depth only, but the width changes: {_describe(small)} → "
                          f"{_describe(big)}; use compound or ligo to grow both")
+    if width != grown and gqa_refusal(small, big):
+        raise ValueError(gqa_refusal(small, big))
     if width != grown and small.head_dim != big.head_dim:
         raise ValueError(f"growing width keeps the head size (rotary frequencies depend on it): "
                          f"{small.head_dim} in the small model, {big.head_dim} in the target; "
                          f"give the target {big.d_model // small.head_dim} heads")
+
+
+def gqa_refusal(small: ModelConfig, big: ModelConfig) -> str | None:
+    """Why a width growth can't keep the function under grouped-query attention, or None:
+    each small group of g query heads must be seated in whole grown groups of g' (it needs
+    ceil(g/g') grown key/value heads), see ``width.head_sources``."""
+    g_small, g_big = small.n_heads // small.kv_heads, big.n_heads // big.kv_heads
+    if small.kv_heads * -(-g_small // g_big) <= big.kv_heads:
+        return None
+    return (f"growing {small.n_heads} query heads on {small.kv_heads} key/value heads into {big.n_heads} on "
+            f"{big.kv_heads} can't keep the function: each of the {small.kv_heads} groups of {g_small} query "
+            f"heads needs {-(-g_small // g_big)} grown groups of {g_big}; give the target more key/value heads")
 
 
 def compound_shapes(small: Shape, target: Shape, steps: int = 2) -> list[Shape]:
@@ -176,37 +189,3 @@ def compound_shapes(small: Shape, target: Shape, steps: int = 2) -> list[Shape]:
 def rewarm_steps(steps: int, fraction: float) -> int:
     """Warmup steps after growth: ``fraction`` of the stage, at least one."""
     return max(1, round(steps * fraction))
-
-
-def _lineage(spec: PlanSpec, stage: StageSpec) -> list[StageSpec]:
-    """The stages whose weights lead to ``stage``'s, first to last (``from_stage``, else the one before)."""
-    names = [s.name for s in spec.stages]
-    chain, position = [], names.index(stage.name) if stage.name in names else None
-    current: StageSpec | None = stage
-    while current is not None and position is not None and len(chain) <= len(names):
-        chain.append(current)
-        previous = current.from_stage or (names[position - 1] if position else None)
-        position = names.index(previous) if previous in names else None
-        current = spec.stages[position] if position is not None else None
-    return chain[::-1]
-
-
-def grown_rope(spec: PlanSpec, stage: StageSpec, config: ModelConfig) -> ModelConfig:
-    """``config`` (``stage``'s model, default rotary settings) with the rotary settings
-    its weights were grown into: every grow stage on the way that lengthens the
-    context applies its ``rope`` scaling (``context.ROPE_SCALINGS``); any other
-    stage keeps what its source had. ``ValueError`` for an unknown ``rope``."""
-    from engines.growth.context import extended_config
-
-    growth = spec.techniques.growth
-    chain = _lineage(spec, stage)
-    if not chain:  # a stage outside the plan's list has no lineage
-        return config
-    seq = [s.seq_len or spec.model.seq_len for s in chain]
-    current = replace(config, seq_len=seq[0])
-    for s, length in zip(chain[1:], seq[1:]):
-        if s.engine == "growth" and length > current.seq_len:
-            rope = s.options.get("rope", growth.rope if growth is not None else "linear")
-            current = extended_config(current, length, rope)
-        current = replace(current, seq_len=length)
-    return replace(config, rope_theta=current.rope_theta, rope_scale=current.rope_scale)

@@ -14,7 +14,7 @@ Design decisions:
   the loss the continue stage must first win back.
 - The grown model replaces ``trainer.model``, so the runner saves exactly
   the module it evaluated. Its rotary settings must be those the plan builds
-  the stages after it with (``schedule.grown_rope``); a mismatch is refused.
+  the stages after it with (the resolver's ``grown_rope``); a mismatch is refused.
 - With ``optimizer_state: mapped`` the runner hands over the small stage's
   AdamW moments keyed by parameter name and gets the grown model's back in
   ``GrowReport.moments`` (``operators.grow_moments``); turning names into an

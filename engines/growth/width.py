@@ -14,7 +14,10 @@ heads, MLP units   Net2WiderNet: grown unit i copies small unit s(i) (s is
                    unit's W_gate and W_up rows copies h. Heads are copied
                    whole (q, k, v rows, wo columns), at a fixed head size;
                    with grouped-query attention a query head copies one from
-                   the group of the key/value head its new group copies.
+                   the group of the key/value head its new group copies, and
+                   every small query head is copied at least once
+                   (``head_sources``: the grouping may change, e.g. 4 query
+                   heads on 1 key/value head → 4 on 4).
 residual stream    Duplicating some of the D channels is not function-preserving
                    under RMSNorm (the mean of squares changes, data-dependently),
                    so the stream is widened by D'−D channels that start at zero:
@@ -78,6 +81,7 @@ import torch
 
 from engines.architecture.config import ModelConfig
 from engines.architecture.model import DecoderLM
+from engines.growth.schedule import gqa_refusal
 
 State = dict[str, torch.Tensor]
 _BLOCK = re.compile(r"^blocks\.\d+\.(.+)$")
@@ -112,23 +116,47 @@ def _sources(small: int, big: int, g: torch.Generator) -> torch.Tensor:
     return torch.tensor(list(range(small)) + extra, dtype=torch.long)
 
 
-def _query_sources(small: ModelConfig, big: ModelConfig, kv_src: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Query heads in the grown model's group m copy heads of group kv_src[m] in the small one."""
-    g_small, g_big = small.n_heads // small.kv_heads, big.n_heads // big.kv_heads
-    if small.kv_heads == small.n_heads and big.kv_heads == big.n_heads:
-        return kv_src  # no GQA: a head's q and its k, v are copied together
-    src = []
-    for head in range(big.n_heads):
-        group = int(kv_src[head // g_big])
-        src.append(group * g_small + (head % g_big) % g_small)
-    return torch.tensor(src, dtype=torch.long)
+def head_sources(small: ModelConfig, big: ModelConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_src, kv_src): which small query head each grown query head copies, and which
+    small key/value head each grown one copies. A grown query head must copy a query of
+    the group whose key/value head its own key/value head copies, and every small query
+    head must be copied at least once, or its contribution to ``wo`` is lost (g, g':
+    query heads per key/value head, small and grown).
+
+    - g' ≥ g: every grown group holds all g queries of the small group it copies (query
+      j of a grown group copies query j mod g), so each copy of a key/value head serves
+      the same mixture of queries and its gradient is the source's / copies.
+    - g' < g (e.g. 4 query heads on 1 key/value head → 4 on 4): a small group is seated
+      over ceil(g/g') grown groups (the first K in order, further ones spread), its
+      queries in order, then random repeats. The function is kept; a key/value copy now
+      serves part of the group, so the wk/wv moments mapped as the source's / copies
+      (``MOMENT_RULES``) are an estimate there, not the exact gradient.
+    ``ValueError`` when no mapping exists (``schedule.check_growth`` refuses those first)."""
+    K, K2 = small.kv_heads, big.kv_heads
+    g_small, g_big = small.n_heads // K, big.n_heads // K2
+    if g_big >= g_small:
+        kv_src = _sources(K, K2, g)
+        heads = torch.arange(big.n_heads)
+        return kv_src[heads // g_big] * g_small + (heads % g_big) % g_small, kv_src
+    need = -(-g_small // g_big)  # grown kv heads each small group needs to seat its queries
+    if K * need > K2:
+        raise ValueError(gqa_refusal(small, big))
+    kv = list(range(K)) + [k for k in range(K) for _ in range(need - 1)]
+    kv += _sources(K, K + K2 - len(kv), g)[K:].tolist()
+    q_src = torch.empty(big.n_heads, dtype=torch.long)
+    for k in range(K):
+        mine = [m for m in range(K2) if kv[m] == k]
+        extra = torch.randint(0, g_small, (len(mine) * g_big - g_small,), generator=g).tolist()
+        order = list(range(k * g_small, (k + 1) * g_small)) + [k * g_small + e for e in extra]
+        for i, m in enumerate(mine):
+            q_src[m * g_big:(m + 1) * g_big] = torch.tensor(order[i * g_big:(i + 1) * g_big])
+    return q_src, torch.tensor(kv, dtype=torch.long)
 
 
 def width_map(small: ModelConfig, big: ModelConfig, noise: float = 0.0, seed: int = 0) -> WidthMap:
     g = torch.Generator().manual_seed(seed)
-    kv_src = _sources(small.kv_heads, big.kv_heads, g)
-    return WidthMap(small.d_model, big.d_model, small.head_dim, small.n_streams,
-                    _query_sources(small, big, kv_src, g), kv_src,
+    q_src, kv_src = head_sources(small, big, g)
+    return WidthMap(small.d_model, big.d_model, small.head_dim, small.n_streams, q_src, kv_src,
                     _sources(small.ffn_dim, big.ffn_dim, g), noise, g)
 
 

@@ -58,7 +58,7 @@ import torch
 
 from muse_plan.errors import PlanError
 from muse_plan.executor import checkpoint
-from muse_plan.executor.runner import Prepared, Recorder, StageResult, View, _note
+from muse_plan.executor.runner import Prepared, Recorder, StageResult, View, _note, model_meta
 from muse_plan.executor.settings import StageSettings, engine_options, model_config
 from muse_plan.monitor.detectors import Finding, Plateau
 from muse_plan.plan.spec import PlanSpec, StageSpec
@@ -107,7 +107,8 @@ def grow_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
                           options, accelerator.autocast, moments)
         except (ValueError, checkpoint.CorruptCheckpoint) as exc:
             raise PlanError(f"stage {stage.name!r}: {exc}") from None
-        meta = {"plan": prepared.plan, "revision": prepared.revision, "run": prepared.run_id, "stage": stage.name}
+        meta = {"plan": prepared.plan, "revision": prepared.revision, "run": prepared.run_id, "stage": stage.name,
+                **model_meta(trainer.model)}  # the grown model's own config (a width growth rescales norm_eps)
         state = {"engine": trainer.state_dict(), "rng": checkpoint.rng_state()}
         if report.moments is not None:  # by parameter name; the next stage makes its optimizer's form
             state["mapped_optimizer"] = report.moments

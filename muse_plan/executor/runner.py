@@ -334,6 +334,8 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
                skip_until: int | None = None) -> StageResult:
     stage = spec.stages[position]
     s = _settings(spec, position, accelerator.num_processes, accelerator.device.type == "cuda")
+    if stage.engine not in TRANSFORMS:  # built as the checkpoint it starts from was saved (norm eps, rope …)
+        s = replace(s, model=s.model.as_saved(_saved_config(spec, prepared, position, resuming)))
     _seed(s.seed + position)
     trainer = make_trainer(TRANSFORMS.get(stage.engine or "", stage.engine or ""))
     setup = StageSetup(
@@ -362,7 +364,8 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         return grow_stage(store, accelerator, spec, prepared, position, s, trainer, view)
     run_dir = Path(prepared.run_dir)
     start = _starting_point(store, accelerator, spec, prepared, position, resuming, trainer, view)
-    meta = {"plan": prepared.plan, "revision": prepared.revision, "run": prepared.run_id, "stage": stage.name}
+    meta = {"plan": prepared.plan, "revision": prepared.revision, "run": prepared.run_id, "stage": stage.name,
+            **model_meta(trainer.model)}
     hooks = None
     if store is not None:
         hooks = Recorder(store, prepared.run_id, prepared.stage_run_ids[position], view)
@@ -397,6 +400,31 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         if view:
             view.stage_finished(stage.name)
     return StageResult(stage.name, steps, metrics, time.perf_counter() - t0)
+
+
+def model_meta(model: Any) -> dict[str, Any]:
+    """The manifest's ``model_config``: the full config the weights were built with,
+    so a later stage (or a resume) builds exactly that model; {} for a model without one."""
+    from dataclasses import asdict
+
+    from engines.architecture.config import ModelConfig
+
+    config = getattr(model, "config", None)
+    return {"model_config": asdict(config)} if isinstance(config, ModelConfig) else {}
+
+
+def _saved_config(spec: PlanSpec, prepared: Prepared, position: int, resuming: bool) -> dict[str, Any] | None:
+    """The model config in the manifest of the checkpoint this stage will start from
+    (its own newest when resuming, else its source stage's newest); None without one."""
+    stage, run_dir = spec.stages[position], Path(prepared.run_dir)
+    found = checkpoint.checkpoints(run_dir / stage.name) if resuming else []
+    if not found:
+        source = stage.from_stage or (spec.stages[position - 1].name if position else None)
+        found = checkpoint.checkpoints(run_dir / source) if source else []
+    try:
+        return json.loads((found[0] / checkpoint.MANIFEST).read_text()).get("model_config") if found else None
+    except (OSError, ValueError, AttributeError):
+        return None  # the loader reports a corrupt checkpoint in its own words
 
 
 def _capacity_gib(accelerator: Any) -> float:

@@ -43,7 +43,7 @@ from typing import Any, Callable
 from engines.architecture.config import ModelConfig
 from muse_plan.errors import PlanError
 from muse_plan.optimizer.config import GenerationConfig, LoraConfig, TrainConfig
-from muse_plan.plan.shapes import shape_for_params
+from engines.architecture.shapes import shape_for_params
 from engines.options import LoraOptions
 from muse_plan.plan.kinds import STAGE_KINDS, StageControl, TypedOptions, stage_options
 from muse_plan.plan.spec import PlanSpec, StageSpec, TrainingSpec
@@ -110,9 +110,39 @@ def decoder_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
         extra["beta_max"] = t.geometric_scaling.beta_max
     config = ModelConfig.from_shape(shape, m.vocab_size, stage.seq_len or m.seq_len,
                                     residual=m.residual or "standard", **extra)
-    from engines.growth.schedule import grown_rope  # torch-free
-
     return grown_rope(spec, stage, config)  # a stage after a context growth: the rotary scaling it grew into
+
+
+def _lineage(spec: PlanSpec, stage: StageSpec) -> list[StageSpec]:
+    """The stages whose weights lead to ``stage``'s, first to last (``from_stage``, else the one before)."""
+    names = [s.name for s in spec.stages]
+    chain, position = [], names.index(stage.name) if stage.name in names else None
+    current: StageSpec | None = stage
+    while current is not None and position is not None and len(chain) <= len(names):
+        chain.append(current)
+        previous = current.from_stage or (names[position - 1] if position else None)
+        position = names.index(previous) if previous in names else None
+        current = spec.stages[position] if position is not None else None
+    return chain[::-1]
+
+
+def grown_rope(spec: PlanSpec, stage: StageSpec, config: ModelConfig) -> ModelConfig:
+    """``config`` (``stage``'s model, default rotary settings) with the rotary settings
+    its weights were grown into: every grow stage on the way that lengthens the
+    context applies its ``rope`` scaling (``engines.growth.context``); any other
+    stage keeps what its source had."""
+    from engines.growth.context import extended_config  # torch-free
+
+    chain = _lineage(spec, stage)
+    if not chain:  # a stage outside the plan's list has no lineage
+        return config
+    seq = [s.seq_len or spec.model.seq_len for s in chain]
+    current = replace(config, seq_len=seq[0])
+    for s, length in zip(chain[1:], seq[1:]):
+        if STAGE_KINDS[s.kind].engine == "growth" and length > current.seq_len:
+            current = extended_config(current, length, stage_options(spec, s).engine.rope)
+        current = replace(current, seq_len=length)
+    return replace(config, rope_theta=current.rope_theta, rope_scale=current.rope_scale)
 
 
 def frozen_precision(s: StageSettings) -> str:

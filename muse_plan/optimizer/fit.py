@@ -45,7 +45,7 @@ from muse_plan.hardware.catalog import CATALOG, GpuKind, lookup, variant
 from muse_plan.optimizer import memory, throughput
 from muse_plan.optimizer.config import TrainConfig
 from muse_plan.plan.kinds import STAGE_KINDS
-from muse_plan.plan.shapes import STANDARD_SHAPES
+from engines.architecture.shapes import STANDARD_SHAPES
 from muse_plan.plan.spec import PlanSpec, StageSpec
 from muse_plan.plan.units import format_count, parse_scale
 

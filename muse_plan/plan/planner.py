@@ -18,7 +18,7 @@ from typing import Callable
 
 from muse_plan.errors import PlanError
 from muse_plan.plan import units
-from muse_plan.plan.shapes import Shape
+from engines.architecture.shapes import Shape
 from muse_plan.plan.spec import ModelShape, PlanSpec, StageSpec, required_residual
 from muse_plan.plan.techniques import GrowthOptions, RewardWeights
 

@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from muse_plan.plan import units
-from muse_plan.plan.shapes import Shape, decoder_params, shape_for_params, swiglu_hidden
+from engines.architecture.shapes import Shape, decoder_params, shape_for_params, swiglu_hidden
 from muse_plan.plan.kinds import STAGE_KINDS, kind_of, stage_options
 from muse_plan.plan.techniques import Techniques
 

@@ -15,22 +15,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from engines.architecture.shapes import _SCALE_RE, parse_scale  # noqa: F401 (the scale parser, re-exported)
 from muse_plan.hardware.catalog import known_kinds, lookup
-
-_SCALE_UNITS = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
-_SCALE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMBT])\s*$", re.IGNORECASE)
-
-
-def parse_scale(text: str) -> int:
-    """"1.3B" → 1_300_000_000."""
-    m = _SCALE_RE.match(str(text))
-    if not m:
-        raise ValueError(f"{text!r} is not a model scale; scales look like 350M, 1.3B, 10B, 70B")
-    count = float(m.group(1)) * _SCALE_UNITS[m.group(2).upper()]
-    if count < 1e5:
-        raise ValueError(f"{text!r} is too small a model scale; the smallest is 100K")
-    return int(round(count))
-
 
 def format_count(count: float) -> str:
     """1_300_000_000 → "1.3B": the inverse of ``parse_scale`` on round values."""

@@ -6,12 +6,31 @@ Llama families); a scale between entries takes the nearest entry's width and
 as many layers as make up the count. The count here is the standard residual
 decoder's (tied embeddings, SwiGLU, RMSNorm); the n-stream residual modes add
 a few parameters per layer that the engine's exact ``param_count`` includes.
+
+The table and the scale parser belong to the architecture engine (engines
+import nothing from the orchestrator); ``muse_plan.plan.units`` re-exports
+``parse_scale`` for the plan's other parsers.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+
+_SCALE_UNITS = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
+_SCALE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMBT])\s*$", re.IGNORECASE)
+
+
+def parse_scale(text: str) -> int:
+    """"1.3B" → 1_300_000_000."""
+    m = _SCALE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"{text!r} is not a model scale; scales look like 350M, 1.3B, 10B, 70B")
+    count = float(m.group(1)) * _SCALE_UNITS[m.group(2).upper()]
+    if count < 1e5:
+        raise ValueError(f"{text!r} is too small a model scale; the smallest is 100K")
+    return int(round(count))
 
 
 @dataclass(frozen=True)
