@@ -8,7 +8,7 @@ flags and renders. A function that raises has written nothing.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -150,13 +150,16 @@ class Optimized:
     plan: Plan
     result: Any  # optimizer.fit.FitResult
     stored: Stored | None  # the optimizer's revision, when it wrote one
+    probes: list[Any] = field(default_factory=list)  # executor.probe.ProbeResult, with --probe
 
 
 def optimize(store: Store, ref: str, *, gpu_type: str | None = None, available_gpus: int | None = None,
              memory_budget: str | None = None, network_bandwidth: str | None = None,
-             dry_run: bool = False) -> Optimized:
+             dry_run: bool = False, probe: bool = False) -> Optimized:
     """``muse plan optimize``: fit the plan to its hardware (flags override the plan's
-    budget); a fitting result with new settings becomes a revision by the optimizer."""
+    budget); a fitting result with new settings becomes a revision by the optimizer.
+    ``probe``: then measure one step of each stage of the fitted plan on this machine
+    (``executor/probe.py``); a stage that does not fit there is rewritten too."""
     from muse_plan.optimizer import fit as fitting
     from muse_plan.plan.units import parse_gbps, parse_gib
 
@@ -177,13 +180,40 @@ def optimize(store: Store, ref: str, *, gpu_type: str | None = None, available_g
         raise PlanError(f"--gpu-type: {exc}") from None
     result = fitting.fit(spec, hw)
     fitted = result.fitted_spec
-    if dry_run or fitted is None or not diff(io.spec_to_dict(spec), io.spec_to_dict(fitted)):
-        return Optimized(plan, result, None)
+    probes: list[Any] = []
     reason = f"fitted to {hw.describe()}: " + (result.describe_changes() or "settings filled in")
+    if probe and (fitted or result.verdict != "does_not_fit"):
+        fitted, probes, rewrites = _probe_here(fitted or spec)
+        reason += "".join(f"; {text}" for text in rewrites)
+    if dry_run or fitted is None or not diff(io.spec_to_dict(spec), io.spec_to_dict(fitted)):
+        return Optimized(plan, result, None, probes)
     with store.write() as session:
         plan = repo.get_plan(session, ref)
         revision = repo.add_revision(session, plan, fitted, "optimizer", reason)
-    return Optimized(plan, result, Stored(plan, revision, fitted))
+    return Optimized(plan, result, Stored(plan, revision, fitted), probes)
+
+
+def _probe_here(spec: Any) -> tuple[Any, list[Any], list[str]]:
+    """Probe every stage of ``spec`` on this machine, one process (``executor/probe.py``)."""
+    import torch
+    from accelerate import PartialState
+
+    from muse_plan.executor import runner
+    from muse_plan.executor.probe import probe_plan
+    from muse_plan.store.db import muse_home
+
+    cuda = torch.cuda.is_available()
+    PartialState(cpu=not cuda)
+    held: list[Any] = [None]
+    rewrites: list[str] = []
+
+    def accelerator_for(current: Any, position: int) -> Any:
+        held[0] = runner._accelerator_for(held[0], current, position, 1, cuda, lambda text: None)
+        return held[0]
+
+    spec, probes = probe_plan(spec, lambda current, i: runner._settings(current, i, 1, cuda), accelerator_for,
+                              muse_home() / "cache", rewrite=lambda new, reason: rewrites.append(reason))
+    return spec, probes, rewrites
 
 
 def set_alerts(store: Store, ref: str, text: str) -> Stored | None:

@@ -100,7 +100,7 @@ def main() -> None:
     import yaml
     from typer.testing import CliRunner
 
-    from muse_plan.cli import app
+    from muse_plan.cli.main import app
     from muse_plan.store import runs
     from muse_plan.store.db import Store
 

@@ -8,18 +8,27 @@ import random
 import pytest
 import torch
 
-from engines.grpo.losses import clipped_surrogate, group_advantages, grpo_loss, k3_kl, s_grpo_mask
+from engines.grpo.losses import (clipped_surrogate, group_advantages, grpo_loss, grpo_terms, k3_kl,
+                                 normalized_loss, s_grpo_mask)
 from engines.grpo.rewards import Completion, check_weights, consistency, correctness, format_compliance, \
     last_integer, length_efficiency, score
 from engines.grpo.tspmo import ReplayBuffer, prefix_advantages
 
 
-def test_group_advantages_centre_and_scale_by_the_group_std():
+def test_group_advantages_centre_and_scale_by_the_group_sample_std():
     adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [3.0, 1.0, 2.0, 2.0]]), eps=0.0)
-    # group 1: mean 0.5, population std 0.5; group 2: mean 2, std sqrt(0.5)
-    assert torch.allclose(adv[0], torch.tensor([1.0, -1.0, -1.0, 1.0]))
-    s = math.sqrt(0.5)
-    assert torch.allclose(adv[1], torch.tensor([1 / s, -1 / s, 0.0, 0.0]))
+    # TRL's convention, Bessel's N−1: group 1 mean 0.5, std sqrt(1/3); group 2 mean 2, std sqrt(2/3)
+    s1, s2 = math.sqrt(1 / 3), math.sqrt(2 / 3)
+    assert torch.allclose(adv[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / s1)
+    assert torch.allclose(adv[1], torch.tensor([1.0, -1.0, 0.0, 0.0]) / s2)
+
+
+def test_batch_scaling_divides_by_the_std_of_every_reward_and_one_completion_has_none():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [3.0, 1.0, 2.0, 2.0]])
+    adv = group_advantages(rewards, "batch", eps=0.0)
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    assert torch.allclose(adv, centred / rewards.flatten().std())  # std of all 8 rewards, N−1
+    assert torch.equal(group_advantages(torch.tensor([[2.0], [5.0]])), torch.zeros(2, 1))  # no spread, no NaN
 
 
 def test_equal_rewards_give_zero_advantage_not_nan():
@@ -28,7 +37,7 @@ def test_equal_rewards_give_zero_advantage_not_nan():
 
 
 def test_dr_grpo_advantage_is_only_centred():
-    adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), scale_by_std=False)
+    adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), "none")
     assert torch.allclose(adv, torch.tensor([[0.5, -0.5, -0.5, 0.5]]))
 
 
@@ -54,12 +63,33 @@ def test_grpo_loss_normalisations_on_a_hand_example():
     adv = torch.tensor([1.0, -2.0])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
     kw = dict(clip_eps=0.2, max_new_tokens=4)
-    token, _ = grpo_loss(logp, logp, None, adv, mask, normalization="token", **kw)
+    token, _ = grpo_loss(logp, logp, None, adv, mask, normalization="token_batch", **kw)
     sequence, _ = grpo_loss(logp, logp, None, adv, mask, normalization="sequence", **kw)
     constant, _ = grpo_loss(logp, logp, None, adv, mask, normalization="constant", **kw)
     assert token.item() == pytest.approx(-(1 + 1 - 2) / 3)
     assert sequence.item() == pytest.approx(-((2 / 2) + (-2 / 1)) / 2)
     assert constant.item() == pytest.approx(-(1 + 1 - 2) / (2 * 4))
+
+
+def test_token_normalisation_over_a_micro_batch_per_token_or_per_prompt():
+    """Two prompts' groups with different lengths: TRL's bnpo weighs every token the same,
+    DAPO's equation 8 averages within a prompt first; they differ, by hand."""
+    kw = dict(clip_eps=0.2)
+    a, _ = grpo_terms(torch.zeros(1, 3), torch.zeros(1, 3), None, torch.tensor([1.0]),
+                      torch.tensor([[1, 1, 1]], dtype=torch.bool), **kw)  # 3 tokens of +1
+    b, _ = grpo_terms(torch.zeros(1, 3), torch.zeros(1, 3), None, torch.tensor([-3.0]),
+                      torch.tensor([[1, 0, 0]], dtype=torch.bool), **kw)  # 1 token of −3
+    assert normalized_loss([a, b], "token_batch", 4).item() == pytest.approx(-(3 - 3) / 4)
+    assert normalized_loss([a, b], "token_prompt", 4).item() == pytest.approx(-(3 / 3 + -3 / 1) / 2)
+    assert normalized_loss([a, b], "sequence", 4).item() == pytest.approx(-(1 + -3) / 2)
+    assert normalized_loss([a, b], "constant", 4).item() == pytest.approx(-(3 - 3) / (2 * 4))
+
+
+def test_earlier_option_names_read_as_what_they_documented():
+    from engines.grpo.options import GrpoOptions
+
+    o = GrpoOptions.model_validate({"scale_by_std": False, "loss_normalization": "token"})
+    assert (o.scale_rewards, o.loss_normalization) == ("none", "token_batch")
 
 
 def test_grpo_loss_gradient_pushes_good_completions_up():

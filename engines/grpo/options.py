@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, PositiveInt, ValidationError, field_validator
+from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from engines.options import LoraOptions, Options, one_line
 
@@ -51,11 +51,28 @@ class GrpoOptions(Options):
     clip_eps: float = Field(0.2, gt=0)
     clip_eps_high: float | None = Field(None, gt=0, description="asymmetric upper clip; None = clip_eps")
     kl_beta: float = Field(0.04, ge=0)
-    scale_by_std: bool = Field(True, description="False is Dr. GRPO's unscaled advantage")
-    loss_normalization: Literal["token", "sequence", "constant"] = "token"
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="advantage = centred reward / the group's or the micro-batch's sample std, "
+                             "or only centred (none: Dr. GRPO); TRL's names and std")
+    loss_normalization: Literal["token_batch", "token_prompt", "sequence", "constant"] = Field(
+        "token_batch", description="token_batch: every token of the micro-batch weighs the same (TRL bnpo); "
+                                   "token_prompt: per prompt, then prompts (DAPO eq. 8); sequence: per "
+                                   "completion (GRPO); constant: / completions × max_new_tokens (Dr. GRPO)")
     temperature: float = Field(0.3, gt=0, description="Lee & Tong sample at 0.3")
     max_new_tokens: PositiveInt = 300
     reward_weights: RewardWeights = RewardWeights()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _earlier_names(cls, data: Any) -> Any:
+        """``scale_by_std: false`` is ``scale_rewards: none``; ``token`` is ``token_batch``."""
+        if isinstance(data, dict):
+            data = dict(data)
+            if "scale_by_std" in data and "scale_rewards" not in data:
+                data["scale_rewards"] = "group" if data.pop("scale_by_std") else "none"
+            if data.get("loss_normalization") == "token":
+                data["loss_normalization"] = "token_batch"
+        return data
 
 
 class SGrpoOptions(GrpoOptions):
@@ -66,6 +83,8 @@ class SGrpoOptions(GrpoOptions):
     k: PositiveInt = Field(50, description="most tokens of one completion that enter the loss")
     kl_beta: float = Field(0.01, ge=0)
     reward_weights: RewardWeights = CORRECTNESS_ONLY
+    loss_normalization: Literal["token_batch", "token_prompt", "sequence", "constant"] = Field(
+        "sequence", description="S-GRPO keeps GRPO's per-completion mean over the tokens it lets in")
 
 
 class TSpmoOptions(Options):

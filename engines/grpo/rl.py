@@ -2,9 +2,11 @@
 
 A micro-batch is a rollout: ``micro_batch`` prompts, |G| completions each,
 sampled together in one batched KV-cache generation, scored by the plan's
-weighted rewards. ``micro_step`` turns each prompt's group into a loss with
-the algorithm from ``ALGORITHMS`` (equations in ``losses.py`` and
-``tspmo.py``) and averages over the groups.
+weighted rewards. ``micro_step`` turns the micro-batch's groups into one
+loss with the algorithm from ``ALGORITHMS`` (equations in ``losses.py`` and
+``tspmo.py``): GRPO and S-GRPO normalise every group's tokens together by
+the stage's ``loss_normalization``, with advantages scaled by
+``scale_rewards``; T-SPMO averages its groups' prefix-tree objectives.
 
 Design decisions:
 - One update per rollout by default (Lee & Tong's setting), so π_old is the
@@ -29,7 +31,7 @@ import torch
 
 from engines.contract import MicroStep
 from engines.grpo.data import prompt_ids
-from engines.grpo.losses import group_advantages, grpo_loss, s_grpo_mask
+from engines.grpo.losses import group_advantages, grpo_terms, normalized_loss, s_grpo_mask
 from engines.grpo.policy import zero_loss
 from engines.grpo.rewards import Completion, check_weights, correctness, score
 from engines.grpo.tspmo import ReplayBuffer, prefix_advantages
@@ -119,12 +121,7 @@ class ReinforcementLearning:
     # -- updates --------------------------------------------------------------
     def micro_step(self, groups: list[Group]) -> MicroStep:
         t = self.t
-        losses, stats = [], {"kl": 0.0}
-        for g in groups:
-            loss, extra = ALGORITHMS[self.algorithm](self, g)
-            losses.append(loss)
-            stats["kl"] += extra.get("kl", 0.0) / len(groups)
-        loss = torch.stack(losses).mean()
+        loss, stats = ALGORITHMS[self.algorithm](self, groups)
         if self.algorithm == "t_spmo":
             loss = loss + self.o.l2_lambda * sum(
                 p.pow(2).sum() for n, p in t.model.named_parameters() if p.requires_grad and "lora_" in n)
@@ -133,7 +130,7 @@ class ReinforcementLearning:
         metrics = {"reward": float(rewards.mean()), "train_accuracy": sum(g.correct for g in groups) / len(groups),
                    "completion_tokens": tokens / sum(len(g.completions) for g in groups)}
         if self.kl_beta > 0:
-            metrics["kl"] = stats["kl"]
+            metrics["kl"] = stats.get("kl", 0.0)
         return MicroStep(loss=loss, tokens=tokens, metrics=metrics)
 
     def logprobs(self, g: Group, rows: list[int] | None = None) -> torch.Tensor:
@@ -146,30 +143,39 @@ class ReinforcementLearning:
         self.replay.load_state_dict(state["replay"])
 
 
-def _grpo(rl: ReinforcementLearning, g: Group, mask: torch.Tensor | None = None,
-          normalization: str | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    logp = rl.logprobs(g)
-    full = g.mask(logp.device)
-    advantages = group_advantages(g.rewards[None].to(logp.device), rl.o.scale_by_std)[0]
-    old = g.old_logp if g.old_logp is not None else logp.detach()
-    return grpo_loss(logp, old, g.ref_logp, advantages, full if mask is None else full & mask,
-                     clip_eps=rl.o.clip_eps, clip_eps_high=rl.o.clip_eps_high,
-                     kl_beta=rl.kl_beta, normalization=normalization or rl.o.loss_normalization,
-                     max_new_tokens=rl.t.max_new_tokens)
+def _grpo(rl: ReinforcementLearning, groups: list[Group],
+          keep: Callable[[Group], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO over a micro-batch's groups: advantages by ``scale_rewards`` (a ``batch`` std
+    spans the groups), each group's masked objective, normalised together."""
+    rewards = torch.stack([g.rewards for g in groups])  # (P, G)
+    advantages = group_advantages(rewards, rl.o.scale_rewards)
+    terms, kl = [], 0.0
+    for g, adv in zip(groups, advantages):
+        logp = rl.logprobs(g)
+        mask = g.mask(logp.device)
+        if keep is not None:
+            mask = mask & keep(g)
+        old = g.old_logp if g.old_logp is not None else logp.detach()
+        group, stats = grpo_terms(logp, old, g.ref_logp, adv.to(logp.device), mask, clip_eps=rl.o.clip_eps,
+                                  clip_eps_high=rl.o.clip_eps_high, kl_beta=rl.kl_beta)
+        terms.append(group)
+        kl += stats.get("kl", 0.0) / len(groups)
+    return normalized_loss(terms, rl.o.loss_normalization, rl.t.max_new_tokens), {"kl": kl}
 
 
-def _s_grpo(rl: ReinforcementLearning, g: Group) -> tuple[torch.Tensor, dict[str, float]]:
-    lengths = torch.tensor([len(c) for c in g.completions], device=rl.t.device)
-    width = int(lengths.max())
-    chosen = s_grpo_mask(lengths, width, rl.o.alpha, rl.o.p, rl.o.k)
-    return _grpo(rl, g, chosen, normalization="sequence")
+def _s_grpo(rl: ReinforcementLearning, groups: list[Group]) -> tuple[torch.Tensor, dict[str, float]]:
+    def keep(g: Group) -> torch.Tensor:
+        lengths = torch.tensor([len(c) for c in g.completions], device=rl.t.device)
+        return s_grpo_mask(lengths, int(lengths.max()), rl.o.alpha, rl.o.p, rl.o.k)
+
+    return _grpo(rl, groups, keep)
 
 
-def _t_spmo(rl: ReinforcementLearning, g: Group) -> tuple[torch.Tensor, dict[str, float]]:
+def _t_spmo_group(rl: ReinforcementLearning, g: Group) -> torch.Tensor:
     transitions = prefix_advantages(g.completions, g.rewards.tolist())
     informative = [tr for tr in transitions if tr.advantage != 0.0]
     if not informative:  # every completion agreed wherever they branched: no signal
-        return zero_loss(rl.t.model), {}
+        return zero_loss(rl.t.model)
     rows = sorted({tr.row for tr in informative})
     where = {row: i for i, row in enumerate(rows)}
     logp = rl.logprobs(g, rows)  # (R, T)
@@ -177,10 +183,16 @@ def _t_spmo(rl: ReinforcementLearning, g: Group) -> tuple[torch.Tensor, dict[str
     index_pos = torch.tensor([tr.position for tr in informative], device=logp.device)
     advantage = torch.tensor([tr.advantage for tr in informative], device=logp.device)
     probs = logp[index_row, index_pos].exp()
-    return -(probs * advantage).sum() / len(transitions), {}
+    return -(probs * advantage).sum() / len(transitions)
 
 
-ALGORITHMS: dict[str, Callable[[ReinforcementLearning, Group], tuple[torch.Tensor, dict[str, float]]]] = {
+def _t_spmo(rl: ReinforcementLearning, groups: list[Group]) -> tuple[torch.Tensor, dict[str, float]]:
+    """T-SPMO: each group's (replays included) prefix-tree objective, averaged over the groups."""
+    return torch.stack([_t_spmo_group(rl, g) for g in groups]).mean(), {}
+
+
+# algorithm → the micro-batch's loss and its statistics
+ALGORITHMS: dict[str, Callable[[ReinforcementLearning, list[Group]], tuple[torch.Tensor, dict[str, float]]]] = {
     "grpo": _grpo,
     "s_grpo": _s_grpo,
     "t_spmo": _t_spmo,

@@ -214,19 +214,25 @@ def optimize(
     memory_budget: Annotated[Optional[str], typer.Option(help="Cap on GPU memory in all, like 128GB.")] = None,
     network_bandwidth: Annotated[Optional[str], typer.Option(help="Between machines, like 100Gbps.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the fit; store no revision.")] = False,
+    probe: Annotated[bool, typer.Option(
+        "--probe", help="Then run one measured step of each stage here (on the target machine).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fit the plan to the hardware: verdict, memory breakdown, settings, ETA, alternatives."""
     from muse_plan import api
 
     done = api.optimize(store(ctx), plan, gpu_type=gpu_type, available_gpus=available_gpus,
-                        memory_budget=memory_budget, network_bandwidth=network_bandwidth, dry_run=dry_run)
+                        memory_budget=memory_budget, network_bandwidth=network_bandwidth, dry_run=dry_run,
+                        probe=probe)
     from muse_plan.cli.render_fit import fit_dict, fit_view
 
     if as_json:
-        print_json(fit_dict(done.result, done.stored))
+        print_json(fit_dict(done.result, done.stored) | {"probes": [p.data() | {"stage": p.stage}
+                                                                    for p in done.probes]})
     else:
         console.print(fit_view(done.result, done.stored))
+        for p in done.probes:
+            console.print(p.describe(), highlight=False)
 
 
 @app.command()
@@ -268,12 +274,14 @@ def run_(
         help="Alert rules stored with the plan, like gradient_norm:10,memory_usage:90,loss_spike:3.")] = None,
     inject: Annotated[Optional[str], typer.Option(
         help="Faults on purpose, like nan@120,oom@200,grad_spike@300 (also MUSE_INJECT).")] = None,
+    probe: Annotated[Optional[bool], typer.Option(
+        "--probe/--no-probe", help="One measured step of each stage before the run; default: on a GPU.")] = None,
 ) -> None:
     """Fit the plan to this machine, then run its stages (or resume its last run)."""
     from muse_plan.cli.run import execute
 
     execute(ctx, plan, resume=resume, num_processes=num_processes, force=force, inject=inject,
-            alert_thresholds=alert_thresholds)
+            alert_thresholds=alert_thresholds, probe=probe)
 
 
 @app.command()

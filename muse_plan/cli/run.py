@@ -16,7 +16,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")
 
 def execute(ctx: typer.Context, plan_ref: str, *, resume: bool, run_ref: str | None = None,
             num_processes: int = 1, force: bool = False, inject: str | None = None,
-            alert_thresholds: str | None = None) -> None:
+            alert_thresholds: str | None = None, probe: bool | None = None) -> None:
     """Run or resume a plan here, or on N GPUs through ``accelerate launch``."""
     from muse_plan.executor import launch
 
@@ -38,13 +38,15 @@ def execute(ctx: typer.Context, plan_ref: str, *, resume: bool, run_ref: str | N
     if num_processes > 1 and not launch.launched():
         args = (["--db", db_url] if db_url else []) + (
             ["run", "resume", run_ref] if run_ref else
-            ["plan", "run", plan_ref, *(["--resume"] if resume else []), *(["--force"] if force else [])])
+            ["plan", "run", plan_ref, *(["--resume"] if resume else []), *(["--force"] if force else []),
+             *([] if probe is None else ["--probe" if probe else "--no-probe"])])
         raise typer.Exit(launch.relaunch(num_processes, args, {"MUSE_INJECT": inject} if inject else None))
     from muse_plan.cli.progress import ProgressView
     from muse_plan.executor.runner import run_plan
 
     with ProgressView(console) as view:
-        result = run_plan(db_url, plan_ref, resume=resume, run_ref=run_ref, view=view, force=force, inject=inject)
+        result = run_plan(db_url, plan_ref, resume=resume, run_ref=run_ref, view=view, force=force, inject=inject,
+                          probe=probe)
     if result.main:
         _report(result)
 

@@ -99,8 +99,10 @@ class Prepared:
 
 
 def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref: str | None = None,
-             view: View | None = None, force: bool = False, inject: str | None = None) -> RunResult:
-    """Run (or resume) a plan on this process and any launched with it."""
+             view: View | None = None, force: bool = False, inject: str | None = None,
+             probe: bool | None = None) -> RunResult:
+    """Run (or resume) a plan on this process and any launched with it. ``probe``: one
+    measured step of each stage before the run (``executor/probe.py``); None: on a GPU."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
@@ -124,6 +126,8 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
                        main=state.is_main_process, processes=state.num_processes)
     injector = Injector(inject or os.environ.get("MUSE_INJECT"))
     try:
+        if (cuda if probe is None else probe) and not prepared.resume:
+            spec, accelerator = _probe(store, prepared, spec, state.num_processes, cuda, view)
         for position in range(prepared.start, len(spec.stages)):
             resuming = prepared.resume and position == prepared.start
             budget, skip_until = Budget(), None
@@ -158,6 +162,48 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
             runs.add_event(session, run, "run completed")
         store.close()
     return result
+
+
+def _probe(store: Store | None, prepared: Prepared, spec: PlanSpec, world_size: int, cuda: bool,
+           view: View | None) -> tuple[PlanSpec, Any]:
+    """Probe every stage before step 1 (``executor/probe.py``); a stage that does not fit is
+    rewritten (a revision by the optimizer) and probed again. The plan to run, and the
+    Accelerator the probes left (the first stage reuses it)."""
+    from muse_plan.executor.probe import probe_plan
+
+    held: list[Any] = [None]
+
+    def accelerator_for(current_spec: PlanSpec, position: int) -> Any:
+        held[0] = _accelerator_for(held[0], current_spec, position, world_size, cuda,
+                                   lambda text: _note(store, prepared, position, [text], view, "info"))
+        return held[0]
+
+    def recorded(result: Any) -> None:
+        if store is None:
+            return
+        position = next(i for i, s in enumerate(spec.stages) if s.name == result.stage)
+        with store.write() as session:
+            runs.add_event(session, session.get(Run, prepared.run_id), result.describe(), kind="probe",
+                           severity="info" if result.fits else "warning",
+                           stage_run_id=prepared.stage_run_ids[position], data=result.data())
+        if view:
+            view.message(result.describe())
+
+    def rewritten(new: PlanSpec, reason: str) -> None:
+        prepared.revision += 1
+        if store is None:
+            return
+        with store.write() as session:
+            revision = repo.add_revision(session, repo.get_plan(session, prepared.plan), new, "optimizer", reason)
+            prepared.revision = revision.number
+            runs.add_event(session, session.get(Run, prepared.run_id), f"plan revision {revision.number}: {reason}",
+                           kind="rewrite", severity="warning")
+        if view:
+            view.message(f"revision {prepared.revision} by the optimizer: {reason}")
+
+    spec, _ = probe_plan(spec, lambda current, i: _settings(current, i, world_size, cuda), accelerator_for,
+                         muse_home() / "cache", recorded, rewritten)
+    return spec, held[0]
 
 
 def _accelerator_for(current: Any, spec: PlanSpec, position: int, world_size: int, cuda: bool,
