@@ -198,7 +198,8 @@ def _probe_here(spec: Any) -> tuple[Any, list[Any], list[str]]:
     import torch
     from accelerate import PartialState
 
-    from muse_plan.executor import runner
+    from muse_plan.executor.accelerators import accelerator_for as make_accelerator
+    from muse_plan.executor.prepare import stage_settings
     from muse_plan.executor.probe import probe_plan
     from muse_plan.store.db import muse_home
 
@@ -208,10 +209,10 @@ def _probe_here(spec: Any) -> tuple[Any, list[Any], list[str]]:
     rewrites: list[str] = []
 
     def accelerator_for(current: Any, position: int) -> Any:
-        held[0] = runner._accelerator_for(held[0], current, position, 1, cuda, lambda text: None)
+        held[0] = make_accelerator(held[0], current, position, 1, cuda, lambda text: None)
         return held[0]
 
-    spec, probes = probe_plan(spec, lambda current, i: runner._settings(current, i, 1, cuda), accelerator_for,
+    spec, probes = probe_plan(spec, lambda current, i: stage_settings(current, i, 1, cuda), accelerator_for,
                               muse_home() / "cache", rewrite=lambda new, reason: rewrites.append(reason))
     return spec, probes, rewrites
 

@@ -141,7 +141,8 @@ def one_round(spec: Any, monitored: bool, index: int, warmup: int, home: Path) -
 
     from engines.contract import StageSetup, make_trainer
     from muse_plan.executor.loop import train_stage
-    from muse_plan.executor.runner import MIXED_PRECISION, Recorder
+    from muse_plan.executor.accelerators import MIXED_PRECISION
+    from muse_plan.executor.record import Recorder
     from muse_plan.executor.settings import engine_options, resolve
     from muse_plan.monitor.detectors import Watch
     from muse_plan.store import repo, runs

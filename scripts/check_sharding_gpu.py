@@ -6,7 +6,7 @@ and uses about the memory muse's model predicts.
 
 For each setting (one GPU: ``none`` and ``offload: optimizer``; several: also
 ``ddp``, ``zero1``, ``zero2``, ``zero3``, ``fsdp``) it trains a small decoder
-through the executor's own code (``runner._accelerator_for``,
+through the executor's own code (``accelerators.accelerator_for``,
 ``loop.train_stage``: the optimizer, FSDP plugin, checkpoints and resume that
 ``muse plan run`` uses) for ``--steps`` steps with a checkpoint half way, then
 resumes from that checkpoint and runs the second half again. The main process
@@ -43,7 +43,8 @@ from engines.architecture.trainer import ArchitectureTrainer  # noqa: E402
 from engines.contract import StageSetup  # noqa: E402
 from muse_plan.executor import checkpoint  # noqa: E402
 from muse_plan.executor.loop import train_stage  # noqa: E402
-from muse_plan.executor.runner import _accelerator_for, _bf16  # noqa: E402
+from muse_plan.executor.accelerators import accelerator_for as _accelerator_for  # noqa: E402
+from muse_plan.executor.prepare import bf16 as _bf16  # noqa: E402
 from muse_plan.executor.settings import resolve  # noqa: E402
 from muse_plan.optimizer import memory  # noqa: E402
 from muse_plan.optimizer.config import TrainConfig  # noqa: E402

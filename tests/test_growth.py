@@ -298,3 +298,18 @@ def test_net2net_keeps_the_function_for_every_gqa_change_the_growth_check_accept
             assert diff <= 1e-5, ((h, kv), (h2, kv2), diff)
             grown_ok += 1
     assert grown_ok >= 40 and refused >= 1  # 4q/1kv → 4q/4kv is among those grown; 8q/2kv → 6q/3kv refused
+
+
+def test_ligos_fit_clips_its_gradient_and_stops_on_a_non_finite_loss() -> None:
+    small = trained_like(config())
+    target = replace(small.config, n_layers=4)
+    batch = counting_batches()()
+    clipped = grow(small, target, GrowSettings(operator="ligo", fit_steps=3, fit_lr=1e-2, fit_clip=1e-6),
+                   lambda: batch)
+    free = grow(small, target, GrowSettings(operator="ligo", fit_steps=3, fit_lr=1e-2), lambda: batch)
+    assert clipped.fit_losses[0] == pytest.approx(free.fit_losses[0])  # the same start
+    assert abs(clipped.fit_losses[-1] - clipped.fit_losses[0]) < abs(free.fit_losses[-1] - free.fit_losses[0])
+    with torch.no_grad():
+        small.tok_emb.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="LiGO's operator fit: loss is nan at fit step 1; lower fit_lr"):
+        grow(small, target, GrowSettings(operator="ligo", fit_steps=2), lambda: batch)

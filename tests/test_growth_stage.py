@@ -439,7 +439,7 @@ def test_a_grown_then_continued_model_computes_what_the_grown_one_did(tmp_path, 
     from engines.growth.operators import grow
     from engines.growth.schedule import GrowSettings
     from muse_plan.executor import checkpoint
-    from muse_plan.executor.runner import model_meta
+    from muse_plan.executor.record import model_meta
 
     torch.manual_seed(0)
     small_layers = 2 if operator == "net2net" else 1
@@ -452,7 +452,7 @@ def test_a_grown_then_continued_model_computes_what_the_grown_one_did(tmp_path, 
     assert grown.config.norm_eps != target.norm_eps  # what the plan alone would build differs
     path = checkpoint.save(tmp_path / "grow", 0, grown, {}, model_meta(grown))
     saved = json.loads((path / checkpoint.MANIFEST).read_text())["model_config"]
-    continued_config = target.as_saved(saved)  # what the continue stage builds (runner._saved_config)
+    continued_config = target.as_saved(saved)  # what the continue stage builds (the runner's _saved_config)
     fields = continued_config.FUNCTIONAL + continued_config.STRUCTURE
     assert [getattr(continued_config, f) for f in fields] == [getattr(grown.config, f) for f in fields]
     continued = DecoderLM(continued_config).eval()

@@ -12,16 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import yaml
 
-from engines.contract import StageSetup
-from engines.grpo.trainer import GrpoTrainer
-from muse_plan.executor import checkpoint
-from muse_plan.executor.settings import engine_options, model_config
-from muse_plan.plan.spec import PlanSpec
 from muse_plan.store import runs
 from muse_plan.store.db import Store
+
 
 def test_the_cpu_reasoning_plan_runs_every_stage_kind_with_lora(cli, tmp_path: Path, muse_home) -> None:
     spec = yaml.safe_load((Path(__file__).parent.parent / "plans" / "reasoning-grpo-cpu.yaml").read_text())

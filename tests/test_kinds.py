@@ -45,7 +45,7 @@ def test_a_bad_stage_option_is_refused_at_import_with_one_line_and_nothing_is_st
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(plan(stage)))
     result = cli("plan", "import", path)
-    one_error_line(result, f"stage 's': ")
+    one_error_line(result, "stage 's': ")
     assert says in result.output
     assert json.loads(cli("plan", "list", "--json").stdout) == []
 

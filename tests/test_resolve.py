@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from muse_plan.executor import runner
+from muse_plan.executor import prepare
 from muse_plan.executor.settings import resolve, train_config
 from muse_plan.optimizer import fit as fitting
 from muse_plan.plan.io import load_file
@@ -17,8 +17,8 @@ from tests.test_fit import HOST
 
 def _executor_settings(spec, hw, monkeypatch):
     """The settings ``muse plan run`` resolves for every stage on ``hw`` (bf16 as the card has it)."""
-    monkeypatch.setattr(runner, "_bf16", lambda cuda: bool(cuda and hw.gpu.bf16))
-    return [runner._settings(spec, i, hw.processes, hw.gpu is not None) for i in range(len(spec.stages))]
+    monkeypatch.setattr(prepare, "bf16", lambda cuda: bool(cuda and hw.gpu.bf16))
+    return [prepare.stage_settings(spec, i, hw.processes, hw.gpu is not None) for i in range(len(spec.stages))]
 
 
 def test_every_bundled_plan_is_priced_as_the_executor_runs_it_before_and_after_fitting(monkeypatch) -> None:

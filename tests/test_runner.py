@@ -161,7 +161,7 @@ def test_plan_with_an_engine_not_built_yet_is_refused_before_a_run_exists(cli, t
     from engines import contract
 
     monkeypatch.setattr(contract, "TRAINERS", {k: v for k, v in contract.TRAINERS.items() if k != "grpo"})
-    monkeypatch.setattr("muse_plan.executor.runner.TRAINERS", contract.TRAINERS)
+    monkeypatch.setattr("muse_plan.executor.prepare.TRAINERS", contract.TRAINERS)
     data = {**TINY, "name": "rl", "techniques": {"grpo": {}}, "stages": []}
     data["model"] = {**TINY["model"], "residual": "standard"}
     cli("plan", "import", write_plan(tmp_path, **data))

@@ -163,8 +163,10 @@ class LigoOperator(nn.Module):
 
 
 def fit(op: LigoOperator, batches: Callable[[], Batch], steps: int, lr: float,
-        autocast: Callable[[], AbstractContextManager] = nullcontext) -> list[float]:
-    """Fit the operator on the grown model's loss; returns each step's loss."""
+        autocast: Callable[[], AbstractContextManager] = nullcontext, clip: float | None = None) -> list[float]:
+    """Fit the operator on the grown model's loss; returns each step's loss. As in any of
+    the executor's loops, the gradient is clipped (``clip``) and a non-finite loss stops
+    the fit before the optimizer touches the operator (``ValueError``, with the step)."""
     model = DecoderLM(op.config).to(op.emb.device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -175,7 +177,12 @@ def fit(op: LigoOperator, batches: Callable[[], Batch], steps: int, lr: float,
         x, y = batches()
         with autocast():
             _, loss = functional_call(model, op.grown_state(), (x, y))
+        if not torch.isfinite(loss):
+            raise ValueError(f"LiGO's operator fit: loss is {loss.item()} at fit step {len(losses) + 1}; "
+                             f"lower fit_lr (it is {lr:g})")
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())

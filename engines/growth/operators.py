@@ -82,7 +82,7 @@ def _ligo(model: DecoderLM, target: ModelConfig, s: GrowSettings, batches: Batch
     if batches is None:
         raise ValueError("ligo fits its operator on data; give it batches")
     op = ligo.LigoOperator(model, target, noise=s.symmetry_noise, seed=s.seed)
-    losses = ligo.fit(op, batches, s.fit_steps, s.fit_lr, autocast)
+    losses = ligo.fit(op, batches, s.fit_steps, s.fit_lr, autocast, s.fit_clip)
     return Grown(ligo.apply(op), losses)
 
 

@@ -46,7 +46,7 @@ Design decisions:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from engines.architecture.config import ModelConfig
@@ -73,6 +73,7 @@ class GrowSettings:
     rope: str = "linear"  # how a longer context is reached: none | linear | ntk
     fit_steps: int = 200  # LiGO: optimizer steps fitting the growth operator
     fit_lr: float = 1e-3  # LiGO: Adam learning rate of the operator
+    fit_clip: float | None = None  # LiGO: the fit's gradient clipping (the executor passes the stage's)
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -42,6 +42,13 @@ class GrowReport:
     moments: Moments | None = None  # the grown model's AdamW moments by name (optimizer_state: mapped)
 
 
+def skeleton(config: ModelConfig) -> torch.nn.Module:
+    """The model a stage of ``config`` trains, on the meta device: its parameters' names and
+    order without their memory (what the executor keys the small stage's AdamW moments by)."""
+    with torch.device("meta"):
+        return DecoderLM(config)
+
+
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights are one parameter
 

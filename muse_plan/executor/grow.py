@@ -50,6 +50,7 @@ Design decisions:
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -58,10 +59,10 @@ import torch
 
 from muse_plan.errors import PlanError
 from muse_plan.executor import checkpoint
-from muse_plan.executor.runner import Prepared, Recorder, StageResult, View, _note, model_meta
+from muse_plan.executor.record import Prepared, Recorder, StageResult, View, model_meta, note
 from muse_plan.executor.settings import StageSettings, engine_options, model_config
 from muse_plan.monitor.detectors import Finding, Plateau
-from muse_plan.plan.spec import PlanSpec, StageSpec
+from muse_plan.plan.spec import PlanSpec
 from muse_plan.store.db import Store
 
 
@@ -104,7 +105,7 @@ def grow_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         try:
             moments = _small_moments(found[0], small_config) if options.mapped else None
             report = grow(trainer, small_config, lambda small: checkpoint.load_weights(found[0], small),
-                          options, accelerator.autocast, moments)
+                          replace(options, fit_clip=s.clip_grad_norm), accelerator.autocast, moments)
         except (ValueError, checkpoint.CorruptCheckpoint) as exc:
             raise PlanError(f"stage {stage.name!r}: {exc}") from None
         meta = {"plan": prepared.plan, "revision": prepared.revision, "run": prepared.run_id, "stage": stage.name,
@@ -119,7 +120,7 @@ def grow_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         hooks.on_start(0)
         hooks.on_eval(s.steps, report.metrics)
         hooks.finish(s.steps, {}, path)
-        _note(store, prepared, position, [report.summary], view, severity="info")
+        note(store, prepared, position, [report.summary], view, severity="info")
         if view:
             view.stage_finished(stage.name)
     return StageResult(stage.name, s.steps, report.metrics if report else {}, time.perf_counter() - t0)
@@ -146,14 +147,13 @@ def _state(path: Path) -> dict[str, Any]:
 def _small_moments(path: Path, config: Any) -> dict[str, dict[str, torch.Tensor]]:
     """The small stage's AdamW state keyed by parameter name (from torch AdamW's
     index-keyed format, or FSDP's name-keyed one)."""
-    from engines.architecture.model import DecoderLM
+    from engines.growth.stage import skeleton
 
     saved = _state(path).get("optimizer")
     if saved is None:
         raise ValueError(f"optimizer_state 'mapped' needs the optimizer state of {path.parent.name}'s "
                          f"checkpoint {path.name}, which has none")
-    with torch.device("meta"):
-        names = _param_names(DecoderLM(config))
+    names = _param_names(skeleton(config))
     if all(isinstance(k, str) for k in saved["state"]):  # FSDP's full state: keyed by name already
         return {n: saved["state"][n] for group in names for n in group if n in saved["state"]}
     groups = saved["param_groups"]

@@ -28,7 +28,7 @@ norms, gates, biases — don't), held in one of four ways:
   format is AdamW's, so the checkpoints are interchangeable with ``ddp``'s.
   On one process zero1 is plain AdamW.
 - ``sharding: zero2 | zero3 | fsdp`` on several GPUs: Accelerate's FSDP2
-  plugin (``runner._accelerator_for`` builds it; ``fsdp_plugin``): each
+  plugin (``accelerators.accelerator_for`` builds it; ``fsdp_plugin``): each
   transformer block its own unit, ``reshard_after_forward`` off for zero2
   (gradients and optimizer state sharded, weights kept gathered between
   forward and backward) and on for zero3/fsdp (weights sharded too). A
@@ -51,7 +51,7 @@ from typing import Any, Iterable
 import torch
 from torch.optim.adamw import adamw as adamw_update
 
-from muse_plan.executor.settings import FSDP_SHARDING, StageSettings
+from muse_plan.executor.settings import StageSettings
 
 BETAS = (0.9, 0.95)
 EPS = 1e-8

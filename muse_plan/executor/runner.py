@@ -2,19 +2,21 @@
 
 Design decisions:
 - Every process of a distributed launch runs this same function. Only the
-  main process opens the store: it validates the plan, creates (or reopens)
-  the run and broadcasts what the others need (run id, folder, the plan's
-  JSON, where to start); every write to the store and every checkpoint is
-  the main process's.
-- Everything that can be refused is refused before a run exists: every
-  stage's engine must be available and its settings must resolve. A plan
-  that names an engine this version lacks fails with that one line.
+  main process opens the store: it prepares the run (``prepare.py``) and
+  broadcasts what the others need; every write to the store and every
+  checkpoint is the main process's (``record.py``).
+- Before step 1 of a new run every stage can be probed (``probe.py``; on a
+  GPU by default): a stage that does not fit is rewritten first.
 - A stage starts from the previous stage's (or ``from_stage``'s) final
   checkpoint, the first from ``model.init_from`` when given; a resumed stage
   starts from its own newest good checkpoint, skipping corrupt ones (each
-  skip is recorded as an event and shown).
+  skip is recorded as an event and shown). Either way the stage builds the
+  model that checkpoint's manifest describes.
 - Resume runs under the plan's head revision; when a checkpoint was made
   under another revision, resume says so.
+- The modules: ``prepare`` (checks, fit, the run row), ``accelerators``
+  (precision, FSDP), ``record`` (store writes, the view), ``grow`` (a grow
+  stage), ``probe``, and this one, the stage loop around the engines.
 """
 
 from __future__ import annotations
@@ -22,80 +24,32 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
-from engines.contract import TRAINERS, StageSetup, available, make_trainer
-from muse_plan.errors import Conflict, MuseError, NotFound, PlanError, RunFailed, RunInterrupted
-from muse_plan.executor import checkpoint
-from muse_plan.executor.loop import Fault, Injector, StepRecord, train_stage
-from muse_plan.monitor.detectors import Watch
-from muse_plan.recovery.handler import Budget, recover
 from engines.architecture.options import ArchitectureOptions
-from muse_plan.executor.settings import FSDP_SHARDING, StageSettings, frozen_precision, resolve
+from engines.contract import StageSetup, make_trainer
+from muse_plan.errors import MuseError, PlanError, RunFailed, RunInterrupted
+from muse_plan.executor import checkpoint
+from muse_plan.executor.accelerators import accelerator_for
+from muse_plan.executor.loop import Fault, Injector, train_stage
+from muse_plan.executor.prepare import TRANSFORMS, prepare_run, stage_settings
+from muse_plan.executor.record import (Prepared, Recorder, RunResult, StageResult, View, mark_stopped, model_meta,
+                                       note)
+from muse_plan.executor.settings import frozen_precision
+from muse_plan.monitor.detectors import Watch
+from muse_plan.plan.io import spec_from_dict
 from muse_plan.plan.kinds import STAGE_KINDS
-from muse_plan.plan.io import spec_from_dict, spec_to_dict
 from muse_plan.plan.spec import PlanSpec
+from muse_plan.recovery.handler import Budget, recover
 from muse_plan.store import repo, runs
 from muse_plan.store.db import Store, muse_home
-from muse_plan.store.models import Run, StageRun, utcnow
-
-MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-# engines whose stages change weights without training → the trainer that gives them data and evaluation
-TRANSFORMS = {"growth": "architecture"}
-
-
-class View(Protocol):
-    """How a run shows itself (the CLI's progress bar); main process only."""
-
-    def message(self, text: str) -> None: ...
-
-    def stage_started(self, name: str, total_steps: int, start_step: int) -> None: ...
-
-    def step(self, record: StepRecord) -> None: ...
-
-    def evaluated(self, step: int, metrics: dict[str, float]) -> None: ...
-
-    def stage_finished(self, name: str) -> None: ...
-
-
-@dataclass
-class StageResult:
-    name: str
-    steps: int
-    metrics: dict[str, float]
-    seconds: float
-
-
-@dataclass
-class RunResult:
-    run_id: int
-    plan: str
-    revision: int
-    resumed: bool
-    main: bool = True  # the main process reports; the others stay quiet
-    processes: int = 1
-    stages: list[StageResult] = field(default_factory=list)
-
-
-@dataclass
-class Prepared:
-    """What the main process decided, broadcast to every process."""
-
-    run_id: int
-    run_dir: str
-    plan: str
-    revision: int
-    spec_json: str
-    start: int  # position of the first stage to run
-    resume: bool
-    stage_run_ids: list[int]
+from muse_plan.store.models import Run, utcnow
 
 
 def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref: str | None = None,
@@ -112,7 +66,7 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
     decided: list[Any] = [None]
     if store is not None:
         try:
-            decided[0] = _prepare(store, plan_ref, resume, run_ref, state.num_processes, cuda, force, view)
+            decided[0] = prepare_run(store, plan_ref, resume, run_ref, state.num_processes, cuda, force, view)
         except MuseError as exc:
             decided[0] = exc
     if state.num_processes > 1:
@@ -132,8 +86,8 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
             resuming = prepared.resume and position == prepared.start
             budget, skip_until = Budget(), None
             while True:
-                accelerator = _accelerator_for(accelerator, spec, position, state.num_processes, cuda,
-                                               lambda text: _note(store, prepared, position, [text], view, "info"))
+                accelerator = accelerator_for(accelerator, spec, position, state.num_processes, cuda,
+                                               lambda text: note(store, prepared, position, [text], view, "info"))
                 try:
                     result.stages.append(_run_stage(store, accelerator, spec, prepared, position, resuming, view,
                                                     injector, skip_until))
@@ -145,7 +99,7 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
                     prepared.revision += 1
                     resuming, skip_until = True, fault.step if skip else None
     except BaseException as exc:
-        where = _mark_stopped(store, prepared, exc) if store is not None else ""
+        where = mark_stopped(store, prepared, exc) if store is not None else ""
         if isinstance(exc, KeyboardInterrupt) and store is not None:
             raise RunInterrupted(f"run {prepared.run_id} interrupted{where}; resume with: "
                                  f"muse plan run {prepared.plan} --resume") from None
@@ -173,9 +127,9 @@ def _probe(store: Store | None, prepared: Prepared, spec: PlanSpec, world_size: 
 
     held: list[Any] = [None]
 
-    def accelerator_for(current_spec: PlanSpec, position: int) -> Any:
-        held[0] = _accelerator_for(held[0], current_spec, position, world_size, cuda,
-                                   lambda text: _note(store, prepared, position, [text], view, "info"))
+    def stage_accelerator(current_spec: PlanSpec, position: int) -> Any:
+        held[0] = accelerator_for(held[0], current_spec, position, world_size, cuda,
+                                   lambda text: note(store, prepared, position, [text], view, "info"))
         return held[0]
 
     def recorded(result: Any) -> None:
@@ -201,172 +155,9 @@ def _probe(store: Store | None, prepared: Prepared, spec: PlanSpec, world_size: 
         if view:
             view.message(f"revision {prepared.revision} by the optimizer: {reason}")
 
-    spec, _ = probe_plan(spec, lambda current, i: _settings(current, i, world_size, cuda), accelerator_for,
+    spec, _ = probe_plan(spec, lambda current, i: stage_settings(current, i, world_size, cuda), stage_accelerator,
                          muse_home() / "cache", recorded, rewritten)
     return spec, held[0]
-
-
-def _accelerator_for(current: Any, spec: PlanSpec, position: int, world_size: int, cuda: bool,
-                     say: Callable[[str], None]) -> Any:
-    """The Accelerator for a stage's precision and sharding: the current one when both
-    match, else a new one — a stage of its own precision, or a recovery rewrite (fp16 →
-    bf16) takes effect in this process, not at the next launch. The process group is
-    kept. ``zero2``/``zero3``/``fsdp`` on several GPUs get Accelerate's FSDP2 plugin
-    (``_fsdp_plugin``); on one process there is nothing to shard and they run as AdamW."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    s = _settings(spec, position, world_size, cuda)
-    wanted = MIXED_PRECISION[s.precision]
-    sharded = s.sharding if cuda and world_size > 1 and s.sharding in FSDP_SHARDING else None
-    had = current.mixed_precision if current is not None else None
-    if had == wanted and getattr(current, "muse_fsdp", None) == sharded:
-        return current
-    # the state is a process-wide singleton whose mixed precision can't change in
-    # place (an earlier run in this process may have left another one)
-    AcceleratorState._reset_state()
-    from accelerate import PartialState
-    from accelerate.utils import DistributedType
-
-    partial = PartialState()
-    if partial.distributed_type == DistributedType.FSDP:  # an FSDP stage's, which a new state would keep
-        partial.distributed_type = DistributedType.MULTI_GPU
-    if current is not None:
-        say(f"stage {spec.stages[position].name} runs in {_precision_text(s.precision, sharded)} "
-            f"(was {_precision_text(had, getattr(current, 'muse_fsdp', None))})")
-    plugin = _fsdp_plugin(sharded, s.precision) if sharded else None
-    accelerator = Accelerator(mixed_precision=wanted, cpu=not cuda, fsdp_plugin=plugin)
-    accelerator.muse_fsdp = sharded
-    return accelerator
-
-
-def _precision_text(precision: str | None, sharded: str | None) -> str:
-    return f"{precision} with {sharded} (FSDP)" if sharded else str(precision)
-
-
-def _fsdp_plugin(sharding: str, precision: str) -> Any:
-    """FSDP2, each transformer block a unit (named at prepare: ``optimizers.prepare``);
-    zero2 keeps a block's weights gathered from forward to backward, zero3/fsdp reshard
-    them. Under bf16/fp16 the gathered weights are in that dtype and gradients are
-    reduced in fp32, as DDP's are; the sharded weights and AdamW stay fp32."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
-    policy = None
-    if precision != "fp32":
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    return FullyShardedDataParallelPlugin(
-        fsdp_version=2, reshard_after_forward=sharding != "zero2", auto_wrap_policy="transformer_based_wrap",
-        state_dict_type="FULL_STATE_DICT", mixed_precision_policy=policy, cpu_ram_efficient_loading=False)
-
-
-def _bf16(cuda: bool) -> bool:
-    return cuda and torch.cuda.is_bf16_supported()
-
-
-def _check_stages(spec: PlanSpec, world_size: int, cuda: bool) -> list[StageSettings]:
-    if not spec.stages:
-        raise PlanError(f"plan {spec.name!r} has no stages to run")
-    settings = []
-    for position, stage in enumerate(spec.stages):
-        if not available(stage.engine or "") and stage.engine not in TRANSFORMS:
-            raise PlanError(
-                f"stage {stage.name!r} runs on the {stage.engine!r} engine, which this version of muse "
-                f"does not have yet; available engines: {', '.join(TRAINERS)}"
-            )
-        settings.append(_settings(spec, position, world_size, cuda))
-    return settings
-
-
-def _settings(spec: PlanSpec, position: int, world_size: int, cuda: bool) -> StageSettings:
-    """A stage's settings. A grow stage's budget is its operator's fit (LiGO; 0 for
-    the copying operators) and its growth is checked here, before a run exists."""
-    stage = spec.stages[position]
-    if stage.engine in TRANSFORMS:
-        from muse_plan.executor.grow import check_growth
-
-        stage = stage.model_copy(update={"steps": check_growth(spec, position)})
-    return resolve(spec, stage, world_size=world_size, cuda=cuda, bf16=_bf16(cuda))
-
-
-def _prepare(store: Store, plan_ref: str, resume: bool, run_ref: str | None, world_size: int,
-             cuda: bool, force: bool = False, view: View | None = None) -> Prepared:
-    with store.read() as session:
-        if run_ref is not None:
-            plan = session.get(repo.Plan, runs.get_run(session, run_ref).plan_id)
-        else:
-            plan = repo.get_plan(session, plan_ref)
-        revision = repo.get_revision(session, plan)
-        spec = repo.spec_of(revision)
-    _check_stages(spec, world_size, cuda)
-    if not resume:
-        revision, spec = _fit_here(store, plan, revision, spec, world_size, force, view)
-    settings = _check_stages(spec, world_size, cuda)
-    with store.write() as session:
-        if resume:
-            run, start = _reopen(session, plan, spec, run_ref)
-        else:
-            run = runs.create_run(session, plan, revision.number, [(s.name, s.steps) for s in settings],
-                                  str(muse_home() / "runs"))
-            start = 0
-            device = f"{world_size} GPU process(es)" if cuda else f"{world_size} CPU process(es)"
-            runs.add_event(session, run, f"run started under revision {revision.number} on {device}")
-        stage_ids = [sr.id for sr in runs.stage_runs(session, run)]
-    return Prepared(run.id, run.run_dir, plan.name, revision.number,
-                    json.dumps(spec_to_dict(spec)), start, resume, stage_ids)
-
-
-def _fit_here(store: Store, plan: Any, revision: Any, spec: PlanSpec, world_size: int, force: bool,
-              view: View | None) -> tuple[Any, PlanSpec]:
-    """Fit the plan to this machine before a run: refuse what can't fit (unless
-    forced); when it fits only with changes, record them as the optimizer's
-    revision and run that."""
-    from muse_plan.optimizer import fit as fitting
-
-    hw = fitting.this_machine(world_size)
-    if hw is None:
-        return revision, spec
-    result = fitting.fit(spec, hw, alternatives=False)
-    say = view.message if view else (lambda text: None)
-    if result.verdict == "does_not_fit":
-        peak = result.written.peak / 2**30
-        text = (f"plan {spec.name!r} does not fit {hw.describe()}: predicted peak {peak:.1f} GiB per device "
-                f"with {hw.limit_bytes / 2**30:.1f} GiB usable, and no setting brings it under; "
-                f"see the alternatives with: muse plan optimize {spec.name}")
-        if not force:
-            raise PlanError(text + "; --force runs it anyway")
-        say(f"warning: {text}; running anyway (--force)")
-        return revision, spec
-    if result.verdict == "fits_with_changes":
-        fitted = result.fitted_spec
-        reason = f"fitted to {hw.describe()} before run: " + result.describe_changes()
-        with store.write() as session:
-            revision = repo.add_revision(session, repo.get_plan(session, plan.id), fitted, "optimizer", reason)
-        say(f"revision {revision.number} by the optimizer: {reason}")
-        return revision, fitted
-    return revision, spec
-
-
-def _reopen(session: Any, plan: Any, spec: PlanSpec, run_ref: str | None) -> tuple[Run, int]:
-    run = runs.get_run(session, run_ref) if run_ref is not None else runs.latest_unfinished(session, plan)
-    if run is None:
-        raise NotFound(f"plan {plan.name!r} has no unfinished run to resume; start one with: "
-                       f"muse plan run {plan.name}")
-    if run.status == "completed":
-        raise Conflict(f"run {run.id} already completed; start a new one with: muse plan run {plan.name}")
-    if runs.is_alive(run) and run.pid != os.getpid():
-        raise Conflict(f"run {run.id} is still running (pid {run.pid} on {run.host})")
-    stages = runs.stage_runs(session, run)
-    if [s.name for s in stages] != [s.name for s in spec.stages]:
-        raise Conflict(f"plan {plan.name!r} has other stages than run {run.id} was started with; "
-                       f"start a new run with: muse plan run {plan.name}")
-    start = next((s.position for s in stages if s.status != "completed"), len(stages))
-    run.status, run.pid, run.error, run.finished_at = "running", os.getpid(), None, None
-    run.host = socket.gethostname()
-    runs.add_event(session, run, f"run resumed at stage {spec.stages[min(start, len(stages) - 1)].name}")
-    return run, start
 
 
 def _seed(seed: int) -> None:
@@ -379,7 +170,7 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
                resuming: bool, view: View | None, injector: Injector | None = None,
                skip_until: int | None = None) -> StageResult:
     stage = spec.stages[position]
-    s = _settings(spec, position, accelerator.num_processes, accelerator.device.type == "cuda")
+    s = stage_settings(spec, position, accelerator.num_processes, accelerator.device.type == "cuda")
     if stage.engine not in TRANSFORMS:  # built as the checkpoint it starts from was saved (norm eps, rope …)
         s = replace(s, model=s.model.as_saved(_saved_config(spec, prepared, position, resuming)))
     _seed(s.seed + position)
@@ -437,7 +228,7 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         raise
     steps = int(metrics.pop("stopped_at_step", s.steps))  # the engine's stopping rule may end it early
     if steps < s.steps:
-        _note(store, prepared, position, [f"stage {stage.name} stopped early at step {steps} of {s.steps}: "
+        note(store, prepared, position, [f"stage {stage.name} stopped early at step {steps} of {s.steps}: "
                                           "its engine's stopping rule"], view, severity="info")
     if store is not None:
         summary = trainer.summary()
@@ -446,17 +237,6 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         if view:
             view.stage_finished(stage.name)
     return StageResult(stage.name, steps, metrics, time.perf_counter() - t0)
-
-
-def model_meta(model: Any) -> dict[str, Any]:
-    """The manifest's ``model_config``: the full config the weights were built with,
-    so a later stage (or a resume) builds exactly that model; {} for a model without one."""
-    from dataclasses import asdict
-
-    from engines.architecture.config import ModelConfig
-
-    config = getattr(model, "config", None)
-    return {"model_config": asdict(config)} if isinstance(config, ModelConfig) else {}
 
 
 def _saved_config(spec: PlanSpec, prepared: Prepared, position: int, resuming: bool) -> dict[str, Any] | None:
@@ -498,7 +278,7 @@ def _starting_point(store: Store | None, accelerator: Any, spec: PlanSpec, prepa
                              f"continuing under revision {prepared.revision}")
         elif skipped:
             notes.append(f"no usable checkpoint for stage {stage.name}; starting it from its beginning")
-        _note(store, prepared, position, notes, view, severity="warning" if skipped else "info")
+        note(store, prepared, position, notes, view, severity="warning" if skipped else "info")
         if start is not None:
             return start
     source = stage.from_stage or (spec.stages[position - 1].name if position else None)
@@ -517,103 +297,3 @@ def _starting_point(store: Store | None, accelerator: Any, spec: PlanSpec, prepa
     except checkpoint.CorruptCheckpoint as exc:
         raise PlanError(f"stage {stage.name!r}: {exc}") from None
     return None
-
-
-def _note(store: Store | None, prepared: Prepared, position: int, notes: list[str], view: View | None,
-          severity: str) -> None:
-    if store is None or not notes:
-        return
-    with store.write() as session:
-        run = session.get(Run, prepared.run_id)
-        for text in notes:
-            runs.add_event(session, run, text, severity=severity,
-                           stage_run_id=prepared.stage_run_ids[position])
-    if view:
-        for text in notes:
-            view.message(text)
-
-
-def _mark_stopped(store: Store, prepared: Prepared, exc: BaseException) -> str:
-    """Records the run and its running stage as stopped; returns where, for a
-    message (" in stage pretrain at step 29 of 250, last checkpoint at step 20")."""
-    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-    message = "interrupted by the user" if status == "interrupted" else f"{type(exc).__name__}: {exc}"
-    where = ""
-    with store.write() as session:
-        run = session.get(Run, prepared.run_id)
-        run.status, run.error, run.finished_at = status, message, utcnow()
-        stopped = None
-        for sr in runs.stage_runs(session, run):
-            if sr.status == "running":
-                sr.status, stopped = status, sr.id
-                found = checkpoint.checkpoints(Path(prepared.run_dir) / sr.name)  # what a resume loads
-                saved = checkpoint.step_of(found[0]) if found else None
-                where = (f" in stage {sr.name} at step {sr.step} of {sr.total_steps}, "
-                         + (f"last checkpoint at step {saved}" if saved is not None else "no checkpoint yet"))
-        runs.add_event(session, run, message, kind="fault" if isinstance(exc, Fault) else "info",
-                       severity="error", step=getattr(exc, "step", None), stage_run_id=stopped)
-    return where
-
-
-class Recorder:
-    """Loop hooks that write a stage's metrics to the store in batches (main process)."""
-
-    def __init__(self, store: Store, run_id: int, stage_run_id: int, view: View | None,
-                 flush_seconds: float = 2.0) -> None:
-        self.store, self.run_id, self.stage_run_id, self.view = store, run_id, stage_run_id, view
-        self.flush_seconds = flush_seconds
-        self.buffer: list[tuple[int, str, float]] = []
-        self.step = 0
-        self.last_flush = time.monotonic()
-
-    def on_start(self, step: int) -> None:
-        self.step = step
-        with self.store.write() as session:
-            runs.drop_metrics_after(session, self.stage_run_id, step)
-            sr = session.get(StageRun, self.stage_run_id)
-            sr.status, sr.step = "running", step
-            sr.started_at = sr.started_at or utcnow()
-
-    def on_step(self, r: StepRecord) -> None:
-        self.step = r.step
-        self.buffer += [(r.step, "loss", r.loss), (r.step, "grad_norm", r.grad_norm), (r.step, "lr", r.lr),
-                        (r.step, "tokens_per_s", r.tokens_per_s), (r.step, "memory_gib", r.memory_gib)]
-        self.buffer += [(r.step, name, value) for name, value in r.extra.items()]
-        if self.view:
-            self.view.step(r)
-        if time.monotonic() - self.last_flush > self.flush_seconds:
-            self.flush()
-
-    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        self.buffer += [(step, name, value) for name, value in metrics.items()]
-        if self.view:
-            self.view.evaluated(step, metrics)
-
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        self.flush(checkpoint=str(path))
-
-    def on_alerts(self, findings: list[Any]) -> None:
-        with self.store.write() as session:
-            run = session.get(Run, self.run_id)
-            for f in findings:
-                runs.add_event(session, run, f.message, kind="alert", severity="warning",
-                               stage_run_id=self.stage_run_id, step=f.step, data=f.data())
-        if self.view:
-            for f in findings:
-                self.view.message(f"alert: {f.message}")
-
-    def flush(self, checkpoint: str | None = None, **updates: Any) -> None:
-        with self.store.write() as session:
-            runs.add_metrics(session, self.run_id, self.stage_run_id, self.buffer)
-            sr = session.get(StageRun, self.stage_run_id)
-            sr.step = self.step
-            if checkpoint is not None:
-                sr.checkpoint = checkpoint
-            for key, value in updates.items():
-                setattr(sr, key, value)
-        self.buffer = []
-        self.last_flush = time.monotonic()
-
-    def finish(self, step: int, summary: dict[str, float], final: Path) -> None:
-        self.buffer += [(step, name, value) for name, value in summary.items()]
-        self.flush(checkpoint=str(final), status="completed", finished_at=utcnow())

@@ -37,7 +37,6 @@ import itertools
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
-from engines.architecture.config import ModelConfig
 from engines.options import LoraOptions
 from muse_plan.executor.settings import (DEFAULT_MICRO_BATCH, StageSettings, decoder_config, refusal, resolve,
                                          train_config)
@@ -47,7 +46,7 @@ from muse_plan.optimizer.config import TrainConfig
 from muse_plan.plan.kinds import STAGE_KINDS
 from engines.architecture.shapes import STANDARD_SHAPES
 from muse_plan.plan.spec import PlanSpec, StageSpec
-from muse_plan.plan.units import format_count, parse_scale
+from muse_plan.plan.units import format_count
 
 SAFETY_MARGIN = 0.10
 GIB = 2**30

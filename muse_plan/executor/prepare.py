@@ -1,0 +1,143 @@
+"""Before a run exists: every stage checked, the plan fitted to this machine, the run
+created (or reopened to resume).
+
+- Everything that can be refused is refused before a run exists: every
+  stage's engine must be available and its settings must resolve (a grow
+  stage's growth is checked too). A plan that names an engine this version
+  lacks fails with that one line.
+- A new run is fitted to this machine first (``optimizer.fit``): a plan that
+  can't fit is refused unless forced; one that fits only with changes runs
+  under the optimizer's revision.
+- Resume runs under the plan's head revision, from the first stage not
+  completed; a run still alive elsewhere is not resumed twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any
+
+import torch
+
+from engines.contract import TRAINERS, available
+from muse_plan.errors import Conflict, NotFound, PlanError
+from muse_plan.executor.record import Prepared, View
+from muse_plan.executor.settings import StageSettings, resolve
+from muse_plan.plan.io import spec_to_dict
+from muse_plan.plan.spec import PlanSpec
+from muse_plan.store import repo, runs
+from muse_plan.store.db import Store, muse_home
+from muse_plan.store.models import Run
+
+
+# engines whose stages change weights without training → the trainer that gives them data and evaluation
+TRANSFORMS = {"growth": "architecture"}
+
+
+def check_stages(spec: PlanSpec, world_size: int, cuda: bool) -> list[StageSettings]:
+    if not spec.stages:
+        raise PlanError(f"plan {spec.name!r} has no stages to run")
+    settings = []
+    for position, stage in enumerate(spec.stages):
+        if not available(stage.engine or "") and stage.engine not in TRANSFORMS:
+            raise PlanError(
+                f"stage {stage.name!r} runs on the {stage.engine!r} engine, which this version of muse "
+                f"does not have yet; available engines: {', '.join(TRAINERS)}"
+            )
+        settings.append(stage_settings(spec, position, world_size, cuda))
+    return settings
+
+
+def stage_settings(spec: PlanSpec, position: int, world_size: int, cuda: bool) -> StageSettings:
+    """A stage's settings. A grow stage's budget is its operator's fit (LiGO; 0 for
+    the copying operators) and its growth is checked here, before a run exists."""
+    stage = spec.stages[position]
+    if stage.engine in TRANSFORMS:
+        from muse_plan.executor.grow import check_growth
+
+        stage = stage.model_copy(update={"steps": check_growth(spec, position)})
+    return resolve(spec, stage, world_size=world_size, cuda=cuda, bf16=bf16(cuda))
+
+
+def prepare_run(store: Store, plan_ref: str, resume: bool, run_ref: str | None, world_size: int,
+             cuda: bool, force: bool = False, view: View | None = None) -> Prepared:
+    with store.read() as session:
+        if run_ref is not None:
+            plan = session.get(repo.Plan, runs.get_run(session, run_ref).plan_id)
+        else:
+            plan = repo.get_plan(session, plan_ref)
+        revision = repo.get_revision(session, plan)
+        spec = repo.spec_of(revision)
+    check_stages(spec, world_size, cuda)
+    if not resume:
+        revision, spec = _fit_here(store, plan, revision, spec, world_size, force, view)
+    settings = check_stages(spec, world_size, cuda)
+    with store.write() as session:
+        if resume:
+            run, start = _reopen(session, plan, spec, run_ref)
+        else:
+            run = runs.create_run(session, plan, revision.number, [(s.name, s.steps) for s in settings],
+                                  str(muse_home() / "runs"))
+            start = 0
+            device = f"{world_size} GPU process(es)" if cuda else f"{world_size} CPU process(es)"
+            runs.add_event(session, run, f"run started under revision {revision.number} on {device}")
+        stage_ids = [sr.id for sr in runs.stage_runs(session, run)]
+    return Prepared(run.id, run.run_dir, plan.name, revision.number,
+                    json.dumps(spec_to_dict(spec)), start, resume, stage_ids)
+
+
+def _fit_here(store: Store, plan: Any, revision: Any, spec: PlanSpec, world_size: int, force: bool,
+              view: View | None) -> tuple[Any, PlanSpec]:
+    """Fit the plan to this machine before a run: refuse what can't fit (unless
+    forced); when it fits only with changes, record them as the optimizer's
+    revision and run that."""
+    from muse_plan.optimizer import fit as fitting
+
+    hw = fitting.this_machine(world_size)
+    if hw is None:
+        return revision, spec
+    result = fitting.fit(spec, hw, alternatives=False)
+    say = view.message if view else (lambda text: None)
+    if result.verdict == "does_not_fit":
+        peak = result.written.peak / 2**30
+        text = (f"plan {spec.name!r} does not fit {hw.describe()}: predicted peak {peak:.1f} GiB per device "
+                f"with {hw.limit_bytes / 2**30:.1f} GiB usable, and no setting brings it under; "
+                f"see the alternatives with: muse plan optimize {spec.name}")
+        if not force:
+            raise PlanError(text + "; --force runs it anyway")
+        say(f"warning: {text}; running anyway (--force)")
+        return revision, spec
+    if result.verdict == "fits_with_changes":
+        fitted = result.fitted_spec
+        reason = f"fitted to {hw.describe()} before run: " + result.describe_changes()
+        with store.write() as session:
+            revision = repo.add_revision(session, repo.get_plan(session, plan.id), fitted, "optimizer", reason)
+        say(f"revision {revision.number} by the optimizer: {reason}")
+        return revision, fitted
+    return revision, spec
+
+
+def _reopen(session: Any, plan: Any, spec: PlanSpec, run_ref: str | None) -> tuple[Run, int]:
+    run = runs.get_run(session, run_ref) if run_ref is not None else runs.latest_unfinished(session, plan)
+    if run is None:
+        raise NotFound(f"plan {plan.name!r} has no unfinished run to resume; start one with: "
+                       f"muse plan run {plan.name}")
+    if run.status == "completed":
+        raise Conflict(f"run {run.id} already completed; start a new one with: muse plan run {plan.name}")
+    if runs.is_alive(run) and run.pid != os.getpid():
+        raise Conflict(f"run {run.id} is still running (pid {run.pid} on {run.host})")
+    stages = runs.stage_runs(session, run)
+    if [s.name for s in stages] != [s.name for s in spec.stages]:
+        raise Conflict(f"plan {plan.name!r} has other stages than run {run.id} was started with; "
+                       f"start a new run with: muse plan run {plan.name}")
+    start = next((s.position for s in stages if s.status != "completed"), len(stages))
+    run.status, run.pid, run.error, run.finished_at = "running", os.getpid(), None, None
+    run.host = socket.gethostname()
+    runs.add_event(session, run, f"run resumed at stage {spec.stages[min(start, len(stages) - 1)].name}")
+    return run, start
+
+
+def bf16(cuda: bool) -> bool:
+    return cuda and torch.cuda.is_bf16_supported()
