@@ -379,16 +379,16 @@ def test_the_bundled_cpu_growth_plan_grows_and_keeps_learning(cli, muse_home) ->
     plan = Path(__file__).resolve().parent.parent / "plans" / "growth-cpu.yaml"
     assert cli("plan", "import", plan).exit_code == 0
     assert shapes(cli("plan", "show", "growth-cpu").output)["grow"] == "2×128, 4h, seq 64 → 4×128, 4h, seq 128"
-    # a third of its budget (seconds, not a minute): the small stage 40 steps, the continue stage 60
-    assert cli("plan", "edit", "growth-cpu", "--set", "stages.pretrain_small.steps=40",
-               "--set", "stages.continue.steps=60", "--set", "training.warmup_steps=8",
-               "--set", "stages.pretrain_small.eval_every=20", "--set", "stages.continue.eval_every=20").exit_code == 0
+    # a sixth of its budget (seconds, not a minute): the small stage 20 steps, the continue stage 30
+    assert cli("plan", "edit", "growth-cpu", "--set", "stages.pretrain_small.steps=20",
+               "--set", "stages.continue.steps=30", "--set", "training.warmup_steps=4",
+               "--set", "stages.pretrain_small.eval_every=10", "--set", "stages.continue.eval_every=10").exit_code == 0
     result = cli("plan", "run", "growth-cpu")
     assert result.exit_code == 0, result.output
     grew = next(m for m in messages(1) if m.startswith("grew "))
     assert "AdamW moments mapped for" in grew
     small, continued = series(1, "val_loss", 0), series(1, "val_loss", 2)
-    assert [s for s, _ in small][-1] == 40 and [s for s, _ in continued][-1] == 60
+    assert [s for s, _ in small][-1] == 20 and [s for s, _ in continued][-1] == 30
     assert continued[-1][1] < small[-1][1] - 0.1
 
 

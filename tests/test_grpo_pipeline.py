@@ -21,9 +21,9 @@ from muse_plan.store.db import Store
 def test_the_cpu_reasoning_plan_runs_every_stage_kind_with_lora(cli, tmp_path: Path, muse_home) -> None:
     spec = yaml.safe_load((Path(__file__).parent.parent / "plans" / "reasoning-grpo-cpu.yaml").read_text())
     for stage in spec["stages"]:  # CI-sized: the same stages, a few steps each
-        stage["steps"] = stage["eval_every"] = 40 if stage["kind"] == "pretrain" else 2
+        stage["steps"] = stage["eval_every"] = 10 if stage["kind"] == "pretrain" else 2
         if stage["kind"] != "pretrain":
-            stage.setdefault("options", {})["eval_problems"] = 8
+            stage.setdefault("options", {}).update(eval_problems=8, eval_samples=1)
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(spec))
     assert cli("plan", "import", path).exit_code == 0

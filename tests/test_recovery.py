@@ -14,10 +14,11 @@ from muse_plan.store.db import Store
 from tests.conftest import ROOT
 
 QUICKSTART = ROOT / "plans" / "quickstart-cpu.yaml"
-# the quickstart's plan at test size: 60 steps of a 2 × 64 mHC decoder at context 64 (seconds, not minutes)
+# the quickstart's plan at test size: 60 steps of a 2 × 64 mHC decoder (2 streams) at context 64: seconds
 SHORT = ["--set", "stages.pretrain.steps=60", "--set", "stages.pretrain.checkpoint_every=10",
          "--set", "stages.pretrain.eval_every=30", "--set", "training.warmup_steps=10",
-         "--set", "model.shape.layers=2", "--set", "model.shape.d_model=64", "--set", "model.seq_len=64"]
+         "--set", "model.shape.layers=2", "--set", "model.shape.d_model=64", "--set", "model.seq_len=64",
+         "--set", "techniques.mhc.streams=2", "--set", "techniques.mhc.sinkhorn_iters=5"]
 
 
 def losses(run_id: int, name: str = "loss") -> list[tuple[int, float]]:

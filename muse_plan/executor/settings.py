@@ -41,10 +41,10 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from engines.architecture.config import ModelConfig
-from muse_plan.errors import PlanError
-from muse_plan.optimizer.config import GenerationConfig, LoraConfig, TrainConfig
 from engines.architecture.shapes import shape_for_params
 from engines.options import LoraOptions
+from muse_plan.errors import PlanError
+from muse_plan.optimizer.config import GenerationConfig, LoraConfig, TrainConfig
 from muse_plan.plan.kinds import STAGE_KINDS, StageControl, TypedOptions, stage_options
 from muse_plan.plan.spec import PlanSpec, StageSpec, TrainingSpec
 from muse_plan.plan.units import parse_scale
