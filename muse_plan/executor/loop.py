@@ -29,6 +29,8 @@ Design decisions:
   full state on resume (``optimizers.save_state`` / ``load_state``).
 - The optimizer is AdamW, on the device, on the host (``offload:
   optimizer``) or sharded (``zero1``, FSDP): ``executor/optimizers.py``.
+- Ctrl-C stops the loop between two steps (``STOP``), so an interrupt never
+  lands inside a store write or a checkpoint; a second Ctrl-C stops at once.
 - An engine may end its stage early with its own rule (RKDO: the loss's
   geometric decrease has flattened): a trainer's optional ``should_stop()``
   is asked at each evaluation; the stage then checkpoints and ends there.
@@ -37,6 +39,7 @@ Design decisions:
 from __future__ import annotations
 
 import math
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -49,6 +52,11 @@ import torch
 from engines.contract import Trainer
 from muse_plan.executor import checkpoint, optimizers
 from muse_plan.executor.settings import StageSettings, lr_factor
+
+
+# set by the first Ctrl-C (``runner.run_plan``'s handler): the loop stops at the next step
+# boundary, never inside a store write or a checkpoint; a second Ctrl-C stops at once
+STOP = threading.Event()
 
 
 class Fault(Exception):
@@ -194,6 +202,10 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
     pending: _Pending | None = None
     model.train()
     while step < s.steps:
+        if STOP.is_set():  # Ctrl-C: stop between steps, with every step trained reported
+            if pending:
+                _report(pending, None, accelerator, hooks if main else None, result, watch)
+            raise KeyboardInterrupt
         started = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
         loss, tokens, extra = _accumulate(trainer, model, accelerator, s, step + 1, injector)

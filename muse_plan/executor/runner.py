@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +39,7 @@ from engines.contract import StageSetup, make_trainer
 from muse_plan.errors import MuseError, PlanError, RunFailed, RunInterrupted
 from muse_plan.executor import checkpoint
 from muse_plan.executor.accelerators import accelerator_for
-from muse_plan.executor.loop import Fault, Injector, train_stage
+from muse_plan.executor.loop import STOP, Fault, Injector, train_stage
 from muse_plan.executor.prepare import TRANSFORMS, prepare_run, stage_settings
 from muse_plan.executor.record import (Prepared, Recorder, RunResult, StageResult, View, mark_stopped, model_meta,
                                        note)
@@ -79,6 +81,7 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
     result = RunResult(prepared.run_id, prepared.plan, prepared.revision, prepared.resume,
                        main=state.is_main_process, processes=state.num_processes)
     injector = Injector(inject or os.environ.get("MUSE_INJECT"))
+    previous = _stop_between_steps()
     try:
         if (cuda if probe is None else probe) and not prepared.resume:
             spec, accelerator = _probe(store, prepared, spec, state.num_processes, cuda, view)
@@ -108,6 +111,9 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
                 f"run {prepared.run_id} stopped: {exc}; resume with: muse plan run {prepared.plan} --resume"
             ) from exc
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     result.revision = prepared.revision
     if store is not None:
         with store.write() as session:
@@ -116,6 +122,21 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
             runs.add_event(session, run, "run completed")
         store.close()
     return result
+
+
+def _stop_between_steps() -> Any:
+    """Ctrl-C sets ``loop.STOP`` (the loop stops at the next step boundary); a second one
+    interrupts at once. Returns the handler it replaced (None off the main thread)."""
+    STOP.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        if STOP.is_set():
+            raise KeyboardInterrupt
+        STOP.set()
+
+    return signal.signal(signal.SIGINT, handler)
 
 
 def _probe(store: Store | None, prepared: Prepared, spec: PlanSpec, world_size: int, cuda: bool,
