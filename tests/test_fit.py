@@ -153,3 +153,9 @@ def test_a_plan_fitted_to_fewer_gpus_than_it_names_says_so() -> None:
     assert (fitted.compute.gpu, fitted.compute.count) == ("H100", 4)
     t = fitted.training
     assert t.micro_batch * t.grad_accum * 4 == t.global_batch == 64
+
+
+def test_a_plan_that_does_not_fit_names_the_stages_no_setting_fits() -> None:
+    spec = bundled("reasoning-grpo-a100")  # T-SPMO: 50 completions a prompt with a 152k vocabulary, one micro-step
+    result = fitting.fit(spec, fitting.hardware_for(spec, host=HOST), alternatives=False)
+    assert result.verdict == "does_not_fit" and result.unfit == ["reasoning_rl_t_spmo"]

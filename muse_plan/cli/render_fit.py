@@ -134,6 +134,9 @@ def fit_view(result: Any, stored: Any) -> Group:
             parts.append(Text("alternatives that fit, closest first:", style="bold"))
         parts.append(Text(f" {i}. {alt.title}", style="bold"))
         parts.append(Text(f"    {alt.detail}"))
+    if result.unfit:
+        parts.insert(1, Text(f"no setting fits stage{'s' if len(result.unfit) > 1 else ''} "
+                             f"{', '.join(result.unfit)} here", style="red"))
     if result.verdict == "does_not_fit" and not result.alternatives:
         parts.append(Text("no alternative in the catalog fits either", style="red"))
     if stored is not None:
@@ -158,6 +161,7 @@ def fit_dict(result: Any, stored: Any) -> dict[str, Any]:
         "plan": result.spec.name, "hardware": result.hardware.describe(), "verdict": result.verdict,
         "limit_bytes": result.hardware.limit_bytes,
         "changes": [{"stage": c.stage, "field": c.field, "old": c.old, "new": c.new} for c in result.changes],
+        "unfit_stages": result.unfit,
         "written": candidate(result.written), "chosen": candidate(result.chosen),
         "eta_s": result.eta.total_s if result.eta else None,
         "meets_timeline": result.eta.meets if result.eta else None,

@@ -223,6 +223,7 @@ class FitResult:
     written: Candidate
     chosen: Candidate | None
     changes: list[Change] = field(default_factory=list)
+    unfit: list[str] = field(default_factory=list)  # stages no setting fits (does_not_fit)
     alternatives: list[Alternative] = field(default_factory=list)
     eta: throughput.Eta | None = None
     meets: throughput.Meets | None = None  # what would meet a missed timeline
@@ -384,7 +385,8 @@ def fit(spec: PlanSpec, hw: Hardware, *, alternatives: bool = True, lora: LoraOp
     filled with faster choices), else the fastest that fit varying every knob."""
     settings = stage_settings(spec, hw, lora=lora)
     written = Candidate([price_stage(s, hw) for s in settings], *_limits(hw))
-    chosen_stages: list[StageFit] | None = []
+    chosen_stages: list[StageFit] = []
+    unfit: list[str] = []
     for stage, s, as_written in zip(spec.stages, settings, written.stages):
         if as_written.memory is None:
             chosen_stages.append(as_written)
@@ -395,12 +397,12 @@ def fit(spec: PlanSpec, hw: Hardware, *, alternatives: bool = True, lora: LoraOp
         else:
             best = search(s, hw, ALL_FIELDS - ({"lora"} - free))
         if best is None:
-            chosen_stages = None
-            break
-        chosen_stages.append(best)
-    verdict = "fits" if written.fits else "fits_with_changes" if chosen_stages is not None else "does_not_fit"
-    chosen = Candidate(chosen_stages, *_limits(hw)) if chosen_stages is not None else None
-    result = FitResult(spec, hw, verdict, written, chosen)
+            unfit.append(stage.name)
+        else:
+            chosen_stages.append(best)
+    verdict = "fits" if written.fits else "does_not_fit" if unfit else "fits_with_changes"
+    chosen = Candidate(chosen_stages, *_limits(hw)) if not unfit else None
+    result = FitResult(spec, hw, verdict, written, chosen, unfit=unfit)
     if chosen is not None:
         result.changes = [Change(a.name, name, old, new) for a, b in zip(written.priced, chosen.priced)
                           for name, old, new in _changed(a.knobs, b.knobs)]
