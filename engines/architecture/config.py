@@ -9,19 +9,21 @@ Design decisions:
   shapes in ``engines.architecture.shapes`` (``from_scale``); there is no second
   table here to drift out of step with the planner's.
 - ``param_count`` is arithmetic on the config. The CLI imports this module to
-  size plans, so it must not import torch; the residual modules in
-  ``residual.py`` have their counts mirrored in ``RESIDUAL_PARAMS`` below and
-  the tests check the two agree for every mode.
+  size plans, so it must not import torch; a residual mode's parameters are
+  its record's (``modes.py``), and the tests check them against the modules
+  in ``residual.py`` for every mode.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
+from engines.architecture.modes import RESIDUAL_MODES
 from engines.architecture.shapes import Shape, parse_scale, shape_for_params, swiglu_hidden
 
-RESIDUAL_NAMES: tuple[str, ...] = ("standard", "hc", "mhc", "ddl", "mgt")
+RESIDUAL_NAMES: tuple[str, ...] = tuple(RESIDUAL_MODES)
+MULTI_STREAM: frozenset[str] = frozenset(name for name, m in RESIDUAL_MODES.items() if m.multi_stream)
 
 
 @dataclass(frozen=True)
@@ -122,46 +124,14 @@ class ModelConfig:
         return cls.from_shape(shape_for_params(scale, vocab_size), vocab_size, seq_len, **kwargs)
 
 
-MULTI_STREAM: frozenset[str] = frozenset({"hc", "mhc", "mgt"})
-
-
-def _hc_params(c: ModelConfig) -> int:
-    n, d = c.streams, c.d_model
-    static = n + n * n + n  # A_m, A_r, B
-    dynamic = d * (n + 2) + 2  # W_m, W_r, W_beta and the scales s_alpha, s_beta
-    return static + dynamic
-
-
-def _mhc_params(c: ModelConfig) -> int:
-    n, d = c.streams, c.d_model
-    phi = n * d * (n + n + n * n)  # phi_pre, phi_post, phi_res
-    bias = n + n + n * n  # b_pre, b_post, b_res
-    return phi + bias + 3  # alpha_pre, alpha_post, alpha_res
-
-
-def _ddl_params(c: ModelConfig) -> int:
-    return 2 * (c.d_model + 1)  # gate w_beta, b_beta; value w_v, b_v
-
-
-# parameters one residual connection (around one sublayer) adds
-RESIDUAL_PARAMS: dict[str, Callable[[ModelConfig], int]] = {
-    "standard": lambda c: 0,
-    "hc": _hc_params,
-    "mhc": _mhc_params,
-    "ddl": _ddl_params,
-    "mgt": lambda c: _mhc_params(c) + _ddl_params(c),
-}
-
-
 def param_count(config: ModelConfig) -> int:
     """Exact number of parameters of ``DecoderLM(config)`` (tied embeddings count once)."""
     c = config
     attention = 2 * c.d_model * c.d_model + 2 * c.d_model * c.kv_heads * c.head_dim
     mlp = 3 * c.d_model * c.ffn_dim
     norms = 2 * c.d_model
-    residual = 2 * RESIDUAL_PARAMS[c.residual](c)  # one around attention, one around the MLP
+    residual = 2 * RESIDUAL_MODES[c.residual].params(c)  # one around attention, one around the MLP
     per_layer = attention + mlp + norms + residual
     return c.n_layers * per_layer + c.vocab_size * c.d_model + c.d_model  # + final norm
 
 
-assert set(RESIDUAL_PARAMS) == set(RESIDUAL_NAMES), "every residual mode needs a count"

@@ -69,7 +69,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engines.architecture.config import MULTI_STREAM, RESIDUAL_NAMES, ModelConfig
+from engines.architecture.config import ModelConfig
+from engines.architecture.modes import RESIDUAL_MODES, load
 
 Sublayer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -428,13 +429,6 @@ def _standard(config: ModelConfig, sublayer_index: int) -> nn.Module:
     return StandardResidual()
 
 
-RESIDUALS: dict[str, Residual] = {
-    "standard": Residual(_standard, multi_stream=False),
-    "hc": Residual(HyperConnection, multi_stream=True),
-    "mhc": Residual(ManifoldHyperConnection, multi_stream=True),
-    "ddl": Residual(DeltaResidual, multi_stream=False),
-    "mgt": Residual(ManifoldDeltaConnection, multi_stream=True),
-}
-
-assert set(RESIDUALS) == set(RESIDUAL_NAMES), "config and residual registries must agree"
-assert {name for name, r in RESIDUALS.items() if r.multi_stream} == MULTI_STREAM
+# residual mode → its module and stream layout, from its record (modes.py)
+RESIDUALS: dict[str, Residual] = {name: Residual(load(m.module), multi_stream=m.multi_stream)
+                                  for name, m in RESIDUAL_MODES.items()}

@@ -57,6 +57,7 @@ from typing import Callable
 import torch
 
 from engines.architecture.model import DecoderLM
+from engines.architecture.modes import RESIDUAL_MODES, load
 
 State = dict[str, torch.Tensor]
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -92,13 +93,9 @@ def _nothing(conn: State, logit: float) -> None:
 
 
 # residual mode → how a new block's connection is made to pass the state through once F = 0
+# (its record's ``identity``, engines/architecture/modes.py)
 IDENTITY_CONNECTIONS: dict[str, Callable[[State, float], None]] = {
-    "standard": _nothing,
-    "hc": _identity_hc,
-    "mhc": _identity_manifold,
-    "ddl": _nothing,
-    "mgt": _identity_manifold,
-}
+    name: load(m.identity) for name, m in RESIDUAL_MODES.items()}
 
 ZEROED = ("attn.wo.weight", "mlp.w_down.weight")  # the projections that write into the residual stream
 

@@ -86,6 +86,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from engines.architecture.config import ModelConfig
+from engines.architecture.modes import RESIDUAL_MODES
 from muse_plan.optimizer.config import LoraConfig
 
 FP32 = 4
@@ -288,6 +289,7 @@ RESIDUAL_ACTIVATIONS: dict[str, Callable[[ModelConfig, Numerics], Connection]] =
     "ddl": _ddl,
     "mgt": _mgt,
 }
+assert set(RESIDUAL_ACTIVATIONS) == set(RESIDUAL_MODES), "every residual mode (modes.py) needs its activation terms"
 
 
 # ---- the whole model ------------------------------------------------------------

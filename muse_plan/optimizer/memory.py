@@ -85,6 +85,7 @@ import math
 from dataclasses import astuple, dataclass, fields
 
 from engines.architecture.config import ModelConfig, param_count
+from engines.architecture.modes import RESIDUAL_MODES
 from muse_plan.optimizer import activations as act
 from muse_plan.optimizer.config import LoraConfig, TrainConfig
 
@@ -141,17 +142,8 @@ def parameter_tensors(model: ModelConfig) -> list[int]:
     """Element counts of ``DecoderLM(model)``'s parameter tensors (the tied head once)."""
     c = model
     per_layer = [c.d_model, *(a * b for a, b in (f(c) for f in PROJECTIONS.values())), c.d_model]
-    residual = _residual_tensors(c)
+    residual = RESIDUAL_MODES[c.residual].tensors(c)
     return [c.vocab_size * c.d_model] + c.n_layers * (per_layer + 2 * residual) + [c.d_model]
-
-
-def _residual_tensors(c: ModelConfig) -> list[int]:
-    """One residual connection's parameter tensors (residual.py), summing to RESIDUAL_PARAMS."""
-    n, d = c.streams, c.d_model
-    hc = [n, n * n, n, d, d * n, d, 1, 1]  # a_m, a_r, b, w_m, w_r, w_b, s_a, s_b
-    mhc = [n * d * n, n * d * n, n * d * n * n, n, n, n * n, 3]  # φ_pre, φ_post, φ_res, biases, α
-    ddl = [d, 1, d, 1]  # w_β, b_β, w_v, b_v
-    return {"standard": [], "hc": hc, "mhc": mhc, "ddl": ddl, "mgt": mhc + ddl}[c.residual]
 
 
 def lora_layers(model: ModelConfig, lora: LoraConfig) -> int:

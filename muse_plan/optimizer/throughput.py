@@ -129,6 +129,7 @@ import os
 from dataclasses import dataclass
 
 from engines.architecture.config import ModelConfig, param_count
+from engines.architecture.modes import RESIDUAL_MODES
 from muse_plan.hardware.catalog import CATALOG, GpuKind
 from muse_plan.optimizer import memory
 from muse_plan.optimizer.config import TrainConfig
@@ -143,8 +144,9 @@ EXECUTOR_OVERHEAD = 1.035
 HOST_S_PER_LAYER = 4.15e-3  # a micro-step's forward + backward, eager
 OPTIMIZER_BYTES_PER_PARAM = 120
 
-RESIDUAL_SLOWDOWN = {"standard": 1.0, "hc": 2.0, "mhc": 2.835, "ddl": 1.581, "mgt": 3.577}
-CPU_RESIDUAL_SLOWDOWN = {"standard": 1.0, "hc": 1.719, "mhc": 2.365, "ddl": 1.123, "mgt": 2.989}
+# each residual mode's measured step-time factor against standard: its record's step_cost (modes.py)
+RESIDUAL_SLOWDOWN = {name: m.step_cost_gpu for name, m in RESIDUAL_MODES.items()}
+CPU_RESIDUAL_SLOWDOWN = {name: m.step_cost_cpu for name, m in RESIDUAL_MODES.items()}
 CPU_FLOPS_PER_CORE = 51.9e9
 CPU_MEMORY_GBS = 20.0  # assumed: decode on a CPU reads weights at ~20 GB/s
 CPU_ALLREDUCE_GBS = 5.0  # assumed: gloo between processes of one host
@@ -166,18 +168,8 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # ---- FLOPs ----------------------------------------------------------------------
 
 def _residual_extra(c: ModelConfig) -> float:
-    """Forward FLOPs one residual connection adds a token beyond 6N's count."""
-    n, d = c.streams, c.d_model
-    mixing = 2 * n * n * d + 4 * n * d  # H_res x, H_pre x, H_post^T F
-    sinkhorn = 5 * n * n * 2 * c.sinkhorn_iters
-    ddl = 6 * d
-    return {
-        "standard": 0.0,
-        "hc": mixing + 2 * (n - 1) * d * (n + 2),
-        "mhc": mixing + sinkhorn,
-        "ddl": ddl,
-        "mgt": mixing + sinkhorn + n * ddl,
-    }[c.residual]
+    """Forward FLOPs one residual connection adds a token beyond 6N's count (its record's)."""
+    return RESIDUAL_MODES[c.residual].extra_flops(c)
 
 
 def flops_per_token(model: ModelConfig, *, training: bool = True) -> float:

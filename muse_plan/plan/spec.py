@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from muse_plan.plan import units
+from engines.architecture.config import RESIDUAL_NAMES
 from engines.architecture.shapes import Shape, decoder_params, shape_for_params, swiglu_hidden
 from muse_plan.plan.kinds import STAGE_KINDS, kind_of, stage_options
 from muse_plan.plan.techniques import Techniques
@@ -48,8 +49,7 @@ Duration = Annotated[
 GiB = Annotated[PositiveFloat, BeforeValidator(_via(units.parse_gib))]
 Gbps = Annotated[PositiveFloat, BeforeValidator(_via(units.parse_gbps))]
 
-RESIDUAL_MODES = ("standard", "hc", "mhc", "ddl", "mgt")
-Residual = Literal["standard", "hc", "mhc", "ddl", "mgt"]
+Residual = Literal[RESIDUAL_NAMES]  # the registered residual modes (engines/architecture/modes.py)
 TASKS = ("reasoning", "knowledge", "coding", "multilingual", "arithmetic")
 
 

@@ -1,0 +1,104 @@
+"""Residual modes: one registered record per mode; no torch.
+
+A record holds every fact about a residual mode that code outside its module
+needs, so the parameter count, the memory model's tensor list, the
+throughput model's FLOPs and measured step cost, the module and growth's
+identity initialisation agree by construction:
+
+- ``multi_stream``: the hidden state carries ``streams`` copies (hc, mhc, mgt);
+- ``tensors(c)``: one connection's parameter tensors (element counts, in the
+  module's order): the exact parameter count is their sum, the memory model
+  counts AdamW's per-tensor state from them;
+- ``extra_flops(c)``: forward FLOPs one connection adds a token beyond 6N;
+- ``step_cost``: the measured eager step time against ``standard`` on a GPU
+  (H100, 350M, docs/bench_architecture.md; hc assumed: mhc less Sinkhorn)
+  and on this project's 2-core CPU (the quickstart shape) — the throughput
+  model multiplies by it;
+- ``module`` and ``identity``: where the torch module is (``residual.py``)
+  and the function that makes a new block's connection pass the state
+  through once its sublayer outputs zero (``engines/growth/depth.py``), as
+  ``module:name`` so this record stays torch-free.
+
+The memory model's activation terms for each mode are in
+``muse_plan/optimizer/activations.py`` (keyed by these names and checked to
+cover them). To add a residual mode: its module in ``residual.py``, its
+identity in ``growth/depth.py``, its activation terms, and one record here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from engines.architecture.config import ModelConfig
+
+
+def _hc(c: ModelConfig) -> list[int]:
+    n, d = c.streams, c.d_model
+    return [n, n * n, n, d, d * n, d, 1, 1]  # A_m, A_r, B; W_m, W_r, W_beta; scales s_alpha, s_beta
+
+
+def _mhc(c: ModelConfig) -> list[int]:
+    n, d = c.streams, c.d_model
+    return [n * d * n, n * d * n, n * d * n * n, n, n, n * n, 3]  # phi_pre, phi_post, phi_res, biases, alphas
+
+
+def _ddl(c: ModelConfig) -> list[int]:
+    d = c.d_model
+    return [d, 1, d, 1]  # gate w_beta, b_beta; value w_v, b_v
+
+
+def _mixing_flops(c: ModelConfig) -> float:
+    n, d = c.streams, c.d_model
+    return 2 * n * n * d + 4 * n * d  # H_res x, H_pre x, H_post^T F
+
+
+def _sinkhorn_flops(c: ModelConfig) -> float:
+    return 5 * c.streams * c.streams * 2 * c.sinkhorn_iters
+
+
+def _ddl_flops(c: ModelConfig) -> float:
+    return 6 * c.d_model
+
+
+@dataclass(frozen=True)
+class ResidualMode:
+    name: str
+    multi_stream: bool
+    tensors: Callable[[ModelConfig], list[int]]
+    extra_flops: Callable[[ModelConfig], float]
+    step_cost_gpu: float
+    step_cost_cpu: float
+    module: str
+    identity: str
+
+    def params(self, c: ModelConfig) -> int:
+        """Parameters one connection (around one sublayer) adds."""
+        return sum(self.tensors(c))
+
+
+_RES = "engines.architecture.residual"
+_DEPTH = "engines.growth.depth"
+RESIDUAL_MODES: dict[str, ResidualMode] = {m.name: m for m in (
+    ResidualMode("standard", False, lambda c: [], lambda c: 0.0, 1.0, 1.0,
+                 f"{_RES}:_standard", f"{_DEPTH}:_nothing"),
+    ResidualMode("hc", True, _hc, lambda c: _mixing_flops(c) + 2 * (c.streams - 1) * c.d_model * (c.streams + 2),
+                 2.0, 1.719, f"{_RES}:HyperConnection", f"{_DEPTH}:_identity_hc"),
+    ResidualMode("mhc", True, _mhc, lambda c: _mixing_flops(c) + _sinkhorn_flops(c), 2.835, 2.365,
+                 f"{_RES}:ManifoldHyperConnection", f"{_DEPTH}:_identity_manifold"),
+    ResidualMode("ddl", False, _ddl, _ddl_flops, 1.581, 1.123,
+                 f"{_RES}:DeltaResidual", f"{_DEPTH}:_nothing"),
+    ResidualMode("mgt", True, lambda c: _mhc(c) + _ddl(c),
+                 lambda c: _mixing_flops(c) + _sinkhorn_flops(c) + c.streams * _ddl_flops(c), 3.577, 2.989,
+                 f"{_RES}:ManifoldDeltaConnection", f"{_DEPTH}:_identity_manifold"),
+)}
+
+
+def load(path: str) -> Callable:
+    """The object a record names as ``module:name`` (its module may be importing still)."""
+    import importlib
+    import sys
+
+    module, _, name = path.partition(":")
+    return getattr(sys.modules.get(module) or importlib.import_module(module), name)
