@@ -22,7 +22,9 @@ Design decisions:
   evaluations), ``checkpoint_meta`` (a dict written into each checkpoint's
   manifest, e.g. LoRA's scaling so a later stage can merge the adapters) and
   ``init_module`` (the part of the model an earlier stage's weights fit; None:
-  nothing loads).
+  nothing loads). An engine whose stages change weights instead of training
+  them (growth) has ``grow(...)``, which the executor calls in place of the
+  loop (``engines/growth/trainer.py``).
 - Engines are found through a registry of import paths, so an unknown or
   not-yet-built engine fails when a run starts, not mid-plan, and importing
   the registry imports no torch.
@@ -101,6 +103,7 @@ TRAINERS: dict[str, str] = {
     "architecture": "engines.architecture.trainer:ArchitectureTrainer",
     "rkdo": "engines.rkdo.trainer:RkdoTrainer",
     "grpo": "engines.grpo.trainer:GrpoTrainer",
+    "growth": "engines.growth.trainer:GrowthTrainer",
 }
 
 

@@ -2,9 +2,11 @@
 
 A grow stage trains nothing (its plan budget is empty; LiGO's short operator
 fit is the growth engine's business, ``engines/growth/ligo.py``), so it does
-not go through the training loop. The runner sets up the architecture
-engine's trainer at the grown shape (its data feeds LiGO, its held-out
-batches measure the loss before and after growth) and hands over here.
+not go through the training loop. The runner sets up the growth engine's
+trainer like any engine's (``engines/growth/trainer.py``: the architecture
+engine's data and evaluation at the grown shape, inside) and hands over
+here; this module reads and writes the checkpoints and the optimizer-state
+formats, and the trainer's ``grow`` changes the weights.
 
 Design decisions:
 - Everything a growth can refuse (unknown options, ``optimizer_state:
@@ -50,7 +52,6 @@ Design decisions:
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -88,8 +89,6 @@ def check_growth(spec: PlanSpec, position: int) -> int:
 def grow_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: Prepared, position: int,
                s: StageSettings, trainer: Any, view: View | None) -> StageResult:
     """Grow the source stage's final weights into ``trainer.model``'s shape and save them."""
-    from engines.growth.stage import grow_stage as grow
-
     stage, run_dir = spec.stages[position], Path(prepared.run_dir)
     source = stage.from_stage or spec.stages[position - 1].name
     found = checkpoint.checkpoints(run_dir / source)
@@ -104,8 +103,8 @@ def grow_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         small_config = model_config(spec, spec.stage(source))
         try:
             moments = _small_moments(found[0], small_config) if options.mapped else None
-            report = grow(trainer, small_config, lambda small: checkpoint.load_weights(found[0], small),
-                          replace(options, fit_clip=s.clip_grad_norm), accelerator.autocast, moments)
+            report = trainer.grow(small_config, lambda small: checkpoint.load_weights(found[0], small),
+                                  accelerator.autocast, moments, fit_clip=s.clip_grad_norm)
         except (ValueError, checkpoint.CorruptCheckpoint) as exc:
             raise PlanError(f"stage {stage.name!r}: {exc}") from None
         meta = {"plan": prepared.plan, "revision": prepared.revision, "run": prepared.run_id, "stage": stage.name,

@@ -26,14 +26,11 @@ from muse_plan.errors import Conflict, NotFound, PlanError
 from muse_plan.executor.record import Prepared, View
 from muse_plan.executor.settings import StageSettings, resolve
 from muse_plan.plan.io import spec_to_dict
+from muse_plan.plan.kinds import STAGE_KINDS
 from muse_plan.plan.spec import PlanSpec
 from muse_plan.store import repo, runs
 from muse_plan.store.db import Store, muse_home
 from muse_plan.store.models import Run
-
-
-# engines whose stages change weights without training → the trainer that gives them data and evaluation
-TRANSFORMS = {"growth": "architecture"}
 
 
 def check_stages(spec: PlanSpec, world_size: int, cuda: bool) -> list[StageSettings]:
@@ -41,7 +38,7 @@ def check_stages(spec: PlanSpec, world_size: int, cuda: bool) -> list[StageSetti
         raise PlanError(f"plan {spec.name!r} has no stages to run")
     settings = []
     for position, stage in enumerate(spec.stages):
-        if not available(stage.engine or "") and stage.engine not in TRANSFORMS:
+        if not available(stage.engine or ""):
             raise PlanError(
                 f"stage {stage.name!r} runs on the {stage.engine!r} engine, which this version of muse "
                 f"does not have yet; available engines: {', '.join(TRAINERS)}"
@@ -54,7 +51,7 @@ def stage_settings(spec: PlanSpec, position: int, world_size: int, cuda: bool) -
     """A stage's settings. A grow stage's budget is its operator's fit (LiGO; 0 for
     the copying operators) and its growth is checked here, before a run exists."""
     stage = spec.stages[position]
-    if stage.engine in TRANSFORMS:
+    if not STAGE_KINDS[stage.kind].trains:
         from muse_plan.executor.grow import check_growth
 
         stage = stage.model_copy(update={"steps": check_growth(spec, position)})

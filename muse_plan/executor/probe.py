@@ -41,7 +41,6 @@ from typing import Any, Callable
 import psutil
 import torch
 
-from engines.architecture.options import ArchitectureOptions
 from engines.contract import StageSetup, make_trainer
 from muse_plan.errors import PlanError
 from muse_plan.executor import checkpoint, optimizers
@@ -93,7 +92,7 @@ class ProbeResult:
 def _setup(spec: PlanSpec, s: StageSettings, accelerator: Any, cache_dir: Any) -> StageSetup:
     stage = spec.stage(s.name)
     return StageSetup(
-        name=s.name, kind=s.kind, model=s.model, options=s.options or ArchitectureOptions(),
+        name=s.name, kind=s.kind, model=s.model, options=s.options,
         data_source=spec.data.source, tokenizer=spec.data.tokenizer, val_fraction=spec.data.val_fraction,
         seed=s.seed, micro_batch=s.micro_batch, activation_checkpointing=s.activation_checkpointing,
         rank=accelerator.process_index, world_size=accelerator.num_processes,

@@ -34,13 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.architecture.options import ArchitectureOptions
 from engines.contract import StageSetup, make_trainer
 from muse_plan.errors import MuseError, PlanError, RunFailed, RunInterrupted
 from muse_plan.executor import checkpoint
 from muse_plan.executor.accelerators import accelerator_for
 from muse_plan.executor.loop import STOP, Fault, Injector, train_stage
-from muse_plan.executor.prepare import TRANSFORMS, prepare_run, stage_settings
+from muse_plan.executor.prepare import prepare_run, stage_settings
 from muse_plan.executor.record import (Prepared, Recorder, RunResult, StageResult, View, mark_stopped, model_meta,
                                        note)
 from muse_plan.executor.settings import frozen_precision
@@ -192,14 +191,13 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
                skip_until: int | None = None) -> StageResult:
     stage = spec.stages[position]
     s = stage_settings(spec, position, accelerator.num_processes, accelerator.device.type == "cuda")
-    if stage.engine not in TRANSFORMS:  # built as the checkpoint it starts from was saved (norm eps, rope …)
+    trains = STAGE_KINDS[stage.kind].trains
+    if trains:  # built as the checkpoint it starts from was saved (norm eps, rope …)
         s = replace(s, model=s.model.as_saved(_saved_config(spec, prepared, position, resuming)))
     _seed(s.seed + position)
-    trainer = make_trainer(TRANSFORMS.get(stage.engine or "", stage.engine or ""))
+    trainer = make_trainer(stage.engine or "")
     setup = StageSetup(
-        # a grow stage's trainer is the architecture engine's at the grown shape (data, evaluation)
-        name=stage.name, kind=stage.kind, model=s.model,
-        options=ArchitectureOptions() if stage.engine in TRANSFORMS else s.options,
+        name=stage.name, kind=stage.kind, model=s.model, options=s.options,
         data_source=spec.data.source, tokenizer=spec.data.tokenizer, val_fraction=spec.data.val_fraction,
         seed=s.seed, micro_batch=s.micro_batch, activation_checkpointing=s.activation_checkpointing,
         rank=accelerator.process_index,
@@ -216,7 +214,7 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
             except (ValueError, FileNotFoundError) as exc:
                 raise PlanError(f"stage {stage.name!r}: {exc}") from None
         accelerator.wait_for_everyone()
-    if stage.engine in TRANSFORMS:
+    if not trains:  # a grow stage: the engine changes the weights, the loop does not run
         from muse_plan.executor.grow import grow_stage
 
         return grow_stage(store, accelerator, spec, prepared, position, s, trainer, view)
