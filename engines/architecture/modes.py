@@ -14,15 +14,16 @@ identity initialisation agree by construction:
   (H100, 350M, docs/bench_architecture.md; hc assumed: mhc less Sinkhorn)
   and on this project's 2-core CPU (the quickstart shape) — the throughput
   model multiplies by it;
-- ``module`` and ``identity``: where the torch module is (``residual.py``)
-  and the function that makes a new block's connection pass the state
-  through once its sublayer outputs zero (``engines/growth/depth.py``), as
-  ``module:name`` so this record stays torch-free.
+- ``module``, ``identity`` and ``activations``: where the torch module is
+  (``residual.py``), the function that makes a new block's connection pass
+  the state through once its sublayer outputs zero (``growth/depth.py``) and
+  what autograd keeps for backward in one connection
+  (``activation_terms.py``, which the memory model assembles), as
+  ``module:name`` so this record stays torch-free and imports nothing.
 
-The memory model's activation terms for each mode are in
-``muse_plan/optimizer/activations.py`` (keyed by these names and checked to
-cover them). To add a residual mode: its module in ``residual.py``, its
-identity in ``growth/depth.py``, its activation terms, and one record here.
+To add a residual mode: its module in ``residual.py``, its identity in
+``growth/depth.py``, its activation terms in ``activation_terms.py``, and
+one record here.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class ResidualMode:
     step_cost_cpu: float
     module: str
     identity: str
+    activations: str
 
     def params(self, c: ModelConfig) -> int:
         """Parameters one connection (around one sublayer) adds."""
@@ -80,18 +82,19 @@ class ResidualMode:
 
 _RES = "engines.architecture.residual"
 _DEPTH = "engines.growth.depth"
+_ACT = "engines.architecture.activation_terms"
 RESIDUAL_MODES: dict[str, ResidualMode] = {m.name: m for m in (
     ResidualMode("standard", False, lambda c: [], lambda c: 0.0, 1.0, 1.0,
-                 f"{_RES}:_standard", f"{_DEPTH}:_nothing"),
+                 f"{_RES}:_standard", f"{_DEPTH}:_nothing", f"{_ACT}:_standard"),
     ResidualMode("hc", True, _hc, lambda c: _mixing_flops(c) + 2 * (c.streams - 1) * c.d_model * (c.streams + 2),
-                 2.0, 1.719, f"{_RES}:HyperConnection", f"{_DEPTH}:_identity_hc"),
+                 2.0, 1.719, f"{_RES}:HyperConnection", f"{_DEPTH}:_identity_hc", f"{_ACT}:_hc"),
     ResidualMode("mhc", True, _mhc, lambda c: _mixing_flops(c) + _sinkhorn_flops(c), 2.835, 2.365,
-                 f"{_RES}:ManifoldHyperConnection", f"{_DEPTH}:_identity_manifold"),
+                 f"{_RES}:ManifoldHyperConnection", f"{_DEPTH}:_identity_manifold", f"{_ACT}:_mhc"),
     ResidualMode("ddl", False, _ddl, _ddl_flops, 1.581, 1.123,
-                 f"{_RES}:DeltaResidual", f"{_DEPTH}:_nothing"),
+                 f"{_RES}:DeltaResidual", f"{_DEPTH}:_nothing", f"{_ACT}:_ddl"),
     ResidualMode("mgt", True, lambda c: _mhc(c) + _ddl(c),
                  lambda c: _mixing_flops(c) + _sinkhorn_flops(c) + c.streams * _ddl_flops(c), 3.577, 2.989,
-                 f"{_RES}:ManifoldDeltaConnection", f"{_DEPTH}:_identity_manifold"),
+                 f"{_RES}:ManifoldDeltaConnection", f"{_DEPTH}:_identity_manifold", f"{_ACT}:_mgt"),
 )}
 
 
