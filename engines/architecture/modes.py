@@ -14,16 +14,18 @@ identity initialisation agree by construction:
   (H100, 350M, docs/bench_architecture.md; hc assumed: mhc less Sinkhorn)
   and on this project's 2-core CPU (the quickstart shape) — the throughput
   model multiplies by it;
-- ``module``, ``identity`` and ``activations``: where the torch module is
-  (``residual.py``), the function that makes a new block's connection pass
-  the state through once its sublayer outputs zero (``growth/depth.py``) and
-  what autograd keeps for backward in one connection
-  (``activation_terms.py``, which the memory model assembles), as
-  ``module:name`` so this record stays torch-free and imports nothing.
+- ``module``, ``identity``, ``activations`` and ``width_rules``: where the
+  torch module is (``residual.py``), the function that makes a new block's
+  connection pass the state through once its sublayer outputs zero
+  (``growth/depth.py``), what autograd keeps for backward in one connection
+  (``activation_terms.py``, which the memory model assembles) and how
+  Net2Net widens each of its parameters (``growth/width.py``; the AdamW
+  moments follow from those rules), as ``module:name`` so this record stays
+  torch-free and imports nothing.
 
 To add a residual mode: its module in ``residual.py``, its identity in
-``growth/depth.py``, its activation terms in ``activation_terms.py``, and
-one record here.
+``growth/depth.py``, its activation terms in ``activation_terms.py``, its
+width rules in ``growth/width.py``, and one record here.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class ResidualMode:
     module: str
     identity: str
     activations: str
+    width_rules: tuple[str, ...] = ()
 
     def params(self, c: ModelConfig) -> int:
         """Parameters one connection (around one sublayer) adds."""
@@ -83,18 +86,22 @@ class ResidualMode:
 _RES = "engines.architecture.residual"
 _DEPTH = "engines.growth.depth"
 _ACT = "engines.architecture.activation_terms"
+_WIDTH = "engines.growth.width"
 RESIDUAL_MODES: dict[str, ResidualMode] = {m.name: m for m in (
     ResidualMode("standard", False, lambda c: [], lambda c: 0.0, 1.0, 1.0,
                  f"{_RES}:_standard", f"{_DEPTH}:_nothing", f"{_ACT}:_standard"),
     ResidualMode("hc", True, _hc, lambda c: _mixing_flops(c) + 2 * (c.streams - 1) * c.d_model * (c.streams + 2),
-                 2.0, 1.719, f"{_RES}:HyperConnection", f"{_DEPTH}:_identity_hc", f"{_ACT}:_hc"),
+                 2.0, 1.719, f"{_RES}:HyperConnection", f"{_DEPTH}:_identity_hc", f"{_ACT}:_hc",
+                 (f"{_WIDTH}:HC_RULES",)),
     ResidualMode("mhc", True, _mhc, lambda c: _mixing_flops(c) + _sinkhorn_flops(c), 2.835, 2.365,
-                 f"{_RES}:ManifoldHyperConnection", f"{_DEPTH}:_identity_manifold", f"{_ACT}:_mhc"),
+                 f"{_RES}:ManifoldHyperConnection", f"{_DEPTH}:_identity_manifold", f"{_ACT}:_mhc",
+                 (f"{_WIDTH}:MHC_RULES",)),
     ResidualMode("ddl", False, _ddl, _ddl_flops, 1.581, 1.123,
-                 f"{_RES}:DeltaResidual", f"{_DEPTH}:_nothing", f"{_ACT}:_ddl"),
+                 f"{_RES}:DeltaResidual", f"{_DEPTH}:_nothing", f"{_ACT}:_ddl", (f"{_WIDTH}:DDL_RULES",)),
     ResidualMode("mgt", True, lambda c: _mhc(c) + _ddl(c),
                  lambda c: _mixing_flops(c) + _sinkhorn_flops(c) + c.streams * _ddl_flops(c), 3.577, 2.989,
-                 f"{_RES}:ManifoldDeltaConnection", f"{_DEPTH}:_identity_manifold", f"{_ACT}:_mgt"),
+                 f"{_RES}:ManifoldDeltaConnection", f"{_DEPTH}:_identity_manifold", f"{_ACT}:_mgt",
+                 (f"{_WIDTH}:MHC_RULES", f"{_WIDTH}:DDL_RULES")),
 )}
 
 

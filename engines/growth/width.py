@@ -81,6 +81,7 @@ import torch
 
 from engines.architecture.config import ModelConfig
 from engines.architecture.model import DecoderLM
+from engines.architecture.modes import RESIDUAL_MODES, load
 from engines.growth.schedule import gqa_refusal
 
 State = dict[str, torch.Tensor]
@@ -225,7 +226,13 @@ def _keep(w: torch.Tensor, fresh: torch.Tensor, m: WidthMap) -> torch.Tensor:
 Rule = Callable[[torch.Tensor, torch.Tensor, WidthMap], torch.Tensor]
 
 # parameter (its name inside a block, a connection or the model) → its widening
-WIDTH_RULES: dict[str, Rule] = {
+def _reads_raw(w: torch.Tensor, fresh: torch.Tensor, m: WidthMap) -> torch.Tensor:
+    """A matrix reading the stream unnormalised (DDL's v): old columns kept, new ones fresh."""
+    return _reads_stream(w, fresh, m)
+
+
+# the decoder's own parameters (embedding, norms, attention, MLP)
+BASE_RULES: dict[str, Rule] = {
     "tok_emb.weight": lambda w, f, m: _writes_stream(w.t(), m).t(),  # (V, D): writes the stream
     "lm_head.weight": lambda w, f, m: _writes_stream(w.t(), m).t(),  # tied to tok_emb
     "norm.weight": _gain,
@@ -238,16 +245,19 @@ WIDTH_RULES: dict[str, Rule] = {
     "mlp.w_gate.weight": lambda w, f, m: _reads_stream(_copy_rows(w, m.ff_src, 1, m), f, m),
     "mlp.w_up.weight": lambda w, f, m: _reads_stream(_copy_rows(w, m.ff_src, 1, m), f, m),
     "mlp.w_down.weight": lambda w, f, m: _writes_stream(_split_cols(w, m.ff_src, 1), m),
-    # hc (Zhu et al.): static maps are per stream; the dynamic ones read rms(x)
-    "a_m": _keep, "a_r": _keep, "b": _keep, "s_a": _keep, "s_b": _keep,
-    "w_m": _rms_reader, "w_r": _rms_reader, "w_b": _rms_reader,
-    # mhc: φ reads RMSNorm(vec(x)); biases and α are per stream
-    "maps.phi_pre": _phi, "maps.phi_post": _phi, "maps.phi_res": _phi,
-    "maps.b_pre": _keep, "maps.b_post": _keep, "maps.b_res": _keep, "maps.alpha": _keep,
-    # ddl: β reads rms(h); v reads the sublayer output u raw
-    "gate.w_beta": _rms_reader, "gate.b_beta": _keep, "gate.b_v": _keep,
-    "gate.w_v": lambda w, f, m: _reads_stream(w, f, m),
 }
+# each residual mode's connection parameters, named by its record's ``width_rules`` (modes.py)
+# hc (Zhu et al.): static maps are per stream; the dynamic ones read rms(x)
+HC_RULES: dict[str, Rule] = {"a_m": _keep, "a_r": _keep, "b": _keep, "s_a": _keep, "s_b": _keep,
+                             "w_m": _rms_reader, "w_r": _rms_reader, "w_b": _rms_reader}
+# mhc: φ reads RMSNorm(vec(x)); biases and α are per stream
+MHC_RULES: dict[str, Rule] = {"maps.phi_pre": _phi, "maps.phi_post": _phi, "maps.phi_res": _phi,
+                              "maps.b_pre": _keep, "maps.b_post": _keep, "maps.b_res": _keep, "maps.alpha": _keep}
+# ddl: β reads rms(h); v reads the sublayer output u raw
+DDL_RULES: dict[str, Rule] = {"gate.w_beta": _rms_reader, "gate.b_beta": _keep, "gate.b_v": _keep,
+                              "gate.w_v": _reads_raw}
+WIDTH_RULES: dict[str, Rule] = {**BASE_RULES, **{name: rule for mode in RESIDUAL_MODES.values()
+                                                 for path in mode.width_rules for name, rule in load(path).items()}}
 
 
 def _copy_rows_scaled(t: torch.Tensor, src: torch.Tensor, unit: int, power: int) -> torch.Tensor:
@@ -284,13 +294,14 @@ MOMENT_RULES: dict[str, MomentRule] = {
     "mlp.w_gate.weight": lambda t, z, m, p: _reads_stream(_copy_rows_scaled(t, m.ff_src, 1, p), z, m),
     "mlp.w_up.weight": lambda t, z, m, p: _reads_stream(_copy_rows_scaled(t, m.ff_src, 1, p), z, m),
     "mlp.w_down.weight": lambda t, z, m, p: _writes_stream(_copy_cols(t, m.ff_src, 1), m),
-    "gate.w_v": lambda t, z, m, p: _reads_stream(t, z, m),
 }
 for _name, _rule in WIDTH_RULES.items():
     if _name in MOMENT_RULES:
         continue
     if _rule is _keep:
         MOMENT_RULES[_name] = lambda t, z, m, p: t.clone()
+    elif _rule is _reads_raw:  # an unscaled reader: the old columns' moments as they are, new ones 0
+        MOMENT_RULES[_name] = lambda t, z, m, p: _reads_stream(t, z, m)
     else:  # _gain, _rms_reader, _phi: weights × r, so gradients × 1/r
         MOMENT_RULES[_name] = _scaled(_rule, lambda m: m.r)
 assert set(MOMENT_RULES) == set(WIDTH_RULES), "every width rule needs its moment rule"
