@@ -97,7 +97,7 @@ def leave_fp16(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
 
 
 def clip_tighter(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
-    clip = _now(spec, stage, world).clip_grad_norm or 1.0
+    clip = _now(spec, stage, world).clip_grad_norm
     new = 1.0 if clip > 1.0 else clip / 2
     return Rewrite({"clip_grad_norm": new}, f"clip_grad_norm {clip:g}→{new:g}")
 
