@@ -62,3 +62,14 @@ def test_cli_commands_that_do_not_train_do_not_import_torch(tmp_path):
     commands = [["--help"], ["plan", "list"], ["plan", "import", "plans/quickstart-cpu.yaml"],
                 ["plan", "show", "quickstart-cpu"]]
     assert heavy_imports(tmp_path, commands) == "none"
+
+
+def test_muse_hardware_puts_the_core_count_under_cores(cli):
+    result = cli("hardware")
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.output.splitlines() if "device" in line)
+    row = next(line for line in result.output.splitlines() if line.strip("│┃ ").startswith("cpu"))
+    cells = [c.strip() for c in row.strip("│").split("│")]
+    names = [c.strip() for c in header.strip("┃").split("┃")]
+    assert names[:5] == ["device", "name", "memory", "cores", "bf16"]
+    assert "logical" in cells[3] and cells[5] == "—"  # cores under "cores", none under the TFLOP/s column

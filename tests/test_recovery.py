@@ -72,6 +72,9 @@ def test_a_fault_is_repaired_recorded_and_the_run_completes(cli, baseline, injec
         events = runs.events(session, 1, limit=50)
         assert runs.get_run(session, 1).status == "completed"
     assert any(e.kind == "rewrite" and e.step == 45 for e in events)
+    assert not any("CUDA" in e.message for e in events)  # a CPU run's out-of-memory is the host's
+    if kind == "oom":
+        assert any("out of host memory at step 45: injected" in e.message for e in events)
     assert any(e.message.startswith("resuming stage pretrain from step-00000040") for e in events)
 
 

@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from muse_plan.errors import PlanError
 from muse_plan.plan.io import spec_from_dict
@@ -120,3 +121,21 @@ def test_an_unknown_rl_algorithm_is_refused_when_the_plan_is_read():
     with pytest.raises(PlanError, match="stage 'rl': unknown RL algorithm 'grpoo'; accepted: grpo, s_grpo, t_spmo"):
         spec_from_dict({"name": "p", "stages": [stage]})
     assert spec_from_dict({"name": "p", "stages": [{**stage, "options": {"algorithm": "t_spmo"}}]})
+
+
+@pytest.mark.parametrize("section, says", [
+    ({"training": {"micro_batch": 10**26}}, "training.micro_batch: Input should be less than or equal to 16777216"),
+    ({"stages": [{"name": "p", "kind": "pretrain", "steps": 10**29}]}, "stages.0.steps: Input should be less than"),
+    ({"model": {"scale": "1000000T"}}, "model.scale: 1000000T is more than any run can train (at most 100T)"),
+    ({"stages": [{"name": "p", "kind": "pretrain", "tokens": "100000000T"}]}, "is more than any run can read"),
+    ({"model": {"seq_len": 10**12}}, "model.seq_len: Input should be less than or equal to"),
+    ({"model": {"shape": {"layers": 10**9, "d_model": 64, "n_heads": 4}}}, "model.shape.layers"),
+])
+def test_counts_and_sizes_past_any_run_are_refused_at_import(cli, tmp_path, section, says) -> None:
+    """A typo like 1e26 is one line when the plan is read, not an overflow hours into a run."""
+    from tests.conftest import one_error_line
+
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump({"name": "big", **section}))
+    one_error_line(cli("plan", "import", path), says)
+    assert cli("plan", "list", "--json").stdout.strip() == "[]"

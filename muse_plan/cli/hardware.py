@@ -22,17 +22,17 @@ def hardware(
         print_json({**host.as_dict(), "compute_budget": host.compute_budget})
         return
     table = Table(title="This machine", show_header=True, header_style="bold")
-    for column in ("device", "name", "memory", "bf16", "peak bf16 TFLOP/s"):
+    for column in ("device", "name", "memory", "cores", "bf16", "peak bf16 TFLOP/s"):
         table.add_column(column)
     for gpu in host.gpus:
         kind = CATALOG.get(gpu.kind or "")
         table.add_row(
-            f"cuda:{gpu.index}", gpu.name, f"{gpu.memory_gib:.1f} GiB",
+            f"cuda:{gpu.index}", gpu.name, f"{gpu.memory_gib:.1f} GiB", "—",
             ("yes" if kind.bf16 else "no") if kind else "?",
             f"{kind.peak_tflops_bf16:g}" if kind and kind.bf16 else "—",
         )
     cores = f"{host.cores_logical} logical" + (f", {host.cores_physical} physical" if host.cores_physical else "")
-    table.add_row("cpu", host.cpu_model, f"{host.ram_gib:.1f} GiB RAM", "", cores)
+    table.add_row("cpu", host.cpu_model, f"{host.ram_gib:.1f} GiB RAM", cores, "—", "—")
     console.print(table)
     if not host.gpus:
         console.print(f"No GPU found ({host.gpu_source}).")

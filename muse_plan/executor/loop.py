@@ -105,9 +105,11 @@ class Injector:
             return True
         return False
 
-    def before_step(self, step: int) -> None:
-        if self._fire("oom", step):
-            raise torch.cuda.OutOfMemoryError(f"injected out-of-memory at step {step}")
+    def before_step(self, step: int, device: str = "cuda") -> None:
+        if self._fire("oom", step):  # the error this device would raise: CUDA's, or the host's
+            if device == "cuda":
+                raise torch.cuda.OutOfMemoryError(f"injected out-of-memory at step {step}")
+            raise MemoryError(f"injected out-of-memory at step {step}")
 
     def loss_factor(self, step: int) -> float:
         if self._fire("nan", step):
@@ -307,7 +309,7 @@ def _accumulate(trainer: Trainer, model: torch.nn.Module, accelerator: Any, s: S
     factor = injector.loss_factor(step) if injector else 1.0
     try:
         if injector:
-            injector.before_step(step)
+            injector.before_step(step, accelerator.device.type)
         for i in range(s.grad_accum):
             with accelerator.autocast():  # an engine that samples (GRPO's rollouts) does so in the compute dtype
                 batch = trainer.next_batch()
@@ -323,8 +325,9 @@ def _accumulate(trainer: Trainer, model: torch.nn.Module, accelerator: Any, s: S
                 extra[name] = extra.get(name, 0.0) + float(value) / s.grad_accum
     except torch.cuda.OutOfMemoryError as exc:
         raise OutOfMemory(f"CUDA out of memory at step {step}: {str(exc).splitlines()[0]}", step) from None
-    except MemoryError:
-        raise OutOfMemory(f"out of host memory at step {step}", step) from None
+    except MemoryError as exc:
+        why = f": {exc}" if str(exc) else ""
+        raise OutOfMemory(f"out of host memory at step {step}{why}", step) from None
     return total / s.grad_accum, tokens, extra
 
 

@@ -22,7 +22,6 @@ from pydantic import (
     Field,
     NonNegativeInt,
     PositiveFloat,
-    PositiveInt,
     model_validator,
 )
 
@@ -43,6 +42,28 @@ def _via(parse):
 
 
 Scale = Annotated[str, BeforeValidator(lambda v: units.canonical_scale(str(v)))]
+
+
+def _at_most(limit: float, what: str):
+    """A scale string no larger than ``limit`` (a sane bound, checked when the plan is read)."""
+    def check(value: str) -> str:
+        if units.parse_scale(value) > limit:
+            raise ValueError(f"{value} is more than any run can {what} (at most {units.format_count(limit)})")
+        return value
+    return AfterValidator(check)
+
+
+# sane ranges for counts and sizes, checked when a plan is read (a typo like 1e26 is one line, not
+# an overflow hours later): generous beyond any run this tool plans
+MAX_PARAMS, MAX_TOKENS = 100e12, 1e16
+MAX_STEPS = 10**9
+MAX_BATCH = 2**24
+MAX_CONTEXT, MAX_VOCAB = 2**21, 2**23
+MAX_WIDTH, MAX_LAYERS, MAX_HEADS = 2**18, 10**4, 2**14
+Count = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+Batch = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+ModelScale = Annotated[Scale, _at_most(MAX_PARAMS, "train")]
+TokenBudget = Annotated[Scale, _at_most(MAX_TOKENS, "read")]
 Duration = Annotated[
     str, BeforeValidator(lambda v: units.format_duration(units.parse_duration(str(v))))
 ]
@@ -67,11 +88,12 @@ TaskSet = Annotated[tuple[str, ...], BeforeValidator(_task_set)]
 class ModelShape(Frozen):
     """An explicit shape; overrides what the model scale implies."""
 
-    layers: PositiveInt
-    d_model: PositiveInt
-    n_heads: PositiveInt
-    n_kv_heads: PositiveInt | None = None
-    d_ff: PositiveInt | None = Field(None, description="SwiGLU hidden width; default ≈ 8/3·d_model")
+    layers: Annotated[int, Field(ge=1, le=MAX_LAYERS)]
+    d_model: Annotated[int, Field(ge=1, le=MAX_WIDTH)]
+    n_heads: Annotated[int, Field(ge=1, le=MAX_HEADS)]
+    n_kv_heads: Annotated[int, Field(ge=1, le=MAX_HEADS)] | None = None
+    d_ff: Annotated[int, Field(ge=1, le=8 * MAX_WIDTH)] | None = Field(
+        None, description="SwiGLU hidden width; default ≈ 8/3·d_model")
 
     @model_validator(mode="after")
     def _divisible(self) -> ModelShape:
@@ -89,13 +111,13 @@ class ModelShape(Frozen):
 
 
 class ModelSpec(Frozen):
-    scale: Scale = "350M"
+    scale: ModelScale = "350M"
     family: Literal["decoder", "hf"] = Field(
         "decoder", description="muse's decoder (engines.architecture) or a local Hugging Face causal LM"
     )
     residual: Residual | None = Field(None, description="left open: chosen from the techniques")
-    seq_len: PositiveInt = 2048
-    vocab_size: PositiveInt = 32000
+    seq_len: Annotated[int, Field(ge=1, le=MAX_CONTEXT)] = 2048
+    vocab_size: Annotated[int, Field(ge=1, le=MAX_VOCAB)] = 32000
     shape: ModelShape | None = None
     init_from: str | None = Field(None, description="local checkpoint or Hugging Face model directory")
 
@@ -161,13 +183,13 @@ class TrainingSpec(Frozen):
     """Loop settings; every field left open is the optimizer's to fill."""
 
     precision: Literal["fp32", "fp16", "bf16"] | None = None
-    micro_batch: PositiveInt | None = None
-    grad_accum: PositiveInt | None = None
-    global_batch: PositiveInt | None = Field(None, description="sequences per optimizer step, all GPUs")
+    micro_batch: Batch | None = None
+    grad_accum: Batch | None = None
+    global_batch: Batch | None = Field(None, description="sequences per optimizer step, all GPUs")
     lr: PositiveFloat | None = None
     min_lr_ratio: float | None = Field(None, ge=0, le=1)
     weight_decay: float | None = Field(None, ge=0)
-    warmup_steps: NonNegativeInt | None = None
+    warmup_steps: Annotated[int, Field(ge=0, le=MAX_STEPS)] | None = None
     schedule: Literal["cosine", "linear", "constant", "wsd"] | None = None
     clip_grad_norm: PositiveFloat | None = None
     activation_checkpointing: Literal["none", "selective", "full"] | None = None
@@ -202,12 +224,13 @@ class StageSpec(Frozen):
     kind: str
     engine: str | None = Field(None, description="implied by kind; filled in on validation")
     options: dict[str, Any] = Field(default_factory=dict)
-    steps: PositiveInt | None = None
-    tokens: Scale | None = Field(None, description="token budget instead of steps, like 2B")
-    checkpoint_every: PositiveInt | None = None
-    eval_every: PositiveInt | None = None
+    steps: Count | None = None
+    tokens: TokenBudget | None = Field(None, description="token budget instead of steps, like 2B")
+    checkpoint_every: Count | None = None
+    eval_every: Count | None = None
     shape: ModelShape | None = Field(None, description="shape trained here when not the plan's")
-    seq_len: PositiveInt | None = Field(None, description="context trained here when not model.seq_len (growth)")
+    seq_len: Annotated[int, Field(ge=1, le=MAX_CONTEXT)] | None = Field(
+        None, description="context trained here when not model.seq_len (growth)")
     from_stage: str | None = Field(None, description="stage whose result starts this one; default the previous")
     training: TrainingSpec | None = Field(
         None, description="this stage's own training settings (e.g. a lower lr for RL), over the plan's")
