@@ -37,6 +37,7 @@ def plan(stage: dict, **extra) -> dict:
     ({"kind": "pretrain", "options": {"stop_on_plateau": 1}}, "stop_on_plateau: must be true or a window of at"),
     ({"kind": "finetune", "options": {"lora": True}}, "unknown option 'lora'"),  # the engine runs no LoRA yet
     ({"kind": "grow", "options": {"operatr": "g_stack"}}, "unknown growth option 'operatr'"),
+    ({"kind": "grow", "options": {"noise": "lots"}}, "growth option noise must be a number, got 'lots'"),
     ({"kind": "representation", "options": {"gamma": 1}}, "unknown rkdo option 'gamma'"),
 ])
 def test_a_bad_stage_option_is_refused_at_import_with_one_line_and_nothing_is_stored(cli, tmp_path, stage,

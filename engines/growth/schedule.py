@@ -77,6 +77,13 @@ class GrowSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name, kinds in (("function_preserving", (bool,)), ("noise", (int, float, type(None))),
+                            ("identity_logit", (int, float)), ("fit_lr", (int, float)),
+                            ("fit_clip", (int, float, type(None))), ("seed", (int,))):
+            value = getattr(self, name)
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise ValueError(f"growth option {name} must be a {'boolean' if kinds == (bool,) else 'number'}, "
+                                 f"got {value!r}")
         if self.operator not in OPERATORS:
             raise ValueError(f"unknown growth operator {self.operator!r}; accepted: {', '.join(OPERATORS)}")
         if self.optimizer_state not in OPTIMIZER_STATES:

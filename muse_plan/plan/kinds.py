@@ -159,7 +159,7 @@ def stage_options(spec: PlanSpec, stage: StageSpec) -> TypedOptions:
         ctl = StageControl.model_validate(control)
     except ValidationError as exc:
         raise ValueError(f"stage {stage.name!r}: {one_line(exc, StageControl)}") from None
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # TypeError: a value of the wrong type in a dataclass's check
         also = f" (any training stage also takes {', '.join(sorted(CONTROL_KEYS))})" \
             if kind.trains and "unknown option" in str(exc) else ""
         raise ValueError(f"stage {stage.name!r}: {exc}{also}") from None
