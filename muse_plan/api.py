@@ -198,22 +198,14 @@ def _probe_here(spec: Any) -> tuple[Any, list[Any], list[str]]:
     import torch
     from accelerate import PartialState
 
-    from muse_plan.executor.accelerators import accelerator_for as make_accelerator
-    from muse_plan.executor.prepare import stage_settings
     from muse_plan.executor.probe import probe_plan
     from muse_plan.store.db import muse_home
 
     cuda = torch.cuda.is_available()
     PartialState(cpu=not cuda)
-    held: list[Any] = [None]
     rewrites: list[str] = []
-
-    def accelerator_for(current: Any, position: int) -> Any:
-        held[0] = make_accelerator(held[0], current, position, 1, cuda, lambda text: None)
-        return held[0]
-
-    spec, probes = probe_plan(spec, lambda current, i: stage_settings(current, i, 1, cuda), accelerator_for,
-                              muse_home() / "cache", rewrite=lambda new, reason: rewrites.append(reason))
+    spec, probes, _ = probe_plan(spec, 1, cuda, muse_home() / "cache",
+                                 rewrite=lambda new, reason: rewrites.append(reason))
     return spec, probes, rewrites
 
 

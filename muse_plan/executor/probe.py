@@ -172,24 +172,29 @@ def probe_stage(spec: PlanSpec, s: StageSettings, accelerator: Any, cache_dir: A
     return ProbeResult(s.name, measured, reserved, _predicted(s, cuda), _limit_gib(accelerator), seconds, oom, cuda)
 
 
-def probe_plan(spec: PlanSpec, settings_of: Callable[[PlanSpec, int], StageSettings],
-               accelerator_for: Callable[[PlanSpec, int], Any], cache_dir: Any,
+def probe_plan(spec: PlanSpec, world_size: int, cuda: bool, cache_dir: Any,
                say: Callable[[ProbeResult], None] = lambda r: None,
                rewrite: Callable[[PlanSpec, str], None] = lambda spec, reason: None,
-               ) -> tuple[PlanSpec, list[ProbeResult]]:
-    """Probe every stage that trains; a stage that does not fit climbs recovery's OOM ladder
-    (``rewrite(new_spec, reason)`` records each rung) and is probed again. Returns the plan
-    to run and every probe made; ``PlanError`` when a stage fits no rung."""
+               note: Callable[[int, str], None] = lambda position, text: None,
+               ) -> tuple[PlanSpec, list[ProbeResult], Any]:
+    """Probe every stage that trains, each under the Accelerator and settings the run gives
+    it; a stage that does not fit climbs recovery's OOM ladder (``rewrite(new_spec,
+    reason)`` records each rung) and is probed again. Returns the plan to run, every probe
+    made and the Accelerator the probes left; ``PlanError`` when a stage fits no rung."""
+    from muse_plan.executor.accelerators import accelerator_for
+    from muse_plan.executor.prepare import stage_settings
     from muse_plan.recovery.policies import next_rewrite
 
     results: list[ProbeResult] = []
+    accelerator = None
     for position, stage in enumerate(spec.stages):
         if not STAGE_KINDS[stage.kind].trains:
             continue
         used = 0
         while True:
-            accelerator = accelerator_for(spec, position)
-            s = settings_of(spec, position)
+            accelerator = accelerator_for(accelerator, spec, position, world_size, cuda,
+                                          lambda text: note(position, text))
+            s = stage_settings(spec, position, world_size, cuda)
             result = probe_stage(spec, replace(s, steps=max(1, s.steps)), accelerator, cache_dir)
             results.append(result)
             say(result)
@@ -202,4 +207,4 @@ def probe_plan(spec: PlanSpec, settings_of: Callable[[PlanSpec, int], StageSetti
             used, change, spec = found
             stage = spec.stages[position]
             rewrite(spec, f"probe before run: {result.describe()}; {change.summary}")
-    return spec, results
+    return spec, results, accelerator

@@ -145,13 +145,6 @@ def _probe(store: Store | None, prepared: Prepared, spec: PlanSpec, world_size: 
     Accelerator the probes left (the first stage reuses it)."""
     from muse_plan.executor.probe import probe_plan
 
-    held: list[Any] = [None]
-
-    def stage_accelerator(current_spec: PlanSpec, position: int) -> Any:
-        held[0] = accelerator_for(held[0], current_spec, position, world_size, cuda,
-                                   lambda text: note(store, prepared, position, [text], view, "info"))
-        return held[0]
-
     def recorded(result: Any) -> None:
         if store is None:
             return
@@ -175,9 +168,10 @@ def _probe(store: Store | None, prepared: Prepared, spec: PlanSpec, world_size: 
         if view:
             view.message(f"revision {prepared.revision} by the optimizer: {reason}")
 
-    spec, _ = probe_plan(spec, lambda current, i: stage_settings(current, i, world_size, cuda), stage_accelerator,
-                         muse_home() / "cache", recorded, rewritten)
-    return spec, held[0]
+    spec, _, accelerator = probe_plan(
+        spec, world_size, cuda, muse_home() / "cache", recorded, rewritten,
+        lambda position, text: note(store, prepared, position, [text], view, "info"))
+    return spec, accelerator
 
 
 def _seed(seed: int) -> None:
