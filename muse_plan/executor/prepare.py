@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,7 +25,8 @@ import torch
 from engines.contract import TRAINERS, available
 from muse_plan.errors import Conflict, NotFound, PlanError
 from muse_plan.executor.record import Prepared, View
-from muse_plan.executor.settings import StageSettings, resolve
+from engines.contract import StageSetup
+from muse_plan.executor.settings import StageSettings, frozen_precision, resolve
 from muse_plan.plan.io import spec_to_dict
 from muse_plan.plan.kinds import STAGE_KINDS
 from muse_plan.plan.spec import PlanSpec
@@ -138,3 +140,24 @@ def _reopen(session: Any, plan: Any, spec: PlanSpec, run_ref: str | None) -> tup
 
 def bf16(cuda: bool) -> bool:
     return cuda and torch.cuda.is_bf16_supported()
+
+
+def set_up(trainer: Any, spec: PlanSpec, s: StageSettings, accelerator: Any, **overrides: Any) -> None:
+    """``trainer.setup`` for stage ``s`` on every process, the main process first (it builds
+    and caches the data; the others read its cache); a bad input is the stage's plan error."""
+    setup = StageSetup(
+        name=s.name, kind=s.kind, model=s.model, options=s.options,
+        data_source=spec.data.source, tokenizer=spec.data.tokenizer, val_fraction=spec.data.val_fraction,
+        seed=s.seed, micro_batch=s.micro_batch, activation_checkpointing=s.activation_checkpointing,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+        tokens_needed=s.steps * s.tokens_per_step, micro_steps=s.steps * s.grad_accum,
+        cache_dir=muse_home() / "cache", device=str(accelerator.device), frozen_precision=frozen_precision(s),
+        family=spec.model.family, init_from=spec.model.init_from)
+    setup = replace(setup, **overrides)
+    for turn in (True, False):
+        if accelerator.is_main_process == turn:
+            try:
+                trainer.setup(setup)
+            except (ValueError, FileNotFoundError) as exc:
+                raise PlanError(f"stage {s.name!r}: {exc}") from None
+        accelerator.wait_for_everyone()

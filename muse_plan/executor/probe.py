@@ -41,10 +41,11 @@ from typing import Any, Callable
 import psutil
 import torch
 
-from engines.contract import StageSetup, make_trainer
+from engines.contract import make_trainer
 from muse_plan.errors import PlanError
 from muse_plan.executor import checkpoint, optimizers
-from muse_plan.executor.settings import StageSettings, frozen_precision, train_config
+from muse_plan.executor.prepare import set_up
+from muse_plan.executor.settings import StageSettings, train_config
 from muse_plan.plan.kinds import STAGE_KINDS
 from muse_plan.plan.spec import PlanSpec
 
@@ -89,18 +90,6 @@ class ProbeResult:
                 "oom": self.oom}
 
 
-def _setup(spec: PlanSpec, s: StageSettings, accelerator: Any, cache_dir: Any) -> StageSetup:
-    stage = spec.stage(s.name)
-    return StageSetup(
-        name=s.name, kind=s.kind, model=s.model, options=s.options,
-        data_source=spec.data.source, tokenizer=spec.data.tokenizer, val_fraction=spec.data.val_fraction,
-        seed=s.seed, micro_batch=s.micro_batch, activation_checkpointing=s.activation_checkpointing,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
-        tokens_needed=min(s.steps, 4) * s.tokens_per_step, micro_steps=s.steps * s.grad_accum, eval_batches=1,
-        cache_dir=cache_dir, device=str(accelerator.device), frozen_precision=frozen_precision(s),
-        family=spec.model.family, init_from=spec.model.init_from if stage.engine != "architecture" else None)
-
-
 def _predicted(s: StageSettings, cuda: bool) -> float | None:
     from muse_plan.optimizer import memory
 
@@ -131,11 +120,9 @@ def probe_stage(spec: PlanSpec, s: StageSettings, accelerator: Any, cache_dir: A
     started = time.perf_counter()
     oom = False
     try:
-        if accelerator.is_main_process:  # the main process builds the data cache first
-            trainer.setup(_setup(spec, s, accelerator, cache_dir))
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
-            trainer.setup(_setup(spec, s, accelerator, cache_dir))
+        # the data a few steps need, one evaluation batch
+        set_up(trainer, spec, s, accelerator, tokens_needed=min(s.steps, 4) * s.tokens_per_step, eval_batches=1,
+               cache_dir=cache_dir)
         if cuda:
             torch.cuda.synchronize(accelerator.device)
             torch.cuda.reset_peak_memory_stats(accelerator.device)

@@ -34,15 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.contract import StageSetup, make_trainer
+from engines.contract import make_trainer
 from muse_plan.errors import MuseError, PlanError, RunFailed, RunInterrupted
 from muse_plan.executor import checkpoint
 from muse_plan.executor.accelerators import accelerator_for
 from muse_plan.executor.loop import STOP, Fault, Injector, train_stage
-from muse_plan.executor.prepare import prepare_run, stage_settings
+from muse_plan.executor.prepare import prepare_run, set_up, stage_settings
 from muse_plan.executor.record import (Prepared, Recorder, RunResult, StageResult, View, mark_stopped, model_meta,
                                        note)
-from muse_plan.executor.settings import frozen_precision
 from muse_plan.monitor.detectors import Watch
 from muse_plan.plan.io import spec_from_dict
 from muse_plan.plan.kinds import STAGE_KINDS
@@ -190,24 +189,7 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         s = replace(s, model=s.model.as_saved(_saved_config(spec, prepared, position, resuming)))
     _seed(s.seed + position)
     trainer = make_trainer(stage.engine or "")
-    setup = StageSetup(
-        name=stage.name, kind=stage.kind, model=s.model, options=s.options,
-        data_source=spec.data.source, tokenizer=spec.data.tokenizer, val_fraction=spec.data.val_fraction,
-        seed=s.seed, micro_batch=s.micro_batch, activation_checkpointing=s.activation_checkpointing,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes, tokens_needed=s.steps * s.tokens_per_step,
-        micro_steps=s.steps * s.grad_accum,
-        cache_dir=muse_home() / "cache", device=str(accelerator.device),
-        frozen_precision=frozen_precision(s), family=spec.model.family, init_from=spec.model.init_from,
-    )
-    # the main process builds (and caches) the data first, so the others read its cache
-    for turn in (True, False):
-        if accelerator.is_main_process == turn:
-            try:
-                trainer.setup(setup)
-            except (ValueError, FileNotFoundError) as exc:
-                raise PlanError(f"stage {stage.name!r}: {exc}") from None
-        accelerator.wait_for_everyone()
+    set_up(trainer, spec, s, accelerator)
     if not trains:  # a grow stage: the engine changes the weights, the loop does not run
         from muse_plan.executor.grow import grow_stage
 
