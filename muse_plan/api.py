@@ -172,7 +172,8 @@ def optimize(store: Store, ref: str, *, gpu_type: str | None = None, available_g
         raise PlanError(f"--available-gpus must be at least 1, got {available_gpus}")
     with store.read() as session:
         plan = repo.get_plan(session, ref)
-        spec = repo.spec_of(repo.get_revision(session, plan))
+        head = repo.get_revision(session, plan)
+        spec = repo.spec_of(head)
     try:
         hw = fitting.hardware_for(spec, gpu=gpu_type, count=available_gpus, memory_budget_gib=budget,
                                   network_gbps=network)
@@ -187,10 +188,11 @@ def optimize(store: Store, ref: str, *, gpu_type: str | None = None, available_g
         reason += "".join(f"; {text}" for text in rewrites)
     if dry_run or fitted is None or not diff(io.spec_to_dict(spec), io.spec_to_dict(fitted)):
         return Optimized(plan, result, None, probes)
-    with store.write() as session:
-        plan = repo.get_plan(session, ref)
-        revision = repo.add_revision(session, plan, fitted, "optimizer", reason)
-    return Optimized(plan, result, Stored(plan, revision, fitted), probes)
+    with store.write() as session:  # laid on the head: an edit stored while the probe measured is kept
+        done = repo.rewrite_on_head(session, plan.id, head.number, spec, fitted, "optimizer", reason)
+    if not done.written:
+        return Optimized(plan, result, None, probes)
+    return Optimized(plan, result, Stored(plan, done.revision, done.spec), probes)
 
 
 def _probe_here(spec: Any) -> tuple[Any, list[Any], list[str]]:

@@ -57,3 +57,38 @@ def test_null_removes_a_field():
 def test_apply_sets_errors(assignment, message):
     with pytest.raises(PlanError, match=message):
         apply_sets({"training": {"lr": 0.1}, "stages": [{"name": "pre"}]}, [assignment])
+
+
+def test_a_rewrite_is_laid_on_the_head_keeping_edits_made_since():
+    from muse_plan.plan.merge import merge
+
+    base = {"name": "p", "training": {"lr": 0.003}, "stages": [{"name": "a", "steps": 10}, {"name": "b", "steps": 5}]}
+    ours = {"name": "p", "training": {"lr": 0.003},
+            "stages": [{"name": "a", "steps": 10, "training": {"micro_batch": 8}}, {"name": "b", "steps": 5}]}
+    head = {"name": "p", "description": "mine", "training": {"lr": 0.001},
+            "stages": [{"name": "a", "steps": 20}, {"name": "b", "steps": 5}]}
+    out = merge(base, ours, head)
+    assert out.data == {"name": "p", "description": "mine", "training": {"lr": 0.001},
+                        "stages": [{"name": "a", "steps": 20, "training": {"micro_batch": 8}},
+                                   {"name": "b", "steps": 5}]}
+    assert [c.path for c in out.kept] == ["training.lr", "stages[a].steps", "description"]
+    assert out.conflicts == [] and [c.path for c in out.applied] == ["stages[a].training.micro_batch"]
+    assert head["training"] == {"lr": 0.001} and "training" not in head["stages"][0]  # inputs untouched
+
+
+def test_a_field_both_changed_is_a_named_conflict_and_a_vanished_stage_drops_the_change():
+    from muse_plan.plan.merge import merge
+
+    base = {"training": {"lr": 0.003}, "stages": [{"name": "a", "steps": 10}]}
+    ours = {"training": {"lr": 0.003}, "stages": [{"name": "a", "steps": 10, "training": {"lr": 0.0015}}]}
+    head = {"training": {"lr": 0.002}, "stages": [{"name": "a", "steps": 10}]}
+    out = merge(base, ours, head)  # the stage's own lr overrides the plan's: one field, so a conflict
+    assert out.data["stages"][0]["training"] == {"lr": 0.0015} and out.data["training"] == {"lr": 0.002}
+    assert [c.describe() for c in out.conflicts] == ["training.lr: 0.002 in the head, the rewrite writes 0.0015"]
+    assert out.kept == [] and "conflict with an edit made since" in out.describe()
+    gone = merge(base, ours, {"training": {"lr": 0.003}, "stages": [{"name": "z", "steps": 3}]})
+    assert gone.data["stages"] == [{"name": "z", "steps": 3}] and gone.applied == []
+    assert [c.describe() for c in gone.conflicts] == ["stages[a].training.lr: not written, its stage is gone "
+                                                      "from the head"]
+    same = merge(base, ours, ours)  # the head already has it: nothing to apply, nothing clashes
+    assert same.data == ours and same.conflicts == [] and same.applied == []

@@ -85,7 +85,7 @@ def test_json_snapshot_has_the_run_and_the_stored_last_loss(cli, tiny_run):
     assert stage["metrics"]["val_loss"] == stored_last(tiny_run, "val_loss")
     assert snap["loss_points"] == 30 and len(snap["series"]["loss"]) == 30
     assert snap["series"]["loss"][-1] == stage["metrics"]["loss"]
-    assert [e["message"] for e in snap["events"]][-1] == "run completed"
+    assert [e["message"] for e in snap["events"]][-1] == "run completed under revision 1"
     assert snap["utilisation"]["cpu_percent"] is None  # a finished run: nothing recorded, nothing sampled
 
 

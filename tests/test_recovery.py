@@ -163,3 +163,85 @@ def test_explosion_rule_ignores_zero_norms_and_takes_its_factor():
         assert all(watch.fault(r) is None for r in steps)  # zeros don't drag the median to 0
         found = watch.fault(record(61, spike))
         assert (found is not None) == fires, (factor, spike)
+
+
+class _EditsMidRun:
+    """A view that, at one step of the run, stores a person's edit of the plan (its own store)."""
+
+    def __init__(self, at: int, sets: list[str]) -> None:
+        self.at, self.sets, self.messages = at, sets, []
+
+    def message(self, text: str) -> None:
+        self.messages.append(text)
+
+    def step(self, record) -> None:
+        if record.step == self.at:
+            from muse_plan import api
+
+            edited = Store()
+            api.edit(edited, "quickstart-cpu", self.sets)
+            edited.close()
+
+    def stage_started(self, *args) -> None: ...
+
+    def evaluated(self, *args) -> None: ...
+
+    def stage_finished(self, *args) -> None: ...
+
+
+def test_an_edit_made_during_a_run_survives_recovery_and_a_clash_is_named(cli) -> None:
+    from muse_plan.executor.runner import run_plan
+
+    cli("plan", "import", QUICKSTART)
+    cli("plan", "edit", "quickstart-cpu", *SHORT)  # revision 2: the run starts under it
+    view = _EditsMidRun(20, ["description=mine", "stages.pretrain.eval_every=25", "training.lr=0.002"])
+    result = run_plan(None, "quickstart-cpu", view=view, inject="nan@45", probe=False)
+    history = json.loads(cli("plan", "history", "quickstart-cpu", "--json").stdout)
+    assert [h["author"] for h in history] == ["user", "user", "user", "recovery"]
+    recovery = history[-1]
+    assert recovery["reason"].startswith("injected fault (--inject nan@45): recovery from nan at step 45")
+    assert "laid on revision 3, the head (computed from 2)" in recovery["reason"]
+    assert "kept edits made since: description, stages[pretrain].eval_every;" in recovery["reason"]
+    assert "conflict" in recovery["reason"] and "training.lr: 0.002 in the head, the rewrite writes 0.0015" \
+        in recovery["reason"]
+    from muse_plan.executor.settings import resolve
+    from muse_plan.plan.io import spec_from_dict
+
+    stored = spec_from_dict(json.loads(cli("plan", "export", "quickstart-cpu", "--format", "json").stdout), "p")
+    pretrain = resolve(stored, stored.stages[0], check=False)
+    assert (stored.description, pretrain.lr, pretrain.eval_every) == ("mine", 0.0015, 25)
+    # the run went on under the head's revision, and every number it shows is the head's
+    assert result.revision == result.head == 4
+    with Store().read() as session:
+        run = runs.get_run(session, result.run_id)
+        assert (run.revision, run.current_revision, run.status) == (2, 4, "completed")
+        evals = [s for s, _ in runs.metric_series(session, run.id, "val_loss")]
+        events = [e.message for e in runs.events(session, run.id, limit=50)]
+    assert evals[-2:] == [50, 60]  # every 30 steps before the fault, every 25 after it (the person's edit)
+    assert any("continuing under revision 4" in m for m in view.messages)
+    assert "run completed under revision 4" in events
+    assert any(m.startswith("injected fault (--inject nan@45): fault:") for m in events)
+    shown = cli("run", "show", str(result.run_id), "--json")
+    assert json.loads(shown.stdout)["revision"] == 4 and json.loads(shown.stdout)["started_under"] == 2
+
+
+def test_a_fault_before_the_first_checkpoint_says_the_stage_restarts_from_step_0(cli) -> None:
+    cli("plan", "import", QUICKSTART)
+    cli("plan", "edit", "quickstart-cpu", *SHORT, "--set", "stages.pretrain.steps=12")
+    result = cli("plan", "run", "quickstart-cpu", "--inject", "nan@5")
+    assert result.exit_code == 0, result.output
+    assert "restarting stage pretrain from step 0 (no checkpoint yet)" in result.output
+    assert "last good checkpoint" not in result.output
+    with Store().read() as session:
+        assert [s for s, _ in runs.metric_series(session, 1, "loss")] == list(range(1, 13))
+
+
+def test_an_injected_fault_no_stage_reaches_is_refused_before_the_run(cli) -> None:
+    cli("plan", "import", QUICKSTART)
+    cli("plan", "edit", "quickstart-cpu", *SHORT)
+    result = cli("plan", "run", "quickstart-cpu", "--inject", "nan@20,grad_spike@300")
+    assert result.exit_code == 2
+    assert result.output.strip() == ("error: --inject grad_spike@300: no stage of plan 'quickstart-cpu' reaches "
+                                     "that step (its longest trains 60 steps), so it would never fire; "
+                                     "nothing was run")
+    assert cli("run", "list", "--json").stdout.strip() == "[]"

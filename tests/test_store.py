@@ -3,7 +3,6 @@ import multiprocessing as mp
 import sqlite3
 
 import pytest
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import func, select
 
 from muse_plan.errors import Conflict, NotFound, StoreError
@@ -57,9 +56,11 @@ def test_revisions_are_immutable_in_the_database(store, muse_home):
 
 def test_revision_numbers_are_unique_per_plan(memory_store):
     plan, _ = make(memory_store)
-    with pytest.raises(IntegrityError):
+    with pytest.raises(StoreError, match="nothing was written"):  # the database's constraint, in one line
         with memory_store.write() as s:
             s.add(PlanRevision(plan_id=plan.id, number=1, author="user", reason="dup", spec_json="{}"))
+    with memory_store.read() as s:
+        assert [r.reason for r in repo.list_revisions(s, plan)] == ["created"]
 
 
 def test_unknown_author_is_refused(memory_store):
@@ -144,6 +145,24 @@ def test_migrations_run_in_order_from_the_stored_version(tmp_path):
     assert db.migrate(engine, migrations=migrations, latest=3) == 3 and ran == [2, 3]
 
 
+def test_a_version_1_store_gains_the_revision_a_run_is_under(tmp_path):
+    """Migration 2 on a database as muse 0.1 of schema 1 left it: runs keep their rows."""
+    url = f"sqlite:///{tmp_path}/v1.db"
+    old = db.Store(url)
+    plan, _ = make(old)
+    with old.write() as s:
+        s.add(Run(plan_id=plan.id, revision=1, status="completed"))
+    with old.engine.begin() as conn:  # back to schema 1: no current_revision column
+        conn.exec_driver_sql("ALTER TABLE runs DROP COLUMN current_revision")
+        conn.exec_driver_sql("UPDATE schema_version SET version = 1")
+    old.close()
+    new = db.Store(url)
+    with new.read() as s:
+        run = s.exec(select(Run)).one()
+        assert (run.revision, run.current_revision, run.under) == (1, None, 1)
+        assert s.exec(select(func.max(db.models.SchemaVersion.version))).one() == 2
+
+
 def test_a_newer_database_is_refused_untouched(tmp_path):
     engine = db.make_engine(f"sqlite:///{tmp_path}/n.db")
     db.migrate(engine, latest=5)
@@ -225,3 +244,52 @@ def test_two_writers_and_a_reader_lose_nothing_and_never_see_a_lock(store):
     reasons = {r.reason for r in revisions}
     assert {f"{t}-{i}" for t in "ab" for i in range(REVISIONS_PER_WRITER)} <= reasons
     assert seen.value >= 1
+
+
+def _read_only_shell(home) -> list[str] | None:
+    """A command prefix under which ``home`` can't be written by this user, or None: a
+    non-root user gets the folder's mode bits; root (whom mode bits don't stop) gets a
+    read-only bind mount of it in a mount namespace of its own."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        home.chmod(0o555)
+        (home / "muse.db").chmod(0o444)
+        return []
+    if shutil.which("unshare") is None:
+        return None
+    mount = f"mount --bind {home} {home} && mount -o remount,ro,bind {home}"
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"{mount} && touch {home / 'x'}"],
+                           capture_output=True, text=True)
+    if "Read-only" not in probe.stderr:
+        return None
+    return ["unshare", "-m", "sh", "-c", mount + ' && exec "$@"', "sh"]
+
+
+def test_a_read_only_home_reads_its_plans_and_refuses_writes_in_one_line(muse_home, cli):
+    import subprocess
+    import sys
+
+    assert cli("plan", "create", "--name", "shared", "--model-scale", "10M", "--target-tasks", "reasoning",
+               "--compute-budget", "1xRTX3080-8GB", "--timeline", "1day").exit_code == 0
+    before = (muse_home / "muse.db").read_bytes()
+    prefix = _read_only_shell(muse_home)
+    if prefix is None:
+        pytest.skip("can't make a folder read-only for this user here (root, and no mount namespace)")
+
+    def muse(*args):
+        return subprocess.run([*prefix, sys.executable, "-m", "muse_plan", *args], capture_output=True, text=True,
+                              env={**__import__("os").environ, "MUSE_HOME": str(muse_home)})
+
+    listed = muse("plan", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [p["name"] for p in json.loads(listed.stdout)] == ["shared"]
+    assert listed.stderr.strip() == f"note: {muse_home} is read-only for this user; the store is open for reading only"
+    edited = muse("plan", "edit", "shared", "--set", "description=x")
+    assert edited.returncode == 2
+    assert edited.stderr.strip().splitlines()[-1] == (
+        f"error: the store's folder '{muse_home}' is read-only for this user; nothing was written (set MUSE_HOME "
+        "or --db to a store you can write)")
+    assert (muse_home / "muse.db").read_bytes() == before and not (muse_home / "muse.db-wal").exists()

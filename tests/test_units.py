@@ -52,7 +52,8 @@ def test_parse_duration_rejects(text):
         units.parse_duration(text)
 
 
-@pytest.mark.parametrize("seconds, text", [(604800, "7days"), (129600, "36h"), (5400, "90min"), (45, "45s")])
+@pytest.mark.parametrize("seconds, text", [(604800, "7days"), (86400, "1day"), (129600, "36h"), (5400, "90min"),
+                                           (45, "45s")])
 def test_format_duration(seconds, text):
     assert units.format_duration(seconds) == text
 

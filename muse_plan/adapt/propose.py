@@ -4,9 +4,9 @@ with ``apply`` store the result as a revision by ``adapt``.
 Design decisions:
 - Reading and writing are two transactions: the analysis reads the store
   once (a read transaction never holds up a training run writing metrics),
-  and the write re-checks that the plan's head is still the revision the
-  proposals were made against; if someone changed the plan in between, it
-  refuses (``Conflict``) rather than overwrite their change.
+  and the write lays the proposals on the plan's head as it is then
+  (``repo.rewrite_on_head``): if someone stored an edit in between, their
+  fields are kept, and a field both changed is named as a conflict.
 - Proposals are made independently against the head plan, then combined in
   the registry's order: one that sets a field an earlier one set is set
   aside (named, with why), and a memory proposal whose combination with the
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from muse_plan.adapt.context import Context, Proposal, with_changes
 from muse_plan.adapt.evidence import METRICS, Evidence, parse_names, read
 from muse_plan.adapt.rules import RULES, TARGETS
-from muse_plan.errors import Conflict, PlanError
+from muse_plan.errors import PlanError
 from muse_plan.plan.diff import Change, diff
 from muse_plan.plan.io import spec_to_dict
 from muse_plan.plan.spec import PlanSpec
@@ -51,6 +51,7 @@ class Adaptation:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (rule, the metrics it lacks)
     changes: list[Change] = field(default_factory=list)
     revision: PlanRevision | None = None  # stored with ``apply``
+    laid: str = ""  # how it was laid on a head that moved on while adapt read ('' when it had not)
 
     @property
     def reason(self) -> str:
@@ -119,10 +120,8 @@ def adapt(store: Store, ref: str, *, metrics: str | None = None, targets: str | 
     out.spec = _combine(ctx, _run_rules(ctx, chosen, aims, out), out)
     out.changes = diff(spec_to_dict(spec), spec_to_dict(out.spec))
     if apply and out.changes:
-        with store.write() as session:
-            current = repo.get_plan(session, str(plan.id))
-            if current.head != head.number:
-                raise Conflict(f"plan {plan.name!r} changed while adapt read it (now at revision {current.head}); "
-                               f"nothing stored, run muse plan adapt {plan.name} again")
-            out.revision = repo.add_revision(session, current, out.spec, "adapt", out.reason)
+        with store.write() as session:  # laid on the head: an edit stored while adapt read is kept
+            done = repo.rewrite_on_head(session, plan.id, head.number, spec, out.spec, "adapt", out.reason)
+        out.spec, out.laid = done.spec, done.describe()
+        out.revision = done.revision if done.written else None
     return out

@@ -23,8 +23,11 @@ def store(ctx: typer.Context) -> Store:
     root = ctx.find_root()
     root.ensure_object(dict)
     if "store" not in root.obj:
-        root.obj["store"] = Store(root.obj.get("db_url"))
-        root.call_on_close(root.obj["store"].close)
+        opened = root.obj["store"] = Store(root.obj.get("db_url"))
+        root.call_on_close(opened.close)
+        if opened.read_only is not None:
+            err_console.print(f"note: {opened.read_only} is read-only for this user; the store is open for "
+                              "reading only", highlight=False, soft_wrap=True)
     return root.obj["store"]
 
 

@@ -71,7 +71,9 @@ def adapt_view(a: Adaptation) -> Group:
 
 def _closing(a: Adaptation) -> str:
     if a.revision is not None:
-        return f"stored as revision {a.revision.number} (author adapt); see it with: muse plan history {a.plan.name}"
+        laid = f"; {a.laid}" if a.laid else ""
+        return (f"stored as revision {a.revision.number} (author adapt{laid}); see it with: "
+                f"muse plan history {a.plan.name}")
     if a.changes:
         return f"nothing stored; store it with: muse plan adapt {a.plan.name} --apply"
     return f"nothing to store; plan {a.plan.name} stays at revision {a.head}"

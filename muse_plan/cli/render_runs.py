@@ -10,6 +10,7 @@ from rich.text import Text
 
 from muse_plan.cli.render import when
 from muse_plan.store.models import Event, Run, StageRun
+from muse_plan.store.runs import revision_text, shown_stage_status
 
 STATUS_STYLE = {"completed": "green", "running": "cyan", "failed": "red", "interrupted": "yellow",
                 "pending": "dim"}
@@ -32,7 +33,7 @@ def runs_table(rows: list[tuple[Run, Any, str, list[StageRun]]]) -> Table:
         table.add_column(column, no_wrap=True)
     table.add_column("stages", overflow="fold")
     for run, plan, status, stages in rows:
-        table.add_row(str(run.id), plan.name, str(run.revision), _status(status),
+        table.add_row(str(run.id), plan.name, str(run.under), _status(status),
                       when(run.started_at) if run.started_at else "—", _progress(stages))
     return table
 
@@ -47,7 +48,7 @@ def _metric(name: str, value: float) -> str:
 
 def run_view(run: Run, plan_name: str, status: str, stages: list[tuple[StageRun, dict[str, tuple[int, float]]]],
              events: list[Event]) -> Group:
-    title = Text.assemble((f"run {run.id}", "bold"), f"  plan {plan_name} · revision {run.revision} · ",
+    title = Text.assemble((f"run {run.id}", "bold"), f"  plan {plan_name} · revision {revision_text(run)} · ",
                           _status(status))
     parts: list[Any] = [title]
     if run.error:
@@ -63,7 +64,7 @@ def run_view(run: Run, plan_name: str, status: str, stages: list[tuple[StageRun,
     for stage, metrics in stages:
         values = [_metric(n, metrics[n][1]) if n in metrics else "—" for n, _ in LOSSES]
         checkpoint = stage.checkpoint.rsplit("/", 1)[-1] if stage.checkpoint else "—"
-        table.add_row(stage.name, _status(stage.status), f"{stage.step}/{stage.total_steps or '?'}",
+        table.add_row(stage.name, _status(shown_stage_status(stage, status)), f"{stage.step}/{stage.total_steps or '?'}",
                       *values, checkpoint)
         shown = [form.format(metrics[n][1]) for n, form in RATES.items() if n in metrics]
         if shown:

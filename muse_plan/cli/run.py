@@ -51,17 +51,33 @@ def execute(ctx: typer.Context, plan_ref: str, *, resume: bool, run_ref: str | N
         _report(result)
 
 
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
 def _report(result) -> None:
     verb = "resumed and finished" if result.resumed else "finished"
     where = f" on {result.processes} processes" if result.processes > 1 else ""
-    console.print(f"run {result.run_id} of plan [bold]{result.plan}[/] (revision {result.revision}) {verb}{where}")
+    moved = (f"; the plan's head is now revision {result.head}, stored since"
+             if result.head is not None and result.head != result.revision else "")
+    console.print(f"run {result.run_id} of plan [bold]{result.plan}[/] (revision {result.revision}{moved}) "
+                  f"{verb}{where} in {_duration(result.seconds)}"
+                  + (f"; {_duration(result.run_seconds)} since the run started" if result.resumed
+                     and result.run_seconds is not None else ""), highlight=False)
     for stage in result.stages:
         m = stage.metrics
         if "reward" in m:  # an RL stage: its surrogate loss says little, the reward does
             trained = f", reward {m['reward']:.3f}"
         else:
             trained = f", train loss {m['loss']:.3f}" if "loss" in m else ""  # a grow stage trains nothing
-        console.print(f"  {stage.name}: {stage.steps} steps in {stage.seconds:.0f}s{trained}", highlight=False)
+        done = (f"steps {stage.start_step + 1}–{stage.steps} of {stage.steps} in {_duration(stage.seconds)} "
+                f"(resumed from step {stage.start_step})" if stage.start_step else
+                f"{stage.steps} steps in {_duration(stage.seconds)}")
+        console.print(f"  {stage.name}: {done}{trained}", highlight=False)
         if "val_loss" in m:
             baseline = m.get("unigram_val_loss")
             tail = (f" nats/token; a unigram model of the same data: {baseline:.3f}" if baseline is not None
@@ -87,8 +103,9 @@ def list_(
         only = repo.get_plan(session, plan) if plan else None
         rows = [(r, p, runs.shown_status(r), runs.stage_runs(session, r)) for r, p in runs.list_runs(session, only)]
     if as_json:
-        print_json([{"id": r.id, "plan": p.name, "revision": r.revision, "status": status,
-                     "stages": [{"name": s.name, "status": s.status, "step": s.step, "total_steps": s.total_steps}
+        print_json([{"id": r.id, "plan": p.name, "revision": r.under, "started_under": r.revision, "status": status,
+                     "stages": [{"name": s.name, "status": runs.shown_stage_status(s, status), "step": s.step,
+                                 "total_steps": s.total_steps}
                                 for s in stages],
                      "started_at": r.started_at, "finished_at": r.finished_at} for r, p, status, stages in rows])
         return
@@ -112,9 +129,11 @@ def show(ctx: typer.Context, run: RunArg, as_json: JsonOpt = False) -> None:
         events = runs.events(session, r.id)
         status = runs.shown_status(r)
     if as_json:
-        print_json({"id": r.id, "plan": plan.name, "revision": r.revision, "status": status, "error": r.error,
+        print_json({"id": r.id, "plan": plan.name, "revision": r.under, "started_under": r.revision,
+                    "status": status, "error": r.error,
                     "run_dir": r.run_dir, "started_at": r.started_at, "finished_at": r.finished_at,
-                    "stages": [{"name": s.name, "status": s.status, "step": s.step, "total_steps": s.total_steps,
+                    "stages": [{"name": s.name, "status": runs.shown_stage_status(s, status), "step": s.step,
+                                "total_steps": s.total_steps,
                                 "checkpoint": s.checkpoint, "metrics": {k: v for k, (_, v) in m.items()}}
                                for s, m in stages],
                     "events": [{"time": e.time, "severity": e.severity, "message": e.message} for e in events]})

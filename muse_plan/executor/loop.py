@@ -99,9 +99,21 @@ class Injector:
                                  "like nan@120,oom@200")
             self.pending.add((kind, int(at)))
 
+        self.fired: list[str] = []  # "nan@120": fired since the last take_fired()
+
+    def unreachable(self, longest: int) -> list[str]:
+        """The faults no stage reaches (a stage of ``longest`` steps is the longest)."""
+        return sorted(f"{kind}@{step}" for kind, step in self.pending if step > longest)
+
+    def take_fired(self) -> str | None:
+        """The injected faults that fired since last asked (``nan@120``), None if none."""
+        fired, self.fired = self.fired, []
+        return ",".join(fired) or None
+
     def _fire(self, kind: str, step: int) -> bool:
         if (kind, step) in self.pending:
             self.pending.discard((kind, step))
+            self.fired.append(f"{kind}@{step}")
             return True
         return False
 

@@ -61,7 +61,7 @@ def stage_settings(spec: PlanSpec, position: int, world_size: int, cuda: bool) -
 
 
 def prepare_run(store: Store, plan_ref: str, resume: bool, run_ref: str | None, world_size: int,
-             cuda: bool, force: bool = False, view: View | None = None) -> Prepared:
+             cuda: bool, force: bool = False, view: View | None = None, injector: Any = None) -> Prepared:
     with store.read() as session:
         if run_ref is not None:
             plan = session.get(repo.Plan, runs.get_run(session, run_ref).plan_id)
@@ -69,13 +69,18 @@ def prepare_run(store: Store, plan_ref: str, resume: bool, run_ref: str | None, 
             plan = repo.get_plan(session, plan_ref)
         revision = repo.get_revision(session, plan)
         spec = repo.spec_of(revision)
-    check_stages(spec, world_size, cuda)
+    trained = [s.steps for s in check_stages(spec, world_size, cuda) if STAGE_KINDS[s.kind].trains]
+    unreachable = injector.unreachable(max(trained, default=0)) if injector is not None else []
+    if unreachable:
+        raise PlanError(f"--inject {','.join(unreachable)}: no stage of plan {plan.name!r} reaches that step "
+                        f"(its longest trains {max(trained, default=0)} steps), so it would never fire; "
+                        "nothing was run")
     if not resume:
         revision, spec = _fit_here(store, plan, revision, spec, world_size, force, view)
     settings = check_stages(spec, world_size, cuda)
     with store.write() as session:
         if resume:
-            run, start = _reopen(session, plan, spec, run_ref)
+            run, start = _reopen(session, plan, spec, run_ref, revision.number)
         else:
             run = runs.create_run(session, plan, revision.number, [(s.name, s.steps) for s in settings],
                                   str(muse_home() / "runs"))
@@ -109,16 +114,16 @@ def _fit_here(store: Store, plan: Any, revision: Any, spec: PlanSpec, world_size
         say(f"warning: {text}; running anyway (--force)")
         return revision, spec
     if result.verdict == "fits_with_changes":
-        fitted = result.fitted_spec
         reason = f"fitted to {hw.describe()} before run: " + result.describe_changes()
         with store.write() as session:
-            revision = repo.add_revision(session, repo.get_plan(session, plan.id), fitted, "optimizer", reason)
-        say(f"revision {revision.number} by the optimizer: {reason}")
-        return revision, fitted
+            done = repo.rewrite_on_head(session, plan.id, revision.number, spec, result.fitted_spec, "optimizer",
+                                        reason)
+        say(f"revision {done.revision.number} by the optimizer: {reason}")
+        return done.revision, done.spec
     return revision, spec
 
 
-def _reopen(session: Any, plan: Any, spec: PlanSpec, run_ref: str | None) -> tuple[Run, int]:
+def _reopen(session: Any, plan: Any, spec: PlanSpec, run_ref: str | None, revision: int) -> tuple[Run, int]:
     run = runs.get_run(session, run_ref) if run_ref is not None else runs.latest_unfinished(session, plan)
     if run is None:
         raise NotFound(f"plan {plan.name!r} has no unfinished run to resume; start one with: "
@@ -133,8 +138,9 @@ def _reopen(session: Any, plan: Any, spec: PlanSpec, run_ref: str | None) -> tup
                        f"start a new run with: muse plan run {plan.name}")
     start = next((s.position for s in stages if s.status != "completed"), len(stages))
     run.status, run.pid, run.error, run.finished_at = "running", os.getpid(), None, None
-    run.host = socket.gethostname()
-    runs.add_event(session, run, f"run resumed at stage {spec.stages[min(start, len(stages) - 1)].name}")
+    run.host, run.current_revision = socket.gethostname(), revision
+    under = "" if revision == run.revision else f" under revision {revision} (started under {run.revision})"
+    runs.add_event(session, run, f"run resumed at stage {spec.stages[min(start, len(stages) - 1)].name}{under}")
     return run, start
 
 

@@ -161,12 +161,13 @@ def probe_stage(spec: PlanSpec, s: StageSettings, accelerator: Any, cache_dir: A
 
 def probe_plan(spec: PlanSpec, world_size: int, cuda: bool, cache_dir: Any,
                say: Callable[[ProbeResult], None] = lambda r: None,
-               rewrite: Callable[[PlanSpec, str], None] = lambda spec, reason: None,
+               rewrite: Callable[[PlanSpec, str], PlanSpec | None] = lambda spec, reason: None,
                note: Callable[[int, str], None] = lambda position, text: None,
                ) -> tuple[PlanSpec, list[ProbeResult], Any]:
     """Probe every stage that trains, each under the Accelerator and settings the run gives
     it; a stage that does not fit climbs recovery's OOM ladder (``rewrite(new_spec,
-    reason)`` records each rung) and is probed again. Returns the plan to run, every probe
+    reason)`` records each rung and may give back the plan to go on with: the rung laid
+    on the stored head) and is probed again. Returns the plan to run, every probe
     made and the Accelerator the probes left; ``PlanError`` when a stage fits no rung."""
     from muse_plan.executor.accelerators import accelerator_for
     from muse_plan.executor.prepare import stage_settings
@@ -192,6 +193,6 @@ def probe_plan(spec: PlanSpec, world_size: int, cuda: bool, cache_dir: Any,
                 raise PlanError(f"{result.describe()}; no rewrite of stage {stage.name!r} is left to try "
                                 "(micro-batch 1, full checkpointing, optimizer offload, LoRA where it runs)")
             used, change, spec = found
+            spec = rewrite(spec, f"probe before run: {result.describe()}; {change.summary}") or spec
             stage = spec.stages[position]
-            rewrite(spec, f"probe before run: {result.describe()}; {change.summary}")
     return spec, results, accelerator

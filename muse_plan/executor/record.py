@@ -45,18 +45,26 @@ class StageResult:
     name: str
     steps: int
     metrics: dict[str, float]
-    seconds: float
+    seconds: float  # wall time of this stage in this process
+    start_step: int = 0  # the step this process started it from (a resume's checkpoint)
+
+    @property
+    def trained_here(self) -> int:
+        return self.steps - self.start_step
 
 
 @dataclass
 class RunResult:
     run_id: int
     plan: str
-    revision: int
+    revision: int  # the revision the run finished under
     resumed: bool
     main: bool = True  # the main process reports; the others stay quiet
     processes: int = 1
     stages: list[StageResult] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of this process's part of the run
+    head: int | None = None  # the plan's head when it finished (an edit since may have moved it on)
+    run_seconds: float | None = None  # wall time since the run first started, pauses included
 
 
 @dataclass

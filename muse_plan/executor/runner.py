@@ -43,7 +43,7 @@ from muse_plan.executor.prepare import prepare_run, set_up, stage_settings
 from muse_plan.executor.record import (Prepared, Recorder, RunResult, StageResult, View, mark_stopped, model_meta,
                                        note)
 from muse_plan.monitor.detectors import Watch
-from muse_plan.plan.io import spec_from_dict
+from muse_plan.plan.io import spec_from_dict, spec_to_dict
 from muse_plan.plan.kinds import STAGE_KINDS
 from muse_plan.plan.spec import PlanSpec
 from muse_plan.recovery.handler import Budget, recover
@@ -60,13 +60,16 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
+    t0 = time.perf_counter()
     cuda = torch.cuda.is_available()
     state = PartialState(cpu=not cuda)
     store = Store(db_url) if state.is_main_process else None
     decided: list[Any] = [None]
+    injector = Injector(inject or os.environ.get("MUSE_INJECT"))
     if store is not None:
         try:
-            decided[0] = prepare_run(store, plan_ref, resume, run_ref, state.num_processes, cuda, force, view)
+            decided[0] = prepare_run(store, plan_ref, resume, run_ref, state.num_processes, cuda, force, view,
+                                     injector)
         except MuseError as exc:
             decided[0] = exc
     if state.num_processes > 1:
@@ -78,11 +81,12 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
     accelerator = None
     result = RunResult(prepared.run_id, prepared.plan, prepared.revision, prepared.resume,
                        main=state.is_main_process, processes=state.num_processes)
-    injector = Injector(inject or os.environ.get("MUSE_INJECT"))
     previous = _stop_between_steps()
     try:
         if (cuda if probe is None else probe) and not prepared.resume:
             spec, accelerator = _probe(store, prepared, spec, state.num_processes, cuda, view)
+            if state.num_processes > 1:
+                spec, prepared.revision = _shared(spec, prepared.revision)
         for position in range(prepared.start, len(spec.stages)):
             resuming = prepared.resume and position == prepared.start
             budget, skip_until = Budget(), None
@@ -94,10 +98,12 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
                                                     injector, skip_until))
                     break
                 except Fault as fault:
-                    spec, skip = recover(store, prepared.run_id, prepared.stage_run_ids[position], prepared.plan,
-                                         spec, position, fault, budget, accelerator.num_processes,
-                                         view.message if view and store is not None else None)
-                    prepared.revision += 1
+                    spec, skip, prepared.revision = recover(
+                        store, prepared.run_id, prepared.stage_run_ids[position], prepared.plan, spec, position,
+                        fault, budget, accelerator.num_processes, view.message if view and store is not None
+                        else None, prepared.revision, injector.take_fired())
+                    if state.num_processes > 1:  # the main process laid it on the head: all go on with that
+                        spec, prepared.revision = _shared(spec, prepared.revision)
                     resuming, skip_until = True, fault.step if skip else None
     except BaseException as exc:
         where = mark_stopped(store, prepared, exc) if store is not None else ""
@@ -113,13 +119,26 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     result.revision = prepared.revision
+    result.seconds = time.perf_counter() - t0
     if store is not None:
         with store.write() as session:
             run = session.get(Run, prepared.run_id)
             run.status, run.finished_at, run.error = "completed", utcnow(), None
-            runs.add_event(session, run, "run completed")
+            run.current_revision = prepared.revision
+            runs.add_event(session, run, f"run completed under revision {prepared.revision}")
+            result.head = session.get(repo.Plan, run.plan_id).head
+            result.run_seconds = (run.finished_at - run.started_at).total_seconds() if run.started_at else None
         store.close()
     return result
+
+
+def _shared(spec: PlanSpec, revision: int) -> tuple[PlanSpec, int]:
+    """The main process's plan and revision number, on every process."""
+    from accelerate.utils import broadcast_object_list
+
+    box: list[Any] = [json.dumps(spec_to_dict(spec)), revision]
+    broadcast_object_list(box, from_process=0)
+    return spec_from_dict(json.loads(box[0]), "the plan"), int(box[1])
 
 
 def _stop_between_steps() -> Any:
@@ -155,17 +174,24 @@ def _probe(store: Store | None, prepared: Prepared, spec: PlanSpec, world_size: 
         if view:
             view.message(result.describe())
 
-    def rewritten(new: PlanSpec, reason: str) -> None:
-        prepared.revision += 1
-        if store is None:
-            return
+    def rewritten(new: PlanSpec, reason: str) -> PlanSpec:
+        if store is None:  # the main process's revision and plan reach this one after the probes
+            prepared.revision += 1
+            return new
         with store.write() as session:
-            revision = repo.add_revision(session, repo.get_plan(session, prepared.plan), new, "optimizer", reason)
-            prepared.revision = revision.number
-            runs.add_event(session, session.get(Run, prepared.run_id), f"plan revision {revision.number}: {reason}",
-                           kind="rewrite", severity="warning")
+            done = repo.rewrite_on_head(session, prepared.plan, prepared.revision, base[0], new, "optimizer", reason)
+            prepared.revision = done.revision.number
+            run = session.get(Run, prepared.run_id)
+            run.current_revision = done.revision.number
+            session.add(run)
+            runs.add_event(session, run, f"plan revision {done.revision.number}: {reason}" +
+                           (f"; {done.describe()}" if done.merged else ""), kind="rewrite", severity="warning")
         if view:
             view.message(f"revision {prepared.revision} by the optimizer: {reason}")
+        base[0] = done.spec
+        return done.spec
+
+    base = [spec]  # the revision the run is under: what the next rewrite is computed from
 
     spec, _, accelerator = probe_plan(
         spec, world_size, cuda, muse_home() / "cache", recorded, rewritten,
@@ -231,7 +257,7 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         hooks.finish(steps, summary, checkpoint.step_dir(run_dir / stage.name, steps))
         if view:
             view.stage_finished(stage.name)
-    return StageResult(stage.name, steps, metrics, time.perf_counter() - t0)
+    return StageResult(stage.name, steps, metrics, time.perf_counter() - t0, start.step if start else 0)
 
 
 def _saved_config(spec: PlanSpec, prepared: Prepared, position: int, resuming: bool) -> dict[str, Any] | None:
@@ -272,7 +298,9 @@ def _starting_point(store: Store | None, accelerator: Any, spec: PlanSpec, prepa
                 notes.append(f"checkpoint was made under revision {made_under}; "
                              f"continuing under revision {prepared.revision}")
         elif skipped:
-            notes.append(f"no usable checkpoint for stage {stage.name}; starting it from its beginning")
+            notes.append(f"no usable checkpoint for stage {stage.name}; restarting it from step 0")
+        else:
+            notes.append(f"restarting stage {stage.name} from step 0 (no checkpoint yet)")
         note(store, prepared, position, notes, view, severity="warning" if skipped else "info")
         if start is not None:
             return start

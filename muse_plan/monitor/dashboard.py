@@ -230,7 +230,7 @@ def snapshot(session: Session, run: Run, thresholds: dict[str, float] | None = N
     run = session.get(Run, run.id)  # as stored now, in this transaction
     plan = session.get(Plan, run.plan_id)
     status = runs.shown_status(run)
-    device_gib = _device_gib(repo.spec_of(repo.get_revision(session, plan, run.revision)), host)
+    device_gib = _device_gib(repo.spec_of(repo.get_revision(session, plan, run.under)), host)
     now = now or datetime.now(timezone.utc)
     stages = [_stage(session, run, s, status, device_gib, now) for s in runs.stage_runs(session, run)]
     current = next((s for s in stages if s["status"] == "running"), None) \
@@ -244,7 +244,8 @@ def snapshot(session: Session, run: Run, thresholds: dict[str, float] | None = N
         v is not None for v in live.values()) else None)
     revisions = [r for r in repo.list_revisions(session, plan) if r.author in REWRITERS][-4:]
     return {
-        "run": run.id, "plan": plan.name, "plan_id": plan.id, "revision": run.revision, "status": status,
+        "run": run.id, "plan": plan.name, "plan_id": plan.id, "revision": run.under,
+        "started_under": run.revision, "status": status,
         "finished": status in FINISHED, "error": run.error, "host": run.host,
         "started_at": _iso(run.started_at), "finished_at": _iso(run.finished_at),
         "taken_at": _iso(now), "last_metric_at": _iso(last_point),
@@ -269,9 +270,7 @@ def _stage(session: Session, run: Run, stage: Any, run_status: str, device_gib: 
     metrics = {n: p[-1].value for n in SHOWN if (p := _points(session, run.id, stage.id, n, 1))}
     if "memory_gib" in metrics and device_gib:
         metrics["memory_percent"] = 100 * metrics["memory_gib"] / device_gib
-    status = stage.status
-    if status == "running" and run_status != "running":
-        status = run_status  # its process is gone
+    status = runs.shown_stage_status(stage, run_status)
     eta = rate = None
     if status == "running" and stage.total_steps:
         timed = [(p.step, p.time) for p in _points(session, run.id, stage.id, "loss", ETA_POINTS)]
@@ -356,7 +355,9 @@ def _time(iso: str, form: str = "%H:%M:%S") -> str:
 
 def _header(snap: dict[str, Any]) -> Text:
     status = snap["status"]
-    head = Text.assemble((f"run {snap['run']}", "bold"), f" · plan {snap['plan']} · revision {snap['revision']} · ",
+    started = snap.get("started_under", snap["revision"])
+    revision = f"{snap['revision']}" + (f" (started under {started})" if started != snap["revision"] else "")
+    head = Text.assemble((f"run {snap['run']}", "bold"), f" · plan {snap['plan']} · revision {revision} · ",
                          (status, STATUS_STYLE.get(status, "")))
     taken = datetime.fromisoformat(snap["taken_at"])
     head.append(f"   as of {_time(snap['taken_at'])}", style="dim")

@@ -64,10 +64,10 @@ def parse_duration(text: str) -> int:
 
 
 def format_duration(seconds: int) -> str:
-    """604800 → "7days", 129600 → "36h", 5400 → "90min": the largest whole unit."""
+    """604800 → "7days", 86400 → "1day", 129600 → "36h", 5400 → "90min": the largest whole unit."""
     for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
         if seconds % size == 0:
-            return f"{seconds // size}{unit}"
+            return "1day" if seconds == size == 86400 else f"{seconds // size}{unit}"
     return f"{seconds}s"
 
 

@@ -238,7 +238,7 @@ def predicted_gib(spec: Any, stage: Any, *, device: str, processes: int) -> tupl
 def _memory(session: Session, run: Run, plan: Plan, spans: list[Span], device: str,
             processes: int, measured: list[list[tuple[int, float]]]) -> list[MemoryRow]:
     try:
-        spec = repo.spec_of(repo.get_revision(session, plan, run.revision))
+        spec = repo.spec_of(repo.get_revision(session, plan, run.under))  # what it finished with
     except MuseError:
         spec = None
     stages = {s.name: s for s in spec.stages} if spec else {}
@@ -277,7 +277,7 @@ def build(session: Session, ref: str) -> RunReport:
     story = [r for r in repo.list_revisions(session, plan) if r.number >= run.revision
              and (run.finished_at is None or _utc(r.created_at) <= _utc(run.finished_at))]
     return RunReport(
-        plan=plan.name, run_id=run.id, revision=run.revision, status=runs.shown_status(run), error=run.error,
+        plan=plan.name, run_id=run.id, revision=run.under, status=runs.shown_status(run), error=run.error,
         device=device, processes=processes, spans=spans, series=series, final=final,
         markers=markers(spans, events), events=rows,
         memory=_memory(session, run, plan, spans, device, processes, raw["memory_gib"]), revisions=story,

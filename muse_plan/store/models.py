@@ -66,6 +66,7 @@ class Run(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     plan_id: int = Field(foreign_key="plans.id", ondelete="CASCADE", index=True)
     revision: int = Field(description="plan revision the run started under")
+    current_revision: int | None = Field(default=None, description="plan revision the run is under now")
     status: str = "pending"
     run_dir: str | None = None
     host: str | None = None
@@ -74,6 +75,11 @@ class Run(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+    @property
+    def under(self) -> int:
+        """The revision the run is under now (a rewrite while it trains moves it on)."""
+        return self.current_revision or self.revision
 
 
 class StageRun(SQLModel, table=True):

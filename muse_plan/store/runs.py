@@ -83,6 +83,19 @@ def shown_status(run: Run) -> str:
     return run.status
 
 
+def shown_stage_status(stage: StageRun, run_status: str) -> str:
+    """A stage's status as shown beside its run's ``shown_status``: a stage still marked
+    running in a run that is not (its process was killed) stopped as the run did."""
+    if stage.status == "running" and run_status != "running":
+        return run_status
+    return stage.status
+
+
+def revision_text(run: Run) -> str:
+    """"5", or "5 (started under 3)" when a rewrite or a resume moved the run on."""
+    return str(run.under) if run.under == run.revision else f"{run.under} (started under {run.revision})"
+
+
 def stage_runs(session: Session, run: Run) -> list[StageRun]:
     return list(session.exec(select(StageRun).where(StageRun.run_id == run.id)
                              .order_by(col(StageRun.position))))
