@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from muse_plan.store import runs
+from muse_plan.store import repo, runs
 from muse_plan.store.db import Store
 from muse_plan.store.models import Run
 
@@ -217,6 +217,17 @@ def test_two_processes_follow_the_one_process_curve_at_the_same_global_batch(tmp
     one_curve, two_curve = losses(1), losses(2)
     assert [s for s, _ in two_curve] == list(range(1, 31))
     assert max(abs(a - b) for (_, a), (_, b) in zip(one_curve, two_curve)) < 1e-4
+    # a fault on 2 processes: the main process stores the rewrite, both go on under it
+    faulted = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                              "-m", "muse_plan", "plan", "run", "tiny"], env={**env, "MUSE_INJECT": "nan@15"},
+                             capture_output=True, text=True, timeout=300)
+    assert faulted.returncode == 0, faulted.stdout + faulted.stderr
+    assert "(revision 2) finished on 2 processes" in faulted.stdout
+    with Store().read() as session:
+        run = runs.get_run(session, 3)
+        assert (run.revision, run.current_revision, run.status) == (1, 2, "completed")
+        assert repo.get_plan(session, "tiny").head == 2
+    assert [s for s, _ in losses(3)] == list(range(1, 31))
 
 
 def test_a_stage_of_another_precision_gets_its_own_accelerator(cli, tmp_path, muse_home) -> None:

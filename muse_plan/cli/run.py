@@ -77,7 +77,8 @@ def _report(result) -> None:
         done = (f"steps {stage.start_step + 1}–{stage.steps} of {stage.steps} in {_duration(stage.seconds)} "
                 f"(resumed from step {stage.start_step})" if stage.start_step else
                 f"{stage.steps} steps in {_duration(stage.seconds)}")
-        console.print(f"  {stage.name}: {done}{trained}", highlight=False)
+        faults = f", {stage.faults} fault{'s' * (stage.faults > 1)} recovered" if stage.faults else ""
+        console.print(f"  {stage.name}: {done}{faults}{trained}", highlight=False)
         if "val_loss" in m:
             baseline = m.get("unigram_val_loss")
             tail = (f" nats/token; a unigram model of the same data: {baseline:.3f}" if baseline is not None

@@ -45,8 +45,9 @@ class StageResult:
     name: str
     steps: int
     metrics: dict[str, float]
-    seconds: float  # wall time of this stage in this process
+    seconds: float  # wall time of this stage in this process, faults and their recovery included
     start_step: int = 0  # the step this process started it from (a resume's checkpoint)
+    faults: int = 0  # faults recovered from on the way
 
     @property
     def trained_here(self) -> int:

@@ -89,13 +89,16 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
                 spec, prepared.revision = _shared(spec, prepared.revision)
         for position in range(prepared.start, len(spec.stages)):
             resuming = prepared.resume and position == prepared.start
-            budget, skip_until = Budget(), None
+            budget, skip_until, began, starts = Budget(), None, time.perf_counter(), []
             while True:
                 accelerator = accelerator_for(accelerator, spec, position, state.num_processes, cuda,
                                                lambda text: note(store, prepared, position, [text], view, "info"))
                 try:
-                    result.stages.append(_run_stage(store, accelerator, spec, prepared, position, resuming, view,
-                                                    injector, skip_until))
+                    done = _run_stage(store, accelerator, spec, prepared, position, resuming, view, injector,
+                                      skip_until, starts)
+                    # this process's whole part of the stage: from where it first started, faults included
+                    result.stages.append(replace(done, seconds=time.perf_counter() - began,
+                                                 start_step=starts[0] if starts else 0, faults=len(budget.tried)))
                     break
                 except Fault as fault:
                     spec, skip, prepared.revision = recover(
@@ -207,7 +210,8 @@ def _seed(seed: int) -> None:
 
 def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: Prepared, position: int,
                resuming: bool, view: View | None, injector: Injector | None = None,
-               skip_until: int | None = None) -> StageResult:
+               skip_until: int | None = None, starts: list[int] | None = None) -> StageResult:
+    """One attempt at a stage; ``starts`` gets the step it started from."""
     stage = spec.stages[position]
     s = stage_settings(spec, position, accelerator.num_processes, accelerator.device.type == "cuda")
     trains = STAGE_KINDS[stage.kind].trains
@@ -222,6 +226,8 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         return grow_stage(store, accelerator, spec, prepared, position, s, trainer, view)
     run_dir = Path(prepared.run_dir)
     start = _starting_point(store, accelerator, spec, prepared, position, resuming, trainer, view)
+    if starts is not None:
+        starts.append(start.step if start else 0)
     meta = {"plan": prepared.plan, "revision": prepared.revision, "run": prepared.run_id, "stage": stage.name,
             **model_meta(trainer.model)}
     hooks = None
