@@ -5,7 +5,6 @@ is still refused says why. FSDP (zero2/zero3/fsdp) needs GPUs:
 
 from __future__ import annotations
 
-import copy
 import io
 import os
 import socket

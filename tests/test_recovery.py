@@ -168,8 +168,8 @@ def test_explosion_rule_ignores_zero_norms_and_takes_its_factor():
 class _EditsMidRun:
     """A view that, at one step of the run, stores a person's edit of the plan (its own store)."""
 
-    def __init__(self, at: int, sets: list[str]) -> None:
-        self.at, self.sets, self.messages = at, sets, []
+    def __init__(self, url: str, at: int, sets: list[str]) -> None:
+        self.url, self.at, self.sets, self.messages = url, at, sets, []
 
     def message(self, text: str) -> None:
         self.messages.append(text)
@@ -178,7 +178,7 @@ class _EditsMidRun:
         if record.step == self.at:
             from muse_plan import api
 
-            edited = Store()
+            edited = Store(self.url)
             api.edit(edited, "quickstart-cpu", self.sets)
             edited.close()
 
@@ -189,14 +189,17 @@ class _EditsMidRun:
     def stage_finished(self, *args) -> None: ...
 
 
-def test_an_edit_made_during_a_run_survives_recovery_and_a_clash_is_named(cli) -> None:
+def test_an_edit_made_during_a_run_survives_recovery_and_a_clash_is_named(cli, backend_url) -> None:
     from muse_plan.executor.runner import run_plan
 
-    cli("plan", "import", QUICKSTART)
-    cli("plan", "edit", "quickstart-cpu", *SHORT)  # revision 2: the run starts under it
-    view = _EditsMidRun(20, ["description=mine", "stages.pretrain.eval_every=25", "training.lr=0.002"])
-    result = run_plan(None, "quickstart-cpu", view=view, inject="nan@45", probe=False)
-    history = json.loads(cli("plan", "history", "quickstart-cpu", "--json").stdout)
+    def muse(*args):
+        return cli("--db", backend_url, *args)
+
+    muse("plan", "import", QUICKSTART)
+    muse("plan", "edit", "quickstart-cpu", *SHORT)  # revision 2: the run starts under it
+    view = _EditsMidRun(backend_url, 20, ["description=mine", "stages.pretrain.eval_every=25", "training.lr=0.002"])
+    result = run_plan(backend_url, "quickstart-cpu", view=view, inject="nan@45", probe=False)
+    history = json.loads(muse("plan", "history", "quickstart-cpu", "--json").stdout)
     assert [h["author"] for h in history] == ["user", "user", "user", "recovery"]
     recovery = history[-1]
     assert recovery["reason"].startswith("injected fault (--inject nan@45): recovery from nan at step 45")
@@ -207,12 +210,12 @@ def test_an_edit_made_during_a_run_survives_recovery_and_a_clash_is_named(cli) -
     from muse_plan.executor.settings import resolve
     from muse_plan.plan.io import spec_from_dict
 
-    stored = spec_from_dict(json.loads(cli("plan", "export", "quickstart-cpu", "--format", "json").stdout), "p")
+    stored = spec_from_dict(json.loads(muse("plan", "export", "quickstart-cpu", "--format", "json").stdout), "p")
     pretrain = resolve(stored, stored.stages[0], check=False)
     assert (stored.description, pretrain.lr, pretrain.eval_every) == ("mine", 0.0015, 25)
     # the run went on under the head's revision, and every number it shows is the head's
     assert result.revision == result.head == 4
-    with Store().read() as session:
+    with Store(backend_url).read() as session:
         run = runs.get_run(session, result.run_id)
         assert (run.revision, run.current_revision, run.status) == (2, 4, "completed")
         evals = [s for s, _ in runs.metric_series(session, run.id, "val_loss")]
@@ -221,8 +224,8 @@ def test_an_edit_made_during_a_run_survives_recovery_and_a_clash_is_named(cli) -
     assert any("continuing under revision 4" in m for m in view.messages)
     assert "run completed under revision 4" in events
     assert any(m.startswith("injected fault (--inject nan@45): fault:") for m in events)
-    shown = cli("run", "show", str(result.run_id), "--json")
-    assert json.loads(shown.stdout)["revision"] == 4 and json.loads(shown.stdout)["started_under"] == 2
+    shown = json.loads(muse("run", "show", str(result.run_id), "--json").stdout)
+    assert (shown["revision"], shown["started_under"]) == (4, 2)
 
 
 def test_a_fault_before_the_first_checkpoint_says_the_stage_restarts_from_step_0(cli) -> None:

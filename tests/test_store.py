@@ -7,7 +7,7 @@ from sqlmodel import func, select
 
 from muse_plan.errors import Conflict, NotFound, StoreError
 from muse_plan.plan.spec import PlanSpec
-from muse_plan.store import db, repo
+from muse_plan.store import db, repo, runs
 from muse_plan.store.models import Event, MetricPoint, PlanRevision, Run, StageRun
 
 
@@ -293,3 +293,22 @@ def test_a_read_only_home_reads_its_plans_and_refuses_writes_in_one_line(muse_ho
         f"error: the store's folder '{muse_home}' is read-only for this user; nothing was written (set MUSE_HOME "
         "or --db to a store you can write)")
     assert (muse_home / "muse.db").read_bytes() == before and not (muse_home / "muse.db-wal").exists()
+
+
+def test_a_killed_runs_running_stage_shows_as_interrupted_everywhere(store, cli):
+    import subprocess
+    import sys
+
+    plan, _ = make(store)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with store.write() as s:  # as SIGKILL leaves it: the run and its stage still marked running
+        run = runs.create_run(s, repo.get_plan(s, "p"), 1, [("pretrain", 30)], "/tmp/nowhere")
+        run.pid = int(gone.stdout)
+        stage = runs.stage_runs(s, run)[0]
+        stage.status, stage.step = "running", 12
+    shown = json.loads(cli("run", "show", "1", "--json").stdout)
+    assert (shown["status"], shown["stages"][0]["status"]) == ("interrupted", "interrupted")
+    listed = json.loads(cli("run", "list", "--json").stdout)[0]
+    assert (listed["status"], listed["stages"][0]["status"]) == ("interrupted", "interrupted")
+    snap = json.loads(cli("monitor", "1", "--once", "--json").stdout)
+    assert (snap["status"], snap["stages"][0]["status"]) == ("interrupted", "interrupted")

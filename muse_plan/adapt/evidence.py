@@ -133,14 +133,15 @@ def read(session: Session, plan: Plan, run_ref: str | None, metrics: tuple[str, 
     names = [n for n in _series_names(session, run.id)
              if n in RESOURCES or any(METRICS[m](n) for m in metrics)]
     stages = []
+    status = runs.shown_status(run)
     for sr in runs.stage_runs(session, run):
         series = {n: runs.metric_series(session, run.id, n, sr.id) for n in names}
-        stages.append(StageEvidence(sr.name, sr.status, sr.step, sr.total_steps,
+        stages.append(StageEvidence(sr.name, runs.shown_stage_status(sr, status), sr.step, sr.total_steps,
                                     {n: points for n, points in series.items() if points}))
     if not any(s.series for s in stages):
         raise PlanError(f"run {run.id} of plan {plan.name!r} recorded none of the metrics {', '.join(metrics)} "
                         f"yet; let it train, or run the plan again with: muse plan run {plan.name}")
-    return Evidence(plan.name, run.id, runs.shown_status(run), run.revision, metrics, stages,
+    return Evidence(plan.name, run.id, status, run.revision, metrics, stages,
                     _alert_kinds(session, run.id), _changed_after(session, plan, run))
 
 

@@ -262,7 +262,9 @@ def build(session: Session, ref: str) -> RunReport:
                   for sr in stage_runs] for name in SERIES}
     lengths = [max([sr.total_steps or 0, sr.step, *(s for series in raw.values() for s, _ in series[i])])
                for i, sr in enumerate(stage_runs)]
-    spans = lay_out((sr.id, sr.name, n, sr.status, sr.started_at) for sr, n in zip(stage_runs, lengths))
+    status = runs.shown_status(run)
+    spans = lay_out((sr.id, sr.name, n, runs.shown_stage_status(sr, status), sr.started_at)
+                    for sr, n in zip(stage_runs, lengths))
     series = {name: [[(span.start + s, v) for s, v in points] for span, points in zip(spans, per_stage)]
               for name, per_stage in raw.items()}
     final = [{k: v for k, (_, v) in runs.last_metrics(session, sr.id).items()} for sr in stage_runs]
@@ -277,7 +279,7 @@ def build(session: Session, ref: str) -> RunReport:
     story = [r for r in repo.list_revisions(session, plan) if r.number >= run.revision
              and (run.finished_at is None or _utc(r.created_at) <= _utc(run.finished_at))]
     return RunReport(
-        plan=plan.name, run_id=run.id, revision=run.under, status=runs.shown_status(run), error=run.error,
+        plan=plan.name, run_id=run.id, revision=run.under, status=status, error=run.error,
         device=device, processes=processes, spans=spans, series=series, final=final,
         markers=markers(spans, events), events=rows,
         memory=_memory(session, run, plan, spans, device, processes, raw["memory_gib"]), revisions=story,

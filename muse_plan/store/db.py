@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, select
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, make_url, select
 from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, OperationalError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel
@@ -191,6 +191,18 @@ class Store:
             with session.begin():
                 yield session
 
+    @property
+    def shown_url(self) -> str:
+        """The URL for a message: any password hidden."""
+        try:
+            return make_url(self.url).render_as_string(hide_password=True)
+        except ArgumentError:
+            return self.url
+
+    def _unusable(self, orig: BaseException) -> StoreError:
+        lines = str(orig).strip().splitlines()
+        return StoreError(f"database {self.shown_url!r} can't be used: {lines[0] if lines else type(orig).__name__}")
+
     @contextmanager
     def _translated(self) -> Iterator[None]:
         try:
@@ -199,11 +211,13 @@ class Store:
             text = str(exc.orig)
             if "locked" in text or "busy" in text:
                 raise StoreError(
-                    f"the database {self.url!r} stayed locked by another process for "
+                    f"the database {self.shown_url!r} stayed locked by another process for "
                     f"{BUSY_TIMEOUT_S} s; nothing was written"
                 ) from None
-            if any(sign in text for sign in _UNUSABLE):
-                raise StoreError(f"database {self.url!r} can't be used: {text}") from None
+            # a server's database that can't be reached (no server, no such database, refused) is
+            # the user's to fix, as is a SQLite file that is not a usable database
+            if not self.url.startswith("sqlite") or any(sign in text for sign in _UNUSABLE):
+                raise self._unusable(exc.orig) from None
             raise
         except IntegrityError as exc:
             if "unique" in str(exc.orig).lower():  # two writers created the same thing at once
@@ -212,7 +226,7 @@ class Store:
             raise
         except DatabaseError as exc:
             if any(sign in str(exc.orig) for sign in _UNUSABLE):
-                raise StoreError(f"database {self.url!r} can't be used: {exc.orig}") from None
+                raise self._unusable(exc.orig) from None
             raise
 
     def close(self) -> None:
