@@ -195,6 +195,28 @@ def optimize(store: Store, ref: str, *, gpu_type: str | None = None, available_g
     return Optimized(plan, result, Stored(plan, done.revision, done.spec), probes)
 
 
+def write_alternative(result: Any, number: int, path: Path) -> dict[str, Any]:
+    """``optimize --write-alternative N -o FILE``: alternative N of a fit (numbered from 1,
+    as shown) as a plan file, with the settings its own fit chose; what it still needs
+    before it runs (a pretrained checkpoint to fine-tune) is said, not guessed."""
+    alternatives = result.alternatives
+    if not 1 <= number <= len(alternatives):
+        shown = f"1 to {len(alternatives)}" if alternatives else "none: the fit offers no alternative"
+        raise PlanError(f"--write-alternative {number}: the alternatives are numbered {shown}")
+    alt = alternatives[number - 1]
+    spec = alt.result.fitted_spec or alt.spec
+    fmt = "json" if path.suffix.lower() == ".json" else "yaml"
+    try:
+        path.write_text(io.dump(spec, fmt), encoding="utf-8")
+    except OSError as exc:
+        raise PlanError(f"can't write {str(path)!r}: {exc.strerror}") from None
+    needs = [s.name for s in spec.stages if s.kind in ("finetune",)] if not spec.model.init_from else []
+    note = (f"stage {needs[0]} fine-tunes a pretrained model: set model.init_from to its local folder first"
+            if needs else "")
+    return {"number": number, "title": alt.title, "name": spec.name, "path": str(path),
+            "hardware": alt.hardware.describe(), "verdict": alt.result.verdict, "note": note}
+
+
 def _probe_here(spec: Any) -> tuple[Any, list[Any], list[str]]:
     """Probe every stage of ``spec`` on this machine, one process (``executor/probe.py``)."""
     import torch

@@ -159,3 +159,24 @@ def test_a_plan_that_does_not_fit_names_the_stages_no_setting_fits() -> None:
     spec = bundled("reasoning-grpo-a100")  # T-SPMO: 50 completions a prompt with a 152k vocabulary, one micro-step
     result = fitting.fit(spec, fitting.hardware_for(spec, host=HOST), alternatives=False)
     assert result.verdict == "does_not_fit" and result.unfit == ["reasoning_rl_t_spmo"]
+
+
+def test_an_alternative_is_written_as_a_plan_file_that_imports_and_fits(cli, tmp_path) -> None:
+    assert cli("plan", "create", "--model-scale", "10B", "--target-tasks", "reasoning", "--techniques", "mhc",
+               "--compute-budget", "1xRTX3080-8GB", "--timeline", "7days", "--name", "big").exit_code == 0
+    shown = json.loads(cli("plan", "optimize", "big", "--dry-run", "--json").stdout)
+    assert shown["verdict"] == "does_not_fit" and shown["alternatives"]
+    out = tmp_path / "alt.yaml"
+    result = cli("plan", "optimize", "big", "--dry-run", "--write-alternative", "1", "-o", out)
+    assert result.exit_code == 0, result.output
+    written = load_file(out)
+    assert f"wrote alternative 1 ({shown['alternatives'][0]['title']}) to {out} as plan {written.name!r}" \
+        in " ".join(result.output.split())
+    assert cli("plan", "import", out).exit_code == 0
+    fitted = json.loads(cli("plan", "optimize", written.name, "--dry-run", "--json").stdout)
+    assert fitted["verdict"] in ("fits", "fits_with_changes")
+    assert fitted["hardware"] == shown["alternatives"][0]["hardware"]
+    bad = cli("plan", "optimize", "big", "--write-alternative", str(len(shown["alternatives"]) + 1), "-o", out)
+    assert bad.exit_code == 2 and "the alternatives are numbered 1 to" in bad.output
+    alone = cli("plan", "optimize", "big", "--write-alternative", "1")
+    assert alone.exit_code == 2 and "go together" in alone.output

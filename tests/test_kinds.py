@@ -35,7 +35,7 @@ def plan(stage: dict, **extra) -> dict:
     ({"kind": "rejection_sampling", "options": {"lora": "yes"}}, "option lora = 'yes'"),
     ({"kind": "pretrain", "options": {"taks": ["add_sub"]}}, "unknown option 'taks'; accepted: tasks"),
     ({"kind": "pretrain", "options": {"stop_on_plateau": 1}}, "stop_on_plateau: must be true or a window of at"),
-    ({"kind": "finetune", "options": {"lora": True}}, "unknown option 'lora'"),  # the engine runs no LoRA yet
+    ({"kind": "pretrain", "options": {"lora": True}}, "unknown option 'lora' for a pretrain stage"),
     ({"kind": "grow", "options": {"operatr": "g_stack"}}, "unknown growth option 'operatr'"),
     ({"kind": "grow", "options": {"noise": "lots"}}, "growth option noise must be a number, got 'lots'"),
     ({"kind": "representation", "options": {"gamma": 1}}, "unknown rkdo option 'gamma'"),

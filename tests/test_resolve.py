@@ -21,10 +21,32 @@ def _executor_settings(spec, hw, monkeypatch):
     return [prepare.stage_settings(spec, i, hw.processes, hw.gpu is not None) for i in range(len(spec.stages))]
 
 
-def test_every_bundled_plan_is_priced_as_the_executor_runs_it_before_and_after_fitting(monkeypatch) -> None:
+def _with_model_folder(spec, folder):
+    """A plan of a Hugging Face model muse can't find here (``./models/Qwen2-1.5B``) gets a
+    folder whose config.json is the model the plan describes, as the user's would be."""
+    import json
+
+    from muse_plan.executor.settings import decoder_config
+    from muse_plan.plan.io import spec_from_dict, spec_to_dict
+
+    c = decoder_config(spec, spec.stages[0])
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "vocab_size": c.vocab_size, "num_hidden_layers": c.n_layers,
+        "hidden_size": c.d_model, "num_attention_heads": c.n_heads, "num_key_value_heads": c.kv_heads,
+        "intermediate_size": c.ffn_dim, "rope_theta": c.rope_theta, "rms_norm_eps": c.norm_eps}))
+    data = spec_to_dict(spec)
+    data["model"]["init_from"] = str(folder)
+    return spec_from_dict(data)
+
+
+def test_every_bundled_plan_is_priced_as_the_executor_runs_it_before_and_after_fitting(monkeypatch,
+                                                                                     tmp_path) -> None:
     checked = []
     for path in PLANS:
         spec = complete(load_file(str(path)))
+        if spec.model.family == "hf":
+            spec = _with_model_folder(spec, tmp_path / path.stem)
         hw = fitting.hardware_for(spec, host=HOST)
         result = fitting.fit(spec, hw, alternatives=False)
         runs = _executor_settings(spec, hw, monkeypatch)

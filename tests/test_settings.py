@@ -8,7 +8,7 @@ import pytest
 
 from muse_plan.errors import PlanError
 from muse_plan.executor.settings import lr_factor, model_config, resolve
-from muse_plan.plan.io import spec_from_dict
+from muse_plan.plan.io import spec_from_dict, spec_to_dict
 
 
 def plan(training: dict | None = None, stage: dict | None = None, **model) -> object:
@@ -74,10 +74,20 @@ def test_mhc_options_reach_the_model() -> None:
     assert (config.residual, config.streams, config.sinkhorn_iters, config.beta_max) == ("mgt", 2, 7, 1.5)
 
 
-def test_hf_family_is_not_the_architecture_engines() -> None:
+def test_an_hf_model_is_trained_further_never_pretrained_and_needs_its_folder() -> None:
     spec = plan(family="hf")
-    with pytest.raises(PlanError, match="family 'hf'"):
+    with pytest.raises(PlanError, match="a pretrain stage trains muse's decoder from scratch"):
         resolve(spec, spec.stages[0])
+    data = spec_to_dict(spec)
+    data["stages"][0]["kind"] = "continue"
+    unset = spec_from_dict(data)
+    with pytest.raises(PlanError, match="model.family hf needs model.init_from"):
+        resolve(unset, unset.stages[0])
+    data["model"]["init_from"] = "/no/such/model"
+    missing = spec_from_dict(data)
+    with pytest.raises(PlanError, match="is not a Hugging Face model directory: no such folder"):
+        resolve(missing, missing.stages[0])
+    assert resolve(missing, missing.stages[0], check=False).model.n_layers == 2  # priced as the plan says
 
 
 def test_warmup_then_cosine_to_the_floor() -> None:

@@ -2,7 +2,10 @@
 
 One frozen model, validated when the plan is read (see ``engines/options.py``).
 ``tasks`` picks the generated arithmetic the stage trains on when the plan's
-data source is ``arithmetic``; None is the default mix.
+data source is ``arithmetic``; None is the default mix. ``lora``: the
+adapters a continue or finetune stage trains instead of every weight (the
+plan's ``techniques.lora``, or the stage's ``lora`` option); pretrain trains
+from scratch, so never through adapters.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 
-from engines.options import Options, one_line
+from engines.options import LoraOptions, Options, one_line
 
 
 class ArchitectureOptions(Options):
     tasks: tuple[str, ...] | None = Field(None, description="generated arithmetic tasks; None: the default mix")
+    lora: LoraOptions | None = Field(None, description="adapters a continue or finetune stage trains (techniques.lora)")
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -31,6 +35,9 @@ class ArchitectureOptions(Options):
 
 
 def parse(kind: str, technique: dict[str, Any], stage: dict[str, Any]) -> ArchitectureOptions:
+    if kind == "pretrain" and "lora" in stage:  # from scratch: every weight trains
+        raise ValueError("unknown option 'lora' for a pretrain stage (it trains every weight from scratch); "
+                         "accepted: tasks")
     try:
         return ArchitectureOptions.model_validate(stage)
     except ValidationError as exc:

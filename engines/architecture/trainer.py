@@ -18,6 +18,15 @@ Design decisions:
 - ``summary`` reports the unigram model's loss on the same validation data:
   the floor a model that ignores context would reach, printed next to the
   trained model's loss so a user can see it learned something.
+- The model is muse's ``DecoderLM``, or with ``family: hf`` the local
+  Hugging Face causal LM of ``init_from`` (``engines/hf.py``), trained on the
+  same batches with the same loss: the logits of the tokens, cross-entropy
+  against the next ones (the HF model's own shifted-label loss is not used,
+  so both families see exactly one definition of the objective).
+- A continue or finetune stage with LoRA (``options.lora``) trains adapters
+  through peft (``engines/grpo/policy.add_lora``, the GRPO engine's too), its
+  frozen base kept in the stage's frozen precision; each checkpoint records
+  the adapters' scaling so the next stage, or an export, can merge them.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from engines.architecture.model import DecoderLM
 from engines.architecture.options import ArchitectureOptions
@@ -54,8 +64,29 @@ class ArchitectureTrainer:
             rank=stage.rank, world_size=stage.world_size,
         )
         self.val = eval_batches(self.corpus.val, config.seq_len, stage.micro_batch, stage.eval_batches)
-        self.model = DecoderLM(config).to(self.device)
-        self.model.set_checkpointing(stage.activation_checkpointing)
+        self.hf = stage.family == "hf"
+        if self.hf:
+            from engines.hf import load_hf
+
+            self.model = load_hf(stage.init_from or "", str(self.device))
+            if stage.activation_checkpointing != "none":
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model = DecoderLM(config).to(self.device)
+            self.model.set_checkpointing(stage.activation_checkpointing)
+        self.checkpoint_meta: dict[str, Any] = {}
+        if options.lora is not None:
+            from engines.grpo.policy import FROZEN_DTYPES, LoraSettings, add_lora, keep_frozen_in
+
+            add_lora(self.model, LoraSettings.from_options(options.lora))
+            keep_frozen_in(self.model, FROZEN_DTYPES[stage.frozen_precision])
+            self.checkpoint_meta = {"lora_scaling": options.lora.scaling}
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.hf:
+            return self.model(x, y)[1]
+        logits = self.model(input_ids=x).logits
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.sampler.next_batch(self.micro_batch)
@@ -63,8 +94,7 @@ class ArchitectureTrainer:
 
     def micro_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> MicroStep:
         x, y = batch  # (B, T) each
-        _, loss = self.model(x, y)
-        return MicroStep(loss=loss, tokens=x.numel())
+        return MicroStep(loss=self._loss(x, y), tokens=x.numel())
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -72,8 +102,7 @@ class ArchitectureTrainer:
         self.model.eval()
         total = torch.zeros((), device=self.device)
         for x, y in self.val:
-            _, loss = self.model(x.to(self.device), y.to(self.device))
-            total += loss.float()
+            total += self._loss(x.to(self.device), y.to(self.device)).float()
         self.model.train(was_training)
         return {"val_loss": (total / len(self.val)).item()}
 

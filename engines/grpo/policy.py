@@ -65,22 +65,6 @@ def zero_loss(model: nn.Module) -> torch.Tensor:
     return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
 
 
-def load_hf(directory: str, device: str) -> nn.Module:
-    """A causal LM from a local directory; nothing is downloaded."""
-    try:
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover - transformers comes with peft
-        raise ValueError("a Hugging Face policy needs the 'transformers' package") from None
-    hf_logging.disable_progress_bar()  # muse's own progress bar is on screen
-    try:
-        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"model.init_from {directory!r} is not a Hugging Face model directory: "
-                         f"{str(exc).splitlines()[0]}") from None
-    return model.float().to(device)  # fp32 master weights; the executor's autocast does mixed precision
-
-
 def _layer_count(model: nn.Module) -> tuple[int, str]:
     if isinstance(model, DecoderLM):
         return model.config.n_layers, "blocks"
@@ -104,6 +88,9 @@ def add_lora(model: nn.Module, lora: LoraSettings) -> Any:
                         target_modules=targets, layers_to_transform=list(range(first, n_layers)),
                         layers_pattern=pattern)
     return get_peft_model(model, config)
+
+
+FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def keep_frozen_in(model: nn.Module, dtype: torch.dtype) -> None:

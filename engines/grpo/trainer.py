@@ -40,7 +40,8 @@ from engines.contract import MicroStep, StageSetup
 from engines.data import load_tokenizer
 from engines.grpo.data import ProblemStream, held_out, prompt_ids
 from engines.grpo.options import parse
-from engines.grpo.policy import LoraSettings, Policy, add_lora, keep_frozen_in, load_hf
+from engines.grpo.policy import FROZEN_DTYPES, LoraSettings, Policy, add_lora, keep_frozen_in
+from engines.hf import load_hf
 from engines.grpo.rewards import Completion, correctness, format_compliance
 from engines.grpo.rl import ReinforcementLearning
 from engines.grpo.sft import ColdStartSft, RejectionSampling
@@ -52,7 +53,6 @@ STAGES: dict[str, Any] = {
     "all_scenarios_rl": ReinforcementLearning,
 }
 KL_KINDS = ("reasoning_rl", "all_scenarios_rl")  # the stages whose loss has a KL term
-FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class GrpoTrainer:

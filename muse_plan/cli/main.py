@@ -60,6 +60,11 @@ def _register() -> None:
     app.command("hardware")(hardware.hardware)
     app.command("monitor")(monitor.monitor)
     app.command("report")(report.report)
+    from muse_plan.cli import generate
+    app.command("generate")(generate.generate)
+    app.command("eval")(generate.eval_)
+    from muse_plan.cli.export import export
+    app.command("export")(export)
 
 
 _register()

@@ -215,24 +215,37 @@ def optimize(
     network_bandwidth: Annotated[Optional[str], typer.Option(help="Between machines, like 100Gbps.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the fit; store no revision.")] = False,
     probe: Annotated[bool, typer.Option(
-        "--probe", help="Then run one measured step of each stage here (on the target machine).")] = False,
+        "--probe", help="Then run two measured optimizer steps of each stage here (on the target machine).")] = False,
+    write_alternative: Annotated[Optional[int], typer.Option(
+        "--write-alternative", metavar="N", help="Write alternative N (as numbered) as a plan file (-o).")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="The plan file --write-alternative writes (.yaml or .json).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fit the plan to the hardware: verdict, memory breakdown, settings, ETA, alternatives."""
     from muse_plan import api
+    from muse_plan.errors import PlanError
 
+    if (write_alternative is None) != (output is None):
+        raise PlanError("--write-alternative N and -o FILE go together: which alternative, and where to write it")
     done = api.optimize(store(ctx), plan, gpu_type=gpu_type, available_gpus=available_gpus,
                         memory_budget=memory_budget, network_bandwidth=network_bandwidth, dry_run=dry_run,
                         probe=probe)
     from muse_plan.cli.render_fit import fit_dict, fit_view
 
+    written = api.write_alternative(done.result, write_alternative, output) if output is not None else None
     if as_json:
         print_json(fit_dict(done.result, done.stored) | {"probes": [p.data() | {"stage": p.stage}
-                                                                    for p in done.probes]})
-    else:
-        console.print(fit_view(done.result, done.stored))
-        for p in done.probes:
-            console.print(p.describe(), highlight=False)
+                                                                    for p in done.probes]}
+                   | ({"written": written} if written else {}))
+        return
+    console.print(fit_view(done.result, done.stored))
+    for p in done.probes:
+        console.print(p.describe(), highlight=False)
+    if written:
+        console.print(f"wrote alternative {write_alternative} ({written['title']}) to {output} as plan "
+                      f"{written['name']!r}; import it with: muse plan import {output}"
+                      + (f"; {written['note']}" if written["note"] else ""), highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable
 
 from engines.architecture.config import ModelConfig
@@ -99,6 +100,8 @@ def decoder_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
     context growth before it chose.
     The optimizer prices every stage with it; ``ValueError`` on a bad shape."""
     m = spec.model
+    if m.family == "hf" and m.init_from and (Path(m.init_from).expanduser() / "config.json").is_file():
+        return _hf_config(spec, stage)  # the model as its config.json says it is (else as the plan says)
     given = stage.shape or m.shape
     shape = given.resolved() if given is not None else shape_for_params(parse_scale(m.scale), m.vocab_size)
     t = spec.techniques
@@ -111,6 +114,12 @@ def decoder_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
     config = ModelConfig.from_shape(shape, m.vocab_size, stage.seq_len or m.seq_len,
                                     residual=m.residual or "standard", **extra)
     return grown_rope(spec, stage, config)  # a stage after a context growth: the rotary scaling it grew into
+
+
+def _hf_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
+    from engines.hf import hf_shape
+
+    return ModelConfig(seq_len=stage.seq_len or spec.model.seq_len, **hf_shape(spec.model.init_from or ""))
 
 
 def _lineage(spec: PlanSpec, stage: StageSpec) -> list[StageSpec]:
@@ -165,13 +174,13 @@ def typed_options(spec: PlanSpec, stage: StageSpec) -> TypedOptions:
 
 def model_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
     """The decoder the architecture engine trains for ``stage``; refused as a plan error."""
-    if spec.model.family != "decoder" and stage.engine == "architecture":
-        raise PlanError(
-            f"stage {stage.name!r}: model family {spec.model.family!r} can't be trained by the architecture "
-            "engine; use family 'decoder'"
-        )
+    if spec.model.family == "hf" and stage.kind == "pretrain":
+        raise PlanError(f"stage {stage.name!r}: a pretrain stage trains muse's decoder from scratch; a Hugging "
+                        "Face model (model.family hf) is trained further by a continue or finetune stage")
+    if spec.model.family == "hf" and not spec.model.init_from:
+        raise PlanError("model.family hf needs model.init_from: the local folder of the Hugging Face model")
     try:
-        return decoder_config(spec, stage)
+        return _hf_config(spec, stage) if spec.model.family == "hf" else decoder_config(spec, stage)
     except ValueError as exc:
         raise PlanError(f"stage {stage.name!r}: {exc}") from None
 
@@ -263,6 +272,10 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
     if precision == "fp16" and not cuda and check:
         raise PlanError("precision fp16 needs a GPU; use fp32 or bf16 on CPU")
     typed = typed_options(spec, stage)
+    lora = getattr(typed.engine, "lora", None) if STAGE_KINDS[stage.kind].lora else None
+    if check and lora is not None and lora.quantize_base != "none":
+        raise PlanError(f"stage {stage.name!r}: a 4-bit (QLoRA) base is not run by this version of muse "
+                        "(it is priced by muse plan optimize); use lora.quantize_base: none")
     control = typed.control
     warmup = t.warmup_steps if t.warmup_steps is not None else max(1, steps // 20)
     if control.rewarm_fraction is not None:
@@ -287,7 +300,7 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
         sharding=t.sharding or ("ddp" if world_size > 1 else "none"), offload=t.offload or "none",
         optimizer=t.optimizer or "adamw",
         options=typed.engine, control=control,
-        lora=getattr(typed.engine, "lora", None) if STAGE_KINDS[stage.kind].lora else None,
+        lora=lora,
         plateau=control.plateau,
         plateau_window=None if window is None else int(spec.alerts.get("plateau", 200)) if window is True else window,
     )

@@ -304,7 +304,7 @@ def _choices(s: StageSettings, hw: Hardware, free: set[str]) -> dict[str, list[A
     """Values each knob may take for stage ``s``; a knob not in ``free`` keeps its value."""
     base = Settings.of(s)
     per_process = s.micro_batch * s.grad_accum
-    lora_ok = STAGE_KINDS[s.kind].lora
+    lora_ok = STAGE_KINDS[s.kind].lora and STAGE_KINDS[s.kind].lora_default  # proposed where it is the norm
     options: dict[str, list[Any]] = {
         "precision": ["bf16", "fp16", "fp32"] if hw.gpu and hw.gpu.bf16 else ["fp16", "fp32"] if hw.gpu else ["fp32"],
         "micro_batch": [m for m in (1, 2, 4, 8, 16, 32, 64) if per_process % m == 0] or [per_process],
@@ -450,7 +450,8 @@ def apply_settings(spec: PlanSpec, chosen: Candidate, hw: Hardware) -> PlanSpec:
     if with_lora and spec.techniques.lora is None:
         data.setdefault("techniques", {})["lora"] = PROPOSED_LORA.model_dump(mode="json", exclude_defaults=True)
         for entry in data["stages"]:  # the technique reaches every LoRA stage: not those fitted without it
-            if STAGE_KINDS[entry["kind"]].lora and entry["name"] not in with_lora:
+            kind = STAGE_KINDS[entry["kind"]]
+            if kind.lora and kind.lora_default and entry["name"] not in with_lora:
                 entry["options"] = {**entry.get("options", {}), "lora": False}
     return spec_from_dict(data, "fitted plan")
 

@@ -5,9 +5,12 @@ that reads it (a fact written in two places drifts):
 - ``engine``: the engine that runs the kind (``engines/contract.py`` finds
   its trainer); ``trains``: whether the stage runs the training loop and so
   needs a budget (``grow`` changes weights without one).
-- ``lora``: whether LoRA may adapt the stage (the plan's ``techniques.lora``
-  reaches it, the optimizer may propose it, recovery's last OOM rung may
-  add it) — true only where the engine runs it.
+- ``lora``: whether LoRA may adapt the stage — true only where the engine
+  runs it; ``lora_default``: whether the plan's ``techniques.lora`` reaches
+  it unasked, the optimizer may propose it and recovery's last OOM rung may
+  add it. A ``continue`` stage takes LoRA only when its own options ask
+  (``lora: true``): continued pretraining — after a growth above all —
+  trains every weight unless the user says otherwise.
 - ``generates``: the stage samples completions every step, so the memory
   model prices a KV cache for a group of completions; ``kl_reference``: it
   keeps a reference policy when its ``kl_beta`` is above 0.
@@ -79,6 +82,7 @@ class StageKind:
     options: Callable[[str, dict[str, Any], dict[str, Any]], Any]
     trains: bool = True
     lora: bool = False
+    lora_default: bool = True
     generates: bool = False
     kl_reference: bool = False
     explosion_factor: float = 10.0
@@ -88,8 +92,8 @@ class StageKind:
 
 STAGE_KINDS: dict[str, StageKind] = {k.name: k for k in (
     StageKind("pretrain", "architecture", _architecture),
-    StageKind("continue", "architecture", _architecture),
-    StageKind("finetune", "architecture", _architecture),
+    StageKind("continue", "architecture", _architecture, lora=True, lora_default=False),
+    StageKind("finetune", "architecture", _architecture, lora=True),
     StageKind("cold_start_sft", "grpo", _grpo, lora=True, technique=lambda o: "grpo"),
     StageKind("reasoning_rl", "grpo", _grpo, lora=True, generates=True, kl_reference=True,
               explosion_factor=100.0, technique=_rl_technique),
@@ -152,7 +156,7 @@ def stage_options(spec: PlanSpec, stage: StageSpec) -> TypedOptions:
     technique = chosen.model_dump() if chosen is not None else {}
     try:
         if kind.lora:
-            lora = _lora(spec, own.pop("lora", None))
+            lora = _lora(spec, own.pop("lora", None), kind.lora_default)
             if lora is not None:
                 own["lora"] = lora
         typed = kind.options(stage.kind, technique, own)
@@ -166,10 +170,11 @@ def stage_options(spec: PlanSpec, stage: StageSpec) -> TypedOptions:
     return TypedOptions(typed, ctl)
 
 
-def _lora(spec: PlanSpec, flag: Any) -> dict[str, Any] | None:
-    """A LoRA stage's adapters: the technique's unless the stage says ``lora: false``;
-    ``lora: true`` without the technique takes LoRA's defaults; a mapping is laid over
-    the technique's."""
+def _lora(spec: PlanSpec, flag: Any, default: bool = True) -> dict[str, Any] | None:
+    """A LoRA stage's adapters: the technique's unless the stage says ``lora: false``
+    (or, where LoRA is not the kind's default, unless it says ``lora: true``); ``lora:
+    true`` without the technique takes LoRA's defaults; a mapping is laid over the
+    technique's."""
     base = spec.techniques.lora.model_dump() if spec.techniques.lora is not None else None
     if flag is False:
         return None
@@ -178,5 +183,5 @@ def _lora(spec: PlanSpec, flag: Any) -> dict[str, Any] | None:
     if isinstance(flag, dict):
         return {**(base or {}), **flag}
     if flag is None:
-        return base
+        return base if default else None
     raise ValueError(f"option lora = {flag!r}: write true, false or LoRA's options")

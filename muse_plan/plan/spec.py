@@ -323,9 +323,15 @@ class PlanSpec(Frozen):
                 )
 
     def _check_options(self) -> None:
-        """Every stage's options typed against its engine's model, here, not when the stage starts."""
+        """Every stage's options typed against its engine's model, here, not when the stage starts;
+        a 4-bit base on a plan for a machine without a GPU is refused here too (bitsandbytes'
+        4-bit kernels run on CUDA only)."""
         for stage in self.stages:
-            stage_options(self, stage)
+            lora = getattr(stage_options(self, stage).engine, "lora", None)
+            if lora is not None and lora.quantize_base != "none" and self.compute is not None \
+                    and self.compute.gpu is None:
+                raise ValueError(f"stage {stage.name!r}: a 4-bit (QLoRA) base needs a CUDA GPU, and this plan's "
+                                 "compute has none; use lora.quantize_base: none, or a GPU budget")
 
     @property
     def timeline_seconds(self) -> int | None:

@@ -79,7 +79,8 @@ def offload_optimizer(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite |
 
 def lora(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
     # only where the stage's engine runs LoRA, and the stage has none yet
-    if spec.techniques.lora is not None or not STAGE_KINDS[stage.kind].lora:
+    kind = STAGE_KINDS[stage.kind]
+    if spec.techniques.lora is not None or not (kind.lora and kind.lora_default):
         return None
     return Rewrite({}, "LoRA (rank 16) for the fine-tuning stage", techniques={"lora": {"rank": 16}})
 

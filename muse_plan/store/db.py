@@ -70,7 +70,7 @@ def make_engine(url: str, read_only: bool = False) -> Engine:
         raise StoreError(f"can't open database {url!r}: {exc}") from None
 
 
-def _sqlite_path(url: str) -> Path | None:
+def sqlite_path(url: str) -> Path | None:
     if not url.startswith("sqlite") or url in ("sqlite://", "sqlite:///:memory:"):
         return None
     return Path(url.split("///", 1)[-1].split("?", 1)[0]).expanduser()
@@ -78,7 +78,7 @@ def _sqlite_path(url: str) -> Path | None:
 
 def read_only_folder(url: str) -> Path | None:
     """The folder of an existing SQLite database that this user can't write there, else None."""
-    path = _sqlite_path(url)
+    path = sqlite_path(url)
     if path is None or not path.exists():
         return None
     writable = os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK)
@@ -86,7 +86,7 @@ def read_only_folder(url: str) -> Path | None:
 
 
 def _sqlite_engine(url: str, read_only: bool = False) -> Engine:
-    path = _sqlite_path(url)
+    path = sqlite_path(url)
     if path is not None and not read_only:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
