@@ -64,17 +64,48 @@ def hf_shape(directory: str) -> dict[str, Any]:
     return shape
 
 
-def load_hf(directory: str, device: str) -> Any:
-    """A causal LM from a local directory, fp32 on ``device``; nothing is downloaded."""
+def quantization_unavailable(cuda: bool) -> str | None:
+    """Why a 4-bit base can't be loaded here, or None when it can."""
+    if not cuda:
+        return "a 4-bit (QLoRA) base needs a CUDA GPU (bitsandbytes' 4-bit kernels run on CUDA)"
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "a 4-bit (QLoRA) base needs bitsandbytes: pip install -e '.[qlora]'"
+    return None
+
+
+def load_hf(directory: str, device: str, quantize: str = "none") -> Any:
+    """A causal LM from a local directory on ``device``; nothing is downloaded.
+
+    ``quantize: none``: fp32 master weights (the executor's autocast does the mixed
+    precision). ``4bit``: QLoRA's base (Dettmers et al. 2023) — every linear layer
+    of the blocks in NF4 with double quantisation and bf16 compute, the rest
+    (embeddings, norms, the head) in bf16; nothing of it trains, adapters go on top."""
     try:
+        import torch
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
     except ImportError:  # pragma: no cover - transformers comes with peft
         raise ValueError("a Hugging Face model needs the 'transformers' package: pip install -e '.[hf]'") from None
     hf_logging.disable_progress_bar()  # muse's own progress bar is on screen
+    extra: dict[str, Any] = {}
+    if quantize == "4bit":
+        why = quantization_unavailable(str(device).startswith("cuda"))
+        if why is not None:
+            raise ValueError(why)
+        from transformers import BitsAndBytesConfig
+
+        extra = {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16), "dtype": torch.bfloat16, "device_map": {"": str(device)}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, **extra)
     except (OSError, ValueError) as exc:
         raise ValueError(f"model.init_from {directory!r} is not a Hugging Face model directory: "
                          f"{str(exc).splitlines()[0]}") from None
+    if quantize == "4bit":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
     return model.float().to(device)  # fp32 master weights; the executor's autocast does mixed precision

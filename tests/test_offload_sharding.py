@@ -241,8 +241,10 @@ def test_settings_carry_the_memory_choices() -> None:
     ({"sharding": "fsdp"}, False, "runs through FSDP, which needs GPUs"),
     ({"offload": "parameters"}, True, "training.offload 'parameters' is not supported by the executor yet "
                                       "(streaming the weights from host RAM"),
-    ({"optimizer": "adamw_8bit"}, True, "training.optimizer 'adamw_8bit' is not supported by the executor yet "
-                                        "(it needs bitsandbytes, which muse does not install); use adamw"),
+    ({"optimizer": "adamw_8bit"}, False, "training.optimizer 'adamw_8bit' needs a CUDA GPU (bitsandbytes' "
+                                         "8-bit optimizers); use adamw"),
+    ({"optimizer": "adamw_8bit", "offload": "optimizer"}, True, "training.optimizer 'adamw_8bit' (bitsandbytes' "
+                                                                "paged 8-bit AdamW) runs without offload"),
     ({"offload": "optimizer", "sharding": "zero1"}, True, "training.offload 'optimizer' with sharding 'zero1' "
                                                           "is not supported by the executor yet"),
 ])

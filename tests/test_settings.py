@@ -111,8 +111,10 @@ def test_other_schedules(schedule: str, at_end: float, at_70pct: float | None) -
         assert lr_factor(70, s) == pytest.approx(at_70pct)
 
 
-@pytest.mark.parametrize("field, value", [("offload", "parameters"), ("optimizer", "adamw_8bit")])
-def test_settings_the_executor_cannot_honour_are_refused_not_ignored(field: str, value: str) -> None:
+@pytest.mark.parametrize("field, value, why", [
+    ("offload", "parameters", "is not supported by the executor yet"),
+    ("optimizer", "adamw_8bit", "needs a CUDA GPU")])
+def test_settings_the_executor_cannot_honour_are_refused_not_ignored(field: str, value: str, why: str) -> None:
     spec = plan({field: value})
-    with pytest.raises(PlanError, match=f"training.{field} '{value}' is not supported by the executor yet"):
+    with pytest.raises(PlanError, match=f"training.{field} '{value}' {why}"):
         resolve(spec, spec.stages[0])

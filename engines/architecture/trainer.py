@@ -65,10 +65,13 @@ class ArchitectureTrainer:
         )
         self.val = eval_batches(self.corpus.val, config.seq_len, stage.micro_batch, stage.eval_batches)
         self.hf = stage.family == "hf"
+        quantized = options.lora is not None and options.lora.quantize_base == "4bit"
+        if quantized and not self.hf:
+            raise ValueError("a 4-bit (QLoRA) base is loaded from a Hugging Face model: model.family hf")
         if self.hf:
             from engines.hf import load_hf
 
-            self.model = load_hf(stage.init_from or "", str(self.device))
+            self.model = load_hf(stage.init_from or "", str(self.device), "4bit" if quantized else "none")
             if stage.activation_checkpointing != "none":
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -79,7 +82,12 @@ class ArchitectureTrainer:
             from engines.grpo.policy import FROZEN_DTYPES, LoraSettings, add_lora, keep_frozen_in
 
             add_lora(self.model, LoraSettings.from_options(options.lora))
-            keep_frozen_in(self.model, FROZEN_DTYPES[stage.frozen_precision])
+            if quantized:  # the base stays as loaded (NF4 and bf16); the adapters train in fp32
+                for p in self.model.parameters():
+                    if p.requires_grad:
+                        p.data = p.data.float()
+            else:
+                keep_frozen_in(self.model, FROZEN_DTYPES[stage.frozen_precision])
             self.checkpoint_meta = {"lora_scaling": options.lora.scaling}
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -52,9 +52,7 @@ class LoraSettings:
 
     @classmethod
     def from_options(cls, options: Any) -> LoraSettings:
-        """The plan's LoRA (``engines.options.LoraOptions``); a 4-bit base is refused."""
-        if options.quantize_base != "none":
-            raise ValueError("a 4-bit (QLoRA) base is not available in this version; use lora.quantize_base: none")
+        """The plan's LoRA (``engines.options.LoraOptions``); the base's quantisation is the loader's."""
         return cls(rank=options.rank, alpha=options.alpha, dropout=options.dropout,
                    target_modules=tuple(options.target_modules), layers_fraction=options.layers_fraction)
 

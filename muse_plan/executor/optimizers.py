@@ -1,7 +1,9 @@
 """The optimizer a stage's settings ask for, prepared for Accelerate, and its checkpoint state.
 
 One AdamW (betas 0.9/0.95, eps 1e-8; matrices decay, vectors and scalars —
-norms, gates, biases — don't), held in one of four ways:
+norms, gates, biases — don't), held in one of four ways (``optimizer:
+adamw_8bit`` is bitsandbytes' paged 8-bit AdamW on the device, with the same
+groups, on a GPU):
 
 - ``offload: none``, ``sharding: none | ddp``: ``torch.optim.AdamW`` on the
   device.
@@ -69,6 +71,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 def make_optimizer(model: torch.nn.Module, s: StageSettings, *, shard: bool = False) -> torch.optim.Optimizer:
     """The bare optimizer for ``s`` (``shard``: across the initialised process group)."""
     groups = param_groups(model, s.weight_decay)
+    if s.optimizer == "adamw_8bit":  # its two moments in 8 bits, paged to host RAM under memory pressure
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(groups, lr=s.lr, betas=BETAS, eps=EPS)
     if s.offload == "optimizer":
         return HostAdamW(groups, lr=s.lr, betas=BETAS, eps=EPS)
     if shard:

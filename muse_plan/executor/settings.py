@@ -214,12 +214,11 @@ def _batching(spec: PlanSpec, stage: StageSpec, world_size: int) -> tuple[int, i
 NOT_YET = {
     "sharding": ("none", "ddp", "zero1", "zero2", "zero3", "fsdp"),
     "offload": ("none", "optimizer"),
-    "optimizer": ("adamw",),
+    "optimizer": ("adamw", "adamw_8bit"),
 }
 WHY_NOT = {
     ("offload", "parameters"): "streaming the weights from host RAM layer by layer (FSDP's CPU offload) is not "
                                "wired into the loop",
-    ("optimizer", "adamw_8bit"): "it needs bitsandbytes, which muse does not install",
 }
 FSDP_SHARDING = ("zero2", "zero3", "fsdp")
 
@@ -235,6 +234,12 @@ def refusal(sharding: str, offload: str, optimizer: str, cuda: bool) -> str | No
     if sharding in FSDP_SHARDING and not cuda:
         return (f"training.sharding {sharding!r} runs through FSDP, which needs GPUs; "
                 "on CPU use none, ddp or zero1")
+    if optimizer == "adamw_8bit":
+        if offload != "none" or sharding not in ("none", "ddp"):
+            return ("training.optimizer 'adamw_8bit' (bitsandbytes' paged 8-bit AdamW) runs without offload or "
+                    "sharding; use adamw there")
+        if not cuda:
+            return "training.optimizer 'adamw_8bit' needs a CUDA GPU (bitsandbytes' 8-bit optimizers); use adamw"
     if offload != "none" and sharding not in ("none", "ddp"):
         return (f"training.offload {offload!r} with sharding {sharding!r} is not supported by the "
                 "executor yet; offload the optimizer without sharding, or shard without offload")
@@ -242,9 +247,26 @@ def refusal(sharding: str, offload: str, optimizer: str, cuda: bool) -> str | No
 
 
 def _supported(t: TrainingSpec, cuda: bool) -> None:
+    """Runnable here: the settings (``refusal``) and the packages they need on this machine."""
     why = refusal(t.sharding or "none", t.offload or "none", t.optimizer or "adamw", cuda)
+    if why is None and t.optimizer == "adamw_8bit":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            why = "training.optimizer 'adamw_8bit' needs bitsandbytes: pip install -e '.[qlora]'"
     if why is not None:
         raise PlanError(why)
+
+
+def _no_4bit(spec: PlanSpec, stage: StageSpec, cuda: bool) -> str | None:
+    """Why a stage's 4-bit (QLoRA) base can't run here, or None."""
+    if STAGE_KINDS[stage.kind].engine != "architecture":
+        return "a 4-bit (QLoRA) base runs in continue and finetune stages; the GRPO stages take LoRA on a full base"
+    if spec.model.family != "hf":
+        return "a 4-bit (QLoRA) base is loaded from a Hugging Face model (model.family hf, model.init_from)"
+    from engines.hf import quantization_unavailable
+
+    return quantization_unavailable(cuda)
 
 
 def default_precision(cuda: bool, bf16: bool) -> str:
@@ -274,8 +296,9 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
     typed = typed_options(spec, stage)
     lora = getattr(typed.engine, "lora", None) if STAGE_KINDS[stage.kind].lora else None
     if check and lora is not None and lora.quantize_base != "none":
-        raise PlanError(f"stage {stage.name!r}: a 4-bit (QLoRA) base is not run by this version of muse "
-                        "(it is priced by muse plan optimize); use lora.quantize_base: none")
+        why = _no_4bit(spec, stage, cuda)
+        if why is not None:
+            raise PlanError(f"stage {stage.name!r}: {why}; or use lora.quantize_base: none")
     control = typed.control
     warmup = t.warmup_steps if t.warmup_steps is not None else max(1, steps // 20)
     if control.rewarm_fraction is not None:
