@@ -180,3 +180,20 @@ def test_an_alternative_is_written_as_a_plan_file_that_imports_and_fits(cli, tmp
     assert bad.exit_code == 2 and "the alternatives are numbered 1 to" in bad.output
     alone = cli("plan", "optimize", "big", "--write-alternative", "1")
     assert alone.exit_code == 2 and "go together" in alone.output
+
+
+def test_the_qlora_alternative_is_written_as_a_plan_that_only_needs_the_models_folder(cli, tmp_path) -> None:
+    assert cli("plan", "create", "--model-scale", "7B", "--target-tasks", "reasoning", "--compute-budget",
+               "1xRTX3080-8GB", "--timeline", "7days", "--name", "seven").exit_code == 0
+    shown = json.loads(cli("plan", "optimize", "seven", "--dry-run", "--json").stdout)
+    number = next(i for i, a in enumerate(shown["alternatives"], 1) if "QLoRA" in a["title"])
+    out = tmp_path / "qlora.yaml"
+    result = cli("plan", "optimize", "seven", "--dry-run", "--write-alternative", number, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "set model.init_from to its local folder first" in " ".join(result.output.split())
+    written = load_file(out)
+    assert (written.model.family, written.model.init_from) == ("hf", None)
+    assert written.techniques.lora.quantize_base == "4bit" and [s.kind for s in written.stages] == ["finetune"]
+    assert cli("plan", "import", out).exit_code == 0
+    ran = cli("plan", "run", written.name)  # here: refused before a run, in one line, until init_from is set
+    assert ran.exit_code == 2 and "model.family hf needs model.init_from" in ran.output

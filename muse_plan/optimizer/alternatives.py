@@ -82,17 +82,16 @@ def qlora(spec: PlanSpec, hw: fitting.Hardware) -> fitting.Alternative | None:
     qlora = LoraOptions(rank=16, layers_fraction=1.0, target_modules=tuple(ALL_TARGETS), quantize_base="4bit")
     techniques["lora"] = qlora.model_dump(mode="json")
     stage = {"name": "finetune", "kind": "finetune", "tokens": "100M"}
-    alt = _variant(spec, "qlora", techniques=techniques, stages=[stage])
-    # priced as if the finetune stage ran these adapters: the architecture engine trains
-    # every weight today, so this alternative says what QLoRA would need, not what runs
+    model = {**spec_to_dict(spec)["model"], "family": "hf"}  # a pretrained model of that size, from its folder
+    alt = _variant(spec, "qlora", techniques=techniques, stages=[stage], model=model)
     result = _fits(alt, hw, lora=qlora)
     if result is None:
         return None
     return fitting.Alternative(
         "fine-tune with QLoRA instead of training from scratch",
-        f"keep the {spec.model.scale} model, start from a pretrained checkpoint of it (model.init_from), "
-        f"4-bit frozen base with rank-16 adapters on every projection; 100M tokens take {_when(result)} "
-        f"(priced here; muse's executor does not run a 4-bit base yet: bitsandbytes is not bundled)",
+        f"keep the {spec.model.scale} model, start from a pretrained Hugging Face model of it (model.init_from: "
+        f"its local folder), 4-bit frozen base with rank-16 adapters on every projection; 100M tokens take "
+        f"{_when(result)} (needs bitsandbytes: pip install -e '.[qlora]')",
         alt, hw, result)
 
 
