@@ -27,6 +27,34 @@ from muse_plan.store.db import Store
 ROOT = Path(__file__).resolve().parent.parent
 PLANS = sorted((ROOT / "plans").glob("*.yaml"))
 
+# a plan the planner completes and a CPU trains in seconds: 30 steps of a 2 × 32 mHC decoder
+TINY = {
+    "name": "tiny",
+    "model": {"scale": "1M", "residual": "mhc", "seq_len": 32, "vocab_size": 260,
+              "shape": {"layers": 2, "d_model": 32, "n_heads": 2}},
+    "techniques": {"mhc": {"streams": 2, "sinkhorn_iters": 5}},
+    "compute": "cpu",
+    "training": {"micro_batch": 4, "grad_accum": 2, "lr": 0.01, "warmup_steps": 3, "seed": 1},
+    "stages": [{"name": "pretrain", "kind": "pretrain", "steps": 30, "checkpoint_every": 10, "eval_every": 15}],
+}
+# the same decoder with the standard residual (what a Llama checkpoint can hold), a few steps
+TINY_STANDARD = {**TINY, "model": {**TINY["model"], "residual": "standard"}, "techniques": {}}
+
+
+def write_plan(folder: Path, plan: dict | None = None, **changes) -> Path:
+    """``plan`` (TINY by default) with top-level ``changes``, as a YAML file in ``folder``."""
+    import yaml
+
+    data = {**(plan or TINY), **changes}
+    path = folder / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def pretrain(steps: int, every: int) -> list[dict]:
+    """TINY's one stage at another length, checkpointed and evaluated every ``every`` steps."""
+    return [{**TINY["stages"][0], "steps": steps, "checkpoint_every": every, "eval_every": every}]
+
 
 @pytest.fixture(autouse=True)
 def muse_home(tmp_path, monkeypatch) -> Path:

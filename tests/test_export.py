@@ -14,6 +14,7 @@ from engines.architecture.model import DecoderLM, apply_rope, rope_cache
 from engines.data.tokenizer import ByteTokenizer, HFTokenizer
 from muse_plan.errors import Conflict, PlanError
 from muse_plan.export import rope_permutation, to_hf
+from tests.conftest import TINY_STANDARD, one_error_line, pretrain, write_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -186,14 +187,8 @@ def test_a_non_empty_folder_is_refused_unless_forced(tmp_path) -> None:
 
 # ---- the command, end to end on a trained run ------------------------------------------------
 
-PLAN = {
-    "name": "tiny",
-    "model": {"scale": "1M", "residual": "standard", "seq_len": 32, "vocab_size": 260,
-              "shape": {"layers": 2, "d_model": 32, "n_heads": 2}},
-    "compute": "cpu",
-    "training": {"micro_batch": 2, "grad_accum": 1, "lr": 0.01, "warmup_steps": 1, "seed": 1},
-    "stages": [{"name": "pretrain", "kind": "pretrain", "steps": 3, "checkpoint_every": 3, "eval_every": 3}],
-}
+PLAN = {**TINY_STANDARD, "stages": pretrain(3, 3),
+        "training": {**TINY_STANDARD["training"], "micro_batch": 2, "grad_accum": 1, "warmup_steps": 1}}
 
 # the folder loaded by transformers alone: muse can't be imported in this interpreter
 LOAD_WITHOUT_MUSE = """
@@ -218,14 +213,9 @@ def test_muse_export_writes_a_folder_transformers_loads_alone(cli, tmp_path) -> 
     import subprocess
     import sys
 
-    import yaml
-
-    from conftest import one_error_line
     from muse_plan.trained import open_trained
 
-    plan_file = tmp_path / "tiny.yaml"
-    plan_file.write_text(yaml.safe_dump(PLAN))
-    assert cli("plan", "import", plan_file).exit_code == 0
+    assert cli("plan", "import", write_plan(tmp_path, PLAN)).exit_code == 0
     ran = cli("plan", "run", "tiny")
     assert ran.exit_code == 0, ran.output
     out = tmp_path / "exported"
@@ -268,7 +258,6 @@ def test_muse_export_of_a_hugging_face_folder_saves_it_as_it_is(cli, tmp_path) -
 def test_muse_export_refuses_an_mhc_model_in_one_line(cli, tmp_path, monkeypatch) -> None:
     from types import SimpleNamespace
 
-    from conftest import one_error_line
     from muse_plan import trained
 
     model = DecoderLM(ModelConfig(vocab_size=260, seq_len=16, n_layers=1, d_model=16, n_heads=2,

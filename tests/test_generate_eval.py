@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_model
 
-from conftest import one_error_line, run_once
+from tests.conftest import TINY_STANDARD, one_error_line, pretrain, run_once
 from engines.architecture.config import ModelConfig
 from engines.architecture.model import DecoderLM
 from engines.grpo.rewards import Completion, correctness
@@ -29,14 +29,8 @@ from engines.grpo.rewards import Completion, correctness
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 EOS, BOS = 257, 256  # the byte tokenizer's
-PLAN = {
-    "name": "tiny",
-    "model": {"scale": "1M", "residual": "standard", "seq_len": 32, "vocab_size": 260,
-              "shape": {"layers": 2, "d_model": 32, "n_heads": 2}},
-    "compute": "cpu",
-    "training": {"micro_batch": 4, "grad_accum": 1, "lr": 0.01, "warmup_steps": 1, "seed": 1},
-    "stages": [{"name": "pretrain", "kind": "pretrain", "steps": 2, "checkpoint_every": 2, "eval_every": 2}],
-}
+PLAN = {**TINY_STANDARD, "stages": pretrain(2, 2),
+        "training": {**TINY_STANDARD["training"], "grad_accum": 1, "warmup_steps": 1}}
 
 
 @pytest.fixture(scope="module")

@@ -13,28 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from muse_plan.store import repo, runs
 from muse_plan.store.db import Store
 from muse_plan.store.models import Run
-
-TINY = {
-    "name": "tiny",
-    "model": {"scale": "1M", "residual": "mhc", "seq_len": 32, "vocab_size": 260,
-              "shape": {"layers": 2, "d_model": 32, "n_heads": 2}},
-    "techniques": {"mhc": {"streams": 2, "sinkhorn_iters": 5}},
-    "compute": "cpu",
-    "training": {"micro_batch": 4, "grad_accum": 2, "lr": 0.01, "warmup_steps": 3, "seed": 1},
-    "stages": [{"name": "pretrain", "kind": "pretrain", "steps": 30, "checkpoint_every": 10, "eval_every": 15}],
-}
-
-
-def write_plan(tmp_path: Path, **changes) -> Path:
-    data = {**TINY, **changes}
-    path = tmp_path / f"{data['name']}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+from tests.conftest import TINY, write_plan
 
 
 def losses(run_id: int, stage_position: int = 0) -> list[tuple[int, float]]:

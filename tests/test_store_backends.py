@@ -12,7 +12,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-import yaml
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 
@@ -21,25 +20,13 @@ from muse_plan.errors import Conflict, NotFound, StoreError
 from muse_plan.store import db, repo, runs
 from muse_plan.store.db import Store
 from muse_plan.store.models import Event, MetricPoint, PlanRevision, Run, StageRun
-from tests.conftest import ROOT, one_error_line
-
-# a plan the planner completes and a CPU trains in a second or two
-TINY = {
-    "name": "tiny",
-    "model": {"scale": "1M", "residual": "mhc", "seq_len": 32, "vocab_size": 260,
-              "shape": {"layers": 2, "d_model": 32, "n_heads": 2}},
-    "techniques": {"mhc": {"streams": 2, "sinkhorn_iters": 5}},
-    "compute": "cpu",
-    "training": {"micro_batch": 4, "grad_accum": 1, "lr": 0.01, "warmup_steps": 2, "seed": 1},
-    "stages": [{"name": "pretrain", "kind": "pretrain", "steps": 8, "checkpoint_every": 4, "eval_every": 4}],
-}
-
+from tests.conftest import ROOT, TINY, one_error_line, pretrain, write_plan
 
 def plan_file(folder: Path, **changes) -> Path:
-    data = {**TINY, **changes}
-    path = folder / f"{data['name']}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    """The tiny plan at 8 steps (a second or two of training)."""
+    changes.setdefault("stages", pretrain(8, 4))
+    changes.setdefault("training", {**TINY["training"], "grad_accum": 1, "warmup_steps": 2})
+    return write_plan(folder, **changes)
 
 
 def ok(result):
