@@ -123,6 +123,7 @@ def run_peer(model_dir: Path, steps: int) -> dict:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0))
+    model.train()  # from_pretrained gives eval mode, where transformers skips gradient checkpointing
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     g = torch.Generator(device="cuda").manual_seed(0)
     speeds, peaks = [], []
