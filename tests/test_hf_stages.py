@@ -151,3 +151,20 @@ def test_an_hf_model_is_not_pretrained_from_scratch(cli, tmp_path) -> None:
     assert cli("plan", "import", path).exit_code == 0
     result = cli("plan", "run", "hf-lm")
     assert result.exit_code == 2 and "a pretrain stage trains muse's decoder from scratch" in result.output
+
+
+def test_a_4bit_stages_checkpoint_is_refused_in_one_line_where_it_cant_be_loaded(cli, tmp_path) -> None:
+    """A QLoRA stage's weights file holds bitsandbytes' packed base; its manifest says so
+    (``quantized_base``), and opening it (here: generate, which export and a resume share) is
+    one line. The flag is written into a CPU run's manifest: 4-bit itself needs CUDA."""
+    path = _plan(tmp_path, stages=[{"name": "tune", "kind": "finetune", "steps": 2, "checkpoint_every": 2,
+                                    "eval_every": 2}])
+    assert cli("plan", "import", path).exit_code == 0
+    assert cli("plan", "run", "hf-lm").exit_code == 0
+    with Store().read() as session:
+        run = runs.get_run(session, 1)
+    manifest = Path(run.run_dir) / "tune" / "step-00000002" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "quantized_base": "4bit"}))
+    result = cli("generate", "1", "--prompt", "12+7=", "--max-tokens", "2")
+    assert result.exit_code == 2
+    assert "holds a 4bit (QLoRA) base, which muse can't resume, continue from or export yet" in result.output

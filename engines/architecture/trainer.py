@@ -89,6 +89,8 @@ class ArchitectureTrainer:
             else:
                 keep_frozen_in(self.model, FROZEN_DTYPES[stage.frozen_precision])
             self.checkpoint_meta = {"lora_scaling": options.lora.scaling}
+            if quantized:  # its weights file holds the packed base: the loader refuses it in one line
+                self.checkpoint_meta["quantized_base"] = "4bit"
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.hf:

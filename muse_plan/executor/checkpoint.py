@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_model
 
+from muse_plan.errors import PlanError
 from muse_plan.executor.weights import load_into
 
 MANIFEST = "manifest.json"
@@ -146,9 +147,18 @@ def verify(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def _loadable(manifest: dict[str, Any], path: Path) -> None:
+    """A checkpoint of a 4-bit (QLoRA) stage holds its base packed by bitsandbytes, which
+    this version can't load back: refused in one line rather than mid-load."""
+    if manifest.get("quantized_base"):
+        raise PlanError(f"{path}: it holds a {manifest['quantized_base']} (QLoRA) base, which muse can't resume, "
+                        "continue from or export yet; run that stage again from its start")
+
+
 def load(path: Path, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load one verified checkpoint: weights into ``model``; returns (state, manifest)."""
     manifest = verify(path)
+    _loadable(manifest, path)
     try:
         missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
         state = torch.load(path / STATE, map_location="cpu", weights_only=True)
@@ -179,6 +189,7 @@ def load_latest(stage_dir: Path, model: torch.nn.Module) -> tuple[Loaded | None,
 def load_weights(path: Path, model: torch.nn.Module) -> None:
     """Only the weights of a verified checkpoint (a previous stage's result)."""
     manifest = verify(path)
+    _loadable(manifest, path)
     try:
         missing, unexpected = load_into(model, load_file(str(path / WEIGHTS)), manifest.get("lora_scaling"))
     except ValueError as exc:
