@@ -209,7 +209,10 @@ def open_trained(ref: str, stage: str | None = None, db_url: str | None = None) 
         return _open_run(text, stage, db_url)
     path = Path(text).expanduser()
     if not path.exists():
-        raise NotFound(f"{text!r} is neither a run id nor an existing folder")
+        newest = _newest_run_of(text, db_url)
+        if newest is not None:  # a plan's name (or id): its newest run, as `muse monitor PLAN` reads it
+            return _open_run(str(newest), stage, db_url)
+        raise NotFound(f"{text!r} is neither a run id, a plan with a run, nor an existing folder")
     if not path.is_dir():
         raise PlanError(f"{path} is a file; give a run id, a checkpoint folder (step-N), a stage folder "
                         "or a Hugging Face model folder")
@@ -326,25 +329,46 @@ def _open_folder(folder: Path, candidates: list[Path], explicit: bool, db_url: s
                  stage=manifest.get("stage") if isinstance(manifest.get("stage"), str) else None)
 
 
+def _existing_store(db_url: str | None) -> Any:
+    """The store, or None where there is none to read (nothing is created to look)."""
+    from muse_plan.store.db import Store, default_url, sqlite_path
+
+    url = db_url or default_url()
+    sqlite = sqlite_path(url)
+    if url.startswith("sqlite") and (sqlite is None or not sqlite.exists()):
+        return None
+    try:
+        return Store(db_url)
+    except MuseError:
+        return None
+
+
+def _newest_run_of(plan_ref: str, db_url: str | None) -> int | None:
+    from muse_plan.store import repo, runs
+
+    store = _existing_store(db_url)
+    if store is None:
+        return None
+    try:
+        with store.read() as session:
+            plan = repo.find_plan(session, plan_ref)
+            newest = runs.list_runs(session, plan, limit=1) if plan is not None else []
+            return newest[0][0].id if newest else None
+    finally:
+        store.close()
+
+
 def _record_for(ckpt: Path, manifest: dict[str, Any], db_url: str | None) -> _Record | None:
     """The store's record of the run (or at least the plan revision) a checkpoint was made
     under; None without a store, or when it knows neither."""
     plan_name, revision, run_id = manifest.get("plan"), manifest.get("revision"), manifest.get("run")
     if not isinstance(plan_name, str) or not isinstance(revision, int):
         return None
-    from muse_plan.store.db import sqlite_path, default_url
-
-    url = db_url or default_url()
-    sqlite = sqlite_path(url)
-    if url.startswith("sqlite") and (sqlite is None or not sqlite.exists()):
-        return None  # no store here: nothing to look up, nothing to create
     from muse_plan.store import repo, runs
-    from muse_plan.store.db import Store
     from muse_plan.store.models import Run
 
-    try:
-        store = Store(db_url)
-    except MuseError:
+    store = _existing_store(db_url)  # no store here: nothing to look up, nothing to create
+    if store is None:
         return None
     try:
         with store.read() as session:

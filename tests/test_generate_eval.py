@@ -82,6 +82,9 @@ def test_greedy_generate_on_a_run_prints_the_argmax_continuation(cli, run) -> No
     data = json.loads(shown.stdout)
     assert data["token_ids"] == expected and data["tokens"] == len(expected)
     assert data["completion"] == _bytes_text(expected) and data["source"] == "run 1, stage pretrain, step-00000002"
+    by_plan = cli("--db", url, "generate", PLAN["name"], "--prompt", prompt, "--temperature", "0",
+                  "--max-tokens", "40", "--json")  # a plan's name: its newest run
+    assert json.loads(by_plan.stdout)["token_ids"] == expected
     # the stage folder and the checkpoint folder open the same model, found in the store
     by_folder = cli("--db", url, "generate", folder.parent, "--prompt", prompt, "--temperature", "0",
                     "--max-tokens", "40", "--json")
@@ -290,7 +293,7 @@ def test_a_hugging_face_stage_checkpoint_is_built_from_init_from_with_its_own_we
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing path", "is neither a run id nor an existing folder"),
+    ("missing path", "is neither a run id, a plan with a run, nor an existing folder"),
     ("not a model", "is not a model: it has no manifest.json"),
     ("a file", "is a file; give a run id"),
     ("unknown stage", "run 1 has no stage 'nope'; its stages: pretrain"),
