@@ -1,9 +1,10 @@
 """A trained model opened for use outside training: ``open_trained(ref) -> Trained``.
 
 The one way muse opens what it trained (``muse generate``, ``muse eval``,
-``muse export``). ``ref`` is a run id (``3`` or ``run-00003``) or a folder:
+``muse export``). ``ref`` is a run id (``3`` or ``run-00003``), a folder —
 a checkpoint (``step-N`` with its ``manifest.json``), a stage's folder (its
-newest good checkpoint) or a Hugging Face model directory (``config.json``).
+newest good checkpoint) or a Hugging Face model directory (``config.json``) —
+or, where no such folder exists, a plan's name: its newest run.
 
 Design decisions:
 - **A run id before a path.** ``3`` and ``run-00003`` are run ids even when a

@@ -39,8 +39,8 @@ from muse_plan.cli.common import console, err_console, print_json
 from muse_plan.errors import NotFound, PlanError
 
 RefArg = Annotated[str, typer.Argument(
-    metavar="RUN|DIR", help="A run id (3 or run-00003), a checkpoint or stage folder, or a Hugging Face "
-                            "model folder.")]
+    metavar="RUN|DIR", help="A run id (3 or run-00003), a plan's name (its newest run), a checkpoint or "
+                            "stage folder, or a Hugging Face model folder.")]
 StageOpt = Annotated[Optional[str], typer.Option(
     "--stage", help="Which stage of the run (default: its last stage that trained a language model).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
