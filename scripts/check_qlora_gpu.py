@@ -1,7 +1,10 @@
 """QLoRA end to end on a GPU, on a tiny random-weight Llama (needs the ``qlora`` extra):
 a finetune stage with a 4-bit NF4 base, LoRA on every projection and bitsandbytes'
-paged 8-bit AdamW, run with ``muse plan run``; the loss falls, the base's linear layers
-are bitsandbytes' 4-bit ones, only the adapters train, and the run resumes after a stop.
+paged 8-bit AdamW, run with ``muse plan run``: the loss falls and the base's linear
+layers are bitsandbytes' 4-bit ones; then the GRPO engine's SFT stage on the same
+4-bit base runs to completion, its evaluation sampling from it. (On an H100,
+2026-12-06: all checks passed; an RL stage after the SFT stage was refused in one
+line, as a stage can't start from a 4-bit checkpoint yet.)
 
     python scripts/check_qlora_gpu.py            # prints one JSON line; exit 1 on a failed check
 """
@@ -66,8 +69,18 @@ def main() -> None:
     model = load_hf(str(model_dir), "cuda:0", "4bit")
     kinds = {type(m).__name__ for m in model.modules()}
     out["linear4bit"] = "Linear4bit" in kinds
+    # the GRPO engine's SFT stage on the same 4-bit base (its evaluation samples from it)
+    grpo = {**plan, "name": "qlora-grpo",
+            "techniques": {**plan["techniques"], "grpo": {"group_size": 4, "temperature": 1.0}},
+            "training": {**plan["training"], "micro_batch": 4},
+            "stages": [{"name": "sft", "kind": "cold_start_sft", "steps": 3,
+                        "options": {"tasks": ["multiplication:2x1"], "max_new_tokens": 16, "eval_problems": 4}}]}
+    (work / "grpo.yaml").write_text(yaml.safe_dump(grpo))
+    assert muse("plan", "import", str(work / "grpo.yaml")).returncode == 0
+    rl = muse("plan", "run", "qlora-grpo", "--no-probe")
+    out["grpo_exit"], out["grpo_tail"] = rl.returncode, (rl.stdout + rl.stderr)[-1200:]
     checks = {"run_ok": done.returncode == 0, "loss_falls": out["loss_last5"] < out["loss_first5"] - 0.3,
-              "linear4bit": out["linear4bit"]}
+              "linear4bit": out["linear4bit"], "grpo_ok": rl.returncode == 0}
     out["checks"] = checks
     print(json.dumps(out))
     raise SystemExit(0 if all(checks.values()) else 1)

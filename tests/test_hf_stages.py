@@ -168,3 +168,18 @@ def test_a_4bit_stages_checkpoint_is_refused_in_one_line_where_it_cant_be_loaded
     result = cli("generate", "1", "--prompt", "12+7=", "--max-tokens", "2")
     assert result.exit_code == 2
     assert "holds a 4bit (QLoRA) base, which muse can't resume, continue from or export yet" in result.output
+
+
+def test_a_4bit_base_only_where_it_ran_and_never_as_a_later_stages_start(tmp_path) -> None:
+    from muse_plan.errors import PlanError
+    from muse_plan.executor.settings import resolve
+    from muse_plan.plan.io import load_file
+
+    spec = load_file(_plan(tmp_path, compute="1xH100", techniques={"lora": {"quantize_base": "4bit"}}, stages=[
+        {"name": "tune", "kind": "finetune", "steps": 4},
+        {"name": "more", "kind": "continue", "steps": 4},
+        {"name": "rl", "kind": "reasoning_rl", "steps": 2, "from_stage": "more"}]))
+    with pytest.raises(PlanError, match="stage 'more' starts from stage 'tune', whose checkpoint holds a 4-bit"):
+        resolve(spec, spec.stages[1], cuda=True)
+    with pytest.raises(PlanError, match="a 4-bit \\(QLoRA\\) base runs in continue, finetune, cold_start_sft stages"):
+        resolve(spec, spec.stages[2], cuda=True)

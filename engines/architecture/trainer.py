@@ -79,18 +79,9 @@ class ArchitectureTrainer:
             self.model.set_checkpointing(stage.activation_checkpointing)
         self.checkpoint_meta: dict[str, Any] = {}
         if options.lora is not None:
-            from engines.grpo.policy import FROZEN_DTYPES, LoraSettings, add_lora, keep_frozen_in
+            from engines.grpo.policy import with_lora
 
-            add_lora(self.model, LoraSettings.from_options(options.lora))
-            if quantized:  # the base stays as loaded (NF4 and bf16); the adapters train in fp32
-                for p in self.model.parameters():
-                    if p.requires_grad:
-                        p.data = p.data.float()
-            else:
-                keep_frozen_in(self.model, FROZEN_DTYPES[stage.frozen_precision])
-            self.checkpoint_meta = {"lora_scaling": options.lora.scaling}
-            if quantized:  # its weights file holds the packed base: the loader refuses it in one line
-                self.checkpoint_meta["quantized_base"] = "4bit"
+            _, self.checkpoint_meta = with_lora(self.model, options.lora, stage.frozen_precision)
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.hf:

@@ -91,6 +91,23 @@ def add_lora(model: nn.Module, lora: LoraSettings) -> Any:
 FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def with_lora(model: nn.Module, options: Any, frozen: str) -> tuple[Any, dict[str, Any]]:
+    """LoRA (``engines.options.LoraOptions``) on ``model`` in place, for any engine: the
+    base frozen in ``frozen`` precision — or, loaded in 4 bits (QLoRA), left as loaded — and
+    the adapters in fp32. Returns the PeftModel and what each checkpoint's manifest records
+    (the adapters' scaling, to merge them; that the base is packed 4-bit, where it is)."""
+    peft = add_lora(model, LoraSettings.from_options(options))
+    meta: dict[str, Any] = {"lora_scaling": options.scaling}
+    if options.quantize_base == "4bit":
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        meta["quantized_base"] = "4bit"  # the loader refuses it in one line (executor/checkpoint.py)
+    else:
+        keep_frozen_in(model, FROZEN_DTYPES[frozen])  # the base never trains: the compute dtype is enough
+    return peft, meta
+
+
 def keep_frozen_in(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast the parameters that don't train (LoRA's base) to ``dtype``; adapters stay fp32."""
     for p in model.parameters():

@@ -40,7 +40,7 @@ from engines.contract import MicroStep, StageSetup
 from engines.data import load_tokenizer
 from engines.grpo.data import ProblemStream, held_out, prompt_ids
 from engines.grpo.options import parse
-from engines.grpo.policy import FROZEN_DTYPES, LoraSettings, Policy, add_lora, keep_frozen_in
+from engines.grpo.policy import FROZEN_DTYPES, Policy, with_lora
 from engines.hf import load_hf
 from engines.grpo.rewards import Completion, correctness, format_compliance
 from engines.grpo.rl import ReinforcementLearning
@@ -66,15 +66,12 @@ class GrpoTrainer:
         self.special = {self.tokenizer.eos_id, self.pad_id, self.tokenizer.bos_id}
         self.micro_batch = stage.micro_batch
         self.max_new_tokens = o.max_new_tokens
-        model = self._build_model(stage)
+        model = self._build_model(stage, o.lora.quantize_base if o.lora is not None else "none")
         peft, self.checkpoint_meta = None, {}
-        frozen = FROZEN_DTYPES[stage.frozen_precision]
         if o.lora is not None:
-            peft = add_lora(model, LoraSettings.from_options(o.lora))
-            self.checkpoint_meta = {"lora_scaling": o.lora.scaling}
-            keep_frozen_in(model, frozen)  # the base never trains: the compute dtype is enough
+            peft, self.checkpoint_meta = with_lora(model, o.lora, stage.frozen_precision)
         self.model = model
-        self.policy = Policy(model, self.pad_id, self.tokenizer.eos_id, peft, frozen)
+        self.policy = Policy(model, self.pad_id, self.tokenizer.eos_id, peft, FROZEN_DTYPES[stage.frozen_precision])
         self.stream = ProblemStream(list(o.tasks), stage.seed, stage.rank, stage.world_size)
         self.eval_problems = held_out(list(o.tasks), stage.seed, o.eval_problems)
         self.eval_temperature = o.sampled_eval_temperature
@@ -82,11 +79,11 @@ class GrpoTrainer:
         self.handler = STAGES[stage.kind](self, o)
         self.needs_reference = getattr(o, "kl_beta", 0.0) > 0 and stage.kind in KL_KINDS
 
-    def _build_model(self, stage: StageSetup) -> torch.nn.Module:
+    def _build_model(self, stage: StageSetup, quantize: str = "none") -> torch.nn.Module:
         if stage.family == "hf":
             if not stage.init_from:
                 raise ValueError("a Hugging Face policy needs model.init_from: a local model directory")
-            return load_hf(stage.init_from, stage.device)
+            return load_hf(stage.init_from, stage.device, quantize)
         if self.tokenizer.vocab_size > stage.model.vocab_size:
             raise ValueError(f"tokenizer {stage.tokenizer!r} has {self.tokenizer.vocab_size} tokens but the "
                              f"model's vocab_size is {stage.model.vocab_size}")

@@ -258,15 +258,32 @@ def _supported(t: TrainingSpec, cuda: bool) -> None:
         raise PlanError(why)
 
 
+QLORA_KINDS = ("continue", "finetune", "cold_start_sft")  # run on a GPU with a 4-bit base (scripts/check_qlora_gpu.py)
+
+
 def _no_4bit(spec: PlanSpec, stage: StageSpec, cuda: bool) -> str | None:
     """Why a stage's 4-bit (QLoRA) base can't run here, or None."""
-    if STAGE_KINDS[stage.kind].engine != "architecture":
-        return "a 4-bit (QLoRA) base runs in continue and finetune stages; the GRPO stages take LoRA on a full base"
+    if stage.kind not in QLORA_KINDS:
+        return (f"a 4-bit (QLoRA) base runs in {', '.join(QLORA_KINDS)} stages; the RL stages take LoRA on a "
+                "full-precision base")
     if spec.model.family != "hf":
         return "a 4-bit (QLoRA) base is loaded from a Hugging Face model (model.family hf, model.init_from)"
     from engines.hf import quantization_unavailable
 
     return quantization_unavailable(cuda)
+
+
+def _source(spec: PlanSpec, stage: StageSpec) -> StageSpec | None:
+    """The stage whose weights ``stage`` starts from (``from_stage``, else the one before)."""
+    chain = _lineage(spec, stage)
+    return chain[-2] if len(chain) > 1 else None
+
+
+def _quantized(spec: PlanSpec, stage: StageSpec) -> bool:
+    if not STAGE_KINDS[stage.kind].lora:
+        return False
+    lora = getattr(typed_options(spec, stage).engine, "lora", None)
+    return lora is not None and lora.quantize_base != "none"
 
 
 def default_precision(cuda: bool, bf16: bool) -> str:
@@ -299,6 +316,11 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
         why = _no_4bit(spec, stage, cuda)
         if why is not None:
             raise PlanError(f"stage {stage.name!r}: {why}; or use lora.quantize_base: none")
+    source = _source(spec, stage)
+    if check and source is not None and _quantized(spec, source):
+        raise PlanError(f"stage {stage.name!r} starts from stage {source.name!r}, whose checkpoint holds a 4-bit "
+                        "(QLoRA) base muse can't load yet; give a 4-bit base to a stage nothing starts from, or "
+                        "use lora.quantize_base: none")
     control = typed.control
     warmup = t.warmup_steps if t.warmup_steps is not None else max(1, steps // 20)
     if control.rewarm_fraction is not None:
