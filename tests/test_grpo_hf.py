@@ -76,3 +76,41 @@ def test_a_directory_that_is_not_a_model_is_one_line(cli, tmp_path: Path) -> Non
     result = cli("plan", "run", "hf-bad")
     assert result.exit_code == 2
     assert "is not a Hugging Face model directory" in result.output
+
+
+def test_an_sft_stage_on_a_local_hf_model_with_lora_resumes_exactly(cli, tmp_path: Path, muse_home) -> None:
+    from muse_plan.errors import RunInterrupted
+    from muse_plan.executor import loop
+    from muse_plan.executor.runner import run_plan
+
+    _tiny_llama(tmp_path / "llama")
+    plan = {"name": "hf-sft", "compute": "cpu",
+            "model": {"scale": "1M", "family": "hf", "init_from": str(tmp_path / "llama"), "seq_len": 96,
+                      "vocab_size": 260},
+            "techniques": {"grpo": {}, "lora": {"rank": 4, "alpha": 8, "layers_fraction": 1.0}},
+            "training": {"precision": "fp32", "micro_batch": 4, "lr": 1.0e-3, "warmup_steps": 1, "seed": 2},
+            "stages": [{"name": "sft", "kind": "cold_start_sft", "steps": 6, "checkpoint_every": 3,
+                        "eval_every": 6, "options": OPTIONS}]}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    assert cli("plan", "import", tmp_path / "plan.yaml").exit_code == 0
+    assert cli("plan", "run", "hf-sft").exit_code == 0
+
+    class StopAt4:
+        def step(self, record) -> None:
+            if record.step == 4:
+                loop.STOP.set()
+
+        def message(self, text) -> None: ...
+
+        def stage_started(self, *args) -> None: ...
+
+        def evaluated(self, *args) -> None: ...
+
+        def stage_finished(self, *args) -> None: ...
+
+    with pytest.raises(RunInterrupted):
+        run_plan(None, "hf-sft", view=StopAt4(), probe=False)
+    assert run_plan(None, "hf-sft", resume=True, probe=False).stages[0].start_step == 3
+    with Store().read() as session:
+        first, second = ([v for _, v in runs.metric_series(session, r, "loss")] for r in (1, 2))
+    assert len(first) == 6 and second == first  # steps 4-6 again from the checkpoint at 3, bit for bit
