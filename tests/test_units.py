@@ -116,3 +116,8 @@ def test_format_compute_round_trip(budget):
 
 def test_split_csv():
     assert units.split_csv(" Reasoning, knowledge ,,") == ["reasoning", "knowledge"]
+
+
+@pytest.mark.parametrize("seconds, text", [(None, "—"), (0, "0:00:00"), (112.4, "0:01:52"), (43387, "12:03:07")])
+def test_clock(seconds, text):
+    assert units.clock(seconds) == text

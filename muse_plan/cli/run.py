@@ -51,22 +51,16 @@ def execute(ctx: typer.Context, plan_ref: str, *, resume: bool, run_ref: str | N
         _report(result)
 
 
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
-
-
 def _report(result) -> None:
+    from muse_plan.plan.units import clock
+
     verb = "resumed and finished" if result.resumed else "finished"
     where = f" on {result.processes} processes" if result.processes > 1 else ""
     moved = (f"; the plan's head is now revision {result.head}, stored since"
              if result.head is not None and result.head != result.revision else "")
     console.print(f"run {result.run_id} of plan [bold]{result.plan}[/] (revision {result.revision}{moved}) "
-                  f"{verb}{where} in {_duration(result.seconds)}"
-                  + (f"; {_duration(result.run_seconds)} since the run started" if result.resumed
+                  f"{verb}{where} in {clock(result.seconds)}"
+                  + (f"; {clock(result.run_seconds)} since the run started" if result.resumed
                      and result.run_seconds is not None else ""), highlight=False)
     for stage in result.stages:
         m = stage.metrics
@@ -74,9 +68,9 @@ def _report(result) -> None:
             trained = f", reward {m['reward']:.3f}"
         else:
             trained = f", train loss {m['loss']:.3f}" if "loss" in m else ""  # a grow stage trains nothing
-        done = (f"steps {stage.start_step + 1}–{stage.steps} of {stage.steps} in {_duration(stage.seconds)} "
+        done = (f"steps {stage.start_step + 1}–{stage.steps} of {stage.steps} in {clock(stage.seconds)} "
                 f"(resumed from step {stage.start_step})" if stage.start_step else
-                f"{stage.steps} steps in {_duration(stage.seconds)}")
+                f"{stage.steps} steps in {clock(stage.seconds)}")
         faults = f", {stage.faults} fault{'s' * (stage.faults > 1)} recovered" if stage.faults else ""
         console.print(f"  {stage.name}: {done}{faults}{trained}", highlight=False)
         if "val_loss" in m:

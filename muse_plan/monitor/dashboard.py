@@ -36,6 +36,7 @@ from rich.text import Text
 from sqlmodel import Session, col, func, select
 
 from muse_plan.errors import NotFound, PlanError
+from muse_plan.plan.units import clock
 from muse_plan.store import repo, runs
 from muse_plan.store.models import MetricPoint, Plan, Run
 
@@ -333,14 +334,6 @@ def _number(name: str, value: float | None) -> str:
     return f"{value:.4g}"
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
-
-
 def _bar(progress: float | None, width: int = 12) -> Text:
     if progress is None:
         return Text("—")
@@ -364,7 +357,7 @@ def _header(snap: dict[str, Any]) -> Text:
     if snap["last_metric_at"] and not snap["finished"]:
         ago = (taken - datetime.fromisoformat(snap["last_metric_at"])).total_seconds()
         ago = max(int(ago), 0)
-        head.append(f", last metrics {ago} s ago" if ago < 60 else f", last metrics {_duration(ago)} ago",
+        head.append(f", last metrics {ago} s ago" if ago < 60 else f", last metrics {clock(ago)} ago",
                     style="dim")
     return head
 
@@ -378,7 +371,7 @@ def _stage_table(snap: dict[str, Any], flagged: set[str]) -> Table:
         table.add_row(Text(s["name"], style="bold" if current else ""),
                       Text(s["status"], style=STATUS_STYLE.get(s["status"], "")),
                       f"{s['step']}/{s['total_steps'] or '?'}", _bar(s["progress"]),
-                      "done" if s["status"] == "completed" else _duration(s["eta_s"]),
+                      "done" if s["status"] == "completed" else clock(s["eta_s"]),
                       Text(_number("loss", m.get("loss")), style="bold red" if current and "loss" in flagged else ""),
                       _number("val_loss", m.get("val_loss")))
     return table

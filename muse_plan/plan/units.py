@@ -71,6 +71,14 @@ def format_duration(seconds: int) -> str:
     return f"{seconds}s"
 
 
+def clock(seconds: float | None) -> str:
+    """A measured (or counted-down) span as a clock: 0:01:52, 12:03:07; "—" for None."""
+    if seconds is None:
+        return "—"
+    hours, rest = divmod(int(round(seconds)), 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
 def approx_duration(seconds: float) -> str:
     """A predicted time for people: 45 s, 12 min, 3.2 h, 195 days, 2.1 years."""
     for unit, size, digits in (("years", 365 * 86400, 1), ("days", 86400, 0), ("h", 3600, 1), ("min", 60, 0)):
