@@ -200,9 +200,11 @@ def write_alternative(result: Any, number: int, path: Path) -> dict[str, Any]:
     as shown) as a plan file, with the settings its own fit chose; what it still needs
     before it runs (a pretrained checkpoint to fine-tune) is said, not guessed."""
     alternatives = result.alternatives
+    if not alternatives:
+        raise PlanError(f"--write-alternative {number}: plan {result.spec.name!r} {result.verdict.replace('_', ' ')} "
+                        "here, and the fit offers no alternative to write")
     if not 1 <= number <= len(alternatives):
-        shown = f"1 to {len(alternatives)}" if alternatives else "none: the fit offers no alternative"
-        raise PlanError(f"--write-alternative {number}: the alternatives are numbered {shown}")
+        raise PlanError(f"--write-alternative {number}: the alternatives are numbered 1 to {len(alternatives)}")
     alt = alternatives[number - 1]
     spec = alt.result.fitted_spec or alt.spec
     fmt = "json" if path.suffix.lower() == ".json" else "yaml"

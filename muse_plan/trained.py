@@ -211,8 +211,10 @@ def open_trained(ref: str, stage: str | None = None, db_url: str | None = None) 
     path = Path(text).expanduser()
     if not path.exists():
         newest = _newest_run_of(text, db_url)
-        if newest is not None:  # a plan's name (or id): its newest run, as `muse monitor PLAN` reads it
+        if newest:  # a plan's name: its newest run, as `muse monitor PLAN` reads it
             return _open_run(str(newest), stage, db_url)
+        if newest == 0:
+            raise NotFound(f"plan {text!r} has no run yet; start one with: muse plan run {text}")
         raise NotFound(f"{text!r} is neither a run id, a plan with a run, nor an existing folder")
     if not path.is_dir():
         raise PlanError(f"{path} is a file; give a run id, a checkpoint folder (step-N), a stage folder "
@@ -345,6 +347,8 @@ def _existing_store(db_url: str | None) -> Any:
 
 
 def _newest_run_of(plan_ref: str, db_url: str | None) -> int | None:
+    """The id of the newest run of the plan named ``plan_ref``; 0 for a plan without a run,
+    None where there is no such plan."""
     from muse_plan.store import repo, runs
 
     store = _existing_store(db_url)
@@ -353,8 +357,10 @@ def _newest_run_of(plan_ref: str, db_url: str | None) -> int | None:
     try:
         with store.read() as session:
             plan = repo.find_plan(session, plan_ref)
-            newest = runs.list_runs(session, plan, limit=1) if plan is not None else []
-            return newest[0][0].id if newest else None
+            if plan is None:
+                return None
+            newest = runs.list_runs(session, plan, limit=1)
+            return newest[0][0].id if newest else 0
     finally:
         store.close()
 

@@ -197,3 +197,11 @@ def test_the_qlora_alternative_is_written_as_a_plan_that_only_needs_the_models_f
     assert cli("plan", "import", out).exit_code == 0
     ran = cli("plan", "run", written.name)  # here: refused before a run, in one line, until init_from is set
     assert ran.exit_code == 2 and "model.family hf needs model.init_from" in ran.output
+
+
+def test_writing_an_alternative_of_a_plan_that_fits_says_there_is_none(cli, tmp_path) -> None:
+    assert cli("plan", "import", ROOT / "plans" / "quickstart-cpu.yaml").exit_code == 0
+    result = cli("plan", "optimize", "quickstart-cpu", "--dry-run", "--write-alternative", "1", "-o",
+                 tmp_path / "x.yaml")
+    assert result.exit_code == 2 and not (tmp_path / "x.yaml").exists()
+    assert "plan 'quickstart-cpu' fits here, and the fit offers no alternative to write" in result.output

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_model
 
-from tests.conftest import TINY_STANDARD, one_error_line, pretrain, run_once
+from tests.conftest import TINY_STANDARD, one_error_line, pretrain, run_once, write_plan
 from engines.architecture.config import ModelConfig
 from engines.architecture.model import DecoderLM
 from engines.grpo.rewards import Completion, correctness
@@ -347,3 +347,9 @@ def test_a_bad_data_file_is_one_line_with_its_line_number(cli, run, tmp_path, li
     data.write_text("\n".join(lines) + "\n")
     one_error_line(cli("--db", url, "eval", "1", "--data", data), message)
     one_error_line(cli("--db", url, "eval", "1", "--data", tmp_path / "absent.jsonl"), "no data file")
+
+
+def test_a_plan_without_a_run_says_how_to_start_one(cli, tmp_path) -> None:
+    assert cli("plan", "import", write_plan(tmp_path, PLAN)).exit_code == 0
+    one_error_line(cli("generate", PLAN["name"], "--prompt", "x"),
+                   f"plan {PLAN['name']!r} has no run yet; start one with: muse plan run {PLAN['name']}")
