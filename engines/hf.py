@@ -64,13 +64,18 @@ def hf_shape(directory: str) -> dict[str, Any]:
     return shape
 
 
+def has_bitsandbytes() -> bool:
+    """Whether bitsandbytes (the ``qlora`` extra) is installed here; not imported to tell."""
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
 def quantization_unavailable(cuda: bool) -> str | None:
     """Why a 4-bit base can't be loaded here, or None when it can."""
     if not cuda:
         return "a 4-bit (QLoRA) base needs a CUDA GPU (bitsandbytes' 4-bit kernels run on CUDA)"
-    import importlib.util
-
-    if importlib.util.find_spec("bitsandbytes") is None:
+    if not has_bitsandbytes():
         return "a 4-bit (QLoRA) base needs bitsandbytes: pip install -e '.[qlora]'"
     return None
 

@@ -250,9 +250,9 @@ def _supported(t: TrainingSpec, cuda: bool) -> None:
     """Runnable here: the settings (``refusal``) and the packages they need on this machine."""
     why = refusal(t.sharding or "none", t.offload or "none", t.optimizer or "adamw", cuda)
     if why is None and t.optimizer == "adamw_8bit":
-        import importlib.util
+        from engines.hf import has_bitsandbytes
 
-        if importlib.util.find_spec("bitsandbytes") is None:
+        if not has_bitsandbytes():
             why = "training.optimizer 'adamw_8bit' needs bitsandbytes: pip install -e '.[qlora]'"
     if why is not None:
         raise PlanError(why)
