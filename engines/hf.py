@@ -94,6 +94,7 @@ def load_hf(directory: str, device: str, quantize: str = "none") -> Any:
     except ImportError:  # pragma: no cover - transformers comes with peft
         raise ValueError("a Hugging Face model needs the 'transformers' package: pip install -e '.[hf]'") from None
     hf_logging.disable_progress_bar()  # muse's own progress bar is on screen
+    hf_config(directory)  # a missing folder or config.json in one line, before transformers guesses a hub name
     extra: dict[str, Any] = {}
     if quantize == "4bit":
         why = quantization_unavailable(str(device).startswith("cuda"))
@@ -114,3 +115,16 @@ def load_hf(directory: str, device: str, quantize: str = "none") -> Any:
             p.requires_grad_(False)
         return model
     return model.float().to(device)  # fp32 master weights; the executor's autocast does mixed precision
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Activation checkpointing on a Hugging Face model's blocks (non-reentrant, so LoRA's
+    frozen base still passes gradients through); training reads no KV cache, so the
+    config says so once instead of transformers warning at every step. Sampling asks
+    for its cache explicitly (``engines/grpo/policy``)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5's name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False

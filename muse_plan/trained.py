@@ -23,7 +23,10 @@ Design decisions:
   Face model's (``model.family: hf``): the model is built from the plan's
   ``model.init_from`` config (``AutoModelForCausalLM.from_config``) and the
   checkpoint's weights loaded into it, so the directory's own weights are
-  never used for a trained stage.
+  never used for a trained stage — except under a checkpoint that holds LoRA
+  adapters only (a stage whose base is ``init_from``'s as it is, 4-bit
+  stages among them): the manifest's ``base_model`` is loaded with its
+  weights and the adapters merged into it.
 - **The tokenizer is the plan's.** For a run, the plan revision the
   checkpoint was made under (its manifest's ``revision``) gives
   ``data.tokenizer``. A bare folder is matched to its run in the store when
@@ -449,6 +452,8 @@ def _build(path: Path, manifest: dict[str, Any], spec: PlanSpec | None) -> tuple
         except (TypeError, ValueError) as exc:
             raise checkpoint.CorruptCheckpoint(f"{path.name}: its model_config builds no model ({exc})") from None
         return DecoderLM(config), config
+    if manifest.get("weights") == checkpoint.ADAPTERS:  # LoRA adapters only: they go on their base as it is
+        return _hf_base(str(manifest.get("base_model") or "")), None
     if spec is not None and spec.model.family == "hf" and spec.model.init_from:
         return _hf_from_config(spec.model.init_from), None
     why = ("its plan is a muse decoder's" if spec is not None else
@@ -525,6 +530,19 @@ def _hf_from_config(directory: str) -> torch.nn.Module:
     except (OSError, ValueError) as exc:
         raise PlanError(f"the stage's model is the Hugging Face model of model.init_from {directory!r}, "
                         f"which can't be read: {str(exc).splitlines()[0]}") from None
+
+
+def _hf_base(directory: str) -> torch.nn.Module:
+    """The Hugging Face model an adapters-only checkpoint was trained on, with its weights
+    (fp32; a 4-bit stage's adapters are merged into the full-precision base, as QLoRA's are)."""
+    _transformers()
+    from engines.hf import load_hf
+
+    try:
+        return load_hf(directory, "cpu")
+    except ValueError as exc:
+        raise PlanError(f"the checkpoint holds LoRA adapters for the base model {directory!r}, "
+                        f"which can't be read: {exc}") from None
 
 
 def _open_hf_dir(path: Path) -> Trained:

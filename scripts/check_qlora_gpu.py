@@ -1,10 +1,12 @@
 """QLoRA end to end on a GPU, on a tiny random-weight Llama (needs the ``qlora`` extra):
 a finetune stage with a 4-bit NF4 base, LoRA on every projection and bitsandbytes'
 paged 8-bit AdamW, run with ``muse plan run``: the loss falls and the base's linear
-layers are bitsandbytes' 4-bit ones; then the GRPO engine's SFT stage on the same
-4-bit base runs to completion, its evaluation sampling from it. (On an H100,
-2026-12-06: all checks passed; an RL stage after the SFT stage was refused in one
-line, as a stage can't start from a 4-bit checkpoint yet.)
+layers are bitsandbytes' 4-bit ones; the same stage stopped at step 30 and resumed
+(``--resume``) repeats the uninterrupted losses; its checkpoints hold the adapters
+only. Then the DeepSeek-R1 chain on the same 4-bit base — cold-start SFT → GRPO →
+rejection sampling → all-scenarios RL, each continuing the one before's adapters —
+runs to completion; its last stage exported (``muse export``) loads in transformers
+and computes the logits muse's merged model does; ``muse generate`` samples from it.
 
     python scripts/check_qlora_gpu.py            # prints one JSON line; exit 1 on a failed check
 """
@@ -69,18 +71,76 @@ def main() -> None:
     model = load_hf(str(model_dir), "cuda:0", "4bit")
     kinds = {type(m).__name__ for m in model.modules()}
     out["linear4bit"] = "Linear4bit" in kinds
-    # the GRPO engine's SFT stage on the same 4-bit base (its evaluation samples from it)
-    grpo = {**plan, "name": "qlora-grpo",
-            "techniques": {**plan["techniques"], "grpo": {"group_size": 4, "temperature": 1.0}},
+    # the same stage stopped at step 30 (after its step-20 checkpoint) and resumed
+    from muse_plan.errors import RunInterrupted
+    from muse_plan.executor import loop
+    from muse_plan.executor.runner import run_plan
+
+    class StopAt:
+        def step(self, record) -> None:
+            if record.step == 30:
+                loop.STOP.set()
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    try:
+        run_plan(None, "qlora-tiny", view=StopAt(), probe=False)
+    except RunInterrupted:
+        pass
+    loop.STOP.clear()
+    resumed = muse("plan", "run", "qlora-tiny", "--resume", "--no-probe")
+    out["resume_exit"], out["resume_tail"] = resumed.returncode, (resumed.stdout + resumed.stderr)[-800:]
+    with Store().read() as session:
+        again = [v for _, v in runs.metric_series(session, 2, "loss")]
+        run1 = runs.get_run(session, 1)
+    out["resume_steps"] = len(again)
+    out["resume_max_abs_diff"] = max((abs(a - b) for a, b in zip(again, losses)), default=None)
+    ckpt = Path(run1.run_dir) / "tune" / "step-00000060"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    out["checkpoint_mib"] = round((ckpt / "model.safetensors").stat().st_size / 2**20, 2)
+    out["checkpoint_weights"] = manifest.get("weights")
+    # the R1 chain on the 4-bit base, each stage continuing the adapters of the one before
+    options = {"tasks": ["multiplication:2x1"], "max_new_tokens": 16, "eval_problems": 8}
+    grpo = {**plan, "name": "qlora-r1",
+            "techniques": {**plan["techniques"], "grpo": {"group_size": 4, "temperature": 1.0, "kl_beta": 0.04}},
             "training": {**plan["training"], "micro_batch": 4},
-            "stages": [{"name": "sft", "kind": "cold_start_sft", "steps": 3,
-                        "options": {"tasks": ["multiplication:2x1"], "max_new_tokens": 16, "eval_problems": 4}}]}
+            "stages": [{"name": "sft", "kind": "cold_start_sft", "steps": 20, "options": options},
+                       {"name": "rl", "kind": "reasoning_rl", "steps": 4, "options": options},
+                       {"name": "rs", "kind": "rejection_sampling", "steps": 3, "options": {**options, "samples": 4}},
+                       {"name": "all", "kind": "all_scenarios_rl", "steps": 3, "options": options}]}
     (work / "grpo.yaml").write_text(yaml.safe_dump(grpo))
     assert muse("plan", "import", str(work / "grpo.yaml")).returncode == 0
-    rl = muse("plan", "run", "qlora-grpo", "--no-probe")
+    rl = muse("plan", "run", "qlora-r1", "--no-probe")
     out["grpo_exit"], out["grpo_tail"] = rl.returncode, (rl.stdout + rl.stderr)[-1200:]
+    with Store().read() as session:
+        stages = runs.stage_runs(session, runs.get_run(session, 3))
+        out["r1_stages"] = {s.name: s.status for s in stages}
+        out["r1_kl"] = runs.last_metrics(session, stages[1].id).get("kl")
+        out["r1_peak_gib"] = {s.name: max((v for _, v in runs.metric_series(session, 3, "memory_gib", s.id)),
+                                          default=None) for s in stages}
+    exported = muse("export", "3", "-o", str(work / "exported"))
+    out["export_exit"], out["export_tail"] = exported.returncode, (exported.stdout + exported.stderr)[-600:]
+    if exported.returncode == 0:
+        from transformers import AutoModelForCausalLM
+
+        from muse_plan.trained import open_trained
+
+        theirs = AutoModelForCausalLM.from_pretrained(str(work / "exported")).float().eval()
+        ours = open_trained("3")
+        ids = torch.randint(0, 256, (2, 24))
+        with torch.no_grad():
+            diff = (theirs(input_ids=ids).logits.float() - ours.logits(ids)).abs().max().item()
+        out["export_logits_max_abs_diff"] = diff
+    generated = muse("generate", "3", "--prompt", "12*3=", "--temperature", "0", "--max-tokens", "8", "--json")
+    out["generate_exit"], out["generate_tail"] = generated.returncode, (generated.stdout + generated.stderr)[-400:]
     checks = {"run_ok": done.returncode == 0, "loss_falls": out["loss_last5"] < out["loss_first5"] - 0.3,
-              "linear4bit": out["linear4bit"], "grpo_ok": rl.returncode == 0}
+              "linear4bit": out["linear4bit"], "resume_ok": resumed.returncode == 0 and len(again) == 60,
+              "resume_repeats": out["resume_max_abs_diff"] is not None and out["resume_max_abs_diff"] < 1e-3,
+              "adapters_only": manifest.get("weights") == "adapters",
+              "r1_ok": rl.returncode == 0 and set(out["r1_stages"].values()) == {"completed"},
+              "export_same_logits": out.get("export_logits_max_abs_diff", 1.0) < 1e-4,
+              "generate_ok": generated.returncode == 0}
     out["checks"] = checks
     print(json.dumps(out))
     raise SystemExit(0 if all(checks.values()) else 1)

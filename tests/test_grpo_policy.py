@@ -208,5 +208,27 @@ def test_adapters_merge_into_a_bf16_base_in_fp32_so_a_small_update_survives():
     base = torch.ones(4, 4, dtype=torch.bfloat16)
     a, b = torch.full((1, 4), 1e-3), torch.ones(4, 1)  # an update of 1e-3: below bf16's resolution at 1.0
     merged = fit_keys({"w.base_layer.weight": base, "w.lora_A.default.weight": a, "w.lora_B.default.weight": b},
-                      {"w.weight"}, lora_scaling=1.0)["w.weight"]
+                      {"w.weight": torch.zeros(4, 4)}, lora_scaling=1.0)["w.weight"]
     assert merged.dtype == torch.float32 and torch.allclose(merged, torch.full((4, 4), 1.001))
+
+
+def test_adapters_alone_merge_into_the_weight_the_model_holds_and_never_into_a_packed_base():
+    """A checkpoint of adapters only (its base is model.init_from's) merges into the next
+    model's own weight; the same adapters continue where that model has them; a 4-bit
+    base (packed bytes) can't take a merge: one error naming the module."""
+    from muse_plan.executor.weights import fit_keys, load_into
+
+    a, b = torch.randn(2, 4), torch.randn(4, 2)
+    adapters = {"w.lora_A.default.weight": a, "w.lora_B.default.weight": b}
+    held = torch.randn(4, 4)
+    merged = fit_keys(adapters, {"w.weight": held}, lora_scaling=0.5)
+    assert set(merged) == {"w.weight"} and torch.allclose(merged["w.weight"], held + 0.5 * b @ a)
+    onto_lora = fit_keys(adapters, {"w.base_layer.weight": held, **adapters}, lora_scaling=0.5)
+    assert set(onto_lora) == set(adapters)  # continued, the model's base untouched
+    packed = torch.zeros(8, 1, dtype=torch.uint8)  # NF4: two weights a byte
+    with pytest.raises(ValueError, match="w: its adapters can't be merged into a 4-bit"):
+        fit_keys(adapters, {"w.base_layer.weight": packed}, lora_scaling=0.5)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False))
+    before = model[0].weight.detach().clone()
+    missing, unexpected = load_into(model, {"0.lora_A.default.weight": a, "0.lora_B.default.weight": b}, 2.0, True)
+    assert (missing, unexpected) == ([], []) and torch.allclose(model[0].weight, before + 2.0 * b @ a)

@@ -74,11 +74,15 @@ def test_an_hf_model_finetunes_through_lora_then_continues_on_all_weights(cli, t
     full = load_file(str(Path(run.run_dir) / "more" / "step-00000024" / "model.safetensors"))
     assert any("down_proj.lora_A" in k for k in lora) and not any("k_proj.lora_A" in k for k in lora)
     q = "model.layers.0.self_attn.q_proj"
-    assert lora[f"{q}.base_layer.weight"].equal(base[f"{q}.weight"])  # the base stayed frozen
+    # the base is init_from's as it is: the LoRA stage's checkpoint holds only its adapters
+    assert all("lora_" in k for k in lora) and len(lora) == 2 * 3 * 2  # A, B × 3 modules × 2 layers
     assert lora[f"{q}.lora_B.default.weight"].abs().sum() > 0  # the adapters trained (B starts at 0)
     assert not any("lora_" in k for k in full)  # merged on the way into a stage without LoRA
-    manifest = Path(run.run_dir) / "tune" / "step-00000024" / "manifest.json"
-    assert json.loads(manifest.read_text())["lora_scaling"] == 2.0
+    assert not full["model.layers.0.mlp.up_proj.weight"].equal(base["model.layers.0.mlp.up_proj.weight"])
+    manifest = json.loads((Path(run.run_dir) / "tune" / "step-00000024" / "manifest.json").read_text())
+    assert manifest["lora_scaling"] == 2.0 and manifest["weights"] == "adapters"
+    assert manifest["base_model"] == str((tmp_path / "llama").resolve())
+    assert "weights" not in json.loads((Path(run.run_dir) / "more" / "step-00000024" / "manifest.json").read_text())
 
 
 class _StopAt:
@@ -153,33 +157,83 @@ def test_an_hf_model_is_not_pretrained_from_scratch(cli, tmp_path) -> None:
     assert result.exit_code == 2 and "a pretrain stage trains muse's decoder from scratch" in result.output
 
 
-def test_a_4bit_stages_checkpoint_is_refused_in_one_line_where_it_cant_be_loaded(cli, tmp_path) -> None:
-    """A QLoRA stage's weights file holds bitsandbytes' packed base; its manifest says so
-    (``quantized_base``), and opening it (here: generate, which export and a resume share) is
-    one line. The flag is written into a CPU run's manifest: 4-bit itself needs CUDA."""
-    path = _plan(tmp_path, stages=[{"name": "tune", "kind": "finetune", "steps": 2, "checkpoint_every": 2,
+def test_an_adapters_only_checkpoint_goes_only_onto_its_own_base(cli, tmp_path) -> None:
+    """A LoRA stage on init_from's model as it is stores its adapters and the base's folder;
+    opened without that folder, or resumed after model.init_from changed, it is one line."""
+    path = _plan(tmp_path, stages=[{"name": "tune", "kind": "finetune", "steps": 4, "checkpoint_every": 2,
                                     "eval_every": 2}])
     assert cli("plan", "import", path).exit_code == 0
     assert cli("plan", "run", "hf-lm").exit_code == 0
     with Store().read() as session:
         run = runs.get_run(session, 1)
-    manifest = Path(run.run_dir) / "tune" / "step-00000002" / "manifest.json"
-    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "quantized_base": "4bit"}))
-    result = cli("generate", "1", "--prompt", "12+7=", "--max-tokens", "2")
-    assert result.exit_code == 2
-    assert "holds a 4bit (QLoRA) base, which muse can't resume, continue from or export yet" in result.output
+    opened = cli("generate", "1", "--prompt", "12+7=", "--max-tokens", "2", "--json")
+    assert opened.exit_code == 0, opened.output  # the adapters merged into tmp_path/llama's weights
+    from muse_plan.errors import RunInterrupted
+    from muse_plan.executor.runner import run_plan
+
+    with pytest.raises(RunInterrupted):
+        run_plan(None, "hf-lm", view=_StopAt(3), probe=False)  # run 2 stops with step-2 stored
+    other = _tiny_llama(tmp_path / "other")
+    assert cli("plan", "edit", "hf-lm", "--set", f"model.init_from={other}").exit_code == 0
+    resumed = cli("plan", "run", "hf-lm", "--resume")
+    assert resumed.exit_code == 2
+    assert f"holds LoRA adapters trained on the base model '{(tmp_path / 'llama').resolve()}'" in resumed.output
+    assert f"set model.init_from to '{(tmp_path / 'llama').resolve()}'" in resumed.output
+    import shutil
+
+    shutil.rmtree(tmp_path / "llama")
+    result = cli("generate", str(Path(run.run_dir) / "tune" / "step-00000004"), "--prompt", "1", "--max-tokens", "1")
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "the checkpoint holds LoRA adapters for the base model" in result.output and "no such folder" in result.output
 
 
-def test_a_4bit_base_only_where_it_ran_and_never_as_a_later_stages_start(tmp_path) -> None:
+def test_a_4bit_base_goes_where_init_froms_model_is_unchanged(tmp_path) -> None:
     from muse_plan.errors import PlanError
-    from muse_plan.executor.settings import resolve
+    from muse_plan.executor.settings import _no_4bit, adapters_only, resolve
     from muse_plan.plan.io import load_file
 
     spec = load_file(_plan(tmp_path, compute="1xH100", techniques={"lora": {"quantize_base": "4bit"}}, stages=[
         {"name": "tune", "kind": "finetune", "steps": 4},
-        {"name": "more", "kind": "continue", "steps": 4},
-        {"name": "rl", "kind": "reasoning_rl", "steps": 2, "from_stage": "more"}]))
-    with pytest.raises(PlanError, match="stage 'more' starts from stage 'tune', whose checkpoint holds a 4-bit"):
-        resolve(spec, spec.stages[1], cuda=True)
-    with pytest.raises(PlanError, match="a 4-bit \\(QLoRA\\) base runs in continue, finetune, cold_start_sft stages"):
-        resolve(spec, spec.stages[2], cuda=True)
+        {"name": "rl", "kind": "reasoning_rl", "steps": 2},
+        {"name": "more", "kind": "continue", "steps": 4, "from_stage": "tune"},
+        {"name": "rs", "kind": "rejection_sampling", "steps": 2, "from_stage": "more"},
+        {"name": "wide", "kind": "all_scenarios_rl", "steps": 2, "from_stage": "rl",
+         "options": {"lora": {"rank": 16, "quantize_base": "4bit"}}}]))
+    tune, rl, more, rs, wide = spec.stages
+    assert adapters_only(spec, tune) and adapters_only(spec, rl)  # the RL stage continues tune's adapters
+    assert _no_4bit(spec, rl, True, "none") in (None, "a 4-bit (QLoRA) base needs bitsandbytes: pip install -e "
+                                                      "'.[qlora]'")
+    assert not adapters_only(spec, more)  # continue trains every weight: the adapters merged into them
+    assert resolve(spec, more, cuda=True).lora is None
+    with pytest.raises(PlanError, match="stage 'rs': a 4-bit base is model.init_from's, and this stage starts "
+                                        "from stage 'more', whose trained full-precision weights muse can't"):
+        resolve(spec, rs, cuda=True)
+    with pytest.raises(PlanError, match="stage 'wide': stage 'rl' trained other LoRA adapters"):
+        resolve(spec, wide, cuda=True)
+    assert "sharding 'zero2'" in _no_4bit(spec, tune, True, "zero2")
+
+
+def test_an_out_of_memory_continue_stage_is_given_lora_and_restarts_from_its_start(cli, tmp_path, muse_home) -> None:
+    """The OOM ladder's last rung reaches continue stages: with nothing else left to halve
+    or offload, the failing stage alone gets LoRA (rank 16), and — its checkpoints holding
+    every weight, not adapters — starts again from step 0 on init_from's model."""
+    path = _plan(tmp_path, training={"precision": "fp32", "micro_batch": 1, "grad_accum": 2, "lr": 3e-3,
+                                     "activation_checkpointing": "full", "offload": "optimizer", "seed": 3},
+                 stages=[{"name": "more", "kind": "continue", "steps": 8, "checkpoint_every": 4, "eval_every": 4},
+                         {"name": "tune", "kind": "finetune", "steps": 2, "options": {"lora": False}}])
+    assert cli("plan", "import", path).exit_code == 0
+    result = cli("plan", "run", "hf-lm", "--inject", "oom@6")
+    assert result.exit_code == 0, result.output
+    history = json.loads(cli("plan", "history", "hf-lm", "--json").stdout)
+    assert "LoRA (rank 16) for stage more, restarted from its starting weights" in history[-1]["reason"]
+    spec = json.loads(cli("plan", "export", "hf-lm", "--format", "json").stdout)
+    assert spec["stages"][0]["options"]["lora"] == {"rank": 16} and spec["techniques"]["lora"]["rank"] == 4
+    assert spec["stages"][1]["options"] == {"lora": False}  # the other stage keeps its settings
+    with Store().read() as session:
+        events = [e.message for e in runs.events(session, 1, limit=50)]
+        run = runs.get_run(session, 1)
+    assert any(m.startswith("stage more now trains through LoRA (revision 2), which its checkpoints don't hold: "
+                            "restarting it from step 0") for m in events)
+    assert run.status == "completed"
+    manifest = json.loads((Path(run.run_dir) / "more" / "step-00000008" / "manifest.json").read_text())
+    assert manifest["weights"] == "adapters" and manifest["lora_scaling"] == 8 / 16  # the technique's alpha, rank 16

@@ -146,7 +146,9 @@ def test_oom_ladder_offloads_the_optimizer_then_offers_lora_to_rl_stages():
     assert rewrite.training == {"offload": "optimizer"}
     assert next_rewrite(new, new.stage("pre"), "oom", used, 1) is None  # no LoRA for pretraining
     used, rewrite, new = next_rewrite(new, new.stage("rl"), "oom", used, 1)
-    assert rewrite.techniques == {"lora": {"rank": 16}} and new.techniques.lora is not None
+    assert rewrite.options == {"lora": {"rank": 16}} and new.techniques.lora is None  # the failing stage alone
+    assert new.stage("rl").options["lora"] == {"rank": 16} and "lora" not in new.stage("pre").options
+    assert next_rewrite(new, new.stage("rl"), "oom", used - 1, 1) is None  # it has LoRA now: nothing left
 
 
 def test_explosion_rule_ignores_zero_norms_and_takes_its_factor():

@@ -69,11 +69,11 @@ class ArchitectureTrainer:
         if quantized and not self.hf:
             raise ValueError("a 4-bit (QLoRA) base is loaded from a Hugging Face model: model.family hf")
         if self.hf:
-            from engines.hf import load_hf
+            from engines.hf import enable_checkpointing, load_hf
 
             self.model = load_hf(stage.init_from or "", str(self.device), "4bit" if quantized else "none")
             if stage.activation_checkpointing != "none":
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_checkpointing(self.model)
         else:
             self.model = DecoderLM(config).to(self.device)
             self.model.set_checkpointing(stage.activation_checkpointing)

@@ -95,14 +95,15 @@ def with_lora(model: nn.Module, options: Any, frozen: str) -> tuple[Any, dict[st
     """LoRA (``engines.options.LoraOptions``) on ``model`` in place, for any engine: the
     base frozen in ``frozen`` precision — or, loaded in 4 bits (QLoRA), left as loaded — and
     the adapters in fp32. Returns the PeftModel and what each checkpoint's manifest records
-    (the adapters' scaling, to merge them; that the base is packed 4-bit, where it is)."""
+    (the adapters' scaling, to merge them; that the base is 4-bit, where it is: such a
+    stage's checkpoints hold the adapters only, ``StageSettings.adapters_only``)."""
     peft = add_lora(model, LoraSettings.from_options(options))
     meta: dict[str, Any] = {"lora_scaling": options.scaling}
     if options.quantize_base == "4bit":
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-        meta["quantized_base"] = "4bit"  # the loader refuses it in one line (executor/checkpoint.py)
+        meta["quantized_base"] = "4bit"
     else:
         keep_frozen_in(model, FROZEN_DTYPES[frozen])  # the base never trains: the compute dtype is enough
     return peft, meta
@@ -212,7 +213,7 @@ class Policy:
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else \
             {"do_sample": False}
         out = self.model.generate(input_ids=ids, attention_mask=valid.long(), max_new_tokens=max_new_tokens,
-                                  pad_token_id=self.pad_id, eos_token_id=self.eos_id, **sampling)
+                                  pad_token_id=self.pad_id, eos_token_id=self.eos_id, use_cache=True, **sampling)
         return [_until_eos(row, self.eos_id, self.pad_id) for row in out[:, ids.size(1):].tolist()]
 
 

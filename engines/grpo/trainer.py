@@ -41,7 +41,7 @@ from engines.data import load_tokenizer
 from engines.grpo.data import ProblemStream, held_out, prompt_ids
 from engines.grpo.options import parse
 from engines.grpo.policy import FROZEN_DTYPES, Policy, with_lora
-from engines.hf import load_hf
+from engines.hf import enable_checkpointing, load_hf
 from engines.grpo.rewards import Completion, correctness, format_compliance
 from engines.grpo.rl import ReinforcementLearning
 from engines.grpo.sft import ColdStartSft, RejectionSampling
@@ -83,7 +83,10 @@ class GrpoTrainer:
         if stage.family == "hf":
             if not stage.init_from:
                 raise ValueError("a Hugging Face policy needs model.init_from: a local model directory")
-            return load_hf(stage.init_from, stage.device, quantize)
+            model = load_hf(stage.init_from, stage.device, quantize)
+            if stage.activation_checkpointing != "none":
+                enable_checkpointing(model)
+            return model
         if self.tokenizer.vocab_size > stage.model.vocab_size:
             raise ValueError(f"tokenizer {stage.tokenizer!r} has {self.tokenizer.vocab_size} tokens but the "
                              f"model's vocab_size is {stage.model.vocab_size}")

@@ -2,7 +2,10 @@
 
 A checkpoint is a folder ``step-00000100`` under a stage's folder holding
 - ``model.safetensors``: the weights (safetensors: no code runs on load;
-  tied tensors are stored once);
+  tied tensors are stored once) — for a 4-bit (QLoRA) stage only its LoRA
+  adapters (manifest ``weights: adapters``, ``base_model``: the
+  ``model.init_from`` directory they were trained on; the packed base is
+  that directory's, rebuilt from it, never stored);
 - ``state.pt``: optimizer, scheduler, RNG states, the engine's state (data
   position), the step; tensors and plain containers only, loaded with
   ``torch.load(weights_only=True)``;
@@ -35,14 +38,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from muse_plan.errors import PlanError
-from muse_plan.executor.weights import load_into
+from muse_plan.executor.weights import adapter_state, is_adapter, load_into
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
+ADAPTERS = "adapters"  # manifest "weights": the checkpoint holds LoRA adapters only (a 4-bit stage's)
 
 
 class CorruptCheckpoint(Exception):
@@ -105,7 +109,10 @@ def save(stage_dir: Path, step: int, model: torch.nn.Module, state: dict[str, An
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / WEIGHTS))
+    if meta.get("weights") == ADAPTERS:
+        save_file(adapter_state(model), str(tmp / WEIGHTS))
+    else:
+        save_model(model, str(tmp / WEIGHTS))
     torch.save({**state, "step": step}, tmp / STATE)
     manifest = {
         "step": step, **meta, "time": datetime.now(timezone.utc).isoformat(),
@@ -147,21 +154,48 @@ def verify(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _loadable(manifest: dict[str, Any], path: Path) -> None:
-    """A checkpoint of a 4-bit (QLoRA) stage holds its base packed by bitsandbytes, which
-    this version can't load back: refused in one line rather than mid-load."""
-    if manifest.get("quantized_base"):
-        raise PlanError(f"{path}: it holds a {manifest['quantized_base']} (QLoRA) base, which muse can't resume, "
-                        "continue from or export yet; run that stage again from its start")
+def _same_base(manifest: dict[str, Any], path: Path, model: torch.nn.Module) -> None:
+    """An adapters-only checkpoint goes onto the base it was trained on: the model's
+    ``init_from`` directory must be the manifest's ``base_model``."""
+    base = manifest.get("base_model")
+    built_from = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not base or not built_from or Path(built_from).expanduser().resolve() != Path(base).resolve():
+        raise PlanError(f"{path}: it holds LoRA adapters trained on the base model {base!r}, but this model "
+                        f"was built from {built_from!r}; set model.init_from to {base!r}")
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path / WEIGHTS))
+    except Exception as exc:  # a file that passed its checksum but still won't load
+        raise CorruptCheckpoint(f"{path.name}: {exc}") from None
+
+
+def holds_lora(path: Path) -> bool | None:
+    """Whether a checkpoint holds LoRA adapters (its manifest records their scaling);
+    None when its manifest can't be read (the loader then says why)."""
+    try:
+        return "lora_scaling" in json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def load(path: Path, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load one verified checkpoint: weights into ``model``; returns (state, manifest)."""
     manifest = verify(path)
-    _loadable(manifest, path)
     try:
-        missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+        if manifest.get("weights") == ADAPTERS:
+            _same_base(manifest, path, model)
+            tensors = _read(path)
+            wanted = {k for k in model.state_dict() if is_adapter(k)}
+            missing, unexpected = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
+            if not missing and not unexpected:
+                model.load_state_dict(tensors, strict=False)
+        else:
+            missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
         state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    except (CorruptCheckpoint, PlanError):
+        raise
     except Exception as exc:  # a file that passed its checksum but still won't load
         raise CorruptCheckpoint(f"{path.name}: {exc}") from None
     if missing or unexpected:
@@ -189,10 +223,12 @@ def load_latest(stage_dir: Path, model: torch.nn.Module) -> tuple[Loaded | None,
 def load_weights(path: Path, model: torch.nn.Module) -> None:
     """Only the weights of a verified checkpoint (a previous stage's result)."""
     manifest = verify(path)
-    _loadable(manifest, path)
+    adapters = manifest.get("weights") == ADAPTERS
+    if adapters:
+        _same_base(manifest, path, model)
     try:
-        missing, unexpected = load_into(model, load_file(str(path / WEIGHTS)), manifest.get("lora_scaling"))
-    except ValueError as exc:
+        missing, unexpected = load_into(model, _read(path), manifest.get("lora_scaling"), adapters)
+    except (ValueError, RuntimeError) as exc:  # RuntimeError: a tensor of another shape
         raise CorruptCheckpoint(f"{path}: {exc}") from None
     if missing or unexpected:
         raise CorruptCheckpoint(

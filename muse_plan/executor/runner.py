@@ -230,6 +230,8 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         starts.append(start.step if start else 0)
     meta = {"plan": prepared.plan, "revision": prepared.revision, "run": prepared.run_id, "stage": stage.name,
             **model_meta(trainer.model)}
+    if s.adapters_only:  # the base is model.init_from's as it is: checkpoints hold the adapters
+        meta.update(weights=checkpoint.ADAPTERS, base_model=str(Path(spec.model.init_from or "").expanduser().resolve()))
     hooks = None
     if store is not None:
         hooks = Recorder(store, prepared.run_id, prepared.stage_run_ids[position], view)
@@ -288,12 +290,23 @@ def _capacity_gib(accelerator: Any) -> float:
     return psutil.virtual_memory().total / 2**30
 
 
+def _has_lora(model: torch.nn.Module) -> bool:
+    return any("lora_" in name for name, _ in model.named_parameters())
+
+
 def _starting_point(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: Prepared,
                     position: int, resuming: bool, trainer: Any,
                     view: View | None) -> checkpoint.Loaded | None:
     """Load the weights this stage starts from; the checkpoint when resuming."""
     run_dir = Path(prepared.run_dir)
     stage = spec.stages[position]
+    found = checkpoint.checkpoints(run_dir / stage.name) if resuming else []
+    held = checkpoint.holds_lora(found[0]) if found else None
+    if held is not None and held != _has_lora(trainer.model):
+        now = "through LoRA" if _has_lora(trainer.model) else "on every weight"
+        note(store, prepared, position, [f"stage {stage.name} now trains {now} (revision {prepared.revision}), "
+                                         f"which its checkpoints don't hold: restarting it from step 0"], view, severity="info")
+        resuming = False
     if resuming:
         start, skipped = checkpoint.load_latest(run_dir / stage.name, trainer.model)
         notes = [f"checkpoint {why}; trying an older one" for why in skipped]

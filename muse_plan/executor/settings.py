@@ -81,6 +81,8 @@ class StageSettings:
     options: Any = None  # the engine's typed options (plan/kinds.py)
     control: StageControl = StageControl()
     lora: LoraOptions | None = None  # the adapters this stage trains, where its kind takes LoRA
+    # checkpoints hold the LoRA adapters only: the base is model.init_from's, never changed (adapters_only)
+    adapters_only: bool = False
     plateau: str | None = None  # grow_on_plateau | stop_on_plateau: the option that ends it at a plateau
     plateau_window: int | None = None
 
@@ -258,32 +260,56 @@ def _supported(t: TrainingSpec, cuda: bool) -> None:
         raise PlanError(why)
 
 
-QLORA_KINDS = ("continue", "finetune", "cold_start_sft")  # run on a GPU with a 4-bit base (scripts/check_qlora_gpu.py)
+def adapters_only(spec: PlanSpec, stage: StageSpec) -> bool:
+    """Whether the stage's frozen base is ``model.init_from``'s Hugging Face model as it is:
+    a LoRA stage on an hf model that starts from nothing, or from such a stage with the
+    same adapters (which it continues). Its checkpoints then hold the adapters only, and
+    a 4-bit (QLoRA) base, which can't be stored and reloaded, is possible."""
+    mine = _lora_of(spec, stage)
+    if spec.model.family != "hf" or mine is None:
+        return False
+    source = _source(spec, stage)
+    if source is None:
+        return True
+    theirs = _lora_of(spec, source)
+    return theirs is not None and _adapters(theirs) == _adapters(mine) and adapters_only(spec, source)
 
 
-def _no_4bit(spec: PlanSpec, stage: StageSpec, cuda: bool) -> str | None:
-    """Why a stage's 4-bit (QLoRA) base can't run here, or None."""
-    if stage.kind not in QLORA_KINDS:
-        return (f"a 4-bit (QLoRA) base runs in {', '.join(QLORA_KINDS)} stages; the RL stages take LoRA on a "
-                "full-precision base")
+def _no_4bit(spec: PlanSpec, stage: StageSpec, cuda: bool, sharding: str) -> str | None:
+    """Why a stage's 4-bit (QLoRA) base can't run here, or None. Every stage kind that
+    takes LoRA takes it on a 4-bit base (scripts/check_qlora_gpu.py runs them on a GPU)."""
     if spec.model.family != "hf":
         return "a 4-bit (QLoRA) base is loaded from a Hugging Face model (model.family hf, model.init_from)"
+    if sharding not in ("none", "ddp"):
+        return f"a 4-bit (QLoRA) base runs on one GPU or under DDP, not with sharding {sharding!r}"
+    source = _source(spec, stage)
+    if source is not None and not adapters_only(spec, stage):
+        theirs = _lora_of(spec, source)
+        if theirs is None or not adapters_only(spec, source):
+            return (f"a 4-bit base is model.init_from's, and this stage starts from stage {source.name!r}, "
+                    "whose trained full-precision weights muse can't quantize; give that stage the same LoRA")
+        return (f"stage {source.name!r} trained other LoRA adapters, which a 4-bit base can't take merged; "
+                "give both stages the same lora rank, alpha, target_modules and layers_fraction")
     from engines.hf import quantization_unavailable
 
     return quantization_unavailable(cuda)
+
+
+def _adapters(lora: Any) -> tuple[Any, ...]:
+    return lora.rank, lora.alpha, tuple(lora.target_modules), lora.layers_fraction
+
+
+def _lora_of(spec: PlanSpec, stage: StageSpec) -> Any:
+    """A stage's LoRA options (None where it has none)."""
+    if not STAGE_KINDS[stage.kind].lora:
+        return None
+    return getattr(typed_options(spec, stage).engine, "lora", None)
 
 
 def _source(spec: PlanSpec, stage: StageSpec) -> StageSpec | None:
     """The stage whose weights ``stage`` starts from (``from_stage``, else the one before)."""
     chain = _lineage(spec, stage)
     return chain[-2] if len(chain) > 1 else None
-
-
-def _quantized(spec: PlanSpec, stage: StageSpec) -> bool:
-    if not STAGE_KINDS[stage.kind].lora:
-        return False
-    lora = getattr(typed_options(spec, stage).engine, "lora", None)
-    return lora is not None and lora.quantize_base != "none"
 
 
 def default_precision(cuda: bool, bf16: bool) -> str:
@@ -313,14 +339,9 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
     typed = typed_options(spec, stage)
     lora = getattr(typed.engine, "lora", None) if STAGE_KINDS[stage.kind].lora else None
     if check and lora is not None and lora.quantize_base != "none":
-        why = _no_4bit(spec, stage, cuda)
+        why = _no_4bit(spec, stage, cuda, t.sharding or "none")
         if why is not None:
             raise PlanError(f"stage {stage.name!r}: {why}; or use lora.quantize_base: none")
-    source = _source(spec, stage)
-    if check and source is not None and _quantized(spec, source):
-        raise PlanError(f"stage {stage.name!r} starts from stage {source.name!r}, whose checkpoint holds a 4-bit "
-                        "(QLoRA) base muse can't load yet; give a 4-bit base to a stage nothing starts from, or "
-                        "use lora.quantize_base: none")
     control = typed.control
     warmup = t.warmup_steps if t.warmup_steps is not None else max(1, steps // 20)
     if control.rewarm_fraction is not None:
@@ -345,7 +366,7 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
         sharding=t.sharding or ("ddp" if world_size > 1 else "none"), offload=t.offload or "none",
         optimizer=t.optimizer or "adamw",
         options=typed.engine, control=control,
-        lora=lora,
+        lora=lora, adapters_only=adapters_only(spec, stage),
         plateau=control.plateau,
         plateau_window=None if window is None else int(spec.alerts.get("plateau", 200)) if window is True else window,
     )

@@ -13,7 +13,10 @@ halves what the stage actually ran with.
 
 - ``oom``: halve the micro-batch and double accumulation (the stage's global
   batch is kept) → activation checkpointing (selective, then full) → offload the
-  optimizer state → LoRA where the stage fine-tunes.
+  optimizer state → LoRA (rank 16) on the failing stage alone, where its kind
+  takes LoRA (continue and finetune included) and it trains every weight; the
+  stage then starts again from its starting weights (its checkpoints hold
+  every weight, not adapters: ``runner._starting_point``).
 - ``nan``: roll back, skip the data window that produced it, halve the
   learning rate → leave fp16 for bf16 (or fp32 without bf16) → halve again.
 - ``grad_explosion``: enable clipping at 1.0 or halve it → halve the
@@ -40,7 +43,7 @@ class Rewrite:
     training: dict[str, Any]  # training fields to set
     summary: str  # "micro_batch 16→8, grad_accum 1→2 (global batch 16 kept)"
     skip_window: bool = False  # skip the data between the checkpoint and the fault
-    techniques: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # the failing stage's own options to set
 
 
 Rung = Callable[[PlanSpec, StageSpec, int], "Rewrite | None"]
@@ -78,11 +81,12 @@ def offload_optimizer(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite |
 
 
 def lora(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
-    # only where the stage's engine runs LoRA, and the stage has none yet
-    kind = STAGE_KINDS[stage.kind]
-    if spec.techniques.lora is not None or not (kind.lora and kind.lora_default):
+    # only where the stage's kind takes LoRA, the stage trains every weight and did not say lora: false
+    if not STAGE_KINDS[stage.kind].lora or _now(spec, stage, world).lora is not None \
+            or stage.options.get("lora") is False:
         return None
-    return Rewrite({}, "LoRA (rank 16) for the fine-tuning stage", techniques={"lora": {"rank": 16}})
+    return Rewrite({}, f"LoRA (rank 16) for stage {stage.name}, restarted from its starting weights",
+                   options={"lora": {"rank": 16}})
 
 
 def halve_lr(spec: PlanSpec, stage: StageSpec, world: int, *, skip: bool = False) -> Rewrite | None:
@@ -118,7 +122,7 @@ LADDERS: dict[str, list[Rung]] = {
 def apply(spec: PlanSpec, rewrite: Rewrite, stage: StageSpec | None = None) -> PlanSpec:
     """The plan with the rewrite's training fields set in the failing stage's own
     training settings (``plan/rewrite.py``: every other stage keeps its settings and
-    its global batch), plan-wide when no stage is named; its techniques added."""
+    its global batch), plan-wide when no stage is named; its options set on that stage."""
     if rewrite.training:
         if stage is not None:
             spec = set_training(spec, {stage.name: rewrite.training}, source="recovery rewrite")
@@ -126,12 +130,11 @@ def apply(spec: PlanSpec, rewrite: Rewrite, stage: StageSpec | None = None) -> P
             data = spec_to_dict(spec)
             data["training"] = {**(data.get("training") or {}), **rewrite.training}
             spec = spec_from_dict(data, "recovery rewrite")
-    if rewrite.techniques:
+    if rewrite.options and stage is not None:
         data = spec_to_dict(spec)
-        techniques = data.get("techniques") or {}
-        if not isinstance(techniques, dict):
-            techniques = {t: {} for t in techniques}
-        data["techniques"] = {**techniques, **rewrite.techniques}
+        for entry in data["stages"]:
+            if entry["name"] == stage.name:
+                entry["options"] = {**(entry.get("options") or {}), **rewrite.options}
         spec = spec_from_dict(data, "recovery rewrite")
     return spec
 
@@ -150,5 +153,5 @@ def next_rewrite(spec: PlanSpec, stage: StageSpec, kind: str, used: int, world: 
         done.append(rewrite.summary)
         if kind == "oom" and fits is not None and not fits(spec):
             continue  # predicted not to be enough: climb on from here
-        return index + 1, Rewrite(rewrite.training, "; ".join(done), rewrite.skip_window, rewrite.techniques), spec
+        return index + 1, Rewrite(rewrite.training, "; ".join(done), rewrite.skip_window, rewrite.options), spec
     return None
