@@ -22,7 +22,8 @@ Design decisions:
   evaluations), ``checkpoint_meta`` (a dict written into each checkpoint's
   manifest, e.g. LoRA's scaling so a later stage can merge the adapters) and
   ``init_module`` (the part of the model an earlier stage's weights fit; None:
-  nothing loads). An engine whose stages change weights instead of training
+  nothing loads) and ``take_notes()`` (lines worth an event, asked after each
+  step: a user's reward failing on a sample). An engine whose stages change weights instead of training
   them (growth) has ``grow(...)``, which the executor calls in place of the
   loop (``engines/growth/trainer.py``).
 - Engines are found through a registry of import paths, so an unknown or

@@ -16,9 +16,9 @@ Design decisions:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 
 class Options(BaseModel):
@@ -38,6 +38,55 @@ class LoraOptions(Options):
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+
+class ExampleFiles(Options):
+    """The user's JSONL examples a stage trains on instead of generated ``tasks``
+    (``engines/data/examples.py``), read when the plan is read so a bad line is refused
+    then; a subclass says what a row must hold (``needs``)."""
+
+    needs: ClassVar[Literal["completion", "answer"]] = "answer"
+
+    data: str | None = Field(None, description="your JSONL file instead of generated tasks: prompt/completion, "
+                                               "chat messages, or prompt/answer rows")
+    eval_data: str | None = Field(None, description="held-out JSONL file scored at evaluations")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of data held out when there is no eval_data")
+    prompt_template: str = Field("{prompt}", description="how a row's prompt is shown to the model, e.g. "
+                                                         "'Question: {prompt}\\nAnswer: ' (chats use the chat template)")
+
+    @model_validator(mode="after")
+    def _files(self) -> ExampleFiles:
+        from engines.data.examples import read_examples, split
+
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError(f"prompt_template {self.prompt_template!r} has no {{prompt}} to put the row's prompt in")
+        if self.data is None:
+            if self.eval_data is not None:
+                raise ValueError("eval_data is the held-out file of data; give data (your training file) too")
+            return self
+        if "tasks" in self.model_fields_set and getattr(self, "tasks", None):
+            raise ValueError("give tasks (generated problems) or data (your file), not both")
+        rows = read_examples(self.data, self.needs)
+        if self.eval_data is not None:
+            read_examples(self.eval_data, self._eval_needs)
+        else:
+            split(rows, self.eval_fraction, self.data)
+        return self
+
+    @property
+    def _eval_needs(self) -> Literal["completion", "answer", "either"]:
+        # a supervised stage scores held-out rows by their answer or their completion's loss
+        return "either" if self.needs == "completion" else "answer"
+
+    def examples(self, limit: int | None = None) -> tuple[list[Any], list[Any]]:
+        """(training rows, held-out rows — at most ``limit``) of ``data``."""
+        from engines.data.examples import read_examples, split
+
+        rows = read_examples(self.data or "", self.needs)
+        if self.eval_data is not None:
+            return rows, read_examples(self.eval_data, self._eval_needs)[:limit]
+        train, test = split(rows, self.eval_fraction, self.data or "")
+        return train, test[:limit]
 
 
 def accepted(model: type[BaseModel]) -> str:

@@ -338,7 +338,7 @@ def test_a_run_without_a_checkpoint_is_one_line(cli, tmp_path, muse_home) -> Non
     (['{"text": "a"}', "", '{"answer": 3}'], "line 3: a row with 'answer' needs 'prompt' too"),
     (['{"label": 1}'], "line 1: a row needs a 'text' field"),
     (['["text"]'], "line 1: a row must be a JSON object"),
-    (['{"prompt": "1+1=", "answer": "two"}'], "line 1: 'answer' must be an integer"),
+    (['{"prompt": "1+1=", "answer": ["2"]}'], "line 1: 'answer' must be a non-empty string or a number"),
     ([], "has no rows"),
 ])
 def test_a_bad_data_file_is_one_line_with_its_line_number(cli, run, tmp_path, lines, message) -> None:

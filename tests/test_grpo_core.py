@@ -138,13 +138,17 @@ def test_t_spmo_shared_prefix_is_one_transition():
 
 
 def test_replay_buffer_splits_draws_within_budgets_and_round_trips():
+    from engines.data.examples import Example
+
     buf = ReplayBuffer(success_threshold=1.0)
-    buf.add([1, 2], [5, 6, 7], 1.0, 42)
-    buf.add([1, 2], [5, 9], 0.0, 42)
+    row = Example("Q: 6*7?", None, 42, {"answer": 42, "source": "mine"})
+    buf.add([1, 2], [5, 6, 7], 1.0, row)
+    buf.add([1, 2], [5, 9], 0.0, row)
     drawn = buf.draw(random.Random(0), success_budget=3, failure_budget=0)
     assert len(drawn) == 1
-    prompt, partial, answer = drawn[0]
-    assert prompt == [1, 2] and answer == 42 and partial == [5, 6, 7][: len(partial)] and len(partial) < 3
+    prompt, partial, example = drawn[0]
+    assert prompt == [1, 2] and partial == [5, 6, 7][: len(partial)] and len(partial) < 3
+    assert (example.prompt, example.answer, example.row) == ("Q: 6*7?", 42, {"answer": 42, "source": "mine"})
     copy = ReplayBuffer(1.0)
     copy.load_state_dict(buf.state_dict())
     assert copy.successes == buf.successes and copy.failures == buf.failures

@@ -29,11 +29,14 @@ def plan(stage: dict, **extra) -> dict:
     ({"kind": "reasoning_rl", "options": {"algorithm": "ppo"}}, "unknown RL algorithm 'ppo'; accepted: grpo, s_grpo"),
     ({"kind": "reasoning_rl", "options": {"algorithm": "t_spmo", "clip_eps": 0.3}}, "unknown option 'clip_eps'"),
     ({"kind": "all_scenarios_rl", "options": {"reward_weights": {"corect": 1}}},
-     "unknown option 'reward_weights.corect'; accepted: correctness, format, efficiency, consistency"),
+     "option reward_weights: unknown reward 'corect'; accepted: correctness, extracted, format, efficiency, "
+     "consistency, or your own as module:function or file.py:function"),
     ({"kind": "cold_start_sft", "options": {"tasks": ["mult"]}}, "unknown arithmetic task 'mult'"),
     ({"kind": "rejection_sampling", "options": {"keep": "best"}}, "option keep = 'best': input should be 'all' or"),
     ({"kind": "rejection_sampling", "options": {"lora": "yes"}}, "option lora = 'yes'"),
-    ({"kind": "pretrain", "options": {"taks": ["add_sub"]}}, "unknown option 'taks'; accepted: tasks"),
+    ({"kind": "pretrain", "options": {"taks": ["add_sub"]}}, "unknown option 'taks'; accepted: data, eval_data, "
+     "eval_fraction, prompt_template, packing, tasks, lora"),
+    ({"kind": "pretrain", "options": {"data": "x.jsonl"}}, "option 'data' (your examples) is for finetune stages"),
     ({"kind": "pretrain", "options": {"stop_on_plateau": 1}}, "stop_on_plateau: must be true or a window of at"),
     ({"kind": "pretrain", "options": {"lora": True}}, "unknown option 'lora' for a pretrain stage"),
     ({"kind": "grow", "options": {"operatr": "g_stack"}}, "unknown growth option 'operatr'"),

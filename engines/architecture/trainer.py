@@ -9,7 +9,9 @@ the data position as its resumable state.
 Design decisions:
 - Generated arithmetic covers the stage's ``options.tasks`` (its typed
   ``ArchitectureOptions``) when given
-  (e.g. ``[multiplication:2x1]``), else the default mix.
+  (e.g. ``[multiplication:2x1]``), else the default mix. A finetune stage
+  with ``options.data`` trains on the user's JSONL examples instead, the
+  loss on the completions only (``engines/data/sft.py``).
 - The tokenizer's vocabulary must fit the model's (a byte tokenizer needs
   vocab_size >= 260); a mismatch is refused at setup with both numbers.
 - Validation batches are the first windows of the held-out stream, the same
@@ -40,6 +42,8 @@ from engines.architecture.model import DecoderLM
 from engines.architecture.options import ArchitectureOptions
 from engines.contract import MicroStep, StageSetup
 from engines.data import BatchSampler, build_corpus, eval_batches, load_tokenizer, unigram_loss
+from engines.data.corpus import Corpus
+from engines.data.sft import MaskedStream
 
 
 class ArchitectureTrainer:
@@ -54,15 +58,20 @@ class ArchitectureTrainer:
             )
         self.device = torch.device(stage.device)
         self.micro_batch = stage.micro_batch
-        self.corpus = build_corpus(
-            stage.data_source, tokenizer, seed=stage.seed, val_fraction=stage.val_fraction,
-            cache_dir=stage.cache_dir, min_tokens=stage.tokens_needed,
-            **({"tasks": list(options.tasks)} if options.tasks else {}),
-        )
+        self.notes: list[str] = []
+        if options.data is not None:  # the user's examples, the loss on their completions
+            self.corpus = self._examples(options, tokenizer, stage)
+        else:
+            self.corpus = build_corpus(
+                stage.data_source, tokenizer, seed=stage.seed, val_fraction=stage.val_fraction,
+                cache_dir=stage.cache_dir, min_tokens=stage.tokens_needed,
+                **({"tasks": list(options.tasks)} if options.tasks else {}),
+            )
         self.sampler = BatchSampler(
             self.corpus.train, seq_len=config.seq_len, seed=stage.seed,
             rank=stage.rank, world_size=stage.world_size,
         )
+        self.sampler.require(stage.micro_batch)
         self.val = eval_batches(self.corpus.val, config.seq_len, stage.micro_batch, stage.eval_batches)
         self.hf = stage.family == "hf"
         quantized = options.lora is not None and options.lora.quantize_base == "4bit"
@@ -83,11 +92,36 @@ class ArchitectureTrainer:
 
             _, self.checkpoint_meta = with_lora(self.model, options.lora, stage.frozen_precision)
 
+    def _examples(self, options: ArchitectureOptions, tokenizer: Any, stage: StageSetup) -> Corpus:
+        """The stage's JSONL examples as masked streams (``engines/data/sft.py``): train and
+        held out, the rows longer than the context left out with a note."""
+        from engines.data.examples import Prompter
+        from engines.data.sft import example_stream
+
+        prompter = Prompter(tokenizer, stage.tokenizer, options.prompt_template)
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        streams = []
+        for rows, name in zip(options.examples(), (options.data, options.eval_data or options.data)):
+            pairs = [(prompter.ids(r), prompter.target(r)) for r in rows if r.completion]
+            fitting = [p for p in pairs if len(p[0]) + len(p[1]) <= stage.model.seq_len + 1]
+            if not fitting:
+                raise ValueError(f"{name}: no example with a completion fits the model's context of "
+                                 f"{stage.model.seq_len} tokens; raise model.seq_len")
+            if len(fitting) < len(pairs):
+                self.notes.append(f"{name}: {len(pairs) - len(fitting)} of {len(pairs)} examples left out, longer "
+                                  f"than the model's context of {stage.model.seq_len} tokens")
+            streams.append(example_stream(fitting, stage.model.seq_len, pad, options.packing))
+        return Corpus(streams[0], streams[1], tokenizer.vocab_size, f"examples of {options.data}")
+
+    def take_notes(self) -> list[str]:
+        notes, self.notes = self.notes, []
+        return notes
+
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.hf:
             return self.model(x, y)[1]
         logits = self.model(input_ids=x).logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.sampler.next_batch(self.micro_batch)
@@ -108,6 +142,8 @@ class ArchitectureTrainer:
         return {"val_loss": (total / len(self.val)).item()}
 
     def summary(self) -> dict[str, float]:
+        if isinstance(self.corpus.train, MaskedStream):  # examples: a unigram floor over padding means nothing
+            return {"examples_windows": float(self.corpus.train.windows(self.sampler.seq_len))}
         return {"unigram_val_loss": unigram_loss(self.corpus.train, self.corpus.val, self.corpus.vocab_size)}
 
     def state_dict(self) -> dict[str, Any]:

@@ -15,7 +15,11 @@ Design decisions:
   Validation is the last ``val_fraction`` of the tokens.
 - Plain text files (.txt/.text/.md) are one document each, read in chunks
   cut at line ends so a large file never sits in memory whole; .jsonl holds
-  one document per line in a string "text" field.
+  one document per line in a string "text" field. The reading (and where
+  EOS goes, and the train/val split sizes) lives in ``engines.data.documents``,
+  shared with ``muse data inspect`` and the tokenizer trainer, so what they
+  count is what a run reads. Text must be UTF-8 (a file that isn't is
+  refused naming its line, not read with replacement characters).
 - Tokens are stored as uint16 when the vocabulary fits (ids <= 65534), else
   uint32: half the disk and page cache for most tokenizers.
 - Sampling (``BatchSampler``, ``eval_batches``, ``unigram_loss``) lives in
@@ -30,27 +34,23 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from engines.data import arithmetic
+from engines.data.documents import encoded_parts, source_files, split_sizes
 from engines.data.stream import BatchSampler, TokenStream, eval_batches, unigram_loss
 from engines.data.tokenizer import Tokenizer
 
 __all__ = ["Corpus", "TokenStream", "BatchSampler", "build_corpus", "eval_batches", "pretokenize",
            "token_dtype", "unigram_loss"]
 
-TEXT_SUFFIXES = (".txt", ".text", ".md")
-JSONL_SUFFIXES = (".jsonl",)
-ACCEPTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
 DEFAULT_TASKS = ("multiplication", "add_sub", "word_problem")
 MIN_ARITHMETIC_TOKENS = 200_000
 MIN_VAL_TOKENS = 65_536  # a few dozen evaluation batches at quickstart sizes
 _CACHE_VERSION = 1
-_ENCODE_BATCH = 512  # documents per tokenizer call
 _ARITHMETIC_CHUNK = 64  # generated documents per call: small, so a stream overshoots its target little
-_TEXT_CHUNK = 4 << 20  # characters per plain-text read
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def build_corpus(
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if source == "arithmetic":
         return _arithmetic_corpus(tokenizer, seed, val_fraction, min_tokens, tasks)
-    return _local_corpus(Path(source).expanduser(), source, tokenizer, val_fraction, Path(cache_dir))
+    return _local_corpus(source, tokenizer, val_fraction, Path(cache_dir))
 
 
 def _arithmetic_tokens(
@@ -123,71 +123,10 @@ def _arithmetic_corpus(
     return Corpus(TokenStream(train), TokenStream(val), tokenizer.vocab_size, description)
 
 
-def _source_files(path: Path, source: str) -> list[Path]:
-    if not path.exists():
-        raise FileNotFoundError(f"data source '{source}' does not exist; use 'arithmetic' or a local file/folder")
-    accepted = ", ".join(ACCEPTED_SUFFIXES)
-    if path.is_file():
-        if path.suffix.lower() not in ACCEPTED_SUFFIXES:
-            raise ValueError(f"data file '{source}' has an unsupported type '{path.suffix}'; accepted: {accepted}")
-        return [path.resolve()]
-    files = sorted(
-        (p.resolve() for p in path.rglob("*") if p.is_file() and p.suffix.lower() in ACCEPTED_SUFFIXES),
-        key=lambda p: p.as_posix(),
-    )
-    if not files:
-        raise ValueError(f"data folder '{source}' holds no {accepted} files")
-    return files
-
-
-def _documents(path: Path) -> Iterator[str]:
-    """Documents of one file; a plain-text file's one document arrives in line-cut chunks."""
-    if path.suffix.lower() in JSONL_SUFFIXES:
-        yield from _jsonl_documents(path)
-        return
-    with path.open("r", encoding="utf-8", errors="replace") as handle:
-        while chunk := handle.read(_TEXT_CHUNK):
-            yield chunk + handle.readline()
-
-
-def _jsonl_documents(path: Path) -> Iterator[str]:
-    with path.open("r", encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record: Any = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(
-                    f"{path}:{lineno}: not valid JSON; each line must be an object with a string 'text' field"
-                ) from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with a string 'text' field")
-            yield record["text"]
-
-
 def _encode_file(path: Path, tokenizer: Tokenizer, dtype: np.dtype) -> Iterator[np.ndarray]:
     """Token arrays for one file, EOS after each document (a text file is one document)."""
-    plain = path.suffix.lower() in TEXT_SUFFIXES
-    batch: list[str] = []
-    seen_text = False
-    for text in _documents(path):
-        batch.append(text)
-        seen_text = seen_text or bool(text)
-        if len(batch) == _ENCODE_BATCH:
-            yield _encode_batch(batch, tokenizer, dtype, eos=not plain)
-            batch = []
-    if batch:
-        yield _encode_batch(batch, tokenizer, dtype, eos=not plain)
-    if plain and seen_text:
-        yield np.array([tokenizer.eos_id], dtype=dtype)
-
-
-def _encode_batch(texts: list[str], tokenizer: Tokenizer, dtype: np.dtype, *, eos: bool) -> np.ndarray:
-    encoded = tokenizer.encode_batch(texts)
-    if eos:
-        return _pack(encoded, tokenizer.eos_id, dtype)
-    return np.array([i for ids in encoded for i in ids], dtype=dtype)
+    for part in encoded_parts(path, tokenizer):
+        yield np.array(part, dtype=dtype)
 
 
 def _cache_key(files: list[Path], tokenizer: Tokenizer) -> str:
@@ -238,15 +177,11 @@ def pretokenize(files: list[Path], tokenizer: Tokenizer, cache_dir: Path) -> tup
     return np.memmap(bin_path, dtype=dtype, mode="r", shape=(count,)), bin_path
 
 
-def _local_corpus(path: Path, source: str, tokenizer: Tokenizer, val_fraction: float, cache_dir: Path) -> Corpus:
-    files = _source_files(path, source)
+def _local_corpus(source: str, tokenizer: Tokenizer, val_fraction: float, cache_dir: Path) -> Corpus:
+    files = source_files(source)
     tokens, _ = pretokenize(files, tokenizer, cache_dir)
-    if len(tokens) == 0:
-        raise ValueError(f"data source '{source}' holds no text (0 tokens)")
-    n_val = max(1, round(len(tokens) * val_fraction))
-    if n_val >= len(tokens) - 1:
-        raise ValueError(f"data source '{source}' has only {len(tokens)} tokens: too few to split off validation")
-    train, val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
+    n_train, _ = split_sizes(len(tokens), val_fraction, source)
+    train, val = tokens[:n_train], tokens[n_train:]
     description = (
         f"{source} ({len(files)} file{'s' if len(files) != 1 else ''}): {len(train):,} train / "
         f"{len(val):,} val tokens, tokenizer {tokenizer.name}"

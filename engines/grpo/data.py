@@ -1,12 +1,19 @@
-"""Problems for the GRPO stages, and the sequences built from them.
+"""Problems and examples for the GRPO stages, and the sequences built from them.
 
 Design decisions:
-- Problems come from ``engines.data.arithmetic`` (the same generated tasks
-  the architecture engine pretrains on): train problems from the train
-  split, evaluation from the held-out split, never overlapping.
-- The problem stream is resumable by count: a checkpoint stores how many
-  problems were drawn, resume redraws that many (generation is cheap and
-  deterministic), so no generator state needs pickling.
+- Every stage reads ``Example`` rows (``engines/data/examples.py``): from the
+  user's JSONL file (the stage's ``data``), or made from muse's generated
+  arithmetic (``engines.data.arithmetic``: the same tasks the architecture
+  engine pretrains on; prompt ``Q: ...\\nA: ``, the worked solution as the
+  completion, the integer answer as the reference). Held-out rows are never
+  trained on: the arithmetic test split, a separate ``eval_data`` file, or
+  the hash-split ``eval_fraction`` of the file.
+- The stream is resumable by count: a checkpoint stores how many rows were
+  drawn, resume redraws that many (cheap and deterministic), so no generator
+  state needs pickling. A file is read in a fresh seeded order each epoch.
+  Every process walks the one stream and keeps its own slice of it.
+- Prompts: ``engines.data.examples.Prompter`` (BOS, then the row's prompt
+  text or its chat rendered).
 - SFT sequences are prompt + target + EOS with the prompt's positions
   ignored (-1) in the loss: the model learns to answer, not to ask.
 """
@@ -14,25 +21,45 @@ Design decisions:
 from __future__ import annotations
 
 import itertools
+import random
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from engines.data.arithmetic import Problem, format_prompt, generate, iter_problems
+from engines.data.examples import Example, Prompter
 from engines.data.tokenizer import Tokenizer
 
 
+def from_problem(problem: Problem) -> Example:
+    """A generated arithmetic problem as an example row."""
+    row = {"prompt": problem.prompt, "answer": problem.answer, "solution": problem.solution}
+    return Example(format_prompt(problem), problem.solution + "\n", problem.answer, row)  # type: ignore[arg-type]
+
+
+def _epochs(examples: Sequence[Example], seed: int) -> Iterator[Example]:
+    for epoch in itertools.count():
+        order = list(range(len(examples)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        yield from (examples[i] for i in order)
+
+
 class ProblemStream:
-    def __init__(self, tasks: Sequence[str], seed: int, rank: int = 0, world_size: int = 1) -> None:
+    """Training rows: the user's ``examples`` in seeded epochs, else generated ``tasks``."""
+
+    def __init__(self, tasks: Sequence[str], seed: int, rank: int = 0, world_size: int = 1,
+                 examples: Sequence[Example] | None = None) -> None:
         self.tasks, self.seed, self.rank, self.world_size = list(tasks), seed, rank, world_size
+        self.examples = list(examples) if examples is not None else None
         self.drawn = 0
         self._it = self._fresh()
 
-    def _fresh(self) -> Iterator[Problem]:
-        # every process walks one stream and keeps its own slice of it
-        return itertools.islice(iter_problems(self.tasks, self.seed, "train"), self.rank, None, self.world_size)
+    def _fresh(self) -> Iterator[Example]:
+        source = _epochs(self.examples, self.seed) if self.examples is not None else \
+            map(from_problem, iter_problems(self.tasks, self.seed, "train"))
+        return itertools.islice(source, self.rank, None, self.world_size)
 
-    def take(self, n: int) -> list[Problem]:
+    def take(self, n: int) -> list[Example]:
         self.drawn += n
         return list(itertools.islice(self._it, n))
 
@@ -45,13 +72,13 @@ class ProblemStream:
         self.take(int(state["drawn"]))
 
 
-def held_out(tasks: Sequence[str], seed: int, n: int) -> list[Problem]:
-    return generate(tasks, n, seed, "test")
+def held_out(tasks: Sequence[str], seed: int, n: int) -> list[Example]:
+    return [from_problem(p) for p in generate(tasks, n, seed, "test")]
 
 
-def prompt_ids(tokenizer: Tokenizer, problem: Problem) -> list[int]:
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    return bos + tokenizer.encode(format_prompt(problem))
+def prompt_ids(tokenizer: Tokenizer, example: Example) -> list[int]:
+    """BOS and a plain-text prompt's tokens (chats need a ``Prompter``)."""
+    return Prompter(tokenizer).ids(example)
 
 
 def sft_batch(tokenizer: Tokenizer, examples: Sequence[tuple[list[int], list[int]]],

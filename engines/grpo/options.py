@@ -19,23 +19,41 @@ Design decisions:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from engines.options import LoraOptions, Options, one_line
+from engines.options import ExampleFiles, LoraOptions, Options, one_line
 
 RL_ALGORITHMS = ("grpo", "s_grpo", "t_spmo")
 DEFAULT_TASKS = ("multiplication",)
 
 
 class RewardWeights(Options):
-    """SEEDS.md's weights for an unstable GRPO run (the KL term is the loss's)."""
+    """SEEDS.md's weights for an unstable GRPO run (the KL term is the loss's), and any
+    reward of the user's own: ``module:function`` or ``file.py:function`` as a key, its
+    weight as the value (``engines/grpo/rewards.py``), imported when the plan is read."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
 
     correctness: float = 1.0
+    extracted: float = Field(0.0, description="the answer marked by \\boxed{}, ####, <answer> or Answer:")
     format: float = 0.3
     efficiency: float = 0.2
     consistency: float = Field(0.0, description="share of true equations in the worked steps (all-scenarios RL)")
+
+    @model_validator(mode="after")
+    def _user_rewards(self) -> RewardWeights:
+        from engines.grpo.rewards import REWARDS, is_reference, load_reward
+
+        for name, weight in (self.model_extra or {}).items():
+            if not is_reference(name):
+                raise ValueError(f"unknown reward {name!r}; accepted: {', '.join(REWARDS)}, or your own as "
+                                 "module:function or file.py:function")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise ValueError(f"reward {name!r}: its weight {weight!r} is not a number")
+            load_reward(name)  # a reference that does not import is refused now, not mid-run
+        return self
 
     def active(self) -> dict[str, float]:
         return {name: float(w) for name, w in self.model_dump().items() if w}
@@ -102,8 +120,8 @@ class TSpmoOptions(Options):
     reward_weights: RewardWeights = CORRECTNESS_ONLY
 
 
-class StageOptions(Options):
-    """What every GRPO-engine stage reads."""
+class StageOptions(ExampleFiles):
+    """What every GRPO-engine stage reads: generated ``tasks``, or the rows of ``data``."""
 
     tasks: tuple[str, ...] = Field(DEFAULT_TASKS, description="generated tasks, e.g. multiplication:3x3")
     max_new_tokens: PositiveInt = 300
@@ -132,6 +150,8 @@ class StageOptions(Options):
 
 class SftOptions(StageOptions):
     """``cold_start_sft``: supervised on worked solutions."""
+
+    needs: ClassVar[Literal["completion", "answer"]] = "completion"
 
 
 class RejectionSamplingOptions(StageOptions):

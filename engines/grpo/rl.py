@@ -30,10 +30,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from engines.contract import MicroStep
-from engines.grpo.data import prompt_ids
 from engines.grpo.losses import group_advantages, grpo_terms, normalized_loss, s_grpo_mask
 from engines.grpo.policy import zero_loss
-from engines.grpo.rewards import Completion, check_weights, correctness, score
+from engines.grpo.rewards import Rewards, correctness
 from engines.grpo.tspmo import ReplayBuffer, prefix_advantages
 
 if TYPE_CHECKING:
@@ -69,7 +68,7 @@ class ReinforcementLearning:
         self.algorithm = options.algorithm
         self.group_size = options.group_size
         self.temperature = options.temperature
-        self.weights = check_weights(options.reward_weights.active())
+        self.rewards = Rewards(options.reward_weights.active())  # built-ins and the user's own
         self.kl_beta = options.kl_beta
         self.updates = options.updates_per_rollout
         # only T-SPMO replays; the buffer exists (and is checkpointed) for every algorithm
@@ -82,12 +81,12 @@ class ReinforcementLearning:
             return self.pending.pop()
         t = self.t
         problems = t.stream.take(t.micro_batch)
-        starts = [(prompt_ids(t.tokenizer, p), [], p.answer) for p in problems]
+        starts = [(t.prompter.ids(p), [], p) for p in problems]
         groups = self._rollout(starts)
         if self.algorithm == "t_spmo" and self.o.replay:
-            for g, (prompt, _, answer) in zip(groups, starts):
+            for g, (prompt, _, example) in zip(groups, starts):
                 for c, r in zip(g.completions, g.rewards.tolist()):
-                    self.replay.add(prompt, c, r, answer)
+                    self.replay.add(prompt, c, r, example)
             drawn = self.replay.draw(random, self.o.success_budget, self.o.failure_budget)
             if drawn:
                 groups += self._rollout(drawn)
@@ -96,17 +95,16 @@ class ReinforcementLearning:
         return groups
 
     @torch.no_grad()
-    def _rollout(self, starts: list[tuple[list[int], list[int], int]]) -> list[Group]:
-        """starts: (prompt, partial completion already given, answer) → one group each."""
+    def _rollout(self, starts: list[tuple[list[int], list[int], Any]]) -> list[Group]:
+        """starts: (prompt, partial completion already given, example row) → one group each."""
         t, G = self.t, self.group_size
         prefixes = [prompt + partial for prompt, partial, _ in starts]
         outs = t.policy.sample([p for p in prefixes for _ in range(G)], t.max_new_tokens, self.temperature)
         groups = []
-        for i, (prompt, partial, answer) in enumerate(starts):
+        for i, (prompt, partial, example) in enumerate(starts):
             completions = [c or [t.tokenizer.eos_id] for c in outs[i * G:(i + 1) * G]]
-            judged = [Completion(t.decode(partial + c), answer, len(partial) + len(c), t.max_new_tokens)
-                      for c in completions]
-            rewards = torch.tensor([score(c, self.weights)[0] for c in judged])
+            judged = [t.judged(example, c, partial) for c in completions]
+            rewards = torch.tensor([self.rewards.score(c)[0] for c in judged])
             group = Group(prompt + partial, completions, rewards, sum(map(correctness, judged)) / G)
             if self.updates > 1 or self.kl_beta > 0:
                 ids, start = group.ids(t.pad_id, t.device), len(group.prompt)

@@ -1,10 +1,12 @@
 """The supervised stages: cold-start SFT and rejection sampling.
 
 - ``cold_start_sft`` (DeepSeek-R1 stage 1): fine-tune on chain-of-thought
-  examples; here the tasks' programmatic solutions (long multiplication's
-  partial products, running totals, the word problem's equations).
+  examples: the user's file's completions (``data``), or the generated
+  tasks' programmatic solutions (long multiplication's partial products,
+  running totals, the word problem's equations). Loss on the completion only.
 - ``rejection_sampling`` (DeepSeek-R1 stage 3): sample K completions per
-  prompt from the current policy, keep the correct ones (``keep:
+  prompt from the current policy, keep the correct ones (the ``correctness``
+  reward against the row's reference answer) (``keep:
   most_confident`` keeps only the one with the highest mean token
   log-probability), and fine-tune on them. A micro-batch whose prompts gave
   no correct completion contributes a zero loss and says so in its metrics
@@ -18,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engines.contract import MicroStep
-from engines.grpo.data import prompt_ids, sft_batch
+from engines.grpo.data import sft_batch
 from engines.grpo.policy import zero_loss
-from engines.grpo.rewards import Completion, correctness
+from engines.grpo.rewards import correctness
 
 if TYPE_CHECKING:
     from engines.grpo.trainer import GrpoTrainer
@@ -43,9 +45,8 @@ class ColdStartSft:
         self.t = t
 
     def next_batch(self) -> list[Example]:
-        eos = self.t.tokenizer.eos_id
-        return [(prompt_ids(self.t.tokenizer, p), self.t.tokenizer.encode(p.solution + "\n") + [eos])
-                for p in self.t.stream.take(self.t.micro_batch)]
+        prompter = self.t.prompter
+        return [(prompter.ids(p), prompter.target(p)) for p in self.t.stream.take(self.t.micro_batch)]
 
     def micro_step(self, batch: list[Example]) -> MicroStep:
         return sft_step(self.t, batch)
@@ -61,13 +62,12 @@ class RejectionSampling:
     def next_batch(self) -> list[Example]:
         t = self.t
         problems = t.stream.take(t.micro_batch)
-        prompts = [prompt_ids(t.tokenizer, p) for p in problems]
+        prompts = [t.prompter.ids(p) for p in problems]
         outs = t.policy.sample([p for p in prompts for _ in range(self.samples)], t.max_new_tokens, self.temperature)
         examples: list[Example] = []
         for i, (prompt, problem) in enumerate(zip(prompts, problems)):
             group = outs[i * self.samples:(i + 1) * self.samples]
-            right = [c for c in group if correctness(Completion(t.decode(c), problem.answer, len(c),
-                                                                t.max_new_tokens))]
+            right = [c for c in group if correctness(t.judged(problem, c))]
             if right and self.keep == "most_confident":
                 right = [max(right, key=lambda c: self._confidence(prompt, c))]
             examples += [(prompt, c) for c in right]

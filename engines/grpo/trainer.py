@@ -9,9 +9,16 @@ the plan asks), the problem stream and the held-out problems — and
 delegates batches and losses to the handler.
 
 Design decisions:
-- Evaluation runs on a fixed set of held-out problems (the test split,
-  never trained on), scored like the paper: the last integer of the
-  completion must equal the answer. Both greedy accuracy and sampled
+- Rows are the user's JSONL file (the stage's ``data``) or generated
+  arithmetic (``engines/grpo/data.py``); a file's rows that can't fit the
+  model's context are left out with a note (``take_notes``), all of them
+  left out is an error at setup.
+- Evaluation runs on a fixed set of held-out problems (the test split, the
+  ``eval_data`` file or the held-out share of ``data``, never trained on),
+  scored like the paper: the last number of the completion must equal the
+  reference answer. Held-out rows with a completion and no answer (a
+  prompt/completion SFT file) are scored by the completion's loss instead
+  (``val_loss``). Both greedy accuracy and sampled
   accuracy (pass@1 at the stage's temperature, the quantity RL maximises)
   are reported: on a small model RL mostly sharpens the sampling
   distribution, which shows in the second long before the first.
@@ -38,7 +45,7 @@ import torch
 from engines.architecture.model import DecoderLM
 from engines.contract import MicroStep, StageSetup
 from engines.data import load_tokenizer
-from engines.grpo.data import ProblemStream, held_out, prompt_ids
+from engines.grpo.data import Prompter, ProblemStream, held_out
 from engines.grpo.options import parse
 from engines.grpo.policy import FROZEN_DTYPES, Policy, with_lora
 from engines.hf import enable_checkpointing, load_hf
@@ -72,8 +79,17 @@ class GrpoTrainer:
             peft, self.checkpoint_meta = with_lora(model, o.lora, stage.frozen_precision)
         self.model = model
         self.policy = Policy(model, self.pad_id, self.tokenizer.eos_id, peft, FROZEN_DTYPES[stage.frozen_precision])
-        self.stream = ProblemStream(list(o.tasks), stage.seed, stage.rank, stage.world_size)
-        self.eval_problems = held_out(list(o.tasks), stage.seed, o.eval_problems)
+        self.prompter = Prompter(self.tokenizer, stage.tokenizer, o.prompt_template)
+        self.notes: list[str] = []
+        if o.data is not None:
+            train, test = o.examples(o.eval_problems)
+            train = self._fitting(train, stage.model.seq_len, o.data, supervised=o.needs == "completion")
+            self.stream = ProblemStream(list(o.tasks), stage.seed, stage.rank, stage.world_size, examples=train)
+            self.eval_problems = self._fitting(test, stage.model.seq_len, o.eval_data or o.data, supervised=False)
+        else:
+            self.stream = ProblemStream(list(o.tasks), stage.seed, stage.rank, stage.world_size)
+            self.eval_problems = held_out(list(o.tasks), stage.seed, o.eval_problems)
+        self.seq_len = stage.model.seq_len
         self.eval_temperature = o.sampled_eval_temperature
         self.eval_samples = o.eval_samples
         self.handler = STAGES[stage.kind](self, o)
@@ -94,6 +110,26 @@ class GrpoTrainer:
         model.set_checkpointing(stage.activation_checkpointing)
         return model
 
+    def _fitting(self, rows: list[Any], context: int, name: str, supervised: bool) -> list[Any]:
+        """The rows whose prompt (and, for a supervised stage, completion) fit ``context``."""
+        def length(row: Any) -> int:
+            return len(self.prompter.ids(row)) + (len(self.prompter.target(row)) - 1 if supervised else 0)
+
+        kept = [row for row in rows if length(row) < context]
+        if not kept:
+            raise ValueError(f"{name}: no example fits the model's context of {context} tokens "
+                             f"({rows[0].where}: {length(rows[0])} tokens); raise model.seq_len")
+        if len(kept) < len(rows):
+            first = next(row for row in rows if length(row) >= context)
+            self.notes.append(f"{name}: {len(rows) - len(kept)} of {len(rows)} examples left out, longer than the "
+                              f"model's context of {context} tokens (the first: {first.where})")
+        return kept
+
+    def take_notes(self) -> list[str]:
+        rewards = getattr(self.handler, "rewards", None)
+        notes, self.notes = self.notes + (rewards.take_notes() if rewards is not None else []), []
+        return notes
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i not in self.special])
 
@@ -109,24 +145,48 @@ class GrpoTrainer:
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy, greedy (``test_accuracy``) and sampled at the stage's
         temperature, ``eval_samples`` per problem (``test_accuracy_sampled``: the
-        pass@1 RL optimises)."""
-        greedy, formatted = self._score(0.0, 1)
-        sampled, _ = self._score(self.eval_temperature, self.eval_samples)
-        return {"test_accuracy": greedy, "test_format": formatted, "test_accuracy_sampled": sampled}
+        pass@1 RL optimises); ``val_loss`` on held-out completions without an answer."""
+        metrics: dict[str, float] = {}
+        if any(p.answer is not None for p in self.eval_problems):
+            greedy, formatted = self._score(0.0, 1)
+            sampled, _ = self._score(self.eval_temperature, self.eval_samples)
+            metrics.update(test_accuracy=greedy, test_format=formatted, test_accuracy_sampled=sampled)
+        if any(p.answer is None and p.completion for p in self.eval_problems):
+            metrics["val_loss"] = self._completion_loss()
+        return metrics
 
     def _score(self, temperature: float, samples: int, batch: int = 64) -> tuple[float, float]:
         right = formatted = 0.0
-        problems = [p for p in self.eval_problems for _ in range(samples)]
+        problems = [p for p in self.eval_problems if p.answer is not None for _ in range(samples)]
         for i in range(0, len(problems), batch):
             chunk = problems[i:i + batch]
-            outs = self.policy.sample([prompt_ids(self.tokenizer, p) for p in chunk], self.max_new_tokens,
-                                      temperature)
+            outs = self.policy.sample([self.prompter.ids(p) for p in chunk], self.max_new_tokens, temperature)
             for p, c in zip(chunk, outs):
-                judged = Completion(self.decode(c), p.answer, len(c), self.max_new_tokens)
+                judged = self.judged(p, c)
                 right += correctness(judged)
                 formatted += format_compliance(judged)
         n = max(1, len(problems))
         return right / n, formatted / n
+
+    def judged(self, example: Any, completion: list[int], given: list[int] | None = None) -> Completion:
+        """A sampled completion (after ``given`` tokens of it, a replay's prefix) as the rewards see it."""
+        tokens = (given or []) + completion
+        return Completion(self.decode(tokens), example.answer, len(tokens), self.max_new_tokens,
+                          self.prompter.text(example), example.row)
+
+    def _completion_loss(self, batch: int = 16) -> float:
+        from engines.grpo.data import sft_batch
+
+        rows = [p for p in self.eval_problems if p.answer is None and p.completion]
+        total = count = 0.0
+        for i in range(0, len(rows), batch):
+            pairs = [(self.prompter.ids(p), self.prompter.target(p)) for p in rows[i:i + batch]]
+            x, y = sft_batch(self.tokenizer, pairs, self.pad_id, self.device)
+            logits = self.policy.logits(x, self.model).float()
+            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1),
+                                                             ignore_index=-1, reduction="sum"))
+            count += float((y >= 0).sum())
+        return total / max(count, 1.0)
 
     def summary(self) -> dict[str, float]:
         return {"eval_problems": float(len(self.eval_problems))}

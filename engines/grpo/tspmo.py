@@ -35,6 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from engines.data.examples import Example
+
 
 @dataclass(frozen=True)
 class Transition:
@@ -80,14 +82,18 @@ class ReplayBuffer:
     successes: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
 
-    def add(self, prompt: Sequence[int], completion: Sequence[int], reward: float, answer: int) -> None:
+    def add(self, prompt: Sequence[int], completion: Sequence[int], reward: float, example: Example) -> None:
+        """Stored as plain values (the row, not the ``Example``), so a checkpoint loads them
+        with ``weights_only``."""
         side = self.successes if reward >= self.success_threshold else self.failures
-        side.append({"prompt": list(prompt), "completion": list(completion), "answer": answer})
+        side.append({"prompt": list(prompt), "completion": list(completion), "answer": example.answer,
+                     "text": example.prompt, "messages": [dict(m) for m in example.messages],
+                     "row": dict(example.row)})
         del side[:-self.capacity]
 
     def draw(self, rng: Any, success_budget: int,
-             failure_budget: int) -> list[tuple[list[int], list[int], int]]:
-        """Up to the budgets of (prompt, partial completion, answer): a stored prompt and
+             failure_budget: int) -> list[tuple[list[int], list[int], Example]]:
+        """Up to the budgets of (prompt, partial completion, example): a stored prompt and
         the part of its completion before a random cut (at least one token left to sample)."""
         chosen = (rng.sample(self.successes, min(success_budget, len(self.successes)))
                   + rng.sample(self.failures, min(failure_budget, len(self.failures))))
@@ -95,7 +101,9 @@ class ReplayBuffer:
         for item in chosen:
             completion = item["completion"]
             cut = rng.randint(0, max(0, len(completion) - 1))  # keep at least one token to generate
-            out.append((item["prompt"], completion[:cut], item["answer"]))
+            example = Example(item.get("text", ""), None, item["answer"], item.get("row", {}),
+                              tuple(item.get("messages", ())))
+            out.append((item["prompt"], completion[:cut], example))
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -129,7 +129,8 @@ class Row:
     line: int
     text: str | None = None
     prompt: str | None = None
-    answer: int | None = None
+    answer: str | None = None
+    data: dict[str, Any] | None = None
 
 
 def read_rows(path: Path) -> list[Row]:
@@ -157,13 +158,15 @@ def read_rows(path: Path) -> list[Row]:
             if not isinstance(data["text"], str):
                 raise PlanError(f"{where}: 'text' must be a string")
             row.text = data["text"]
+        if "question" in data and "prompt" not in data:  # GSM8K's name for the prompt
+            data["prompt"] = data.pop("question")
         if "prompt" in data or "answer" in data:
             if not ("prompt" in data and "answer" in data):
                 present, missing = ("prompt", "answer") if "prompt" in data else ("answer", "prompt")
                 raise PlanError(f"{where}: a row with {present!r} needs {missing!r} too")
             if not isinstance(data["prompt"], str):
                 raise PlanError(f"{where}: 'prompt' must be a string")
-            row.prompt, row.answer = data["prompt"], _integer(data["answer"], where)
+            row.prompt, row.answer, row.data = data["prompt"], _answer(data["answer"], where), data
         if row.text is None and row.prompt is None:
             raise PlanError(f"{where}: a row needs a 'text' field (loss), or 'prompt' and 'answer' (accuracy)")
         rows.append(row)
@@ -172,22 +175,25 @@ def read_rows(path: Path) -> list[Row]:
     return rows
 
 
-def _integer(value: Any, where: str) -> int:
-    """The answer as an integer: the RL stages' correctness compares the completion's last
-    integer with it."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value.strip())
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    raise PlanError(f"{where}: 'answer' must be an integer (correctness compares the completion's last "
-                    f"integer with it), got {value!r}")
+def _answer(value: Any, where: str) -> str:
+    """The reference answer as the RL stages read it (``engines/data/examples.reference``:
+    GSM8K's ``... #### 42`` is 42)."""
+    from engines.data.examples import reference
+
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not reference(value):
+        raise PlanError(f"{where}: 'answer' must be a non-empty string or a number, got {value!r}")
+    return reference(value)
 
 
-def evaluate(trained: Any, rows: list[Row], max_tokens: int) -> dict[str, Any]:
-    """Loss over the text rows and accuracy over the prompt/answer rows."""
-    from engines.grpo.rewards import Completion, correctness
+def evaluate(trained: Any, rows: list[Row], max_tokens: int, reward: str = "correctness") -> dict[str, Any]:
+    """Loss over the text rows and accuracy over the prompt/answer rows: the share the
+    ``reward`` (an RL stage's reward, built-in or ``module:function``) scores 1."""
+    from engines.grpo.rewards import Completion, Rewards
+
+    try:
+        judge = Rewards({reward: 1.0})
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
 
     out: dict[str, Any] = {"source": trained.source, "text": None, "answers": None}
     texts = [r for r in rows if r.text is not None]
@@ -206,12 +212,14 @@ def evaluate(trained: Any, rows: list[Row], max_tokens: int) -> dict[str, Any]:
             ids = trained.prompt_ids(r.prompt)
             generated = list(trained.sample(ids, max_tokens, temperature=0.0))
             text = trained.completion_text(ids, generated)
-            score = correctness(Completion(text, r.answer, len(generated), max_tokens))
+            score, _ = judge.score(Completion(text, r.answer, len(generated), max_tokens, r.prompt or "",
+                                              r.data or {}))
             results.append({"line": r.line, "prompt": r.prompt, "answer": r.answer, "completion": text,
                             "tokens": len(generated), "correct": score})
-        right = int(sum(x["correct"] for x in results))
+        right = sum(x["correct"] for x in results)
         out["answers"] = {"rows": len(asked), "correct": right, "accuracy": right / len(asked),
-                          "max_tokens": max_tokens, "results": results}
+                          "reward": reward, "max_tokens": max_tokens, "results": results,
+                          "reward_failures": judge.take_notes()}
     return out
 
 
@@ -224,17 +232,27 @@ def eval_(
     stage: StageOpt = None,
     max_tokens: Annotated[int, typer.Option(
         "--max-tokens", help="Tokens a completion may take, for prompt/answer rows.")] = 128,
+    reward: Annotated[str, typer.Option(
+        "--reward", help="The RL stages' reward that scores an answer: correctness, extracted, format, ... "
+                         "or your own as module:function / file.py:function.")] = "correctness",
     as_json: JsonOpt = False,
 ) -> None:
     """Score a trained model on a JSONL file: loss and perplexity of texts, accuracy on answers.
 
-    Accuracy is the RL stages' correctness reward: the completion's last integer
-    equals the answer."""
+    Accuracy is the mean of an RL stage's reward (``--reward``; by default
+    correctness: the completion's last number equals the answer, GSM8K's
+    ``#### 42`` read as 42)."""
     if max_tokens < 1:
         raise PlanError(f"--max-tokens must be at least 1, got {max_tokens}")
     rows = read_rows(data)
+    from engines.grpo.rewards import Rewards
+
+    try:
+        Rewards({reward: 1.0})  # a reward that does not import: refused before the model loads
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
     trained = _open(ctx, ref, stage)
-    result = evaluate(trained, rows, max_tokens)
+    result = evaluate(trained, rows, max_tokens, reward)
     if as_json:
         print_json({**result, "data": str(data), "notes": trained.notes})
         return
@@ -253,4 +271,7 @@ def eval_(
     if answers is not None:
         console.print(f"  answers: {answers['rows']} rows: accuracy {100 * answers['accuracy']:.1f}% "
                       f"({answers['correct']:g} of {answers['rows']}), greedy, at most {max_tokens} tokens; "
-                      "correct: the completion's last integer is the answer", highlight=False, soft_wrap=True)
+                      + ("correct: the completion's last number is the answer" if reward == "correctness" else
+                         f"scored by the reward {reward}"), highlight=False, soft_wrap=True)
+        for failure in answers["reward_failures"]:
+            _say(f"note: {failure}")

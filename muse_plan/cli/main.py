@@ -65,6 +65,8 @@ def _register() -> None:
     app.command("eval")(generate.eval_)
     from muse_plan.cli.export import export
     app.command("export")(export)
+    from muse_plan.cli import data
+    app.add_typer(data.app, name="data")
 
 
 _register()

@@ -1,4 +1,4 @@
-"""Rich renderings of a fit: verdict, memory breakdown with bars, settings, ETA, alternatives."""
+"""Rich renderings of a fit: verdict, memory breakdown with bars, settings, ETA, the data's epochs, alternatives."""
 
 from __future__ import annotations
 
@@ -102,6 +102,43 @@ def meets_line(m: Any, hw: Any) -> Text:
     return Text(f"to meet the timeline it needs {m.speedup:.1f}x: " + "; or ".join(ways), style="yellow")
 
 
+def _epochs(value: float) -> str:
+    return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def data_lines(report: Any, verdict: str) -> list[Text]:
+    """The plan's data: its size and how it was known; each corpus stage that repeats it, with
+    its epochs and what they are worth; the best use of it, where the plan runs past the
+    warning (with a plan that does not fit it is alternative 1 or so instead). Nothing for
+    generated data."""
+    from muse_plan.optimizer.data_budget import EPOCH_WARNING
+    from muse_plan.plan.units import format_count
+
+    size = report.size
+    if size.how == "generated":
+        return []
+    if not size.bounded:
+        return [Text(f"data {size.describe()}", style="dim")]
+    lines = [Text(f"data {size.describe()}")]
+    for s in report.stages:
+        if not s.repeats:
+            continue
+        through = f" ({_epochs(s.through)} through it)" if s.before else ""
+        worth = f"worth {format_count(s.effective)} new tokens" if s.effective >= 1e-3 * s.tokens \
+            else "worth next to nothing in new tokens"
+        lines.append(Text(f"  stage {s.name}: {format_count(s.tokens)} tokens, {_epochs(s.epochs)} epochs{through}, "
+                          f"{worth}", style="yellow" if s.warning else ""))
+    if report.binding:
+        lines.append(Text(f"  past {EPOCH_WARNING:g} epochs a repeated token is worth less than a new one "
+                          "(Muennighoff et al. 2023, effective data D' = U + U·R*·(1 − e^(−R/R*)), R* = 15.4)",
+                          style="yellow"))
+    proposal = report.proposal
+    if proposal is not None and verdict != "does_not_fit":
+        lines.append(Text(proposal.title[:1].upper() + proposal.title[1:], style="bold"))
+        lines.append(Text(f"    {proposal.detail}"))
+    return lines
+
+
 def fit_view(result: Any, stored: Any) -> Group:
     label, style = VERDICTS[result.verdict]
     hw = result.hardware
@@ -129,9 +166,11 @@ def fit_view(result: Any, stored: Any) -> Group:
                 parts.append(Text(f"not in the ETA: {', '.join(unpriced)} (not priced)", style="dim"))
         if result.meets is not None:
             parts.append(meets_line(result.meets, hw))
+    if result.data is not None:
+        parts += data_lines(result.data, result.verdict)
     for i, alt in enumerate(result.alternatives, 1):
         if i == 1:
-            parts.append(Text("alternatives that fit, closest first:", style="bold"))
+            parts.append(Text("alternatives that fit, within the timeline first:", style="bold"))
         parts.append(Text(f" {i}. {alt.title}", style="bold"))
         parts.append(Text(f"    {alt.detail}"))
     if result.unfit:
@@ -157,6 +196,20 @@ def fit_dict(result: Any, stored: Any) -> dict[str, Any]:
                             "tokens_per_s": s.time.tokens_per_s if s.time else None,
                             "seconds": s.seconds} for s in c.stages]}
 
+    def alternative(a: Any) -> dict[str, Any]:
+        return {"title": a.title, "detail": a.detail, "hardware": a.hardware.describe(), "verdict": a.result.verdict,
+                "kind": a.key, "eta_s": a.seconds, "meets_timeline": a.result.eta.meets if a.result.eta else None,
+                "model_kept": a.kept, "data": a.data}
+
+    def data(report: Any) -> dict[str, Any] | None:
+        if report is None:
+            return None
+        return report.size.as_dict() | {
+            "stages": [{"name": s.name, "tokens": s.tokens, "epochs": s.epochs, "epochs_through": s.through,
+                        "effective_tokens": s.effective, "warning": s.warning} for s in report.stages],
+            "effective_tokens": report.effective if report.stages else None,
+            "best_use": alternative(report.proposal) if report.proposal is not None else None}
+
     return {
         "plan": result.spec.name, "hardware": result.hardware.describe(), "verdict": result.verdict,
         "limit_bytes": result.hardware.limit_bytes,
@@ -166,7 +219,7 @@ def fit_dict(result: Any, stored: Any) -> dict[str, Any]:
         "eta_s": result.eta.total_s if result.eta else None,
         "meets_timeline": result.eta.meets if result.eta else None,
         "to_meet_timeline": vars(result.meets) if result.meets else None,
-        "alternatives": [{"title": a.title, "detail": a.detail, "hardware": a.hardware.describe(),
-                          "verdict": a.result.verdict} for a in result.alternatives],
+        "alternatives": [alternative(a) for a in result.alternatives],
+        "data": data(result.data),
         "revision": stored.revision.number if stored else None,
     }

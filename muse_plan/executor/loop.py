@@ -154,6 +154,8 @@ class Hooks(Protocol):
 
     def on_alerts(self, findings: list[Any]) -> None: ...
 
+    def on_notes(self, step: int, notes: list[str]) -> None: ...
+
 
 def make_optimizer(model: torch.nn.Module, s: StageSettings) -> torch.optim.Optimizer:
     """AdamW for ``s`` (on the device, or its state on the host under ``offload:
@@ -232,6 +234,7 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        _engine_notes(trainer, step, hooks if main else None)
         current = _Pending(step, loss, grad_norm, lr, tokens * accelerator.num_processes, started, extra)
         due = step % s.eval_every == 0 or step % s.checkpoint_every == 0 or step == s.steps
         if pending:  # the previous step ran from its launch to this one's
@@ -253,6 +256,15 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
             result["stopped_at_step"] = float(step)
             break
     return result
+
+
+def _engine_notes(trainer: Trainer, step: int, hooks: Hooks | None) -> None:
+    """What an engine has to say about this step (an optional ``take_notes()``: a
+    user's reward failing on a sample) becomes an event of the run."""
+    take = getattr(trainer, "take_notes", None)
+    notes = take() if take is not None else []
+    if notes and hooks:
+        hooks.on_notes(step, notes)
 
 
 def _engine_stops(trainer: Trainer, accelerator: Any) -> bool:

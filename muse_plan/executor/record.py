@@ -176,6 +176,16 @@ class Recorder:
             for f in findings:
                 self.view.message(f"alert: {f.message}")
 
+    def on_notes(self, step: int, notes: list[str]) -> None:
+        with self.store.write() as session:
+            run = session.get(Run, self.run_id)
+            for text in notes:
+                runs.add_event(session, run, text, kind="engine", severity="warning",
+                               stage_run_id=self.stage_run_id, step=step)
+        if self.view:
+            for text in notes:
+                self.view.message(text)
+
     def flush(self, checkpoint: str | None = None, **updates: Any) -> None:
         with self.store.write() as session:
             runs.add_metrics(session, self.run_id, self.stage_run_id, self.buffer)

@@ -29,6 +29,12 @@ Design decisions:
 - Stages no engine trains (``grow``) or that the memory model does not price
   yet (``representation``) are listed as not priced rather than guessed
   (``StageKind.priced``).
+- The user-facing fit (``alternatives=True``, what ``muse plan optimize``
+  runs) also measures the plan's data (``data_size``) and prices each stage
+  that reads it in epochs and effective tokens (``data_budget``); a plan
+  whose data runs past 4 epochs is offered the best use of it
+  (``alternatives.best_use``) whether it fits or not. Fits made inside the
+  executor, recovery and the alternatives themselves skip this.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from engines.options import LoraOptions
 from muse_plan.executor.settings import (DEFAULT_MICRO_BATCH, StageSettings, decoder_config, refusal, resolve,
                                          train_config)
 from muse_plan.hardware.catalog import CATALOG, GpuKind, lookup, variant
-from muse_plan.optimizer import memory, throughput
+from muse_plan.optimizer import data_budget, memory, throughput
 from muse_plan.optimizer.config import TrainConfig
 from muse_plan.plan.kinds import STAGE_KINDS
 from engines.architecture.shapes import STANDARD_SHAPES
@@ -213,6 +219,18 @@ class Alternative:
     spec: PlanSpec
     hardware: Hardware
     result: FitResult
+    kept: float = 1.0  # the share of the plan's model it trains (parameters, at most 1)
+    key: str = ""  # what kind of alternative: qlora, largest, within_timeline, best_use, growth, more_gpus, ...
+    data: dict[str, Any] | None = None  # its tokens against the plan's data (epochs, effective tokens)
+
+    @property
+    def seconds(self) -> float | None:
+        """Its predicted time: its own fit's ETA, the one number every mention of it uses."""
+        return self.result.eta.total_s if self.result.eta is not None else None
+
+    @property
+    def within_timeline(self) -> bool:
+        return self.result.eta is None or self.result.eta.meets is not False
 
 
 @dataclass
@@ -227,6 +245,7 @@ class FitResult:
     alternatives: list[Alternative] = field(default_factory=list)
     eta: throughput.Eta | None = None
     meets: throughput.Meets | None = None  # what would meet a missed timeline
+    data: data_budget.DataReport | None = None  # the corpus stages' epochs; None: the data was not measured
 
     @property
     def fitted_spec(self) -> PlanSpec | None:
@@ -380,9 +399,15 @@ def _could_fit(s: StageSettings, hw: Hardware, free: set[str]) -> bool:
 ALL_FIELDS = {"precision", "micro_batch", "checkpointing", "sharding", "offload", "lora"}
 
 
-def fit(spec: PlanSpec, hw: Hardware, *, alternatives: bool = True, lora: LoraOptions | None = None) -> FitResult:
+def fit(spec: PlanSpec, hw: Hardware, *, alternatives: bool = True, lora: LoraOptions | None = None,
+        data: Any = None) -> FitResult:
     """Each stage fitted on its own: its written settings when they fit (open knobs
-    filled with faster choices), else the fastest that fit varying every knob."""
+    filled with faster choices), else the fastest that fit varying every knob.
+
+    ``alternatives``: the user-facing fit. It measures the plan's data (``data_size.measure``;
+    ``data``, a ``DataSize``, when the caller has), prices the corpus stages' epochs
+    against it (``data_budget``), and when the plan does not fit, or its data runs past
+    ``EPOCH_WARNING`` epochs, proposes what does (``alternatives``)."""
     settings = stage_settings(spec, hw, lora=lora)
     written = Candidate([price_stage(s, hw) for s in settings], *_limits(hw))
     chosen_stages: list[StageFit] = []
@@ -411,11 +436,34 @@ def fit(spec: PlanSpec, hw: Hardware, *, alternatives: bool = True, lora: LoraOp
             result.meets = throughput.what_meets([(s.name, s.steps, s.config) for s in chosen.priced], hw.gpu,
                                                  result.eta.timeline_s, cpu_cores=hw.cpu_cores,
                                                  network_gbps=hw.network_gbps)
-    elif alternatives:
-        from muse_plan.optimizer.alternatives import propose
+    if alternatives:
+        from muse_plan.optimizer import alternatives as alts
+        from muse_plan.optimizer.data_size import measure
 
-        result.alternatives = propose(spec, hw)
+        size = data if data is not None else measure(spec.data)
+        result.data = data_report(spec, settings, size)
+        scratch = alts.Scratch(spec, hw)
+        if chosen is None:
+            result.alternatives = alts.propose(spec, hw, size, scratch)
+        if result.data.binding:
+            result.data.proposal = next((a for a in result.alternatives if a.key == "best_use"), None) \
+                or alts.best_use(spec, hw, size, scratch)
     return result
+
+
+def corpus_stages(spec: PlanSpec, settings: list[StageSettings]) -> list[tuple[str, float]]:
+    """(name, tokens) of each stage that reads ``data.source`` (the architecture engine's
+    training stages; the RL stages generate their tasks), its tokens as the executor runs
+    them: steps × global batch × context."""
+    return [(s.name, float(s.steps * s.tokens_per_step)) for s in settings
+            if STAGE_KINDS[s.kind].trains and STAGE_KINDS[s.kind].engine == "architecture"]
+
+
+def data_report(spec: PlanSpec, settings: list[StageSettings], size: Any) -> data_budget.DataReport:
+    """The plan's corpus stages against the tokens its data holds (none when unbounded or unknown)."""
+    unique = size.unique
+    stages = data_budget.stage_data(corpus_stages(spec, settings), unique) if unique else []
+    return data_budget.DataReport(size, stages)
 
 
 def parse_timeline(spec: PlanSpec) -> float | None:

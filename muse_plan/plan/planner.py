@@ -9,7 +9,10 @@ Everything the planner decides is written into the stored revision, so
 Budgets are starting points, not promises: pretraining defaults to 20 tokens
 per parameter (Chinchilla); the RL stages take SEEDS.md's order of effort
 (SFT shortest, all-scenarios RL longest). The optimizer
-turns budgets into predicted time against the timeline.
+turns budgets into predicted time against the timeline, and into epochs of
+the plan's data where it is a corpus of known size (``optimizer/data_budget``):
+a budget is what the model would use, not what the data holds, so a budget
+past the data is kept and the optimizer says what the repetition is worth.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Callable
 from muse_plan.errors import PlanError
 from muse_plan.plan import units
 from engines.architecture.shapes import Shape
-from muse_plan.plan.spec import ModelShape, PlanSpec, StageSpec, required_residual
+from muse_plan.plan.spec import ModelShape, ModelSpec, PlanSpec, StageSpec, required_residual
 from muse_plan.plan.techniques import GrowthOptions, RewardWeights
 
 TOKENS_PER_PARAM = 20
@@ -57,9 +60,15 @@ def _trains_a_language_model(spec: PlanSpec) -> bool:
     return spec.techniques.names() != ["rkdo"] or bool(spec.target_tasks)
 
 
+def chinchilla_tokens(model: ModelSpec, share: float = 1.0) -> str:
+    """``share`` of a compute-optimal pretraining budget for ``model``: 20 tokens a counted
+    parameter (Hoffmann et al. 2022), at least 1M. Every budget the planner and the
+    optimizer's alternatives give a model comes from here, so one model gets one budget."""
+    return units.format_count(max(1e6, TOKENS_PER_PARAM * model.approx_params() * share))
+
+
 def _pretrain_tokens(spec: PlanSpec, share: float) -> str:
-    total = TOKENS_PER_PARAM * spec.model.approx_params()
-    return units.format_count(max(1e6, total * share))
+    return chinchilla_tokens(spec.model, share)
 
 
 def small_shape(shape: Shape, growth: GrowthOptions) -> ModelShape:

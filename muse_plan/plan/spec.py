@@ -203,6 +203,16 @@ class DataSpec(Frozen):
     source: str = Field("arithmetic", description="'arithmetic' (generated) or a local file/folder path")
     tokenizer: str = Field("byte", description="'byte' or a local Hugging Face tokenizer directory")
     val_fraction: float = Field(0.05, gt=0, lt=1)
+    tokens: TokenBudget | None = Field(
+        None, description="the local corpus's size in tokens under data.tokenizer, like 100M: what the optimizer "
+                          "plans with where the files are not on this machine (where they are, it counts them)")
+
+    @model_validator(mode="after")
+    def _sized_corpus(self) -> DataSpec:
+        if self.tokens is not None and self.source == "arithmetic":
+            raise ValueError("tokens sizes a local corpus, and 'arithmetic' data is generated as needed: "
+                             "leave tokens out, or name the corpus in source")
+        return self
 
 
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
