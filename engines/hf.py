@@ -45,7 +45,7 @@ def hf_config(directory: str) -> dict[str, Any]:
 
 def hf_shape(directory: str) -> dict[str, Any]:
     """The decoder shape of a Llama-style model's ``config.json``, as ``ModelConfig`` fields
-    (vocab_size, n_layers, d_model, n_heads, n_kv_heads, d_ff, rope_theta, norm_eps)."""
+    (vocab_size, n_layers, d_model, n_heads, n_kv_heads, d_ff, tied_embeddings, rope_theta, norm_eps)."""
     data = hf_config(directory)
     kind = data.get("model_type")
     if kind not in LLAMA_STYLE:
@@ -59,6 +59,8 @@ def hf_shape(directory: str) -> dict[str, Any]:
                  "d_ff": int(data["intermediate_size"])}
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"model.init_from {directory!r}: config.json lacks a usable {exc} field") from None
+    # transformers' own default where config.json is silent: Gemma ties its tables, Llama-style models don't
+    shape["tied_embeddings"] = bool(data.get("tie_word_embeddings", kind in ("gemma", "gemma2")))
     shape["rope_theta"] = float(data.get("rope_theta") or 10000.0)
     shape["norm_eps"] = float(data.get("rms_norm_eps") or 1e-6)
     return shape

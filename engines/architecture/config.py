@@ -43,6 +43,9 @@ class ModelConfig:
     rope_scale: float = 1.0  # position interpolation factor (>1 after a context extension)
     norm_eps: float = 1e-6
     dropout: float = 0.0
+    # the input embedding is the LM head (muse's decoder always); a Hugging Face model may
+    # keep two tables (a 7B Llama does): priced as stored (``stored_param_count``)
+    tied_embeddings: bool = True
 
     def __post_init__(self) -> None:
         if self.residual not in RESIDUAL_NAMES:
@@ -124,8 +127,15 @@ class ModelConfig:
         return cls.from_shape(shape_for_params(scale, vocab_size), vocab_size, seq_len, **kwargs)
 
 
+def stored_param_count(config: ModelConfig) -> int:
+    """The parameters held in memory: ``param_count`` and, where the embedding is not the
+    head, the embedding table too (a lookup: it costs memory, not matmul FLOPs)."""
+    return param_count(config) + (0 if config.tied_embeddings else config.vocab_size * config.d_model)
+
+
 def param_count(config: ModelConfig) -> int:
-    """Exact number of parameters of ``DecoderLM(config)`` (tied embeddings count once)."""
+    """Exact number of parameters of ``DecoderLM(config)`` (tied embeddings count once): the
+    matrices a token passes through, what FLOPs are counted from."""
     c = config
     attention = 2 * c.d_model * c.d_model + 2 * c.d_model * c.kv_heads * c.head_dim
     mlp = 3 * c.d_model * c.ffn_dim

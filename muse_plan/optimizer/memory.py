@@ -84,7 +84,7 @@ from __future__ import annotations
 import math
 from dataclasses import astuple, dataclass, fields
 
-from engines.architecture.config import ModelConfig, param_count
+from engines.architecture.config import ModelConfig, stored_param_count
 from engines.architecture.modes import RESIDUAL_MODES
 from muse_plan.optimizer import activations as act
 from muse_plan.optimizer.config import LoraConfig, TrainConfig
@@ -139,11 +139,13 @@ class MemoryBreakdown:
 # ---- parameters ---------------------------------------------------------------------
 
 def parameter_tensors(model: ModelConfig) -> list[int]:
-    """Element counts of ``DecoderLM(model)``'s parameter tensors (the tied head once)."""
+    """Element counts of ``DecoderLM(model)``'s parameter tensors (the tied head once; an
+    untied head, a Hugging Face model's, as a table of its own)."""
     c = model
     per_layer = [c.d_model, *(a * b for a, b in (f(c) for f in PROJECTIONS.values())), c.d_model]
     residual = RESIDUAL_MODES[c.residual].tensors(c)
-    return [c.vocab_size * c.d_model] + c.n_layers * (per_layer + 2 * residual) + [c.d_model]
+    tables = [c.vocab_size * c.d_model] * (1 if c.tied_embeddings else 2)
+    return tables + c.n_layers * (per_layer + 2 * residual) + [c.d_model]
 
 
 def lora_layers(model: ModelConfig, lora: LoraConfig) -> int:
@@ -169,7 +171,7 @@ def lora_param_count(cfg: TrainConfig) -> int:
 
 
 def trainable_param_count(cfg: TrainConfig) -> int:
-    return lora_param_count(cfg) if cfg.lora else param_count(cfg.model)
+    return lora_param_count(cfg) if cfg.lora else stored_param_count(cfg.model)
 
 
 def _trainable_tensors(cfg: TrainConfig) -> list[int]:
@@ -181,7 +183,7 @@ def _trainable_tensors(cfg: TrainConfig) -> list[int]:
 def _weights(cfg: TrainConfig) -> int:
     """Bytes of every parameter the process would hold unsharded."""
     if cfg.lora is None:
-        return FP32 * param_count(cfg.model)
+        return FP32 * stored_param_count(cfg.model)
     return _base_bytes(cfg) + FP32 * lora_param_count(cfg)
 
 
@@ -194,7 +196,7 @@ def _frozen_bytes(cfg: TrainConfig) -> int:
 def _base_bytes(cfg: TrainConfig) -> int:
     """LoRA's frozen base: the compute dtype, or NF4 for the blocks' projections."""
     c, dtype = cfg.model, _frozen_bytes(cfg)
-    total = param_count(c)
+    total = stored_param_count(c)
     if cfg.lora is None or cfg.lora.quantize_base != "4bit":
         return dtype * total
     linear = c.n_layers * sum(a * b for a, b in (f(c) for f in PROJECTIONS.values()))
@@ -217,7 +219,8 @@ def _adamw_8bit(n: int) -> int:
 def _layer_weights(cfg: TrainConfig) -> int:
     """Bytes of one block's parameters as stored (ZeRO-3's gather, offload's resident layer)."""
     c = cfg.model
-    per_layer = (param_count(c) - c.vocab_size * c.d_model - c.d_model) // c.n_layers
+    per_layer = (stored_param_count(c) - (1 if c.tied_embeddings else 2) * c.vocab_size * c.d_model
+                 - c.d_model) // c.n_layers
     if cfg.lora is None:
         return FP32 * per_layer
     return _frozen_bytes(cfg) * per_layer
@@ -229,7 +232,7 @@ def reference_bytes(cfg: TrainConfig) -> int:
     g = cfg.generation
     if g is None or not g.reference_model or cfg.lora is not None:
         return 0
-    return _frozen_bytes(cfg) * param_count(cfg.model)
+    return _frozen_bytes(cfg) * stored_param_count(cfg.model)
 
 
 def sampling_bytes(cfg: TrainConfig) -> int:

@@ -128,7 +128,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from engines.architecture.config import ModelConfig, param_count
+from engines.architecture.config import ModelConfig, param_count, stored_param_count
 from engines.architecture.modes import RESIDUAL_MODES
 from muse_plan.hardware.catalog import CATALOG, GpuKind
 from muse_plan.optimizer import memory
@@ -301,7 +301,7 @@ def comm_bytes(cfg: TrainConfig) -> tuple[float, float]:
     gathers = 0.0
     if cfg.sharding in ("zero3", "fsdp"):
         grads /= 2  # reduce-scatter only; the gathers below replace the all-gather
-        gathers = cfg.grad_accum * 2 * ring * FP32 * param_count(cfg.model)
+        gathers = cfg.grad_accum * 2 * ring * FP32 * stored_param_count(cfg.model)
     return grads, gathers
 
 
@@ -318,7 +318,7 @@ def offload_seconds(cfg: TrainConfig, compute_s: float) -> float:
     trainable = memory.trainable_param_count(cfg) / shards
     seconds = 8 * trainable / (PCIE_GBS * GIGA) + trainable * CPU_ADAM_S_PER_PARAM
     if cfg.offload == "parameters":
-        weights = param_count(cfg.model) * DTYPE_BYTES[cfg.precision] / (
+        weights = stored_param_count(cfg.model) * DTYPE_BYTES[cfg.precision] / (
             cfg.world_size if cfg.sharding in ("zero3", "fsdp") else 1)
         seconds += _exposed(2 * cfg.grad_accum * weights / (PCIE_GBS * GIGA), compute_s)
     return seconds
