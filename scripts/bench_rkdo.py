@@ -88,6 +88,8 @@ class LastEpoch:
 
     def on_alerts(self, findings: list[Any]) -> None: ...
 
+    def on_notes(self, step: int, notes: list[str], severity: str) -> None: ...
+
 
 def make_trainer(options: dict[str, Any], seed: int, steps: int, batch: int, device: str) -> Any:
     import torch

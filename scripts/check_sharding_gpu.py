@@ -90,6 +90,8 @@ class Losses:
 
     def on_alerts(self, findings): pass
 
+    def on_notes(self, step, notes, severity): pass
+
 
 def trainer(s, accelerator, cache: Path) -> ArchitectureTrainer:
     torch.manual_seed(s.seed)

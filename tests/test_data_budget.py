@@ -146,7 +146,8 @@ def test_the_10b_japanese_user_hears_an_honest_size_within_the_week_and_its_epoc
     assert 1 < epochs <= budget.MAX_EPOCHS + 0.01
     assert f"{epochs:,.1f} epochs" in first.detail and "with 4× the data" in first.detail
     more = first.data["more_data"]
-    assert more["unique_tokens"] == 4 * 95e6 and more["epochs"] < epochs
+    # 4× the data is worth more new tokens (the week's compute may then read it as often)
+    assert more["unique_tokens"] == 4 * 95e6 and more["effective_tokens"] > first.data["effective_tokens"]
 
 
 @pytest.mark.parametrize("plan", ["muse-10b-japanese", "readme-10b"])

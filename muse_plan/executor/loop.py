@@ -51,6 +51,7 @@ import torch
 
 from engines.contract import Trainer
 from muse_plan.executor import checkpoint, optimizers
+from muse_plan.executor.compiled import Compiled, compile_blocks, first_call
 from muse_plan.executor.settings import StageSettings, lr_factor
 
 
@@ -154,7 +155,7 @@ class Hooks(Protocol):
 
     def on_alerts(self, findings: list[Any]) -> None: ...
 
-    def on_notes(self, step: int, notes: list[str]) -> None: ...
+    def on_notes(self, step: int, notes: list[str], severity: str) -> None: ...
 
 
 def make_optimizer(model: torch.nn.Module, s: StageSettings) -> torch.optim.Optimizer:
@@ -187,6 +188,11 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
     """
     main = accelerator.is_main_process
     model, optimizer = optimizers.prepare(accelerator, trainer.model, s)
+    compiled = None
+    if s.compile:  # the blocks under torch.compile, in place (executor/compiled.py)
+        from muse_plan.store.db import muse_home
+
+        compiled = compile_blocks(accelerator.unwrap_model(model), muse_home() / "cache" / "inductor")
     # growth with optimizer_state: mapped (executor/grow.py): the stage starts from the moments
     # carried through the growth operator, not an empty state (its own lr and decay, set there)
     if initial_optimizer_state is not None and start is None:
@@ -224,7 +230,13 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
             raise KeyboardInterrupt
         started = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
-        loss, tokens, extra = _accumulate(trainer, model, accelerator, s, step + 1, injector)
+        if compiled is not None and compiled.first_step_s is None:  # compiles here; eager again if that fails
+            (loss, tokens, extra), failed = first_call(
+                compiled, trainer, lambda: _accumulate(trainer, model, accelerator, s, step + 1, injector))
+            compiled.first_step_s = time.perf_counter() - started
+            _compile_note(compiled, failed, step + 1, hooks if main else None)
+        else:
+            loss, tokens, extra = _accumulate(trainer, model, accelerator, s, step + 1, injector)
         loss = accelerator.reduce(loss, "mean")
         if not lag:
             _check_finite(loss, step + 1)  # before the optimizer touches the weights
@@ -244,7 +256,9 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
         pending = current if lag and not due else None
         if step % s.eval_every == 0 or step == s.steps:
             with accelerator.autocast():
-                metrics = trainer.evaluate()
+                metrics, failed = first_call(compiled, trainer, trainer.evaluate)
+            if failed:
+                _compile_note(compiled, failed, step, hooks if main else None)
             result.update(metrics)
             if main and hooks:
                 hooks.on_eval(step, metrics)
@@ -258,13 +272,23 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
     return result
 
 
+def _compile_note(compiled: Compiled, failed: str | None, step: int, hooks: Hooks | None) -> None:
+    if hooks is None:
+        return
+    if failed:
+        hooks.on_notes(step, [f"torch.compile failed ({failed}); the stage trains eager from here"], "warning")
+    elif compiled.active:
+        hooks.on_notes(step, [f"compiled {len(compiled.modules)} blocks ({compiled.backend}): the first step took "
+                              f"{compiled.first_step_s:.1f} s with compilation"], "info")
+
+
 def _engine_notes(trainer: Trainer, step: int, hooks: Hooks | None) -> None:
     """What an engine has to say about this step (an optional ``take_notes()``: a
     user's reward failing on a sample) becomes an event of the run."""
     take = getattr(trainer, "take_notes", None)
     notes = take() if take is not None else []
     if notes and hooks:
-        hooks.on_notes(step, notes)
+        hooks.on_notes(step, notes, "warning")
 
 
 def _engine_stops(trainer: Trainer, accelerator: Any) -> bool:

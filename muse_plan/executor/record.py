@@ -176,11 +176,11 @@ class Recorder:
             for f in findings:
                 self.view.message(f"alert: {f.message}")
 
-    def on_notes(self, step: int, notes: list[str]) -> None:
+    def on_notes(self, step: int, notes: list[str], severity: str = "warning") -> None:
         with self.store.write() as session:
             run = session.get(Run, self.run_id)
             for text in notes:
-                runs.add_event(session, run, text, kind="engine", severity="warning",
+                runs.add_event(session, run, text, kind="engine", severity=severity,
                                stage_run_id=self.stage_run_id, step=step)
         if self.view:
             for text in notes:

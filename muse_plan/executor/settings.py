@@ -78,6 +78,7 @@ class StageSettings:
     sharding: str = "none"  # none | ddp | zero1 | zero2 | zero3 | fsdp
     offload: str = "none"  # none | optimizer
     optimizer: str = "adamw"
+    compile: bool = False  # the model's blocks under torch.compile (executor/compiled.py)
     options: Any = None  # the engine's typed options (plan/kinds.py)
     control: StageControl = StageControl()
     lora: LoraOptions | None = None  # the adapters this stage trains, where its kind takes LoRA
@@ -312,6 +313,13 @@ def _source(spec: PlanSpec, stage: StageSpec) -> StageSpec | None:
     return chain[-2] if len(chain) > 1 else None
 
 
+def compiles(setting: str, kind: str, cuda: bool) -> bool:
+    """``training.compile``: the architecture engine's stages (their blocks see one shape
+    a step; the GRPO engine's sampling a new one each token) — on a GPU under ``auto``."""
+    return STAGE_KINDS[kind].engine == "architecture" and STAGE_KINDS[kind].trains and (
+        setting == "on" or (setting == "auto" and cuda))
+
+
 def default_precision(cuda: bool, bf16: bool) -> str:
     return "bf16" if cuda and bf16 else "fp32"
 
@@ -365,6 +373,7 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
         activation_checkpointing=t.activation_checkpointing or "none",
         sharding=t.sharding or ("ddp" if world_size > 1 else "none"), offload=t.offload or "none",
         optimizer=t.optimizer or "adamw",
+        compile=compiles(t.compile or "auto", stage.kind, cuda),
         options=typed.engine, control=control,
         lora=lora, adapters_only=adapters_only(spec, stage),
         plateau=control.plateau,
@@ -398,7 +407,8 @@ def train_config(s: StageSettings) -> TrainConfig | None:
         micro = prompts * group  # every completion of every group trains in one micro-step
     return TrainConfig(model=model, micro_batch=micro, grad_accum=s.grad_accum, world_size=s.world_size,
                        precision=s.precision, checkpointing=s.activation_checkpointing, sharding=s.sharding,
-                       offload=s.offload, optimizer=s.optimizer, lora=lora, generation=generation)
+                       offload=s.offload, optimizer=s.optimizer, lora=lora, generation=generation,
+                       compiled=s.compile)
 
 
 def _wsd(progress: float, floor: float, decay_from: float = 0.8) -> float:

@@ -58,6 +58,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     lora: LoraConfig | None = None
     generation: GenerationConfig | None = None
+    compiled: bool = False  # the blocks under torch.compile (training.compile)
 
     def __post_init__(self) -> None:
         for name, allowed in (("precision", PRECISIONS), ("checkpointing", CHECKPOINTING),

@@ -1,7 +1,9 @@
 """The throughput model: a candidate's optimizer-step time, and a plan's ETA.
 
 Pure arithmetic on a ``TrainConfig`` (no torch), calibrated on measurements of
-this project's executor, which trains eager (no torch.compile) with Accelerate.
+this project's executor, which trains eager with Accelerate or, with
+``training.compile`` (on by default on a GPU for pretrain/continue/finetune),
+with the blocks under torch.compile: ``cfg.compiled`` prices that.
 
 FLOPs (``flops_per_token``), PaLM's convention, as docs/bench_architecture.md:
 6·N + 12·L·d·T a trained token (2·N + 4·L·d·T forward only), attention without
@@ -58,6 +60,16 @@ and every constant below that it re-derives within 11% of its value here.
   i.e. eager small models are bound by Python/launch time on that host. The
   bench's micro-steps: 4.04, 3.59 and 3.51 ms a layer (mean 3.72, -10%; the
   host's speed varies between machines of one kind).
+- Compiled (``cfg.compiled``): COMPILED_TRAFFIC 350 B per layer·d_model·token in
+  place of EAGER_TRAFFIC, and each residual mode's compiled step cost
+  (``step_cost_gpu_compiled``), both from ``scripts/bench_plan_run.py``
+  (docs/bench_plan_run.md): 350M (24x1024, seq 2048, micro 8, bf16) through
+  ``muse plan run`` on an H100, standard compiled 146,978 tok/s (50.5% MFU of
+  the measured bf16 matmul rate) against 75,138 eager; the traffic is that
+  step less the matmul term and the optimizer step (the eager row gives 1204
+  by the same sum, the table's 1420 within 15%). One size, one GPU: the
+  compiled term's extrapolation to other widths is this one point's. The
+  host floor is left at eager's (conservative for small compiled models).
 - OPTIMIZER_BYTES_PER_PARAM 120: clipping plus foreach AdamW (the executor's)
   make ~12 passes over fp32 tensors; fitted to the H200 rows' optimizer timings
   (2.0 ms at 85M from accumulation 1/2/4; 34 ms at 1.28B, 69 ms at 2.6B). The
@@ -139,6 +151,7 @@ FP32 = 4
 
 MATMUL_EFFICIENCY = 0.80
 EAGER_TRAFFIC = 1420.0  # bytes per layer · d_model · trained token (bf16/fp16 autocast)
+COMPILED_TRAFFIC = 350.0  # the same with the blocks compiled: Inductor fuses the elementwise work
 FP32_TRAFFIC = 1.5  # assumed: fp32 moves more, though autocast keeps much traffic fp32
 EXECUTOR_OVERHEAD = 1.035
 HOST_S_PER_LAYER = 4.15e-3  # a micro-step's forward + backward, eager
@@ -146,6 +159,7 @@ OPTIMIZER_BYTES_PER_PARAM = 120
 
 # each residual mode's measured step-time factor against standard: its record's step_cost (modes.py)
 RESIDUAL_SLOWDOWN = {name: m.step_cost_gpu for name, m in RESIDUAL_MODES.items()}
+COMPILED_RESIDUAL_SLOWDOWN = {name: m.step_cost_gpu_compiled for name, m in RESIDUAL_MODES.items()}
 CPU_RESIDUAL_SLOWDOWN = {name: m.step_cost_cpu for name, m in RESIDUAL_MODES.items()}
 CPU_FLOPS_PER_CORE = 51.9e9
 CPU_MEMORY_GBS = 20.0  # assumed: decode on a CPU reads weights at ~20 GB/s
@@ -240,15 +254,19 @@ def cpu_flops(cores: int) -> float:
 def _gpu_s_per_token(cfg: TrainConfig, gpu: GpuKind) -> float:
     """Seconds a trained token on one GPU, before the host floor."""
     c = cfg.model
-    traffic = EAGER_TRAFFIC * (FP32_TRAFFIC if cfg.precision == "fp32" else 1.0)
+    traffic = (COMPILED_TRAFFIC if cfg.compiled else EAGER_TRAFFIC) * (FP32_TRAFFIC if cfg.precision == "fp32" else 1.0)
     full = flops_per_token(c)
     seconds = (full / (peak_flops(gpu, cfg.precision) * MATMUL_EFFICIENCY)
                + traffic * c.n_layers * c.d_model / (gpu.memory_bandwidth_gbs * GIGA))
-    return seconds * _time_scale(cfg) * RESIDUAL_SLOWDOWN[c.residual] * EXECUTOR_OVERHEAD
+    slowdown = (COMPILED_RESIDUAL_SLOWDOWN if cfg.compiled else RESIDUAL_SLOWDOWN)[c.residual]
+    return seconds * _time_scale(cfg) * slowdown * EXECUTOR_OVERHEAD
 
 
-def _host_floor(c: ModelConfig) -> float:
-    return HOST_S_PER_LAYER * c.n_layers * RESIDUAL_SLOWDOWN[c.residual] * EXECUTOR_OVERHEAD
+def _host_floor(c: ModelConfig, compiled: bool = False) -> float:
+    """The host's launch time of a micro-step; compiled blocks assumed to launch no more
+    than eager ones, scaled by the mode's compiled cost (no compiled floor was measured)."""
+    slowdown = (COMPILED_RESIDUAL_SLOWDOWN if compiled else RESIDUAL_SLOWDOWN)[c.residual]
+    return HOST_S_PER_LAYER * c.n_layers * slowdown * EXECUTOR_OVERHEAD
 
 
 def _cpu_s_per_token(cfg: TrainConfig, cores: int) -> float:
@@ -380,7 +398,7 @@ def step_time(cfg: TrainConfig, gpu: GpuKind | None, *, cpu_cores: int | None = 
         micro = tokens * s_per_token
         optimizer = 0.0  # inside the calibrated CPU rate
     else:
-        micro = max(tokens * s_per_token, _host_floor(c))
+        micro = max(tokens * s_per_token, _host_floor(c, cfg.compiled))
         stepped = memory.trainable_param_count(cfg)
         if cfg.sharding in ("zero1", "zero2", "zero3", "fsdp"):
             stepped /= cfg.world_size

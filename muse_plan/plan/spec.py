@@ -196,6 +196,8 @@ class TrainingSpec(Frozen):
     sharding: Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp"] | None = None
     offload: Literal["none", "optimizer", "parameters"] | None = None
     optimizer: Literal["adamw", "adamw_8bit"] | None = None
+    compile: Literal["auto", "on", "off"] | None = Field(
+        None, description="torch.compile the model's blocks: auto (on a GPU, for pretrain/continue/finetune), on, off")
     seed: int = 0
 
 

@@ -1,0 +1,123 @@
+"""Compiled training: the model's repeated blocks under ``torch.compile``, with a way back.
+
+Design decisions:
+- **Regional, in place.** Each block of the model's repeated ``blocks`` /
+  ``layers`` ModuleList (muse's decoder, a Hugging Face decoder's layers) is
+  compiled with ``Module.compile()``: every block has the same code, so
+  Inductor compiles one graph and reuses it, the first step costs seconds
+  rather than the minutes a whole-model graph can, and activation
+  checkpointing, LoRA adapters inside a block, DDP and FSDP (which wrap or
+  shard around the blocks) keep working as they do eager. ``Module.compile``
+  changes no parameter name, so checkpoints, resume and export are the same
+  files as an eager run's.
+- **Which stages.** ``training.compile: auto`` compiles the architecture
+  engine's stages (pretrain, continue, finetune) on a GPU; ``on`` compiles
+  them on any device; ``off`` never. The GRPO engine's stages run eager:
+  their sampling feeds the blocks a new shape every decode step.
+- **Inductor's cache** lives under ``$MUSE_HOME/cache/inductor`` (unless the
+  user set ``TORCHINDUCTOR_CACHE_DIR``), so a resumed or repeated run reuses
+  what the first one compiled.
+- **A compile failure is not a dead run.** Compilation happens in the first
+  step's forward; if that step raises, the blocks are put back to eager, the
+  data position and the random generators are rewound to where the step
+  started, and the step runs again eagerly; the run records why
+  (``Compiled.fallback``). An error the eager step raises too is the run's.
+- ``MUSE_COMPILE_BACKEND`` picks another backend (``aot_eager`` to tell a
+  graph problem from a code-generation one; ``eager`` to trace only).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BLOCK_LISTS = ("blocks", "layers", "h")
+
+
+def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: the children of its ``blocks`` / ``layers`` ModuleList."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in BLOCK_LISTS and len(module):
+            return list(module)
+    return []
+
+
+@dataclass
+class Compiled:
+    """The blocks compiled for one stage, and what happened to them."""
+
+    modules: list[torch.nn.Module] = field(default_factory=list)
+    backend: str = "inductor"
+    first_step_s: float | None = None
+    fallback: str | None = None  # why the stage went back to eager
+
+    @property
+    def active(self) -> bool:
+        return bool(self.modules) and self.fallback is None
+
+    def undo(self, why: str) -> None:
+        for module in self.modules:
+            module._compiled_call_impl = None  # what Module.compile() set: back to eager
+        self.fallback = why
+
+
+def compile_blocks(model: torch.nn.Module, cache_dir: Path) -> Compiled:
+    """Compile ``model``'s blocks in place; an empty ``Compiled`` when it has none."""
+    found = blocks(model)
+    if not found:
+        return Compiled(fallback="no repeated blocks to compile")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+    backend = os.environ.get("MUSE_COMPILE_BACKEND", "inductor")
+    compiled = Compiled(found, backend)
+    try:
+        for module in found:
+            module.compile(backend=backend)
+    except Exception as exc:  # an unknown backend, a torch without dynamo: eager, said so
+        compiled.undo(why(exc))
+    return compiled
+
+
+def first_call(compiled: Compiled | None, trainer: Any, fn: Any) -> tuple[Any, str | None]:
+    """``fn()`` — a stage's first compiled step or evaluation — and, when compiling it
+    failed, the reason after ``fn()`` ran again eagerly from the same data and generators."""
+    if compiled is None or not compiled.active:
+        return fn(), None
+    from muse_plan.executor.loop import Fault
+
+    saved = rewindable(trainer)
+    try:
+        return fn(), None
+    except (Fault, KeyboardInterrupt, torch.cuda.OutOfMemoryError, MemoryError):
+        raise
+    except Exception as exc:  # whatever compiling raised: the stage goes on eager
+        reason = why(exc)
+        compiled.undo(reason)
+        rewind(trainer, saved)
+        return fn(), reason
+
+
+def rewindable(trainer: Any) -> dict[str, Any]:
+    """What a step changes outside the weights: the data position and the generators."""
+    from muse_plan.executor import checkpoint
+
+    return {"engine": trainer.state_dict(), "rng": checkpoint.rng_state()}
+
+
+def rewind(trainer: Any, state: dict[str, Any]) -> None:
+    from muse_plan.executor import checkpoint
+
+    trainer.load_state_dict(state["engine"])
+    checkpoint.set_rng_state(state["rng"])
+
+
+def why(exc: BaseException) -> str:
+    """One line: the exception's type and the first line of its message."""
+    inner = getattr(exc, "inner_exception", None)  # dynamo's BackendCompilerFailed: what the backend raised
+    if isinstance(inner, BaseException):
+        return f"{type(exc).__name__}: {why(inner)}"
+    text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__

@@ -1,0 +1,52 @@
+"""``training.compile``: the blocks under torch.compile in place, the same losses as eager,
+and a compile that fails going back to eager at the same data, said in an event."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY_STANDARD, write_plan
+from muse_plan.store import runs
+from muse_plan.store.db import Store
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _run(cli, tmp_path, name: str, compile_: str) -> tuple[list[float], list[str]]:
+    training = {**TINY_STANDARD["training"], "compile": compile_}
+    stages = [{"name": "pretrain", "kind": "pretrain", "steps": 6, "checkpoint_every": 3, "eval_every": 3}]
+    assert cli("plan", "import", write_plan(tmp_path, {**TINY_STANDARD, "name": name}, training=training,
+                                            stages=stages)).exit_code == 0
+    result = cli("plan", "run", name)
+    assert result.exit_code == 0, result.output
+    with Store().read() as session:
+        run = runs.list_runs(session)[0][0]
+        losses = [v for _, v in runs.metric_series(session, run.id, "loss")]
+        events = [e.message for e in runs.events(session, run.id, limit=50)]
+    return losses, events
+
+
+def test_compiled_blocks_train_as_eager_does(cli, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MUSE_COMPILE_BACKEND", "eager")  # dynamo's capture without code generation: no compiler
+    eager, _ = _run(cli, tmp_path, "plain", "off")
+    compiled, events = _run(cli, tmp_path, "compiled", "on")
+    assert any(m.startswith("compiled 2 blocks (eager): the first step took ") for m in events)
+    assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6)
+    from muse_plan.executor.settings import compiles
+
+    assert compiles("auto", "pretrain", cuda=True) and not compiles("auto", "pretrain", cuda=False)
+    assert not compiles("on", "reasoning_rl", cuda=True)  # sampling changes shapes every token: eager
+
+
+def test_a_compile_that_fails_goes_back_to_eager_at_the_same_data(cli, tmp_path, monkeypatch) -> None:
+    @torch._dynamo.register_backend(name="muse_test_breaks")
+    def breaks(graph, example_inputs):  # noqa: ARG001 - a backend's signature
+        raise RuntimeError("no code generator here")
+
+    monkeypatch.setenv("MUSE_COMPILE_BACKEND", "muse_test_breaks")
+    eager, _ = _run(cli, tmp_path, "plain", "off")
+    fell_back, events = _run(cli, tmp_path, "fails", "on")
+    assert fell_back == eager  # the failed first step rewound: the same batches, the same losses
+    assert any(m.startswith("torch.compile failed (") and "no code generator here" in m
+               and m.endswith("the stage trains eager from here") for m in events)
