@@ -13,8 +13,8 @@ from muse_plan.store.db import Store
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _run(cli, tmp_path, name: str, compile_: str) -> tuple[list[float], list[str]]:
-    training = {**TINY_STANDARD["training"], "compile": compile_}
+def _run(cli, tmp_path, name: str, compile_: str, **extra) -> tuple[list[float], list[str]]:
+    training = {**TINY_STANDARD["training"], "compile": compile_, **extra}
     stages = [{"name": "pretrain", "kind": "pretrain", "steps": 6, "checkpoint_every": 3, "eval_every": 3}]
     assert cli("plan", "import", write_plan(tmp_path, {**TINY_STANDARD, "name": name}, training=training,
                                             stages=stages)).exit_code == 0
@@ -33,6 +33,8 @@ def test_compiled_blocks_train_as_eager_does(cli, tmp_path, monkeypatch) -> None
     compiled, events = _run(cli, tmp_path, "compiled", "on")
     assert any(m.startswith("compiled 2 blocks (eager): the first step took ") for m in events)
     assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6)
+    recomputed, _ = _run(cli, tmp_path, "recomputed", "on", activation_checkpointing="full")
+    assert recomputed == pytest.approx(eager, rel=1e-5, abs=1e-6)  # checkpointing around compiled blocks
     from muse_plan.executor.settings import compiles
 
     assert compiles("auto", "pretrain", cuda=True) and not compiles("auto", "pretrain", cuda=False)
