@@ -88,13 +88,10 @@ def held_out(data: dict, weights: Path, stage_name: str, seed: int) -> dict[str,
     return trainer.evaluate()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3, help="RL seeds (1, 2, ...)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs")
-    args = parser.parse_args()
-    seeds = list(range(1, args.seeds + 1))
-    data = plan(seeds)
+def run_bench(data: dict, seeds: list[int], out: Path, stem: str, command: str, title: str) -> dict:
+    """Run ``data`` (pretrain, sft, then ``rl-seed{n}`` stages from sft) with ``muse plan run``
+    in a temporary ``MUSE_HOME``; score the SFT checkpoint on each RL seed's held-out set;
+    write ``{stem}.json`` and ``{stem}.md`` under ``out``."""
     home = Path(tempfile.mkdtemp(prefix="muse-bench-grpo-"))
     os.environ["MUSE_HOME"] = str(home)
     import yaml
@@ -135,15 +132,16 @@ def main() -> None:
         and held["mean_sampled_gain"] >= MARGIN
     import torch
 
-    out = {"command": "python scripts/bench_grpo_cpu.py" + (f" --seeds {args.seeds}" if args.seeds != 3 else ""),
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "run_seconds": seconds,
-           "sft_test_accuracy": final["sft"]["test_accuracy"], "rows": rows, "verdict": held}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_grpo_cpu.json").write_text(json.dumps(out, indent=2) + "\n")
-    lines = ["# GRPO on CPU through `muse plan run`: does RL raise held-out accuracy?", "",
-             f"Command: `{out['command']}` (torch {out['torch']}, {out['threads']} CPU threads; the whole "
-             f"plan run took {seconds / 60:.1f} min). Set-up: the module docstring of `scripts/bench_grpo_cpu.py`.",
-             "", f"SFT greedy held-out accuracy: {out['sft_test_accuracy']:.3f}", "",
+    result_data = {"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "run_seconds": seconds, "sft_test_accuracy": final["sft"]["test_accuracy"], "rows": rows,
+                   "verdict": held}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result_data, indent=2) + "\n")
+    lines = [f"# {title}", "",
+             f"Command: `{command}` (torch {result_data['torch']}, {result_data['threads']} CPU threads; the whole "
+             f"plan run took {seconds / 60:.1f} min). Set-up: the module docstring of "
+             f"`{command.split()[1]}`.",
+             "", f"SFT greedy held-out accuracy: {result_data['sft_test_accuracy']:.3f}", "",
              "| seed | sampled before → after | greedy before → after | rollout reward (first 20 → last 20 steps) |",
              "| --- | --- | --- | --- |"]
     for r in rows:
@@ -154,8 +152,20 @@ def main() -> None:
     lines += ["", f"Claim (reward and sampled accuracy rise for every seed, sampled by ≥ {100 * MARGIN:.0f} points "
                   f"on average): **{'holds' if held['claim_holds'] else 'does not hold'}** "
                   f"(mean sampled gain {100 * held['mean_sampled_gain']:+.1f} points)."]
-    (args.out / "bench_grpo_cpu.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    return result_data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3, help="RL seeds (1, 2, ...)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    args = parser.parse_args()
+    seeds = list(range(1, args.seeds + 1))
+    command = "python scripts/bench_grpo_cpu.py" + (f" --seeds {args.seeds}" if args.seeds != 3 else "")
+    run_bench(plan(seeds), seeds, args.out, "bench_grpo_cpu", command,
+              "GRPO on CPU through `muse plan run`: does RL raise held-out accuracy?")
 
 
 if __name__ == "__main__":
