@@ -52,7 +52,7 @@ class ExampleFiles(Options):
     eval_data: str | None = Field(None, description="held-out JSONL file scored at evaluations")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of data held out when there is no eval_data")
     prompt_template: str = Field("{prompt}", description="how a row's prompt is shown to the model, e.g. "
-                                                         "'Question: {prompt}\\nAnswer: ' (chats use the chat template)")
+                                                         "'Q: {prompt}\\nA: ' (chats use the chat template)")
 
     @model_validator(mode="after")
     def _files(self) -> ExampleFiles:

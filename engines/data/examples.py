@@ -227,8 +227,6 @@ def _special_text(tokenizer: Any, token: int) -> str:
     return str(auto.convert_ids_to_tokens(token)) if auto is not None else ""
 
 
-
-
 def plain_chat(messages: Sequence[dict[str, str]]) -> str:
     """The template for a tokenizer without a chat template: ``User: ...`` lines, then
     ``Assistant:`` where the model's answer starts."""
@@ -249,7 +247,13 @@ def render_chat(messages: Sequence[dict[str, str]], template: str | None, specia
         raise ValueError(f"the tokenizer's chat template refused the messages: {message}")
 
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=list(messages), add_generation_prompt=True, **specials)
+    try:
+        return env.from_string(template).render(messages=list(messages), add_generation_prompt=True, **specials)
+    except ValueError:
+        raise
+    except Exception as exc:  # a template jinja can't parse or run: the plan's error, in one line
+        raise ValueError(f"the tokenizer's chat template can't render the messages: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
 def chat_template(directory: str | Path | None) -> str | None:

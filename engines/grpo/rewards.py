@@ -177,8 +177,8 @@ def load_reward(reference: str) -> Callable[..., Any]:
     except ValueError:
         raise
     except Exception as exc:  # the user's module failing to import, whatever it raises
-        raise ValueError(f"{what} can't be imported: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                         .rstrip(": ")) from None
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ValueError(f"{what} can't be imported: {type(exc).__name__}: {first}".rstrip(": ")) from None
     fn = getattr(module, function, None)
     if not callable(fn):
         raise ValueError(f"{what}: {module_name} has no function {function!r}")

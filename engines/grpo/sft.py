@@ -5,10 +5,10 @@
   tasks' programmatic solutions (long multiplication's partial products,
   running totals, the word problem's equations). Loss on the completion only.
 - ``rejection_sampling`` (DeepSeek-R1 stage 3): sample K completions per
-  prompt from the current policy, keep the correct ones (the ``correctness``
-  reward against the row's reference answer) (``keep:
-  most_confident`` keeps only the one with the highest mean token
-  log-probability), and fine-tune on them. A micro-batch whose prompts gave
+  prompt from the current policy, keep the correct ones — those the
+  ``correctness`` reward scores 1 against the row's reference answer;
+  ``keep: most_confident`` keeps only the one with the highest mean token
+  log-probability — and fine-tune on them. A micro-batch whose prompts gave
   no correct completion contributes a zero loss and says so in its metrics
   (``kept``), rather than falling back to reference solutions.
 """

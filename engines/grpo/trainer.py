@@ -89,7 +89,6 @@ class GrpoTrainer:
         else:
             self.stream = ProblemStream(list(o.tasks), stage.seed, stage.rank, stage.world_size)
             self.eval_problems = held_out(list(o.tasks), stage.seed, o.eval_problems)
-        self.seq_len = stage.model.seq_len
         self.eval_temperature = o.sampled_eval_temperature
         self.eval_samples = o.eval_samples
         self.handler = STAGES[stage.kind](self, o)

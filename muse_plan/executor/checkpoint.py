@@ -2,10 +2,11 @@
 
 A checkpoint is a folder ``step-00000100`` under a stage's folder holding
 - ``model.safetensors``: the weights (safetensors: no code runs on load;
-  tied tensors are stored once) — for a 4-bit (QLoRA) stage only its LoRA
-  adapters (manifest ``weights: adapters``, ``base_model``: the
-  ``model.init_from`` directory they were trained on; the packed base is
-  that directory's, rebuilt from it, never stored);
+  tied tensors are stored once) — for a LoRA stage whose frozen base is
+  ``model.init_from``'s model as it is (``settings.adapters_only``: every
+  4-bit QLoRA stage among them) only its adapters (manifest ``weights:
+  adapters``, ``base_model``: the directory they were trained on; the base,
+  packed in 4 bits or not, is rebuilt from it, never stored);
 - ``state.pt``: optimizer, scheduler, RNG states, the engine's state (data
   position), the step; tensors and plain containers only, loaded with
   ``torch.load(weights_only=True)``;
@@ -46,7 +47,7 @@ from muse_plan.executor.weights import adapter_state, is_adapter, load_into
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
-ADAPTERS = "adapters"  # manifest "weights": the checkpoint holds LoRA adapters only (a 4-bit stage's)
+ADAPTERS = "adapters"  # manifest "weights": the checkpoint holds LoRA adapters only
 
 
 class CorruptCheckpoint(Exception):

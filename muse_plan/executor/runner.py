@@ -231,7 +231,8 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
     meta = {"plan": prepared.plan, "revision": prepared.revision, "run": prepared.run_id, "stage": stage.name,
             **model_meta(trainer.model)}
     if s.adapters_only:  # the base is model.init_from's as it is: checkpoints hold the adapters
-        meta.update(weights=checkpoint.ADAPTERS, base_model=str(Path(spec.model.init_from or "").expanduser().resolve()))
+        base = Path(spec.model.init_from or "").expanduser().resolve()
+        meta.update(weights=checkpoint.ADAPTERS, base_model=str(base))
     hooks = None
     if store is not None:
         hooks = Recorder(store, prepared.run_id, prepared.stage_run_ids[position], view)
@@ -305,7 +306,8 @@ def _starting_point(store: Store | None, accelerator: Any, spec: PlanSpec, prepa
     if held is not None and held != _has_lora(trainer.model):
         now = "through LoRA" if _has_lora(trainer.model) else "on every weight"
         note(store, prepared, position, [f"stage {stage.name} now trains {now} (revision {prepared.revision}), "
-                                         f"which its checkpoints don't hold: restarting it from step 0"], view, severity="info")
+                                         f"which its checkpoints don't hold: restarting it from step 0"], view,
+             severity="info")
         resuming = False
     if resuming:
         start, skipped = checkpoint.load_latest(run_dir / stage.name, trainer.model)
