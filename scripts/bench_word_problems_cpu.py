@@ -63,13 +63,15 @@ def plan(seeds: list[int], pretrain_steps: int, sft_steps: int, rl_steps: int, r
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="RL seeds (1, 2, ...)")
+    parser.add_argument("--only-seed", type=int, default=None, help="run this one RL seed (to spread seeds over "
+                                                                       "processes; pretraining and SFT are the same)")
     parser.add_argument("--pretrain-steps", type=int, default=400)
     parser.add_argument("--sft-steps", type=int, default=500)
     parser.add_argument("--rl-steps", type=int, default=80)
     parser.add_argument("--rl-lr", type=float, default=3.0e-5)
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
-    seeds = list(range(1, args.seeds + 1))
+    seeds = [args.only_seed] if args.only_seed else list(range(1, args.seeds + 1))
     changed = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                if k not in ("out",) and v != parser.get_default(k)]
     command = " ".join(["python scripts/bench_word_problems_cpu.py", *changed])
