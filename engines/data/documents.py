@@ -150,3 +150,13 @@ def split_sizes(total: int, val_fraction: float, source: str) -> tuple[int, int]
     if n_val >= total - 1:
         raise ValueError(f"data source '{source}' has only {total} tokens: too few to split off validation")
     return total - n_val, n_val
+
+
+def format_bytes(n: int) -> str:
+    """A size for people: ``812 B``, ``40.2 KB``, ``1.3 GB`` (powers of 1024)."""
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"

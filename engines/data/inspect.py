@@ -41,6 +41,7 @@ from typing import Any, Iterator
 
 from engines.data.documents import (
     encoded_parts,
+    format_bytes,
     is_plain,
     jsonl_text,
     numbered_documents,
@@ -137,7 +138,7 @@ def inspect_source(source: str, tokenizer: str | Tokenizer = "byte", *, val_frac
         counts, estimated, notes = _exact(files, tok), False, []
     else:
         counts, estimated = _estimate(files, sizes, tok, sample_bytes), True
-        notes = [f"estimated from {SAMPLE_WINDOWS} windows ({_size(counts.raw)} of {_size(sum(sizes))}); "
+        notes = [f"estimated from {SAMPLE_WINDOWS} windows ({format_bytes(counts.raw)} of {format_bytes(sum(sizes))}); "
                  "a bad line outside them shows when a run reads the whole corpus"]
     tokens = counts.text_tokens + counts.documents
     try:
@@ -309,10 +310,3 @@ def _arithmetic(tok: Tokenizer, val_fraction: float, seed: int, min_tokens: int,
         estimated=False, sampled_bytes=0, samples=tuple(samples), notes=(note,))
 
 
-def _size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TB"

@@ -21,6 +21,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from engines.data.documents import format_bytes
 from muse_plan.cli.common import console, err_console, print_json
 from muse_plan.errors import Conflict, NotFound, PlanError
 
@@ -45,13 +46,6 @@ def _user_errors() -> Iterator[None]:
         raise PlanError(str(exc)) from None
 
 
-def _size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def _count(n: int | None) -> str:
@@ -95,7 +89,7 @@ def _render_report(report: Any) -> None:
     grid.add_column()
     estimated = " [yellow](estimated)[/]" if report.estimated else ""
     where = ("generated" if report.source == "arithmetic"
-             else f"{report.files:,} file{'s' if report.files != 1 else ''}, {_size(report.file_bytes)} on disk")
+             else f"{report.files:,} file{'s' if report.files != 1 else ''}, {format_bytes(report.file_bytes)} on disk")
     grid.add_row("source", f"{escape(report.source)} ({where})")
     grid.add_row("tokenizer", f"{escape(report.tokenizer)} (vocab {report.vocab_size:,})")
     grid.add_row("documents", f"{report.documents:,}{estimated}")

@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from engines.data.documents import format_bytes
 from muse_plan.cli.common import console, err_console, print_json
 
 
@@ -55,7 +56,7 @@ def export(
         return
     console.print(f"exported {trained.source} as {architecture} to {folder}", highlight=False, soft_wrap=True)
     for p in files:
-        console.print(f"  {p.name}  {_size(p.stat().st_size)}", highlight=False)
+        console.print(f"  {p.name}  {format_bytes(p.stat().st_size)}", highlight=False)
     console.print("load it with:", highlight=False)
     console.print(f"  python -c \"{load}\"", highlight=False, soft_wrap=True, markup=False)
 
@@ -70,10 +71,3 @@ def _architecture(folder: Path) -> str:
     return ", ".join(names) or "a Hugging Face model"
 
 
-def _size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB"):
-        if size < 1024:
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GB"
