@@ -75,10 +75,12 @@ def settings_line(candidate: Any) -> Text | None:
     None when no stage is priced."""
     if not candidate.priced:
         return None
+    compiled = [s.name for s in candidate.priced if s.settings.compile]
+    also = ("\ncompiled with torch.compile (training.compile), as priced: " + ", ".join(compiled)) if compiled else ""
     if candidate.settings is not None:
-        return Text("settings: " + _knobs_text(candidate.settings))
+        return Text("settings: " + _knobs_text(candidate.settings) + also)
     return Text("settings per stage:\n" + "\n".join(f"  {s.name}: {_knobs_text(s.knobs)}"
-                                                     for s in candidate.priced))
+                                                     for s in candidate.priced) + also)
 
 
 def eta_line(eta: Any, timeline: str | None) -> Text:
