@@ -54,6 +54,7 @@ class Compiled:
     backend: str = "inductor"
     first_step_s: float | None = None
     fallback: str | None = None  # why the stage went back to eager
+    evaluated: bool = False  # the first evaluation (its own no-grad graph) has compiled
 
     @property
     def active(self) -> bool:
@@ -86,6 +87,7 @@ def first_call(compiled: Compiled | None, trainer: Any, fn: Any) -> tuple[Any, s
     failed, the reason after ``fn()`` ran again eagerly from the same data and generators."""
     if compiled is None or not compiled.active:
         return fn(), None
+    # the step and the evaluation compile once each; only those first calls need the rewind
     from muse_plan.executor.loop import Fault
 
     saved = rewindable(trainer)

@@ -256,7 +256,11 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
         pending = current if lag and not due else None
         if step % s.eval_every == 0 or step == s.steps:
             with accelerator.autocast():
-                metrics, failed = first_call(compiled, trainer, trainer.evaluate)
+                if compiled is not None and not compiled.evaluated:  # the first one compiles its graph
+                    metrics, failed = first_call(compiled, trainer, trainer.evaluate)
+                    compiled.evaluated = True
+                else:
+                    metrics, failed = trainer.evaluate(), None
             if failed:
                 _compile_note(compiled, failed, step, hooks if main else None)
             result.update(metrics)
