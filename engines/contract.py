@@ -70,6 +70,9 @@ class StageSetup:
     frozen_precision: str = "fp32"
     family: str = "decoder"  # decoder (the architecture engine's) | hf (a local Hugging Face model)
     init_from: str | None = None  # the hf model's directory
+    # how sampling decodes on CUDA (engines/grpo/policy.py): eager | graphs (CUDA graphs, an HF static
+    # cache) | compiled (the step compiled, then captured); from training.compile (settings.decoding)
+    decode: str = "eager"
 
 
 @dataclass

@@ -15,7 +15,12 @@ numbers on Qwen2-1.5B. Then, at the same model size, rollout throughput
 (completions through the GRPO loss and backward per second).
 
 Writes ``<out>/bench_grpo.{json,md}``. ``--tiny`` runs a seconds-long CPU
-version to check the script (its numbers mean nothing).
+version to check the script (its numbers mean nothing). ``--decode`` names
+how rollouts decode (``engines/grpo/policy.py``): ``graphs`` (the default: the
+decode step replayed from a CUDA graph; a plan's ``training.compile: auto``),
+``compiled`` (compiled, then replayed; ``compile: on``) or ``eager``
+(``compile: off``); several are measured one after the other, the first
+in the table, to compare them in one run.
 """
 
 from __future__ import annotations
@@ -138,8 +143,12 @@ def launch(home: Path, spec: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, shell=True, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def throughput(spec: dict, device: str, prompts: int, group: int) -> dict[str, float]:
-    """Completions/s for rollout (KV-cache sampling) and for the GRPO update, same model."""
+DECODES = ("graphs", "compiled", "eager")
+
+
+def throughput(spec: dict, device: str, prompts: int, group: int, decodes: list[str]) -> dict:
+    """Completions/s for rollout (KV-cache sampling) and for the GRPO update, same model,
+    rollouts decoding as ``decodes[0]`` says; each other decode's numbers under ``other_decodes``."""
     import torch
 
     from engines.architecture.config import ModelConfig
@@ -155,6 +164,8 @@ def throughput(spec: dict, device: str, prompts: int, group: int) -> dict[str, f
                              options=parse("reasoning_rl", {}, {
                                  "tasks": ["multiplication:3x3"], "group_size": group,
                                  "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "eval_problems": 1})))
+    decode = decodes[0]
+    trainer.policy.graphs, trainer.policy.compile = decode != "eager", decode == "compiled"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
     def timed(fn):
@@ -175,10 +186,14 @@ def throughput(spec: dict, device: str, prompts: int, group: int) -> dict[str, f
             step, seconds = timed(lambda: trainer.micro_step(batch).loss.backward())
             updates.append(seconds)
     n = prompts * group
-    tokens = sum(len(c) for g in batch for c in g.completions) / n
-    return {"completions": n, "mean_completion_tokens": tokens, "rollout_completions_per_s": n / min(rollouts),
-            "update_completions_per_s": n / min(updates),
-            "parameters": sum(p.numel() for p in trainer.model.parameters())}
+    tokens = sum(len(c) for g in batch for c in g.completions)
+    out = {"decode": decode, "completions": n, "mean_completion_tokens": tokens / n,
+           "rollout_completions_per_s": n / min(rollouts), "rollout_tokens_per_s": tokens / min(rollouts),
+           "update_completions_per_s": n / min(updates),
+           "parameters": sum(p.numel() for p in trainer.model.parameters())}
+    if decodes[1:]:
+        out["other_decodes"] = {d: throughput(spec, device, prompts, group, [d]) for d in decodes[1:]}
+    return out
 
 
 def main() -> None:
@@ -190,11 +205,13 @@ def main() -> None:
     parser.add_argument("--rl-steps", type=int, default=STEPS["rl"], help="updates per RL algorithm")
     parser.add_argument("--throughput-only", action="store_true",
                         help="re-measure throughput alone (a quiet GPU) into an existing <out>/bench_grpo.json")
+    parser.add_argument("--decode", nargs="+", choices=DECODES, default=["graphs"],
+                        help="how rollouts decode; several to compare, the first in the table")
     args = parser.parse_args()
     STEPS.update(pretrain=args.pretrain_steps, sft=args.sft_steps, rl=args.rl_steps)
     if args.throughput_only:
         result = json.loads((args.out / "bench_grpo.json").read_text())
-        result["throughput"] = throughput(result["plan"], "cuda", prompts=16, group=8)
+        result["throughput"] = throughput(result["plan"], "cuda", prompts=16, group=8, decodes=args.decode)
         write(result, args.out)
         return
     root = Path(tempfile.mkdtemp(prefix="muse-grpo-"))
@@ -243,7 +260,7 @@ def main() -> None:
         save(partial=True)
     device = "cpu" if args.tiny else "cuda"
     result["throughput"] = throughput(plan(args.tiny), device, prompts=2 if args.tiny else 16,
-                                      group=4 if args.tiny else 8)
+                                      group=4 if args.tiny else 8, decodes=args.decode)
     save(partial=False)
 
 
@@ -276,6 +293,10 @@ def write(result: dict, out: Path | None) -> None:
                   f"Throughput at {s['parameters'] / 1e6:.1f}M parameters, {s['completions']} completions per batch "
                   f"(mean {s['mean_completion_tokens']:.0f} tokens): rollout {s['rollout_completions_per_s']:.0f} "
                   f"completions/s, update {s['update_completions_per_s']:.0f} completions/s.\n")
+    if s is not None:
+        speed_line += "".join(f"Rollout, decode {d['decode']}: {d['rollout_completions_per_s']:.0f} completions/s, "
+                              f"{d['rollout_tokens_per_s']:.0f} tokens/s.\n"
+                              for d in [s, *s.get("other_decodes", {}).values()] if "decode" in d)
     cut = "**Partial: the run was cut off; the rows it did not reach say so.**\n\n" if result.get("partial") else ""
     md = (f"# GRPO vs S-GRPO vs T-SPMO on 3×3-digit multiplication\n\n{cut}"
           f"Command: `{result['command']}` on {gpu}; whole run {wall:.0f} s. The three RL runs start from the "

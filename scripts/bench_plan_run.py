@@ -42,8 +42,9 @@ TINY_SHAPE = {"layers": 2, "d_model": 64, "n_heads": 2}
 
 
 def plan(name: str, residual: str, compile_: str, shape: dict, seq: int, micro: int, steps: int,
-         precision: str, compute: str) -> dict:
-    techniques = {"mhc": {"streams": 4}} if residual == "mhc" else {}
+         precision: str, compute: str, stream_dtype: str = "float32") -> dict:
+    mixing = {"mhc": "mhc", "mgt": "geometric_scaling"}.get(residual)  # the technique that sets its streams
+    techniques = {mixing: {"streams": 4, "stream_dtype": stream_dtype}} if mixing else {}
     return {"name": name, "model": {"scale": "350M", "residual": residual, "seq_len": seq, "vocab_size": 32000,
                                     "shape": shape},
             "techniques": techniques, "compute": compute,
@@ -53,13 +54,14 @@ def plan(name: str, residual: str, compile_: str, shape: dict, seq: int, micro: 
                         "eval_every": 10 * steps}]}
 
 
-def muse(home: Path, cache: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MUSE_HOME": str(home), "TORCHINDUCTOR_CACHE_DIR": str(cache),
+def muse(home: Path, cache: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {}), "MUSE_HOME": str(home), "TORCHINDUCTOR_CACHE_DIR": str(cache),
            "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.run([sys.executable, "-m", "muse_plan", *args], env=env, capture_output=True, text=True)
 
 
-def run_one(data: dict, cache: Path, skip: int) -> dict[str, Any]:
+def run_one(data: dict, cache: Path, skip: int, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """One plan through ``muse plan run``; ``env`` adds to its environment (MUSE_FUSED_STREAMS, say)."""
     import yaml
 
     home = Path(tempfile.mkdtemp(prefix="muse-bench-run-"))
@@ -73,7 +75,7 @@ def run_one(data: dict, cache: Path, skip: int) -> dict[str, Any]:
         priced = json.loads(fit.stdout)
         predicted = (priced.get("chosen") or priced["written"])["stages"][0].get("tokens_per_s")
     t0 = time.perf_counter()
-    done = muse(home, cache, "plan", "run", data["name"], "--no-probe", "--force")
+    done = muse(home, cache, "plan", "run", data["name"], "--no-probe", "--force", env=env)
     wall = time.perf_counter() - t0
     row: dict[str, Any] = {"name": data["name"], "residual": data["model"]["residual"],
                            "compile": data["training"]["compile"], "wall_s": wall, "predicted_tokens_per_s": predicted}

@@ -67,11 +67,13 @@ def test_mhc_options_reach_the_model() -> None:
     spec = spec_from_dict({
         "name": "t", "model": {"scale": "1M", "seq_len": 32, "vocab_size": 260, "residual": "mgt",
                                "shape": {"layers": 1, "d_model": 32, "n_heads": 2}},
-        "techniques": {"geometric_scaling": {"streams": 2, "sinkhorn_iters": 7, "beta_max": 1.5}},
+        "techniques": {"geometric_scaling": {"streams": 2, "sinkhorn_iters": 7, "beta_max": 1.5,
+                                             "stream_dtype": "bfloat16"}},
         "stages": [{"name": "p", "kind": "pretrain", "steps": 1}],
     }, "test")
     config = model_config(spec, spec.stages[0])
-    assert (config.residual, config.streams, config.sinkhorn_iters, config.beta_max) == ("mgt", 2, 7, 1.5)
+    assert (config.residual, config.streams, config.sinkhorn_iters, config.beta_max, config.stream_dtype) == (
+        "mgt", 2, 7, 1.5, "bfloat16")
 
 
 def test_an_hf_model_is_trained_further_never_pretrained_and_needs_its_folder() -> None:

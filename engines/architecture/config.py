@@ -24,6 +24,7 @@ from engines.architecture.shapes import Shape, parse_scale, shape_for_params, sw
 
 RESIDUAL_NAMES: tuple[str, ...] = tuple(RESIDUAL_MODES)
 MULTI_STREAM: frozenset[str] = frozenset(name for name, m in RESIDUAL_MODES.items() if m.multi_stream)
+STREAM_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class ModelConfig:
     residual: str = "standard"
     streams: int = 4  # n residual streams for hc / mhc / mgt
     sinkhorn_iters: int = 20  # mHC paper's t_max
+    # dtype of the n-stream state between connections (hc / mhc / mgt): bfloat16 halves the
+    # traffic of the widest tensor, as the mHC paper does (§4.3); the maps still run in fp32
+    stream_dtype: str = "float32"
     beta_max: float = 2.0  # DDL gate range [0, beta_max]; 2 allows reflection
     rope_theta: float = 10000.0
     rope_scale: float = 1.0  # position interpolation factor (>1 after a context extension)
@@ -66,6 +70,8 @@ class ModelConfig:
             )
         if self.d_ff is not None and self.d_ff < 1:
             raise ValueError(f"d_ff must be a positive integer, got {self.d_ff!r}")
+        if self.stream_dtype not in STREAM_DTYPES:
+            raise ValueError(f"unknown stream_dtype {self.stream_dtype!r}; accepted: {', '.join(STREAM_DTYPES)}")
         if self.sinkhorn_iters < 1:
             raise ValueError(f"sinkhorn_iters must be at least 1, got {self.sinkhorn_iters}")
         if not 0.0 < self.beta_max <= 2.0:

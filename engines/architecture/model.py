@@ -81,14 +81,18 @@ class CausalSelfAttention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask = None
-        if cache is not None:  # generation: attend to everything cached so far
-            k, v, mask = cache.append(k, v)  # (B, Hkv, S, hd) each, mask (B, 1, T, S)
-        if self.n_kv != self.n_heads:  # GQA: each kv head serves a group of query heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, T, hd)
+        if cache is not None:  # generation: attend over the whole cache, its mask says which keys
+            k, v, mask = cache.append(k, v)  # (B, Hkv, S, hd) each, additive mask (B, 1, T, S)
+        if mask is not None and T == 1:  # a decode step: a kv head's query heads as its rows, the cache not copied
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.hd), k, v, attn_mask=mask)
+            y = y.reshape(B, self.n_heads, 1, self.hd)
+        else:
+            if self.n_kv != self.n_heads:  # GQA: each kv head serves a group of query heads
+                k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+                v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0
+            )  # (B, H, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -106,13 +110,13 @@ class LayerCache:
         self._owner, self.k, self.v = weakref.ref(owner), k, v
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write this forward's keys and values (B, Hkv, T, hd) at its columns; the whole
+        buffers and the forward's mask back."""
         owner = self._owner()
         assert owner is not None, "a layer cache outlived its KVCache"
-        start, T = owner.pos, k.size(2)
-        self.k[:, :, start:start + T] = k
-        self.v[:, :, start:start + T] = v
-        end = start + T
-        return self.k[:, :, :end], self.v[:, :, :end], owner.current_mask
+        self.k.index_copy_(2, owner.columns, k.to(self.k.dtype))
+        self.v.index_copy_(2, owner.columns, v.to(self.v.dtype))
+        return self.k, self.v, owner.current_mask
 
 
 class KVCache:
@@ -123,31 +127,65 @@ class KVCache:
     rotary embeddings depend only on the distance between positions, a row
     shifted right by its padding attends exactly as it would unpadded. A pad
     query may see its own key, so no row of the mask is empty (no NaN).
+
+    Every forward writes its tokens at their columns of full-length buffers and
+    attends over all of them under a mask built on the device: a forward's
+    shapes depend on its token count only, never on where it writes. A prompt
+    (or any chunk) goes at ``pos``, counted on the host. After
+    ``decode_on_device()`` each forward is one token a row at ``position``, a
+    device tensor the forward advances in place: a decode step then reads and
+    writes the same tensors every token, so it can be captured once in a CUDA
+    graph and replayed.
     """
 
     def __init__(self, model: DecoderLM, batch: int, max_len: int, valid: torch.Tensor) -> None:
         c = model.config
         assert max_len <= c.seq_len, f"generation of {max_len} tokens exceeds seq_len {c.seq_len}"
         p = model.tok_emb.weight
-        shape = (batch, c.kv_heads, max_len, c.head_dim)
+        # rows of a multiple of 8 columns: memory-efficient attention copies a mask whose rows aren't aligned
+        width = -(-max_len // 8) * 8
+        shape = (batch, c.kv_heads, width, c.head_dim)
         # keys and values in the dtype the projections produce them in: autocast's, else the weights'
         on = p.device.type
-        dtype = torch.get_autocast_dtype(on) if torch.is_autocast_enabled(on) else p.dtype
-        self.layers = [LayerCache(self, p.new_empty(shape, dtype=dtype), p.new_empty(shape, dtype=dtype))
+        self.dtype = torch.get_autocast_dtype(on) if torch.is_autocast_enabled(on) else p.dtype
+        # zeros, not empty: a masked key still meets the queries, and a NaN in unwritten memory outlives -inf
+        self.layers = [LayerCache(self, p.new_zeros(shape, dtype=self.dtype), p.new_zeros(shape, dtype=self.dtype))
                        for _ in range(c.n_layers)]
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=p.device)  # (B, S)
+        self.valid = torch.zeros(batch, width, dtype=torch.bool, device=p.device)  # (B, S)
         self.valid[:, : valid.size(1)] = valid
-        self.pos = 0
-        self.current_mask = torch.ones(1, dtype=torch.bool)  # set once per forward, shared by the layers
+        self.keys = torch.arange(width, device=p.device)  # (S,) each key's column
+        self.max_len = max_len
+        self.pos = 0  # columns written while the host counts them
+        self.position: torch.Tensor | None = None  # (1,) the next column, once it is counted on the device
+        # set once per forward, shared by the layers
+        self.columns, self.current_mask = self.keys[:0], torch.zeros(0, dtype=self.dtype, device=p.device)
 
-    def mask(self, start: int, T: int) -> torch.Tensor:
-        """(B, 1, T, start+T): query i (at start+i) sees valid keys at or before it, and itself."""
-        end = start + T
-        keys = torch.arange(end, device=self.valid.device)
-        queries = torch.arange(start, end, device=self.valid.device)
-        causal = keys[None, :] <= queries[:, None]  # (T, S)
-        own = keys[None, :] == queries[:, None]
-        return ((causal & self.valid[:, None, :end]) | own)[:, None]
+    def decode_on_device(self) -> None:
+        """From now on one token a row per forward, at a column held on the device."""
+        self.position = self.keys[self.pos:self.pos + 1].clone()
+
+    def begin(self, T: int) -> torch.Tensor:
+        """The columns (T,) of a forward's T tokens; sets the additive mask (B, 1, T, S)
+        its layers share, made once in the attention's dtype rather than by each layer."""
+        if self.position is None:
+            assert self.pos + T <= self.max_len, f"{self.pos + T} tokens exceed the cache's {self.max_len}"
+            self.columns = self.keys[self.pos:self.pos + T]
+        else:
+            assert T == 1, "a decode step takes one token a row"
+            self.columns = self.position
+            self.valid.index_fill_(1, self.position, True)  # a generated token is a valid key
+        queries = self.columns[:, None]
+        sees = ((self.keys <= queries) & self.valid[:, None, :]) | (self.keys == queries)  # (B, T, S)
+        mask = torch.zeros(sees.shape, dtype=self.dtype, device=sees.device).masked_fill_(~sees, float("-inf"))
+        self.current_mask = mask[:, None]
+        return self.columns
+
+    def advance(self, T: int) -> None:
+        """Past a forward's T tokens: on the host, or on the device after ``decode_on_device()``."""
+        if self.position is None:
+            self.pos += T
+        else:
+            self.position.add_(1)
 
     def extend(self, valid: torch.Tensor) -> None:
         """Mark the next ``valid.size(1)`` columns' validity (generated tokens are valid)."""
@@ -235,14 +273,15 @@ class DecoderLM(nn.Module):
         """Logits (B, T, V) and, given targets, the mean cross-entropy (-1 ignored).
         With ``cache`` the tokens continue the cached ones (generation, no grad)."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if cache is not None:
-            cache.current_mask = cache.mask(start, T)  # one mask for every layer of this forward
-        assert start + T <= self.config.seq_len, f"sequence of {start + T} tokens exceeds seq_len {self.config.seq_len}"
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if cache is None:
+            assert T <= self.config.seq_len, f"sequence of {T} tokens exceeds seq_len {self.config.seq_len}"
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:  # angles gathered on the device: a decode step's tensors don't depend on its position
+            columns = cache.begin(T)
+            cos, sin = self.rope_cos.index_select(0, columns), self.rope_sin.index_select(0, columns)
         x = self.drop(self.tok_emb(idx))  # (B, T, C)
         if self.n_streams > 1:
-            x = expand_streams(x, self.n_streams)  # (B, T, n, C)
+            x = expand_streams(x, self.n_streams, self.config.stream_dtype)  # (B, T, n, C)
         full = self.checkpointing == "full" and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if cache is not None:
@@ -252,9 +291,16 @@ class DecoderLM(nn.Module):
             else:
                 x = block(x, cos, sin)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         if self.n_streams > 1:
             x = reduce_streams(x)  # (B, T, C)
+        return self.head(x, targets)
+
+    def head(self, x: torch.Tensor, targets: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The final norm, the logits and the cross-entropy: the step's widest tensors
+        (B·T × vocab), which compiled training (``executor/compiled.py``) compiles as one
+        region so the loss is not read and written in float32 pass after pass."""
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         loss = None
         if targets is not None:

@@ -54,9 +54,16 @@ mgt        mHC and DDL together, after Su & You, 2026 (arXiv 2601.01014):
 
 Speed (measured by scripts/bench_architecture.py, docs/bench_architecture.md):
 Sinkhorn runs as one fused Triton kernel each way on CUDA; mHC's three maps are
-one matmul with the RMSNorm applied as a per-token scale; the stream sums are
-written so that inductor fuses them under torch.compile, and eager autocast
-casts the n-stream state once a connection instead of once per product.
+one matmul with the RMSNorm applied as a per-token scale; with
+``MUSE_FUSED_STREAMS=eager`` (eager mode) or ``1`` (under torch.compile too),
+on CUDA with Triton, the stream read H_pre x and the write H_res x + H_post y
+(for mgt, the delta update as such a write) are one Triton pass each
+(``fused_streams``; off by default, see there); else
+the stream sums are written so that inductor fuses them under torch.compile,
+and eager autocast casts the n-stream state once a connection instead of once
+per product. The state may be stored in bf16 between connections
+(``ModelConfig.stream_dtype``, as the mHC paper does), halving its traffic; the
+maps' norm and Sinkhorn stay in fp32.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engines.architecture import fused_streams
 from engines.architecture.config import ModelConfig
 from engines.architecture.modes import RESIDUAL_MODES, load
 
@@ -102,27 +110,49 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
 def read_streams(h_pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Σ_j h_pre[j] x[j]: (B, T, n), (B, T, n, C) → (B, T, C).
 
-    Eager: one batched matmul (in bf16 under autocast, like any matmul). Under
+    Fused (``fused_streams.usable``): one Triton pass. Else eager: one
+    batched matmul (in bf16 under autocast, like any matmul). Under
     torch.compile the same sum written as a broadcast, which inductor fuses
     into one pass over x (in x's dtype) instead of calling a bmm with n = 4.
     """
+    if fused_streams.usable(x):
+        return fused_streams.stream_read(h_pre, x)
     if torch.compiler.is_compiling():
         return (h_pre.unsqueeze(-1) * x).sum(-2)
     return torch.einsum("btn,btnc->btc", h_pre, x)
 
 
+def write_streams(h_res: torch.Tensor, x: torch.Tensor, h_post: torch.Tensor, y: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """H_res x + h_post ⊗ y: (B, T, n, n), (B, T, n, C), (B, T, n), (B, T, C) → (B, T, n, C) in
+    ``dtype``, the stream state's.
+
+    Fused (``fused_streams.usable``): one Triton pass that reads x and y once and
+    writes the result; else mix_streams and the broadcast product.
+    """
+    if fused_streams.usable(x):
+        return fused_streams.stream_write(h_res, x, h_post, y, dtype)
+    return (mix_streams(h_res, x) + h_post.unsqueeze(-1) * y.unsqueeze(2)).to(dtype)
+
+
 def matmul_operand(x: torch.Tensor) -> torch.Tensor:
-    """x cast once to autocast's matmul dtype in eager mode (else x itself).
+    """x as the products of a connection read it: once cast to autocast's matmul
+    dtype in eager mode, itself under torch.compile, fp32 without autocast.
 
     Eager autocast casts an operand for every product that reads it and keeps
     each copy for the backward; the n-stream state feeds three (the maps,
     read_streams, mix_streams), so one shared copy saves two casts and two
-    saved copies a connection. Under torch.compile the state is read as it is
-    and inductor fuses the reads.
+    saved copies a connection (the fused kernels read it too: half the bytes of
+    an fp32 state, and the copy the maps keep is the only one). Under torch.compile the state is read as it is
+    and inductor fuses the reads. Without autocast the products run in the
+    weights' fp32 (a no-op unless the state is stored in bf16).
     """
-    if torch.compiler.is_compiling() or not torch.is_autocast_enabled(x.device.type):
+    on = x.device.type
+    if not torch.is_autocast_enabled(on):
+        return x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 → fp32; fp32, fp64 as they are
+    if torch.compiler.is_compiling():
         return x
-    return x.to(torch.get_autocast_dtype(x.device.type))
+    return x.to(torch.get_autocast_dtype(on))
 
 
 def mix_streams(h_res: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -152,14 +182,16 @@ def rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def expand_streams(x: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, T, C) → (B, T, n, C): every stream starts as a copy of the embedding."""
-    return x.unsqueeze(2).expand(-1, -1, n, -1).contiguous()
+def expand_streams(x: torch.Tensor, n: int, dtype: str = "float32") -> torch.Tensor:
+    """(B, T, C) → (B, T, n, C) in ``dtype`` (``ModelConfig.stream_dtype``): every
+    stream starts as a copy of the embedding. The state stays in that dtype
+    between connections, each of which casts its output back to it."""
+    return x.to(getattr(torch, dtype)).unsqueeze(2).expand(-1, -1, n, -1).contiguous()
 
 
 def reduce_streams(x: torch.Tensor) -> torch.Tensor:
-    """(B, T, n, C) → (B, T, C) by summing the streams, as Zhu et al. do."""
-    return x.sum(dim=2)
+    """(B, T, n, C) → (B, T, C) by summing the streams, as Zhu et al. do, in fp32."""
+    return x.sum(dim=2, dtype=torch.float32)
 
 
 # ---- fused Sinkhorn (CUDA through Triton; absent on CPU-only installs) ---------
@@ -315,13 +347,14 @@ class HyperConnection(nn.Module):
         self.s_b = nn.Parameter(torch.tensor(0.01))
 
     def forward(self, x: torch.Tensor, f: Sublayer) -> torch.Tensor:
+        state, x = x, x.float()  # a bf16 state computes in fp32 here (a no-op for an fp32 one)
         xn = rms(x, self.eps)  # (B, T, n, C)
         a_m = self.a_m + self.s_a * torch.tanh(xn @ self.w_m)  # (B, T, n)
         a_r = self.a_r + self.s_a * torch.tanh(xn @ self.w_r)  # (B, T, n, n), row j from stream j
         b = self.b + self.s_b * torch.tanh(xn @ self.w_b)  # (B, T, n)
         y = f(torch.einsum("btn,btnc->btc", a_m, x))  # (B, T, C)
         mixed = torch.einsum("btji,btjc->btic", a_r, x)  # A_rᵀ H
-        return mixed + b.unsqueeze(-1) * y.unsqueeze(2)
+        return (mixed + b.unsqueeze(-1) * y.unsqueeze(2)).to(state.dtype)
 
 
 class ManifoldMaps(nn.Module):
@@ -365,7 +398,7 @@ class ManifoldHyperConnection(nn.Module):
         xm = matmul_operand(x)  # (B, T, n, C)
         h_pre, h_post, h_res = self.maps(xm)
         y = f(read_streams(h_pre, xm))  # (B, T, C)
-        return mix_streams(h_res, xm) + h_post.unsqueeze(-1) * y.unsqueeze(2)  # (B, T, n, C)
+        return write_streams(h_res, xm, h_post, y, x.dtype)  # (B, T, n, C), the state's dtype
 
 
 class DeltaGate(nn.Module):
@@ -412,9 +445,15 @@ class ManifoldDeltaConnection(nn.Module):
         h_pre, h_post, h_res = self.maps(xm)
         h = read_streams(h_pre, xm)  # (B, T, C)
         k, beta, v = self.gate(h, f(h))  # (B, T, C), (B, T, 1), (B, T, 1)
-        mixed = mix_streams(h_res, xm)  # (B, T, n, C)
         target = h_post.unsqueeze(-1) * v.unsqueeze(2)  # (B, T, n, 1): each stream's write
-        return delta_update(mixed, k.unsqueeze(2), beta.unsqueeze(2), target)
+        if fused_streams.usable(x):
+            # H_res X + β k (t − kᵀ H_res X) = H_res X + c ⊗ k with c = β (t − H_res (kᵀX)):
+            # the update is a write of k, and kᵀX the n dot products of one pass over X
+            kx = fused_streams.stream_dots(xm, k)  # (B, T, n)
+            c = beta * (target.squeeze(-1) - (h_res * kx.unsqueeze(-2)).sum(-1))  # (B, T, n), fp32
+            return write_streams(h_res, xm, c, k, x.dtype)
+        mixed = mix_streams(h_res, xm)  # (B, T, n, C)
+        return delta_update(mixed, k.unsqueeze(2), beta.unsqueeze(2), target).to(x.dtype)
 
 
 # ---- registry -----------------------------------------------------------------

@@ -13,9 +13,12 @@ Design decisions:
   current policy detached and no extra forward is spent on it;
   ``updates_per_rollout: μ > 1`` keeps the rollout for μ micro-steps with
   π_old recorded at rollout time — then the PPO clip binds.
-- Each group is forwarded on its own (its completions share one prompt, so
-  they need right padding only and the causal mask never lets a real token
-  see a pad).
+- Groups are forwarded together when their prompts are equally long
+  (``Logprobs.of``): completions after one prompt length need right padding
+  only, and the causal mask never lets a real token see a pad. One forward
+  of a rollout's 128 rows instead of 16 of 8: the small model's forward is
+  bound by launching kernels, not by arithmetic, so this is the rollout's
+  reference pass and the update's forward at about a sixteenth of the cost.
 - ``all_scenarios_rl`` is GRPO with a weighted multi-objective reward; the
   planner gives it correctness, format, efficiency and the consistency of
   the worked steps.
@@ -105,15 +108,14 @@ class ReinforcementLearning:
             completions = [c or [t.tokenizer.eos_id] for c in outs[i * G:(i + 1) * G]]
             judged = [t.judged(example, c, partial) for c in completions]
             rewards = torch.tensor([self.rewards.score(c)[0] for c in judged])
-            group = Group(prompt + partial, completions, rewards, sum(map(correctness, judged)) / G)
-            if self.updates > 1 or self.kl_beta > 0:
-                ids, start = group.ids(t.pad_id, t.device), len(group.prompt)
-                if self.updates > 1:
-                    group.old_logp = t.policy.token_logprobs(ids, start)
-                if self.kl_beta > 0:
-                    with t.policy.as_reference() as reference:
-                        group.ref_logp = t.policy.token_logprobs(ids, start, reference)
-            groups.append(group)
+            groups.append(Group(prompt + partial, completions, rewards, sum(map(correctness, judged)) / G))
+        if self.updates > 1:
+            for group, logp in zip(groups, self.logprobs(groups, model=t.policy.model)):
+                group.old_logp = logp
+        if self.kl_beta > 0:
+            with t.policy.as_reference() as reference:
+                for group, logp in zip(groups, self.logprobs(groups, model=reference)):
+                    group.ref_logp = logp
         return groups
 
     # -- updates --------------------------------------------------------------
@@ -131,8 +133,25 @@ class ReinforcementLearning:
             metrics["kl"] = stats.get("kl", 0.0)
         return MicroStep(loss=loss, tokens=tokens, metrics=metrics)
 
-    def logprobs(self, g: Group, rows: list[int] | None = None) -> torch.Tensor:
-        return self.t.policy.token_logprobs(g.ids(self.t.pad_id, self.t.device, rows), len(g.prompt), self.t.model)
+    def logprobs(self, groups: list[Group], rows: list[list[int] | None] | None = None,
+                 model: torch.nn.Module | None = None) -> list[torch.Tensor]:
+        """log π of each group's completion tokens (``rows`` of it: all when None), (R, T_g)
+        per group, by the trained model (``model``: another, e.g. the reference); groups
+        whose prompts are equally long share one forward."""
+        t = self.t
+        rows = rows or [None] * len(groups)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(groups)
+        by_start: dict[int, list[int]] = {}
+        for i, g in enumerate(groups):
+            by_start.setdefault(len(g.prompt), []).append(i)
+        for start, members in by_start.items():
+            parts = [groups[i].ids(t.pad_id, t.device, rows[i]) for i in members]
+            width = max(p.size(1) for p in parts)
+            ids = torch.cat([torch.nn.functional.pad(p, (0, width - p.size(1)), value=t.pad_id) for p in parts])
+            logp = t.policy.token_logprobs(ids, start, model if model is not None else t.model)
+            for i, part, chunk in zip(members, parts, logp.split([p.size(0) for p in parts])):
+                out[i] = chunk[:, : part.size(1) - start]
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"replay": self.replay.state_dict()}
@@ -148,8 +167,7 @@ def _grpo(rl: ReinforcementLearning, groups: list[Group],
     rewards = torch.stack([g.rewards for g in groups])  # (P, G)
     advantages = group_advantages(rewards, rl.o.scale_rewards)
     terms, kl = [], 0.0
-    for g, adv in zip(groups, advantages):
-        logp = rl.logprobs(g)
+    for g, adv, logp in zip(groups, advantages, rl.logprobs(groups)):
         mask = g.mask(logp.device)
         if keep is not None:
             mask = mask & keep(g)
@@ -169,24 +187,27 @@ def _s_grpo(rl: ReinforcementLearning, groups: list[Group]) -> tuple[torch.Tenso
     return _grpo(rl, groups, keep)
 
 
-def _t_spmo_group(rl: ReinforcementLearning, g: Group) -> torch.Tensor:
-    transitions = prefix_advantages(g.completions, g.rewards.tolist())
-    informative = [tr for tr in transitions if tr.advantage != 0.0]
-    if not informative:  # every completion agreed wherever they branched: no signal
-        return zero_loss(rl.t.model)
-    rows = sorted({tr.row for tr in informative})
-    where = {row: i for i, row in enumerate(rows)}
-    logp = rl.logprobs(g, rows)  # (R, T)
-    index_row = torch.tensor([where[tr.row] for tr in informative], device=logp.device)
-    index_pos = torch.tensor([tr.position for tr in informative], device=logp.device)
-    advantage = torch.tensor([tr.advantage for tr in informative], device=logp.device)
-    probs = logp[index_row, index_pos].exp()
-    return -(probs * advantage).sum() / len(transitions)
-
-
 def _t_spmo(rl: ReinforcementLearning, groups: list[Group]) -> tuple[torch.Tensor, dict[str, float]]:
-    """T-SPMO: each group's (replays included) prefix-tree objective, averaged over the groups."""
-    return torch.stack([_t_spmo_group(rl, g) for g in groups]).mean(), {}
+    """T-SPMO: each group's (replays included) prefix-tree objective, averaged over the groups;
+    the rows with an informative transition forwarded together (``logprobs``)."""
+    found = []
+    for g in groups:
+        transitions = prefix_advantages(g.completions, g.rewards.tolist())
+        informative = [tr for tr in transitions if tr.advantage != 0.0]
+        found.append((len(transitions), informative, sorted({tr.row for tr in informative})))
+    asked = [i for i, (_, informative, _) in enumerate(found) if informative]
+    logps = dict(zip(asked, rl.logprobs([groups[i] for i in asked], [found[i][2] for i in asked])))
+    losses = []
+    for i, (count, informative, rows) in enumerate(found):
+        if not informative:  # every completion agreed wherever they branched: no signal
+            losses.append(zero_loss(rl.t.model))
+            continue
+        logp, where = logps[i], {row: j for j, row in enumerate(rows)}  # (R, T)
+        index_row = torch.tensor([where[tr.row] for tr in informative], device=logp.device)
+        index_pos = torch.tensor([tr.position for tr in informative], device=logp.device)
+        advantage = torch.tensor([tr.advantage for tr in informative], device=logp.device)
+        losses.append(-(logp[index_row, index_pos].exp() * advantage).sum() / count)
+    return torch.stack(losses).mean(), {}
 
 
 # algorithm → the micro-batch's loss and its statistics

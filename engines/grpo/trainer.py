@@ -78,7 +78,8 @@ class GrpoTrainer:
         if o.lora is not None:
             peft, self.checkpoint_meta = with_lora(model, o.lora, stage.frozen_precision)
         self.model = model
-        self.policy = Policy(model, self.pad_id, self.tokenizer.eos_id, peft, FROZEN_DTYPES[stage.frozen_precision])
+        self.policy = Policy(model, self.pad_id, self.tokenizer.eos_id, peft, FROZEN_DTYPES[stage.frozen_precision],
+                             stage.decode)
         self.prompter = Prompter(self.tokenizer, stage.tokenizer, o.prompt_template)
         self.notes: list[str] = []
         if o.data is not None:
@@ -126,7 +127,8 @@ class GrpoTrainer:
 
     def take_notes(self) -> list[str]:
         rewards = getattr(self.handler, "rewards", None)
-        notes, self.notes = self.notes + (rewards.take_notes() if rewards is not None else []), []
+        notes = self.notes + self.policy.take_notes() + (rewards.take_notes() if rewards is not None else [])
+        self.notes = []
         return notes
 
     def decode(self, ids: list[int]) -> str:

@@ -158,7 +158,7 @@ def set_up(trainer: Any, spec: PlanSpec, s: StageSettings, accelerator: Any, **o
         rank=accelerator.process_index, world_size=accelerator.num_processes,
         tokens_needed=s.steps * s.tokens_per_step, micro_steps=s.steps * s.grad_accum,
         cache_dir=muse_home() / "cache", device=str(accelerator.device), frozen_precision=frozen_precision(s),
-        family=spec.model.family, init_from=spec.model.init_from)
+        family=spec.model.family, init_from=spec.model.init_from, decode=s.decode)
     setup = replace(setup, **overrides)
     for turn in (True, False):
         if accelerator.is_main_process == turn:

@@ -79,6 +79,7 @@ class StageSettings:
     offload: str = "none"  # none | optimizer
     optimizer: str = "adamw"
     compile: bool = False  # the model's blocks under torch.compile (executor/compiled.py)
+    decode: str = "eager"  # how a GRPO-engine stage's sampling decodes (``decoding``)
     options: Any = None  # the engine's typed options (plan/kinds.py)
     control: StageControl = StageControl()
     lora: LoraOptions | None = None  # the adapters this stage trains, where its kind takes LoRA
@@ -111,7 +112,7 @@ def decoder_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
     extra: dict[str, object] = {}
     mixing = t.geometric_scaling or t.mhc
     if mixing is not None:
-        extra.update(streams=mixing.streams, sinkhorn_iters=mixing.sinkhorn_iters)
+        extra.update(streams=mixing.streams, sinkhorn_iters=mixing.sinkhorn_iters, stream_dtype=mixing.stream_dtype)
     if t.geometric_scaling is not None:
         extra["beta_max"] = t.geometric_scaling.beta_max
     config = ModelConfig.from_shape(shape, m.vocab_size, stage.seq_len or m.seq_len,
@@ -320,6 +321,16 @@ def compiles(setting: str, kind: str, cuda: bool) -> bool:
         setting == "on" or (setting == "auto" and cuda))
 
 
+def decoding(setting: str, kind: str, cuda: bool) -> str:
+    """``training.compile`` for the GRPO engine's stages, whose sampling decodes a token
+    at a time (``engines/grpo/policy.py``): on a GPU ``auto`` replays each decode step
+    from a CUDA graph (an HF model: its static cache), ``on`` compiles the step first
+    (about 20 s once, then faster rollouts), ``off`` launches every kernel as it comes."""
+    if not cuda or setting == "off" or STAGE_KINDS[kind].engine != "grpo":
+        return "eager"
+    return "compiled" if setting == "on" else "graphs"
+
+
 def default_precision(cuda: bool, bf16: bool) -> str:
     return "bf16" if cuda and bf16 else "fp32"
 
@@ -374,6 +385,7 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
         sharding=t.sharding or ("ddp" if world_size > 1 else "none"), offload=t.offload or "none",
         optimizer=t.optimizer or "adamw",
         compile=compiles(t.compile or "auto", stage.kind, cuda),
+        decode=decoding(t.compile or "auto", stage.kind, cuda),
         options=typed.engine, control=control,
         lora=lora, adapters_only=adapters_only(spec, stage),
         plateau=control.plateau,

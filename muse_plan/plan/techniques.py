@@ -24,11 +24,16 @@ __all__ = ["GrpoOptions", "SGrpoOptions", "TSpmoOptions", "RewardWeights", "Lora
            "GeometricScalingOptions", "GrowthOptions", "RkdoOptions", "Techniques", "TECHNIQUE_NAMES"]
 
 
+StreamDtype = Literal["float32", "bfloat16"]  # engines.architecture.config.STREAM_DTYPES
+
+
 class MhcOptions(Options):
     """mHC (DeepSeek 2025): n residual streams, H_res on the Birkhoff polytope."""
 
     streams: PositiveInt = Field(4, description="expansion rate n")
     sinkhorn_iters: PositiveInt = Field(20, description="Sinkhorn-Knopp iterations t_max")
+    stream_dtype: StreamDtype = Field("float32", description="the n-stream state between connections "
+                                                             "(bfloat16 halves its memory traffic)")
 
 
 class GeometricScalingOptions(Options):
@@ -36,6 +41,7 @@ class GeometricScalingOptions(Options):
 
     streams: PositiveInt = 4
     sinkhorn_iters: PositiveInt = 20
+    stream_dtype: StreamDtype = "float32"
     beta_max: float = Field(2.0, gt=0, le=2, description="upper end of the delta gate β ∈ [0, β_max]")
 
 

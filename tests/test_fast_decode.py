@@ -1,0 +1,241 @@
+"""The GRPO policy's static-shape decoding: it samples exactly what the per-token loop
+before it sampled (greedy and, from the same seed, at a temperature), every decode step
+runs the same ops on the same shapes and the same memory with no host sync (so a CUDA
+graph can hold it), and on CUDA the graph replays what the eager step computes, going
+back to eager when a capture fails."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from engines.architecture.config import ModelConfig
+from engines.architecture.model import DecoderLM, KVCache
+from engines.grpo.policy import Graphed, Policy, Rollout, _until_eos
+
+PAD, EOS = 258, 257
+PROMPTS = [[256, 5, 6, 7, 8, 9, 10], [256, 1], [256, 40, 41, 42]]  # left padding: different lengths
+
+
+def _model(n_kv_heads: int | None = None, residual: str = "standard", device: str = "cpu") -> DecoderLM:
+    """A tiny decoder with weights wide enough that greedy decoding doesn't repeat one token."""
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(vocab_size=260, n_layers=2, d_model=64, n_heads=4, n_kv_heads=n_kv_heads,
+                                  seq_len=48, residual=residual))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def reference_sample(model: DecoderLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                     temperature: float, eos: int = EOS) -> list[list[int]]:
+    """The sampler before the static decode step: one forward a token through the cache's
+    host-counted columns, ``torch.multinomial`` at a temperature."""
+    width, B, device = max(len(p) for p in prompts), len(prompts), model.tok_emb.weight.device
+    ids = torch.full((B, width), PAD, dtype=torch.long)
+    valid = torch.zeros(B, width, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], valid[i, width - len(p):] = torch.tensor(p), True
+    ids, valid = ids.to(device), valid.to(device)
+    cache = KVCache(model, B, width + max_new_tokens, valid)
+    logits, _ = model(ids, cache=cache)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out = torch.full((B, max_new_tokens), PAD, dtype=torch.long, device=device)
+    for t in range(max_new_tokens):
+        last = logits[:, -1].float()
+        token = last.argmax(-1) if temperature <= 0 else \
+            torch.multinomial(torch.softmax(last / temperature, dim=-1), 1).squeeze(-1)
+        token = torch.where(done, torch.full_like(token, PAD), token)
+        out[:, t] = token
+        done |= token == eos
+        if t % 8 == 7 and bool(done.all()):
+            break
+        cache.extend(torch.ones(B, 1, dtype=torch.bool, device=device))
+        logits, _ = model(token[:, None], cache=cache)
+    return [_until_eos(row, eos, PAD) for row in out.tolist()]
+
+
+def _recomputed_greedy(model: DecoderLM, prompt: list[int], completion: list[int]) -> list[int]:
+    """Greedy tokens for one unpadded row, the whole sequence recomputed each token (no cache)."""
+    ids, out = list(prompt), []
+    for _ in completion:
+        ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+        out.append(ids[-1])
+    return out
+
+
+@pytest.mark.parametrize("n_kv_heads,residual", [(None, "standard"), (2, "standard"), (1, "standard"), (2, "mhc")])
+def test_greedy_decoding_equals_the_per_token_loop_and_full_recomputation(n_kv_heads, residual):
+    model = _model(n_kv_heads, residual)
+    first = reference_sample(model, PROMPTS, 16, 0.0)
+    # an EOS the first row reaches early (its first token not seen before in the row)
+    at = next(i for i in range(2, 16) if first[0][i] not in first[0][:i])
+    eos = first[0][at]
+    new = Policy(model, PAD, eos).sample(PROMPTS, 16, temperature=0.0)
+    assert new == reference_sample(model, PROMPTS, 16, 0.0, eos)
+    assert len(new[0]) == at + 1 and new[0][-1] == eos
+    assert any(len(c) == 16 for c in new)  # another row runs to the limit past the first's end
+    for prompt, completion in zip(PROMPTS, new):
+        assert completion == _recomputed_greedy(model, prompt, completion)
+
+
+def test_sampling_draws_what_the_loop_drew_from_the_same_seed_and_differs_across_tokens_and_rows():
+    model, policy = _model(2), Policy(_model(2), PAD, EOS)
+    torch.manual_seed(7)
+    a = policy.sample(PROMPTS * 2, 20, temperature=1.0)
+    torch.manual_seed(7)
+    assert policy.sample(PROMPTS * 2, 20, temperature=1.0) == a
+    torch.manual_seed(7)
+    assert reference_sample(model, PROMPTS * 2, 20, 1.0) == a  # multinomial's draws, without its host sync
+    assert all(0 <= t < 260 for c in a for t in c)
+    assert len({tuple(c) for c in a}) == len(a)  # rows with the same prompt differ
+    assert all(len(set(c)) > len(c) // 2 for c in a)  # tokens within a row differ
+    torch.manual_seed(8)
+    assert policy.sample(PROMPTS * 2, 20, temperature=1.0) != a
+
+
+class _Recorded(TorchDispatchMode):
+    """Every op a block of code runs: its name, its tensors' shapes and its other arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, tuple[Any, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        leaves = tree_leaves((args, kwargs or {}))
+        self.ops.append((str(func), tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in leaves)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_every_decode_step_runs_the_same_ops_on_the_same_memory_without_a_host_sync():
+    model = _model(2)
+    ids = torch.tensor([[PAD, PAD, 256, 1], [256, 5, 6, 7]])
+    cache = KVCache(model, 2, 4 + 6, ids != PAD)
+    with torch.no_grad():
+        logits, _ = model(ids, cache=cache)
+        cache.decode_on_device()
+        rollout = Rollout(model, cache, 6, 1.0, PAD, EOS)
+        rollout.take(logits)
+        state = [rollout.token, rollout.done, rollout.out, rollout.column, cache.position, cache.valid,
+                 *(t for layer in cache.layers for t in (layer.k, layer.v))]
+        before = [(t.data_ptr(), t.shape) for t in state]
+        steps = []
+        for _ in range(5):
+            with _Recorded() as recorded:
+                rollout.step()
+            steps.append(recorded.ops)
+    assert all(ops == steps[0] for ops in steps)  # shapes and scalar arguments alike: the position isn't one
+    assert not any("_local_scalar_dense" in name or "item" in name for name, _ in steps[0])
+    assert [(t.data_ptr(), t.shape) for t in state] == before
+    assert int(cache.position) == 4 + 5 and int(rollout.column) == 6 and cache.pos == 4
+    assert bool(cache.valid[:, 4:9].all()) and not bool(cache.valid[:, 9:].any())
+
+
+@pytest.mark.parametrize("decode,graphs,compiled", [("graphs", True, False), ("eager", False, False),
+                                                    ("compiled", True, True)])
+def test_the_decode_setting_picks_how_decode_steps_run(decode, graphs, compiled):
+    policy = Policy(_model(), PAD, EOS, decode=decode)
+    assert (policy.graphs, policy.compile) == (graphs, compiled)
+    assert policy.sample(PROMPTS, 8, 0.0) == reference_sample(policy.model, PROMPTS, 8, 0.0)  # on CPU: eager
+    assert policy.sample([[256] * 48], 8, 0.0) == [[]]  # a prompt that fills the context: nothing to sample
+    with pytest.raises(ValueError, match="decode 'fast': one of eager, graphs, compiled"):
+        Policy(_model(), PAD, EOS, decode="fast")
+
+
+def test_training_compile_decides_how_a_sampling_stage_decodes():
+    from muse_plan.executor.settings import decoding
+
+    assert [decoding(c, "reasoning_rl", cuda=True) for c in ("auto", "on", "off")] == ["graphs", "compiled", "eager"]
+    assert decoding("on", "reasoning_rl", cuda=False) == "eager"  # graphs need CUDA
+    assert decoding("on", "pretrain", cuda=True) == "eager"  # no sampling there
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_on_cuda_the_graph_replays_what_the_eager_step_computes(monkeypatch, temperature):
+    model = _model(2, device="cuda")
+    captured = []
+    monkeypatch.setattr(Graphed, "_capture", lambda self, capture=Graphed._capture: (capture(self),
+                                                                                       captured.append(self.graph)))
+    outs = {}
+    for graphs in (True, False):
+        policy = Policy(model, PAD, EOS)
+        policy.graphs = graphs
+        torch.manual_seed(3)
+        outs[graphs] = policy.sample(PROMPTS * 4, 24, temperature)
+        assert policy.take_notes() == []
+    assert len(captured) == 1 and captured[0] is not None
+    assert outs[True] == outs[False]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert len(Policy(model, PAD, EOS).sample(PROMPTS, 24, temperature)) == len(PROMPTS)
+
+
+@cuda
+def test_on_cuda_a_capture_that_fails_goes_on_eagerly_and_says_so(monkeypatch):
+    model = _model(2, device="cuda")
+    eager = Policy(model, PAD, EOS)
+    eager.graphs = False
+    expected = eager.sample(PROMPTS, 24, 0.0)
+    step = Rollout.step
+
+    def syncing(self: Rollout) -> None:  # a host sync: what a graph can't capture
+        step(self)
+        bool(self.done.any())
+
+    monkeypatch.setattr(Rollout, "step", syncing)
+    policy = Policy(model, PAD, EOS)
+    assert policy.sample(PROMPTS, 24, 0.0) == expected
+    [note] = policy.take_notes()
+    assert not policy.graphs and note.startswith("capturing the decode step in a CUDA graph failed (")
+    assert note.endswith("); decoding runs eagerly for the rest of the stage")
+    assert policy.sample(PROMPTS, 24, 0.0) == expected
+
+
+@cuda
+def test_on_cuda_the_compiled_step_decodes_greedy_as_the_eager_one_and_a_failed_compile_keeps_the_graph(monkeypatch):
+    model = _model(2, device="cuda")
+    eager = Policy(model, PAD, EOS)
+    eager.graphs = False
+    expected = eager.sample(PROMPTS * 4, 24, 0.0)
+    assert Policy(model, PAD, EOS, decode="compiled").sample(PROMPTS * 4, 24, 0.0) == expected
+    monkeypatch.setattr("engines.grpo.policy._compiled_step", lambda: lambda rollout: 1 / 0)
+    policy = Policy(model, PAD, EOS, decode="compiled")
+    assert policy.sample(PROMPTS, 24, 0.0) == expected[:len(PROMPTS)]
+    assert (policy.graphs, policy.compile) == (True, False)
+    assert policy.take_notes() == ["the compiled decode step failed (ZeroDivisionError: division by zero); decode "
+                                   "steps are captured uncompiled for the rest of the stage"]
+
+
+def test_groups_with_equally_long_prompts_share_a_forward_and_get_what_each_would_alone():
+    from types import SimpleNamespace
+
+    from engines.grpo.rl import Group, ReinforcementLearning
+
+    model = _model()
+    policy = Policy(model, PAD, EOS, decode="eager")
+    make = lambda prompt, completions: Group(prompt, completions, torch.zeros(len(completions)), 0.0)  # noqa: E731
+    groups = [make([256, 5, 6], [[7, 8, EOS], [9]]), make([256, 1, 2, 3, 4], [[5, 6]]),
+              make([256, 9, 9], [[1, 2, 3, 4, 5, EOS], [6, EOS]])]  # the first and the last share a length
+    rl = SimpleNamespace(t=SimpleNamespace(policy=policy, pad_id=PAD, device=torch.device("cpu"), model=model))
+    calls = []
+    forward = model.forward
+    model.forward = lambda *a, **k: calls.append(a[0].shape) or forward(*a, **k)
+    together = ReinforcementLearning.logprobs(rl, groups)
+    some = ReinforcementLearning.logprobs(rl, groups, rows=[[1], None, [0]])
+    model.forward = forward
+    assert calls[:2] == [torch.Size([4, 8]), torch.Size([1, 6])]  # 2 + 2 rows, padded to the longest
+    for g, logp, rows, part in zip(groups, together, ([1], None, [0]), some):
+        alone = policy.token_logprobs(g.ids(PAD, torch.device("cpu")), len(g.prompt))
+        assert logp.shape == alone.shape and torch.allclose(logp, alone, atol=1e-5)
+        expected = alone[rows] if rows else alone
+        assert torch.allclose(part, expected[:, : part.size(1)], atol=1e-5)  # as wide as the rows asked for
