@@ -69,6 +69,33 @@ def roundtrip(state: dict) -> dict:
     return torch.load(buffer, weights_only=True)
 
 
+# ---- the fused AdamW with the clipping in its kernel ------------------------------------------
+
+@pytest.mark.parametrize("clip", [0.05, 1e6])  # clipping every step; never clipping
+def test_clipping_folded_into_the_fused_adamw_equals_clipping_then_stepping(clip) -> None:
+    from muse_plan.executor.optimizers import clip_grad_norm
+
+    accelerator = Accelerator(cpu=True)
+    plain, folded = tiny(), tiny()
+    opt_plain = adamw(plain)
+    opt_folded = torch.optim.AdamW(param_groups(folded, 0.1), lr=0.01, betas=BETAS, eps=EPS, fused=True)
+    for i in range(6):
+        x = torch.randn(5, 6, generator=torch.Generator().manual_seed(i))
+        norms = []
+        for model, opt in ((plain, opt_plain), (folded, opt_folded)):
+            opt.zero_grad(set_to_none=True)
+            model(x).pow(2).mean().mul(40).backward()
+            if opt is opt_plain:
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            else:
+                norms.append(clip_grad_norm(accelerator, model, opt, clip))
+            opt.step()
+        assert norms[1].item() == pytest.approx(norms[0].item(), rel=1e-6)  # the norm before clipping
+        assert (norms[0].item() > clip) == (clip < 1)
+    assert 0 < largest_gap(tiny(), folded)
+    assert largest_gap(plain, folded) < 1e-6
+
+
 # ---- offload: optimizer ---------------------------------------------------------------------
 
 def test_host_adamw_gives_torch_adamws_updates() -> None:

@@ -75,7 +75,9 @@ def test_ddp_comm_volume_on_a_hand_example():
     assert tp.comm_bytes(cfg.with_(world_size=1)) == (0, 0)
 
 
-def test_two_h200s_reproduce_the_measured_1_83x():
+def test_two_h200s_reproduce_the_measured_1_83x(monkeypatch):
+    # measured when the executor stepped a multi-tensor AdamW after a clipping pass: priced as such
+    monkeypatch.setattr(tp, "FUSED_OPTIMIZER_BYTES_PER_PARAM", tp.OPTIMIZER_BYTES_PER_PARAM)
     one = tp.step_time(TrainConfig(BENCH_85M, micro_batch=16, grad_accum=2), H200)
     two = tp.step_time(TrainConfig(BENCH_85M, micro_batch=16, world_size=2), H200)
     assert one.tokens_per_s == pytest.approx(261_566, rel=0.05)  # docs/bench_multi_gpu.md, 1 GPU

@@ -192,7 +192,8 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
     if s.compile:  # the blocks under torch.compile, in place (executor/compiled.py)
         from muse_plan.store.db import muse_home
 
-        compiled = compile_blocks(accelerator.unwrap_model(model), muse_home() / "cache" / "inductor")
+        compiled = compile_blocks(accelerator.unwrap_model(model), muse_home() / "cache" / "inductor",
+                                  head=not optimizers.is_fsdp(accelerator))
     # growth with optimizer_state: mapped (executor/grow.py): the stage starts from the moments
     # carried through the growth operator, not an empty state (its own lr and decay, set there)
     if initial_optimizer_state is not None and start is None:
@@ -240,7 +241,7 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
         loss = accelerator.reduce(loss, "mean")
         if not lag:
             _check_finite(loss, step + 1)  # before the optimizer touches the weights
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+        grad_norm = optimizers.clip_grad_norm(accelerator, model, optimizer, clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
         optimizer.step()
         scheduler.step()
@@ -282,7 +283,7 @@ def _compile_note(compiled: Compiled, failed: str | None, step: int, hooks: Hook
     if failed:
         hooks.on_notes(step, [f"torch.compile failed ({failed}); the stage trains eager from here"], "warning")
     elif compiled.active:
-        hooks.on_notes(step, [f"compiled {len(compiled.modules)} blocks ({compiled.backend}): the first step took "
+        hooks.on_notes(step, [f"compiled {compiled.describe()} ({compiled.backend}): the first step took "
                               f"{compiled.first_step_s:.1f} s with compilation"], "info")
 
 

@@ -6,7 +6,8 @@ adamw_8bit`` is bitsandbytes' paged 8-bit AdamW on the device, with the same
 groups, on a GPU):
 
 - ``offload: none``, ``sharding: none | ddp``: ``torch.optim.AdamW`` on the
-  device.
+  device (its fused kernel on a GPU, the gradient clipping folded into it:
+  ``clip_grad_norm``).
 - ``offload: optimizer``: ``HostAdamW`` (ZeRO-Offload, Ren et al. 2021, without
   the sharding): the two moments and an fp32 master copy of every trainable
   parameter live in host RAM (pinned when CUDA is there), with a host buffer
@@ -48,6 +49,7 @@ process.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
@@ -68,8 +70,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def make_optimizer(model: torch.nn.Module, s: StageSettings, *, shard: bool = False) -> torch.optim.Optimizer:
-    """The bare optimizer for ``s`` (``shard``: across the initialised process group)."""
+def make_optimizer(model: torch.nn.Module, s: StageSettings, *, shard: bool = False,
+                   fused: bool = True) -> torch.optim.Optimizer:
+    """The bare optimizer for ``s`` (``shard``: across the initialised process group).
+
+    On a GPU, AdamW runs as torch's fused kernel (one pass over weights, gradients
+    and moments) unless ``fused`` is off (FSDP, whose sharded parameters it is not
+    built for): the default multi-tensor one took 10 ms of a 112 ms step of the
+    350M decoder on an H100, the fused one a third of that (scripts/profile_plan_run.py).
+    """
     groups = param_groups(model, s.weight_decay)
     if s.optimizer == "adamw_8bit":  # its two moments in 8 bits, paged to host RAM under memory pressure
         import bitsandbytes as bnb
@@ -81,7 +90,32 @@ def make_optimizer(model: torch.nn.Module, s: StageSettings, *, shard: bool = Fa
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=s.lr, betas=BETAS, eps=EPS)
-    return torch.optim.AdamW(groups, lr=s.lr, betas=BETAS, eps=EPS)
+    params = [p for group in groups for p in group["params"]]
+    fused = fused and bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=s.lr, betas=BETAS, eps=EPS, **({"fused": True} if fused else {}))
+
+
+def clip_grad_norm(accelerator: Any, model: Any, optimizer: Any, clip: float) -> torch.Tensor:
+    """The gradients' total norm before clipping, their clipping to ``clip`` arranged.
+
+    Under a fused AdamW on one process or DDP (no loss scaler), the clipping
+    rides in the optimizer's own kernel as its ``grad_scale`` (the gradients are
+    divided by max(1, norm/clip) as they are read), instead of a separate pass
+    that reads and writes every gradient: 3 ms of a 112 ms step of the 350M
+    decoder on an H100. Elsewhere Accelerate's ``clip_grad_norm_``, which
+    knows FSDP's and ZeRO's layouts.
+    """
+    inner = _inner(optimizer)
+    folds = (isinstance(inner, torch.optim.AdamW) and inner.defaults.get("fused")
+             and accelerator.scaler is None and not is_fsdp(accelerator)
+             and hasattr(torch.nn.utils, "get_total_norm"))
+    if not folds:
+        return accelerator.clip_grad_norm_(model.parameters(), clip)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    # torch.nn.utils.clip_grad_norm_'s coefficient, min(1, clip/(norm + 1e-6)), as a divisor
+    inner.grad_scale = torch.clamp((norm + 1e-6) / clip, min=1.0).float() if math.isfinite(clip) else None
+    return norm
 
 
 def is_fsdp(accelerator: Any) -> bool:
@@ -102,9 +136,10 @@ def prepare(accelerator: Any, model: torch.nn.Module, s: StageSettings) -> tuple
         optimizer = make_optimizer(accelerator.unwrap_model(model), s, shard=True)
         # device_placement would round-trip an unconsolidated state_dict(), which ZeRO refuses
         return model, accelerator.prepare_optimizer(optimizer, device_placement=False)
-    if is_fsdp(accelerator):
+    fsdp = is_fsdp(accelerator)
+    if fsdp:
         accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = block_class_names(model)
-    return accelerator.prepare(model, make_optimizer(model, s))
+    return accelerator.prepare(model, make_optimizer(model, s, fused=not fsdp))
 
 
 def block_class_names(model: torch.nn.Module) -> list[str]:

@@ -67,11 +67,24 @@ and every constant below that it re-derives within 11% of its value here.
   ``muse plan run`` on an H100, standard compiled 146,978 tok/s (50.5% MFU of
   the measured bf16 matmul rate) against 75,138 eager; the traffic is that
   step less the matmul term and the optimizer step (the eager row gives 1204
-  by the same sum, the table's 1420 within 15%). One size, one GPU: the
-  compiled term's extrapolation to other widths is this one point's. The
-  host floor is left at eager's (conservative for small compiled models).
-- OPTIMIZER_BYTES_PER_PARAM 120: clipping plus foreach AdamW (the executor's)
-  make ~12 passes over fp32 tensors; fitted to the H200 rows' optimizer timings
+  by the same sum, the table's 1420 within 15%). Since the executor compiles the loss
+  head and fuses AdamW, standard compiled measured 160,134 tok/s through
+  ``muse plan run`` on an H100 (56.7% MFU; ``scripts/bench_architecture.py
+  --modes eager,compile,plan-run``); the model predicts 151,554 (0.95): that
+  row's micro-step is priced at the host floor (4.15 ms a layer, 100 ms),
+  above its compute term, so the traffic constant was not refitted. The
+  modes' compiled step costs are still the ratios measured before that change.
+  One size, one GPU: the compiled term's extrapolation to other widths is this
+  one point's. The host floor is left at eager's (conservative for small
+  compiled models).
+- FUSED_OPTIMIZER_BYTES_PER_PARAM 50: the executor's optimizer on one GPU or
+  under DDP since it runs torch's fused AdamW with the clipping folded into its
+  kernel: the 350M decoder's profile through ``muse plan run`` on an H100
+  (scripts/profile_plan_run.py) has 4.1 ms of fused AdamW and ~1 ms of norm
+  a step for 336M parameters, i.e. 51 B a parameter at 3.35 TB/s.
+- OPTIMIZER_BYTES_PER_PARAM 120: clipping plus foreach AdamW (the executor's
+  under ZeRO-1 on several processes and FSDP) make ~12 passes over fp32
+  tensors; fitted to the H200 rows' optimizer timings
   (2.0 ms at 85M from accumulation 1/2/4; 34 ms at 1.28B, 69 ms at 2.6B). The
   bench times clip + AdamW alone: 9.1, 19.1 and 32.8 ms at 336M, 729M and
   1.28B, i.e. 126 B a parameter (+5%).
@@ -156,6 +169,7 @@ FP32_TRAFFIC = 1.5  # assumed: fp32 moves more, though autocast keeps much traff
 EXECUTOR_OVERHEAD = 1.035
 HOST_S_PER_LAYER = 4.15e-3  # a micro-step's forward + backward, eager
 OPTIMIZER_BYTES_PER_PARAM = 120
+FUSED_OPTIMIZER_BYTES_PER_PARAM = 50  # torch's fused AdamW with the clipping folded in (executor/optimizers.py)
 
 # each residual mode's measured step-time factor against standard: its record's step_cost (modes.py)
 RESIDUAL_SLOWDOWN = {name: m.step_cost_gpu for name, m in RESIDUAL_MODES.items()}
@@ -260,6 +274,15 @@ def _gpu_s_per_token(cfg: TrainConfig, gpu: GpuKind) -> float:
                + traffic * c.n_layers * c.d_model / (gpu.memory_bandwidth_gbs * GIGA))
     slowdown = (COMPILED_RESIDUAL_SLOWDOWN if cfg.compiled else RESIDUAL_SLOWDOWN)[c.residual]
     return seconds * _time_scale(cfg) * slowdown * EXECUTOR_OVERHEAD
+
+
+def optimizer_bytes_per_param(cfg: TrainConfig) -> float:
+    """Memory traffic of one optimizer step a parameter on a GPU: the executor's fused
+    AdamW where it runs one (one process or DDP, ZeRO-1 on one process), else the
+    multi-tensor AdamW after a separate clipping pass (ZeRO, FSDP)."""
+    fused = cfg.optimizer == "adamw" and (cfg.sharding in ("none", "ddp")
+                                         or (cfg.sharding == "zero1" and cfg.world_size == 1))
+    return FUSED_OPTIMIZER_BYTES_PER_PARAM if fused else OPTIMIZER_BYTES_PER_PARAM
 
 
 def _host_floor(c: ModelConfig, compiled: bool = False) -> float:
@@ -403,7 +426,7 @@ def step_time(cfg: TrainConfig, gpu: GpuKind | None, *, cpu_cores: int | None = 
         if cfg.sharding in ("zero1", "zero2", "zero3", "fsdp"):
             stepped /= cfg.world_size
         optimizer = 0.0 if cfg.offload != "none" else (
-            OPTIMIZER_BYTES_PER_PARAM * stepped / (gpu.memory_bandwidth_gbs * GIGA))
+            optimizer_bytes_per_param(cfg) * stepped / (gpu.memory_bandwidth_gbs * GIGA))
     compute = cfg.grad_accum * micro
     recompute = compute * recompute_flops(cfg) / train_flops(cfg)
     grads, gathers = comm_bytes(cfg)

@@ -1,0 +1,107 @@
+"""Where a step of ``muse plan run`` spends its time: the executor's loop under torch.profiler.
+
+Runs one of ``bench_plan_run.py``'s plans with the CLI in this process (``muse plan
+import`` + ``muse plan run``, as a user runs them) and profiles ``--active`` steps
+after ``--wait`` steps, by wrapping the loop's per-step function. Reports the wall
+time of a step, how much of it the GPU was busy (sum of kernel times), the kernels
+that take the most time, and the host-side operations that block (synchronisations,
+copies) — what separates the loop from a hand-built one.
+
+    PYTHONPATH=. python3 scripts/profile_plan_run.py --residual standard --compile on --out /tmp/prof
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--residual", default="standard")
+    p.add_argument("--compile", default="on")
+    p.add_argument("--wait", type=int, default=12, help="steps before profiling (compile, warm-up)")
+    p.add_argument("--active", type=int, default=5, help="steps profiled")
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("/tmp/profile_plan_run"))
+    args = p.parse_args()
+
+    import torch
+    import yaml
+    from bench_plan_run import SHAPE, TINY_SHAPE, plan
+
+    home = Path(tempfile.mkdtemp(prefix="muse-profile-"))
+    os.environ["MUSE_HOME"] = str(home)
+    cuda = torch.cuda.is_available() and not args.tiny
+    steps = args.wait + args.active + 2
+    data = plan(f"profile-{args.residual}", args.residual, args.compile, TINY_SHAPE if args.tiny else SHAPE,
+                64 if args.tiny else 2048, 2 if args.tiny else 8, steps, "bf16" if cuda else "fp32",
+                "1xH100-80GB" if cuda else "cpu")
+    path = home / "plan.yaml"
+    path.write_text(yaml.safe_dump(data))
+
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from muse_plan.executor import loop
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    prof = profile(activities=activities, schedule=schedule(wait=args.wait, warmup=1, active=args.active, repeat=1))
+    stamps: list[float] = []
+    accumulate = loop._accumulate
+
+    def profiled(*a, **k):  # type: ignore[no-untyped-def]
+        stamps.append(time.perf_counter())
+        prof.step()
+        return accumulate(*a, **k)
+
+    loop._accumulate = profiled
+    from muse_plan.cli.main import app
+
+    for argv in (["plan", "import", str(path)], ["plan", "run", data["name"], "--no-probe", "--force"]):
+        try:
+            prof.start() if argv[1] == "run" else None
+            app(argv, standalone_mode=False)
+        finally:
+            if argv[1] == "run":
+                prof.stop()
+    first = args.wait + 1  # the warm-up step's start, then ``active`` profiled steps
+    walls = [b - a for a, b in zip(stamps[first:first + args.active], stamps[first + 1:first + args.active + 1])]
+    events = prof.key_averages()
+    device_key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    kernels = sorted(events, key=lambda e: getattr(e, device_key, 0), reverse=True)
+    busy_us = sum(getattr(e, "self_device_time_total", 0) for e in events) if cuda else 0.0
+    step_ms = 1e3 * sum(walls) / max(len(walls), 1)
+    blocking = [e for e in events if any(s in e.key for s in ("Synchronize", "cudaMemcpy", "item", "_local_scalar"))]
+    report = {
+        "step_wall_ms": step_ms,
+        "gpu_busy_ms_per_step": busy_us / 1e3 / args.active,
+        "top": [{"name": e.key[:90], "ms_per_step": getattr(e, device_key, 0) / 1e3 / args.active,
+                 "calls_per_step": e.count / args.active} for e in kernels[:25]],
+        "blocking_host": [{"name": e.key[:90], "host_ms_per_step": e.cpu_time_total / 1e3 / args.active,
+                           "calls_per_step": e.count / args.active} for e in blocking],
+        "host_top": [{"name": e.key[:90], "host_self_ms_per_step": e.self_cpu_time_total / 1e3 / args.active}
+                     for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"profile_{args.residual}_{args.compile}"
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    prof.export_chrome_trace(str(args.out / f"{name}.trace.json"))
+    print(f"step {step_ms:.1f} ms wall; GPU busy {report['gpu_busy_ms_per_step']:.1f} ms a step")
+    for row in report["top"][:15]:
+        print(f"  {row['ms_per_step']:8.2f} ms  x{row['calls_per_step']:.0f}  {row['name']}")
+    print("blocking host calls:")
+    for row in report["blocking_host"]:
+        print(f"  {row['host_ms_per_step']:8.2f} ms  x{row['calls_per_step']:.1f}  {row['name']}")
+
+
+if __name__ == "__main__":
+    main()
