@@ -214,3 +214,12 @@ def test_bad_stream_dtype_names_the_accepted_ones() -> None:
     with pytest.raises(PlanError, match=r"^t: techniques\.mhc\.stream_dtype: Input should be 'float32' or "
                                         r"'bfloat16' \(got 'float16'\)$"):
         spec_from_dict(plan, "t")
+
+
+def test_a_bad_fused_streams_switch_stops_muse_plan_run_in_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "MUSE_FUSED_STREAMS": "yes", "MUSE_HOME": str(tmp_path),
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, "-m", "muse_plan", "plan", "run", "anything"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["error: MUSE_FUSED_STREAMS='yes'; accepted: 0, eager, 1"]

@@ -20,15 +20,17 @@ def execute(ctx: typer.Context, plan_ref: str, *, resume: bool, run_ref: str | N
     """Run or resume a plan here, or on N GPUs through ``accelerate launch``."""
     from muse_plan.executor import launch
 
-    db_url = ctx.find_root().obj.get("db_url")
-    if inject:
-        from muse_plan.errors import PlanError
-        from muse_plan.executor.loop import Injector
+    from muse_plan.errors import PlanError
 
-        try:
+    db_url = ctx.find_root().obj.get("db_url")
+    try:
+        from engines.architecture import fused_streams  # noqa: F401 - it reads MUSE_FUSED_STREAMS
+        if inject:
+            from muse_plan.executor.loop import Injector
+
             Injector(inject)
-        except ValueError as exc:
-            raise PlanError(str(exc)) from None
+    except ValueError as exc:  # a bad --inject or MUSE_FUSED_STREAMS: one line, before anything runs
+        raise PlanError(str(exc)) from None
     if alert_thresholds and not launch.launched():
         from muse_plan import api
 
