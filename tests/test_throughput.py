@@ -204,3 +204,27 @@ def test_importing_the_model_does_not_import_torch():
     code = "import sys, muse_plan.optimizer.throughput; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_rollouts_from_a_cuda_graph_are_priced_at_the_measured_share_of_the_launch_floor():
+    small = ModelConfig(vocab_size=260, seq_len=176, n_layers=12, d_model=512, n_heads=8)  # launch-bound
+    times = {}
+    for decode in ("eager", "graphs", "compiled"):
+        gen = GenerationConfig(prompts=16, group_size=8, prompt_tokens=64, completion_tokens=112,
+                               reference_model=False, decode=decode)
+        times[decode] = tp.generation_seconds(TrainConfig(small, micro_batch=128, generation=gen), H100, 0.0)
+    prefill = tp._host_floor(small) / 3  # the prompt's forward is not replayed
+    decode_steps = {k: (v - prefill) / 112 for k, v in times.items()}
+    assert decode_steps["graphs"] / decode_steps["eager"] == pytest.approx(0.234)
+    assert decode_steps["compiled"] / decode_steps["eager"] == pytest.approx(0.165)
+    from muse_plan.executor.settings import resolve, train_config
+    from muse_plan.plan.io import spec_from_dict
+
+    for compile_, expected in (("auto", "graphs"), ("on", "compiled"), ("off", "eager")):  # the plan decides
+        spec = spec_from_dict({
+            "name": "rl", "model": {"scale": "1M", "seq_len": 256, "vocab_size": 260,
+                                    "shape": {"layers": 2, "d_model": 32, "n_heads": 2}},
+            "training": {"compile": compile_},
+            "stages": [{"name": "rl", "kind": "reasoning_rl", "steps": 10}]}, "test")
+        settings = resolve(spec, spec.stages[0], cuda=True, bf16=True)
+        assert train_config(settings).generation.decode == expected

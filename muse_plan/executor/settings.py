@@ -414,7 +414,8 @@ def train_config(s: StageSettings) -> TrainConfig | None:
             if getattr(o, "replay", False) else s.micro_batch
         reference = kind.kl_reference and getattr(o, "kl_beta", 0.0) > 0
         generation = GenerationConfig(prompts=prompts, group_size=group, prompt_tokens=PROMPT_TOKENS,
-                                      completion_tokens=o.max_new_tokens, reference_model=reference)
+                                      completion_tokens=o.max_new_tokens, reference_model=reference,
+                                      decode=s.decode)
         model = replace(model, seq_len=PROMPT_TOKENS + o.max_new_tokens)
         micro = prompts * group  # every completion of every group trains in one micro-step
     return TrainConfig(model=model, micro_batch=micro, grad_accum=s.grad_accum, world_size=s.world_size,

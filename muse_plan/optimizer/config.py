@@ -43,6 +43,7 @@ class GenerationConfig:
     prompt_tokens: int = 128
     completion_tokens: int = 300
     reference_model: bool = True  # a frozen copy for the KL term
+    decode: str = "eager"  # eager | graphs | compiled: how decode steps run (executor/settings.decoding)
 
 
 @dataclass(frozen=True)

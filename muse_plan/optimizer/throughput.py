@@ -135,6 +135,10 @@ for the whole batch, memory-bound: one read of the weights (compute dtype, NF4
 under QLoRA) plus the batch's KV cache at its mean length, over bandwidth x
 DECODE_BANDWIDTH_EFFICIENCY (0.7, assumed), or the batch's FLOPs, or the host
 floor of a forward (HOST_S_PER_LAYER/3 a layer, assumed), whichever is slowest;
+a decode step replayed from a CUDA graph or compiled first (``GenerationConfig.decode``,
+from ``training.compile``) has DECODE_FLOOR of that floor: ``Policy.sample`` of
+the 38.7M decoder on an H100, 128 rows, measured 9.41 ms a decode step eager,
+2.20 replayed (0.234) and 1.55 compiled (0.165) (docs/bench_grpo.md);
 and the reference model's forward over every sampled token when it is kept.
 
 LoRA: the frozen base still runs forward and passes activation gradients down
@@ -188,6 +192,8 @@ DEFAULT_NETWORK_GBPS = 100.0  # assumed where a plan spans hosts and names no ne
 PCIE_GBS = 25.0
 CPU_ADAM_S_PER_PARAM = 4e-9
 DECODE_BANDWIDTH_EFFICIENCY = 0.7
+# a decode step's launch floor against eager's, by how the step runs (GenerationConfig.decode)
+DECODE_FLOOR = {"eager": 1.0, "graphs": 0.234, "compiled": 0.165}
 QLORA_SLOWDOWN = 1.3
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -383,7 +389,7 @@ def generation_seconds(cfg: TrainConfig, gpu: GpuKind | None, fwd_s_per_token: f
     else:
         bandwidth = gpu.memory_bandwidth_gbs * GIGA * DECODE_BANDWIDTH_EFFICIENCY
         floor = _host_floor(c) / 3
-    decode_step = max(read / bandwidth, batch * fwd_s_per_token, floor)
+    decode_step = max(read / bandwidth, batch * fwd_s_per_token, floor * DECODE_FLOOR[g.decode])
     prefill = max(batch * g.prompt_tokens * fwd_s_per_token, floor)
     sampled = batch * (g.prompt_tokens + g.completion_tokens)
     reference = max(sampled * fwd_s_per_token, floor) if g.reference_model else 0.0
