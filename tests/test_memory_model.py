@@ -478,3 +478,14 @@ def test_memory_model_imports_without_torch():
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "none"
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "full"])
+@pytest.mark.parametrize("residual", ["mhc", "mgt"])
+def test_a_bf16_stream_state_is_priced_as_autograd_saves_it(checkpointing, residual):
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(residual=residual, stream_dtype="bfloat16", **SHAPES["mha"]))
+    model.set_checkpointing(checkpointing)
+    measured = measured_activations(model, MICRO, "bf16")
+    predicted = activation_bytes(model.config, MICRO, "bf16", checkpointing, device="cpu")
+    assert predicted == pytest.approx(measured, rel=0.05)

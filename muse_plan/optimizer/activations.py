@@ -161,7 +161,9 @@ def activation_detail(model: ModelConfig, micro_batch: int, precision: str, chec
     detail = {"tokens": 2 * INT64 * tokens + FP32, "head": _head(c, nm) * tokens,  # + nll's total weight
               "weight_casts": nm.cast(matmul_weight_elements(c))}
     if checkpointing == "full":
-        block_input = c.n_streams * c.d_model * FP32
+        # the checkpoint keeps each block's input: the n-stream state in its own dtype
+        state_bytes = 2 if c.n_streams > 1 and c.stream_dtype == "bfloat16" else FP32
+        block_input = c.n_streams * c.d_model * state_bytes
         detail["streams"] = c.n_layers * block_input * tokens
         # one block recomputed in backward: all it saves but its input, which the checkpoint holds
         first_stream = RESIDUAL_ACTIVATIONS[c.residual](c, nm).stream
