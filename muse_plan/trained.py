@@ -127,8 +127,9 @@ class Trained:
         if not seq:
             seq = list(self.prefix) or [self.eos_id]  # nothing to continue: start where a text starts
         step = _Stepper(self, len(seq) + max_tokens)
+        vocab = getattr(self.tokenizer, "vocab_size", None)  # a padded vocabulary's extra rows: never drawn
         for _ in range(max_tokens):
-            token = _pick(step(seq), temperature, top_p, generator)
+            token = _pick(step(seq)[:vocab], temperature, top_p, generator)
             seq.append(token)
             yield token
             if token == self.eos_id:

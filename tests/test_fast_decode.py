@@ -239,3 +239,25 @@ def test_groups_with_equally_long_prompts_share_a_forward_and_get_what_each_woul
         assert logp.shape == alone.shape and torch.allclose(logp, alone, atol=1e-5)
         expected = alone[rows] if rows else alone
         assert torch.allclose(part, expected[:, : part.size(1)], atol=1e-5)  # as wide as the rows asked for
+
+
+@pytest.mark.parametrize("family", ["decoder", "hf"])
+def test_sampling_never_draws_an_id_past_the_tokenizers_vocabulary(family):
+    """A model's rows past its tokenizer's (a padded vocabulary) are never sampled, even
+    when they would win: the tokenizer could not decode them."""
+    torch.manual_seed(0)
+    if family == "decoder":
+        model = DecoderLM(ModelConfig(vocab_size=320, n_layers=1, d_model=32, n_heads=2, seq_len=48)).eval()
+    else:
+        transformers = pytest.importorskip("transformers")
+        config = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+        model = transformers.LlamaForCausalLM(config).eval()
+    head = model.lm_head if family == "decoder" else model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight[260:] *= 40  # the padded rows dominate the logits
+    unlimited = Policy(model, PAD, EOS, decode="eager").sample(PROMPTS, 6, 1.0)
+    assert any(t >= 260 for row in unlimited for t in row)  # they would be drawn
+    for temperature in (0.0, 1.0):
+        limited = Policy(model, PAD, EOS, decode="eager", vocab=260).sample(PROMPTS, 6, temperature)
+        assert all(row and max(row) < 260 for row in limited)

@@ -115,7 +115,9 @@ class HFTokenizer:
         self._fast: Any = RawTokenizer.from_file(str(tokenizer_json))
         self._auto: Any = None
         self.fingerprint = "hf-" + hashlib.sha256(tokenizer_json.read_bytes()).hexdigest()[:32]
-        self.vocab_size = int(self._fast.get_vocab_size(with_added_tokens=True))
+        # ids run to the highest one, which a vocabulary with holes puts past the count
+        self.vocab_size = max(int(self._fast.get_vocab_size(with_added_tokens=True)),
+                              1 + max(self._fast.get_vocab(with_added_tokens=True).values(), default=-1))
         eos = self._find_special("eos_token", _EOS_NAMES)
         if eos is None:
             raise ValueError(
@@ -150,7 +152,7 @@ class HFTokenizer:
         files = sorted(p for p in self.directory.iterdir() if p.is_file())
         stamp = json.dumps([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
         self.fingerprint = "hf-" + hashlib.sha256(stamp.encode()).hexdigest()[:32]
-        self.vocab_size = len(self._auto)
+        self.vocab_size = max(len(self._auto), 1 + max(self._auto.get_vocab().values(), default=-1))
         if self._auto.eos_token_id is None:
             raise ValueError(f"tokenizer directory '{self.directory}' has no EOS token (eos_token is unset)")
         self.eos_id = int(self._auto.eos_token_id)

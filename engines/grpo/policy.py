@@ -140,8 +140,11 @@ class Policy:
     """
 
     def __init__(self, model: nn.Module, pad_id: int, eos_id: int, peft: Any = None,
-                 frozen_dtype: torch.dtype = torch.float32, decode: str = "graphs") -> None:
+                 frozen_dtype: torch.dtype = torch.float32, decode: str = "graphs", vocab: int | None = None) -> None:
         self.model, self.pad_id, self.eos_id, self.peft = model, pad_id, eos_id, peft
+        # ids the tokenizer can decode: a model's vocabulary is often padded past its tokenizer's
+        # (Qwen2: 151,936 rows for 151,665 tokens), and sampling never draws the rest
+        self.vocab = vocab
         self.reference: nn.Module | None = None  # frozen copy, full fine-tuning only
         self.frozen_dtype = frozen_dtype  # the reference copy's
         if decode not in DECODES:
@@ -227,7 +230,7 @@ class Policy:
         cache = KVCache(self.model, B, width + max_new_tokens, valid)
         logits, _ = self.model(ids, cache=cache)  # prefill (B, width, V)
         cache.decode_on_device()
-        rollout = Rollout(self.model, cache, max_new_tokens, temperature, self.pad_id, self.eos_id)
+        rollout = Rollout(self.model, cache, max_new_tokens, temperature, self.pad_id, self.eos_id, self.vocab)
         rollout.take(logits)
         graphed = None
         if self.graphs and ids.is_cuda:
@@ -251,6 +254,9 @@ class Policy:
         ids, valid = self._left_padded(prompts)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else \
             {"do_sample": False}
+        rows = self.model.get_output_embeddings().weight.size(0)
+        if self.vocab is not None and self.vocab < rows:  # the padded rows the tokenizer has no token for
+            sampling["suppress_tokens"] = list(range(self.vocab, rows))
         generate = functools.partial(self.model.generate, input_ids=ids, attention_mask=valid.long(),
                                      max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
                                      eos_token_id=self.eos_id, use_cache=True, **sampling)
@@ -273,9 +279,10 @@ class Rollout:
     writes the same memory: it can be captured once in a CUDA graph and replayed."""
 
     def __init__(self, model: DecoderLM, cache: KVCache, steps: int, temperature: float,
-                 pad_id: int, eos_id: int) -> None:
+                 pad_id: int, eos_id: int, vocab: int | None = None) -> None:
         batch, device = cache.valid.size(0), cache.valid.device
         self.model, self.cache, self.temperature, self.pad_id, self.eos_id = model, cache, temperature, pad_id, eos_id
+        self.vocab = vocab  # draw among the first ``vocab`` ids only (None: all)
         self.token = torch.full((batch, 1), pad_id, dtype=torch.long, device=device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.out = torch.full((batch, steps), pad_id, dtype=torch.long, device=device)
@@ -283,7 +290,7 @@ class Rollout:
 
     def take(self, logits: torch.Tensor) -> None:
         """Each row's next token from its last logits (B, T, V); pad once the row has ended."""
-        token = _pick(logits[:, -1].float(), self.temperature).masked_fill_(self.done, self.pad_id)
+        token = _pick(logits[:, -1, : self.vocab].float(), self.temperature).masked_fill_(self.done, self.pad_id)
         self.out.index_copy_(1, self.column, token[:, None])
         self.done |= token == self.eos_id
         self.token.copy_(token[:, None])

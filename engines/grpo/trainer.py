@@ -79,7 +79,7 @@ class GrpoTrainer:
             peft, self.checkpoint_meta = with_lora(model, o.lora, stage.frozen_precision)
         self.model = model
         self.policy = Policy(model, self.pad_id, self.tokenizer.eos_id, peft, FROZEN_DTYPES[stage.frozen_precision],
-                             stage.decode)
+                             stage.decode, vocab=self.tokenizer.vocab_size)
         self.prompter = Prompter(self.tokenizer, stage.tokenizer, o.prompt_template)
         self.notes: list[str] = []
         if o.data is not None:
