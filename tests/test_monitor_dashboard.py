@@ -309,3 +309,36 @@ def test_polling_a_run_while_it_writes(cli, tmp_path, muse_home):
     assert final["status"] == "completed" and final["loss_points"] == 30 == final["stages"][0]["step"]
     steps = [s["stages"][0]["step"] for s in seen]
     assert steps == sorted(steps)  # the dashboard never sees the run go backwards
+
+
+# ---- whole-stage curves ------------------------------------------------------------------------
+
+def test_whole_stage_curves_are_bucket_means_over_every_step_on_one_axis(store):
+    losses = [float(s) for s in range(1, 41)]  # step s has loss s: a bucket's mean is its middle
+    run_id = hand_run(store, done=40, losses=losses)
+    with store.write() as session:
+        stage = runs.stage_runs(session, runs.get_run(session, run_id))[0]
+        session.add_all(MetricPoint(run_id=run_id, stage_run_id=stage.id, step=s, name="val_loss", value=10.0 + s,
+                                    time=T0) for s in (10, 20))
+    with store.read() as session:
+        means = dashboard.bucketed(session, run_id, stage.id, "loss", (1, 40), points=8)  # 5 steps a bucket
+        sparse = dashboard.bucketed(session, run_id, stage.id, "val_loss", (1, 40), points=8)
+    assert means == [3.0, 8.0, 13.0, 18.0, 23.0, 28.0, 33.0, 38.0]
+    assert sparse == [None, 20.0, None, 30.0, None, None, None, None]  # steps 10 and 20, on the loss's axis
+    snap = hand_snapshot(store, run_id)
+    assert snap["whole"]["steps"] == [1, 40] and snap["whole"]["loss"] == losses  # 40 steps fit 60 buckets
+    assert set(snap["whole"]) == {"steps", "loss", "val_loss", "grad_norm", "tokens_per_s"}  # no lr written
+    smoothed = hand_snapshot(store, run_id, smooth=0.5)["whole"]["loss"]
+    assert smoothed[:3] == [1.0, 1.5, 2.25]  # TensorBoard's EMA: 0.5 of the average, 0.5 of the point
+    text = _plain(dashboard.render(snap))
+    assert "whole stage pretrain: steps 1–40" in text and "val loss" in text and "\nlr " not in text
+
+
+def test_a_chart_puts_the_lowest_value_at_the_bottom_and_the_highest_at_the_top():
+    top, bottom = dashboard.chart([0.0, 1.0, None, 2.0, float("nan")], rows=2)
+    assert bottom == "▁█ █×"  # the lowest one level up; an empty bucket blank; × a non-finite value
+    assert top == " ▁ █ "  # the middle value just over the bottom line, the highest filling the top
+
+
+def test_bad_smoothing_fails_in_one_line(cli, store):
+    one_error_line(cli("monitor", "--smooth", "1"), "--smooth must be at least 0 and below 1, not 1")

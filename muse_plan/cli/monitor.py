@@ -26,6 +26,9 @@ def monitor(
     as_json: Annotated[bool, typer.Option("--json", help="Print one snapshot as JSON for scripts.")] = False,
     alert_thresholds: Annotated[Optional[str], typer.Option(
         "--alert-thresholds", help='Rules to show, like "gradient_norm:10,memory_usage:90,loss_spike:3".')] = None,
+    smooth: Annotated[float, typer.Option(
+        "--smooth", help="Smooth the whole-stage curves with an exponential moving average, 0 (none) to 0.99, "
+                         "as TensorBoard's slider.")] = 0.0,
 ) -> None:
     """Watch a run: stages, progress, ETA, loss curves, utilisation, alerts and plan rewrites."""
     from muse_plan.monitor import dashboard
@@ -33,18 +36,20 @@ def monitor(
     thresholds = dashboard.parse_thresholds(alert_thresholds) if alert_thresholds is not None else {}
     if not (math.isfinite(update_interval) and update_interval >= MIN_INTERVAL_S):
         raise PlanError(f"--update-interval must be at least {MIN_INTERVAL_S} seconds, not {update_interval:g}")
+    if not (math.isfinite(smooth) and 0.0 <= smooth < 1.0):
+        raise PlanError(f"--smooth must be at least 0 and below 1, not {smooth:g}")
     opened = store(ctx)
     if once or as_json:
-        snap = _read(opened, target, thresholds)
+        snap = _read(opened, target, thresholds, smooth)
         if as_json:
             print_json(_jsonable(snap))
         else:
             console.print(dashboard.render(snap))
         return
-    _watch(opened, target, thresholds, update_interval)
+    _watch(opened, target, thresholds, update_interval, smooth)
 
 
-def _read(opened: Any, ref: str | None, thresholds: dict[str, float]) -> dict[str, Any]:
+def _read(opened: Any, ref: str | None, thresholds: dict[str, float], smooth: float = 0.0) -> dict[str, Any]:
     """One snapshot in two short read transactions, with the host sampled between them."""
     from muse_plan.monitor import dashboard
 
@@ -52,10 +57,10 @@ def _read(opened: Any, ref: str | None, thresholds: dict[str, float]) -> dict[st
         run = dashboard.resolve_run(session, ref)
     host = dashboard.host_sample(run)
     with opened.read() as session:
-        return dashboard.snapshot(session, run, thresholds, host)
+        return dashboard.snapshot(session, run, thresholds, host, smooth=smooth)
 
 
-def _watch(opened: Any, ref: str | None, thresholds: dict[str, float], interval: float) -> None:
+def _watch(opened: Any, ref: str | None, thresholds: dict[str, float], interval: float, smooth: float) -> None:
     from rich.live import Live
     from rich.text import Text
 
@@ -66,7 +71,7 @@ def _watch(opened: Any, ref: str | None, thresholds: dict[str, float], interval:
         with Live(console=console, auto_refresh=False, transient=False) as live:
             while True:
                 try:
-                    snap = _read(opened, ref, thresholds)
+                    snap = _read(opened, ref, thresholds, smooth)
                 except dashboard.NoRunYet as waiting:
                     live.update(Text(f"{waiting} — waiting for it (Ctrl-C to stop)"), refresh=True)
                 else:

@@ -16,6 +16,12 @@ Design decisions:
 - What the store can't say (utilisation of a run that records none, the
   size of the machine's memory) comes from ``host_sample`` — psutil and
   NVML on this machine — and only for a run on this host.
+- Whole-stage curves (``whole``): each of WHOLE_METRICS over every step of
+  the current stage, averaged into at most WHOLE_POINTS buckets of equal step
+  width by the database (one grouped query a metric, however long the stage),
+  drawn as a small chart whose axes are the stage's steps and the curve's own
+  range; ``smooth`` (0 ≤ α < 1) applies TensorBoard's exponential moving
+  average to the bucket means. The recent-window sparklines stay beside them.
 - ``--alert-thresholds`` here is display only: ``parse_thresholds`` and
   ``RULES`` are a small stand-in, with the detectors' meanings
   (``monitor/detectors.py``), that the alert engine can replace.
@@ -42,6 +48,10 @@ from muse_plan.store.models import MetricPoint, Plan, Run
 
 SPARK = "▁▂▃▄▅▆▇█"
 SPARK_POINTS = 60
+WHOLE_POINTS = 60    # buckets a whole-stage curve is averaged into
+WHOLE_ROWS = 3       # text rows of a whole-stage chart
+WHOLE_METRICS = (("loss", "loss"), ("val_loss", "val loss"), ("grad_norm", "grad norm"), ("lr", "lr"),
+                 ("tokens_per_s", "tokens/s"))
 ETA_FLUSHES = 10     # flushes the step rate is measured over
 ETA_POINTS = 2000    # newest loss points searched for them
 MAX_WINDOW = 20_000  # most loss points a rule reads (plateau:N reads 2N)
@@ -226,8 +236,9 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 def snapshot(session: Session, run: Run, thresholds: dict[str, float] | None = None,
-             host: dict[str, Any] | None = None, now: datetime | None = None) -> dict[str, Any]:
-    """Everything the dashboard shows of ``run``, read in ``session``, as plain data."""
+             host: dict[str, Any] | None = None, now: datetime | None = None, smooth: float = 0.0) -> dict[str, Any]:
+    """Everything the dashboard shows of ``run``, read in ``session``, as plain data;
+    ``smooth``: the whole-stage curves' exponential moving average (0: none)."""
     run = session.get(Run, run.id)  # as stored now, in this transaction
     plan = session.get(Plan, run.plan_id)
     status = runs.shown_status(run)
@@ -256,6 +267,8 @@ def snapshot(session: Session, run: Run, thresholds: dict[str, float] | None = N
         "loss_points": loss_points,
         "series": {"loss": series["loss"][-SPARK_POINTS:], "grad_norm": series["grad_norm"][-SPARK_POINTS:]},
         "series_steps": series["steps"][-SPARK_POINTS:],
+        "whole": _whole(session, run.id, current["stage_run_id"], smooth) if current else {},
+        "smooth": smooth,
         "utilisation": utilisation,
         "rules": rules,
         "alerts": [{**r, "stage": current["name"] if current else None} for r in rules if r["over"]],
@@ -306,6 +319,49 @@ def _series(session: Session, run: Run, current: dict[str, Any] | None,
     return series, count, loss[-1].time if loss else None
 
 
+def bucketed(session: Session, run_id: int, stage_id: int, name: str, span: tuple[int, int],
+             points: int = WHOLE_POINTS) -> list[float | None]:
+    """``name`` over the steps ``span`` (first, last) of a stage as at most ``points`` bucket
+    means of equal step width, bucketed by the database; None where a bucket holds no point
+    (a validation loss measured every few hundred steps)."""
+    first, last = span
+    width = max(1, -(-(last - first + 1) // points))  # steps a bucket spans
+    bucket = (MetricPoint.step - first) // width  # an integer division in SQLite and PostgreSQL alike
+    rows = session.exec(select(bucket, func.avg(MetricPoint.value)).where(
+        MetricPoint.run_id == run_id, MetricPoint.name == name, MetricPoint.stage_run_id == stage_id,
+        MetricPoint.step >= first, MetricPoint.step <= last).group_by(bucket)).all()
+    out: list[float | None] = [None] * ((last - first) // width + 1)
+    for index, value in rows:
+        out[int(index)] = float(value)
+    return out
+
+
+def ema(values: list[float | None], alpha: float) -> list[float | None]:
+    """TensorBoard's smoothing: each point α of the running average and 1 − α of itself
+    (empty buckets stay empty)."""
+    out: list[float | None] = []
+    last: float | None = None
+    for v in values:
+        if v is not None:
+            last = v if last is None or not math.isfinite(last) else alpha * last + (1 - alpha) * v
+        out.append(None if v is None else last)
+    return out
+
+
+def _whole(session: Session, run_id: int, stage_id: int, smooth: float) -> dict[str, Any]:
+    """The stage's curves on one step axis: the loss's first to last step."""
+    first, last = session.exec(select(func.min(MetricPoint.step), func.max(MetricPoint.step)).where(
+        MetricPoint.run_id == run_id, MetricPoint.name == "loss", MetricPoint.stage_run_id == stage_id)).one()
+    if first is None:
+        return {}
+    curves: dict[str, Any] = {"steps": [first, last]}
+    for name, _ in WHOLE_METRICS:
+        values = bucketed(session, run_id, stage_id, name, (first, last))
+        if any(v is not None for v in values):
+            curves[name] = ema(values, smooth) if smooth else values
+    return curves
+
+
 # ---- rendering (pure) ------------------------------------------------------------------------
 
 def sparkline(values: list[float], width: int = SPARK_POINTS) -> str:
@@ -318,6 +374,22 @@ def sparkline(values: list[float], width: int = SPARK_POINTS) -> str:
     span = high - low
     return "".join("×" if not math.isfinite(v) else SPARK[3 if span == 0 else
                    min(int((v - low) / span * len(SPARK)), len(SPARK) - 1)] for v in values)
+
+
+def chart(values: list[float | None], rows: int = WHOLE_ROWS) -> list[str]:
+    """``values`` as ``rows`` lines of ▁..█ blocks, the lowest value at the bottom edge and the
+    highest filling the top row; × marks a non-finite value (on the bottom line), a blank None."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 0.0)
+    levels = rows * len(SPARK)
+    heights = [0 if v is None else -1 if not math.isfinite(v) else
+               (levels // 2 if high == low else 1 + round((v - low) / (high - low) * (levels - 1))) for v in values]
+    lines = []
+    for row in range(rows - 1, -1, -1):  # top line first
+        floor = row * len(SPARK)
+        lines.append("".join("×" if h < 0 and row == 0 else " " if h <= floor else
+                             "█" if h >= floor + len(SPARK) else SPARK[h - floor - 1] for h in heights))
+    return lines
 
 
 def _number(name: str, value: float | None) -> str:
@@ -411,6 +483,33 @@ def _curves(snap: dict[str, Any], flagged: set[str]) -> Group:
     return Group(grid, Text(" " * 11 + span, style="dim"))  # under the sparklines
 
 
+def _whole_curves(snap: dict[str, Any]) -> list[Any]:
+    """Each whole-stage curve: its chart between its range's ends, the stage's steps beneath."""
+    whole = snap.get("whole") or {}
+    if not whole:
+        return []
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True, min_width=9)
+    grid.add_column(no_wrap=True, justify="right", min_width=8)
+    grid.add_column(no_wrap=True)
+    for name, label in WHOLE_METRICS:
+        if name not in whole:
+            continue
+        values = whole[name]
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        top, bottom = (_number(name, max(finite)), _number(name, min(finite))) if finite else ("—", "—")
+        lines = chart(values)
+        for i, line in enumerate(lines):
+            edge = top if i == 0 else bottom if i == len(lines) - 1 else ""
+            grid.add_row(Text(label if i == 0 else "", style="bold"), Text(edge, style="dim"),
+                         Text(line, style="cyan"))
+    steps = whole["steps"]
+    smooth = f", smoothed α {snap['smooth']:g}" if snap.get("smooth") else ""
+    title = Text.assemble(("whole stage ", "bold"), (f"{snap['current_stage']}: steps {steps[0]}–{steps[-1]}, "
+                                                     f"bucket means{smooth}", "dim"))
+    return [title, grid]
+
+
 def _utilisation(snap: dict[str, Any]) -> Text:
     u = snap["utilisation"]
     text = Text.assemble(("utilisation ", "bold"))
@@ -452,7 +551,7 @@ def render(snap: dict[str, Any]) -> Group:
     if snap["error"]:
         parts.append(Text(f"stopped by: {snap['error']}", style="red"))
     parts += [Text(""), _stage_table(snap, flagged), *_rates(snap, flagged), Text(""), _curves(snap, flagged),
-              _utilisation(snap)]
+              *_whole_curves(snap), _utilisation(snap)]
     if snap["rules"]:
         parts.append(_rules_text(snap))
     events = snap["events"]
