@@ -342,3 +342,33 @@ def test_a_chart_puts_the_lowest_value_at_the_bottom_and_the_highest_at_the_top(
 
 def test_bad_smoothing_fails_in_one_line(cli, store):
     one_error_line(cli("monitor", "--smooth", "1"), "--smooth must be at least 0 and below 1, not 1")
+
+
+def test_compare_overlays_runs_of_one_plan_on_common_axes(cli, store):
+    first = hand_run(store, done=40, losses=[5.0] * 40)
+    with store.write() as session:  # a second run of the same plan, further along, lower
+        plan = repo.get_plan(session, "hand")
+        run = runs.create_run(session, plan, 1, [("pretrain", 100)], "/tmp/muse-runs")
+        stage = runs.stage_runs(session, run)[0]
+        stage.status, stage.step, stage.started_at = "running", 60, T0
+        session.add_all(MetricPoint(run_id=run.id, stage_run_id=stage.id, step=s, name="loss", value=3.0, time=T0)
+                        for s in range(1, 61))
+        second = run.id
+    with store.read() as session:
+        data = dashboard.compare(session, [runs.get_run(session, first), runs.get_run(session, second)])
+    assert data["stage"] == "pretrain" and data["steps"] == [1, 60]  # the furthest run sets the axis
+    loss = data["curves"]["loss"]
+    assert loss[first] == [5.0] * 40 + [None] * 20 and loss[second] == [3.0] * 60
+    assert list(data["curves"]["grad_norm"]) == [first]  # only the first run recorded it
+    result = cli("monitor", "--compare", str(first), str(second))
+    assert result.exit_code == 0, result.output
+    assert "compare plan hand · stage pretrain" in result.output and f"run {second}" in result.output
+    assert json.loads(cli("monitor", "--compare", str(first), str(second), "--json").output)["steps"] == [1, 60]
+
+
+def test_compare_refuses_runs_of_several_plans_and_a_single_run(cli, store):
+    a = hand_run(store, "one")
+    b = hand_run(store, "two")
+    one_error_line(cli("monitor", "--compare", str(a), str(b)), "--compare overlays runs of one plan")
+    one_error_line(cli("monitor", "--compare", str(a)), "--compare takes two or more runs")
+    one_error_line(cli("monitor", str(a), str(b)), "one run or plan at a time")

@@ -17,9 +17,9 @@ MIN_INTERVAL_S = 0.2
 
 def monitor(
     ctx: typer.Context,
-    target: Annotated[Optional[str], typer.Argument(
+    targets: Annotated[Optional[list[str]], typer.Argument(
         metavar="RUN|PLAN", help="A run id (12 or run-00012), or a plan id or name: that plan's newest run. "
-                                   "Default: the newest run in the store.")] = None,
+                                   "Default: the newest run in the store. With --compare: two or more runs.")] = None,
     update_interval: Annotated[float, typer.Option(
         "--update-interval", help="Seconds between refreshes (at least 0.2).")] = 30.0,
     once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit.")] = False,
@@ -29,6 +29,8 @@ def monitor(
     smooth: Annotated[float, typer.Option(
         "--smooth", help="Smooth the whole-stage curves with an exponential moving average, 0 (none) to 0.99, "
                          "as TensorBoard's slider.")] = 0.0,
+    compare: Annotated[bool, typer.Option(
+        "--compare", help="Overlay the whole-stage curves of the runs named (of one plan) on common axes, once.")] = False,
 ) -> None:
     """Watch a run: stages, progress, ETA, loss curves, utilisation, alerts and plan rewrites."""
     from muse_plan.monitor import dashboard
@@ -38,7 +40,19 @@ def monitor(
         raise PlanError(f"--update-interval must be at least {MIN_INTERVAL_S} seconds, not {update_interval:g}")
     if not (math.isfinite(smooth) and 0.0 <= smooth < 1.0):
         raise PlanError(f"--smooth must be at least 0 and below 1, not {smooth:g}")
+    targets = targets or []
     opened = store(ctx)
+    if compare:
+        if len(targets) < 2:
+            raise PlanError("--compare takes two or more runs, like: muse monitor --compare 3 4")
+        with opened.read() as session:
+            chosen = [dashboard.resolve_run(session, t) for t in targets]
+            data = dashboard.compare(session, chosen, smooth)
+        print_json(_jsonable(data)) if as_json else console.print(dashboard.render_compare(data))
+        return
+    if len(targets) > 1:
+        raise PlanError(f"one run or plan at a time ({' '.join(targets)}); to overlay runs: muse monitor --compare")
+    target = targets[0] if targets else None
     if once or as_json:
         snap = _read(opened, target, thresholds, smooth)
         if as_json:

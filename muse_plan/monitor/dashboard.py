@@ -22,6 +22,8 @@ Design decisions:
   drawn as a small chart whose axes are the stage's steps and the curve's own
   range; ``smooth`` (0 ≤ α < 1) applies TensorBoard's exponential moving
   average to the bucket means. The recent-window sparklines stay beside them.
+  ``compare`` puts runs of one plan on common axes: the same stage, bucketed
+  over the steps any of them reached, each metric on one value range.
 - ``--alert-thresholds`` here is display only: ``parse_thresholds`` and
   ``RULES`` are a small stand-in, with the detectors' meanings
   (``monitor/detectors.py``), that the alert engine can replace.
@@ -362,6 +364,40 @@ def _whole(session: Session, run_id: int, stage_id: int, smooth: float) -> dict[
     return curves
 
 
+def compare(session: Session, chosen: list[Run], smooth: float = 0.0) -> dict[str, Any]:
+    """Runs of one plan on common axes: the same-named stage of each (the first run's
+    current one), every WHOLE_METRICS curve bucketed over the steps any of them reached."""
+    plans = {r.plan_id for r in chosen}
+    if len(plans) > 1:
+        names = ", ".join(f"run {r.id}: {session.get(Plan, r.plan_id).name}" for r in chosen)
+        raise PlanError(f"--compare overlays runs of one plan; these are of several ({names})")
+    first = snapshot(session, chosen[0])
+    stage = first["current_stage"]
+    if stage is None:
+        raise PlanError(f"run {chosen[0].id} has no stage with steps to compare")
+    ids: dict[int, int] = {}
+    for r in chosen:
+        found = [s for s in runs.stage_runs(session, r) if s.name == stage]
+        if found:
+            ids[r.id] = found[0].id
+    spans = [session.exec(select(func.min(MetricPoint.step), func.max(MetricPoint.step)).where(
+        MetricPoint.run_id == run_id, MetricPoint.name == "loss", MetricPoint.stage_run_id == stage_id)).one()
+        for run_id, stage_id in ids.items()]
+    reached = [span for span in spans if span[0] is not None]
+    if not reached:
+        raise PlanError(f"none of these runs has a loss in stage {stage!r} yet")
+    span = (min(a for a, _ in reached), max(b for _, b in reached))
+    curves: dict[str, dict[int, list[float | None]]] = {}
+    for name, _ in WHOLE_METRICS:
+        for run_id, stage_id in ids.items():
+            values = bucketed(session, run_id, stage_id, name, span)
+            if any(v is not None for v in values):
+                curves.setdefault(name, {})[run_id] = ema(values, smooth) if smooth else values
+    return {"plan": first["plan"], "stage": stage, "steps": list(span), "smooth": smooth,
+            "runs": [{"run": r.id, "revision": r.under, "status": runs.shown_status(r)} for r in chosen],
+            "curves": curves}
+
+
 # ---- rendering (pure) ------------------------------------------------------------------------
 
 def sparkline(values: list[float], width: int = SPARK_POINTS) -> str:
@@ -508,6 +544,34 @@ def _whole_curves(snap: dict[str, Any]) -> list[Any]:
     title = Text.assemble(("whole stage ", "bold"), (f"{snap['current_stage']}: steps {steps[0]}–{steps[-1]}, "
                                                      f"bucket means{smooth}", "dim"))
     return [title, grid]
+
+
+def render_compare(data: dict[str, Any]) -> Group:
+    """``compare``'s runs, each metric's curves stacked on one step axis and one value range."""
+    smooth = f", smoothed α {data['smooth']:g}" if data["smooth"] else ""
+    first, last = data["steps"]
+    parts: list[Any] = [Text.assemble(("compare ", "bold"), f"plan {data['plan']} · stage {data['stage']} · ",
+                                      (f"steps {first}–{last}, bucket means{smooth}", "dim"))]
+    parts.append(Text("  ".join(f"run {r['run']} (r{r['revision']}, {r['status']})" for r in data["runs"]),
+                      style="dim"))
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True, min_width=9)
+    grid.add_column(no_wrap=True, min_width=7)
+    grid.add_column(no_wrap=True, justify="right", min_width=8)
+    grid.add_column(no_wrap=True)
+    for name, label in WHOLE_METRICS:
+        per_run = data["curves"].get(name, {})
+        finite = [v for values in per_run.values() for v in values if v is not None and math.isfinite(v)]
+        if not finite:
+            continue
+        low, high = min(finite), max(finite)
+        for i, (run_id, values) in enumerate(per_run.items()):
+            # each run's chart on the common range: the range's ends pinned as invisible extra columns
+            top, bottom = chart([low, *values, high], rows=2)
+            grid.add_row(Text(label if i == 0 else "", style="bold"), Text(f"run {run_id}"),
+                         Text(_number(name, high) if i == 0 else _number(name, low) if i == len(per_run) - 1
+                              else "", style="dim"), Text(top[1:-1] + "\n" + bottom[1:-1], style="cyan"))
+    return Group(*parts, grid)
 
 
 def _utilisation(snap: dict[str, Any]) -> Text:
