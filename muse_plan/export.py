@@ -338,13 +338,12 @@ def _generation_config(ids: dict[str, int | None]) -> dict[str, Any]:
 def check_output(out_dir: Path, force: bool) -> Path:
     """The output folder, refused (``Conflict``, one line) when it is a file, or a non-empty
     folder without ``force``."""
-    out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise Conflict(f"output '{out_dir}' exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise Conflict(f"output folder '{out_dir}' is not empty; name a new folder, or pass --force to replace "
-                       "the model and tokenizer files in it")
-    return out_dir
+    from engines.data.train_tokenizer import check_output as check_folder
+
+    try:
+        return check_folder(out_dir, force, "the model and tokenizer files")
+    except FileExistsError as exc:
+        raise Conflict(str(exc)) from None
 
 
 @contextlib.contextmanager
