@@ -22,6 +22,8 @@ Design decisions:
   drawn as a small chart whose axes are the stage's steps and the curve's own
   range; ``smooth`` (0 ≤ α < 1) applies TensorBoard's exponential moving
   average to the bucket means. The recent-window sparklines stay beside them.
+  Their cost grows with the stage: 0.24 s of a 0.30 s snapshot at 100,000
+  steps on this 2-core machine (SQLite), against a default refresh of 30 s.
   ``compare`` puts runs of one plan on common axes: the same stage, bucketed
   over the steps any of them reached, each metric on one value range.
 - ``--alert-thresholds`` here is display only: ``parse_thresholds`` and
