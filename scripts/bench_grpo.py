@@ -143,9 +143,6 @@ def launch(home: Path, spec: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, shell=True, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-DECODES = ("graphs", "compiled", "eager")
-
-
 def throughput(spec: dict, device: str, prompts: int, group: int, decodes: list[str]) -> dict:
     """Completions/s for rollout (KV-cache sampling) and for the GRPO update, same model,
     rollouts decoding as ``decodes[0]`` says; each other decode's numbers under ``other_decodes``."""
@@ -159,13 +156,13 @@ def throughput(spec: dict, device: str, prompts: int, group: int, decodes: list[
 
     shape = ModelShape(**spec["model"]["shape"]).resolved()
     config = ModelConfig.from_shape(shape, 260, spec["model"]["seq_len"])
+    decode = decodes[0]  # as training.compile would set it (executor/settings.decoding)
     trainer = GrpoTrainer()
     trainer.setup(StageSetup(name="t", kind="reasoning_rl", model=config, micro_batch=prompts, device=device,
+                             decode=decode,
                              options=parse("reasoning_rl", {}, {
                                  "tasks": ["multiplication:3x3"], "group_size": group,
                                  "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "eval_problems": 1})))
-    decode = decodes[0]
-    trainer.policy.graphs, trainer.policy.compile = decode != "eager", decode == "compiled"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
     def timed(fn):
@@ -205,6 +202,8 @@ def main() -> None:
     parser.add_argument("--rl-steps", type=int, default=STEPS["rl"], help="updates per RL algorithm")
     parser.add_argument("--throughput-only", action="store_true",
                         help="re-measure throughput alone (a quiet GPU) into an existing <out>/bench_grpo.json")
+    from engines.grpo.policy import DECODES
+
     parser.add_argument("--decode", nargs="+", choices=DECODES, default=["graphs"],
                         help="how rollouts decode; several to compare, the first in the table")
     args = parser.parse_args()
