@@ -42,14 +42,15 @@ TINY_SHAPE = {"layers": 2, "d_model": 64, "n_heads": 2}
 
 
 def plan(name: str, residual: str, compile_: str, shape: dict, seq: int, micro: int, steps: int,
-         precision: str, compute: str, stream_dtype: str = "float32") -> dict:
+         precision: str, compute: str, stream_dtype: str = "float32", scope: str = "auto") -> dict:
     mixing = {"mhc": "mhc", "mgt": "geometric_scaling"}.get(residual)  # the technique that sets its streams
     techniques = {mixing: {"streams": 4, "stream_dtype": stream_dtype}} if mixing else {}
     return {"name": name, "model": {"scale": "350M", "residual": residual, "seq_len": seq, "vocab_size": 32000,
                                     "shape": shape},
             "techniques": techniques, "compute": compute,
             "training": {"precision": precision, "micro_batch": micro, "grad_accum": 1, "lr": 3e-4,
-                         "warmup_steps": 5, "compile": compile_},
+                         "warmup_steps": 5, "compile": compile_,
+                         "compile_scope": scope},
             "stages": [{"name": "pretrain", "kind": "pretrain", "steps": steps, "checkpoint_every": 10 * steps,
                         "eval_every": 10 * steps}]}
 

@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--compile", default="on")
     p.add_argument("--wait", type=int, default=12, help="steps before profiling (compile, warm-up)")
     p.add_argument("--active", type=int, default=5, help="steps profiled")
+    p.add_argument("--stream-dtype", default="float32", help="mhc/mgt stream state: float32 or bfloat16")
+    p.add_argument("--no-trace", action="store_true", help="leave out the Chrome trace (tens of MB)")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out", type=Path, default=Path("/tmp/profile_plan_run"))
     args = p.parse_args()
@@ -45,7 +47,7 @@ def main() -> None:
     steps = args.wait + args.active + 2
     data = plan(f"profile-{args.residual}", args.residual, args.compile, TINY_SHAPE if args.tiny else SHAPE,
                 64 if args.tiny else 2048, 2 if args.tiny else 8, steps, "bf16" if cuda else "fp32",
-                "1xH100-80GB" if cuda else "cpu")
+                "1xH100-80GB" if cuda else "cpu", stream_dtype=args.stream_dtype)
     path = home / "plan.yaml"
     path.write_text(yaml.safe_dump(data))
 
@@ -92,9 +94,10 @@ def main() -> None:
                      for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"profile_{args.residual}_{args.compile}"
+    name = f"profile_{args.residual}_{args.compile}" + ("_bf16" if args.stream_dtype == "bfloat16" else "")
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
-    prof.export_chrome_trace(str(args.out / f"{name}.trace.json"))
+    if not args.no_trace:
+        prof.export_chrome_trace(str(args.out / f"{name}.trace.json"))
     print(f"step {step_ms:.1f} ms wall; GPU busy {report['gpu_busy_ms_per_step']:.1f} ms a step")
     for row in report["top"][:15]:
         print(f"  {row['ms_per_step']:8.2f} ms  x{row['calls_per_step']:.0f}  {row['name']}")

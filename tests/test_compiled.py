@@ -35,10 +35,17 @@ def test_compiled_blocks_train_as_eager_does(cli, tmp_path, monkeypatch) -> None
     assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6)
     recomputed, _ = _run(cli, tmp_path, "recomputed", "on", activation_checkpointing="full")
     assert recomputed == pytest.approx(eager, rel=1e-5, abs=1e-6)  # checkpointing around compiled blocks
+    whole, events = _run(cli, tmp_path, "whole", "on", compile_scope="model", activation_checkpointing="full")
+    assert any(m.startswith("compiled the whole model (eager): the first step took ") for m in events), events
+    assert whole == pytest.approx(eager, rel=1e-5, abs=1e-6)  # checkpointing inside one graph
     from muse_plan.executor.settings import compiles
 
     assert compiles("auto", "pretrain", cuda=True) and not compiles("auto", "pretrain", cuda=False)
     assert not compiles("on", "reasoning_rl", cuda=True)  # sampling changes shapes every token: eager
+    from muse_plan.executor.settings import compile_scope
+
+    assert compile_scope("model", "ddp") == "model" and compile_scope("auto", "none") == "blocks"
+    assert compile_scope("model", "fsdp") == "blocks"  # FSDP shards around the blocks
 
 
 def test_a_compile_that_fails_goes_back_to_eager_at_the_same_data(cli, tmp_path, monkeypatch) -> None:

@@ -12,10 +12,16 @@ identity initialisation agree by construction:
 - ``extra_flops(c)``: forward FLOPs one connection adds a token beyond 6N;
 - ``step_cost``: the measured eager step time against ``standard`` on a GPU
   (H100, 350M, docs/bench_architecture.md; hc assumed: mhc less Sinkhorn),
-  the same compiled (``step_cost_gpu_compiled``: H100, 350M, through
-  ``muse plan run``, docs/bench_plan_run.md)
   and on this project's 2-core CPU (the quickstart shape) — the throughput
   model multiplies by it;
+- ``compiled_traffic``: under torch.compile the mode's cost is memory traffic,
+  not a factor: the bytes a layer·d_model·token it moves beyond ``standard``,
+  with a float32 and a bfloat16 stream state (``stream_dtype``), from steps
+  measured through ``muse plan run`` on an H100 (docs/bench_plan_run.md, its last section).
+  The n-stream state is n·d_model wide while a layer's matmuls grow with
+  d_model², so the relative cost falls with width: mhc's bf16 state fits 457 B
+  at 350M (24×1024) and 416 B at 1.3B (24×2048) where a factor would have
+  been +57% and +34%;
 - ``module``, ``identity``, ``activations`` and ``width_rules``: where the
   torch module is (``residual.py``), the function that makes a new block's
   connection pass the state through once its sublayer outputs zero
@@ -79,9 +85,8 @@ class ResidualMode:
     identity: str
     activations: str
     width_rules: tuple[str, ...] = ()
-    # the same under torch.compile (training.compile), measured through `muse plan run` on an H100
-    # at 350M (docs/bench_plan_run.md); hc assumed between standard and mhc as its eager cost is
-    step_cost_gpu_compiled: float = 1.0
+    # under torch.compile: bytes a layer·d_model·token beyond standard's, (float32, bfloat16) stream state
+    compiled_traffic: tuple[float, float] = (0.0, 0.0)
 
     def params(self, c: ModelConfig) -> int:
         """Parameters one connection (around one sublayer) adds."""
@@ -97,17 +102,17 @@ RESIDUAL_MODES: dict[str, ResidualMode] = {m.name: m for m in (
                  f"{_RES}:_standard", f"{_DEPTH}:_nothing", f"{_ACT}:_standard"),
     ResidualMode("hc", True, _hc, lambda c: _mixing_flops(c) + 2 * (c.streams - 1) * c.d_model * (c.streams + 2),
                  2.0, 1.719, f"{_RES}:HyperConnection", f"{_DEPTH}:_identity_hc", f"{_ACT}:_hc",
-                 (f"{_WIDTH}:HC_RULES",), step_cost_gpu_compiled=1.5),
+                 (f"{_WIDTH}:HC_RULES",), compiled_traffic=(520.0, 360.0)),  # assumed: mhc's less its Sinkhorn
     ResidualMode("mhc", True, _mhc, lambda c: _mixing_flops(c) + _sinkhorn_flops(c), 2.835, 2.365,
                  f"{_RES}:ManifoldHyperConnection", f"{_DEPTH}:_identity_manifold", f"{_ACT}:_mhc",
-                 (f"{_WIDTH}:MHC_RULES",), step_cost_gpu_compiled=1.717),
+                 (f"{_WIDTH}:MHC_RULES",), compiled_traffic=(633.0, 440.0)),
     ResidualMode("ddl", False, _ddl, _ddl_flops, 1.581, 1.123,
                  f"{_RES}:DeltaResidual", f"{_DEPTH}:_nothing", f"{_ACT}:_ddl", (f"{_WIDTH}:DDL_RULES",),
-                 step_cost_gpu_compiled=1.079),
+                 compiled_traffic=(74.0, 74.0)),  # no streams: the state is the hidden's
     ResidualMode("mgt", True, lambda c: _mhc(c) + _ddl(c),
                  lambda c: _mixing_flops(c) + _sinkhorn_flops(c) + c.streams * _ddl_flops(c), 3.577, 2.989,
                  f"{_RES}:ManifoldDeltaConnection", f"{_DEPTH}:_identity_manifold", f"{_ACT}:_mgt",
-                 (f"{_WIDTH}:MHC_RULES", f"{_WIDTH}:DDL_RULES"), step_cost_gpu_compiled=1.957),
+                 (f"{_WIDTH}:MHC_RULES", f"{_WIDTH}:DDL_RULES"), compiled_traffic=(868.0, 673.0)),
 )}
 
 

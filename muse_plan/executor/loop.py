@@ -51,7 +51,7 @@ import torch
 
 from engines.contract import Trainer
 from muse_plan.executor import checkpoint, optimizers
-from muse_plan.executor.compiled import Compiled, compile_blocks, first_call
+from muse_plan.executor.compiled import Compiled, compile_model, first_call
 from muse_plan.executor.settings import StageSettings, lr_factor
 
 
@@ -189,11 +189,11 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
     main = accelerator.is_main_process
     model, optimizer = optimizers.prepare(accelerator, trainer.model, s)
     compiled = None
-    if s.compile:  # the blocks under torch.compile, in place (executor/compiled.py)
+    if s.compile:  # the model or its blocks under torch.compile, in place (executor/compiled.py)
         from muse_plan.store.db import muse_home
 
-        compiled = compile_blocks(accelerator.unwrap_model(model), muse_home() / "cache" / "inductor",
-                                  head=not optimizers.is_fsdp(accelerator))
+        compiled = compile_model(accelerator.unwrap_model(model), muse_home() / "cache" / "inductor",
+                                 s.compile_scope, head=not optimizers.is_fsdp(accelerator))
     # growth with optimizer_state: mapped (executor/grow.py): the stage starts from the moments
     # carried through the growth operator, not an empty state (its own lr and decay, set there)
     if initial_optimizer_state is not None and start is None:

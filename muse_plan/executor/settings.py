@@ -79,6 +79,7 @@ class StageSettings:
     offload: str = "none"  # none | optimizer
     optimizer: str = "adamw"
     compile: bool = False  # the model's blocks under torch.compile (executor/compiled.py)
+    compile_scope: str = "blocks"  # model | blocks: one graph, or one per block (``compile_scope``)
     decode: str = "eager"  # how a GRPO-engine stage's sampling decodes (``decoding``)
     options: Any = None  # the engine's typed options (plan/kinds.py)
     control: StageControl = StageControl()
@@ -321,6 +322,15 @@ def compiles(setting: str, kind: str, cuda: bool) -> bool:
         setting == "on" or (setting == "auto" and cuda))
 
 
+def compile_scope(setting: str, sharding: str) -> str:
+    """``training.compile_scope``: ``model`` compiles the whole model as one graph,
+    ``blocks`` each repeated block (and muse's loss head). ``auto`` is ``blocks``.
+    FSDP and ZeRO-3 shard around the blocks, so they always compile blocks."""
+    if sharding in ("fsdp", "zero3"):
+        return "blocks"
+    return "model" if setting == "model" else "blocks"
+
+
 def decoding(setting: str, kind: str, cuda: bool) -> str:
     """``training.compile`` for the GRPO engine's stages, whose sampling decodes a token
     at a time (``engines/grpo/policy.py``): on a GPU ``auto`` replays each decode step
@@ -368,6 +378,7 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
 
         warmup = rewarm_steps(steps, control.rewarm_fraction)
     default_every = max(1, min(1000, steps // 10))
+    sharding = t.sharding or ("ddp" if world_size > 1 else "none")
     window = getattr(control, control.plateau) if control.plateau else None
     return StageSettings(
         name=stage.name, kind=stage.kind, engine=stage.engine or "", model=config, steps=steps,
@@ -382,9 +393,10 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
         eval_every=stage.eval_every or default_every,
         seed=t.seed,
         activation_checkpointing=t.activation_checkpointing or "none",
-        sharding=t.sharding or ("ddp" if world_size > 1 else "none"), offload=t.offload or "none",
+        sharding=sharding, offload=t.offload or "none",
         optimizer=t.optimizer or "adamw",
         compile=compiles(t.compile or "auto", stage.kind, cuda),
+        compile_scope=compile_scope(t.compile_scope or "auto", sharding),
         decode=decoding(t.compile or "auto", stage.kind, cuda),
         options=typed.engine, control=control,
         lora=lora, adapters_only=adapters_only(spec, stage),

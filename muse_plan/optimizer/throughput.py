@@ -60,23 +60,19 @@ and every constant below that it re-derives within 11% of its value here.
   i.e. eager small models are bound by Python/launch time on that host. The
   bench's micro-steps: 4.04, 3.59 and 3.51 ms a layer (mean 3.72, -10%; the
   host's speed varies between machines of one kind).
-- Compiled (``cfg.compiled``): COMPILED_TRAFFIC 350 B per layer·d_model·token in
-  place of EAGER_TRAFFIC, and each residual mode's compiled step cost
-  (``step_cost_gpu_compiled``), both from ``scripts/bench_plan_run.py``
-  (docs/bench_plan_run.md): 350M (24x1024, seq 2048, micro 8, bf16) through
-  ``muse plan run`` on an H100, standard compiled 146,978 tok/s (50.5% MFU of
-  the measured bf16 matmul rate) against 75,138 eager; the traffic is that
-  step less the matmul term and the optimizer step (the eager row gives 1204
-  by the same sum, the table's 1420 within 15%). Since the executor compiles the loss
-  head and fuses AdamW, standard compiled measured 160,134 tok/s through
-  ``muse plan run`` on an H100 (56.7% MFU; ``scripts/bench_architecture.py
-  --modes eager,compile,plan-run``); the model predicts 151,554 (0.95): that
-  row's micro-step is priced at the host floor (4.15 ms a layer, 100 ms),
-  above its compute term, so the traffic constant was not refitted. The
-  modes' compiled step costs are still the ratios measured before that change.
-  One size, one GPU: the compiled term's extrapolation to other widths is this
-  one point's. The host floor is left at eager's (conservative for small
-  compiled models).
+- Compiled (``cfg.compiled``): COMPILED_TRAFFIC 315 B per layer·d_model·token in
+  place of EAGER_TRAFFIC, fitted to standard through ``muse plan run`` on an H100
+  (``scripts/bench_architecture.py --modes plan-run``, docs/bench_architecture_scope.md):
+  350M (24x1024, micro 8) at 163,863 tok/s fits 312, 1.3B (24x2048, micro 4) at
+  53,165 fits 319 — one constant for two widths. A residual mode adds its own
+  traffic (``ResidualMode.compiled_traffic``, by stream dtype) rather than
+  multiplying the step: its state is n·d_model wide, so its share falls with
+  width as measured (mhc's bf16 state +57% at 350M, +34% at 1.3B: 457 and 416
+  B fitted, one constant 440 for both).
+  COMPILED_HOST_S_PER_LAYER 2.1 ms is assumed (half eager's: a compiled block
+  launches a few fused kernels where eager launches one per operation); the
+  350M compiled row bounds it above, being GPU-bound at 3.8 ms a layer (95.5 of
+  102 ms busy, docs/profile_plan_run_standard.json).
 - FUSED_OPTIMIZER_BYTES_PER_PARAM 50: the executor's optimizer on one GPU or
   under DDP since it runs torch's fused AdamW with the clipping folded into its
   kernel: the 350M decoder's profile through ``muse plan run`` on an H100
@@ -168,7 +164,8 @@ FP32 = 4
 
 MATMUL_EFFICIENCY = 0.80
 EAGER_TRAFFIC = 1420.0  # bytes per layer · d_model · trained token (bf16/fp16 autocast)
-COMPILED_TRAFFIC = 350.0  # the same with the blocks compiled: Inductor fuses the elementwise work
+COMPILED_TRAFFIC = 315.0  # the same with the blocks compiled: Inductor fuses the elementwise work
+COMPILED_HOST_S_PER_LAYER = 2.1e-3  # assumed: a compiled micro-step's launches (module doc)
 FP32_TRAFFIC = 1.5  # assumed: fp32 moves more, though autocast keeps much traffic fp32
 EXECUTOR_OVERHEAD = 1.035
 HOST_S_PER_LAYER = 4.15e-3  # a micro-step's forward + backward, eager
@@ -177,7 +174,6 @@ FUSED_OPTIMIZER_BYTES_PER_PARAM = 50  # torch's fused AdamW with the clipping fo
 
 # each residual mode's measured step-time factor against standard: its record's step_cost (modes.py)
 RESIDUAL_SLOWDOWN = {name: m.step_cost_gpu for name, m in RESIDUAL_MODES.items()}
-COMPILED_RESIDUAL_SLOWDOWN = {name: m.step_cost_gpu_compiled for name, m in RESIDUAL_MODES.items()}
 CPU_RESIDUAL_SLOWDOWN = {name: m.step_cost_cpu for name, m in RESIDUAL_MODES.items()}
 CPU_FLOPS_PER_CORE = 51.9e9
 CPU_MEMORY_GBS = 20.0  # assumed: decode on a CPU reads weights at ~20 GB/s
@@ -274,11 +270,15 @@ def cpu_flops(cores: int) -> float:
 def _gpu_s_per_token(cfg: TrainConfig, gpu: GpuKind) -> float:
     """Seconds a trained token on one GPU, before the host floor."""
     c = cfg.model
-    traffic = (COMPILED_TRAFFIC if cfg.compiled else EAGER_TRAFFIC) * (FP32_TRAFFIC if cfg.precision == "fp32" else 1.0)
-    full = flops_per_token(c)
-    seconds = (full / (peak_flops(gpu, cfg.precision) * MATMUL_EFFICIENCY)
+    mode = RESIDUAL_MODES[c.residual]
+    if cfg.compiled:  # the mode's cost is the bytes it moves (modes.py compiled_traffic)
+        traffic = COMPILED_TRAFFIC + mode.compiled_traffic[c.stream_dtype == "bfloat16"]
+        slowdown = 1.0
+    else:
+        traffic, slowdown = EAGER_TRAFFIC, RESIDUAL_SLOWDOWN[c.residual]
+    traffic *= FP32_TRAFFIC if cfg.precision == "fp32" else 1.0
+    seconds = (flops_per_token(c) / (peak_flops(gpu, cfg.precision) * MATMUL_EFFICIENCY)
                + traffic * c.n_layers * c.d_model / (gpu.memory_bandwidth_gbs * GIGA))
-    slowdown = (COMPILED_RESIDUAL_SLOWDOWN if cfg.compiled else RESIDUAL_SLOWDOWN)[c.residual]
     return seconds * _time_scale(cfg) * slowdown * EXECUTOR_OVERHEAD
 
 
@@ -292,10 +292,11 @@ def optimizer_bytes_per_param(cfg: TrainConfig) -> float:
 
 
 def _host_floor(c: ModelConfig, compiled: bool = False) -> float:
-    """The host's launch time of a micro-step; compiled blocks assumed to launch no more
-    than eager ones, scaled by the mode's compiled cost (no compiled floor was measured)."""
-    slowdown = (COMPILED_RESIDUAL_SLOWDOWN if compiled else RESIDUAL_SLOWDOWN)[c.residual]
-    return HOST_S_PER_LAYER * c.n_layers * slowdown * EXECUTOR_OVERHEAD
+    """The host's launch time of a micro-step: eager's measured, by the mode's launches;
+    compiled blocks' assumed (COMPILED_HOST_S_PER_LAYER), the mode fused into them."""
+    if compiled:
+        return COMPILED_HOST_S_PER_LAYER * c.n_layers * EXECUTOR_OVERHEAD
+    return HOST_S_PER_LAYER * c.n_layers * RESIDUAL_SLOWDOWN[c.residual] * EXECUTOR_OVERHEAD
 
 
 def _cpu_s_per_token(cfg: TrainConfig, cores: int) -> float:
