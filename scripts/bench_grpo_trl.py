@@ -109,7 +109,8 @@ def run_muse(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, An
         store.close()
     per_s = [s / n for s, n in zip(speed, length)]
     return {"completions_per_s": statistics.median(per_s), "mean_completion_tokens": statistics.fmean(length),
-            "tokens_per_s": statistics.median(speed), "peak_gib": row["peak_gib"], "wall_s": row["wall_s"]}
+            "tokens_per_s": statistics.median(speed), "peak_gib": row["peak_gib"], "wall_s": row["wall_s"],
+            "events": row["events"]}
 
 
 def run_trl(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, Any]:

@@ -99,7 +99,8 @@ def run_one(data: dict, cache: Path, skip: int, env: dict[str, str] | None = Non
     compiled = next((m for m in events if m.startswith(("compiled ", "torch.compile failed"))), None)
     first = re.search(r"first step took ([\d.]+) s", compiled or "")
     row.update(tokens_per_s=statistics.median(speed[skip:] or speed), peak_gib=max(memory), steps=len(speed),
-               compile_event=compiled, first_step_s=float(first[1]) if first else None)
+               compile_event=compiled, first_step_s=float(first[1]) if first else None,
+               events=events[:30])  # what the run said (a fallback, a cache it could not use)
     return row
 
 
