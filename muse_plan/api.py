@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from muse_plan.errors import PlanError
+from muse_plan.monitor.trackers import require as require_trackers
 from muse_plan.plan import io
 from muse_plan.plan.diff import Change, diff
 from muse_plan.plan.edit import apply_sets
@@ -53,6 +54,7 @@ def create(store: Store, *, from_yaml: str | None = None, reason: str | None = N
     if not data.get("name"):
         data["name"] = _auto_name(store, data)
     spec = complete(io.spec_from_dict(data, "plan"))
+    require_trackers(spec.training.log_with)
     source = f"from {from_yaml}" if from_yaml else "from flags"
     with store.write() as session:
         plan, revision = repo.create_plan(session, spec, reason=reason or f"created {source}")
@@ -66,6 +68,7 @@ def import_file(store: Store, path: str, *, name: str | None = None, update: boo
     if name is not None:
         spec = io.spec_from_dict({**io.spec_to_dict(spec), "name": name}, str(path))
     spec = complete(spec)
+    require_trackers(spec.training.log_with)
     with store.write() as session:
         plan = repo.find_plan(session, spec.name)
         if plan is None:
@@ -104,6 +107,8 @@ def edit(store: Store, ref: str, sets: list[str], *, reason: str | None = None,
             data["stages"] = []
             data.setdefault("model", {}).pop("residual", None)
         spec = complete(io.spec_from_dict(data, "edited plan"))
+        if spec.training.log_with != repo.spec_of(head).training.log_with:  # newly named here: installed?
+            require_trackers(spec.training.log_with)
         changes = diff(old, io.spec_to_dict(spec))
         if not changes:
             return Stored(plan, head, spec, created=False), []
@@ -233,6 +238,32 @@ def _probe_here(spec: Any) -> tuple[Any, list[Any], list[str]]:
     spec, probes, _ = probe_plan(spec, 1, cuda, muse_home() / "cache",
                                  rewrite=lambda new, reason: rewrites.append(reason))
     return spec, probes, rewrites
+
+
+def set_log_with(store: Store, ref: str, text: str) -> Stored | None:
+    """``--log-with tensorboard,mlflow`` (``none``: no tracker): stored with the plan (a revision
+    by the user) when it differs from what the plan holds, so the plan says where its runs log;
+    None when unchanged. A tracker whose package is missing is refused before anything is stored."""
+    from muse_plan.plan.spec import _tracker_set
+
+    try:
+        names = _tracker_set(text)
+    except ValueError as exc:
+        raise PlanError(f"--log-with: {exc}") from None
+    require_trackers(names, "--log-with")
+    with store.write() as session:
+        plan = repo.get_plan(session, ref)
+        spec = repo.spec_of(repo.get_revision(session, plan))
+        if spec.training.log_with == names:
+            return None
+        data = io.spec_to_dict(spec)
+        training = data.setdefault("training", {})
+        training.pop("log_with", None)
+        if names:
+            training["log_with"] = list(names)
+        new = io.spec_from_dict(data, "plan with trackers")
+        revision = repo.add_revision(session, plan, new, "user", f"--log-with {','.join(names or ['none'])}")
+        return Stored(plan, revision, new)
 
 
 def set_alerts(store: Store, ref: str, text: str) -> Stored | None:

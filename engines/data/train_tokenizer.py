@@ -102,16 +102,16 @@ def check_vocab_size(vocab_size: int) -> None:
                          f"{len(SPECIALS)} specials, so {MIN_VOCAB} to {MAX_VOCAB:,}")
 
 
-def check_output(out_dir: Path, force: bool, replaced: str = "the tokenizer files") -> Path:
+def check_output(out_dir: Path, force: bool, replaced: str | None = "the tokenizer files") -> Path:
     """The output folder; FileExistsError (one line) when it is a file, or a non-empty folder
-    without ``force`` (which would replace ``replaced`` in it). ``muse export`` checks its folder
-    with this too."""
+    without ``force`` (which would replace ``replaced`` in it; None: the command has no --force).
+    ``muse export`` and ``muse runs export`` check their folders with this too."""
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"output '{out_dir}' exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise FileExistsError(f"output folder '{out_dir}' is not empty; name a new folder, or pass --force to "
-                              f"replace {replaced} in it")
+        instead = f", or pass --force to replace {replaced} in it" if replaced else " or an empty one"
+        raise FileExistsError(f"output folder '{out_dir}' is not empty; name a new folder{instead}")
     return out_dir
 
 

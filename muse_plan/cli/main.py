@@ -57,6 +57,7 @@ def _register() -> None:
 
     app.add_typer(plan.app, name="plan")
     app.add_typer(run.app, name="run")
+    app.add_typer(run.app, name="runs", hidden=True)  # `muse runs export ...`, as the plural reads too
     app.command("hardware")(hardware.hardware)
     app.command("monitor")(monitor.monitor)
     app.command("report")(report.report)

@@ -289,12 +289,15 @@ def run_(
         help="Faults on purpose, like nan@120,oom@200,grad_spike@300 (also MUSE_INJECT).")] = None,
     probe: Annotated[Optional[bool], typer.Option(
         "--probe/--no-probe", help="One measured step of each stage before the run; default: on a GPU.")] = None,
+    log_with: Annotated[Optional[str], typer.Option(
+        "--log-with", help="Trackers stored with the plan (training.log_with), like tensorboard,mlflow,wandb; "
+                           "none to stop.")] = None,
 ) -> None:
     """Fit the plan to this machine, then run its stages (or resume its last run)."""
     from muse_plan.cli.run import execute
 
     execute(ctx, plan, resume=resume, num_processes=num_processes, force=force, inject=inject,
-            alert_thresholds=alert_thresholds, probe=probe)
+            alert_thresholds=alert_thresholds, probe=probe, log_with=log_with)
 
 
 @app.command()

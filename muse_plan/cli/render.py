@@ -139,8 +139,8 @@ def stages_table(spec: PlanSpec) -> Table:
 
 def training_panel(training: TrainingSpec) -> Panel:
     values = training.model_dump()
-    chosen = [(k, str(v)) for k, v in values.items() if v is not None]
-    open_ = [k for k, v in values.items() if v is None]
+    chosen = [(k, ", ".join(v) if k == "log_with" else str(v)) for k, v in values.items() if v is not None]
+    open_ = [k for k, v in values.items() if v is None and k != "log_with"]  # trackers are the user's to name
     parts: list[Any] = [_kv(chosen)]
     if open_:
         parts.append(Text("left open for the optimizer: " + ", ".join(open_), style="dim"))

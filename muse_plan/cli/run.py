@@ -1,14 +1,15 @@
-"""``muse run ...``: list, show and resume runs; and the body of ``muse plan run``."""
+"""``muse run ...`` (also ``muse runs``): list, show, resume and export runs; and the body of ``muse plan run``."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from muse_plan.cli.common import console, print_json, store
 
-app = typer.Typer(help="Inspect and resume training runs.", no_args_is_help=True)
+app = typer.Typer(help="Inspect, resume and export training runs.", no_args_is_help=True)
 
 RunArg = Annotated[str, typer.Argument(help="Run id (as in `muse run list`).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
@@ -16,8 +17,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")
 
 def execute(ctx: typer.Context, plan_ref: str, *, resume: bool, run_ref: str | None = None,
             num_processes: int = 1, force: bool = False, inject: str | None = None,
-            alert_thresholds: str | None = None, probe: bool | None = None) -> None:
-    """Run or resume a plan here, or on N GPUs through ``accelerate launch``."""
+            alert_thresholds: str | None = None, probe: bool | None = None, log_with: str | None = None) -> None:
+    """Run or resume a plan here, or on N GPUs through ``accelerate launch``. Flags that change
+    the plan (``--alert-thresholds``, ``--log-with``) are stored as its revision first."""
     from muse_plan.executor import launch
 
     from muse_plan.errors import PlanError
@@ -37,6 +39,12 @@ def execute(ctx: typer.Context, plan_ref: str, *, resume: bool, run_ref: str | N
         stored = api.set_alerts(store(ctx), plan_ref, alert_thresholds)
         if stored is not None:
             console.print(f"alert thresholds stored as revision {stored.revision.number}")
+    if log_with is not None and not launch.launched():
+        from muse_plan import api
+
+        stored = api.set_log_with(store(ctx), plan_ref, log_with)
+        if stored is not None:
+            console.print(f"trackers ({log_with}) stored as revision {stored.revision.number}", highlight=False)
     if num_processes > 1 and not launch.launched():
         args = (["--db", db_url] if db_url else []) + (
             ["run", "resume", run_ref] if run_ref else
@@ -84,6 +92,8 @@ def _report(result) -> None:
             sampled = (f", {100 * m['test_accuracy_sampled']:.1f}% sampled" if "test_accuracy_sampled" in m
                        else "")
             console.print(f"    held-out accuracy {100 * m['test_accuracy']:.1f}% greedy{sampled}", highlight=False)
+    for hint in result.tracking:
+        console.print(f"  {hint}", highlight=False, soft_wrap=True)
     console.print(f"see it with: muse run show {result.run_id}")
 
 
@@ -148,3 +158,27 @@ def resume(
 ) -> None:
     """Continue a stopped run from its last good checkpoint."""
     execute(ctx, "", resume=True, run_ref=run, num_processes=num_processes)
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    run: RunArg,
+    folder: Annotated[Path, typer.Argument(help="A new (or empty) folder to write the tracker's files into.")],
+    to: Annotated[Optional[str], typer.Option("--to", help="tensorboard or mlflow.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a stopped run from the store into TensorBoard or MLflow, as it logs live.
+
+    The same tags, steps, values, hyper-parameters and text events as training.log_with
+    gives a run while it trains, into a new (or empty) folder."""
+    from muse_plan.monitor.trackers import export_run
+
+    done = export_run(store(ctx), run, (to or "").strip().lower(), folder)
+    if as_json:
+        print_json({"run": done.run_id, "plan": done.plan, "to": done.tracker, "dir": str(done.folder.resolve()),
+                    "points": done.points, "events": done.events, "open": done.hint})
+        return
+    console.print(f"exported run {done.run_id} of plan [bold]{done.plan}[/] to {done.tracker} in {done.folder}: "
+                  f"{done.points} metric points, {done.events} events", highlight=False, soft_wrap=True)
+    console.print(f"open it with: {done.hint}", highlight=False, soft_wrap=True, markup=False)

@@ -87,8 +87,9 @@ def check_growth(spec: PlanSpec, position: int) -> int:
 
 
 def grow_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: Prepared, position: int,
-               s: StageSettings, trainer: Any, view: View | None) -> StageResult:
-    """Grow the source stage's final weights into ``trainer.model``'s shape and save them."""
+               s: StageSettings, trainer: Any, view: View | None, mirror: Any = None) -> StageResult:
+    """Grow the source stage's final weights into ``trainer.model``'s shape and save them;
+    its metrics reach the run's trackers (``mirror``) as a trained stage's do."""
     stage, run_dir = spec.stages[position], Path(prepared.run_dir)
     source = stage.from_stage or spec.stages[position - 1].name
     found = checkpoint.checkpoints(run_dir / source)
@@ -115,7 +116,7 @@ def grow_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         checkpoint.save(run_dir / stage.name, s.steps, trainer.model, state, meta)
     accelerator.wait_for_everyone()
     if store is not None and report is not None:
-        hooks = Recorder(store, prepared.run_id, prepared.stage_run_ids[position], view)
+        hooks = Recorder(store, prepared.run_id, prepared.stage_run_ids[position], view, mirror=mirror)
         hooks.on_start(0)
         hooks.on_eval(s.steps, report.metrics)
         hooks.finish(s.steps, {}, path)

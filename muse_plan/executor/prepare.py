@@ -10,6 +10,10 @@ created (or reopened to resume).
   under the optimizer's revision.
 - Resume runs under the plan's head revision, from the first stage not
   completed; a run still alive elsewhere is not resumed twice.
+- A new run's first event holds its hyper-parameters (the revision and every
+  stage's resolved settings, ``monitor/trackers.run_config``): what its trackers
+  and a later ``muse runs export`` log. A tracker the plan names whose package
+  is missing is refused here, before the run exists.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from muse_plan.errors import Conflict, NotFound, PlanError
 from muse_plan.executor.record import Prepared, View
 from engines.contract import StageSetup
 from muse_plan.executor.settings import StageSettings, frozen_precision, resolve
+from muse_plan.monitor.trackers import require as require_trackers, run_config
 from muse_plan.plan.io import spec_to_dict
 from muse_plan.plan.kinds import STAGE_KINDS
 from muse_plan.plan.spec import PlanSpec
@@ -69,6 +74,7 @@ def prepare_run(store: Store, plan_ref: str, resume: bool, run_ref: str | None, 
             plan = repo.get_plan(session, plan_ref)
         revision = repo.get_revision(session, plan)
         spec = repo.spec_of(revision)
+    require_trackers(spec.training.log_with)  # a tracker's package missing: refused before a run exists
     trained = [s.steps for s in check_stages(spec, world_size, cuda) if STAGE_KINDS[s.kind].trains]
     unreachable = injector.unreachable(max(trained, default=0)) if injector is not None else []
     if unreachable:
@@ -86,10 +92,17 @@ def prepare_run(store: Store, plan_ref: str, resume: bool, run_ref: str | None, 
                                   str(muse_home() / "runs"))
             start = 0
             device = f"{world_size} GPU process(es)" if cuda else f"{world_size} CPU process(es)"
-            runs.add_event(session, run, f"run started under revision {revision.number} on {device}")
+            # the run's hyper-parameters, kept with its first event: what its trackers (or an export) log
+            config = run_config(plan.name, run.id, revision.number, spec_to_dict(spec), settings, world_size,
+                                "cuda" if cuda else "cpu")
+            runs.add_event(session, run, f"run started under revision {revision.number} on {device}",
+                           data={"config": config})
+        session.flush()
         stage_ids = [sr.id for sr in runs.stage_runs(session, run)]
+        # a resumed run's trackers mirror its events from the resume on; earlier ones were mirrored before
+        events_from = runs.newest_event_id(session, run.id) if resume else 0
     return Prepared(run.id, run.run_dir, plan.name, revision.number,
-                    json.dumps(spec_to_dict(spec)), start, resume, stage_ids)
+                    json.dumps(spec_to_dict(spec)), start, resume, stage_ids, events_from)
 
 
 def _fit_here(store: Store, plan: Any, revision: Any, spec: PlanSpec, world_size: int, force: bool,

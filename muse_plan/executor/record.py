@@ -5,8 +5,9 @@
 - ``View`` is how a run shows itself (the CLI's progress bar), main process
   only; ``note`` writes an event and shows it.
 - ``Recorder`` is the loop's hooks that write a stage's metrics to the
-  store in batches; ``mark_stopped`` records a run that stopped (a fault,
-  Ctrl-C) and says where.
+  store in batches, and hand each batch to the run's trackers when it has
+  any; ``mark_stopped`` records a run that stopped (a fault, Ctrl-C) and
+  says where.
 - ``model_meta`` is what a checkpoint's manifest says about the model its
   weights were built with (``ModelConfig``), so a later stage builds it.
 """
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 
 from muse_plan.executor import checkpoint
 from muse_plan.executor.loop import Fault, StepRecord
+from muse_plan.monitor.trackers import LiveMirror
 from muse_plan.store import runs
 from muse_plan.store.db import Store
 from muse_plan.store.models import Run, StageRun, utcnow
@@ -66,6 +68,7 @@ class RunResult:
     seconds: float = 0.0  # wall time of this process's part of the run
     head: int | None = None  # the plan's head when it finished (an edit since may have moved it on)
     run_seconds: float | None = None  # wall time since the run first started, pauses included
+    tracking: list[str] = field(default_factory=list)  # how to look at each tracker it logged to
 
 
 @dataclass
@@ -80,6 +83,7 @@ class Prepared:
     start: int  # position of the first stage to run
     resume: bool
     stage_run_ids: list[int]
+    events_from: int = 0  # the first of the run's events this process mirrors to its trackers (0: all)
 
 
 def model_meta(model: Any) -> dict[str, Any]:
@@ -130,12 +134,15 @@ def mark_stopped(store: Store, prepared: Prepared, exc: BaseException) -> str:
 
 
 class Recorder:
-    """Loop hooks that write a stage's metrics to the store in batches (main process)."""
+    """Loop hooks that write a stage's metrics to the store in batches (main process).
+
+    ``mirror``: the run's trackers (``training.log_with``); each batch goes to them
+    right after the store has it, then the run's new events (``monitor/trackers.py``)."""
 
     def __init__(self, store: Store, run_id: int, stage_run_id: int, view: View | None,
-                 flush_seconds: float = 2.0) -> None:
+                 flush_seconds: float = 2.0, mirror: LiveMirror | None = None) -> None:
         self.store, self.run_id, self.stage_run_id, self.view = store, run_id, stage_run_id, view
-        self.flush_seconds = flush_seconds
+        self.flush_seconds, self.mirror = flush_seconds, mirror
         self.buffer: list[tuple[int, str, float]] = []
         self.step = 0
         self.last_flush = time.monotonic()
@@ -195,7 +202,10 @@ class Recorder:
                 sr.checkpoint = checkpoint
             for key, value in updates.items():
                 setattr(sr, key, value)
-        self.buffer = []
+        written, self.buffer = self.buffer, []
+        if self.mirror is not None:  # after the store: a tracker's trouble never costs it a point
+            self.mirror.points(self.stage_run_id, written)
+            self.mirror.sync()
         self.last_flush = time.monotonic()
 
     def finish(self, step: int, summary: dict[str, float], final: Path) -> None:

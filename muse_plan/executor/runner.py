@@ -14,6 +14,10 @@ Design decisions:
   model that checkpoint's manifest describes.
 - Resume runs under the plan's head revision; when a checkpoint was made
   under another revision, resume says so.
+- ``training.log_with``: the run's trackers are started once, beside the store
+  (main process), and outlive the Accelerators its stages build; each stage's
+  Recorder feeds them, and they are finished with the run's ending
+  (``monitor/trackers.py``).
 - The modules: ``prepare`` (checks, fit, the run row), ``accelerators``
   (precision, FSDP), ``record`` (store writes, the view), ``grow`` (a grow
   stage), ``probe``, and this one, the stage loop around the engines.
@@ -43,6 +47,7 @@ from muse_plan.executor.prepare import prepare_run, set_up, stage_settings
 from muse_plan.executor.record import (Prepared, Recorder, RunResult, StageResult, View, mark_stopped, model_meta,
                                        note)
 from muse_plan.monitor.detectors import Watch
+from muse_plan.monitor.trackers import LiveMirror, open_live
 from muse_plan.plan.io import spec_from_dict, spec_to_dict
 from muse_plan.plan.kinds import STAGE_KINDS
 from muse_plan.plan.spec import PlanSpec
@@ -81,8 +86,13 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
     accelerator = None
     result = RunResult(prepared.run_id, prepared.plan, prepared.revision, prepared.resume,
                        main=state.is_main_process, processes=state.num_processes)
+    mirror = None  # the run's trackers (training.log_with): main process, beside the store
     previous = _stop_between_steps()
     try:
+        if store is not None and spec.training.log_with:
+            mirror = open_live(store, prepared.run_id, spec.training.log_with, prepared.events_from,
+                               view.message if view else None)
+            result.tracking = mirror.hints
         if (cuda if probe is None else probe) and not prepared.resume:
             spec, accelerator = _probe(store, prepared, spec, state.num_processes, cuda, view)
             if state.num_processes > 1:
@@ -95,7 +105,7 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
                                                lambda text: note(store, prepared, position, [text], view, "info"))
                 try:
                     done = _run_stage(store, accelerator, spec, prepared, position, resuming, view, injector,
-                                      skip_until, starts)
+                                      skip_until, starts, mirror)
                     # this process's whole part of the stage: from where it first started, faults included
                     result.stages.append(replace(done, seconds=time.perf_counter() - began,
                                                  start_step=starts[0] if starts else 0, faults=len(budget.tried)))
@@ -110,6 +120,8 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
                     resuming, skip_until = True, fault.step if skip else None
     except BaseException as exc:
         where = mark_stopped(store, prepared, exc) if store is not None else ""
+        if mirror is not None:  # the stop's events too, and each tracker told how the run ended
+            mirror.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
         if isinstance(exc, KeyboardInterrupt) and store is not None:
             raise RunInterrupted(f"run {prepared.run_id} interrupted{where}; resume with: "
                                  f"muse plan run {prepared.plan} --resume") from None
@@ -131,6 +143,8 @@ def run_plan(db_url: str | None, plan_ref: str, *, resume: bool = False, run_ref
             runs.add_event(session, run, f"run completed under revision {prepared.revision}")
             result.head = session.get(repo.Plan, run.plan_id).head
             result.run_seconds = (run.finished_at - run.started_at).total_seconds() if run.started_at else None
+        if mirror is not None:
+            mirror.close("completed")
         store.close()
     return result
 
@@ -210,8 +224,10 @@ def _seed(seed: int) -> None:
 
 def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: Prepared, position: int,
                resuming: bool, view: View | None, injector: Injector | None = None,
-               skip_until: int | None = None, starts: list[int] | None = None) -> StageResult:
-    """One attempt at a stage; ``starts`` gets the step it started from."""
+               skip_until: int | None = None, starts: list[int] | None = None,
+               mirror: LiveMirror | None = None) -> StageResult:
+    """One attempt at a stage; ``starts`` gets the step it started from; ``mirror``: the
+    run's trackers, fed where the store is."""
     stage = spec.stages[position]
     s = stage_settings(spec, position, accelerator.num_processes, accelerator.device.type == "cuda")
     trains = STAGE_KINDS[stage.kind].trains
@@ -223,7 +239,7 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
     if not trains:  # a grow stage: the engine changes the weights, the loop does not run
         from muse_plan.executor.grow import grow_stage
 
-        return grow_stage(store, accelerator, spec, prepared, position, s, trainer, view)
+        return grow_stage(store, accelerator, spec, prepared, position, s, trainer, view, mirror)
     run_dir = Path(prepared.run_dir)
     start = _starting_point(store, accelerator, spec, prepared, position, resuming, trainer, view)
     if starts is not None:
@@ -235,7 +251,7 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
         meta.update(weights=checkpoint.ADAPTERS, base_model=str(base))
     hooks = None
     if store is not None:
-        hooks = Recorder(store, prepared.run_id, prepared.stage_run_ids[position], view)
+        hooks = Recorder(store, prepared.run_id, prepared.stage_run_ids[position], view, mirror=mirror)
         if view:
             view.stage_started(stage.name, s.steps, start.step if start else 0)
     t0 = time.perf_counter()

@@ -30,6 +30,7 @@ from engines.architecture.config import RESIDUAL_NAMES
 from engines.architecture.shapes import Shape, decoder_params, shape_for_params, swiglu_hidden
 from muse_plan.plan.kinds import STAGE_KINDS, kind_of, stage_options
 from muse_plan.plan.techniques import Techniques
+from muse_plan.monitor.tracker_kinds import TRACKER_NAMES
 
 
 class Frozen(BaseModel):
@@ -83,6 +84,22 @@ def _task_set(value: Any) -> tuple[str, ...]:
 
 
 TaskSet = Annotated[tuple[str, ...], BeforeValidator(_task_set)]
+
+
+def _tracker_set(value: Any) -> tuple[str, ...] | None:
+    """``tensorboard,mlflow`` or a list; ``none`` or empty: no tracker (None, so a plan without
+    one dumps as it always did). Kept in the registry's order, so a reordered list is the same plan."""
+    if value is None:
+        return None
+    names = units.split_csv(value) if isinstance(value, str) else [str(v).lower() for v in value]
+    names = [n for n in names if n != "none"]
+    unknown = [n for n in names if n not in TRACKER_NAMES]
+    if unknown:
+        raise ValueError(f"unknown tracker {', '.join(map(repr, unknown))}; accepted: {', '.join(TRACKER_NAMES)}")
+    return tuple(t for t in TRACKER_NAMES if t in names) or None
+
+
+TrackerSet = Annotated[tuple[Literal[TRACKER_NAMES], ...] | None, BeforeValidator(_tracker_set)]
 
 
 class ModelShape(Frozen):
@@ -202,6 +219,9 @@ class TrainingSpec(Frozen):
         None, description="what training.compile compiles: the whole model as one graph, or each repeated block "
                           "(and muse's loss head); auto: blocks (one graph measured +0.7% faster for a first "
                           "step five times longer)")
+    log_with: TrackerSet = Field(
+        None, description="also log the run's metrics and events to these trackers (tensorboard, mlflow, wandb), "
+                          "through Accelerate; the run's, not a stage's (monitor/trackers.py)")
     seed: int = 0
 
 
@@ -304,6 +324,7 @@ class PlanSpec(Frozen):
         self._check_residual()
         self._check_batch()
         self._check_options()
+        self._check_log_with()
         return self
 
     def _check_stages(self) -> None:
@@ -348,6 +369,13 @@ class PlanSpec(Frozen):
                     and self.compute.gpu is None:
                 raise ValueError(f"stage {stage.name!r}: a 4-bit (QLoRA) base needs a CUDA GPU, and this plan's "
                                  "compute has none; use lora.quantize_base: none, or a GPU budget")
+
+    def _check_log_with(self) -> None:
+        """One set of trackers per run: a stage that names its own is refused, not half-honoured."""
+        for stage in self.stages:
+            if stage.training is not None and stage.training.log_with is not None:
+                raise ValueError(f"stage {stage.name!r}: training.log_with is the run's, not a stage's; "
+                                 "set it in the plan's training")
 
     @property
     def timeline_seconds(self) -> int | None:

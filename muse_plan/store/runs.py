@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from datetime import datetime, timezone
 from typing import Any, Iterable
 
 from sqlmodel import Session, col, delete, func, select
@@ -123,6 +124,18 @@ def metric_series(session: Session, run_id: int, name: str,
     return [(s, v) for s, v in session.exec(query.order_by(col(MetricPoint.step), col(MetricPoint.id)))]
 
 
+def metric_points(session: Session, stage_run_id: int) -> list[tuple[int, str, float, float]]:
+    """A stage's every metric point as (step, name, value, POSIX time), in the order recorded."""
+    query = (select(MetricPoint.step, MetricPoint.name, MetricPoint.value, MetricPoint.time)
+             .where(MetricPoint.stage_run_id == stage_run_id).order_by(col(MetricPoint.id)))
+    return [(step, name, value, _posix(time)) for step, name, value, time in session.exec(query)]
+
+
+def _posix(time: datetime) -> float:
+    """A stored time handed back without its zone was stored as UTC."""
+    return (time if time.tzinfo else time.replace(tzinfo=timezone.utc)).timestamp()
+
+
 def last_metrics(session: Session, stage_run_id: int) -> dict[str, tuple[int, float]]:
     """The newest (step, value) of each metric a stage recorded."""
     newest = (select(MetricPoint.name, func.max(MetricPoint.id).label("mid"))
@@ -143,3 +156,15 @@ def add_event(session: Session, run: Run, message: str, *, kind: str = "info", s
 def events(session: Session, run_id: int, limit: int = 20) -> list[Event]:
     query = select(Event).where(Event.run_id == run_id).order_by(col(Event.id).desc()).limit(limit)
     return list(reversed(list(session.exec(query))))
+
+
+def events_after(session: Session, run_id: int, after: int, limit: int | None = None) -> list[Event]:
+    """The run's events with an id above ``after``, oldest first: what a tracker mirror
+    (``monitor/trackers.py``) has not seen yet."""
+    query = select(Event).where(Event.run_id == run_id, col(Event.id) > after).order_by(col(Event.id))
+    return list(session.exec(query.limit(limit) if limit is not None else query))
+
+
+def newest_event_id(session: Session, run_id: int) -> int:
+    """The id of the run's newest event (0 for none)."""
+    return session.exec(select(func.max(Event.id)).where(Event.run_id == run_id)).one() or 0
