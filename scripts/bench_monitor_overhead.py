@@ -2,6 +2,7 @@
 
     python scripts/bench_monitor_overhead.py                 # one CUDA GPU, ~350M decoder, bf16
     python scripts/bench_monitor_overhead.py --tiny          # CPU, tiny decoder: checks the script
+    python scripts/bench_monitor_overhead.py --log-with tensorboard,mlflow   # monitoring with trackers too
 
 Part 1, monitoring overhead: the executor's real loop (``train_stage``) on
 the architecture engine, in rounds alternating off, on, on, off (ABBA, so a
@@ -134,8 +135,10 @@ class Timed:
         return timed
 
 
-def one_round(spec: Any, monitored: bool, index: int, warmup: int, home: Path) -> dict[str, Any]:
-    """``train_stage`` once, monitoring on or off; the step times after ``warmup``."""
+def one_round(spec: Any, monitored: bool, index: int, warmup: int, home: Path,
+              log_with: list[str] | None = None) -> dict[str, Any]:
+    """``train_stage`` once, monitoring on or off; the step times after ``warmup``. ``log_with``:
+    monitoring also mirrors every flushed batch and event into these trackers, as a run does."""
     import torch
     from accelerate import Accelerator
 
@@ -169,7 +172,13 @@ def one_round(spec: Any, monitored: bool, index: int, warmup: int, home: Path) -
             run_id, stage_run_id = run.id, runs.stage_runs(session, run)[0].id
         capacity = (torch.cuda.get_device_properties(0).total_memory if cuda else os.sysconf("SC_PHYS_PAGES")
                     * os.sysconf("SC_PAGE_SIZE")) / 2**30
-        hooks, watch = Timed(Recorder(store, run_id, stage_run_id, None)), Timed(Watch(spec.alerts, capacity))
+        mirror = None
+        if log_with:  # the run's trackers, fed where the store is (monitor/trackers.py)
+            from muse_plan.monitor.trackers import open_live
+
+            mirror = open_live(store, run_id, log_with)
+        hooks = Timed(Recorder(store, run_id, stage_run_id, None, mirror=mirror))
+        watch = Timed(Watch(spec.alerts, capacity))
     folder = home / "rounds" / f"round-{index}"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -177,6 +186,8 @@ def one_round(spec: Any, monitored: bool, index: int, warmup: int, home: Path) -
     points = 0
     if monitored:
         hooks.inner.flush()
+        if hooks.inner.mirror is not None:
+            hooks.inner.mirror.close("completed")
         with store.read() as session:
             points = sum(len(runs.metric_series(session, run_id, n)) for n in ("loss", "grad_norm", "tokens_per_s"))
         store.close()
@@ -269,8 +280,11 @@ def main() -> None:
     parser.add_argument("--fault-steps", type=int, default=20)
     parser.add_argument("--fault-every", type=int, default=10, help="checkpoint interval of the fault runs")
     parser.add_argument("--fault-at", type=int, default=15)
+    parser.add_argument("--log-with", default="",
+                        help="trackers the monitored rounds also log to, e.g. tensorboard,mlflow (training.log_with)")
     parser.add_argument("--out", type=Path, default=None, help="default docs/ (a temporary folder with --tiny)")
     args = parser.parse_args()
+    args.log_with = [t.strip() for t in args.log_with.split(",") if t.strip()]
     args.micro_batch = args.micro_batch or (8 if args.tiny else 16)
     args.steps = args.steps or (30 if args.tiny else 60)
     args.warmup = args.warmup if args.warmup is not None else (5 if args.tiny else 10)
@@ -301,7 +315,7 @@ def main() -> None:
     order = [False, True, True, False] * (args.rounds // 4) + [False, True] * (args.rounds % 4 // 2)
     rounds = []
     for index, monitored in enumerate(order):
-        rounds.append(one_round(spec, monitored, index, args.warmup, home))
+        rounds.append(one_round(spec, monitored, index, args.warmup, home, args.log_with))
         print(json.dumps(rounds[-1]), flush=True)
     faults = []
     for kind in ("nan", "oom"):
@@ -324,7 +338,8 @@ def write(args: argparse.Namespace, asked: int, rounds: list[dict[str, Any]], fa
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.cuda.get_device_name(0) if cuda else f"CPU ({torch.get_num_threads()} torch thread(s))"
     command = "python scripts/bench_monitor_overhead.py" + (" --tiny" if args.tiny else "") + (
-        f" --residual {args.residual}" if args.residual != "standard" else "")
+        f" --residual {args.residual}" if args.residual != "standard" else "") + (
+        f" --log-with {','.join(args.log_with)}" if args.log_with else "")
     shape = ("tiny decoder (2 layers, d_model 64), seq 64, fp32" if args.tiny else
              f"350M decoder ({args.residual} residual), seq {args.seq_len}, bf16 autocast")
     mean_ratio = _mean(rounds, "mean_step_s", True) / _mean(rounds, "mean_step_s", False)
@@ -362,10 +377,11 @@ def write(args: argparse.Namespace, asked: int, rounds: list[dict[str, Any]], fa
     out.mkdir(parents=True, exist_ok=True)
     result = {"command": command, "device": device, "torch": torch.__version__, "micro_batch": args.micro_batch,
               "rounds": rounds, "faults": faults, "mean_ratio": mean_ratio, "median_ratio": median_ratio}
-    (out / "bench_monitor_overhead.json").write_text(json.dumps(result, indent=2))
-    (out / "bench_monitor_overhead.md").write_text("\n".join(md) + "\n")
+    stem = "bench_monitor_overhead" + ("_trackers" if args.log_with else "")  # the trackers' own table
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
-    print(f"\nwrote {out / 'bench_monitor_overhead.md'}")
+    print(f"\nwrote {out / f'{stem}.md'}")
 
 
 if __name__ == "__main__":
