@@ -94,7 +94,9 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
     forward and one backward (``_fused_sinkhorn``): unfused, each of the 2·iters
     normalisations is a handful of launches on a tiny (…, 4, 4) tensor, and
     launches, not arithmetic, set the time: at 16k tokens on an H100, about
-    6.5 ms a connection forward and backward unfused, under 0.2 ms fused.
+    6.5 ms a connection forward and backward unfused, 0.17 ms for the fused
+    backward alone when it recomputed every step from the logits (it now saves
+    them; not yet timed on a GPU).
     """
     n = logits.shape[-1]
     if logits.is_cuda and _FUSED and logits.shape[-2:] == (4, 4):
@@ -250,36 +252,51 @@ if _FUSED:
         tl.store(out_ptr + offs + 12, tl.exp(r3), mask=mask)
 
     @triton.jit
-    def _sinkhorn_bwd_kernel(logits_ptr, grad_out_ptr, grad_in_ptr, n_mats, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    def _sinkhorn_bwd_kernel(logits_ptr, grad_out_ptr, grad_in_ptr, saved_ptr, n_mats,
+                             ITERS: tl.constexpr, BLOCK: tl.constexpr):
         # Each half-step y = x − lse(x) has the backward dx = dy − exp(y)·Σ dy along
-        # its axis, so going back through step k needs only that step's outputs.
-        # They are recomputed from the logits (iters²/2 steps in registers) rather
-        # than stored: 2·iters matrices a token would cost more memory traffic
-        # than the arithmetic costs time.
+        # its axis, so going back through step k needs only that step's outputs. The
+        # forward is run again once, each step's two outputs written to ``saved``
+        # (2·iters matrices a matrix, in the logits' layout), then read back in
+        # reverse. Recomputing each step's outputs from the logits instead (no
+        # scratch) runs iters²/2 dependent steps: 0.17 ms a connection of 16k
+        # tokens on an H100, 15% of what mhc added to a step (docs/bench_plan_run.md).
         offs, mask = _row_offsets(n_mats, BLOCK)
-        x0 = tl.load(logits_ptr + offs, mask=mask, other=0.0)
-        x1 = tl.load(logits_ptr + offs + 4, mask=mask, other=0.0)
-        x2 = tl.load(logits_ptr + offs + 8, mask=mask, other=0.0)
-        x3 = tl.load(logits_ptr + offs + 12, mask=mask, other=0.0)
-        g0 = tl.load(grad_out_ptr + offs, mask=mask, other=0.0)
-        g1 = tl.load(grad_out_ptr + offs + 4, mask=mask, other=0.0)
-        g2 = tl.load(grad_out_ptr + offs + 8, mask=mask, other=0.0)
-        g3 = tl.load(grad_out_ptr + offs + 12, mask=mask, other=0.0)
-        p0, p1, p2, p3 = _iterate(x0, x1, x2, x3, ITERS)
-        g0, g1, g2, g3 = g0 * tl.exp(p0), g1 * tl.exp(p1), g2 * tl.exp(p2), g3 * tl.exp(p3)  # through exp
-        for back in range(ITERS):
-            r0, r1, r2, r3 = _iterate(x0, x1, x2, x3, ITERS - 1 - back)
+        plane = n_mats * 16  # one saved step's matrices
+        r0 = tl.load(logits_ptr + offs, mask=mask, other=0.0)
+        r1 = tl.load(logits_ptr + offs + 4, mask=mask, other=0.0)
+        r2 = tl.load(logits_ptr + offs + 8, mask=mask, other=0.0)
+        r3 = tl.load(logits_ptr + offs + 12, mask=mask, other=0.0)
+        for k in range(ITERS):
             r0, r1, r2, r3 = _row_norm(r0), _row_norm(r1), _row_norm(r2), _row_norm(r3)
-            c0, c1, c2, c3 = _col_norm(r0, r1, r2, r3)
+            rows = saved_ptr + (2 * k) * plane + offs
+            tl.store(rows, r0, mask=mask)
+            tl.store(rows + 4, r1, mask=mask)
+            tl.store(rows + 8, r2, mask=mask)
+            tl.store(rows + 12, r3, mask=mask)
+            r0, r1, r2, r3 = _col_norm(r0, r1, r2, r3)
+            cols = saved_ptr + (2 * k + 1) * plane + offs
+            tl.store(cols, r0, mask=mask)
+            tl.store(cols + 4, r1, mask=mask)
+            tl.store(cols + 8, r2, mask=mask)
+            tl.store(cols + 12, r3, mask=mask)
+        g0 = tl.load(grad_out_ptr + offs, mask=mask, other=0.0) * tl.exp(r0)  # through the final exp
+        g1 = tl.load(grad_out_ptr + offs + 4, mask=mask, other=0.0) * tl.exp(r1)
+        g2 = tl.load(grad_out_ptr + offs + 8, mask=mask, other=0.0) * tl.exp(r2)
+        g3 = tl.load(grad_out_ptr + offs + 12, mask=mask, other=0.0) * tl.exp(r3)
+        for back in range(ITERS):
+            k = ITERS - 1 - back
+            cols = saved_ptr + (2 * k + 1) * plane + offs
             col_sum = g0 + g1 + g2 + g3
-            g0 = g0 - tl.exp(c0) * col_sum
-            g1 = g1 - tl.exp(c1) * col_sum
-            g2 = g2 - tl.exp(c2) * col_sum
-            g3 = g3 - tl.exp(c3) * col_sum
-            g0 = g0 - tl.exp(r0) * tl.sum(g0, axis=1)[:, None]
-            g1 = g1 - tl.exp(r1) * tl.sum(g1, axis=1)[:, None]
-            g2 = g2 - tl.exp(r2) * tl.sum(g2, axis=1)[:, None]
-            g3 = g3 - tl.exp(r3) * tl.sum(g3, axis=1)[:, None]
+            g0 = g0 - tl.exp(tl.load(cols, mask=mask, other=0.0)) * col_sum
+            g1 = g1 - tl.exp(tl.load(cols + 4, mask=mask, other=0.0)) * col_sum
+            g2 = g2 - tl.exp(tl.load(cols + 8, mask=mask, other=0.0)) * col_sum
+            g3 = g3 - tl.exp(tl.load(cols + 12, mask=mask, other=0.0)) * col_sum
+            rows = saved_ptr + (2 * k) * plane + offs
+            g0 = g0 - tl.exp(tl.load(rows, mask=mask, other=0.0)) * tl.sum(g0, axis=1)[:, None]
+            g1 = g1 - tl.exp(tl.load(rows + 4, mask=mask, other=0.0)) * tl.sum(g1, axis=1)[:, None]
+            g2 = g2 - tl.exp(tl.load(rows + 8, mask=mask, other=0.0)) * tl.sum(g2, axis=1)[:, None]
+            g3 = g3 - tl.exp(tl.load(rows + 12, mask=mask, other=0.0)) * tl.sum(g3, axis=1)[:, None]
         tl.store(grad_in_ptr + offs, g0, mask=mask)
         tl.store(grad_in_ptr + offs + 4, g1, mask=mask)
         tl.store(grad_in_ptr + offs + 8, g2, mask=mask)
@@ -301,7 +318,8 @@ if _FUSED:
     @torch.library.custom_op("muse_architecture::sinkhorn_backward", mutates_args=(), device_types="cuda")
     def _fused_sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int) -> torch.Tensor:
         grad_in = torch.empty_like(logits)
-        _launch(_sinkhorn_bwd_kernel, logits, grad.contiguous(), grad_in, iters=iters)
+        saved = logits.new_empty((2 * iters, *logits.shape))  # each step's outputs: 2·iters·64 B a matrix
+        _launch(_sinkhorn_bwd_kernel, logits, grad.contiguous(), grad_in, saved, iters=iters)
         return grad_in
 
     @_fused_sinkhorn.register_fake
