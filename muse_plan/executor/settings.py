@@ -208,9 +208,11 @@ def _batching(spec: PlanSpec, stage: StageSpec, world_size: int) -> tuple[int, i
     micro = t.micro_batch or min(DEFAULT_MICRO_BATCH, per_process)
     accum, rest = divmod(per_process, micro)
     if rest:
+        fits = max(d for d in range(1, min(micro, per_process) + 1) if per_process % d == 0)
         raise PlanError(
             f"global_batch {t.global_batch} is not a multiple of micro_batch {micro} × {world_size} "
-            f"processes; choose a global batch divisible by {micro * world_size}"
+            f"processes; choose a global batch divisible by {micro * world_size}, or training.micro_batch "
+            f"{fits} ({per_process} sequences a process)"
         )
     return micro, accum
 
