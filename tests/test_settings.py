@@ -47,11 +47,11 @@ def test_a_global_batch_that_does_not_split_is_refused() -> None:
     spec = plan({"global_batch": 30, "micro_batch": 4})
     with pytest.raises(PlanError, match=r"not a multiple of micro_batch 4 .* or training.micro_batch 3 \(30 "):
         resolve(spec, spec.stages[0])
+    with pytest.raises(PlanError, match="can't be split evenly over 4 processes"):
+        resolve(spec, spec.stages[0], world_size=4)
     spec = plan({"global_batch": 16, "micro_batch": 16})  # the bundled growth plan on 2 processes
     with pytest.raises(PlanError, match=r"or training.micro_batch 8 \(8 sequences a process\)"):
         resolve(spec, spec.stages[0], world_size=2)
-    with pytest.raises(PlanError, match="can't be split evenly over 4 processes"):
-        resolve(spec, spec.stages[0], world_size=4)
 
 
 def test_token_budget_becomes_steps() -> None:
