@@ -142,14 +142,14 @@ def test_adapters_without_a_recorded_scaling_are_refused():
         load_into(_model(), dict(lora_model.state_dict()), None)
 
 
-def _trainer(frozen: str, lora: dict | None, kl_beta: float = 0.0):
+def _trainer(frozen: str, lora: dict | None, kl_beta: float = 0.0, **extra):
     from engines.contract import StageSetup
     from engines.grpo.options import parse
     from engines.grpo.trainer import GrpoTrainer
 
     torch.manual_seed(0)
     options = {"tasks": ["multiplication:2x1"], "group_size": 4, "max_new_tokens": 8, "eval_problems": 2,
-               "kl_beta": kl_beta, **({"lora": lora} if lora else {})}
+               "kl_beta": kl_beta, **({"lora": lora} if lora else {}), **extra}
     t = GrpoTrainer()
     t.setup(StageSetup(name="rl", kind="reasoning_rl", micro_batch=2, frozen_precision=frozen,
                        options=parse("reasoning_rl", {}, options),
@@ -232,3 +232,23 @@ def test_adapters_alone_merge_into_the_weight_the_model_holds_and_never_into_a_p
     before = model[0].weight.detach().clone()
     missing, unexpected = load_into(model, {"0.lora_A.default.weight": a, "0.lora_B.default.weight": b}, 2.0, True)
     assert (missing, unexpected) == ([], []) and torch.allclose(model[0].weight, before + 2.0 * b @ a)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "s_grpo", "t_spmo"])
+def test_an_update_reports_its_signal_equal_groups_and_advantages(algorithm):
+    """What says why an RL stage learns or not: the share of groups whose completions all scored
+    alike, the mean |advantage| (GRPO, S-GRPO: of the completions; T-SPMO: of its informative
+    prefix-tree transitions) and T-SPMO's share of transitions that carry one."""
+    from engines.grpo.rl import Group
+
+    t = _trainer("fp32", None, algorithm=algorithm)
+    split = Group([1, 2, 3], [[5, 6], [5, 7], [5, 7], [5, 6]], torch.tensor([1.0, 0.0, 0.0, 1.0]), 0.5)
+    alike = Group([1, 2, 4], [[8], [8, 9], [9], [8]], torch.zeros(4), 0.0)
+    metrics = t.micro_step([split, alike]).metrics
+    assert metrics["equal_groups"] == 0.5
+    if algorithm == "t_spmo":
+        assert 0 < metrics["informative_transitions"] < 1 and metrics["advantage_abs"] > 0
+        quiet = t.micro_step([alike]).metrics
+        assert quiet["equal_groups"] == 1.0 and quiet["informative_transitions"] == quiet["advantage_abs"] == 0.0
+    else:  # ±0.5 over the group's sample std (√(1/3)) + 1e-4, for half of the 8 completions
+        assert metrics["advantage_abs"] == pytest.approx(0.5 * 0.5 / (3 ** -0.5 + 1e-4), rel=1e-6)

@@ -128,9 +128,12 @@ class ReinforcementLearning:
         rewards = torch.cat([g.rewards for g in groups])
         tokens = sum(len(c) for g in groups for c in g.completions)
         metrics = {"reward": float(rewards.mean()), "train_accuracy": sum(g.correct for g in groups) / len(groups),
-                   "completion_tokens": tokens / sum(len(g.completions) for g in groups)}
+                   "completion_tokens": tokens / sum(len(g.completions) for g in groups),
+                   # groups whose completions all scored alike: no advantage, nothing to learn from them
+                   "equal_groups": sum(bool((g.rewards == g.rewards[0]).all()) for g in groups) / len(groups)}
         if self.kl_beta > 0:
             metrics["kl"] = stats.get("kl", 0.0)
+        metrics.update({k: v for k, v in stats.items() if k in DIAGNOSTICS})
         return MicroStep(loss=loss, tokens=tokens, metrics=metrics)
 
     def logprobs(self, groups: list[Group], rows: list[list[int] | None] | None = None,
@@ -166,6 +169,7 @@ def _grpo(rl: ReinforcementLearning, groups: list[Group],
     spans the groups), each group's masked objective, normalised together."""
     rewards = torch.stack([g.rewards for g in groups])  # (P, G)
     advantages = group_advantages(rewards, rl.o.scale_rewards)
+    spread = {"advantage_abs": float(advantages.abs().mean())}  # on the host: rewards are host tensors
     terms, kl = [], 0.0
     for g, adv, logp in zip(groups, advantages, rl.logprobs(groups)):
         mask = g.mask(logp.device)
@@ -176,7 +180,7 @@ def _grpo(rl: ReinforcementLearning, groups: list[Group],
                                   clip_eps_high=rl.o.clip_eps_high, kl_beta=rl.kl_beta)
         terms.append(group)
         kl += stats.get("kl", 0.0) / len(groups)
-    return normalized_loss(terms, rl.o.loss_normalization, rl.t.max_new_tokens), {"kl": kl}
+    return normalized_loss(terms, rl.o.loss_normalization, rl.t.max_new_tokens), {"kl": kl, **spread}
 
 
 def _s_grpo(rl: ReinforcementLearning, groups: list[Group]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -207,8 +211,17 @@ def _t_spmo(rl: ReinforcementLearning, groups: list[Group]) -> tuple[torch.Tenso
         index_pos = torch.tensor([tr.position for tr in informative], device=logp.device)
         advantage = torch.tensor([tr.advantage for tr in informative], device=logp.device)
         losses.append(-(logp[index_row, index_pos].exp() * advantage).sum() / count)
-    return torch.stack(losses).mean(), {}
+    total = sum(count for count, _, _ in found)
+    signal = [abs(tr.advantage) for _, informative, _ in found for tr in informative]
+    return torch.stack(losses).mean(), {
+        "informative_transitions": len(signal) / total if total else 0.0,  # prefix-tree transitions with A ≠ 0
+        "advantage_abs": sum(signal) / len(signal) if signal else 0.0}
 
+
+# what an update says about its signal, beside its loss (``micro_step``'s metrics; the rollouts' own
+# ``equal_groups`` too): mean |advantage| of the completions (GRPO, S-GRPO) or of T-SPMO's informative
+# transitions, and T-SPMO's share of transitions that carry one
+DIAGNOSTICS = ("advantage_abs", "informative_transitions")
 
 # algorithm → the micro-batch's loss and its statistics
 ALGORITHMS: dict[str, Callable[[ReinforcementLearning, list[Group]], tuple[torch.Tensor, dict[str, float]]]] = {
