@@ -438,8 +438,9 @@ def slim(record: dict, keep: tuple[str, ...]) -> dict:
     return {**record, "stages": stages}
 
 
+DIAGNOSTICS = ("equal_groups", "advantage_abs", "informative_transitions")  # engines/grpo/rl.py, per update
 RL_SERIES = ("test_accuracy", "test_accuracy_sampled", "test_format", "reward", "train_accuracy", "kl", "loss",
-             "grad_norm", "completion_tokens", "tokens_per_s", "memory_gib")
+             "grad_norm", "completion_tokens", "tokens_per_s", "memory_gib", *DIAGNOSTICS)
 
 
 # ---- phases --------------------------------------------------------------------------------
@@ -624,7 +625,8 @@ def summarize(cfg: Config, algorithm: str, seed: int, record: dict, cut: bool,
             "peak_gib": max(memory) if memory else None, "predicted_gib": record.get("predicted_gib"),
             "seconds": (stage["end"] - stage["start"]) if stage["start"] is not None else None,
             "series": {k: [[s, v] for s, v, _ in series.get(k, [])]
-                       for k in ("reward", "train_accuracy", "kl", "loss", "grad_norm", "completion_tokens")},
+                       for k in ("reward", "train_accuracy", "kl", "loss", "grad_norm", "completion_tokens",
+                                 *DIAGNOSTICS)},
             "events": record.get("events", [])[:10], "plan": plan}
 
 
@@ -931,12 +933,22 @@ def diagnostics_section(t: dict) -> list[str]:
                 f"rollout was correct (every group all-zero: no signal but the KL / L2 term): "
                 f"{100 * row['no_correct_updates']:.0f}%." if reward and acc and tokens and grad
                 and row["no_correct_updates"] is not None else "The runs recorded no training metrics.",
-                "",
-                "Not recorded by the engine (`engines/grpo/rl.py` returns reward, train_accuracy, completion_tokens "
-                "and kl per update): the share of groups whose rewards are all equal, advantage statistics, and "
-                "T-SPMO's informative transitions; the updates with no correct rollout at all are only a lower "
-                "bound on the updates whose groups were all equal.", ""]
+                "", _signal(runs), ""]
     return out
+
+
+def _signal(runs: list[dict]) -> str:
+    """The engine's own account of each update's signal, first → last tenth, averaged over the runs."""
+    parts = []
+    for key, what in (("equal_groups", "groups whose completions all scored alike"),
+                      ("advantage_abs", "mean |advantage|"),
+                      ("informative_transitions", "T-SPMO transitions with an advantage")):
+        tenths = [x for x in (_tenths(r["series"].get(key, [])) for r in runs) if x]
+        if tenths:
+            first, last = (sum(x[i] for x in tenths) / len(tenths) for i in (0, 1))
+            parts.append(f"{what} {first:.3f} → {last:.3f}")
+    return ("Signal per update, first → last tenth: " + "; ".join(parts) + ".") if parts else \
+        "The runs recorded no signal statistics (equal_groups, advantage_abs)."
 
 
 def r1_section(call: dict) -> str:

@@ -70,6 +70,24 @@ def test_every_step_is_recorded_once_in_order_with_or_without_lag(tmp_path, lag:
     assert hooks.steps[-1].loss < hooks.steps[0].loss
 
 
+def test_eval_at_start_scores_the_starting_weights_as_step_0_and_changes_no_step(tmp_path) -> None:
+    import dataclasses
+
+    plain, first = Collect(), Collect()
+    train_stage(trainer(tmp_path), SETTINGS, Accelerator(cpu=True), tmp_path / "a", {}, plain, lag=False)
+    at_start = dataclasses.replace(SETTINGS, eval_at_start=True)
+    train_stage(trainer(tmp_path), at_start, Accelerator(cpu=True), tmp_path / "b", {}, first, lag=False)
+    assert [step for step, _ in first.evals] == [0, 4, 8]
+    assert first.evals[0][1]["val_loss"] > first.evals[1][1]["val_loss"]  # untrained: worse than at step 4
+    assert abs(first.evals[0][1]["val_loss"] - math.log(260)) < 0.5  # about uniform over the vocabulary
+    assert [r.loss for r in first.steps] == [r.loss for r in plain.steps]  # evaluating moved nothing
+    assert first.evals[1:] == plain.evals
+    spec = spec_from_dict({**SPEC.model_dump(mode="json", exclude_none=True),
+                           "stages": [{**SPEC.stages[0].model_dump(mode="json", exclude_none=True),
+                                       "eval_at_start": True}]}, "test")
+    assert resolve(spec, spec.stages[0]).eval_at_start and not SETTINGS.eval_at_start
+
+
 def test_lag_changes_when_numbers_are_read_not_what_they_are(tmp_path) -> None:
     runs = []
     for lag in (False, True):

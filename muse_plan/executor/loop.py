@@ -223,6 +223,8 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
     lag = accelerator.device.type == "cuda" if lag is None else lag
     result: dict[str, float] = {}
     pending: _Pending | None = None
+    if s.eval_at_start and step == 0:  # the starting weights' score, the stage's step-0 point
+        result.update(_evaluate(trainer, accelerator, compiled, 0, hooks if main else None))
     model.train()
     while step < s.steps:
         if STOP.is_set():  # Ctrl-C: stop between steps, with every step trained reported
@@ -256,17 +258,7 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
             _report(current, None, accelerator, hooks if main else None, result, watch)
         pending = current if lag and not due else None
         if step % s.eval_every == 0 or step == s.steps:
-            with accelerator.autocast():
-                if compiled is not None and not compiled.evaluated:  # the first one compiles its graph
-                    metrics, failed = first_call(compiled, trainer, trainer.evaluate)
-                    compiled.evaluated = True
-                else:
-                    metrics, failed = trainer.evaluate(), None
-            if failed:
-                _compile_note(compiled, failed, step, hooks if main else None)
-            result.update(metrics)
-            if main and hooks:
-                hooks.on_eval(step, metrics)
+            result.update(_evaluate(trainer, accelerator, compiled, step, hooks if main else None))
         if step % s.checkpoint_every == 0 or step == s.steps:
             _save(trainer, accelerator, optimizer, scheduler, stage_dir, step, meta, hooks)
         if step % s.eval_every == 0 and step < s.steps and _engine_stops(trainer, accelerator):
@@ -275,6 +267,22 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
             result["stopped_at_step"] = float(step)
             break
     return result
+
+
+def _evaluate(trainer: Trainer, accelerator: Any, compiled: Compiled | None, step: int,
+              hooks: Hooks | None) -> dict[str, float]:
+    """The engine's evaluation at ``step`` (compiling its graph the first time), reported."""
+    with accelerator.autocast():
+        if compiled is not None and not compiled.evaluated:  # the first one compiles its graph
+            metrics, failed = first_call(compiled, trainer, trainer.evaluate)
+            compiled.evaluated = True
+        else:
+            metrics, failed = trainer.evaluate(), None
+    if failed:
+        _compile_note(compiled, failed, step, hooks)
+    if hooks:
+        hooks.on_eval(step, metrics)
+    return metrics
 
 
 def _compile_note(compiled: Compiled, failed: str | None, step: int, hooks: Hooks | None) -> None:

@@ -80,6 +80,7 @@ class StageSettings:
     optimizer: str = "adamw"
     compile: bool = False  # the model's blocks under torch.compile (executor/compiled.py)
     compile_scope: str = "blocks"  # model | blocks: one graph, or one per block (``compile_scope``)
+    eval_at_start: bool = False  # evaluate the starting weights before the first step (step 0)
     decode: str = "eager"  # how a GRPO-engine stage's sampling decodes (``decoding``)
     options: Any = None  # the engine's typed options (plan/kinds.py)
     control: StageControl = StageControl()
@@ -393,6 +394,7 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
         clip_grad_norm=1.0 if t.clip_grad_norm is None else t.clip_grad_norm,
         checkpoint_every=stage.checkpoint_every or default_every,
         eval_every=stage.eval_every or default_every,
+        eval_at_start=bool(stage.eval_at_start),
         seed=t.seed,
         activation_checkpointing=t.activation_checkpointing or "none",
         sharding=sharding, offload=t.offload or "none",

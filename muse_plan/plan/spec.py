@@ -264,6 +264,9 @@ class StageSpec(Frozen):
     tokens: TokenBudget | None = Field(None, description="token budget instead of steps, like 2B")
     checkpoint_every: Count | None = None
     eval_every: Count | None = None
+    eval_at_start: bool | None = Field(
+        None, description="evaluate the weights the stage starts from before its first step, as step 0: "
+                          "the score training is measured against")
     shape: ModelShape | None = Field(None, description="shape trained here when not the plan's")
     seq_len: Annotated[int, Field(ge=1, le=MAX_CONTEXT)] | None = Field(
         None, description="context trained here when not model.seq_len (growth)")
