@@ -79,35 +79,3 @@ def test_compiled_lora_finetune_and_recovery_train_as_eager_do(cli, tmp_path, mo
     assert any("continuing under revision 2" in m for m in events), events  # recovered: rewritten, resumed
     assert len(compiled) == len(eager) >= 8
     assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-6)
-
-
-def test_compiled_blocks_under_ddp_on_two_processes_follow_one_process(tmp_path, monkeypatch) -> None:
-    """DDP wraps the model whose blocks are compiled (2 processes over gloo, launched as
-    accelerate would): 2 × micro 4 gives the loss of 1 process × micro 4 × accum 2, eager."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import TINY
-
-    training = {**TINY_STANDARD["training"], "global_batch": 8, "compile": "on"}
-    training.pop("grad_accum", None)
-    stages = [{**TINY["stages"][0], "steps": 6, "checkpoint_every": 6, "eval_every": 6}]
-    plan = write_plan(tmp_path, {**TINY_STANDARD, "name": "ddp"}, training=training, stages=stages)
-    home = tmp_path / "home"
-    env = {**os.environ, "MUSE_HOME": str(home), "OMP_NUM_THREADS": "1", "MUSE_COMPILE_BACKEND": "aot_eager"}
-    muse = [sys.executable, "-m", "muse_plan"]
-    assert subprocess.run([*muse, "plan", "import", str(plan)], env=env).returncode == 0
-    one = subprocess.run([*muse, "plan", "run", "ddp"], env={**env, "MUSE_COMPILE_BACKEND": "eager"},
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stdout + one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *muse[1:],
-                          "plan", "run", "ddp"], env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stdout + two.stderr
-    monkeypatch.setenv("MUSE_HOME", str(home))
-    with Store().read() as session:
-        curves = [[v for _, v in runs.metric_series(session, i, "loss")] for i in (1, 2)]
-        events = [e.message for e in runs.events(session, 2, limit=50)]
-    assert any(m.startswith("compiled 2 blocks and the loss head (aot_eager)") for m in events), events
-    assert len(curves[1]) == 6
-    assert curves[1] == pytest.approx(curves[0], abs=1e-4)

@@ -393,21 +393,25 @@ def test_the_bundled_cpu_growth_plan_grows_and_keeps_learning(cli, muse_home) ->
     assert continued[-1][1] < small[-1][1] - 0.1
 
 
-def test_the_bundled_growth_plan_on_two_processes_grows_once_and_resumes_after_growth(cli, muse_home) -> None:
-    """plans/growth-cpu.yaml under DDP (2 processes over gloo, launched as accelerate would): the
-    main process grows, both continue from the grown weights and the mapped AdamW moments on the
-    one-process curve at the same global batch; a NaN in the grown stage sends both back to its
-    last checkpoint (after the growth, which is not redone) under the recovery's revision."""
+def test_the_bundled_growth_plan_on_two_processes_grows_once_and_resumes_after_growth(
+        cli, muse_home, monkeypatch) -> None:
+    """plans/growth-cpu.yaml under DDP (2 processes over gloo, launched as accelerate would), its
+    blocks compiled (dynamo's ``eager`` backend: the graphs captured, no compiler): the main process grows,
+    both continue from the grown weights and the mapped AdamW moments on the one-process curve at
+    the same global batch; a NaN in the grown stage sends both back to its last checkpoint (after
+    the growth, which is not redone) under the recovery's revision."""
     import os
     import subprocess
     import sys
 
+    monkeypatch.setenv("MUSE_COMPILE_BACKEND", "eager")  # dynamo's capture, without AOTAutograd: seconds
     plan = Path(__file__).resolve().parent.parent / "plans" / "growth-cpu.yaml"
     assert cli("plan", "import", plan).exit_code == 0
     assert cli("plan", "edit", "growth-cpu", "--set", "stages.pretrain_small.steps=12",
                "--set", "stages.continue.steps=16", "--set", "training.warmup_steps=4",
                "--set", "stages.pretrain_small.eval_every=12", "--set", "stages.continue.eval_every=8",
-               "--set", "stages.continue.checkpoint_every=8", "--set", "training.micro_batch=8").exit_code == 0
+               "--set", "stages.continue.checkpoint_every=8", "--set", "training.micro_batch=8",
+               "--set", "training.compile=on").exit_code == 0
     one = cli("plan", "run", "growth-cpu")
     assert one.exit_code == 0, one.output
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MUSE_INJECT": "nan@14"}  # in the grown stage only
@@ -415,10 +419,12 @@ def test_the_bundled_growth_plan_on_two_processes_grows_once_and_resumes_after_g
                           "-m", "muse_plan", "plan", "run", "growth-cpu"], env=env, capture_output=True, text=True,
                          timeout=300)
     assert two.returncode == 0, two.stdout + two.stderr
-    assert "(revision 3) finished on 2 processes" in two.stdout  # 2: the edit; 3: the recovery's rewrite
+    assert "(revision 3) finished on 2 processes" in two.stdout  # 2: the edits; 3: the recovery's rewrite
     events = messages(2)
     assert sum(m.startswith("grew ") for m in events) == 1 and any("AdamW moments mapped for" in m for m in events)
     assert any("continuing under revision 3" in m for m in events), events
+    assert sum(m.startswith("compiled 2 blocks and the loss head (eager)") for m in events) == 1  # small
+    assert sum(m.startswith("compiled 4 blocks and the loss head (eager)") for m in events) == 2  # + resumed
     small_one, small_two = series(1, "loss", 0), series(2, "loss", 0)
     grown_one, grown_two = series(1, "loss", 2), series(2, "loss", 2)
     assert [s for s, _ in grown_two] == list(range(1, 17))  # the steps after the rollback, trained again

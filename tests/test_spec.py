@@ -139,3 +139,14 @@ def test_counts_and_sizes_past_any_run_are_refused_at_import(cli, tmp_path, sect
     path.write_text(yaml.safe_dump({"name": "big", **section}))
     one_error_line(cli("plan", "import", path), says)
     assert cli("plan", "list", "--json").stdout.strip() == "[]"
+
+
+def test_a_bare_on_or_off_in_yaml_is_the_word_not_a_boolean():
+    """YAML 1.1 reads `compile: on` as true: the plan takes it back as "on" (and off as "off")."""
+    data = yaml.safe_load("name: p\nmodel: {scale: 1M}\ntraining: {compile: on}\n")
+    assert data["training"]["compile"] is True
+    assert spec_from_dict(data, "p.yaml").training.compile == "on"
+    data["training"]["compile"] = False
+    assert spec_from_dict(data, "p.yaml").training.compile == "off"
+    with pytest.raises(PlanError, match="compile"):
+        spec_from_dict({**data, "training": {"compile": "sometimes"}}, "p.yaml")

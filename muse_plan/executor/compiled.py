@@ -75,6 +75,7 @@ class Compiled:
     first_step_s: float | None = None
     fallback: str | None = None  # why the stage went back to eager
     evaluated: bool = False  # the first evaluation (its own no-grad graph) has compiled
+    scope: str = "blocks"  # blocks | model (training.compile_scope)
 
     @property
     def active(self) -> bool:
@@ -87,8 +88,6 @@ class Compiled:
             del self.head_of.head  # the instance's compiled function: the method again
             self.head_of = None
         self.fallback = why
-
-    scope: str = "blocks"  # blocks | model
 
     def describe(self) -> str:
         if self.scope == "model":

@@ -102,6 +102,12 @@ def _tracker_set(value: Any) -> tuple[str, ...] | None:
 TrackerSet = Annotated[tuple[Literal[TRACKER_NAMES], ...] | None, BeforeValidator(_tracker_set)]
 
 
+# YAML 1.1 reads a bare on / off as true / false (`compile: on`, `--set training.compile=on`):
+# taken back as the words they were
+OnOff = Annotated[Literal["auto", "on", "off"],
+                  BeforeValidator(lambda v: {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v)]
+
+
 class ModelShape(Frozen):
     """An explicit shape; overrides what the model scale implies."""
 
@@ -213,7 +219,7 @@ class TrainingSpec(Frozen):
     sharding: Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp"] | None = None
     offload: Literal["none", "optimizer", "parameters"] | None = None
     optimizer: Literal["adamw", "adamw_8bit"] | None = None
-    compile: Literal["auto", "on", "off"] | None = Field(
+    compile: OnOff | None = Field(
         None, description="torch.compile the model's blocks: auto (on a GPU, for pretrain/continue/finetune), on, off")
     compile_scope: Literal["auto", "model", "blocks"] | None = Field(
         None, description="what training.compile compiles: the whole model as one graph, or each repeated block "
