@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from muse_plan.errors import RunInterrupted
 from muse_plan.executor.runner import run_plan
-from muse_plan.store import runs
+from muse_plan.store import repo, runs
 from muse_plan.store.db import Store
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # two shared cores: more threads only contend
@@ -374,28 +374,10 @@ def test_a_growth_path_whose_target_does_not_fit_from_scratch_compares_flops_onl
                     "2B tokens of it would cost 8.00e18 FLOPs (25% fewer FLOPs by growth)")
 
 
-def test_the_bundled_cpu_growth_plan_grows_and_keeps_learning(cli, muse_home) -> None:
-    """plans/growth-cpu.yaml: its written pretrain stage becomes small → grow → continue;
-    AdamW's moments go through the stack; the grown model ends below the small one."""
-    plan = Path(__file__).resolve().parent.parent / "plans" / "growth-cpu.yaml"
-    assert cli("plan", "import", plan).exit_code == 0
-    assert shapes(cli("plan", "show", "growth-cpu").output)["grow"] == "2×128, 4h, seq 64 → 4×128, 4h, seq 128"
-    # a sixth of its budget (seconds, not a minute): the small stage 20 steps, the continue stage 30
-    assert cli("plan", "edit", "growth-cpu", "--set", "stages.pretrain_small.steps=20",
-               "--set", "stages.continue.steps=30", "--set", "training.warmup_steps=4",
-               "--set", "stages.pretrain_small.eval_every=10", "--set", "stages.continue.eval_every=10").exit_code == 0
-    result = cli("plan", "run", "growth-cpu")
-    assert result.exit_code == 0, result.output
-    grew = next(m for m in messages(1) if m.startswith("grew "))
-    assert "AdamW moments mapped for" in grew
-    small, continued = series(1, "val_loss", 0), series(1, "val_loss", 2)
-    assert [s for s, _ in small][-1] == 20 and [s for s, _ in continued][-1] == 30
-    assert continued[-1][1] < small[-1][1] - 0.1
-
-
 def test_the_bundled_growth_plan_on_two_processes_grows_once_and_resumes_after_growth(
         cli, muse_home, monkeypatch) -> None:
-    """plans/growth-cpu.yaml under DDP (2 processes over gloo, launched as accelerate would), its
+    """The distributed code path, end to end: plans/growth-cpu.yaml under DDP (2 processes over
+    gloo, launched by torchrun as accelerate would), its
     blocks compiled (dynamo's ``eager`` backend: the graphs captured, no compiler): the main process grows,
     both continue from the grown weights and the mapped AdamW moments on the one-process curve at
     the same global batch; a NaN in the grown stage sends both back to its last checkpoint (after
@@ -412,14 +394,26 @@ def test_the_bundled_growth_plan_on_two_processes_grows_once_and_resumes_after_g
                "--set", "stages.pretrain_small.eval_every=12", "--set", "stages.continue.eval_every=8",
                "--set", "stages.continue.checkpoint_every=8", "--set", "training.micro_batch=8",
                "--set", "training.compile=on").exit_code == 0
+    assert shapes(cli("plan", "show", "growth-cpu").output)["grow"] == "2×128, 4h, seq 64 → 4×128, 4h, seq 128"
     one = cli("plan", "run", "growth-cpu")
     assert one.exit_code == 0, one.output
+    # one process: its written pretrain stage became small → grow → continue, AdamW's moments carried
+    # through the stack, and the grown model ends below the small one
+    assert any("AdamW moments mapped for" in m for m in messages(1) if m.startswith("grew "))
+    small, continued = series(1, "val_loss", 0), series(1, "val_loss", 2)
+    assert [s for s, _ in small][-1] == 12 and [s for s, _ in continued][-1] == 16
+    assert continued[-1][1] < small[-1][1] - 0.1
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MUSE_INJECT": "nan@14"}  # in the grown stage only
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "-m", "muse_plan", "plan", "run", "growth-cpu"], env=env, capture_output=True, text=True,
                          timeout=300)
     assert two.returncode == 0, two.stdout + two.stderr
     assert "(revision 3) finished on 2 processes" in two.stdout  # 2: the edits; 3: the recovery's rewrite
+    assert two.stdout.count("finished on 2 processes") == 1  # only the main process reports
+    with Store().read() as session:  # the main process stored the rewrite; both went on under it
+        run = runs.get_run(session, 2)
+        assert (run.revision, run.current_revision, run.status) == (2, 3, "completed")
+        assert repo.get_plan(session, "growth-cpu").head == 3
     events = messages(2)
     assert sum(m.startswith("grew ") for m in events) == 1 and any("AdamW moments mapped for" in m for m in events)
     assert any("continuing under revision 3" in m for m in events), events

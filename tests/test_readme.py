@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SKIPPED = {
     "make test": "the test suite itself",
     "source .venv/bin/activate": "shell state; the test calls muse in its own interpreter",
-    "muse plan run my-plan --num-processes 2": "2 GPUs; CI has none (2 CPU processes: test_runner.py)",
+    "muse plan run my-plan --num-processes 2": "2 GPUs; CI has none (2 CPU processes: test_growth_stage.py)",
     "accelerate launch -m muse_plan plan run my-plan": "the same launched by hand: GPUs again",
 }
 # run in place of the README's command

@@ -180,39 +180,6 @@ def test_data_that_does_not_exist_is_a_plan_error(cli, tmp_path) -> None:
     assert "stage 'pretrain': data source" in result.output and "does not exist" in result.output
 
 
-def test_two_processes_follow_the_one_process_curve_at_the_same_global_batch(tmp_path, monkeypatch) -> None:
-    """The distributed code path (DDP over gloo, launched by torchrun as accelerate
-    would): 2 processes × micro 4 give the loss of 1 process × micro 4 × accum 2."""
-    training = {**TINY["training"], "global_batch": 8}
-    training.pop("grad_accum")
-    plan = write_plan(tmp_path, training=training)
-    home = tmp_path / "home"
-    env = {**os.environ, "MUSE_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    assert _muse(home, "plan", "import", str(plan)).wait() == 0
-    one = _muse(home, "plan", "run", "tiny")
-    assert one.wait(timeout=300) == 0, one.stdout.read()
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "-m", "muse_plan", "plan", "run", "tiny"],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stdout + two.stderr
-    assert two.stdout.count("finished on 2 processes") == 1  # only the main process reports
-    monkeypatch.setenv("MUSE_HOME", str(home))
-    one_curve, two_curve = losses(1), losses(2)
-    assert [s for s, _ in two_curve] == list(range(1, 31))
-    assert max(abs(a - b) for (_, a), (_, b) in zip(one_curve, two_curve)) < 1e-4
-    # a fault on 2 processes: the main process stores the rewrite, both go on under it
-    faulted = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                              "-m", "muse_plan", "plan", "run", "tiny"], env={**env, "MUSE_INJECT": "nan@15"},
-                             capture_output=True, text=True, timeout=300)
-    assert faulted.returncode == 0, faulted.stdout + faulted.stderr
-    assert "(revision 2) finished on 2 processes" in faulted.stdout
-    with Store().read() as session:
-        run = runs.get_run(session, 3)
-        assert (run.revision, run.current_revision, run.status) == (1, 2, "completed")
-        assert repo.get_plan(session, "tiny").head == 2
-    assert [s for s, _ in losses(3)] == list(range(1, 31))
-
-
 def test_a_stage_of_another_precision_gets_its_own_accelerator(cli, tmp_path, muse_home) -> None:
     stages = [TINY["stages"][0] | {"steps": 4, "checkpoint_every": 4, "eval_every": 4},
               {"name": "more", "kind": "continue", "steps": 4, "checkpoint_every": 4, "eval_every": 4,
