@@ -252,3 +252,23 @@ def test_an_update_reports_its_signal_equal_groups_and_advantages(algorithm):
         assert quiet["equal_groups"] == 1.0 and quiet["informative_transitions"] == quiet["advantage_abs"] == 0.0
     else:  # ±0.5 over the group's sample std (√(1/3)) + 1e-4, for half of the 8 completions
         assert metrics["advantage_abs"] == pytest.approx(0.5 * 0.5 / (3 ** -0.5 + 1e-4), rel=1e-6)
+
+
+def test_the_held_out_problems_are_the_same_whatever_the_training_seed():
+    """Seeds of one plan are compared on one test set: the generated held-out problems don't
+    follow training.seed (the training stream does)."""
+    from engines.contract import StageSetup
+    from engines.grpo.options import parse
+    from engines.grpo.trainer import GrpoTrainer
+
+    def problems(seed: int) -> tuple[list[str], list]:
+        t = GrpoTrainer()
+        t.setup(StageSetup(name="rl", kind="reasoning_rl", micro_batch=2, seed=seed,
+                           options=parse("reasoning_rl", {}, {"tasks": ["multiplication:2x2"], "group_size": 2,
+                                                              "max_new_tokens": 4, "eval_problems": 16}),
+                           model=ModelConfig(vocab_size=260, n_layers=1, d_model=32, n_heads=2, seq_len=48)))
+        return [e.prompt for e in t.eval_problems], [e.prompt for e in t.stream.take(4)]
+
+    (test_a, train_a), (test_b, train_b) = problems(0), problems(3)
+    assert test_a == test_b and len(set(test_a)) > 8
+    assert train_a != train_b  # the seed still orders the training problems

@@ -62,6 +62,10 @@ STAGES: dict[str, Any] = {
 KL_KINDS = ("reasoning_rl", "all_scenarios_rl")  # the stages whose loss has a KL term
 
 
+
+HELD_OUT_SEED = 0  # generated held-out problems: drawn the same for every training seed
+
+
 class GrpoTrainer:
     def setup(self, stage: StageSetup) -> None:
         if stage.kind not in STAGES:
@@ -89,7 +93,8 @@ class GrpoTrainer:
             self.eval_problems = self._fitting(test, stage.model.seq_len, o.eval_data or o.data, supervised=False)
         else:
             self.stream = ProblemStream(list(o.tasks), stage.seed, stage.rank, stage.world_size)
-            self.eval_problems = held_out(list(o.tasks), stage.seed, o.eval_problems)
+            # one test set whatever training.seed: runs of a plan under several seeds are scored alike
+            self.eval_problems = held_out(list(o.tasks), HELD_OUT_SEED, o.eval_problems)
         self.eval_temperature = o.sampled_eval_temperature
         self.eval_samples = o.eval_samples
         self.handler = STAGES[stage.kind](self, o)
