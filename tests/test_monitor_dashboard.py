@@ -332,6 +332,10 @@ def test_whole_stage_curves_are_bucket_means_over_every_step_on_one_axis(store):
     assert smoothed[:3] == [1.0, 1.5, 2.25]  # TensorBoard's EMA: 0.5 of the average, 0.5 of the point
     text = _plain(dashboard.render(snap))
     assert "whole stage pretrain: steps 1–40" in text and "val loss" in text and "\nlr " not in text
+    with store.write() as session:  # eval_at_start: the starting weights' score at step 0, on the axis too
+        session.add(MetricPoint(run_id=run_id, stage_run_id=stage.id, step=0, name="val_loss", value=50.0, time=T0))
+    whole = hand_snapshot(store, run_id)["whole"]
+    assert whole["steps"] == [0, 40] and whole["val_loss"][0] == 50.0 and whole["loss"][0] is None
 
 
 def test_a_chart_puts_the_lowest_value_at_the_bottom_and_the_highest_at_the_top():

@@ -352,10 +352,22 @@ def ema(values: list[float | None], alpha: float) -> list[float | None]:
     return out
 
 
+def _span(session: Session, run_id: int, stage_id: int) -> tuple[int | None, int | None]:
+    """A stage's first and last step with a point of the whole-stage curves; (None, None) before
+    its first loss. One indexed min/max a metric."""
+    spans = {name: session.exec(select(func.min(MetricPoint.step), func.max(MetricPoint.step)).where(
+        MetricPoint.run_id == run_id, MetricPoint.name == name, MetricPoint.stage_run_id == stage_id)).one()
+        for name, _ in WHOLE_METRICS}
+    if spans["loss"][0] is None:
+        return None, None
+    found = [span for span in spans.values() if span[0] is not None]
+    return min(a for a, _ in found), max(b for _, b in found)
+
+
 def _whole(session: Session, run_id: int, stage_id: int, smooth: float) -> dict[str, Any]:
-    """The stage's curves on one step axis: the loss's first to last step."""
-    first, last = session.exec(select(func.min(MetricPoint.step), func.max(MetricPoint.step)).where(
-        MetricPoint.run_id == run_id, MetricPoint.name == "loss", MetricPoint.stage_run_id == stage_id)).one()
+    """The stage's curves on one step axis: its first to last step with a point (step 0 where the
+    stage scored its starting weights, ``eval_at_start``)."""
+    first, last = _span(session, run_id, stage_id)
     if first is None:
         return {}
     curves: dict[str, Any] = {"steps": [first, last]}
@@ -382,9 +394,7 @@ def compare(session: Session, chosen: list[Run], smooth: float = 0.0) -> dict[st
         found = [s for s in runs.stage_runs(session, r) if s.name == stage]
         if found:
             ids[r.id] = found[0].id
-    spans = [session.exec(select(func.min(MetricPoint.step), func.max(MetricPoint.step)).where(
-        MetricPoint.run_id == run_id, MetricPoint.name == "loss", MetricPoint.stage_run_id == stage_id)).one()
-        for run_id, stage_id in ids.items()]
+    spans = [_span(session, run_id, stage_id) for run_id, stage_id in ids.items()]
     reached = [span for span in spans if span[0] is not None]
     if not reached:
         raise PlanError(f"none of these runs has a loss in stage {stage!r} yet")
