@@ -251,9 +251,8 @@ def set_log_with(store: Store, ref: str, text: str) -> Stored | None:
     except ValueError as exc:
         raise PlanError(f"--log-with: {exc}") from None
     require_trackers(names, "--log-with")
-    with store.write() as session:
-        plan = repo.get_plan(session, ref)
-        spec = repo.spec_of(repo.get_revision(session, plan))
+
+    def rewrite(spec: Any) -> dict[str, Any] | None:
         if spec.training.log_with == names:
             return None
         data = io.spec_to_dict(spec)
@@ -261,9 +260,9 @@ def set_log_with(store: Store, ref: str, text: str) -> Stored | None:
         training.pop("log_with", None)
         if names:
             training["log_with"] = list(names)
-        new = io.spec_from_dict(data, "plan with trackers")
-        revision = repo.add_revision(session, plan, new, "user", f"--log-with {','.join(names or ['none'])}")
-        return Stored(plan, revision, new)
+        return data
+
+    return _flag_revision(store, ref, rewrite, "plan with trackers", f"--log-with {','.join(names or ['none'])}")
 
 
 def set_alerts(store: Store, ref: str, text: str) -> Stored | None:
@@ -275,14 +274,24 @@ def set_alerts(store: Store, ref: str, text: str) -> Stored | None:
         thresholds = parse_thresholds(text)
     except ValueError as exc:
         raise PlanError(f"--alert-thresholds: {exc}") from None
-    with store.write() as session:
-        plan = repo.get_plan(session, ref)
-        spec = repo.spec_of(repo.get_revision(session, plan))
+
+    def rewrite(spec: Any) -> dict[str, Any] | None:
         if spec.alerts == {**spec.alerts, **thresholds}:
             return None
-        data = io.spec_to_dict(spec)
-        data["alerts"] = {**spec.alerts, **thresholds}
-        new = io.spec_from_dict(data, "plan with alert thresholds")
-        shown = ",".join(f"{k}:{v:g}" for k, v in thresholds.items())
-        revision = repo.add_revision(session, plan, new, "user", f"alert thresholds {shown}")
+        return {**io.spec_to_dict(spec), "alerts": {**spec.alerts, **thresholds}}
+
+    shown = ",".join(f"{k}:{v:g}" for k, v in thresholds.items())
+    return _flag_revision(store, ref, rewrite, "plan with alert thresholds", f"alert thresholds {shown}")
+
+
+def _flag_revision(store: Store, ref: str, rewrite: Any, what: str, reason: str) -> Stored | None:
+    """A ``muse plan run`` flag that changes the plan, as a revision by the user: ``rewrite``
+    turns the head's spec into the plan's data with the flag, or None when it holds it already."""
+    with store.write() as session:
+        plan = repo.get_plan(session, ref)
+        data = rewrite(repo.spec_of(repo.get_revision(session, plan)))
+        if data is None:
+            return None
+        new = io.spec_from_dict(data, what)
+        revision = repo.add_revision(session, plan, new, "user", reason)
         return Stored(plan, revision, new)
