@@ -13,6 +13,11 @@ full fine-tuning, no KL term (TRL's default β = 0), temperature 1, no vLLM:
   generation a step), activation checkpointing off as muse's; completions/s = the
   completions of a step over its wall time (a callback), median after ``--skip``.
 
+Both sides also report where their wall time went (``phases``, seconds): muse's from
+``muse plan run``'s launch to the run started, its first step's numbers in the store, its
+last, the run finished and the process gone; TRL's from entering its side (TRL's import,
+the model's load, the trainer's setup) to ``train()`` called, its first step and the end.
+
 A random model rarely samples EOS, so completions on both sides run to the limit and
 the two do the same work. Writes ``<out>/bench_grpo_trl.json``.
 
@@ -110,10 +115,11 @@ def run_muse(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, An
     per_s = [s / n for s, n in zip(speed, length)]
     return {"completions_per_s": statistics.median(per_s), "mean_completion_tokens": statistics.fmean(length),
             "tokens_per_s": statistics.median(speed), "peak_gib": row["peak_gib"], "wall_s": row["wall_s"],
-            "events": row["events"]}
+            "events": row["events"], "phases": row["phases"]}
 
 
 def run_trl(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
+    entered = time.perf_counter()  # TRL's import, the model's load and the trainer's setup count, as muse's do
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -150,7 +156,10 @@ def run_trl(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, Any
     return {"completions_per_s": statistics.median(n / s for s in steps),
             "mean_completion_bytes": statistics.fmean(lengths) if lengths else None,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-            "wall_s": time.perf_counter() - start}
+            "wall_s": time.perf_counter() - start,
+            "phases": {"train_called_s": round(start - entered, 2),
+                       "first_step_s": round(marks[0] - entered, 2) if marks else None,
+                       "finished_s": round(time.perf_counter() - entered, 2)}}
 
 
 def main() -> None:

@@ -75,9 +75,9 @@ def run_one(data: dict, cache: Path, skip: int, env: dict[str, str] | None = Non
     if fit.returncode == 0:
         priced = json.loads(fit.stdout)
         predicted = (priced.get("chosen") or priced["written"])["stages"][0].get("tokens_per_s")
-    t0 = time.perf_counter()
+    t0, launched = time.perf_counter(), time.time()
     done = muse(home, cache, "plan", "run", data["name"], "--no-probe", "--force", env=env)
-    wall = time.perf_counter() - t0
+    wall, exited = time.perf_counter() - t0, time.time()
     row: dict[str, Any] = {"name": data["name"], "residual": data["model"]["residual"],
                            "compile": data["training"]["compile"], "wall_s": wall, "predicted_tokens_per_s": predicted}
     if done.returncode:
@@ -94,14 +94,35 @@ def run_one(data: dict, cache: Path, skip: int, env: dict[str, str] | None = Non
             speed = [v for _, v in runs.metric_series(session, run.id, "tokens_per_s")]
             memory = [v for _, v in runs.metric_series(session, run.id, "memory_gib")]
             events = [e.message for e in runs.events(session, run.id, limit=50)]
+            phases = wall_phases(session, run, launched, exited)
     finally:
         store.close()
     compiled = next((m for m in events if m.startswith(("compiled ", "torch.compile failed"))), None)
     first = re.search(r"first step took ([\d.]+) s", compiled or "")
     row.update(tokens_per_s=statistics.median(speed[skip:] or speed), peak_gib=max(memory), steps=len(speed),
                compile_event=compiled, first_step_s=float(first[1]) if first else None,
-               events=events[:30])  # what the run said (a fallback, a cache it could not use)
+               events=events[:30],  # what the run said (a fallback, a cache it could not use)
+               phases=phases)
     return row
+
+
+def wall_phases(session: Any, run: Any, launched: float, exited: float) -> dict[str, float]:
+    """Where a run's wall time went, in seconds from ``muse plan run``'s launch, from the store's times.
+
+    A metric point's time is its flush (every 2 s, or at once after a step that took longer), so
+    ``first_step_s`` is when the first step's numbers reached the store: the startup a user waits through."""
+    from muse_plan.store import runs
+    from muse_plan.store.runs import posix_time
+
+    stages = runs.stage_runs(session, run)
+    times = sorted(t for stage in stages for *_, t in runs.metric_points(session, stage.id))
+    marks = {"run_started_s": run.started_at, "first_step_s": times[0] if times else None,
+             "last_step_s": times[-1] if times else None, "stages_finished_s": stages[-1].finished_at if stages else None,
+             "run_finished_s": run.finished_at}
+    out = {k: round((posix_time(v) if not isinstance(v, float) else v) - launched, 2)
+           for k, v in marks.items() if v is not None}
+    out["exited_s"] = round(exited - launched, 2)
+    return out
 
 
 def main() -> None:

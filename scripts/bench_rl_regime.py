@@ -370,7 +370,9 @@ def wait(runs: list[Launched], deadline: float) -> None:
 
 # ---- the store -----------------------------------------------------------------------------
 def _posix(t: datetime | None) -> float | None:
-    return None if t is None else (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+    from muse_plan.store.runs import posix_time
+
+    return None if t is None else posix_time(t)
 
 
 def read_record(home: Path) -> dict[str, Any]:

@@ -128,10 +128,10 @@ def metric_points(session: Session, stage_run_id: int) -> list[tuple[int, str, f
     """A stage's every metric point as (step, name, value, POSIX time), in the order recorded."""
     query = (select(MetricPoint.step, MetricPoint.name, MetricPoint.value, MetricPoint.time)
              .where(MetricPoint.stage_run_id == stage_run_id).order_by(col(MetricPoint.id)))
-    return [(step, name, value, _posix(time)) for step, name, value, time in session.exec(query)]
+    return [(step, name, value, posix_time(time)) for step, name, value, time in session.exec(query)]
 
 
-def _posix(time: datetime) -> float:
+def posix_time(time: datetime) -> float:
     """A stored time handed back without its zone was stored as UTC."""
     return (time if time.tzinfo else time.replace(tzinfo=timezone.utc)).timestamp()
 
