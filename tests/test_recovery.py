@@ -167,6 +167,27 @@ def test_explosion_rule_ignores_zero_norms_and_takes_its_factor():
         assert (found is not None) == fires, (factor, spike)
 
 
+def test_explosion_rule_lets_through_a_sparse_reward_step_below_the_clipping_norm():
+    """RL with rare rewards: most steps carry only the KL term's ~1e-7 gradient; the first group that
+    scores differently gives 1e-4 — a thousand times the median, and real signal (an H100 run of
+    bench_rl_regime.py was stopped there three times over). Below the clipping norm it is let through;
+    above it the relative rule holds, and a threshold the user set holds whatever the clipping."""
+    from types import SimpleNamespace
+
+    from muse_plan.monitor.detectors import Watch
+
+    def fed(watch: Watch, spike: float):
+        for i in range(1, 41):
+            assert watch.fault(SimpleNamespace(step=i, loss=0.0, grad_norm=1e-7)) is None
+        return watch.fault(SimpleNamespace(step=41, loss=0.0, grad_norm=spike))
+
+    assert fed(Watch({}, None, 100.0, clip_grad_norm=1.0), 1.7e-4) is None
+    found = fed(Watch({}, None, 100.0, clip_grad_norm=1.0), 5.0)
+    assert found is not None and found.kind == "grad_explosion" and found.threshold == 100.0 * 1e-7
+    assert fed(Watch({}, None, 100.0, clip_grad_norm=None), 1.7e-4) is not None  # no clipping: no floor
+    assert fed(Watch({"gradient_norm": 1e-4}, None, 100.0, clip_grad_norm=1.0), 1.7e-4) is not None
+
+
 class _EditsMidRun:
     """A view that, at one step of the run, stores a person's edit of the plan (its own store)."""
 

@@ -12,7 +12,12 @@ they add no device sync.
 Defaults and thresholds (``--alert-thresholds`` overrides; ``alerts.py``):
 - non-finite loss or gradient norm: always a fault;
 - gradient explosion: gradient norm above ``gradient_norm`` when given, else
-  above 10× the running median of the last 50 steps (after 20 steps): a fault;
+  above 10× the running median of the last 50 steps (after 20 steps) and above
+  the stage's clipping norm: a fault. A norm the run's own clipping would not
+  even cut is no explosion: in RL with sparse rewards most steps carry only
+  the KL term's ~1e-7 gradient, and the first group that scores differently
+  is a thousand times that — real signal, which a relative rule alone took
+  for a fault (and recovery, restarting at the same step, met it again);
 - loss spike: z-score of the loss against the last 50 steps above
   ``loss_spike`` (default 4): an alert;
 - plateau: less than 1% relative improvement of the mean loss over
@@ -58,20 +63,25 @@ class NonFinite:
 
 
 class GradExplosion:
+    """``floor``: the relative rule fires only above it (the clipping norm; None: no floor)."""
+
     def __init__(self, threshold: float | None = None, factor: float = 10.0, window: int = 50,
-                 warmup: int = 20) -> None:
-        self.threshold, self.factor, self.warmup = threshold, factor, warmup
+                 warmup: int = 20, floor: float | None = None) -> None:
+        self.threshold, self.factor, self.warmup, self.floor = threshold, factor, warmup, floor
         self.recent: deque[float] = deque(maxlen=window)
 
     def observe(self, r: Any) -> Finding | None:
         value = r.grad_norm
         limit = self.threshold
-        if limit is None and len(self.recent) >= self.warmup:
+        relative = limit is None and len(self.recent) >= self.warmup
+        if relative:
             limit = self.factor * statistics.median(self.recent)
         # a zero norm (an RL step whose groups all scored alike) says nothing
         # about the gradient's scale; counting it would drag the median to 0
         if value > 0:
             self.recent.append(value)
+        if relative and self.floor and value <= self.floor:
+            return None
         if limit is not None and value > limit:
             why = "threshold" if self.threshold is not None else f"{self.factor:g}× the running median"
             return Finding("grad_explosion", "fault", r.step, value, limit,
@@ -153,9 +163,10 @@ class Watch:
     """All detectors of one stage; ``faults`` run on every process, ``alerts`` on the main one."""
 
     def __init__(self, thresholds: dict[str, float] | None = None, capacity_gib: float | None = None,
-                 explosion_factor: float = 10.0) -> None:
+                 explosion_factor: float = 10.0, clip_grad_norm: float | None = None) -> None:
         t = thresholds or {}
-        self.faults: list[Detector] = [NonFinite(), GradExplosion(t.get("gradient_norm"), explosion_factor)]
+        self.faults: list[Detector] = [NonFinite(), GradExplosion(t.get("gradient_norm"), explosion_factor,
+                                                                  floor=clip_grad_norm)]
         self.alerts: list[Detector] = [LossSpike(t.get("loss_spike", 4.0)), Plateau(int(t.get("plateau", 200)))]
         if "throughput_drop" in t:  # opt-in: on a shared machine tokens/s swings without a fault
             self.alerts.append(ThroughputDrop(t["throughput_drop"]))
