@@ -158,7 +158,16 @@ class Config:
     eval_every: int = 40
     prompts: dict[str, int] = field(default_factory=lambda: {"grpo": 16, "s_grpo": 16, "t_spmo": 2})
     t_spmo_group: int = 50
+    rl_lr: float = 1.0e-4  # the paper's; --rl-lr tries another (a variant, reported apart)
+    lora_layers: float = 0.25  # LoRA on the last quarter of the layers (the paper's); --lora-layers
     deadline_s: float = 560.0
+
+    @property
+    def variant(self) -> str:
+        """'' for the paper's RL settings, else what differs (merge reports a variant's runs apart)."""
+        parts = ([f"lr {self.rl_lr:g}"] if self.rl_lr != 1.0e-4 else []) + \
+            ([f"LoRA on {self.lora_layers:.0%} of the layers"] if self.lora_layers != 0.25 else [])
+        return ", ".join(parts)
 
     @property
     def max_new_tokens(self) -> int:
@@ -300,11 +309,11 @@ def eval_plan(cfg: Config, files: dict[str, Path], checkpoint: Path, held_out: s
 
 def rl_plan(cfg: Config, files: dict[str, Path], base: Path, algorithm: str, seed: int) -> dict:
     opts = {**ALGORITHMS[algorithm], **_files(cfg, files, "test", cfg.eval_samples), "algorithm": algorithm,
-            "lora": LORA}
+            "lora": {**LORA, "layers_fraction": cfg.lora_layers}}
     if algorithm == "t_spmo":
         opts["group_size"] = cfg.t_spmo_group
     return _plan(cfg, f"regime-{algorithm.replace('_', '-')}-s{seed}", _model(cfg, base),
-                 {"micro_batch": cfg.prompts[algorithm], "lr": 1.0e-4, "warmup_steps": 1 if cfg.tiny else 5,
+                 {"micro_batch": cfg.prompts[algorithm], "lr": cfg.rl_lr, "warmup_steps": 1 if cfg.tiny else 5,
                   "seed": seed},
                  [{"name": algorithm, "kind": "reasoning_rl", "steps": cfg.updates, "eval_every": cfg.eval_every,
                    "checkpoint_every": cfg.updates, "options": opts}])
@@ -746,7 +755,11 @@ def aggregate(calls: list[dict]) -> dict[str, Any]:
     for c in calls:
         if c["phase"] == "r1":
             continue
-        t = tasks.setdefault(c["task"], {"bases": [], "runs": [], "scans": [], "calls": [], "config": c["config"]})
+        variant = Config(rl_lr=c["config"].get("rl_lr", 1.0e-4),
+                         lora_layers=c["config"].get("lora_layers", 0.25)).variant if c["phase"] == "rl" else ""
+        t = tasks.setdefault(c["task"] + (f" ({variant})" if variant else ""),
+                             {"task": c["task"], "variant": variant, "bases": [], "runs": [], "scans": [],
+                              "calls": [], "config": c["config"]})
         t["calls"].append({k: c.get(k) for k in ("file", "phase", "device", "wall_seconds", "partial", "seeds")})
         base = c.get("base", {})
         test = base.get("test") or {}
@@ -829,7 +842,8 @@ def _num(value: float | None, digits: int = 1) -> str:
 
 def task_section(task: str, t: dict) -> str:
     paper, rows, cfg = PAPER[task], t["rows"], t["config"]
-    lines = [f"## {paper['name'] if task != 'word_problem' else 'SVAMP-style word problems (`word_problem`)'}", ""]
+    lines = [f"## {paper['name'] if task != 'word_problem' else 'SVAMP-style word problems (`word_problem`)'}"
+             + (f" — tried: {t['variant']} (not the paper's settings)" if t.get("variant") else ""), ""]
     steps = sorted({b["sft_steps"] for b in t["bases"] if b.get("sft_steps") is not None})
     layers, d_model, heads = cfg["shape"]
     prompts = ", ".join(f"{LABELS[a]} {cfg['prompts'][a]}" for a in ALGORITHMS)
@@ -839,8 +853,8 @@ def task_section(task: str, t: dict) -> str:
         f"{cfg['pretrain_micro']} sequences on {pretrain} (worked steps, none of `{task}`), then cold-start SFT "
         f"({cfg['sft_micro']} examples a step, lr {cfg['sft_lr']:g} constant) for "
         f"{' / '.join(map(str, steps))} steps, chosen on {cfg['val_problems']} validation problems (band "
-        f"{100 * cfg['band'][0]:.0f}–{100 * cfg['band'][1]:.0f}% greedy). RL: LoRA rank 8 on q/v of the last quarter "
-        f"of layers, lr 1e-4, rollouts at T = 0.3, prompts an update "
+        f"{100 * cfg['band'][0]:.0f}–{100 * cfg['band'][1]:.0f}% greedy). RL: LoRA rank 8 on q/v of the last "
+        f"{cfg.get('lora_layers', 0.25):.0%} of layers, lr {cfg.get('rl_lr', 1e-4):g}, rollouts at T = 0.3, prompts an update "
         f"{prompts}, |G| 8 / 8 / {cfg['t_spmo_group']}. "
         f"Held-out: {cfg['test_problems']} test problems, greedy and {cfg['eval_samples']} sample(s) a problem at "
         f"T = 0.3; ± is the s.e. over seeds (one run: binomial). Δ: each run's final greedy accuracy minus its own "
@@ -1010,7 +1024,8 @@ def plot(tasks: dict[str, dict], path: Path) -> bool:
         if base:
             for ax in row[:2]:
                 ax.axhline(100 * base["greedy"][0], color="gray", ls="--", lw=1, label="base")
-        title = PAPER[name]["name"] if name != "word_problem" else "word problems"
+        title = PAPER[t["task"]]["name"] if t["task"] != "word_problem" else "word problems"
+        title += f" ({t['variant']})" if t["variant"] else ""
         row[0].set(title=f"{title}: held-out greedy accuracy", xlabel="RL updates", ylabel="%")
         row[1].set(title="per run, against fair-share GPU-seconds", xlabel="GPU-seconds (shared GPU)", ylabel="%")
         row[2].set(title="rollout reward (moving mean), per run", xlabel="RL updates", ylabel="mean reward")
@@ -1035,8 +1050,8 @@ def merge(dirs: list[Path], out: Path) -> Path:
           "Made by `scripts/bench_rl_regime.py` (its docstring says how) from these calls, merged with "
           "`python scripts/bench_rl_regime.py --merge ...` (numbers: `bench_rl_regime.json`):", "", sources, "",
           "Paper: Lee & Tong (arXiv 2504.20834), Qwen2-1.5B with LoRA.", ""]
-    for task, t in sorted(merged["tasks"].items(), key=lambda item: list(TASKS).index(item[0])):
-        md.append(task_section(task, t))
+    for _, t in sorted(merged["tasks"].items(), key=lambda kv: (list(TASKS).index(kv[1]["task"]), kv[1]["variant"])):
+        md.append(task_section(t["task"], t))
     if merged["r1"] is not None:
         md.append(r1_section(merged["r1"]))
     if plot(merged["tasks"], out / "bench_rl_regime.png"):
@@ -1060,6 +1075,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2", help="RL seeds (the plans' training.seed); one a call on a GPU")
     p.add_argument("--updates", type=int, help="updates per RL run (default 200)")
     p.add_argument("--eval-every", type=int, help="updates between held-out evaluations (default 40)")
+    p.add_argument("--rl-lr", type=float, help="the RL runs' lr (default the paper's 1e-4): a variant, reported apart")
+    p.add_argument("--lora-layers", type=float,
+                   help="the fraction of layers (the last ones) with LoRA (default the paper's 0.25): a variant")
     p.add_argument("--sft-steps", type=int, help="the base's SFT length (the base call prints it); else scanned")
     p.add_argument("--sft-max-steps", type=int, help="the validation scan's SFT length (default 150)")
     p.add_argument("--sft-every", type=int, help="SFT steps between validation scores (default 10)")
@@ -1087,7 +1105,8 @@ def config(args: argparse.Namespace) -> Config:
              "sft_max_steps": args.sft_max_steps, "sft_every": args.sft_every, "sft_lr": args.sft_lr,
              "pretrain_steps": args.pretrain_steps,
              "test_problems": args.test_problems, "val_problems": args.val_problems,
-             "eval_samples": args.eval_samples, "deadline_s": args.deadline_s,
+             "eval_samples": args.eval_samples, "deadline_s": args.deadline_s, "rl_lr": args.rl_lr,
+             "lora_layers": args.lora_layers,
              "band": tuple(float(x) for x in args.band.split(",")) if args.band else None}
     return replace(cfg, **{k: v for k, v in flags.items() if v is not None})
 
