@@ -282,6 +282,7 @@ def main() -> None:
     parser.add_argument("--fault-at", type=int, default=15)
     parser.add_argument("--log-with", default="",
                         help="trackers the monitored rounds also log to, e.g. tensorboard,mlflow (training.log_with)")
+    parser.add_argument("--no-faults", action="store_true", help="part 1 only (no recovery runs)")
     parser.add_argument("--out", type=Path, default=None, help="default docs/ (a temporary folder with --tiny)")
     args = parser.parse_args()
     args.log_with = [t.strip() for t in args.log_with.split(",") if t.strip()]
@@ -317,15 +318,17 @@ def main() -> None:
     for index, monitored in enumerate(order):
         rounds.append(one_round(spec, monitored, index, args.warmup, home, args.log_with))
         print(json.dumps(rounds[-1]), flush=True)
-    faults = []
-    for kind in ("nan", "oom"):
+    faults: list[dict[str, Any]] = []
+    write(args, asked, rounds, faults)  # part 1's table now: a time limit during part 2 does not lose it
+    for kind in () if args.no_faults else ("nan", "oom"):
         faults.append(fault_run(args, kind, home))
         print(json.dumps(faults[-1]), flush=True)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     shutil.rmtree(home, ignore_errors=True)
-    write(args, asked, rounds, faults)
+    if faults:
+        write(args, asked, rounds, faults)
 
 
 def _mean(rows: list[dict[str, Any]], key: str, on: bool) -> float:
@@ -339,7 +342,7 @@ def write(args: argparse.Namespace, asked: int, rounds: list[dict[str, Any]], fa
     device = torch.cuda.get_device_name(0) if cuda else f"CPU ({torch.get_num_threads()} torch thread(s))"
     command = "python scripts/bench_monitor_overhead.py" + (" --tiny" if args.tiny else "") + (
         f" --residual {args.residual}" if args.residual != "standard" else "") + (
-        f" --log-with {','.join(args.log_with)}" if args.log_with else "")
+        f" --log-with {','.join(args.log_with)}" if args.log_with else "") + (" --no-faults" if args.no_faults else "")
     shape = ("tiny decoder (2 layers, d_model 64), seq 64, fp32" if args.tiny else
              f"350M decoder ({args.residual} residual), seq {args.seq_len}, bf16 autocast")
     mean_ratio = _mean(rounds, "mean_step_s", True) / _mean(rounds, "mean_step_s", False)
@@ -363,6 +366,8 @@ def write(args: argparse.Namespace, asked: int, rounds: list[dict[str, Any]], fa
         f"Overhead: **{(mean_ratio - 1) * 100:+.2f}%** of the mean step (target ≤ 1%).", "",
         "Per round: " + "; ".join(f"{r['round']} {r['monitoring']} {r['mean_step_s'] * 1e3:.2f} ms" for r in rounds)
         + ".", "",
+    ]
+    md += [] if not faults else [
         "Recovery through `run_plan` (the real runner and store), times from the last step reported before "
         f"the fault; {args.fault_steps} steps, a checkpoint every {args.fault_every}:", "",
         "| fault | rewrite (recovery revision) | rewrite stored (s) | stage restarted (s) | first resumed step (s) "
