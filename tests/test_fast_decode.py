@@ -261,3 +261,32 @@ def test_sampling_never_draws_an_id_past_the_tokenizers_vocabulary(family):
     for temperature in (0.0, 1.0):
         limited = Policy(model, PAD, EOS, decode="eager", vocab=260).sample(PROMPTS, 6, temperature)
         assert all(row and max(row) < 260 for row in limited)
+
+
+@cuda
+def test_on_cuda_every_decode_reads_the_adapters_as_they_are_now():
+    """RL updates LoRA weights in place between rollouts: a captured or compiled decode step must
+    sample from the weights of this rollout, not of the first one it saw (greedy, bf16 autocast as a
+    run's rollouts)."""
+    from engines.grpo.policy import LoraSettings, add_lora
+
+    model = _model(2, device="cuda")
+    peft = add_lora(model, LoraSettings(rank=4, alpha=8, target_modules=("q_proj", "v_proj"), layers_fraction=1.0))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(float(p.abs().max()) == 0.0 for p in lora_b)  # peft starts B at zero
+    policies = {mode: Policy(model, PAD, EOS, peft, decode=mode) for mode in ("eager", "graphs", "compiled")}
+    outs: dict[str, list] = {}
+    before: dict[str, list] = {}
+    for round_ in range(3):
+        for mode, policy in policies.items():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                outs[mode] = policy.sample(PROMPTS * 4, 24, 0.0)
+            assert policy.take_notes() == [], mode
+            if round_:  # the perturbed adapters change what greedy picks, in every mode
+                assert outs[mode] != before[mode], (mode, round_)
+        assert outs["graphs"] == outs["eager"], round_  # the same kernels (Inductor's may round otherwise)
+        before = dict(outs)
+        torch.manual_seed(round_)
+        with torch.no_grad():
+            for p in lora_b:
+                p.add_(torch.randn_like(p), alpha=0.5)
