@@ -65,13 +65,19 @@ are ``--estimate``'s for one H100, from docs/bench_grpo.md's measurements, see `
 its runs at 560 s whatever happens, and its JSON says what was cut):
 
     scripts/bench_rl_regime.py --phase base --out $OUT                                   # ~4 min; prints N
-    scripts/bench_rl_regime.py --phase rl --sft-steps N --seeds 0 --out $OUT             # ~8.5 min
+    scripts/bench_rl_regime.py --phase rl --sft-steps N --seeds 0 --out $OUT             # ~8.5 min (see below)
     scripts/bench_rl_regime.py --phase rl --sft-steps N --seeds 1 --out $OUT             # ~8.5 min
     scripts/bench_rl_regime.py --phase rl --sft-steps N --seeds 2 --out $OUT             # ~8.5 min
     scripts/bench_rl_regime.py --task word_problem --phase base --out $OUT               # ~3 min; prints M
     scripts/bench_rl_regime.py --task word_problem --phase rl --sft-steps M --seeds 0,1 --out $OUT   # ~6.5 min
     scripts/bench_rl_regime.py --task word_problem --phase rl --sft-steps M --seeds 2 --out $OUT     # ~4.5 min
     scripts/bench_rl_regime.py --phase r1 --out $OUT                                     # ~6 min
+
+Measured on an H100 (2026-12-06, ``docs/rl_regime_calls/``): the base call took 237 s (N = 20); in an rl call
+the base's rebuild takes 85 s, and with three runs sharing the GPU GRPO did ~0.8 s an update, S-GRPO ~0.9 s and
+T-SPMO 1.0 s (its 200 updates and five evaluations in 198 s): a seed's call is ~5 min, so two seeds may fit one.
+``--rl-lr``, ``--lora-layers`` and ``--l2-lambda`` try settings other than the paper's; merge reports such a
+call's runs apart, as a variant.
 
 then, here, ``python scripts/bench_rl_regime.py --merge DIR1 DIR2 ...`` over the folders the calls' files came
 back to. 3×3 takes one call per seed: its three seeds of three algorithms in one call are ~20 minutes at the
@@ -160,13 +166,15 @@ class Config:
     t_spmo_group: int = 50
     rl_lr: float = 1.0e-4  # the paper's; --rl-lr tries another (a variant, reported apart)
     lora_layers: float = 0.25  # LoRA on the last quarter of the layers (the paper's); --lora-layers
+    l2_lambda: float = 0.01  # T-SPMO's L2 on the LoRA weights (the paper's λ); --l2-lambda
     deadline_s: float = 560.0
 
     @property
     def variant(self) -> str:
         """'' for the paper's RL settings, else what differs (merge reports a variant's runs apart)."""
         parts = ([f"lr {self.rl_lr:g}"] if self.rl_lr != 1.0e-4 else []) + \
-            ([f"LoRA on {self.lora_layers:.0%} of the layers"] if self.lora_layers != 0.25 else [])
+            ([f"LoRA on {self.lora_layers:.0%} of the layers"] if self.lora_layers != 0.25 else []) + \
+            ([f"T-SPMO λ {self.l2_lambda:g}"] if self.l2_lambda != 0.01 else [])
         return ", ".join(parts)
 
     @property
@@ -311,7 +319,7 @@ def rl_plan(cfg: Config, files: dict[str, Path], base: Path, algorithm: str, see
     opts = {**ALGORITHMS[algorithm], **_files(cfg, files, "test", cfg.eval_samples), "algorithm": algorithm,
             "lora": {**LORA, "layers_fraction": cfg.lora_layers}}
     if algorithm == "t_spmo":
-        opts["group_size"] = cfg.t_spmo_group
+        opts.update(group_size=cfg.t_spmo_group, l2_lambda=cfg.l2_lambda)
     return _plan(cfg, f"regime-{algorithm.replace('_', '-')}-s{seed}", _model(cfg, base),
                  {"micro_batch": cfg.prompts[algorithm], "lr": cfg.rl_lr, "warmup_steps": 1 if cfg.tiny else 5,
                   "seed": seed},
@@ -755,8 +763,8 @@ def aggregate(calls: list[dict]) -> dict[str, Any]:
     for c in calls:
         if c["phase"] == "r1":
             continue
-        variant = Config(rl_lr=c["config"].get("rl_lr", 1.0e-4),
-                         lora_layers=c["config"].get("lora_layers", 0.25)).variant if c["phase"] == "rl" else ""
+        variant = Config(rl_lr=c["config"].get("rl_lr", 1.0e-4), lora_layers=c["config"].get("lora_layers", 0.25),
+                         l2_lambda=c["config"].get("l2_lambda", 0.01)).variant if c["phase"] == "rl" else ""
         t = tasks.setdefault(c["task"] + (f" ({variant})" if variant else ""),
                              {"task": c["task"], "variant": variant, "bases": [], "runs": [], "scans": [],
                               "calls": [], "config": c["config"]})
@@ -909,8 +917,9 @@ def runs_section(t: dict) -> list[str]:
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(t["runs"], key=lambda r: (list(ALGORITHMS).index(r["algorithm"]), r["seed"], r["file"])):
         if not r["curve"]:
+            fault = next((e for e in r.get("events", []) if e.startswith("fault: ")), None)
             out.append(f"| {LABELS[r['algorithm']]} | {r['seed']} | {r['file']} | | no evaluation recorded "
-                       f"({r['status']}) | | {r['updates_done']} | | | |")
+                       f"({r['status']}{'; ' + fault if fault else ''}) | | {r['updates_done']} | | | |")
             continue
         _, greedy, sampled = r["curve"][-1][:3]
         reward = _tenths(r["series"].get("reward", []))
@@ -1007,7 +1016,9 @@ def plot(tasks: dict[str, dict], path: Path) -> bool:
             values = [[next(p[1] for p in r["curve"] if p[0] == s) for r in runs] for s in steps]
             mean = [100 * sum(v) / len(v) for v in values]
             se = [100 * statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else 0.0 for v in values]
-            x, y = ([0] + steps, [100 * base["greedy"][0]] + mean) if base else (steps, mean)
+            own = [r["base"]["greedy"] for r in runs if r["base"].get("greedy") is not None]
+            # update 0 is the runs' own bases (paired, as Δ is), not the mean over every call's base
+            x, y = ([0] + steps, [100 * sum(own) / len(own)] + mean) if len(own) == len(runs) else (steps, mean)
             row[0].plot(x, y, marker="o", color=color, label=f"{LABELS[algorithm]} ({len(runs)} runs)")
             row[0].fill_between(steps, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)],
                                 color=color, alpha=0.2)
@@ -1023,12 +1034,12 @@ def plot(tasks: dict[str, dict], path: Path) -> bool:
                 row[2].plot([s for s, _ in reward], smooth, color=color, alpha=0.7, lw=1)
         if base:
             for ax in row[:2]:
-                ax.axhline(100 * base["greedy"][0], color="gray", ls="--", lw=1, label="base")
+                ax.axhline(100 * base["greedy"][0], color="gray", ls="--", lw=1, label="base (every call's mean)")
         title = PAPER[t["task"]]["name"] if t["task"] != "word_problem" else "word problems"
         title += f" ({t['variant']})" if t["variant"] else ""
         row[0].set(title=f"{title}: held-out greedy accuracy", xlabel="RL updates", ylabel="%")
         row[1].set(title="per run, against fair-share GPU-seconds", xlabel="GPU-seconds (shared GPU)", ylabel="%")
-        row[2].set(title="rollout reward (moving mean), per run", xlabel="RL updates", ylabel="mean reward")
+        row[2].set(title="rollout reward (moving mean; T-SPMO: replays included)", xlabel="RL updates", ylabel="mean reward")
         row[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -1078,6 +1089,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rl-lr", type=float, help="the RL runs' lr (default the paper's 1e-4): a variant, reported apart")
     p.add_argument("--lora-layers", type=float,
                    help="the fraction of layers (the last ones) with LoRA (default the paper's 0.25): a variant")
+    p.add_argument("--l2-lambda", type=float, help="T-SPMO's L2 on the LoRA weights (default the paper's 0.01): "
+                   "a variant")
     p.add_argument("--sft-steps", type=int, help="the base's SFT length (the base call prints it); else scanned")
     p.add_argument("--sft-max-steps", type=int, help="the validation scan's SFT length (default 150)")
     p.add_argument("--sft-every", type=int, help="SFT steps between validation scores (default 10)")
@@ -1106,7 +1119,7 @@ def config(args: argparse.Namespace) -> Config:
              "pretrain_steps": args.pretrain_steps,
              "test_problems": args.test_problems, "val_problems": args.val_problems,
              "eval_samples": args.eval_samples, "deadline_s": args.deadline_s, "rl_lr": args.rl_lr,
-             "lora_layers": args.lora_layers,
+             "lora_layers": args.lora_layers, "l2_lambda": args.l2_lambda,
              "band": tuple(float(x) for x in args.band.split(",")) if args.band else None}
     return replace(cfg, **{k: v for k, v in flags.items() if v is not None})
 
