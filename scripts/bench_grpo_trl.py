@@ -108,14 +108,17 @@ def run_muse(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, An
     try:
         with store.read() as session:
             run = runs.list_runs(session)[0][0]
-            speed = [v for _, v in runs.metric_series(session, run.id, "tokens_per_s")][args.skip:]
-            length = [v for _, v in runs.metric_series(session, run.id, "completion_tokens")][args.skip:]
+            all_speed = [v for _, v in runs.metric_series(session, run.id, "tokens_per_s")]
+            all_length = [v for _, v in runs.metric_series(session, run.id, "completion_tokens")]
     finally:
         store.close()
+    speed, length = all_speed[args.skip:], all_length[args.skip:]
     per_s = [s / n for s, n in zip(speed, length)]
+    # every step's seconds (its completion tokens over its tokens/s): a step that compiles stands out
+    step_s = [round(args.prompts * args.group * n / s, 2) for s, n in zip(all_speed, all_length) if s > 0]
     return {"completions_per_s": statistics.median(per_s), "mean_completion_tokens": statistics.fmean(length),
             "tokens_per_s": statistics.median(speed), "peak_gib": row["peak_gib"], "wall_s": row["wall_s"],
-            "events": row["events"], "phases": row["phases"]}
+            "events": row["events"], "phases": row["phases"], "step_seconds": step_s}
 
 
 def run_trl(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
@@ -151,7 +154,8 @@ def run_trl(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, Any
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.train()
-    steps = [b - a for a, b in zip([start, *marks], marks)][args.skip:]
+    every = [b - a for a, b in zip([start, *marks], marks)]
+    steps = every[args.skip:]
     n = args.prompts * args.group
     return {"completions_per_s": statistics.median(n / s for s in steps),
             "mean_completion_bytes": statistics.fmean(lengths) if lengths else None,
@@ -159,7 +163,8 @@ def run_trl(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, Any
             "wall_s": time.perf_counter() - start,
             "phases": {"train_called_s": round(start - entered, 2),
                        "first_step_s": round(marks[0] - entered, 2) if marks else None,
-                       "finished_s": round(time.perf_counter() - entered, 2)}}
+                       "finished_s": round(time.perf_counter() - entered, 2)},
+            "step_seconds": [round(x, 2) for x in every]}
 
 
 def main() -> None:
