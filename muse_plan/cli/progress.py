@@ -34,7 +34,8 @@ class ProgressView:
             self.progress.stop()
 
     def message(self, text: str) -> None:
-        self.progress.console.print(text, markup=False, highlight=False)
+        # soft wrap: a long line (a command to copy, a path) is not broken by inserted newlines
+        self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def stage_started(self, name: str, total_steps: int, start_step: int) -> None:
         if not self.started:

@@ -271,7 +271,7 @@ def open_live(store: Any, run_id: int, names: Sequence[str], since: int = 0,
         for text in mirror.failures:  # a tracker that did not start: the run goes on without it
             runs.add_event(session, run, text, severity="warning")
     live.reported = len(mirror.failures)
-    for text in [*logging, *mirror.failures] if say else []:
+    for text in [*("logging to " + h for h in hints), *mirror.failures] if say else []:  # a command a line
         say(text)
     return live
 
