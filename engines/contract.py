@@ -91,6 +91,9 @@ class Trainer(Protocol):
 
     def next_batch(self) -> Any: ...
 
+    # optional: ``skip_batches(n)`` leaves out the data of n batches without making them (a recovery
+    # skipping the window that led to a fault); without it the loop draws n batches and drops them
+
     def micro_step(self, batch: Any) -> MicroStep: ...
 
     def evaluate(self) -> dict[str, float]: ...

@@ -272,3 +272,23 @@ def test_the_held_out_problems_are_the_same_whatever_the_training_seed():
     (test_a, train_a), (test_b, train_b) = problems(0), problems(3)
     assert test_a == test_b and len(set(test_a)) > 8
     assert train_a != train_b  # the seed still orders the training problems
+
+
+@pytest.mark.parametrize("updates_per_rollout", [1, 2])
+def test_skipping_a_faults_window_leaves_out_its_problems_without_rolling_them_out(updates_per_rollout):
+    """A recovery that skips the data between the checkpoint and the fault: the problem stream ends
+    where drawing those batches would have left it, and nothing is sampled for them."""
+    drawn = _trainer("fp32", None, updates_per_rollout=updates_per_rollout)
+    for _ in range(3):
+        drawn.next_batch()
+    skipped = _trainer("fp32", None, updates_per_rollout=updates_per_rollout)
+    calls = []
+    sample = skipped.policy.sample
+    skipped.policy.sample = lambda *a, **k: calls.append(a) or sample(*a, **k)
+    skipped.skip_batches(3)
+    assert calls == []
+    # three batches of one rollout each, or one rollout serving two: the rest of a rollout goes too
+    assert skipped.stream.drawn == 2 * (3 if updates_per_rollout == 1 else 2)
+    assert drawn.stream.drawn == 2 * (3 if updates_per_rollout == 1 else 2)
+    batch = skipped.next_batch()  # and the next batch is the stream's next problems, sampled now
+    assert len(calls) == 1 and len(batch) == 2 and skipped.stream.drawn == drawn.stream.drawn + 2

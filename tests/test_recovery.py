@@ -53,7 +53,7 @@ def baseline(tmp_path_factory) -> float:
 @pytest.mark.parametrize("inject, kind, change", [
     ("nan@45", "nan", "lr 0.003→0.0015, data window skipped"),
     ("oom@45", "oom", "micro_batch 16→8, grad_accum 1→2 (global batch 16 kept)"),
-    ("grad_spike@45", "grad_explosion", "clip_grad_norm 1→0.5"),
+    ("grad_spike@45", "grad_explosion", "clip_grad_norm 1→0.5, data window skipped"),
 ])
 def test_a_fault_is_repaired_recorded_and_the_run_completes(cli, baseline, inject, kind, change) -> None:
     cli("plan", "import", QUICKSTART)

@@ -74,6 +74,7 @@ class ReinforcementLearning:
         self.rewards = Rewards(options.reward_weights.active())  # built-ins and the user's own
         self.kl_beta = options.kl_beta
         self.updates = options.updates_per_rollout
+        self.batches_per_draw = self.updates  # next_batch serves one rollout this many times
         # only T-SPMO replays; the buffer exists (and is checkpointed) for every algorithm
         self.replay = ReplayBuffer(options.success_threshold if options.algorithm == "t_spmo" else 1.0)
         self.pending: list[list[Group]] = []

@@ -147,6 +147,19 @@ class GrpoTrainer:
     def micro_step(self, batch: Any) -> MicroStep:
         return self.handler.micro_step(batch)
 
+    def skip_batches(self, n: int) -> None:
+        """Leave out the problems of ``n`` batches without sampling them (a recovery's skipped window:
+        drawing them would roll out, or sample for rejection, only to drop the result)."""
+        per = getattr(self.handler, "batches_per_draw", 1)  # RL: one rollout serves several updates
+        pending = getattr(self.handler, "pending", None)
+        while n > 0 and pending:
+            pending.pop()
+            n -= 1
+        for _ in range(-(-n // per)):
+            self.stream.take(self.micro_batch)
+        if pending is not None:
+            pending.clear()  # a rollout's updates beyond the window go too: its problems were skipped
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy, greedy (``test_accuracy``) and sampled at the stage's

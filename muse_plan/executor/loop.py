@@ -212,9 +212,13 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
         for group in optimizer.param_groups:
             group["lr"] = s.lr * lr_factor(step, s)
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    if skip_until is not None:  # leave out the data that led to a NaN
-        for _ in range(max(0, skip_until - step) * s.grad_accum):
-            trainer.next_batch()
+    if skip_until is not None:  # leave out the data that led to the fault
+        skipped = max(0, skip_until - step) * s.grad_accum
+        if hasattr(trainer, "skip_batches"):  # without making them (the GRPO engine: no rollouts)
+            trainer.skip_batches(skipped)
+        else:
+            for _ in range(skipped):
+                trainer.next_batch()
     if main and hooks:
         hooks.on_start(step)
     clip = s.clip_grad_norm if s.clip_grad_norm is not None else math.inf

@@ -20,7 +20,12 @@ halves what the stage actually ran with.
 - ``nan``: roll back, skip the data window that produced it, halve the
   learning rate → leave fp16 for bf16 (or fp32 without bf16) → halve again.
 - ``grad_explosion``: enable clipping at 1.0 or halve it → halve the
-  learning rate → halve both.
+  learning rate → halve both; each rung also skips the data window that
+  produced it. A spike from a bad batch (the commonest cause in pretraining)
+  comes back at the same step after a restart from the checkpoint, whatever
+  the clipping — seen when recovery restarted an RL stage three times into
+  the same fault — so the batches between the checkpoint and the fault are
+  skipped, as large pretraining runs do when they rewind past a spike.
 Design: a rung is a pure function (plan, stage, fault) → a change or None;
 the runner writes the revision and resumes. Pure functions keep the ladders
 testable and identical on every process of a distributed run.
@@ -101,21 +106,23 @@ def leave_fp16(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
     return Rewrite({"precision": "bf16"}, "precision fp16→bf16")
 
 
-def clip_tighter(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
+def clip_tighter(spec: PlanSpec, stage: StageSpec, world: int, *, skip: bool = False) -> Rewrite | None:
     clip = _now(spec, stage, world).clip_grad_norm
     new = 1.0 if clip > 1.0 else clip / 2
-    return Rewrite({"clip_grad_norm": new}, f"clip_grad_norm {clip:g}→{new:g}")
+    return Rewrite({"clip_grad_norm": new}, f"clip_grad_norm {clip:g}→{new:g}" + (", data window skipped" if skip else ""),
+                   skip_window=skip)
 
 
-def clip_and_lr(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
-    a, b = clip_tighter(spec, stage, world), halve_lr(spec, stage, world)
-    return Rewrite({**a.training, **b.training}, f"{a.summary}, {b.summary}")
+def clip_and_lr(spec: PlanSpec, stage: StageSpec, world: int, *, skip: bool = False) -> Rewrite | None:
+    a, b = clip_tighter(spec, stage, world), halve_lr(spec, stage, world, skip=skip)
+    return Rewrite({**a.training, **b.training}, f"{a.summary}, {b.summary}", skip_window=skip)
 
 
 LADDERS: dict[str, list[Rung]] = {
     "oom": [halve_micro_batch, halve_micro_batch, more_checkpointing, more_checkpointing, offload_optimizer, lora],
     "nan": [lambda p, s, w: halve_lr(p, s, w, skip=True), leave_fp16, lambda p, s, w: halve_lr(p, s, w, skip=True)],
-    "grad_explosion": [clip_tighter, halve_lr, clip_and_lr],
+    "grad_explosion": [lambda p, s, w: clip_tighter(p, s, w, skip=True), lambda p, s, w: halve_lr(p, s, w, skip=True),
+                       lambda p, s, w: clip_and_lr(p, s, w, skip=True)],
 }
 
 
