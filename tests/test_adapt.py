@@ -80,7 +80,7 @@ def test_a_real_run_gets_proposals_from_its_own_numbers_and_nothing_is_stored(cl
 
     assert {(c["path"], c["old"], c["new"]) for c in out["changes"]} == {
         ("training.lr", 0.01, 0.005), ("training.activation_checkpointing", "selective", "none")}
-    assert out["not_recorded"] == ["accuracy"]  # a pretraining run records no accuracy
+    assert out["not_recorded"] == ["accuracy", "reward"]  # a pretraining run records no accuracy, no reward
     assert out["stored_revision"] is None
     assert revisions(db) == before  # nothing written
 
@@ -278,3 +278,35 @@ def test_adapt_imports_no_torch(store, muse_home) -> None:
     hand_run(store, H100, {"pretrain": {"memory_gib": flat(12.0), "tokens_per_s": flat(40_000.0),
                                         "loss": plateau_curve()}})
     assert heavy_imports(muse_home, [["plan", "adapt", "h100"], ["plan", "adapt", "h100", "--json"]]) == "none"
+
+
+RL_H100 = {
+    "name": "rl-h100", "model": {"scale": "40M", "seq_len": 160},
+    "compute": "1xH100",
+    "training": {"precision": "bf16", "micro_batch": 16, "lr": 1e-4},
+    "stages": [{"name": "grpo", "kind": "reasoning_rl", "steps": 100,
+                "options": {"tasks": ["multiplication:3x3"], "group_size": 8, "max_new_tokens": 112}}],
+}
+
+
+def test_an_rl_stage_whose_groups_all_score_alike_gets_larger_groups_priced(store) -> None:
+    """The H100 regime of docs/bench_grpo.md: 2% training accuracy, 97% of the groups of 8 all-zero."""
+    hand_run(store, RL_H100, {"grpo": {"equal_groups": flat(0.97), "train_accuracy": flat(0.02),
+                                       "memory_gib": flat(2.15)}})
+    done = adapt(store, "rl-h100")
+    [p] = [p for p in done.proposals if p.rule == "no_signal"]
+    assert p.changes == ((("stages", "grpo", "options", "group_size"), 16),) and p.summary == "group_size 8→16"
+    assert p.predicted["informative_share_now"] == pytest.approx(1 - 0.98 ** 8 - 0.02 ** 8)
+    assert p.predicted["informative_share"] == pytest.approx(1 - 0.98 ** 16 - 0.02 ** 16)
+    assert "97% of grpo's groups scored all alike" in p.evidence[0] and "measured now 3%" in p.effect
+    spec = with_changes(repo_spec(store, "rl-h100"), p.changes)
+    assert fitting.stage_settings(spec, fitting.hardware_for(spec))[0].options.group_size == 16
+
+
+def test_an_rl_stage_with_signal_in_most_groups_is_left_alone(store) -> None:
+    hand_run(store, RL_H100, {"grpo": {"equal_groups": flat(0.5), "train_accuracy": flat(0.4),
+                                       "memory_gib": flat(2.15)}})
+    done = adapt(store, "rl-h100")
+    assert not [p for p in done.proposals if p.rule == "no_signal"]
+    assert dict(done.checked)["no_signal"] == \
+        "50% of grpo's groups scored all alike (mean over 100 steps): under 80%"

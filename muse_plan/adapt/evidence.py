@@ -46,6 +46,7 @@ METRICS: dict[str, Callable[[str], bool]] = {
     "throughput": lambda name: name == "tokens_per_s",
     "accuracy": lambda name: "accuracy" in name,
     "grad_norm": lambda name: name == "grad_norm",
+    "reward": lambda name: name in ("reward", "equal_groups", "advantage_abs"),  # RL stages' signal
 }
 RESOURCES = ("memory_gib", "lr")  # read whatever metrics were chosen
 HIGHER_IS_BETTER = ("tokens_per_s",)

@@ -41,4 +41,5 @@ RULES: dict[str, Rule] = {
     "larger_micro_batch": Rule(memory.larger_micro_batch, ("memory_efficiency", "compute_efficiency",
                                                             "convergence_speed"), ("throughput",)),
     "plateau": Rule(training.plateau, ("convergence_speed",), ("loss",)),
+    "no_signal": Rule(training.no_signal, ("convergence_speed",), ("reward", "accuracy")),
 }

@@ -253,7 +253,7 @@ def adapt(
     ctx: typer.Context,
     plan: PlanArg,
     performance_metrics: Annotated[Optional[str], typer.Option(
-        help="Comma list of loss, throughput, accuracy, grad_norm to read [default: all].")] = None,
+        help="Comma list of loss, throughput, accuracy, grad_norm, reward to read [default: all].")] = None,
     optimization_targets: Annotated[Optional[str], typer.Option(
         help="Comma list of convergence_speed, memory_efficiency, stability, compute_efficiency "
              "[default: all].")] = None,
