@@ -271,3 +271,23 @@ def test_an_injected_fault_no_stage_reaches_is_refused_before_the_run(cli) -> No
                                      "that step (its longest trains 60 steps), so it would never fire; "
                                      "nothing was run")
     assert cli("run", "list", "--json").stdout.strip() == "[]"
+
+
+def test_an_rl_stage_whose_groups_all_score_alike_raises_a_no_signal_alert_once_a_window():
+    from types import SimpleNamespace
+
+    from muse_plan.monitor.alerts import parse_thresholds
+    from muse_plan.monitor.detectors import Watch
+
+    def alerts(watch: Watch, equal: float | None, steps: int = 120) -> list:
+        extra = {} if equal is None else {"equal_groups": equal}
+        return [f for i in range(1, steps + 1)
+                for f in watch.alert(SimpleNamespace(step=i, loss=0.0, grad_norm=1e-7, extra=extra))
+                if f.kind == "no_signal"]
+
+    found = alerts(Watch({}, None, 100.0), 0.97)
+    assert [f.step for f in found] == [50, 100]  # a full window, then once a window
+    assert found[0].message.startswith("97% of the groups of the last 50 steps scored all alike")
+    assert alerts(Watch({}, None, 100.0), 0.9) == []  # under the default 95%
+    assert [f.step for f in alerts(Watch(parse_thresholds("no_signal:90"), None, 100.0), 0.9)] == [50, 100]
+    assert alerts(Watch({}, None), None) == []  # a stage without groups

@@ -15,6 +15,7 @@ ALERTS: dict[str, tuple[str, float, float]] = {
     "memory_usage": ("percent of device memory", 1.0, 100.0),
     "throughput_drop": ("percent drop of tokens/s against the recent median", 1.0, 99.0),
     "plateau": ("steps over which the loss must improve by 1%", 10.0, 1e9),
+    "no_signal": ("percent of an RL stage's groups scoring all alike over 50 steps", 1.0, 100.0),
 }
 
 

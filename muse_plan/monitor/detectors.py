@@ -25,7 +25,12 @@ Defaults and thresholds (``--alert-thresholds`` overrides; ``alerts.py``):
 - throughput drop: tokens/s below (1 − ``throughput_drop``/100) of the
   window's median, only when a threshold is given (on a shared machine
   tokens/s swings without anything being wrong): an alert;
-- memory usage: memory above ``memory_usage`` percent of the device: an alert.
+- memory usage: memory above ``memory_usage`` percent of the device: an alert;
+- no signal: in an RL stage, at least ``no_signal`` percent (default 95) of
+  the groups of the last 50 steps scored all alike (the engine's
+  ``equal_groups``): their advantages are zero, so the updates learn next to
+  nothing — an alert, once a window. Seen on an H100: a base solving 2% of
+  its problems left GRPO 97% all-equal groups and 200 updates taught nothing.
 """
 
 from __future__ import annotations
@@ -159,6 +164,29 @@ class MemoryUsage:
         return None
 
 
+class NoSignal:
+    def __init__(self, percent: float = 95.0, window: int = 50) -> None:
+        self.share = percent / 100
+        self.recent: deque[float] = deque(maxlen=window)
+        self.quiet_until = 0
+
+    def observe(self, r: Any) -> Finding | None:
+        value = getattr(r, "extra", {}).get("equal_groups")
+        if value is None:  # not an RL stage
+            return None
+        self.recent.append(value)
+        if len(self.recent) < (self.recent.maxlen or 0) or r.step < self.quiet_until:
+            return None
+        mean = statistics.fmean(self.recent)
+        if mean < self.share:
+            return None
+        self.quiet_until = r.step + len(self.recent)  # say it once a window
+        return Finding("no_signal", "alert", r.step, 100 * mean, 100 * self.share,
+                       f"{mean:.0%} of the groups of the last {len(self.recent)} steps scored all alike: no "
+                       "advantage, next to nothing to learn (larger groups, a warmer temperature or an easier "
+                       "start help; `muse plan adapt` prices larger groups)")
+
+
 class Watch:
     """All detectors of one stage; ``faults`` run on every process, ``alerts`` on the main one."""
 
@@ -167,7 +195,8 @@ class Watch:
         t = thresholds or {}
         self.faults: list[Detector] = [NonFinite(), GradExplosion(t.get("gradient_norm"), explosion_factor,
                                                                   floor=clip_grad_norm)]
-        self.alerts: list[Detector] = [LossSpike(t.get("loss_spike", 4.0)), Plateau(int(t.get("plateau", 200)))]
+        self.alerts: list[Detector] = [LossSpike(t.get("loss_spike", 4.0)), Plateau(int(t.get("plateau", 200))),
+                                       NoSignal(t.get("no_signal", 95.0))]
         if "throughput_drop" in t:  # opt-in: on a shared machine tokens/s swings without a fault
             self.alerts.append(ThroughputDrop(t["throughput_drop"]))
         if "memory_usage" in t and capacity_gib:
