@@ -291,3 +291,19 @@ def test_an_rl_stage_whose_groups_all_score_alike_raises_a_no_signal_alert_once_
     assert alerts(Watch({}, None, 100.0), 0.9) == []  # under the default 95%
     assert [f.step for f in alerts(Watch(parse_thresholds("no_signal:90"), None, 100.0), 0.9)] == [50, 100]
     assert alerts(Watch({}, None), None) == []  # a stage without groups
+
+
+def test_a_policy_gradient_stage_gets_no_loss_spike_or_plateau_alerts():
+    """Its loss is a surrogate around zero: a 'spike' is one group with a success, flatness its normal state."""
+    from types import SimpleNamespace
+
+    from muse_plan.monitor.detectors import Watch
+    from muse_plan.plan.kinds import STAGE_KINDS
+
+    losses = [1.0 + 0.01 * (i % 2) for i in range(399)] + [5.0]  # flat for 399 steps, then a jump
+    for kind, expected in (("pretrain", {"plateau", "loss_spike"}), ("reasoning_rl", set()),
+                           ("all_scenarios_rl", set()), ("rejection_sampling", {"plateau", "loss_spike"})):
+        watch = Watch({}, None, STAGE_KINDS[kind].explosion_factor, 1.0, STAGE_KINDS[kind].loss_alerts)
+        found = {f.kind for i, loss in enumerate(losses, 1)
+                 for f in watch.alert(SimpleNamespace(step=i, loss=loss, grad_norm=0.1, extra={}))}
+        assert found == expected, kind

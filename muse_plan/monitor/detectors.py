@@ -19,7 +19,8 @@ Defaults and thresholds (``--alert-thresholds`` overrides; ``alerts.py``):
   is a thousand times that — real signal, which a relative rule alone took
   for a fault (and recovery, restarting at the same step, met it again);
 - loss spike: z-score of the loss against the last 50 steps above
-  ``loss_spike`` (default 4): an alert;
+  ``loss_spike`` (default 4): an alert (as the plateau, not in a
+  policy-gradient stage, whose loss is a surrogate: ``StageKind.loss_alerts``);
 - plateau: less than 1% relative improvement of the mean loss over
   ``plateau`` steps (default 200): an alert;
 - throughput drop: tokens/s below (1 − ``throughput_drop``/100) of the
@@ -191,12 +192,15 @@ class Watch:
     """All detectors of one stage; ``faults`` run on every process, ``alerts`` on the main one."""
 
     def __init__(self, thresholds: dict[str, float] | None = None, capacity_gib: float | None = None,
-                 explosion_factor: float = 10.0, clip_grad_norm: float | None = None) -> None:
+                 explosion_factor: float = 10.0, clip_grad_norm: float | None = None,
+                 loss_alerts: bool = True) -> None:
+        """``loss_alerts``: False for a policy-gradient stage, whose loss is a surrogate (``StageKind``)."""
         t = thresholds or {}
         self.faults: list[Detector] = [NonFinite(), GradExplosion(t.get("gradient_norm"), explosion_factor,
                                                                   floor=clip_grad_norm)]
-        self.alerts: list[Detector] = [LossSpike(t.get("loss_spike", 4.0)), Plateau(int(t.get("plateau", 200))),
-                                       NoSignal(t.get("no_signal", 95.0))]
+        self.alerts: list[Detector] = [LossSpike(t.get("loss_spike", 4.0)), Plateau(int(t.get("plateau", 200)))] \
+            if loss_alerts else []
+        self.alerts.append(NoSignal(t.get("no_signal", 95.0)))
         if "throughput_drop" in t:  # opt-in: on a shared machine tokens/s swings without a fault
             self.alerts.append(ThroughputDrop(t["throughput_drop"]))
         if "memory_usage" in t and capacity_gib:

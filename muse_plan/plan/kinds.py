@@ -17,6 +17,11 @@ that reads it (a fact written in two places drifts):
 - ``explosion_factor``: how far above its running median a gradient norm
   must be to count as an explosion (a policy gradient from one rare success
   is legitimately tens of times an RL stage's median).
+- ``loss_alerts``: whether the loss-spike and plateau alerts watch the stage.
+  A policy-gradient stage's loss is a surrogate around zero whose size
+  follows how many groups scored differently, not what the model has
+  learned: a "spike" is one group with a success, a "plateau" is the normal
+  state. Its alert is ``no_signal`` (``monitor/detectors.py``).
 - ``priced``: None where the memory and throughput models price the stage,
   else why they don't.
 - ``options``: the engine's parser, ``(kind, technique options, stage
@@ -86,6 +91,7 @@ class StageKind:
     generates: bool = False
     kl_reference: bool = False
     explosion_factor: float = 10.0
+    loss_alerts: bool = True
     priced: str | None = None
     technique: Callable[[dict[str, Any]], str | None] = lambda options: None
 
@@ -96,10 +102,10 @@ STAGE_KINDS: dict[str, StageKind] = {k.name: k for k in (
     StageKind("finetune", "architecture", _architecture, lora=True),
     StageKind("cold_start_sft", "grpo", _grpo, lora=True, technique=lambda o: "grpo"),
     StageKind("reasoning_rl", "grpo", _grpo, lora=True, generates=True, kl_reference=True,
-              explosion_factor=100.0, technique=_rl_technique),
+              explosion_factor=100.0, loss_alerts=False, technique=_rl_technique),
     StageKind("rejection_sampling", "grpo", _grpo, lora=True, generates=True, technique=lambda o: "grpo"),
     StageKind("all_scenarios_rl", "grpo", _grpo, lora=True, generates=True, kl_reference=True,
-              explosion_factor=100.0, technique=_rl_technique),
+              explosion_factor=100.0, loss_alerts=False, technique=_rl_technique),
     StageKind("grow", "growth", _growth, trains=False, priced="growth changes weights, it does not train",
               technique=lambda o: "growth"),
     StageKind("representation", "rkdo", _rkdo, priced="not priced yet", technique=lambda o: "rkdo"),
