@@ -77,7 +77,12 @@ Measured on an H100 (2026-12-06, ``docs/rl_regime_calls/``): the base call took 
 the base's rebuild takes 85 s, and with three runs sharing the GPU GRPO did ~0.8 s an update, S-GRPO ~0.9 s and
 T-SPMO 1.0 s (its 200 updates and five evaluations in 198 s): a seed's call is ~5 min, so two seeds may fit one.
 ``--rl-lr``, ``--lora-layers`` and ``--l2-lambda`` try settings other than the paper's; merge reports such a
-call's runs apart, as a variant.
+call's runs apart, as a variant. ``--also l2_lambda=0 --also rl_lr=1e-3,lora_layers=1.0`` runs variants beside
+the call's own settings, from the same rebuilt base (paired, and one base rebuild instead of one a variant),
+leaving out the algorithms a variant would not change (λ is T-SPMO's alone), e.g.
+
+    scripts/bench_rl_regime.py --phase rl --sft-steps 20 --seeds 0 --also l2_lambda=0 \
+        --also rl_lr=1e-3,lora_layers=1.0 --out $OUT                                   # 8 runs
 
 then, here, ``python scripts/bench_rl_regime.py --merge DIR1 DIR2 ...`` over the folders the calls' files came
 back to. 3×3 takes one call per seed: its three seeds of three algorithms in one call are ~20 minutes at the
@@ -583,17 +588,43 @@ def held_out_result(record: dict, stage: str, cfg: Config) -> dict:
             "n": cfg.test_problems, "samples": cfg.eval_samples}
 
 
-def phase_rl(call: Call, algorithms: list[str], seeds: list[int]) -> None:
+VARIED = ("rl_lr", "lora_layers", "l2_lambda")  # the RL settings a variant may change (--also)
+
+
+def variant_configs(cfg: Config, also: list[str]) -> list[Config]:
+    """The call's own RL settings, then one Config per ``--also "rl_lr=1e-3,lora_layers=1.0"``."""
+    out = [cfg]
+    for spec in also:
+        changes: dict[str, float] = {}
+        for part in (x.strip() for x in spec.split(",") if x.strip()):
+            key, _, value = part.partition("=")
+            if key.strip() not in VARIED:
+                raise SystemExit(f"--also {spec!r}: {key.strip()!r} is not one of {', '.join(VARIED)}")
+            changes[key.strip()] = float(value)
+        out.append(replace(cfg, **changes))
+    return out
+
+
+def changes_for(variant: Config, cfg: Config, algorithm: str) -> bool:
+    """Whether ``variant`` runs ``algorithm`` differently from ``cfg`` (λ is T-SPMO's alone)."""
+    return (variant.rl_lr, variant.lora_layers) != (cfg.rl_lr, cfg.lora_layers) or \
+        (algorithm == "t_spmo" and variant.l2_lambda != cfg.l2_lambda)
+
+
+def phase_rl(call: Call, algorithms: list[str], seeds: list[int], also: list[str] | None = None) -> None:
     cfg = call.cfg
-    call.result.update(algorithms=algorithms, seeds=seeds, rl=[])
+    variants = variant_configs(cfg, also or [])
+    call.result.update(algorithms=algorithms, seeds=seeds, rl=[],
+                       variants=[{k: getattr(v, k) for k in VARIED} for v in variants])
     base = build_base(call, scan=cfg.sft_steps is None)
     launched = [call.run("base-test", eval_plan(cfg, call.files, base, "test", cfg.eval_samples))]
     plans = {}
-    for seed in seeds:
-        for algorithm in algorithms:
-            label = f"{algorithm}-s{seed}"
-            plans[label] = rl_plan(cfg, call.files, base, algorithm, seed)
-            launched.append(call.run(label, plans[label], predict=True))
+    for index, variant in enumerate(variants):  # every variant from the one base: paired comparisons
+        for seed in seeds:
+            for algorithm in (a for a in algorithms if not index or changes_for(variant, cfg, a)):
+                label = f"{algorithm}-s{seed}" + (f"-v{index}" if index else "")
+                plans[label] = rl_plan(variant, call.files, base, algorithm, seed)
+                launched.append(call.run(label, plans[label], predict=True))
     print(f"[{call.elapsed():.0f} s] {len(launched) - 1} RL runs and the base's test evaluation started", flush=True)
     call.pending = (launched, plans)
     wait(launched, call.deadline)
@@ -608,11 +639,15 @@ def collect_rl(call: Call) -> None:
     call.result["base"]["test"] = held_out_result(records["base-test"][0], "eval", cfg)
     intervals = [(rec["stages"][s]["start"], rec["stages"][s]["end"]) for rec, _ in records.values()
                  for s in rec["stages"] if rec["stages"][s]["start"] is not None]
-    for seed in seeds:
-        for algorithm in algorithms:
-            record, cut = records[f"{algorithm}-s{seed}"]
-            call.result["rl"].append(summarize(cfg, algorithm, seed, slim(record, RL_SERIES), cut, intervals,
-                                               plans[f"{algorithm}-s{seed}"]))
+    for index, changes in enumerate(call.result.get("variants") or [{}]):
+        variant = replace(cfg, **changes)
+        for seed in seeds:
+            for algorithm in (a for a in algorithms if not index or changes_for(variant, cfg, a)):
+                label = f"{algorithm}-s{seed}" + (f"-v{index}" if index else "")
+                record, cut = records[label]
+                call.result["rl"].append({**summarize(variant, algorithm, seed, slim(record, RL_SERIES), cut,
+                                                      intervals, plans[label]),
+                                          "variant": variant.variant, "settings": changes})
     print_call(call)
 
 
@@ -704,7 +739,8 @@ def print_call(call: Call) -> None:
     print(f"base: greedy {base.get('greedy')}, sampled {base.get('sampled')} on {base.get('n')} test problems")
     for r in call.result.get("rl", []):
         final = r["curve"][-1] if r["curve"] else None
-        print(f"{r['algorithm']} seed {r['seed']}: {r['updates_done']}/{r['updates']} updates"
+        print(f"{r['algorithm']} seed {r['seed']}{' (' + r['variant'] + ')' if r.get('variant') else ''}: "
+              f"{r['updates_done']}/{r['updates']} updates"
               f"{' (cut off)' if r['cut_off'] else ''}, final greedy {final[1] if final else None}, "
               f"sampled {final[2] if final else None}, {r['completions_per_s'] or 0:.1f} completions/s, "
               f"peak {r['peak_gib'] or 0:.2f} GiB (predicted {r['predicted_gib'] or 0:.2f})", flush=True)
@@ -763,21 +799,25 @@ def aggregate(calls: list[dict]) -> dict[str, Any]:
     for c in calls:
         if c["phase"] == "r1":
             continue
-        variant = Config(rl_lr=c["config"].get("rl_lr", 1.0e-4), lora_layers=c["config"].get("lora_layers", 0.25),
-                         l2_lambda=c["config"].get("l2_lambda", 0.01)).variant if c["phase"] == "rl" else ""
-        t = tasks.setdefault(c["task"] + (f" ({variant})" if variant else ""),
-                             {"task": c["task"], "variant": variant, "bases": [], "runs": [], "scans": [],
-                              "calls": [], "config": c["config"]})
-        t["calls"].append({k: c.get(k) for k in ("file", "phase", "device", "wall_seconds", "partial", "seeds")})
+        called = Config(rl_lr=c["config"].get("rl_lr", 1.0e-4), lora_layers=c["config"].get("lora_layers", 0.25),
+                        l2_lambda=c["config"].get("l2_lambda", 0.01)).variant if c["phase"] == "rl" else ""
+        # a run's own variant (a call with --also holds several); older calls: the call's settings
+        variants = dict.fromkeys([r.get("variant", called) for r in c.get("rl", [])] or [called])
         base = c.get("base", {})
         test = base.get("test") or {}
-        if test.get("greedy") is not None:
-            t["bases"].append({**test, "sft_steps": base.get("sft_steps"), "file": c["file"]})
-        if base.get("scan"):
-            t["scans"].append({**base["scan"], "file": c["file"], "device": c["device"]})
-        if c.get("rl"):
-            t["config"] = c["config"]
-        t["runs"] += [{**r, "base": test, "file": c["file"], "device": c["device"]} for r in c.get("rl", [])]
+        for variant in variants:
+            t = tasks.setdefault(c["task"] + (f" ({variant})" if variant else ""),
+                                 {"task": c["task"], "variant": variant, "bases": [], "runs": [], "scans": [],
+                                  "calls": [], "config": c["config"]})
+            t["calls"].append({k: c.get(k) for k in ("file", "phase", "device", "wall_seconds", "partial", "seeds")})
+            if test.get("greedy") is not None:
+                t["bases"].append({**test, "sft_steps": base.get("sft_steps"), "file": c["file"]})
+            if base.get("scan"):
+                t["scans"].append({**base["scan"], "file": c["file"], "device": c["device"]})
+            mine = [r for r in c.get("rl", []) if r.get("variant", called) == variant]
+            if mine:
+                t["config"] = {**c["config"], **(mine[0].get("settings") or {})}
+            t["runs"] += [{**r, "base": test, "file": c["file"], "device": c["device"]} for r in mine]
     for t in tasks.values():
         t["rows"] = method_rows(t)
     r1 = [c for c in calls if c.get("r1")]
@@ -1089,6 +1129,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rl-lr", type=float, help="the RL runs' lr (default the paper's 1e-4): a variant, reported apart")
     p.add_argument("--lora-layers", type=float,
                    help="the fraction of layers (the last ones) with LoRA (default the paper's 0.25): a variant")
+    p.add_argument("--also", action="append", default=[], metavar="K=V[,K=V]",
+                   help="an RL variant run beside the call's own settings from the same base, e.g. "
+                        "--also l2_lambda=0 --also rl_lr=1e-3,lora_layers=1.0 (keys: rl_lr, lora_layers, l2_lambda)")
     p.add_argument("--l2-lambda", type=float, help="T-SPMO's L2 on the LoRA weights (default the paper's 0.01): "
                    "a variant")
     p.add_argument("--sft-steps", type=int, help="the base's SFT length (the base call prints it); else scanned")
@@ -1153,7 +1196,7 @@ def main() -> None:
         raise SystemExit(f"unknown algorithm {unknown[0]!r}; accepted: {', '.join(ALGORITHMS)}")
     phases = ["base", "rl", "r1"] if phase == "all" else [phase]
     for name in phases if not args.tiny else []:
-        seconds = estimate(cfg, name, algorithms, seeds)
+        seconds = estimate(cfg, name, algorithms, seeds * (1 + len(args.also)))  # a variant: as many runs again
         print(f"{name}: estimated {seconds / 60:.1f} min on one H100 (estimate(): rates from docs/bench_grpo.md); "
               f"this call stops its runs at {cfg.deadline_s:.0f} s"
               + (" — expect them cut off: give fewer --seeds a call" if seconds > cfg.deadline_s else ""), flush=True)
@@ -1172,7 +1215,7 @@ def main() -> None:
             phase_base(call)
             cfg = replace(cfg, sft_steps=call.result["base"]["sft_steps"])  # --phase all: the rl call reuses it
         elif name == "rl":
-            phase_rl(call, algorithms, seeds)
+            phase_rl(call, algorithms, seeds, args.also)
         else:
             phase_r1(call)
         cut = any(r["cut_off"] for r in call.result.get("rl", [])) or (call.result.get("r1") or {}).get("cut_off")
