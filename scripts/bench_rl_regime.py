@@ -799,8 +799,8 @@ def aggregate(calls: list[dict]) -> dict[str, Any]:
     for c in calls:
         if c["phase"] == "r1":
             continue
-        called = Config(rl_lr=c["config"].get("rl_lr", 1.0e-4), lora_layers=c["config"].get("lora_layers", 0.25),
-                        l2_lambda=c["config"].get("l2_lambda", 0.01)).variant if c["phase"] == "rl" else ""
+        called = Config(**{k: c["config"][k] for k in VARIED if k in c["config"]}).variant \
+            if c["phase"] == "rl" else ""
         # a run's own variant (a call with --also holds several); older calls: the call's settings
         variants = dict.fromkeys([r.get("variant", called) for r in c.get("rl", [])] or [called])
         base = c.get("base", {})

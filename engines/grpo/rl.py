@@ -74,7 +74,6 @@ class ReinforcementLearning:
         self.rewards = Rewards(options.reward_weights.active())  # built-ins and the user's own
         self.kl_beta = options.kl_beta
         self.updates = options.updates_per_rollout
-        self.batches_per_draw = self.updates  # next_batch serves one rollout this many times
         # only T-SPMO replays; the buffer exists (and is checkpointed) for every algorithm
         self.replay = ReplayBuffer(options.success_threshold if options.algorithm == "t_spmo" else 1.0)
         self.pending: list[list[Group]] = []
@@ -97,6 +96,17 @@ class ReinforcementLearning:
         if self.updates > 1:
             self.pending = [groups] * (self.updates - 1)
         return groups
+
+    def skip(self, n: int) -> None:
+        """Leave out ``n`` batches' problems unsampled: the pending updates of the last rollout first,
+        then a draw of problems per rollout those batches would have made (one rollout serves
+        ``updates`` batches); what a skipped rollout would still have served goes too."""
+        while n > 0 and self.pending:
+            self.pending.pop()
+            n -= 1
+        for _ in range(-(-n // self.updates)):
+            self.t.stream.take(self.t.micro_batch)
+        self.pending = []
 
     @torch.no_grad()
     def _rollout(self, starts: list[tuple[list[int], list[int], Any]]) -> list[Group]:

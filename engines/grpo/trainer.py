@@ -150,15 +150,12 @@ class GrpoTrainer:
     def skip_batches(self, n: int) -> None:
         """Leave out the problems of ``n`` batches without sampling them (a recovery's skipped window:
         drawing them would roll out, or sample for rejection, only to drop the result)."""
-        per = getattr(self.handler, "batches_per_draw", 1)  # RL: one rollout serves several updates
-        pending = getattr(self.handler, "pending", None)
-        while n > 0 and pending:
-            pending.pop()
-            n -= 1
-        for _ in range(-(-n // per)):
+        skip = getattr(self.handler, "skip", None)
+        if skip is not None:  # RL: its own bookkeeping of rollouts that serve several updates
+            skip(n)
+            return
+        for _ in range(n):  # a batch is one draw of micro_batch problems
             self.stream.take(self.micro_batch)
-        if pending is not None:
-            pending.clear()  # a rollout's updates beyond the window go too: its problems were skipped
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

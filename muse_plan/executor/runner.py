@@ -256,7 +256,8 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
             view.stage_started(stage.name, s.steps, start.step if start else 0)
     t0 = time.perf_counter()
     kind = STAGE_KINDS[stage.kind]
-    watch = Watch(spec.alerts, _capacity_gib(accelerator), kind.explosion_factor, s.clip_grad_norm, kind.loss_alerts)
+    watch = Watch(spec.alerts, _capacity_gib(accelerator), kind.explosion_factor,
+                  clip_grad_norm=s.clip_grad_norm, loss_alerts=kind.loss_alerts)
     if s.plateau is not None:  # end the stage at a loss plateau; the next (grow) stage starts there
         from muse_plan.executor.grow import GrowOnPlateau
 
