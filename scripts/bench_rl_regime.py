@@ -61,21 +61,23 @@ Design decisions:
   does the same. Each call writes one JSON file to ``--out`` (at most one per call on the device).
 
 GPU calls (each a fresh machine and one command, ``PYTHONUNBUFFERED=1 PYTHONPATH=. python3 ...``; the minutes
-are ``--estimate``'s for one H100, from docs/bench_grpo.md's measurements, see ``estimate``; every call stops
+are ``--estimate``'s for one H100, fitted to this script's own H100 calls, see ``estimate``; every call stops
 its runs at 560 s whatever happens, and its JSON says what was cut):
 
     scripts/bench_rl_regime.py --phase base --out $OUT                                   # ~4 min; prints N
-    scripts/bench_rl_regime.py --phase rl --sft-steps N --seeds 0 --out $OUT             # ~8.5 min (see below)
-    scripts/bench_rl_regime.py --phase rl --sft-steps N --seeds 1 --out $OUT             # ~8.5 min
-    scripts/bench_rl_regime.py --phase rl --sft-steps N --seeds 2 --out $OUT             # ~8.5 min
+    scripts/bench_rl_regime.py --phase rl --sft-steps N --seeds 0 --out $OUT             # ~6.5 min
+    scripts/bench_rl_regime.py --phase rl --sft-steps N --seeds 1 --out $OUT             # ~6.5 min
+    scripts/bench_rl_regime.py --phase rl --sft-steps N --seeds 2 --out $OUT             # ~6.5 min
     scripts/bench_rl_regime.py --task word_problem --phase base --out $OUT               # ~3 min; prints M
-    scripts/bench_rl_regime.py --task word_problem --phase rl --sft-steps M --seeds 0,1 --out $OUT   # ~6.5 min
-    scripts/bench_rl_regime.py --task word_problem --phase rl --sft-steps M --seeds 2 --out $OUT     # ~4.5 min
+    scripts/bench_rl_regime.py --task word_problem --phase rl --sft-steps M --seeds 0,1 --out $OUT   # ~5 min
+    scripts/bench_rl_regime.py --task word_problem --phase rl --sft-steps M --seeds 2 --out $OUT     # ~3.5 min
     scripts/bench_rl_regime.py --phase r1 --out $OUT                                     # ~6 min
 
-Measured on an H100 (2026-12-06, ``docs/rl_regime_calls/``): the base call took 237 s (N = 20); in an rl call
-the base's rebuild takes 85 s, and with three runs sharing the GPU GRPO did ~0.8 s an update, S-GRPO ~0.9 s and
-T-SPMO 1.0 s (its 200 updates and five evaluations in 198 s): a seed's call is ~5 min, so two seeds may fit one.
+Measured on an H100 (2026-12-06, ``docs/rl_regime_calls/``): the base call took 237 s (N = 20); an rl call
+pretrains and rebuilds the base in 80–116 s; with three runs sharing the GPU GRPO did ~0.8 s an update, S-GRPO
+~0.9 s and T-SPMO 1.0 s (its 200 updates and five evaluations in 198 s), a seed's call 308 s; with six runs
+sharing (two seeds) they reached 133–154 of 200 updates in the 350 s a 465 s deadline left; four GRPO / S-GRPO
+runs at lr 1e-3 with LoRA on every layer finished 200 updates in 368 s.
 ``--rl-lr``, ``--lora-layers`` and ``--l2-lambda`` try settings other than the paper's; merge reports such a
 call's runs apart, as a variant. ``--also l2_lambda=0 --also rl_lr=1e-3,lora_layers=1.0`` runs variants beside
 the call's own settings, from the same rebuilt base (paired, and one base rebuild instead of one a variant),
@@ -85,8 +87,8 @@ leaving out the algorithms a variant would not change (λ is T-SPMO's alone), e.
         --also rl_lr=1e-3,lora_layers=1.0 --out $OUT                                   # 8 runs
 
 then, here, ``python scripts/bench_rl_regime.py --merge DIR1 DIR2 ...`` over the folders the calls' files came
-back to. 3×3 takes one call per seed: its three seeds of three algorithms in one call are ~20 minutes at the
-default 200 updates. A call's runs print their own numbers as they end; the base call prints the chosen SFT
+back to. 3×3 takes one call per seed: two seeds of three algorithms are ~10 minutes at the default 200
+updates, and get cut off. A call's runs print their own numbers as they end; the base call prints the chosen SFT
 length (``--sft-steps``), which the RL calls take so that they rebuild that base without scanning again.
 """
 
@@ -197,9 +199,11 @@ TINY = dict(shape=(2, 64, 4), pretrain_steps=30, pretrain_micro=8, sft_max_steps
 # × 64 × 160 in a 70 s stage: ~17 s of it generation and start); rollouts through the CUDA-graph decode step
 # ~300 completions/s (H100, 128 rows, rewards included) and the GRPO update ~300/s (measured before the
 # reference pass was batched); a `muse plan run` process ~20 s from launch to its first step. Concurrent runs:
-# bench_grpo's three at once gave 2.3× one run's throughput with eager decoding; 2× is assumed here.
+# bench_grpo's three at once gave 2.3× one run's throughput with eager decoding. This script's own H100 calls
+# (docs/rl_regime_calls/) fit a gain of ~3.7 with 3 runs sharing and ~3.0 with 6 (a seed's call: 308 s measured,
+# 385 s estimated at 3.0; two seeds': 200 updates extrapolated to ~590 s, estimated 618 s): 3.0 is used.
 PRETRAIN_TOKENS_S, STAGE_OVERHEAD_S, START_S = 230e3, 17.0, 20.0
-COMPLETION_S, SHARING_GAIN = 1 / 300, 2.0
+COMPLETION_S, SHARING_GAIN = 1 / 300, 3.0
 
 
 def estimate(cfg: Config, phase: str, algorithms: list[str], seeds: list[int]) -> float:
@@ -817,11 +821,24 @@ def aggregate(calls: list[dict]) -> dict[str, Any]:
             mine = [r for r in c.get("rl", []) if r.get("variant", called) == variant]
             if mine:
                 t["config"] = {**c["config"], **(mine[0].get("settings") or {})}
-            t["runs"] += [{**r, "base": test, "file": c["file"], "device": c["device"]} for r in mine]
+            t["runs"] += [{**r, "base": test, "file": c["file"], "device": c["device"],
+                           "started_at": c.get("started_at") or ""} for r in mine]
     for t in tasks.values():
+        mark_superseded(t["runs"])
         t["rows"] = method_rows(t)
     r1 = [c for c in calls if c.get("r1")]
     return {"tasks": tasks, "r1": r1[-1] if r1 else None}
+
+
+def mark_superseded(runs: list[dict]) -> None:
+    """One run counts per (algorithm, seed): the newest call's that did not fail. Older runs of the same seed
+    (a call re-run, e.g. after a fix) and failed runs get ``superseded_by`` and stay in the per-run table only."""
+    for key in {(r["algorithm"], r["seed"]) for r in runs}:
+        mine = sorted((r for r in runs if (r["algorithm"], r["seed"]) == key), key=lambda r: r["started_at"])
+        kept = next((r for r in reversed(mine) if r.get("status") != "failed"), None)
+        for r in mine:
+            if r is not kept:
+                r["superseded_by"] = "failed" if kept is None else kept["file"]
 
 
 def method_rows(t: dict) -> dict[str, dict]:
@@ -832,7 +849,7 @@ def method_rows(t: dict) -> dict[str, dict]:
         rows["base"] = {"runs": len(b), "greedy": _mean_se(greedy, _binomial(greedy[0], b[0]["n"])),
                         "sampled": _mean_se(sampled, _binomial(sampled[0], b[0]["n"] * b[0]["samples"]))}
     for algorithm in ALGORITHMS:
-        runs = [r for r in t["runs"] if r["algorithm"] == algorithm and r["curve"]]
+        runs = [r for r in t["runs"] if r["algorithm"] == algorithm and r["curve"] and not r.get("superseded_by")]
         if not runs:
             continue
         n, samples = runs[0]["n"], runs[0]["samples"]
@@ -865,7 +882,7 @@ def method_rows(t: dict) -> dict[str, dict]:
 def time_to(runs: list[dict], algorithm: str, target: float) -> dict:
     """Fair-share GPU-seconds (and wall seconds) to the first evaluation at or above ``target``."""
     reached = []
-    mine = [r for r in runs if r["algorithm"] == algorithm and r["curve"]]
+    mine = [r for r in runs if r["algorithm"] == algorithm and r["curve"] and not r.get("superseded_by")]
     for r in mine:
         hit = next((p for p in r["curve"] if p[1] >= target - 1e-9 and len(p) > 4), None)
         if hit is not None:
@@ -958,7 +975,7 @@ def runs_section(t: dict) -> list[str]:
     for r in sorted(t["runs"], key=lambda r: (list(ALGORITHMS).index(r["algorithm"]), r["seed"], r["file"])):
         if not r["curve"]:
             fault = next((e for e in r.get("events", []) if e.startswith("fault: ")), None)
-            out.append(f"| {LABELS[r['algorithm']]} | {r['seed']} | {r['file']} | | no evaluation recorded "
+            out.append(f"| {LABELS[r['algorithm']]} | {r['seed']} | {r['file']}{_superseded(r)} | | no evaluation recorded "
                        f"({r['status']}{'; ' + fault if fault else ''}) | | {r['updates_done']} | | | |")
             continue
         _, greedy, sampled = r["curve"][-1][:3]
@@ -967,7 +984,8 @@ def runs_section(t: dict) -> list[str]:
         kl = r["series"].get("kl", [])
         base = r["base"].get("greedy")
         out.append(
-            f"| {LABELS[r['algorithm']]} | {r['seed']} | {r['file']} | {_num(None if base is None else 100 * base)} | "
+            f"| {LABELS[r['algorithm']]} | {r['seed']} | {r['file']}{_superseded(r)} | "
+            f"{_num(None if base is None else 100 * base)} | "
             f"{100 * greedy:.1f} ± {100 * _binomial(greedy, r['n']):.1f} | "
             f"{100 * sampled:.1f} ± {100 * _binomial(sampled, r['n'] * r['samples']):.1f} | {r['updates_done']}"
             f"{' (cut off)' if r['cut_off'] else ''} | "
@@ -977,6 +995,11 @@ def runs_section(t: dict) -> list[str]:
     return out + [""]
 
 
+def _superseded(r: dict) -> str:
+    by = r.get("superseded_by")
+    return "" if not by else (" (failed: not counted)" if by == "failed" else f" (not counted: seed re-run in `{by}`)")
+
+
 def diagnostics_section(t: dict) -> list[str]:
     """For each algorithm whose paired gain over its base is not above 2 s.e.: what the engine recorded."""
     out = []
@@ -984,7 +1007,7 @@ def diagnostics_section(t: dict) -> list[str]:
         row = t["rows"].get(algorithm)
         if row is None or row["delta"] is None or row["delta"][0] - 2 * row["delta"][1] > 0:
             continue
-        runs = [r for r in t["runs"] if r["algorithm"] == algorithm]
+        runs = [r for r in t["runs"] if r["algorithm"] == algorithm and not r.get("superseded_by")]
         reward = [x for x in (_tenths(r["series"].get("reward", [])) for r in runs) if x]
         acc = [x for x in (_tenths(r["series"].get("train_accuracy", [])) for r in runs) if x]
         tokens = [x for x in (_tenths(r["series"].get("completion_tokens", [])) for r in runs) if x]
@@ -1049,7 +1072,7 @@ def plot(tasks: dict[str, dict], path: Path) -> bool:
         t = tasks[name]
         base = t["rows"].get("base")
         for algorithm, color in colors.items():
-            runs = [r for r in t["runs"] if r["algorithm"] == algorithm and r["curve"]]
+            runs = [r for r in t["runs"] if r["algorithm"] == algorithm and r["curve"] and not r.get("superseded_by")]
             if not runs:
                 continue
             steps = sorted(set.intersection(*[{p[0] for p in r["curve"]} for r in runs]))
@@ -1197,7 +1220,7 @@ def main() -> None:
     phases = ["base", "rl", "r1"] if phase == "all" else [phase]
     for name in phases if not args.tiny else []:
         seconds = estimate(cfg, name, algorithms, seeds * (1 + len(args.also)))  # a variant: as many runs again
-        print(f"{name}: estimated {seconds / 60:.1f} min on one H100 (estimate(): rates from docs/bench_grpo.md); "
+        print(f"{name}: estimated {seconds / 60:.1f} min on one H100 (estimate(): fitted to the H100 calls); "
               f"this call stops its runs at {cfg.deadline_s:.0f} s"
               + (" — expect them cut off: give fewer --seeds a call" if seconds > cfg.deadline_s else ""), flush=True)
     if "rl" in phases and phase != "all" and cfg.sft_steps is None:
