@@ -1132,7 +1132,10 @@ def merge(dirs: list[Path], out: Path) -> Path:
         md += ["![held-out accuracy against updates and GPU-seconds; rollout reward](bench_rl_regime.png)", ""]
     text = "\n".join(md)
     (out / "bench_rl_regime.md").write_text(text)
-    (out / "bench_rl_regime.json").write_text(json.dumps({"calls": calls, "summary": {
+    # each run's numbers without its per-step series, events and plan: those stay in the calls' own files
+    slim = [{**c, "rl": [{k: v for k, v in r.items() if k not in ("series", "events", "plan")} for r in c["rl"]]}
+            if c.get("rl") else c for c in calls]
+    (out / "bench_rl_regime.json").write_text(json.dumps({"calls": slim, "summary": {
         task: {"rows": t["rows"], "bases": t["bases"], "scans": t["scans"]} for task, t in merged["tasks"].items()}},
         indent=1, default=str) + "\n")
     print(text, flush=True)

@@ -310,3 +310,27 @@ def test_an_rl_stage_with_signal_in_most_groups_is_left_alone(store) -> None:
     assert not [p for p in done.proposals if p.rule == "no_signal"]
     assert dict(done.checked)["no_signal"] == \
         "50% of grpo's groups scored all alike (mean over 100 steps): under 80%"
+
+
+def test_an_rl_policy_that_stood_still_gets_a_larger_step_on_every_layer(store) -> None:
+    """The H100 regime of issue 21: a KL of ~5e-6 after the stage (lr 1e-4, LoRA on the last quarter) taught
+    nothing; lr 1e-3 with LoRA on every layer taught +5.8 points. Both are proposed, priced, and apply."""
+    plan = {**RL_H100, "techniques": {"lora": {"rank": 8, "layers_fraction": 0.25}}}
+    hand_run(store, plan, {"grpo": {"kl": flat(5e-6), "equal_groups": flat(0.94), "memory_gib": flat(2.2)}})
+    done = adapt(store, "rl-h100")
+    [p] = [p for p in done.proposals if p.rule == "still_policy"]
+    assert p.summary == "lr 0.0001→0.001, LoRA on the last 25% of the layers→all of them"
+    assert p.measured["kl"] == pytest.approx(5e-6) and p.predicted["lr"] == pytest.approx(1e-3)
+    assert "94% of its groups scored all alike" in p.evidence
+    stored = repo_spec(store, "rl-h100")
+    [s] = fitting.stage_settings(with_changes(stored, p.changes), fitting.hardware_for(stored))
+    assert s.lr == pytest.approx(1e-3) and s.lora.layers_fraction == 1.0 and s.lora.rank == 8
+    assert fitting.stage_settings(stored, fitting.hardware_for(stored))[0].lora.layers_fraction == 0.25
+
+
+def test_an_rl_policy_that_moved_is_left_alone(store) -> None:
+    hand_run(store, RL_H100, {"grpo": {"kl": [1e-6] * 90 + [5e-3] * 10, "memory_gib": flat(2.2)}})
+    done = adapt(store, "rl-h100")
+    assert not [p for p in done.proposals if p.rule == "still_policy"]
+    assert dict(done.checked)["still_policy"] == \
+        "grpo's KL to its reference over the last tenth of 100 steps: 0.005: the policy moved (at least 0.0001)"

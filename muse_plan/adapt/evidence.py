@@ -46,7 +46,7 @@ METRICS: dict[str, Callable[[str], bool]] = {
     "throughput": lambda name: name == "tokens_per_s",
     "accuracy": lambda name: "accuracy" in name,
     "grad_norm": lambda name: name == "grad_norm",
-    "reward": lambda name: name in ("reward", "equal_groups", "advantage_abs"),  # RL stages' signal
+    "reward": lambda name: name in ("reward", "equal_groups", "advantage_abs", "kl"),  # RL signal, and how far it moved
 }
 RESOURCES = ("memory_gib", "lr")  # read whatever metrics were chosen
 HIGHER_IS_BETTER = ("tokens_per_s",)

@@ -42,4 +42,5 @@ RULES: dict[str, Rule] = {
                                                             "convergence_speed"), ("throughput",)),
     "plateau": Rule(training.plateau, ("convergence_speed",), ("loss",)),
     "no_signal": Rule(training.no_signal, ("convergence_speed",), ("reward", "accuracy")),
+    "still_policy": Rule(training.still_policy, ("convergence_speed",), ("reward",)),
 }

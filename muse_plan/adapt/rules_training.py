@@ -35,6 +35,18 @@
   visible next to the measured share. Seen on an H100: a base solving 2% of
   3×3 products left GRPO 97% all-equal groups of 8 (docs/bench_grpo.md).
 
+- ``still_policy``: an RL stage with a KL term whose KL to its reference,
+  over the last tenth of at least 50 steps, stayed under 1e-4: the update
+  hardly moved the policy, whatever its groups held. The proposal is ten
+  times the learning rate (at most 1e-3 with LoRA, 1e-4 without) and, where
+  LoRA adapts only the last share of the layers, every layer. Measured on an
+  H100 (docs/bench_grpo.md, issue 21): GRPO and S-GRPO at lr 1e-4 with LoRA on
+  q/v of the last quarter of layers ended at a KL of 1.6–9.2e-6 and +0.1 ± 0.1
+  points of held-out accuracy over three seeds; at lr 1e-3 on every layer,
+  0.004–0.010 and +5.8 ± 0.6 (GRPO), +5.2 ± 0.9 (S-GRPO), with 85–97% of the
+  groups as uninformative as before. The two changes were not measured apart,
+  so both are proposed; no model predicts the gain.
+
 No model predicts a learning rate's or a clip's effect on the loss; those
 proposals say so and name the measured numbers they rest on.
 """
@@ -46,6 +58,7 @@ from types import SimpleNamespace
 
 from muse_plan.adapt.context import Context, Proposal, with_changes
 from muse_plan.adapt.evidence import StageEvidence
+from muse_plan.errors import PlanError
 from muse_plan.monitor.detectors import LossSpike
 from muse_plan.plan.units import format_count, parse_scale
 
@@ -54,6 +67,9 @@ CLIPPED_SHARE = 0.9
 PLATEAU_GAIN = 0.01
 PLATEAU_SHARE = 0.25
 NO_SIGNAL_SHARE = 0.8  # groups that scored all alike, on average over an RL stage
+STILL_KL = 1e-4  # an RL stage's KL to its reference, last tenth of its steps: under it, the policy stood still
+STILL_MIN_STEPS = 50
+STILL_LR_CEILING = {True: 1e-3, False: 1e-4}  # with LoRA, without: the most still_policy proposes
 MAX_GROUP = 64
 UNPRICED = "no model predicts a learning rate's or a clip's effect on the loss; run again and compare"
 
@@ -247,3 +263,48 @@ def no_signal(ctx: Context) -> Proposal | str:
     return Proposal("no_signal", "larger groups", changes, f"group_size {group}→{group * 2}", tuple(evidence), effect,
                     {"equal_groups": equal, "train_accuracy": statistics.fmean(accuracies)},
                     {"informative_share": then, "informative_share_now": now, **predicted.numbers()}, memory=True)
+
+
+def still_policy(ctx: Context) -> Proposal | str:
+    stages = [s for s in ctx.evidence.trained("kl") if s.name in ctx.resolved]
+    if not stages:
+        return "no RL stage recorded a KL to its reference (a KL term, kl_beta > 0)"
+
+    def last_tenth(stage: StageEvidence) -> float:
+        values = stage.values("kl")
+        return statistics.fmean(values[-max(1, len(values) // 10):])
+
+    stage = min(stages, key=last_tenth)
+    kl, steps = last_tenth(stage), len(stage.values("kl"))
+    line = f"{stage.name}'s KL to its reference over the last tenth of {steps} steps: {kl:.2g}"
+    if steps < STILL_MIN_STEPS:
+        return line + f", too few steps to judge (under {STILL_MIN_STEPS})"
+    if kl >= STILL_KL:
+        return line + f": the policy moved (at least {STILL_KL:g})"
+    settings = ctx.resolved[stage.name]
+    lora = settings.lora
+    lr = min(settings.lr * 10, STILL_LR_CEILING[lora is not None])
+    changes: tuple = ctx.changes_for([settings], "lr", lambda s: lr) if lr > settings.lr * (1 + 1e-9) else ()
+    summary = [f"lr {settings.lr:g}→{lr:g}"] if changes else []
+    every = lora is not None and lora.layers_fraction < 1
+    if every:
+        every_layer = {**lora.model_dump(mode="json"), "layers_fraction": 1.0}  # the stage's own, written out
+        changes += ((("stages", stage.name, "options", "lora"), every_layer),)
+        summary.append(f"LoRA on the last {lora.layers_fraction:.0%} of the layers→all of them")
+    if not changes:
+        return line + f", but its lr {settings.lr:g} is at the ceiling already and no layer is left without adapters"
+    try:
+        predicted = ctx.predict(with_changes(ctx.spec, changes))
+    except PlanError as e:  # e.g. a following stage continues these adapters and must keep the same layers
+        return line + f"; the change can't be written into this plan ({e})"
+    if not predicted.fits:
+        return line + f"; {', '.join(summary)} is predicted not to fit ({predicted.describe()})"
+    evidence = [line, f"under {STILL_KL:g}, the update hardly moved the policy"]
+    equal = stage.values("equal_groups") if "equal_groups" in stage.series else []
+    if equal:
+        evidence.append(f"{statistics.fmean(equal):.0%} of its groups scored all alike")
+    effect = (f"a larger step for the policy; {predicted.describe()}; no model predicts the gain. On an H100 "
+              f"(docs/bench_grpo.md) the same change took GRPO from a KL of ~5e-6 and +0.1 points of held-out "
+              f"accuracy to 0.004–0.010 and +5.8 ± 0.6 points, over three seeds")
+    return Proposal("still_policy", "a policy that moves", changes, ", ".join(summary), tuple(evidence), effect,
+                    {"kl": kl, "lr": settings.lr}, {"lr": lr, **predicted.numbers()}, memory=every)
