@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_leaves
 
 from engines.architecture.config import ModelConfig
 from engines.architecture.model import DecoderLM, KVCache
-from engines.grpo.policy import Graphed, Policy, Rollout, _until_eos
+from engines.grpo.policy import STATIC_WIDTH, Graphed, Policy, Rollout, _until_eos, static_shape
 
 PAD, EOS = 258, 257
 PROMPTS = [[256, 5, 6, 7, 8, 9, 10], [256, 1], [256, 40, 41, 42]]  # left padding: different lengths
@@ -261,6 +261,39 @@ def test_sampling_never_draws_an_id_past_the_tokenizers_vocabulary(family):
     for temperature in (0.0, 1.0):
         limited = Policy(model, PAD, EOS, decode="eager", vocab=260).sample(PROMPTS, 6, temperature)
         assert all(row and max(row) < 260 for row in limited)
+
+
+def test_a_static_cache_sees_few_shapes_and_its_padding_changes_no_completion():
+    """transformers compiles a static cache's decode step per shape: prompt widths are bucketed and rows
+    padded to a power of two, so rollouts and evaluation chunks share a few compiled steps. A Hugging Face
+    model generating through the bucketed static cache (forced here on CPU) completes every prompt greedily
+    as the dynamic cache does."""
+    transformers = pytest.importorskip("transformers")
+    shapes = set()
+    for rows, width in [(3, 5), (3, 7), (1, 9), (8, 30), (5, 12)]:
+        ids = torch.arange(rows * width).reshape(rows, width) + 1
+        valid = torch.ones(rows, width, dtype=torch.bool)
+        padded, mask = static_shape(ids, valid, PAD)
+        shapes.add(tuple(padded.shape))
+        assert torch.equal(padded[:rows, -width:], ids) and bool(mask[:rows, -width:].all())
+        assert not mask[:, : padded.size(1) - width].any() and bool((padded[rows:, -width:] == ids[0]).all())
+    assert shapes == {(8, STATIC_WIDTH)}
+    assert static_shape(torch.ones(130, 40, dtype=torch.long), torch.ones(130, 40, dtype=torch.bool), PAD)[0].shape \
+        == (256, 2 * STATIC_WIDTH)
+    assert static_shape(torch.ones(8, 40, dtype=torch.long), torch.ones(8, 40, dtype=torch.bool), PAD, 50)[0].shape \
+        == (8, 40)  # no room for the bucket's width: the prompts' own
+
+    class StaticOnCpu(Policy):
+        def _static_cache(self, ids: torch.Tensor) -> bool:
+            return True
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=96)
+    model = transformers.LlamaForCausalLM(config).eval()
+    static = StaticOnCpu(model, PAD, EOS)
+    assert static.sample(PROMPTS, 12, 0.0) == Policy(model, PAD, EOS, decode="eager").sample(PROMPTS, 12, 0.0)
+    assert static.take_notes() == []  # the static cache was used, not a fallback
 
 
 @cuda

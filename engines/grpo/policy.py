@@ -249,9 +249,17 @@ class Policy:
                 self._failed("capturing the decode step in a CUDA graph", graphed.failed, "decoding runs eagerly")
         return [_until_eos(row, self.eos_id, self.pad_id) for row in rollout.out.tolist()]
 
+    def _static_cache(self, ids: torch.Tensor) -> bool:
+        """Whether a Hugging Face model generates with its static cache (compiled decode steps)."""
+        return self.graphs and ids.is_cuda
+
     def _sample_hf(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    temperature: float) -> list[list[int]]:
         ids, valid = self._left_padded(prompts)
+        static = self._static_cache(ids)
+        if static:  # one compiled decode step per bucket, not one per batch's width and row count
+            room = getattr(self.model.config, "max_position_embeddings", None)
+            ids, valid = static_shape(ids, valid, self.pad_id, None if room is None else room - max_new_tokens)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else \
             {"do_sample": False}
         rows = self.model.get_output_embeddings().weight.size(0)
@@ -261,7 +269,7 @@ class Policy:
                                      max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
                                      eos_token_id=self.eos_id, use_cache=True, **sampling)
         out = None
-        if self.graphs and ids.is_cuda:  # a static cache: generate compiles its decode step (CUDA graphs)
+        if static:  # a static cache: generate compiles its decode step (CUDA graphs)
             try:
                 out = generate(cache_implementation="static")
             except Exception as exc:  # a model without a static cache, a compile error: the dynamic cache
@@ -269,7 +277,33 @@ class Policy:
                 self._failed("generating with a static cache", exc, "generation uses the dynamic cache")
         if out is None:
             out = generate()
-        return [_until_eos(row, self.eos_id, self.pad_id) for row in out[:, ids.size(1):].tolist()]
+        completions = out[: len(prompts), ids.size(1):]  # the padding rows' are dropped
+        return [_until_eos(row, self.eos_id, self.pad_id) for row in completions.tolist()]
+
+
+STATIC_WIDTH = 32  # a static cache's prompts are left-padded to a multiple of this many tokens
+
+
+def static_shape(ids: torch.Tensor, valid: torch.Tensor, pad_id: int,
+                 max_width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts (B, W) padded to the shape a static cache compiles for: the width up to a
+    multiple of ``STATIC_WIDTH`` (at most ``max_width``, the positions left after the completion), the
+    rows up to a power of two (at least 8) with copies of the first prompt, whose completions the
+    caller drops. transformers compiles its decode step for each cache shape (rows × prompt width +
+    new tokens; on CPU, a new graph for each): unbucketed, every batch with a new longest prompt and
+    every evaluation chunk of another size compiles again, and past torch's recompile limit (8) the
+    step runs uncompiled. Masked positions change no row's output."""
+    rows, width = ids.shape
+    wide = -(-width // STATIC_WIDTH) * STATIC_WIDTH
+    wide = width if max_width is not None and wide > max_width else wide
+    tall = max(8, 1 << (rows - 1).bit_length())
+    if (tall, wide) == (rows, width):
+        return ids, valid
+    padded = torch.full((tall, wide), pad_id, dtype=ids.dtype, device=ids.device)
+    mask = torch.zeros((tall, wide), dtype=valid.dtype, device=valid.device)
+    padded[:rows, wide - width:], mask[:rows, wide - width:] = ids, valid
+    padded[rows:, wide - width:], mask[rows:, wide - width:] = ids[:1], valid[:1]
+    return padded, mask
 
 
 class Rollout:
