@@ -38,6 +38,11 @@ SKIPPED = {
     "source .venv/bin/activate": "shell state; the test calls muse in its own interpreter",
     "muse plan run my-plan --num-processes 2": "2 GPUs; CI has none (2 CPU processes: test_growth_stage.py)",
     "accelerate launch -m muse_plan plan run my-plan": "the same launched by hand: GPUs again",
+    **dict.fromkeys([
+        "muse plan run my-plan --num-processes 16 --num-machines 2 --machine-rank 0 --main-process-ip 10.0.0.1",
+        "muse plan run my-plan --num-processes 16 --num-machines 2 --machine-rank 1 --main-process-ip 10.0.0.1",
+        "muse run resume 3 --num-processes 16 --num-machines 2 --machine-rank 0 --main-process-ip 10.0.0.1"],
+        "two machines of 8 GPUs; CI has one CPU host (2 'machines' of 1 process: test_launch.py)"),
 }
 # run in place of the README's command
 INSTEAD = {

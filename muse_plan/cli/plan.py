@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from muse_plan.cli.common import console, print_json, store
+from muse_plan.cli.common import (MachineRankOpt, MainIpOpt, MainPortOpt, NumMachinesOpt, console, print_json,
+                                  store)
 
 app = typer.Typer(help="Create, inspect and change training plans.", no_args_is_help=True)
 
@@ -280,7 +281,12 @@ def run_(
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the plan's latest unfinished run from its last checkpoint.")] = False,
     num_processes: Annotated[int, typer.Option(
-        "--num-processes", min=1, help="GPUs to use, through accelerate launch.")] = 1,
+        "--num-processes", min=1, help="GPUs to use, through accelerate launch (all machines', with "
+                                       "--num-machines).")] = 1,
+    num_machines: NumMachinesOpt = 1,
+    machine_rank: MachineRankOpt = 0,
+    main_process_ip: MainIpOpt = None,
+    main_process_port: MainPortOpt = 29500,
     force: Annotated[bool, typer.Option(
         "--force", help="Run even when the optimizer predicts it does not fit.")] = False,
     alert_thresholds: Annotated[Optional[str], typer.Option(
@@ -295,9 +301,11 @@ def run_(
 ) -> None:
     """Fit the plan to this machine, then run its stages (or resume its last run)."""
     from muse_plan.cli.run import execute
+    from muse_plan.executor.launch import Machines
 
     execute(ctx, plan, resume=resume, num_processes=num_processes, force=force, inject=inject,
-            alert_thresholds=alert_thresholds, probe=probe, log_with=log_with)
+            alert_thresholds=alert_thresholds, probe=probe, log_with=log_with,
+            machines=Machines(num_machines, machine_rank, main_process_ip, main_process_port))
 
 
 @app.command()

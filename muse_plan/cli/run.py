@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from muse_plan.cli.common import console, print_json, store
+from muse_plan.cli.common import (MachineRankOpt, MainIpOpt, MainPortOpt, NumMachinesOpt, console, print_json,
+                                  store)
 
 app = typer.Typer(help="Inspect, resume and export training runs.", no_args_is_help=True)
 
@@ -17,14 +18,22 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")
 
 def execute(ctx: typer.Context, plan_ref: str, *, resume: bool, run_ref: str | None = None,
             num_processes: int = 1, force: bool = False, inject: str | None = None,
-            alert_thresholds: str | None = None, probe: bool | None = None, log_with: str | None = None) -> None:
-    """Run or resume a plan here, or on N GPUs through ``accelerate launch``. Flags that change
-    the plan (``--alert-thresholds``, ``--log-with``) are stored as its revision first."""
+            alert_thresholds: str | None = None, probe: bool | None = None, log_with: str | None = None,
+            machines=None) -> None:
+    """Run or resume a plan here, or on N GPUs (of one machine or several: ``machines``, a
+    ``launch.Machines``) through ``accelerate launch``. Flags that change the plan
+    (``--alert-thresholds``, ``--log-with``) are stored as its revision first, by the main machine."""
     from muse_plan.executor import launch
 
     from muse_plan.errors import PlanError
 
+    machines = machines or launch.Machines()
     db_url = ctx.find_root().obj.get("db_url")
+    if not launch.launched():
+        machines.check(num_processes)
+        if machines.rank and (alert_thresholds or log_with is not None):
+            raise PlanError("--alert-thresholds and --log-with are stored with the plan by the main machine: "
+                            "give them with --machine-rank 0")
     try:
         from engines.architecture import fused_streams  # noqa: F401 - it reads MUSE_FUSED_STREAMS
         if inject:
@@ -50,7 +59,16 @@ def execute(ctx: typer.Context, plan_ref: str, *, resume: bool, run_ref: str | N
             ["run", "resume", run_ref] if run_ref else
             ["plan", "run", plan_ref, *(["--resume"] if resume else []), *(["--force"] if force else []),
              *([] if probe is None else ["--probe" if probe else "--no-probe"])])
-        raise typer.Exit(launch.relaunch(num_processes, args, {"MUSE_INJECT": inject} if inject else None))
+        local, gpus = launch.local_processes(num_processes, machines)
+        if machines.rank == 0:  # the main machine's store: a plan these processes can't run is refused here
+            from muse_plan.executor.prepare import check_launch
+
+            check_launch(store(ctx), plan_ref, run_ref, num_processes, gpus > 0)
+        if not gpus:
+            console.print(f"no GPU on this machine: {local} process{'es' if local > 1 else ''} on the CPU over "
+                          "gloo (a check of the distributed path, slower than one process)", highlight=False)
+        raise typer.Exit(launch.relaunch(num_processes, args, {"MUSE_INJECT": inject} if inject else None,
+                                         machines, gpus))
     from muse_plan.cli.progress import ProgressView
     from muse_plan.executor.runner import run_plan
 
@@ -154,10 +172,17 @@ def show(ctx: typer.Context, run: RunArg, as_json: JsonOpt = False) -> None:
 def resume(
     ctx: typer.Context,
     run: RunArg,
-    num_processes: Annotated[int, typer.Option("--num-processes", min=1, help="GPUs to use.")] = 1,
+    num_processes: Annotated[int, typer.Option("--num-processes", min=1, help="GPUs to use, all machines'.")] = 1,
+    num_machines: NumMachinesOpt = 1,
+    machine_rank: MachineRankOpt = 0,
+    main_process_ip: MainIpOpt = None,
+    main_process_port: MainPortOpt = 29500,
 ) -> None:
     """Continue a stopped run from its last good checkpoint."""
-    execute(ctx, "", resume=True, run_ref=run, num_processes=num_processes)
+    from muse_plan.executor.launch import Machines
+
+    execute(ctx, "", resume=True, run_ref=run, num_processes=num_processes,
+            machines=Machines(num_machines, machine_rank, main_process_ip, main_process_port))
 
 
 @app.command()

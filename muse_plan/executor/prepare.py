@@ -65,15 +65,29 @@ def stage_settings(spec: PlanSpec, position: int, world_size: int, cuda: bool) -
     return resolve(spec, stage, world_size=world_size, cuda=cuda, bf16=bf16(cuda))
 
 
-def prepare_run(store: Store, plan_ref: str, resume: bool, run_ref: str | None, world_size: int,
-             cuda: bool, force: bool = False, view: View | None = None, injector: Any = None) -> Prepared:
+def _head(store: Store, plan_ref: str, run_ref: str | None) -> tuple[Any, Any, PlanSpec]:
+    """The plan (of ``run_ref`` when given), its head revision and that revision's spec."""
     with store.read() as session:
         if run_ref is not None:
             plan = session.get(repo.Plan, runs.get_run(session, run_ref).plan_id)
         else:
             plan = repo.get_plan(session, plan_ref)
         revision = repo.get_revision(session, plan)
-        spec = repo.spec_of(revision)
+        return plan, revision, repo.spec_of(revision)
+
+
+def check_launch(store: Store, plan_ref: str, run_ref: str | None, world_size: int, cuda: bool) -> None:
+    """What ``prepare_run`` refuses first, asked by the process that launches the workers: a plan
+    that can't run on ``world_size`` processes is one line and exit code 2 there, not a worker's
+    error inside the launcher's traceback."""
+    _, _, spec = _head(store, plan_ref, run_ref)
+    require_trackers(spec.training.log_with)
+    check_stages(spec, world_size, cuda)
+
+
+def prepare_run(store: Store, plan_ref: str, resume: bool, run_ref: str | None, world_size: int,
+             cuda: bool, force: bool = False, view: View | None = None, injector: Any = None) -> Prepared:
+    plan, revision, spec = _head(store, plan_ref, run_ref)
     require_trackers(spec.training.log_with)  # a tracker's package missing: refused before a run exists
     trained = [s.steps for s in check_stages(spec, world_size, cuda) if STAGE_KINDS[s.kind].trains]
     unreachable = injector.unreachable(max(trained, default=0)) if injector is not None else []
