@@ -468,7 +468,7 @@ def slim(record: dict, keep: tuple[str, ...]) -> dict:
 
 DIAGNOSTICS = ("equal_groups", "advantage_abs", "informative_transitions")  # engines/grpo/rl.py, per update
 RL_SERIES = ("test_accuracy", "test_accuracy_sampled", "test_format", "reward", "train_accuracy", "kl", "loss",
-             "grad_norm", "completion_tokens", "tokens_per_s", "memory_gib", *DIAGNOSTICS)
+             "grad_norm", "completion_tokens", "tokens_per_s", "memory_gib", "l2_term", *DIAGNOSTICS)
 
 
 # ---- phases --------------------------------------------------------------------------------
@@ -1030,7 +1030,8 @@ def _signal(runs: list[dict]) -> str:
     parts = []
     for key, what in (("equal_groups", "groups whose completions all scored alike"),
                       ("advantage_abs", "mean |advantage|"),
-                      ("informative_transitions", "T-SPMO transitions with an advantage")):
+                      ("informative_transitions", "T-SPMO transitions with an advantage"),
+                      ("l2_term", "T-SPMO's L2 term λΣ‖W_LoRA‖² (its whole loss when the policy term is nil)")):
         tenths = [x for x in (_tenths(r["series"].get(key, [])) for r in runs) if x]
         if tenths:
             first, last = (sum(x[i] for x in tenths) / len(tenths) for i in (0, 1))

@@ -241,16 +241,22 @@ def test_an_update_reports_its_signal_equal_groups_and_advantages(algorithm):
     prefix-tree transitions) and T-SPMO's share of transitions that carry one."""
     from engines.grpo.rl import Group
 
-    t = _trainer("fp32", None, algorithm=algorithm)
+    lora = {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "layers_fraction": 0.5}
+    t = _trainer("fp32", lora, algorithm=algorithm)
     split = Group([1, 2, 3], [[5, 6], [5, 7], [5, 7], [5, 6]], torch.tensor([1.0, 0.0, 0.0, 1.0]), 0.5)
     alike = Group([1, 2, 4], [[8], [8, 9], [9], [8]], torch.zeros(4), 0.0)
     metrics = t.micro_step([split, alike]).metrics
     assert metrics["equal_groups"] == 0.5
     if algorithm == "t_spmo":
         assert 0 < metrics["informative_transitions"] < 1 and metrics["advantage_abs"] > 0
+        # its L2 term, λ Σ‖W‖² over the adapters: peft starts B at 0, so it is A's alone
+        adapters = [p for n, p in t.model.named_parameters() if "lora_A" in n]
+        assert metrics["l2_term"] == pytest.approx(0.01 * sum(float(p.pow(2).sum()) for p in adapters), rel=1e-5)
+        assert metrics["l2_term"] > 0
         quiet = t.micro_step([alike]).metrics
         assert quiet["equal_groups"] == 1.0 and quiet["informative_transitions"] == quiet["advantage_abs"] == 0.0
     else:  # ±0.5 over the group's sample std (√(1/3)) + 1e-4, for half of the 8 completions
+        assert "l2_term" not in metrics
         assert metrics["advantage_abs"] == pytest.approx(0.5 * 0.5 / (3 ** -0.5 + 1e-4), rel=1e-6)
 
 

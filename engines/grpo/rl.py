@@ -133,9 +133,11 @@ class ReinforcementLearning:
     def micro_step(self, groups: list[Group]) -> MicroStep:
         t = self.t
         loss, stats = ALGORITHMS[self.algorithm](self, groups)
+        l2 = None
         if self.algorithm == "t_spmo":
-            loss = loss + self.o.l2_lambda * sum(
+            l2 = self.o.l2_lambda * sum(
                 p.pow(2).sum() for n, p in t.model.named_parameters() if p.requires_grad and "lora_" in n)
+            loss = loss + l2
         rewards = torch.cat([g.rewards for g in groups])
         tokens = sum(len(c) for g in groups for c in g.completions)
         metrics = {"reward": float(rewards.mean()), "train_accuracy": sum(g.correct for g in groups) / len(groups),
@@ -145,6 +147,8 @@ class ReinforcementLearning:
         if self.kl_beta > 0:
             metrics["kl"] = stats.get("kl", 0.0)
         metrics.update({k: v for k, v in stats.items() if k in DIAGNOSTICS})
+        if l2 is not None:  # T-SPMO's λΣ‖W_LoRA‖², part of its loss: a loss that is all l2_term teaches nothing
+            metrics["l2_term"] = float(l2.detach()) if torch.is_tensor(l2) else float(l2)
         return MicroStep(loss=loss, tokens=tokens, metrics=metrics)
 
     def logprobs(self, groups: list[Group], rows: list[list[int] | None] | None = None,
