@@ -334,3 +334,27 @@ def test_an_rl_policy_that_moved_is_left_alone(store) -> None:
     assert not [p for p in done.proposals if p.rule == "still_policy"]
     assert dict(done.checked)["still_policy"] == \
         "grpo's KL to its reference over the last tenth of 100 steps: 0.005: the policy moved (at least 0.0001)"
+
+
+def test_a_t_spmo_stage_whose_loss_was_its_decay_gets_no_decay(store) -> None:
+    """The H100 T-SPMO runs: the loss was λΣ‖A‖² (0.1605 falling to 0.070) and a policy term of ~0.3% of it."""
+    plan = {**RL_H100, "stages": [{**RL_H100["stages"][0], "name": "tspmo",
+                                   "options": {**RL_H100["stages"][0]["options"], "algorithm": "t_spmo"}}]}
+    l2 = [0.1605 - 0.0009 * i for i in range(100)]
+    hand_run(store, plan, {"tspmo": {"l2_term": l2, "loss": [v * 1.003 for v in l2], "memory_gib": flat(1.7)}})
+    done = adapt(store, "rl-h100")
+    [p] = [p for p in done.proposals if p.rule == "decay_only"]
+    assert p.changes == ((("stages", "tspmo", "options", "l2_lambda"), 0.0),) and p.summary == "l2_lambda 0.01→0"
+    assert p.measured["policy_share"] == pytest.approx(0.003)
+    stored = repo_spec(store, "rl-h100")
+    assert fitting.stage_settings(with_changes(stored, p.changes), fitting.hardware_for(stored))[0].options.l2_lambda \
+        == 0.0
+
+
+def test_a_t_spmo_stage_whose_policy_term_counts_keeps_its_decay(store) -> None:
+    plan = {**RL_H100, "stages": [{**RL_H100["stages"][0], "name": "tspmo",
+                                   "options": {**RL_H100["stages"][0]["options"], "algorithm": "t_spmo"}}]}
+    hand_run(store, plan, {"tspmo": {"l2_term": flat(0.1), "loss": flat(0.05), "memory_gib": flat(1.7)}})
+    done = adapt(store, "rl-h100")
+    assert not [p for p in done.proposals if p.rule == "decay_only"]
+    assert dict(done.checked)["decay_only"].endswith(": the policy term counts (at least 5%)")

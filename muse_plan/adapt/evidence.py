@@ -42,7 +42,7 @@ from muse_plan.store.models import MetricPoint, Plan, Run
 
 # a performance metric → whether a stored series belongs to it
 METRICS: dict[str, Callable[[str], bool]] = {
-    "loss": lambda name: name in ("loss", "val_loss"),
+    "loss": lambda name: name in ("loss", "val_loss", "l2_term"),  # T-SPMO's L2 term: a part of its loss
     "throughput": lambda name: name == "tokens_per_s",
     "accuracy": lambda name: "accuracy" in name,
     "grad_norm": lambda name: name == "grad_norm",

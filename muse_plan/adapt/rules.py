@@ -43,4 +43,5 @@ RULES: dict[str, Rule] = {
     "plateau": Rule(training.plateau, ("convergence_speed",), ("loss",)),
     "no_signal": Rule(training.no_signal, ("convergence_speed",), ("reward", "accuracy")),
     "still_policy": Rule(training.still_policy, ("convergence_speed",), ("reward",)),
+    "decay_only": Rule(training.decay_only, ("convergence_speed",), ("loss",)),
 }

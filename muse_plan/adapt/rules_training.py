@@ -47,6 +47,17 @@
   groups as uninformative as before. The two changes were not measured apart,
   so both are proposed; no model predicts the gain.
 
+- ``decay_only``: a T-SPMO stage whose loss was, over at least 50 steps,
+  its L2 term λΣ‖W_LoRA‖² (``l2_term``) and almost nothing else (the median
+  policy term under 5% of it): the update only shrinks the adapters. peft
+  starts B at zero, so A gets no policy gradient at first, only 2λA, and
+  Adam moves each weight by about the learning rate whatever the gradient's
+  size: the decay erases A at a rate set by the lr, not by λ. The proposal is
+  ``l2_lambda: 0``. Seen on an H100 (docs/bench_grpo.md, issue 21): four
+  T-SPMO runs whose loss was the L2 term (0.1605 at update 1 = 0.01 × 16.0)
+  never changed one held-out answer in 1,000; at lr 1e-3 the term fell 50× in
+  40 updates. What λ = 0 gains there is not measured.
+
 No model predicts a learning rate's or a clip's effect on the loss; those
 proposals say so and name the measured numbers they rest on.
 """
@@ -70,6 +81,7 @@ NO_SIGNAL_SHARE = 0.8  # groups that scored all alike, on average over an RL sta
 STILL_KL = 1e-4  # an RL stage's KL to its reference, last tenth of its steps: under it, the policy stood still
 STILL_MIN_STEPS = 50
 STILL_LR_CEILING = {True: 1e-3, False: 1e-4}  # with LoRA, without: the most still_policy proposes
+DECAY_SHARE = 0.05  # decay_only: the median |loss − l2_term| under this share of l2_term
 MAX_GROUP = 64
 UNPRICED = "no model predicts a learning rate's or a clip's effect on the loss; run again and compare"
 
@@ -308,3 +320,32 @@ def still_policy(ctx: Context) -> Proposal | str:
               f"accuracy to 0.004–0.010 and +5.8 ± 0.6 points, over three seeds")
     return Proposal("still_policy", "a policy that moves", changes, ", ".join(summary), tuple(evidence), effect,
                     {"kl": kl, "lr": settings.lr}, {"lr": lr, **predicted.numbers()}, memory=every)
+
+
+def decay_only(ctx: Context) -> Proposal | str:
+    stages = [s for s in ctx.evidence.trained("l2_term") if s.name in ctx.resolved and "loss" in s.series]
+    if not stages:
+        return "no T-SPMO stage recorded its L2 term"
+    found = []
+    for stage in stages:
+        loss, l2 = dict(stage.series["loss"]), dict(stage.series["l2_term"])
+        steps = sorted(set(loss) & set(l2))
+        policy = [abs(loss[s] - l2[s]) / l2[s] for s in steps if l2[s] > 0]
+        if len(policy) >= STILL_MIN_STEPS:
+            found.append((statistics.median(policy), stage, len(policy)))
+    if not found:
+        return f"{stages[0].name}: under {STILL_MIN_STEPS} steps with an L2 term to judge"
+    share, stage, steps = min(found, key=lambda f: f[0])
+    line = (f"{stage.name}'s policy term was a median {share:.1%} of its L2 term over {steps} steps "
+            f"(its loss: λΣ‖W_LoRA‖² and {share:.1%} more)")
+    if share >= DECAY_SHARE:
+        return line + f": the policy term counts (at least {DECAY_SHARE:.0%})"
+    changes = ((("stages", stage.name, "options", "l2_lambda"), 0.0),)
+    lam = ctx.resolved[stage.name].options.l2_lambda
+    evidence = [line, f"l2_term {stage.series['l2_term'][0][1]:.4g} → {stage.series['l2_term'][-1][1]:.4g} over "
+                      f"the stage: the update shrank the adapters"]
+    effect = ("the adapters keep what the policy term gives them; under Adam a loss-term decay shrinks every "
+              "adapter weight by about the lr a step whatever λ, erasing A while B is still near zero. No model "
+              "predicts the gain, and none was measured (docs/bench_grpo.md)")
+    return Proposal("decay_only", "no decay on the adapters", changes, f"l2_lambda {lam:g}→0", tuple(evidence),
+                    effect, {"policy_share": share, "l2_lambda": lam}, {"l2_lambda": 0.0})
