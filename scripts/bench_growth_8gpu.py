@@ -108,6 +108,8 @@ def kill_a_worker(launcher: subprocess.Popen) -> dict[str, Any]:
                 workers.append((int(rank), child))
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+    if not workers:
+        return {"rank": None, "pid": None, "workers": 0}  # gone already: the run ended before the kill
     rank, victim = max(workers, key=lambda w: w[0])
     os.kill(victim.pid, signal.SIGKILL)
     return {"rank": rank, "pid": victim.pid, "workers": len(workers)}

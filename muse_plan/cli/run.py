@@ -9,6 +9,7 @@ import typer
 
 from muse_plan.cli.common import (MachineRankOpt, MainIpOpt, MainPortOpt, NumMachinesOpt, console, print_json,
                                   store)
+from muse_plan.executor import launch  # no torch import there
 
 app = typer.Typer(help="Inspect, resume and export training runs.", no_args_is_help=True)
 
@@ -19,12 +20,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")
 def execute(ctx: typer.Context, plan_ref: str, *, resume: bool, run_ref: str | None = None,
             num_processes: int = 1, force: bool = False, inject: str | None = None,
             alert_thresholds: str | None = None, probe: bool | None = None, log_with: str | None = None,
-            machines=None) -> None:
+            machines: launch.Machines | None = None) -> None:
     """Run or resume a plan here, or on N GPUs (of one machine or several: ``machines``, a
     ``launch.Machines``) through ``accelerate launch``. Flags that change the plan
     (``--alert-thresholds``, ``--log-with``) are stored as its revision first, by the main machine."""
-    from muse_plan.executor import launch
-
     from muse_plan.errors import PlanError
 
     machines = machines or launch.Machines()
