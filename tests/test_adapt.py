@@ -358,3 +358,15 @@ def test_a_t_spmo_stage_whose_policy_term_counts_keeps_its_decay(store) -> None:
     done = adapt(store, "rl-h100")
     assert not [p for p in done.proposals if p.rule == "decay_only"]
     assert dict(done.checked)["decay_only"].endswith(": the policy term counts (at least 5%)")
+
+
+def test_an_rl_stages_surrogate_loss_is_no_plateau_and_has_no_spikes(store) -> None:
+    """As the monitor's alerts: a GRPO loss flat around zero with one group's success is neither a plateau
+    to halve the lr for nor a spike (the CPU reasoning plan's GRPO stage drew both before)."""
+    loss = [-0.002] * 60 + [0.4] + [-0.002] * 39
+    hand_run(store, RL_H100, {"grpo": {"loss": loss, "grad_norm": flat(0.01), "memory_gib": flat(2.2)}})
+    done = adapt(store, "rl-h100")
+    assert not [p for p in done.proposals if p.rule in ("plateau", "loss_spikes")]
+    checked = dict(done.checked)
+    assert checked["plateau"] == "no plateau over a quarter of a stage (no loss recorded)"
+    assert checked["loss_spikes"] == "no loss spike above z = 4 in 0 steps"

@@ -13,6 +13,8 @@
   bad ones; the step size itself is too large for this curvature: half the
   learning rate. (SEEDS.md's user saw raw norms of 20,000–86,000 clipped to
   2.0: every step clipped.)
+- ``loss_spikes`` and ``plateau`` read the stages the monitor's loss alerts
+  watch, so never an RL stage's surrogate loss (``StageKind.loss_alerts``).
 - ``plateau``: the stage's loss, in blocks of an eighth of the stage (at
   least 10 steps), improves by under 1% per block from some block to the end
   (the monitor's ``Plateau`` criterion, at the curve's own scale), and that
@@ -71,6 +73,7 @@ from muse_plan.adapt.context import Context, Proposal, with_changes
 from muse_plan.adapt.evidence import StageEvidence
 from muse_plan.errors import PlanError
 from muse_plan.monitor.detectors import LossSpike
+from muse_plan.plan.kinds import STAGE_KINDS
 from muse_plan.plan.units import format_count, parse_scale
 
 CLIPPED_FACTOR = 5.0
@@ -118,11 +121,19 @@ def spike_steps(stage: StageEvidence, z: float) -> list[int]:
             if detector.observe(SimpleNamespace(step=step, loss=loss)) is not None]
 
 
+def watched_losses(ctx: Context) -> list[StageEvidence]:
+    """The stages whose loss the spike and plateau rules read: as the monitor's alerts, not an RL
+    stage's (``StageKind.loss_alerts``): its loss is a surrogate around zero, where one group with a
+    success is a "spike" and flatness is its normal state."""
+    return [s for s in ctx.evidence.trained("loss")
+            if s.name not in ctx.resolved or STAGE_KINDS[ctx.resolved[s.name].kind].loss_alerts]
+
+
 def loss_spikes(ctx: Context) -> Proposal | str:
     z = ctx.spec.alerts.get("loss_spike", 4.0)
-    spikes = {s.name: spike_steps(s, z) for s in ctx.evidence.trained("loss")}
+    spikes = {s.name: spike_steps(s, z) for s in watched_losses(ctx)}
     found = [(name, step) for name, steps in spikes.items() for step in steps]
-    points = sum(len(s.values("loss")) for s in ctx.evidence.trained("loss"))
+    points = sum(len(s.values("loss")) for s in watched_losses(ctx))
     if not found:
         return f"no loss spike above z = {z:g} in {points} steps"
     where = ", ".join(f"{name} step {step}" for name, step in found[:5]) + (" …" if len(found) > 5 else "")
@@ -213,7 +224,7 @@ def _grow_earlier(ctx: Context, stage: StageEvidence, step: int, total: int, evi
 
 def plateau(ctx: Context) -> Proposal | str:
     checked = []
-    for stage in ctx.evidence.trained("loss"):
+    for stage in watched_losses(ctx):
         found = plateau_start(stage)
         steps = stage.series["loss"]
         total = stage.total_steps or steps[-1][0]
