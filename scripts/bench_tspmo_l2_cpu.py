@@ -102,7 +102,8 @@ def main() -> None:
                  for r in mine]
         first = statistics.fmean(r["l2_term"][0] for r in mine if r["l2_term"]) if lam else 0.0
         last = statistics.fmean(r["l2_term"][-1] for r in mine if r["l2_term"]) if lam else 0.0
-        summary[str(lam)] = {"greedy": greedy, "sampled": sampled, "policy_share": share}
+        summary[str(lam)] = {"greedy": greedy, "sampled": sampled,  # no L2 term (λ 0): no share, null
+                             "policy_share": [None if math.isnan(x) else x for x in share]}
         lines.append(f"| {lam:g} | {len(mine)} | {100 * statistics.fmean(greedy):.1f} ± {100 * se:.1f} | "
                      f"{100 * (statistics.fmean(greedy) - base['greedy']):+.1f} | "
                      f"{100 * statistics.fmean(sampled):.1f} | "
