@@ -85,7 +85,7 @@ PLATEAU_GAIN = 0.01
 PLATEAU_SHARE = 0.25
 NO_SIGNAL_SHARE = 0.8  # groups that scored all alike, on average over an RL stage
 STILL_KL = 1e-4  # an RL stage's KL to its reference, last tenth of its steps: under it, the policy stood still
-STILL_MIN_STEPS = 50
+MIN_RL_STEPS = 50  # still_policy, decay_only: fewer steps are too few to judge an RL stage by
 STILL_LR_CEILING = {True: 1e-3, False: 1e-4}  # with LoRA, without: the most still_policy proposes
 DECAY_SHARE = 0.05  # decay_only: the median |loss − l2_term| under this share of l2_term
 MAX_GROUP = 64
@@ -134,9 +134,10 @@ def watched_losses(ctx: Context) -> list[StageEvidence]:
 
 def loss_spikes(ctx: Context) -> Proposal | str:
     z = ctx.spec.alerts.get("loss_spike", 4.0)
-    spikes = {s.name: spike_steps(s, z) for s in watched_losses(ctx)}
+    watched = watched_losses(ctx)
+    spikes = {s.name: spike_steps(s, z) for s in watched}
     found = [(name, step) for name, steps in spikes.items() for step in steps]
-    points = sum(len(s.values("loss")) for s in watched_losses(ctx))
+    points = sum(len(s.values("loss")) for s in watched)
     if not found:
         return f"no loss spike above z = {z:g} in {points} steps"
     where = ", ".join(f"{name} step {step}" for name, step in found[:5]) + (" …" if len(found) > 5 else "")
@@ -303,8 +304,8 @@ def still_policy(ctx: Context) -> Proposal | str:
     stage = min(stages, key=last_tenth)
     kl, steps = last_tenth(stage), len(stage.values("kl"))
     line = f"{stage.name}'s KL to its reference over the last tenth of {steps} steps: {kl:.2g}"
-    if steps < STILL_MIN_STEPS:
-        return line + f", too few steps to judge (under {STILL_MIN_STEPS})"
+    if steps < MIN_RL_STEPS:
+        return line + f", too few steps to judge (under {MIN_RL_STEPS})"
     if kl >= STILL_KL:
         return line + f": the policy moved (at least {STILL_KL:g})"
     settings = ctx.resolved[stage.name]
@@ -345,10 +346,10 @@ def decay_only(ctx: Context) -> Proposal | str:
         loss, l2 = dict(stage.series["loss"]), dict(stage.series["l2_term"])
         steps = sorted(set(loss) & set(l2))
         policy = [abs(loss[s] - l2[s]) / l2[s] for s in steps if l2[s] > 0]
-        if len(policy) >= STILL_MIN_STEPS:
+        if len(policy) >= MIN_RL_STEPS:
             found.append((statistics.median(policy), stage, len(policy)))
     if not found:
-        return f"{stages[0].name}: under {STILL_MIN_STEPS} steps with an L2 term to judge"
+        return f"{stages[0].name}: under {MIN_RL_STEPS} steps with an L2 term to judge"
     share, stage, steps = min(found, key=lambda f: f[0])
     line = (f"{stage.name}'s policy term was a median {share:.1%} of its L2 term over {steps} steps "
             f"(its loss: λΣ‖W_LoRA‖² and {share:.1%} more)")

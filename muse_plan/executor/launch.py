@@ -94,12 +94,10 @@ def local_processes(num_processes: int, machines: Machines = Machines()) -> tupl
     return local, gpus
 
 
-def relaunch(num_processes: int, muse_args: list[str], env: dict[str, str] | None = None,
-             machines: Machines = Machines(), gpus: int | None = None) -> int:
+def relaunch(num_processes: int, muse_args: list[str], env: dict[str, str] | None,
+             machines: Machines, gpus: int) -> int:
     """Run ``muse <muse_args>`` as this machine's part of ``num_processes`` processes (``env`` added
-    to the workers' environment, e.g. MUSE_INJECT; ``gpus``: ``local_processes``'s count, when the
-    caller checked already); returns its exit code."""
-    if gpus is None:
-        _, gpus = local_processes(num_processes, machines)
+    to the workers' environment, e.g. MUSE_INJECT; ``gpus``: ``local_processes``'s count, 0 for the
+    CPU); returns its exit code."""
     extra = {} if gpus else {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # CPU: no oversubscribing
     return subprocess.call(command(num_processes, muse_args, machines), env={**os.environ, **extra, **(env or {})})

@@ -33,7 +33,7 @@ testable and identical on every process of a distributed run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from muse_plan.executor.settings import StageSettings, refusal, resolve
@@ -94,10 +94,9 @@ def lora(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
                    options={"lora": {"rank": 16}})
 
 
-def halve_lr(spec: PlanSpec, stage: StageSpec, world: int, *, skip: bool = False) -> Rewrite | None:
+def halve_lr(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
     lr = _now(spec, stage, world).lr
-    return Rewrite({"lr": lr / 2}, f"lr {lr:g}→{lr / 2:g}" + (", data window skipped" if skip else ""),
-                   skip_window=skip)
+    return Rewrite({"lr": lr / 2}, f"lr {lr:g}→{lr / 2:g}")
 
 
 def leave_fp16(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
@@ -106,23 +105,30 @@ def leave_fp16(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
     return Rewrite({"precision": "bf16"}, "precision fp16→bf16")
 
 
-def clip_tighter(spec: PlanSpec, stage: StageSpec, world: int, *, skip: bool = False) -> Rewrite | None:
+def clip_tighter(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
     clip = _now(spec, stage, world).clip_grad_norm
     new = 1.0 if clip > 1.0 else clip / 2
-    return Rewrite({"clip_grad_norm": new}, f"clip_grad_norm {clip:g}→{new:g}" + (", data window skipped" if skip else ""),
-                   skip_window=skip)
+    return Rewrite({"clip_grad_norm": new}, f"clip_grad_norm {clip:g}→{new:g}")
 
 
-def clip_and_lr(spec: PlanSpec, stage: StageSpec, world: int, *, skip: bool = False) -> Rewrite | None:
-    a, b = clip_tighter(spec, stage, world), halve_lr(spec, stage, world, skip=skip)
-    return Rewrite({**a.training, **b.training}, f"{a.summary}, {b.summary}", skip_window=skip)
+def clip_and_lr(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
+    a, b = clip_tighter(spec, stage, world), halve_lr(spec, stage, world)
+    return Rewrite({**a.training, **b.training}, f"{a.summary}, {b.summary}")
+
+
+def skipping(rung: Rung) -> Rung:
+    """``rung``, restarting past the data window that produced the fault."""
+    def skipped(spec: PlanSpec, stage: StageSpec, world: int) -> Rewrite | None:
+        found = rung(spec, stage, world)
+        return None if found is None else replace(found, summary=found.summary + ", data window skipped",
+                                                  skip_window=True)
+    return skipped
 
 
 LADDERS: dict[str, list[Rung]] = {
     "oom": [halve_micro_batch, halve_micro_batch, more_checkpointing, more_checkpointing, offload_optimizer, lora],
-    "nan": [lambda p, s, w: halve_lr(p, s, w, skip=True), leave_fp16, lambda p, s, w: halve_lr(p, s, w, skip=True)],
-    "grad_explosion": [lambda p, s, w: clip_tighter(p, s, w, skip=True), lambda p, s, w: halve_lr(p, s, w, skip=True),
-                       lambda p, s, w: clip_and_lr(p, s, w, skip=True)],
+    "nan": [skipping(halve_lr), leave_fp16, skipping(halve_lr)],
+    "grad_explosion": [skipping(clip_tighter), skipping(halve_lr), skipping(clip_and_lr)],
 }
 
 
