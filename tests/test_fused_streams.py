@@ -91,6 +91,46 @@ def interpreter_checks() -> None:
                 assert _rel(g, w) < tol, (dtype, _rel(g, w))
 
 
+def maps_interpreter_checks() -> None:
+    """``maps_project``'s kernels against float64 autograd through the torch maps (RMS norm,
+    product with φ): fp32 and bf16 states, D past a block and not a multiple of it, a partial
+    block of tokens, P under 16 and not a power of 2; then the op's registrations."""
+    from engines.architecture import fused_streams as fs
+
+    torch.manual_seed(0)
+    for M, D, P in ((37, 4 * 64, 24), (5, 3 * 50, 15)):
+        for dtype in (torch.float32, torch.bfloat16):
+            tol = 2e-6 if dtype == torch.float32 else 1e-2  # a bf16 product (as autocast's) rounds φ
+            where = f"M={M} D={D} P={P} {dtype}"
+            x = (2 * torch.randn(M, D)).to(dtype)
+            phi = 0.02 * torch.randn(D, P)
+            grad = torch.randn(M, P)
+            rx, rphi = x.double().requires_grad_(), phi.double().requires_grad_()
+            want = (rx @ rphi) * torch.rsqrt(rx.square().mean(-1, keepdim=True) + 1e-6)
+            (want_dx,) = torch.autograd.grad(want, rx, grad.double())
+            proj, rinv = fs.maps_forward(x, phi, 1e-6)
+            assert proj.dtype == rinv.dtype == torch.float32, where
+            assert _rel(proj, want.detach()) < tol, (where, _rel(proj, want.detach()))
+            assert _rel(rinv, torch.rsqrt(rx.detach().square().mean(-1) + 1e-6)) < 2e-6, where
+            dx = fs.maps_backward(x, phi, proj, rinv, grad)
+            assert dx.dtype == dtype and _rel(dx, want_dx) < tol, (where, _rel(dx, want_dx))
+
+    torch.library.register_kernel("muse_architecture::maps_project", "cpu", fs.maps_forward)
+    torch.library.register_kernel("muse_architecture::maps_project_backward", "cpu", fs.maps_backward)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 3, 4 * 48).to(dtype).requires_grad_()
+        phi = (0.02 * torch.randn(4 * 48, 24)).requires_grad_()
+        torch.library.opcheck(fs._maps_op, (x.detach().view(6, -1).requires_grad_(), phi, 1e-6))
+        got = fs.maps_project(x, phi, 1e-6)
+        rx, rphi = x.detach().double().requires_grad_(), phi.detach().double().requires_grad_()
+        want = (rx @ rphi) * torch.rsqrt(rx.square().mean(-1, keepdim=True) + 1e-6)
+        tol = 1e-5 if dtype == torch.float32 else 1.5e-2
+        assert got.shape == (2, 3, 24) and _rel(got, want.detach()) < tol, dtype
+        upstream = torch.randn(2, 3, 24)
+        for g, w in zip(torch.autograd.grad(got, (x, phi), upstream), torch.autograd.grad(want, (rx, rphi), upstream.double())):
+            assert _rel(g, w) < tol, (dtype, _rel(g, w))
+
+
 def sinkhorn_interpreter_checks() -> None:
     """The fused Sinkhorn kernels (forward, and the backward that saves each step's outputs)
     against float64 autograd through the log-space loop, 4×4 matrices, a partial last block."""
@@ -113,7 +153,8 @@ def sinkhorn_interpreter_checks() -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_match_float64_under_the_triton_interpreter() -> None:
-    code = "import test_fused_streams as t; t.sinkhorn_interpreter_checks(); t.interpreter_checks()"
+    code = ("import test_fused_streams as t; t.sinkhorn_interpreter_checks(); t.maps_interpreter_checks(); "
+            "t.interpreter_checks()")
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,

@@ -9,6 +9,14 @@ the state, accumulating in fp32 whatever the state's dtype:
 ``stream_read(h, x)``           y = Σ_j h[j] x[j]                  (M, n), (M, n, C) → (M, C)
 ``stream_write(H, x, p, y)``    out[i] = Σ_j H[i, j] x[j] + p[i] y  reads x and y once, writes out
 ``stream_dots(x, v)``           d[j] = ⟨x[j], v⟩                   (M, n, C), (M, C) → (M, n)
+``maps_project(x, phi, eps)``   (x φ)/rms(x)                       (M, nC), (nC, P) → (M, P) fp32
+
+``maps_project`` is mHC's three maps before their gates (``residual.ManifoldMaps``): the
+RMS norm and the skinny product with φ (P = 2n + n² = 24 columns at n = 4) in one pass
+over the state, and in its backward ∂x in one more (the product with φᵀ and the norm's
+term together), where torch reads the state for the norm and for the product apart and
+keeps an fp32 product of the state's width for the norm's backward. ∂φ = xᵀ (∂proj/rms)
+is left to one matmul.
 
 ``stream_dots`` lets mgt's delta update, (H x)(I − β k kᵀ) + β (p v) kᵀ, be one
 ``stream_write`` with k as y: each stream's coefficient on k,
@@ -50,6 +58,7 @@ if _SWITCH not in ("0", "eager", "1"):
     raise ValueError(f"MUSE_FUSED_STREAMS={_SWITCH!r}; accepted: 0, eager, 1")
 ENABLED = _SWITCH != "0"
 UNDER_COMPILE = _SWITCH == "1"
+MAPS = True  # with the stream ops, mHC's maps through maps_project (False: torch's; to compare)
 MAX_BLOCK_C = 1024  # channels a program handles at once (fewer for a narrower model)
 
 
@@ -90,6 +99,13 @@ def stream_dots(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """⟨x[j], v⟩ for each stream j: (..., n, C), (..., C) → (..., n) in fp32."""
     n, C = x.shape[-2:]
     return _dots_op(_tokens(x), v.reshape(-1, C).contiguous()).view(*x.shape[:-1])
+
+
+def maps_project(flat: torch.Tensor, phi: torch.Tensor, eps: float) -> torch.Tensor:
+    """(x φ) · rsqrt(mean(x²) + eps) over the last dim: (..., D), (D, P) → (..., P) in fp32."""
+    D, P = phi.shape
+    proj, _ = _maps_op(flat.reshape(-1, D).contiguous(), phi.float().contiguous(), float(eps))
+    return proj.view(*flat.shape[:-1], P)
 
 
 # ---- launchers: plain tensors, any device (the interpreter runs them on CPU) --------
@@ -137,6 +153,36 @@ def write_backward(h_res: torch.Tensor, x: torch.Tensor, h_post: torch.Tensor, y
     _write_bwd_kernel[(M,)](h_res, x, h_post, y, grad, dh_res, dx, dh_post, dy, C=C, N=n,
                             NP=triton.next_power_of_2(n), BLOCK_C=_block(C, block_c))
     return dh_res, dx, dh_post, dy
+
+
+MAPS_BLOCK_M, MAPS_BLOCK_K = 32, 128  # tokens a program; state columns a step (a multiple of 16: tl.dot)
+
+
+def _maps_args(x: torch.Tensor, phi: torch.Tensor) -> dict:
+    D, P = phi.shape
+    return dict(D=D, P=P, PP=max(16, triton.next_power_of_2(P)), BM=MAPS_BLOCK_M, BK=MAPS_BLOCK_K,
+                PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+
+
+def maps_forward(x: torch.Tensor, phi: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """proj = (x φ) · r and r = rsqrt(mean(x²) + eps); x (M, D), φ (D, P) fp32 → (M, P), (M,) fp32.
+    An fp32 x multiplies φ in fp32; a bf16 one in TF32 (finer than the bf16 product autocast's
+    matmul makes; and Triton's interpreter has no bf16 product to test a bf16 one with)."""
+    M = x.shape[0]
+    proj = torch.empty(M, phi.shape[1], dtype=torch.float32, device=x.device)
+    rinv = torch.empty(M, dtype=torch.float32, device=x.device)
+    _maps_fwd_kernel[(triton.cdiv(M, MAPS_BLOCK_M),)](x, phi, proj, rinv, M, eps, **_maps_args(x, phi))
+    return proj, rinv
+
+
+def maps_backward(x: torch.Tensor, phi: torch.Tensor, proj: torch.Tensor, rinv: torch.Tensor,
+                  grad: torch.Tensor) -> torch.Tensor:
+    """∂x of ``maps_forward``'s proj: (grad · r) φᵀ − (r² / D) ⟨grad, proj⟩ x, in x's dtype."""
+    M, D = x.shape
+    dx = torch.empty_like(x)
+    grid = (triton.cdiv(M, MAPS_BLOCK_M), triton.cdiv(D, MAPS_BLOCK_K))
+    _maps_bwd_kernel[grid](x, phi, proj, rinv, grad, dx, M, **_maps_args(x, phi))
+    return dx
 
 
 # ---- kernels ------------------------------------------------------------------------
@@ -221,6 +267,51 @@ if AVAILABLE:
         tl.store(dh_res_ptr + (m * N + j[:, None]) * N + j[None, :], d_res, mask=jm[:, None] & jm[None, :])
         tl.store(dh_post_ptr + m * N + j, d_post, mask=jm)
 
+    @triton.jit
+    def _maps_fwd_kernel(x_ptr, phi_ptr, proj_ptr, rinv_ptr, M, eps, D: tl.constexpr, P: tl.constexpr,
+                         PP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+        """BM tokens: the sum of squares and x φ over D in steps of BK, then both scaled."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rm = rows < M
+        rows = rows.to(tl.int64)
+        cols = tl.arange(0, PP)
+        pm = cols < P
+        acc = tl.zeros((BM, PP), tl.float32)
+        ss = tl.zeros((BM,), tl.float32)
+        for start in range(0, D, BK):
+            k = start + tl.arange(0, BK)
+            km = k < D
+            x = tl.load(x_ptr + rows[:, None] * D + k[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+            x = x.to(tl.float32)
+            ss += tl.sum(x * x, axis=1)
+            phi = tl.load(phi_ptr + k[:, None] * P + cols[None, :], mask=km[:, None] & pm[None, :], other=0.0)
+            acc += tl.dot(x, phi, input_precision=PRECISION)
+        rinv = tl.rsqrt(ss / D + eps)
+        tl.store(proj_ptr + rows[:, None] * P + cols[None, :], acc * rinv[:, None], mask=rm[:, None] & pm[None, :])
+        tl.store(rinv_ptr + rows, rinv, mask=rm)
+
+    @triton.jit
+    def _maps_bwd_kernel(x_ptr, phi_ptr, proj_ptr, rinv_ptr, g_ptr, dx_ptr, M, D: tl.constexpr, P: tl.constexpr,
+                         PP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+        """One (BM tokens, BK columns) tile of ∂x: (g r) φᵀ + c x, c = −(r²/D) ⟨g, proj⟩ a token."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rm = rows < M
+        rows = rows.to(tl.int64)
+        cols = tl.arange(0, PP)
+        small = rm[:, None] & (cols < P)[None, :]
+        g = tl.load(g_ptr + rows[:, None] * P + cols[None, :], mask=small, other=0.0)
+        proj = tl.load(proj_ptr + rows[:, None] * P + cols[None, :], mask=small, other=0.0)
+        rinv = tl.load(rinv_ptr + rows, mask=rm, other=0.0)
+        coef = -rinv * rinv / D * tl.sum(g * proj, axis=1)
+        g = g * rinv[:, None]
+        k = tl.program_id(1) * BK + tl.arange(0, BK)
+        km = k < D
+        tile = rm[:, None] & km[None, :]
+        phi_t = tl.load(phi_ptr + k[None, :] * P + cols[:, None], mask=(cols < P)[:, None] & km[None, :], other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * D + k[None, :], mask=tile, other=0.0).to(tl.float32)
+        dx = tl.dot(g, phi_t, input_precision=PRECISION) + coef[:, None] * x
+        tl.store(dx_ptr + rows[:, None] * D + k[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tile)
+
     # ---- custom ops: torch.compile keeps each kernel whole -----------------------------
 
     @torch.library.custom_op("muse_architecture::stream_read", mutates_args=(), device_types="cuda")
@@ -240,6 +331,24 @@ if AVAILABLE:
     def _write_backward_op(h_res: torch.Tensor, x: torch.Tensor, h_post: torch.Tensor, y: torch.Tensor,
                            grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return write_backward(h_res, x, h_post, y, grad)
+
+    @torch.library.custom_op("muse_architecture::maps_project", mutates_args=(), device_types="cuda")
+    def _maps_op(x: torch.Tensor, phi: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return maps_forward(x, phi, eps)
+
+    @torch.library.custom_op("muse_architecture::maps_project_backward", mutates_args=(), device_types="cuda")
+    def _maps_backward_op(x: torch.Tensor, phi: torch.Tensor, proj: torch.Tensor, rinv: torch.Tensor,
+                          grad: torch.Tensor) -> torch.Tensor:
+        return maps_backward(x, phi, proj, rinv, grad)
+
+    @_maps_op.register_fake
+    def _(x: torch.Tensor, phi: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.new_empty(x.shape[0], phi.shape[1], dtype=torch.float32), x.new_empty(x.shape[0], dtype=torch.float32)
+
+    @_maps_backward_op.register_fake
+    def _(x: torch.Tensor, phi: torch.Tensor, proj: torch.Tensor, rinv: torch.Tensor,
+          grad: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
 
     @_read_op.register_fake
     def _(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -279,6 +388,16 @@ if AVAILABLE:
     def _write_grad(ctx, grad: torch.Tensor):  # type: ignore[no-untyped-def]
         return *_write_backward_op(*ctx.saved_tensors, grad.contiguous()), None
 
+    def _maps_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(inputs[0], inputs[1], *output)
+
+    def _maps_grad(ctx, grad: torch.Tensor, _grad_rinv: torch.Tensor | None):  # type: ignore[no-untyped-def]
+        x, phi, proj, rinv = ctx.saved_tensors
+        grad = grad.contiguous()
+        scaled = (grad * rinv.unsqueeze(-1)).to(x.dtype)  # ∂(x φ); φ's gradient is one matmul
+        return _maps_backward_op(x, phi, proj, rinv, grad), (x.t() @ scaled).to(phi.dtype), None
+
+    _maps_op.register_autograd(_maps_grad, setup_context=_maps_setup)
     _read_op.register_autograd(_read_grad, setup_context=_save_inputs)
     _dots_op.register_autograd(_dots_grad, setup_context=_save_inputs)
     _write_op.register_autograd(_write_grad, setup_context=_save_inputs)

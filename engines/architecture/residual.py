@@ -58,7 +58,8 @@ one matmul with the RMSNorm applied as a per-token scale; with
 ``MUSE_FUSED_STREAMS=eager`` (eager mode) or ``1`` (under torch.compile too),
 on CUDA with Triton, the stream read H_pre x and the write H_res x + H_post y
 (for mgt, the delta update as such a write) are one Triton pass each
-(``fused_streams``; off by default, see there); else
+(``fused_streams``; off by default, see there), and so are the maps' norm and
+product with φ, each way; else
 the stream sums are written so that inductor fuses them under torch.compile,
 and eager autocast casts the n-stream state once a connection instead of once
 per product. The state may be stored in bf16 between connections
@@ -395,9 +396,12 @@ class ManifoldMaps(nn.Module):
         flat = x.reshape(B, T, n * C)
         # RMSNorm(x) φ = (x φ)/rms(x): scale the 2n+n² outputs rather than write a
         # normalised copy of x, and read x once for all three maps, not three times
-        ms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=torch.float32).square() / (n * C)
         phi = torch.cat((self.phi_pre, self.phi_post, self.phi_res), dim=1)  # (nC, 2n+n²)
-        proj = (flat @ phi) * torch.rsqrt(ms + self.eps)  # (B, T, 2n+n²)
+        if fused_streams.MAPS and fused_streams.usable(x):  # one Triton pass each way (maps_project)
+            proj = fused_streams.maps_project(flat, phi, self.eps)
+        else:
+            ms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=torch.float32).square() / (n * C)
+            proj = (flat @ phi) * torch.rsqrt(ms + self.eps)  # (B, T, 2n+n²)
         pre, post, res = proj.split((n, n, n * n), dim=-1)
         h_pre = torch.sigmoid(self.alpha[0] * pre + self.b_pre)  # (B, T, n)
         h_post = 2 * torch.sigmoid(self.alpha[1] * post + self.b_post)  # (B, T, n)
