@@ -14,7 +14,9 @@ kernels under torch.profiler, for
 - ``sinkhorn``: the fused Sinkhorn forward + backward alone, on the same tokens' 4×4 logits;
 
 each with a bf16 stream state (``+bf16``, as ``techniques.mhc.stream_dtype: bfloat16``) and
-an fp32 one. Per connection, a 350M step has 48 of them, so ms here × 48 is the step's extra.
+an fp32 one. A 350M step has 48 connections. One connection alone is bound by the host's
+launches (its wall time, ``ms``, is mostly that), so what a step pays is the device time, the
+sum of its kernels (``(all kernels)``, the last row of each case's list).
 
     PYTHONPATH=. python3 scripts/profile_connection.py --out $OUT          # a GPU, ~2 min
     PYTHONPATH=. python3 scripts/profile_connection.py --tiny              # CPU: it runs (numbers mean nothing)
@@ -64,6 +66,7 @@ def measure(fn, steps: int, warmup: int, cuda: bool) -> list[float]:  # type: ig
 
 def kernels(fn, cuda: bool, top: int) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
     """The device kernels of one call of ``fn`` (ms each, summed over calls), most first."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     if not cuda:
@@ -72,9 +75,9 @@ def kernels(fn, cuda: bool, top: int) -> list[dict[str, Any]]:  # type: ignore[n
         fn()
         torch.cuda.synchronize()
     rows = [{"name": e.key[:120], "ms": e.device_time_total / 1e3, "calls": e.count}
-            for e in prof.key_averages() if e.device_time_total > 0]
+            for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.device_time_total > 0]
     rows.sort(key=lambda r: -r["ms"])
-    return rows[:top]
+    return rows[:top] + [{"name": "(all kernels)", "ms": sum(r["ms"] for r in rows), "calls": 0}]
 
 
 def connection_case(name: str, stream_dtype: str, shape: tuple[int, int, int, int], cuda: bool,
@@ -102,6 +105,7 @@ def connection_case(name: str, stream_dtype: str, shape: tuple[int, int, int, in
     torch._dynamo.reset()
 
     def step() -> None:
+        x.grad = None  # in a model the state's gradient flows on to the block before: nothing accumulates
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             out = run(x)
         out.backward(grad)

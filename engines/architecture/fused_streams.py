@@ -68,6 +68,14 @@ def usable(x: torch.Tensor) -> bool:
     return AVAILABLE and ENABLED and x.is_cuda and (UNDER_COMPILE or not torch.compiler.is_compiling())
 
 
+def maps_usable(x: torch.Tensor) -> bool:
+    """Whether mHC's maps run ``maps_project`` on x: as ``usable``, for a bf16 x (a bf16 state,
+    or eager autocast's copy) only. An fp32 state keeps torch's maps: the kernel's exact fp32
+    product took 8.5 ms a connection forward and backward on an H100, against 0.12 ms in TF32
+    for a bf16 one (``docs/profile_connection_h100.json``), and TF32 would round an fp32 state's maps."""
+    return MAPS and x.dtype == torch.bfloat16 and usable(x)
+
+
 # ---- public ops on (..., n, C) states --------------------------------------------
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
@@ -155,23 +163,32 @@ def write_backward(h_res: torch.Tensor, x: torch.Tensor, h_post: torch.Tensor, y
     return dh_res, dx, dh_post, dy
 
 
-MAPS_BLOCK_M, MAPS_BLOCK_K = 32, 128  # tokens a program; state columns a step (a multiple of 16: tl.dot)
+# Tokens a program, state columns a step (multiples of 16: tl.dot). Every program reads all of φ,
+# so fewer, wider programs read less of it: at 32 tokens in fp32, φ's reads from L2 were twice
+# the state's and the forward ran at a third of the memory's speed (H100).
+MAPS_BLOCK_M, MAPS_FWD_BLOCK_K, MAPS_BWD_BLOCK_K = 64, 64, 128
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _maps_args(x: torch.Tensor, phi: torch.Tensor) -> dict:
+def _maps_args(x: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """φ as the kernels read it, and their constants. A bf16 x multiplies φ in bf16 on a GPU, as
+    autocast's matmul does; Triton's interpreter has no bf16 product, so there (and for an fp32 x)
+    φ stays fp32 and the product runs in TF32 for a bf16 x, in fp32 for an fp32 one."""
     D, P = phi.shape
-    return dict(D=D, P=P, PP=max(16, triton.next_power_of_2(P)), BM=MAPS_BLOCK_M, BK=MAPS_BLOCK_K,
-                PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    bf16 = x.dtype == torch.bfloat16 and not INTERPRETING
+    return phi.to(torch.bfloat16) if bf16 else phi, dict(
+        D=D, P=P, PP=max(16, triton.next_power_of_2(P)), BM=MAPS_BLOCK_M, BF16=bf16,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
 
 
 def maps_forward(x: torch.Tensor, phi: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """proj = (x φ) · r and r = rsqrt(mean(x²) + eps); x (M, D), φ (D, P) fp32 → (M, P), (M,) fp32.
-    An fp32 x multiplies φ in fp32; a bf16 one in TF32 (finer than the bf16 product autocast's
-    matmul makes; and Triton's interpreter has no bf16 product to test a bf16 one with)."""
+    """proj = (x φ) · r and r = rsqrt(mean(x²) + eps); x (M, D), φ (D, P) fp32 → (M, P), (M,) fp32
+    (the product's precision: ``_maps_args``)."""
     M = x.shape[0]
     proj = torch.empty(M, phi.shape[1], dtype=torch.float32, device=x.device)
     rinv = torch.empty(M, dtype=torch.float32, device=x.device)
-    _maps_fwd_kernel[(triton.cdiv(M, MAPS_BLOCK_M),)](x, phi, proj, rinv, M, eps, **_maps_args(x, phi))
+    phi, consts = _maps_args(x, phi)
+    _maps_fwd_kernel[(triton.cdiv(M, MAPS_BLOCK_M),)](x, phi, proj, rinv, M, eps, BK=MAPS_FWD_BLOCK_K, **consts)
     return proj, rinv
 
 
@@ -180,8 +197,9 @@ def maps_backward(x: torch.Tensor, phi: torch.Tensor, proj: torch.Tensor, rinv: 
     """∂x of ``maps_forward``'s proj: (grad · r) φᵀ − (r² / D) ⟨grad, proj⟩ x, in x's dtype."""
     M, D = x.shape
     dx = torch.empty_like(x)
-    grid = (triton.cdiv(M, MAPS_BLOCK_M), triton.cdiv(D, MAPS_BLOCK_K))
-    _maps_bwd_kernel[grid](x, phi, proj, rinv, grad, dx, M, **_maps_args(x, phi))
+    grid = (triton.cdiv(M, MAPS_BLOCK_M), triton.cdiv(D, MAPS_BWD_BLOCK_K))
+    phi, consts = _maps_args(x, phi)
+    _maps_bwd_kernel[grid](x, phi, proj, rinv, grad, dx, M, BK=MAPS_BWD_BLOCK_K, **consts)
     return dx
 
 
@@ -269,7 +287,8 @@ if AVAILABLE:
 
     @triton.jit
     def _maps_fwd_kernel(x_ptr, phi_ptr, proj_ptr, rinv_ptr, M, eps, D: tl.constexpr, P: tl.constexpr,
-                         PP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+                         PP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BF16: tl.constexpr,
+                         PRECISION: tl.constexpr):
         """BM tokens: the sum of squares and x φ over D in steps of BK, then both scaled."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rm = rows < M
@@ -282,17 +301,21 @@ if AVAILABLE:
             k = start + tl.arange(0, BK)
             km = k < D
             x = tl.load(x_ptr + rows[:, None] * D + k[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-            x = x.to(tl.float32)
-            ss += tl.sum(x * x, axis=1)
+            xf = x.to(tl.float32)
+            ss += tl.sum(xf * xf, axis=1)
             phi = tl.load(phi_ptr + k[:, None] * P + cols[None, :], mask=km[:, None] & pm[None, :], other=0.0)
-            acc += tl.dot(x, phi, input_precision=PRECISION)
+            if BF16:
+                acc += tl.dot(x, phi)
+            else:
+                acc += tl.dot(xf, phi, input_precision=PRECISION)
         rinv = tl.rsqrt(ss / D + eps)
         tl.store(proj_ptr + rows[:, None] * P + cols[None, :], acc * rinv[:, None], mask=rm[:, None] & pm[None, :])
         tl.store(rinv_ptr + rows, rinv, mask=rm)
 
     @triton.jit
     def _maps_bwd_kernel(x_ptr, phi_ptr, proj_ptr, rinv_ptr, g_ptr, dx_ptr, M, D: tl.constexpr, P: tl.constexpr,
-                         PP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+                         PP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BF16: tl.constexpr,
+                         PRECISION: tl.constexpr):
         """One (BM tokens, BK columns) tile of ∂x: (g r) φᵀ + c x, c = −(r²/D) ⟨g, proj⟩ a token."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rm = rows < M
@@ -309,7 +332,11 @@ if AVAILABLE:
         tile = rm[:, None] & km[None, :]
         phi_t = tl.load(phi_ptr + k[None, :] * P + cols[:, None], mask=(cols < P)[:, None] & km[None, :], other=0.0)
         x = tl.load(x_ptr + rows[:, None] * D + k[None, :], mask=tile, other=0.0).to(tl.float32)
-        dx = tl.dot(g, phi_t, input_precision=PRECISION) + coef[:, None] * x
+        if BF16:
+            dx = tl.dot(g.to(tl.bfloat16), phi_t)
+        else:
+            dx = tl.dot(g, phi_t, input_precision=PRECISION)
+        dx += coef[:, None] * x
         tl.store(dx_ptr + rows[:, None] * D + k[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tile)
 
     # ---- custom ops: torch.compile keeps each kernel whole -----------------------------

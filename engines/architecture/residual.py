@@ -397,7 +397,7 @@ class ManifoldMaps(nn.Module):
         # RMSNorm(x) φ = (x φ)/rms(x): scale the 2n+n² outputs rather than write a
         # normalised copy of x, and read x once for all three maps, not three times
         phi = torch.cat((self.phi_pre, self.phi_post, self.phi_res), dim=1)  # (nC, 2n+n²)
-        if fused_streams.MAPS and fused_streams.usable(x):  # one Triton pass each way (maps_project)
+        if fused_streams.maps_usable(x):  # one Triton pass each way (maps_project)
             proj = fused_streams.maps_project(flat, phi, self.eps)
         else:
             ms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=torch.float32).square() / (n * C)
