@@ -1,6 +1,6 @@
-"""engines.architecture.fused_streams: the Triton kernels against float64 references (on CPU
-through Triton's interpreter), the fused connections against the torch ones (on CUDA), and the
-bf16 stream state (``ModelConfig.stream_dtype``) training on CPU."""
+"""engines.architecture.fused_streams and fused_delta: the Triton kernels against float64
+references (on CPU through Triton's interpreter), the fused connections against the torch ones
+(on CUDA), and the bf16 stream state (``ModelConfig.stream_dtype``) training on CPU."""
 
 from __future__ import annotations
 
@@ -131,6 +131,54 @@ def maps_interpreter_checks() -> None:
             assert _rel(g, w) < tol, (dtype, _rel(g, w))
 
 
+def delta_interpreter_checks() -> None:
+    """``fused_delta``'s kernels against float64 autograd through DeltaResidual's torch math: a
+    partial block of channels, a partial last program of tokens, a zero sublayer output (where
+    F.normalize clamps), bf16 and fp32 sublayer outputs; then the op's registrations."""
+    from engines.architecture import fused_delta as fd
+    from engines.architecture.residual import delta_update, rms
+
+    def torch_ddl(x, u, w_beta, b_beta, w_v, b_v):  # type: ignore[no-untyped-def]
+        k = torch.nn.functional.normalize(u, dim=-1, eps=1e-6)
+        beta = 2.0 * torch.sigmoid(rms(x, 1e-6) @ w_beta + b_beta).unsqueeze(-1)
+        return delta_update(x, k, beta, (u @ w_v + b_v).unsqueeze(-1))
+
+    torch.manual_seed(0)
+    for M, C in ((70, 64), (5, 40)):  # 70: past one backward program's 64 tokens
+        for dtype in (torch.float32, torch.bfloat16):
+            where = f"M={M} C={C} {dtype}"
+            x, u = torch.randn(M, C), torch.randn(M, C).to(dtype)
+            u[1] = 0.0
+            params = [0.3 * torch.randn(C), torch.randn(1), 0.3 * torch.randn(C), torch.randn(1)]
+            grad = torch.randn(M, C)
+            ref = [t.double().requires_grad_() for t in (x, u, *params)]
+            want = torch_ddl(*ref)
+            wants = torch.autograd.grad(want, ref, grad.double())
+            got = fd.delta_forward(x, u, *params, 2.0, 1e-6)
+            assert got.dtype == torch.float32 and _rel(got, want.detach()) < 1e-6, where
+            grads = fd.delta_backward(x, u, *params, grad, 2.0, 1e-6)
+            for name, g, w, t in zip(("dx", "du", "dw_beta", "db_beta", "dw_v", "db_v"), grads, wants, (x, u, *params)):
+                tol = 8e-3 if g.dtype == torch.bfloat16 else 1e-5  # sums over tokens cancel
+                assert g.dtype == t.dtype and g.shape == t.shape and _rel(g, w) < tol, (name, where, _rel(g, w))
+
+    torch.library.register_kernel("muse_architecture::delta_residual", "cpu", fd.delta_forward)
+    torch.library.register_kernel("muse_architecture::delta_residual_backward", "cpu", fd.delta_backward)
+    x = torch.randn(2, 3, 48, requires_grad=True)
+    u = torch.randn(2, 3, 48, requires_grad=True)
+    params = [(0.3 * torch.randn(48)).requires_grad_(), torch.randn(1, requires_grad=True),
+              (0.3 * torch.randn(48)).requires_grad_(), torch.randn(1, requires_grad=True)]
+    torch.library.opcheck(fd._delta_op, (x.detach().view(6, 48).requires_grad_(), u.detach().view(6, 48), *params,
+                                         2.0, 1e-6))
+    got = fd.delta_residual(x, u, *params, 2.0, 1e-6)
+    ref = [t.detach().double().requires_grad_() for t in (x, u, *params)]
+    want = torch_ddl(*ref)
+    assert got.shape == x.shape and _rel(got, want.detach()) < 1e-6
+    upstream = torch.randn_like(got)
+    for g, w in zip(torch.autograd.grad(got, (x, u, *params), upstream),
+                    torch.autograd.grad(want, ref, upstream.double())):
+        assert _rel(g, w) < 2e-6, _rel(g, w)
+
+
 def sinkhorn_interpreter_checks() -> None:
     """The fused Sinkhorn kernels (forward, and the backward that saves each step's outputs)
     against float64 autograd through the log-space loop, 4×4 matrices, a partial last block."""
@@ -154,7 +202,7 @@ def sinkhorn_interpreter_checks() -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_match_float64_under_the_triton_interpreter() -> None:
     code = ("import test_fused_streams as t; t.sinkhorn_interpreter_checks(); t.maps_interpreter_checks(); "
-            "t.interpreter_checks()")
+            "t.delta_interpreter_checks(); t.interpreter_checks()")
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
@@ -189,7 +237,8 @@ def _fused_setup(residual: str, stream_dtype: str):
         for p in conn.parameters():
             p.add_(0.3 * torch.randn_like(p))
     lin = torch.nn.Linear(320, 320).cuda()
-    x = torch.randn(2, 64, 4, 320, device="cuda").to(getattr(torch, stream_dtype))  # C = 320: a partial block
+    shape = (2, 64, 4, 320) if RESIDUALS[residual].multi_stream else (2, 64, 320)  # C = 320: a partial block
+    x = torch.randn(shape, device="cuda").to(getattr(torch, stream_dtype))
     return fused_streams, conn, lin, x, torch.randn_like(x)
 
 
@@ -205,8 +254,8 @@ def _names(conn: torch.nn.Module) -> list[str]:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("residual", ["mhc", "mgt"])
-@pytest.mark.parametrize("stream_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("residual,stream_dtype", [("mhc", "float32"), ("mhc", "bfloat16"), ("mgt", "float32"),
+                                                    ("mgt", "bfloat16"), ("ddl", "float32")])  # ddl's state: fp32
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fused_connection_is_as_accurate_as_the_torch_one(residual: str, stream_dtype: str, autocast: bool,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
@@ -225,9 +274,9 @@ def test_fused_connection_is_as_accurate_as_the_torch_one(residual: str, stream_
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("residual", ["mhc", "mgt"])
+@pytest.mark.parametrize("residual", ["mhc", "mgt", "ddl"])
 def test_fused_ops_compile_as_they_run_eager(residual: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    fused_streams, conn, lin, x, grad = _fused_setup(residual, "bfloat16")
+    fused_streams, conn, lin, x, grad = _fused_setup(residual, "float32" if residual == "ddl" else "bfloat16")
     monkeypatch.setattr(fused_streams, "ENABLED", True)
     monkeypatch.setattr(fused_streams, "UNDER_COMPILE", True)
     eager = _connection_grads(conn, lin, x, grad, autocast=True)

@@ -59,7 +59,7 @@ one matmul with the RMSNorm applied as a per-token scale; with
 on CUDA with Triton, the stream read H_pre x and the write H_res x + H_post y
 (for mgt, the delta update as such a write) are one Triton pass each
 (``fused_streams``; off by default, see there), and so are the maps' norm and
-product with φ, each way; else
+product with φ, each way, and ddl's whole update (``fused_delta``); else
 the stream sums are written so that inductor fuses them under torch.compile,
 and eager autocast casts the n-stream state once a connection instead of once
 per product. The state may be stored in bf16 between connections
@@ -77,7 +77,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engines.architecture import fused_streams
+from engines.architecture import fused_delta, fused_streams
 from engines.architecture.config import ModelConfig
 from engines.architecture.modes import RESIDUAL_MODES, load
 
@@ -450,7 +450,11 @@ class DeltaResidual(nn.Module):
         self.gate = DeltaGate(config)
 
     def forward(self, x: torch.Tensor, f: Sublayer) -> torch.Tensor:
-        k, beta, v = self.gate(x, f(x))
+        u = f(x)
+        if fused_streams.usable(x):  # one Triton pass each way (fused_delta)
+            g = self.gate
+            return fused_delta.delta_residual(x, u, g.w_beta, g.b_beta, g.w_v, g.b_v, g.beta_max, g.eps)
+        k, beta, v = self.gate(x, u)
         return delta_update(x, k, beta, v)
 
 
