@@ -11,6 +11,8 @@ kernels under torch.profiler, for
 - ``mhc``: the torch connection inductor fuses (the executor's default);
 - ``mhc+streams``: ``fused_streams``' read and write kernels, the maps in torch;
 - ``mhc+fused``: those and ``maps_project`` (norm and product with φ, each way);
+- ``mhc+one``: ``fused_mhc``, the connection as two ops that write the state's gradient once
+  (bf16 states only; an fp32 one runs ``mhc+fused``'s ops);
 - ``sinkhorn``: the fused Sinkhorn forward + backward alone, on the same tokens' 4×4 logits;
 
 each with a bf16 stream state (``+bf16``, as ``techniques.mhc.stream_dtype: bfloat16``) and
@@ -38,16 +40,16 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import torch  # noqa: E402
 
 from engines.architecture import ModelConfig  # noqa: E402
-from engines.architecture import fused_streams  # noqa: E402
+from engines.architecture import fused_mhc, fused_streams  # noqa: E402
 from engines.architecture import residual  # noqa: E402
 
-VARIANTS = ("standard", "mhc", "mhc+streams", "mhc+fused")
+VARIANTS = ("standard", "mhc", "mhc+streams", "mhc+fused", "mhc+one")
 
 
-def setting(name: str) -> tuple[str, bool, bool]:
-    """(residual, stream kernels on, maps kernel on)."""
+def setting(name: str) -> tuple[str, bool, bool, bool]:
+    """(residual, stream kernels on, maps kernel on, fused_mhc on)."""
     base = name.split("+")[0]
-    return base, name.endswith(("+streams", "+fused")), name.endswith("+fused")
+    return base, name.endswith(("+streams", "+fused", "+one")), name.endswith(("+fused", "+one")), name.endswith("+one")
 
 
 def measure(fn, steps: int, warmup: int, cuda: bool) -> list[float]:  # type: ignore[no-untyped-def]
@@ -83,9 +85,9 @@ def kernels(fn, cuda: bool, top: int) -> list[dict[str, Any]]:  # type: ignore[n
 def connection_case(name: str, stream_dtype: str, shape: tuple[int, int, int, int], cuda: bool,
                     args: argparse.Namespace) -> dict[str, Any]:
     B, T, n, C = shape
-    base, streams, maps = setting(name)
+    base, streams, maps, one = setting(name)
     fused_streams.ENABLED = fused_streams.UNDER_COMPILE = streams
-    fused_streams.MAPS = maps
+    fused_streams.MAPS, fused_mhc.ENABLED = maps, one
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=64, seq_len=T, n_layers=1, d_model=C, n_heads=max(1, C // 64),

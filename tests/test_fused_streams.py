@@ -62,9 +62,8 @@ def interpreter_checks() -> None:
                 assert g.dtype == (torch.float32 if name.startswith("dh") else dtype), (name, where)
                 assert _rel(g, w) < t, (name, where, _rel(g, w))
 
-    for name, kernel in (("stream_read", fs.read_forward), ("stream_dots", fs.dots_forward),
-                         ("stream_write", fs.write_forward), ("stream_write_backward", fs.write_backward)):
-        torch.library.register_kernel(f"muse_architecture::{name}", "cpu", kernel)
+    _register_cpu({"stream_read": fs.read_forward, "stream_dots": fs.dots_forward, "stream_write": fs.write_forward,
+                   "stream_write_backward": fs.write_backward})
     n, C = 4, 48
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(2, 3, n, C).to(dtype).requires_grad_()
@@ -115,8 +114,7 @@ def maps_interpreter_checks() -> None:
             dx = fs.maps_backward(x, phi, proj, rinv, grad)
             assert dx.dtype == dtype and _rel(dx, want_dx) < tol, (where, _rel(dx, want_dx))
 
-    torch.library.register_kernel("muse_architecture::maps_project", "cpu", fs.maps_forward)
-    torch.library.register_kernel("muse_architecture::maps_project_backward", "cpu", fs.maps_backward)
+    _register_cpu({"maps_project": fs.maps_forward, "maps_project_backward": fs.maps_backward})
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(2, 3, 4 * 48).to(dtype).requires_grad_()
         phi = (0.02 * torch.randn(4 * 48, 24)).requires_grad_()
@@ -180,6 +178,64 @@ def delta_interpreter_checks() -> None:
         assert _rel(g, w) < 2e-6, _rel(g, w)
 
 
+def _register_cpu(kernels: dict) -> None:
+    """Each op's launcher as its CPU kernel (the ops are CUDA's alone), once a process."""
+    done = _register_cpu.__dict__.setdefault("done", set())
+    for name, kernel in kernels.items():
+        if name not in done:
+            torch.library.register_kernel(f"muse_architecture::{name}", "cpu", kernel)
+            done.add(name)
+
+
+def mhc_interpreter_checks() -> None:
+    """``fused_mhc``: its state-gradient kernel, and the whole connection (the maps, gates, read and
+    write, one gradient of the state through the write's tap) against ManifoldHyperConnection in
+    float64, eager and under AOT autograd (``torch.compile(backend="aot_eager")``)."""
+    import copy
+
+    from engines.architecture import fused_mhc as fm
+    from engines.architecture import fused_streams as fs
+    from engines.architecture import residual as r
+
+    def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+        out = torch.empty_like(logits)
+        r._launch(r._sinkhorn_fwd_kernel, logits, out, iters=iters)
+        return out
+
+    def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int) -> torch.Tensor:
+        grad_in, saved = torch.empty_like(logits), logits.new_empty((2 * iters, *logits.shape))
+        r._launch(r._sinkhorn_bwd_kernel, logits, grad.contiguous(), grad_in, saved, iters=iters)
+        return grad_in
+
+    _register_cpu({"maps_project": fs.maps_forward, "stream_read": fs.read_forward, "stream_dots": fs.dots_forward,
+                   "sinkhorn": sinkhorn, "sinkhorn_backward": sinkhorn_backward, "mhc_pre": fm.pre_forward,
+                   "mhc_state_grad": fm.state_grad, "mhc_write": fm.write_forward,
+                   "mhc_write_backward": fm.write_backward})
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, seq_len=8, n_layers=1, d_model=48, n_heads=4, residual="mhc",
+                         sinkhorn_iters=5)
+    conn, lin = RESIDUALS["mhc"].make(config, 0), torch.nn.Linear(48, 48)
+    with torch.no_grad():  # away from the identity init, so every map matters
+        for p in conn.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x, grad = torch.randn(2, 5, 4, 48), torch.randn(2, 5, 4, 48)  # 10 tokens, 48 channels: partial blocks
+
+    def run(connection, conn, lin, x, grad):  # type: ignore[no-untyped-def]
+        conn.zero_grad(), lin.zero_grad()
+        x = x.detach().requires_grad_()
+        out = connection(conn, x, lambda h: lin(torch.tanh(h)))
+        out.backward(grad)
+        return [out.detach(), x.grad] + [p.grad for p in [*conn.parameters(), *lin.parameters()]]
+
+    fused = lambda conn, x, f: fm.connection(conn.maps, x, f, x.dtype)  # noqa: E731
+    want = run(lambda conn, x, f: conn(x, f), copy.deepcopy(conn).double(), copy.deepcopy(lin).double(), x.double(),
+               grad.double())
+    names = ["out", "x"] + [n for n, _ in conn.named_parameters()] + ["lin.weight", "lin.bias"]
+    for how, connection in (("eager", fused), ("aot_eager", torch.compile(fused, backend="aot_eager", fullgraph=True))):
+        for name, got, ref in zip(names, run(connection, conn, lin, x, grad), want):
+            assert got is not None and _rel(got, ref) < 2e-5, (how, name, None if got is None else _rel(got, ref))
+
+
 def sinkhorn_interpreter_checks() -> None:
     """The fused Sinkhorn kernels (forward, and the backward that saves each step's outputs)
     against float64 autograd through the log-space loop, 4×4 matrices, a partial last block."""
@@ -203,7 +259,7 @@ def sinkhorn_interpreter_checks() -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_match_float64_under_the_triton_interpreter() -> None:
     code = ("import test_fused_streams as t; t.sinkhorn_interpreter_checks(); t.maps_interpreter_checks(); "
-            "t.delta_interpreter_checks(); t.interpreter_checks()")
+            "t.delta_interpreter_checks(); t.mhc_interpreter_checks(); t.interpreter_checks()")
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,

@@ -153,13 +153,15 @@ def write_forward(h_res: torch.Tensor, x: torch.Tensor, h_post: torch.Tensor, y:
 
 
 def write_backward(h_res: torch.Tensor, x: torch.Tensor, h_post: torch.Tensor, y: torch.Tensor,
-                   grad: torch.Tensor, block_c: int | None = None) -> tuple[torch.Tensor, ...]:
+                   grad: torch.Tensor, block_c: int | None = None, write_dx: bool = True) -> tuple[torch.Tensor, ...]:
     """(dh_res, dx, dh_post, dy) of ``write_forward``, in one pass over x and the gradient; each
-    in its input's dtype."""
+    in its input's dtype. ``write_dx=False``: dx is left unwritten (``fused_mhc`` writes the
+    state's gradient itself) and returned empty."""
     M, n, C = x.shape
-    dh_res, dx, dh_post, dy = (torch.empty_like(t) for t in (h_res, x, h_post, y))
+    dh_res, dh_post, dy = (torch.empty_like(t) for t in (h_res, h_post, y))
+    dx = torch.empty_like(x) if write_dx else x.new_empty(0)
     _write_bwd_kernel[(M,)](h_res, x, h_post, y, grad, dh_res, dx, dh_post, dy, C=C, N=n,
-                            NP=triton.next_power_of_2(n), BLOCK_C=_block(C, block_c))
+                            NP=triton.next_power_of_2(n), BLOCK_C=_block(C, block_c), WRITE_DX=write_dx)
     return dh_res, dx, dh_post, dy
 
 
@@ -257,7 +259,8 @@ if AVAILABLE:
 
     @triton.jit
     def _write_bwd_kernel(h_res_ptr, x_ptr, h_post_ptr, y_ptr, g_ptr, dh_res_ptr, dx_ptr, dh_post_ptr, dy_ptr,
-                          C: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr):
+                          C: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr,
+                          WRITE_DX: tl.constexpr):
         """dx[j] = Σ_i H[i, j] g[i], dy = Σ_i p[i] g[i], dH[i, j] = ⟨g[i], x[j]⟩, dp[i] = ⟨g[i], y⟩."""
         m = tl.program_id(0).to(tl.int64)
         j = tl.arange(0, NP)
@@ -280,19 +283,35 @@ if AVAILABLE:
                 dy += tl.load(h_post_ptr + m * N + i) * g
                 d_res += tl.where(j[:, None] == i, tl.sum(x * g[None, :], axis=1)[None, :], 0.0)
                 d_post += tl.where(j == i, tl.sum(g * y), 0.0)
-            tl.store(dx_ptr + rows, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            if WRITE_DX:
+                tl.store(dx_ptr + rows, dx.to(dx_ptr.dtype.element_ty), mask=mask)
             tl.store(dy_ptr + m * C + c, dy.to(dy_ptr.dtype.element_ty), mask=cm)
         tl.store(dh_res_ptr + (m * N + j[:, None]) * N + j[None, :], d_res, mask=jm[:, None] & jm[None, :])
         tl.store(dh_post_ptr + m * N + j, d_post, mask=jm)
+
+    @triton.jit
+    def _token_rows(M, BM: tl.constexpr):
+        """This program's BM tokens (int64 offsets) and which of them exist."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        return rows.to(tl.int64), rows < M
+
+    @triton.jit
+    def _maps_grad_rows(g_ptr, proj_ptr, rinv_ptr, rows, rm, D: tl.constexpr, P: tl.constexpr, PP: tl.constexpr):
+        """For the maps' backward on BM tokens: ∂proj · r (BM, PP) and c = −(r²/D) ⟨∂proj, proj⟩ (BM,),
+        the norm's term's coefficient on x."""
+        cols = tl.arange(0, PP)
+        small = rm[:, None] & (cols < P)[None, :]
+        g = tl.load(g_ptr + rows[:, None] * P + cols[None, :], mask=small, other=0.0)
+        proj = tl.load(proj_ptr + rows[:, None] * P + cols[None, :], mask=small, other=0.0)
+        rinv = tl.load(rinv_ptr + rows, mask=rm, other=0.0)
+        return g * rinv[:, None], -rinv * rinv / D * tl.sum(g * proj, axis=1)
 
     @triton.jit
     def _maps_fwd_kernel(x_ptr, phi_ptr, proj_ptr, rinv_ptr, M, eps, D: tl.constexpr, P: tl.constexpr,
                          PP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BF16: tl.constexpr,
                          PRECISION: tl.constexpr):
         """BM tokens: the sum of squares and x φ over D in steps of BK, then both scaled."""
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        rm = rows < M
-        rows = rows.to(tl.int64)
+        rows, rm = _token_rows(M, BM)
         cols = tl.arange(0, PP)
         pm = cols < P
         acc = tl.zeros((BM, PP), tl.float32)
@@ -317,16 +336,9 @@ if AVAILABLE:
                          PP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BF16: tl.constexpr,
                          PRECISION: tl.constexpr):
         """One (BM tokens, BK columns) tile of ∂x: (g r) φᵀ + c x, c = −(r²/D) ⟨g, proj⟩ a token."""
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        rm = rows < M
-        rows = rows.to(tl.int64)
+        rows, rm = _token_rows(M, BM)
         cols = tl.arange(0, PP)
-        small = rm[:, None] & (cols < P)[None, :]
-        g = tl.load(g_ptr + rows[:, None] * P + cols[None, :], mask=small, other=0.0)
-        proj = tl.load(proj_ptr + rows[:, None] * P + cols[None, :], mask=small, other=0.0)
-        rinv = tl.load(rinv_ptr + rows, mask=rm, other=0.0)
-        coef = -rinv * rinv / D * tl.sum(g * proj, axis=1)
-        g = g * rinv[:, None]
+        g, coef = _maps_grad_rows(g_ptr, proj_ptr, rinv_ptr, rows, rm, D, P, PP)
         k = tl.program_id(1) * BK + tl.arange(0, BK)
         km = k < D
         tile = rm[:, None] & km[None, :]

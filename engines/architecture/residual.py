@@ -59,7 +59,9 @@ one matmul with the RMSNorm applied as a per-token scale; with
 on CUDA with Triton, the stream read H_pre x and the write H_res x + H_post y
 (for mgt, the delta update as such a write) are one Triton pass each
 (``fused_streams``; off by default, see there), and so are the maps' norm and
-product with φ, each way, and ddl's whole update (``fused_delta``); else
+product with φ, each way, and ddl's whole update (``fused_delta``); an mhc
+connection with n = 4 and a bf16 state is one op before the sublayer and one
+after, writing the state's gradient once (``fused_mhc``); else
 the stream sums are written so that inductor fuses them under torch.compile,
 and eager autocast casts the n-stream state once a connection instead of once
 per product. The state may be stored in bf16 between connections
@@ -77,7 +79,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engines.architecture import fused_delta, fused_streams
+from engines.architecture import fused_delta, fused_mhc, fused_streams
 from engines.architecture.config import ModelConfig
 from engines.architecture.modes import RESIDUAL_MODES, load
 
@@ -400,7 +402,8 @@ class ManifoldMaps(nn.Module):
         if fused_streams.maps_usable(x):  # one Triton pass each way (maps_project)
             proj = fused_streams.maps_project(flat, phi, self.eps)
         else:
-            ms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=torch.float32).square() / (n * C)
+            at_least_fp32 = torch.promote_types(flat.dtype, torch.float32)  # a float64 reference stays float64
+            ms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=at_least_fp32).square() / (n * C)
             proj = (flat @ phi) * torch.rsqrt(ms + self.eps)  # (B, T, 2n+n²)
         pre, post, res = proj.split((n, n, n * n), dim=-1)
         h_pre = torch.sigmoid(self.alpha[0] * pre + self.b_pre)  # (B, T, n)
@@ -418,6 +421,8 @@ class ManifoldHyperConnection(nn.Module):
 
     def forward(self, x: torch.Tensor, f: Sublayer) -> torch.Tensor:
         xm = matmul_operand(x)  # (B, T, n, C)
+        if fused_mhc.usable(xm):  # the whole connection, one gradient of the state (fused_mhc)
+            return fused_mhc.connection(self.maps, xm, f, x.dtype)
         h_pre, h_post, h_res = self.maps(xm)
         y = f(read_streams(h_pre, xm))  # (B, T, C)
         return write_streams(h_res, xm, h_post, y, x.dtype)  # (B, T, n, C), the state's dtype

@@ -1,0 +1,189 @@
+"""mHC's connection with one gradient of its state, not three: x_{l+1} = H_res x + H_postᵀ F(H_pre x).
+
+With ``fused_streams``' ops the state x has three consumers (the maps, the read H_pre x and the
+write H_res x + h_post ⊗ y), so its gradient is written three times (the write's, the maps', the
+read's h_pre ⊗ ∂y) and autograd sums them: about a third of a connection's passes over the state
+(``docs/bench_plan_run.md``). Here the state has one consumer, ``pre``: the maps, their gates
+(sigmoids, Sinkhorn) and the read, returning y_in = H_pre x, h_post, H_res, and ``tap``, an
+unwritten tensor of the state's shape. The write (``write``) reads x without differentiating it
+and hands its output's gradient g back as ``tap``'s, so ``pre``'s backward has everything ∂x needs
+and writes it once:
+
+  ∂x = H_resᵀ g + h_pre ⊗ ∂y_in + (∂proj · r) φᵀ − (r²/D) ⟨∂proj, proj⟩ x,
+
+one pass that reads x, g and ∂y_in (``_state_grad_kernel``), after the dots ⟨x_j, ∂y_in⟩ that
+∂h_pre needs and the gates' small backward (sigmoids; Sinkhorn by its fused kernel). The write's
+own backward then reads x, g and y for ∂H_res, ∂h_post and ∂y and writes no state gradient.
+
+n = 4 (the fused Sinkhorn's size), a bf16 state on a GPU (as ``fused_streams.maps_usable``). The
+ops are ``torch.library.custom_op``s; the launchers run on CPU under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engines.architecture import fused_streams as fs
+
+triton, tl = fs.triton, (fs.tl if fs.AVAILABLE else None)
+AVAILABLE = fs.AVAILABLE
+ENABLED = True  # under MUSE_FUSED_STREAMS; False: fused_streams' three-gradient ops (to compare)
+BLOCK_M, BLOCK_C = 64, 64  # tokens and channels a program of the state's gradient
+
+
+def usable(x: torch.Tensor) -> bool:
+    """x (..., n, C): n = 4 streams, and what ``fused_streams.maps_usable`` asks."""
+    return ENABLED and x.shape[-2] == 4 and fs.maps_usable(x)
+
+
+def connection(maps: torch.nn.Module, x: torch.Tensor, f, dtype: torch.dtype) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """``ManifoldHyperConnection``'s output through ``pre`` and ``write``; ``maps`` its ManifoldMaps."""
+    B, T, n, C = x.shape
+    phi = torch.cat((maps.phi_pre, maps.phi_post, maps.phi_res), dim=1)
+    flat = x.reshape(-1, n, C).contiguous()
+    y_in, h_post, h_res, tap, _, _ = _pre_op(flat, phi.float(), maps.alpha.float(), maps.b_pre.float(),
+                                             maps.b_post.float(), maps.b_res.float(), float(maps.eps), int(maps.iters))
+    y = f(y_in.view(B, T, C))
+    out = _write_op(h_res, flat.detach(), h_post, y.reshape(-1, C).contiguous(), tap, dtype)
+    return out.view(B, T, n, C)
+
+
+# ---- launchers: plain tensors, any device -------------------------------------------
+
+def _gates(proj: torch.Tensor, alpha: torch.Tensor, b_pre: torch.Tensor, b_post: torch.Tensor,
+           b_res: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h_pre, h_post and Sinkhorn's logits from the maps' projections (ManifoldMaps.forward)."""
+    pre, post, res = proj.split((n, n, n * n), dim=-1)
+    return (torch.sigmoid(alpha[0] * pre + b_pre), 2 * torch.sigmoid(alpha[1] * post + b_post),
+            alpha[2] * res.reshape(-1, n, n) + b_res)
+
+
+def state_grad(x: torch.Tensor, g: torch.Tensor, h_res: torch.Tensor, h_pre: torch.Tensor, dy: torch.Tensor,
+               phi: torch.Tensor, proj: torch.Tensor, rinv: torch.Tensor, dproj: torch.Tensor) -> torch.Tensor:
+    """∂x (module docstring): x, g (M, n, C); h_res (M, n, n), h_pre (M, n), dy (M, C), φ (nC, P),
+    proj, dproj (M, P), rinv (M,) → (M, n, C) in x's dtype."""
+    M, n, C = x.shape
+    dx = torch.empty_like(x)
+    phi, consts = fs._maps_args(x, phi)
+    _state_grad_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(C, BLOCK_C))](
+        x, g.contiguous(), h_res, h_pre, dy, phi, proj, rinv, dproj, dx, M, C=C, N=n, BC=BLOCK_C,
+        **{**consts, "BM": BLOCK_M}, num_warps=8)
+    return dx
+
+
+if AVAILABLE:
+    from engines.architecture.fused_streams import _maps_grad_rows, _token_rows
+
+    @triton.jit
+    def _state_grad_kernel(x_ptr, g_ptr, hres_ptr, hpre_ptr, dy_ptr, phi_ptr, proj_ptr, rinv_ptr, dproj_ptr, dx_ptr, M,
+                           C: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, D: tl.constexpr,
+                           P: tl.constexpr, PP: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr):
+        rows, rm = _token_rows(M, BM)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        tile = rm[:, None] & (c < C)[None, :]
+        cols = tl.arange(0, PP)
+        dproj, coef = _maps_grad_rows(dproj_ptr, proj_ptr, rinv_ptr, rows, rm, D, P, PP)
+        if BF16:
+            dproj = dproj.to(tl.bfloat16)
+        dy = tl.load(dy_ptr + rows[:, None] * C + c[None, :], mask=tile, other=0.0).to(tl.float32)
+        for j in tl.static_range(N):
+            col = j * C + c  # the state's flat column of (stream j, channel c): φ's row
+            x = tl.load(x_ptr + rows[:, None] * D + col[None, :], mask=tile, other=0.0).to(tl.float32)
+            phi_t = tl.load(phi_ptr + col[None, :] * P + cols[:, None], mask=(cols < P)[:, None] & (c < C)[None, :],
+                            other=0.0)
+            if BF16:
+                acc = tl.dot(dproj, phi_t)
+            else:
+                acc = tl.dot(dproj, phi_t, input_precision=PRECISION)
+            acc += coef[:, None] * x + tl.load(hpre_ptr + rows * N + j, mask=rm, other=0.0)[:, None] * dy
+            for i in tl.static_range(N):  # H_resᵀ g: stream i's gradient through H_res[i, j]
+                g = tl.load(g_ptr + rows[:, None] * D + (i * C + c)[None, :], mask=tile, other=0.0).to(tl.float32)
+                acc += tl.load(hres_ptr + (rows * N + i) * N + j, mask=rm, other=0.0)[:, None] * g
+            tl.store(dx_ptr + rows[:, None] * D + col[None, :], acc.to(dx_ptr.dtype.element_ty), mask=tile)
+
+    # ---- the ops ----------------------------------------------------------------------
+
+    def pre_forward(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b_pre: torch.Tensor, b_post: torch.Tensor,
+                    b_res: torch.Tensor, eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                           torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(y_in, h_post, H_res, tap, proj, rinv): the last two for the backward alone."""
+        from engines.architecture.residual import _fused_sinkhorn
+
+        M, n, C = x.shape
+        proj, rinv = fs._maps_op(x.view(M, n * C), phi, eps)
+        h_pre, h_post, logits = _gates(proj, alpha, b_pre, b_post, b_res, n)
+        return (fs._read_op(h_pre, x), h_post, _fused_sinkhorn(logits.contiguous(), iters), torch.empty_like(x),
+                proj, rinv)
+
+    _pre_op = torch.library.custom_op("muse_architecture::mhc_pre", mutates_args=(), device_types="cuda")(pre_forward)
+
+    @_pre_op.register_fake
+    def _(x, phi, alpha, b_pre, b_post, b_res, eps, iters):  # type: ignore[no-untyped-def]
+        M, n, C = x.shape
+        f32 = dict(dtype=torch.float32, device=x.device)
+        return (torch.empty(M, C, **f32), torch.empty(M, n, **f32), torch.empty(M, n, n, **f32), torch.empty_like(x),
+                torch.empty(M, phi.shape[1], **f32), torch.empty(M, **f32))
+
+    _state_grad_op = torch.library.custom_op("muse_architecture::mhc_state_grad", mutates_args=(),
+                                             device_types="cuda")(state_grad)
+
+    @_state_grad_op.register_fake
+    def _(x, g, h_res, h_pre, dy, phi, proj, rinv, dproj):  # type: ignore[no-untyped-def]
+        return torch.empty_like(x)
+
+    def write_forward(h_res: torch.Tensor, x: torch.Tensor, h_post: torch.Tensor, y: torch.Tensor, tap: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+        return fs.write_forward(h_res, x, h_post, y, dtype)
+
+    _write_op = torch.library.custom_op("muse_architecture::mhc_write", mutates_args=(), device_types="cuda")(
+        write_forward)
+
+    @_write_op.register_fake
+    def _(h_res, x, h_post, y, tap, dtype):  # type: ignore[no-untyped-def]
+        return torch.empty_like(x, dtype=dtype)
+
+    def write_backward(h_res: torch.Tensor, x: torch.Tensor, h_post: torch.Tensor, y: torch.Tensor,
+                       grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dh_res, _, dh_post, dy = fs.write_backward(h_res, x, h_post, y, grad, write_dx=False)
+        return dh_res, dh_post, dy
+
+    _write_backward_op = torch.library.custom_op("muse_architecture::mhc_write_backward", mutates_args=(),
+                                                 device_types="cuda")(write_backward)
+
+    @_write_backward_op.register_fake
+    def _(h_res, x, h_post, y, grad):  # type: ignore[no-untyped-def]
+        return torch.empty_like(h_res), torch.empty_like(h_post), torch.empty_like(y)
+
+    def _write_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(*inputs[:4])
+
+    def _write_grad(ctx, grad: torch.Tensor):  # type: ignore[no-untyped-def]
+        grad = grad.contiguous()
+        dh_res, dh_post, dy = _write_backward_op(*ctx.saved_tensors, grad)
+        return dh_res, None, dh_post, dy, grad, None  # the state's gradient goes to pre, as tap's
+
+    def _pre_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        x, phi, alpha, b_pre, b_post, b_res, eps, iters = inputs
+        _, _, h_res, _, proj, rinv = output
+        ctx.save_for_backward(x, phi, alpha, b_pre, b_post, b_res, h_res, proj, rinv)
+        ctx.iters = iters
+
+    def _pre_grad(ctx, dy, dh_post, dh_res, g, _dproj, _drinv):  # type: ignore[no-untyped-def]
+        from engines.architecture.residual import _fused_sinkhorn_backward
+
+        x, phi, alpha, b_pre, b_post, b_res, h_res, proj, rinv = ctx.saved_tensors
+        M, n, C = x.shape
+        h_pre, h_post, logits = _gates(proj, alpha, b_pre, b_post, b_res, n)  # (M, 24): cheap to redo
+        dy = dy.contiguous()
+        pre, post, res = proj.split((n, n, n * n), dim=-1)
+        d_pre = fs._dots_op(x, dy) * h_pre * (1 - h_pre)  # through H_pre = σ(·)
+        d_post = dh_post * h_post * (1 - h_post / 2)  # H_post = 2σ(·)
+        d_res = _fused_sinkhorn_backward(logits.contiguous(), dh_res.contiguous(), ctx.iters).view(M, n * n)
+        dproj = torch.cat((alpha[0] * d_pre, alpha[1] * d_post, alpha[2] * d_res), dim=-1)
+        dx = _state_grad_op(x, g, h_res, h_pre, dy, phi, proj, rinv, dproj.contiguous())
+        d_phi = (x.view(M, n * C).t() @ (dproj * rinv.unsqueeze(-1)).to(x.dtype)).to(phi.dtype)
+        d_alpha = torch.stack(((d_pre * pre).sum(), (d_post * post).sum(), (d_res * res).sum()))
+        return (dx, d_phi, d_alpha, d_pre.sum(0), d_post.sum(0), d_res.sum(0).view(n, n), None, None)
+
+    _write_op.register_autograd(_write_grad, setup_context=_write_setup)
+    _pre_op.register_autograd(_pre_grad, setup_context=_pre_setup)
