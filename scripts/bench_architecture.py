@@ -26,9 +26,9 @@ Design decisions:
   is printed and the JSON rewritten as soon as it is measured, so a run cut
   short keeps what it measured.
 - A model of ours may carry variants after ``+``: ``bf16`` stores the n-stream state in
-  bf16 (``stream_dtype``); ``fused`` runs ``fused_streams``' Triton kernels, eager and
-  under torch.compile, ``fused-eager`` in eager mode only (MUSE_FUSED_STREAMS 1 and
-  eager; by default they are off), e.g.
+  bf16 (``stream_dtype``); ``fused`` runs the connections' Triton kernels, eager and
+  under torch.compile, ``fused-eager`` in eager mode only (``fused_kernels`` on and
+  eager, a plan's ``training.fused_kernels``; by default they are off), e.g.
   ``--models standard,mhc,mhc+fused,mhc+bf16,mhc+bf16+fused``.
 - ``--tiny`` checks the script itself: a tiny shape, fp32, on CPU unless told
   otherwise, eager only unless ``--modes eager,compile``, Hugging Face skipped
@@ -66,7 +66,7 @@ from engines.architecture import residual as residual_module  # noqa: E402
 from _timing import timer  # noqa: E402
 
 OURS = ("standard", "mhc", "ddl", "mgt")
-# after "+": bf16 stream state, MUSE_FUSED_STREAMS 1 or eager; plan-run only: compile_scope model (one
+# after "+": bf16 stream state, fused_kernels on or eager; plan-run only: compile_scope model (one
 # graph), and "again": the same plan once more with the Inductor cache the row before filled (a second run)
 VARIANTS = ("bf16", "fused", "fused-eager", "model", "again")
 SCOPES = ("", "+model")  # the plan-run rows are compared within one compile scope
@@ -185,6 +185,11 @@ def variant(name: str) -> tuple[str, set[str]]:
     return base, set(flags)
 
 
+def kernels(flags: set[str]) -> str:
+    """The ``fused_kernels`` setting a model's variants ask for."""
+    return "on" if "fused" in flags else "eager" if "fused-eager" in flags else "off"
+
+
 def build_ours(config: ModelConfig) -> tuple[torch.nn.Module, int]:
     model = DecoderLM(config)
     assert sum(p.numel() for p in model.parameters()) == param_count(config)
@@ -222,11 +227,10 @@ def bench(name: str, mode: str, config: ModelConfig, setup: Setup) -> dict[str, 
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     base, flags = variant(name)
-    fused_streams.ENABLED, fused_streams.UNDER_COMPILE = bool(flags & {"fused", "fused-eager"}), "fused" in flags
     stream_dtype = "bfloat16" if "bf16" in flags else "float32"
     with setup.device:
         model, n_params = build_hf(config) if hf else build_ours(
-            dataclasses.replace(config, residual=base, stream_dtype=stream_dtype))
+            dataclasses.replace(config, residual=base, stream_dtype=stream_dtype, fused_kernels=kernels(flags)))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=cuda)
     run = torch.compile(model, mode=setup.compile_mode) if mode == "compile" else model
@@ -358,9 +362,8 @@ def plan_run(name: str, config: ModelConfig, setup: Setup, cache: Path) -> dict[
     data = plan(f"{name.replace('+', '-')}-plan-run", base, "on", shape, config.seq_len, setup.batch, steps,
                 "bf16" if setup.amp else "fp32", "1xH100" if cuda else "cpu",
                 stream_dtype="bfloat16" if "bf16" in flags else "float32",
-                scope="model" if "model" in flags else "auto")
-    switch = "1" if "fused" in flags else "eager" if "fused-eager" in flags else "0"
-    got = run_one(data, cache, skip=setup.warmup, env={"MUSE_FUSED_STREAMS": switch})
+                scope="model" if "model" in flags else "auto", kernels=kernels(flags))
+    got = run_one(data, cache, skip=setup.warmup)
     row: dict[str, Any] = {"model": name, "mode": "plan-run"}
     if "error" in got:
         return {**row, "error": got["error"].strip().splitlines()[-1][:200]}

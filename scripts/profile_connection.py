@@ -86,12 +86,11 @@ def connection_case(name: str, stream_dtype: str, shape: tuple[int, int, int, in
                     args: argparse.Namespace) -> dict[str, Any]:
     B, T, n, C = shape
     base, streams, maps, one = setting(name)
-    fused_streams.ENABLED = fused_streams.UNDER_COMPILE = streams
     fused_streams.MAPS, fused_mhc.ENABLED = maps, one
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=64, seq_len=T, n_layers=1, d_model=C, n_heads=max(1, C // 64),
-                         residual=base, streams=n, stream_dtype=stream_dtype)
+                         residual=base, streams=n, stream_dtype=stream_dtype, fused_kernels="on" if streams else "off")
     conn = residual.RESIDUALS[base].make(config, 0).to(device)
     scale = torch.nn.Parameter(torch.ones(C, device=device))
     multi = residual.RESIDUALS[base].multi_stream

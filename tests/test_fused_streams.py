@@ -314,12 +314,11 @@ def _names(conn: torch.nn.Module) -> list[str]:
 @pytest.mark.parametrize("residual,stream_dtype", [("mhc", "float32"), ("mhc", "bfloat16"), ("mgt", "float32"),
                                                     ("mgt", "bfloat16"), ("ddl", "float32")])  # ddl's state: fp32
 @pytest.mark.parametrize("autocast", [False, True])
-def test_fused_connection_is_as_accurate_as_the_torch_one(residual: str, stream_dtype: str, autocast: bool,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_connection_is_as_accurate_as_the_torch_one(residual: str, stream_dtype: str, autocast: bool) -> None:
     fused_streams, conn, lin, x, grad = _fused_setup(residual, stream_dtype)
-    monkeypatch.setattr(fused_streams, "ENABLED", True)
+    _kernels(conn, "on")
     fused = _connection_grads(conn, lin, x, grad, autocast)
-    monkeypatch.setattr(fused_streams, "ENABLED", False)
+    _kernels(conn, "off")
     plain = _connection_grads(conn, lin, x, grad, autocast)
     exact = _connection_grads(conn, lin, x.float(), grad.float(), autocast=False)  # fp32 throughout
     # in fp32 the two paths agree to rounding; with bf16 (the state, autocast's products) each
@@ -332,10 +331,9 @@ def test_fused_connection_is_as_accurate_as_the_torch_one(residual: str, stream_
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("residual", ["mhc", "mgt", "ddl"])
-def test_fused_ops_compile_as_they_run_eager(residual: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_ops_compile_as_they_run_eager(residual: str) -> None:
     fused_streams, conn, lin, x, grad = _fused_setup(residual, "float32" if residual == "ddl" else "bfloat16")
-    monkeypatch.setattr(fused_streams, "ENABLED", True)
-    monkeypatch.setattr(fused_streams, "UNDER_COMPILE", True)
+    _kernels(conn, "on")
     eager = _connection_grads(conn, lin, x, grad, autocast=True)
     torch._dynamo.reset()
     compiled = _connection_grads(torch.compile(conn, fullgraph=True), lin, x, grad, autocast=True)
@@ -383,10 +381,33 @@ def test_bad_stream_dtype_names_the_accepted_ones() -> None:
         spec_from_dict(plan, "t")
 
 
-def test_a_bad_fused_streams_switch_stops_muse_plan_run_in_one_line(tmp_path: Path) -> None:
-    env = {**os.environ, "MUSE_FUSED_STREAMS": "yes", "MUSE_HOME": str(tmp_path),
-           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    done = subprocess.run([sys.executable, "-m", "muse_plan", "plan", "run", "anything"], env=env,
-                          capture_output=True, text=True)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["error: MUSE_FUSED_STREAMS='yes'; accepted: 0, eager, 1"]
+def test_training_fused_kernels_reaches_every_connection_and_a_bad_value_is_one_line() -> None:
+    from muse_plan.errors import PlanError
+    from muse_plan.executor.settings import decoder_config
+    from muse_plan.plan.io import spec_from_dict
+
+    plan = {"name": "t", "model": {"scale": "1M", "seq_len": 32, "vocab_size": 260, "residual": "mgt",
+                                   "shape": {"layers": 2, "d_model": 32, "n_heads": 2}},
+            "training": {"fused_kernels": "on"},
+            "stages": [{"name": "p", "kind": "pretrain", "steps": 1},
+                       {"name": "c", "kind": "continue", "steps": 1, "training": {"fused_kernels": "eager"}}]}
+    spec = spec_from_dict(plan, "t")
+    configs = [decoder_config(spec, stage) for stage in spec.stages]
+    assert [c.fused_kernels for c in configs] == ["on", "eager"]
+    model = DecoderLM(configs[0])
+    modes = [m.fused for m in model.modules() if hasattr(m, "fused")]
+    assert modes == ["on"] * (2 * 2 * 2)  # 2 layers × 2 connections × (maps, gate)
+    del plan["training"]
+    assert decoder_config(spec_from_dict(plan, "t"), spec.stages[0]).fused_kernels == "off"
+    with pytest.raises(PlanError, match=r"^t: training\.fused_kernels: Input should be 'off', 'eager' or 'on' "
+                                        r"\(got 'yes'\)$"):
+        spec_from_dict({**plan, "training": {"fused_kernels": "yes"}}, "t")
+    with pytest.raises(ValueError, match="unknown fused_kernels 'yes'; accepted: off, eager, on$"):
+        ModelConfig(vocab_size=64, seq_len=16, n_layers=1, d_model=32, n_heads=4, fused_kernels="yes")
+
+
+def _kernels(conn: torch.nn.Module, mode: str) -> None:
+    """The connection's fused_kernels setting, as its config would have set it."""
+    for module in conn.modules():
+        if hasattr(module, "fused"):
+            module.fused = mode

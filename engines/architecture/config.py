@@ -25,6 +25,7 @@ from engines.architecture.shapes import Shape, parse_scale, shape_for_params, sw
 RESIDUAL_NAMES: tuple[str, ...] = tuple(RESIDUAL_MODES)
 MULTI_STREAM: frozenset[str] = frozenset(name for name, m in RESIDUAL_MODES.items() if m.multi_stream)
 STREAM_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+KERNEL_MODES: tuple[str, ...] = ("off", "eager", "on")  # ModelConfig.fused_kernels
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class ModelConfig:
     # dtype of the n-stream state between connections (hc / mhc / mgt): bfloat16 halves the
     # traffic of the widest tensor, as the mHC paper does (§4.3); the maps still run in fp32
     stream_dtype: str = "float32"
+    # mhc / mgt / ddl connections as fused Triton kernels on a GPU (fused_streams, fused_mhc,
+    # fused_delta): off, eager (in eager mode only) or on (under torch.compile too). The same
+    # function computed another way: not part of what a checkpoint's weights need
+    fused_kernels: str = "off"
     beta_max: float = 2.0  # DDL gate range [0, beta_max]; 2 allows reflection
     rope_theta: float = 10000.0
     rope_scale: float = 1.0  # position interpolation factor (>1 after a context extension)
@@ -72,6 +77,8 @@ class ModelConfig:
             raise ValueError(f"d_ff must be a positive integer, got {self.d_ff!r}")
         if self.stream_dtype not in STREAM_DTYPES:
             raise ValueError(f"unknown stream_dtype {self.stream_dtype!r}; accepted: {', '.join(STREAM_DTYPES)}")
+        if self.fused_kernels not in KERNEL_MODES:
+            raise ValueError(f"unknown fused_kernels {self.fused_kernels!r}; accepted: {', '.join(KERNEL_MODES)}")
         if self.sinkhorn_iters < 1:
             raise ValueError(f"sinkhorn_iters must be at least 1, got {self.sinkhorn_iters}")
         if not 0.0 < self.beta_max <= 2.0:

@@ -18,7 +18,7 @@ and the parameters' gradients are sums over tokens: ∂w_β = Σ ∂z r x, ∂b_
 
 The op is a ``torch.library.custom_op`` (CUDA), as ``fused_streams``' ops are; the launchers take
 plain tensors of any device, so the tests run them on CPU under ``TRITON_INTERPRET=1``.
-``residual.DeltaResidual`` uses it when ``fused_streams.usable(x)`` (``MUSE_FUSED_STREAMS``).
+``residual.DeltaResidual`` uses it when ``fused_streams.usable(x, config.fused_kernels)``.
 """
 
 from __future__ import annotations

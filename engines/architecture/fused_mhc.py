@@ -27,13 +27,13 @@ from engines.architecture import fused_streams as fs
 
 triton, tl = fs.triton, (fs.tl if fs.AVAILABLE else None)
 AVAILABLE = fs.AVAILABLE
-ENABLED = True  # under MUSE_FUSED_STREAMS; False: fused_streams' three-gradient ops (to compare)
+ENABLED = True  # with fused_kernels on; False: fused_streams' three-gradient ops (to compare)
 BLOCK_M, BLOCK_C = 64, 64  # tokens and channels a program of the state's gradient
 
 
-def usable(x: torch.Tensor) -> bool:
+def usable(x: torch.Tensor, mode: str) -> bool:
     """x (..., n, C): n = 4 streams, and what ``fused_streams.maps_usable`` asks."""
-    return ENABLED and x.shape[-2] == 4 and fs.maps_usable(x)
+    return ENABLED and x.shape[-2] == 4 and fs.maps_usable(x, mode)
 
 
 def connection(maps: torch.nn.Module, x: torch.Tensor, f, dtype: torch.dtype) -> torch.Tensor:  # type: ignore[no-untyped-def]

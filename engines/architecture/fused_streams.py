@@ -31,8 +31,8 @@ registered, as ``residual._fused_sinkhorn`` is, so torch.compile keeps it as
 one opaque call. The ``*_forward`` and ``write_backward`` launchers take plain
 tensors of any device, so the tests run them on CPU under Triton's
 interpreter (``TRITON_INTERPRET=1``). Connections use the ops when
-``usable(x)``: x on CUDA, Triton importable, and ``MUSE_FUSED_STREAMS`` (read at
-import; ``ENABLED`` and ``UNDER_COMPILE`` may be set to compare the paths) allows it.
+``usable(x, mode)``: x on CUDA, Triton importable, and the model's ``fused_kernels`` (a plan's
+``training.fused_kernels``) allows it.
 """
 
 from __future__ import annotations
@@ -48,32 +48,28 @@ except ImportError:  # CPU-only torch: the connections' torch paths are the only
     triton = None
 
 AVAILABLE = triton is not None
-# MUSE_FUSED_STREAMS: 0 (the default) never, eager in eager mode only, 1 under torch.compile
-# too. Off by default until the kernels' latest form (eager autocast's bf16 copy read, the
-# output written in the state's dtype) has run on a GPU through ``muse plan run``. One mhc connection forward and backward, bf16 state, 16k tokens × 4 × 1024, H100: eager
-# 10.0 ms unfused, 4.9 fused; compiled 2.5 ms inductor's own fusion, 2.8 fused (the same 1.6 ms
-# of device time: the custom ops cost host time, and inductor merges more into its sums)
-_SWITCH = os.environ.get("MUSE_FUSED_STREAMS", "0")
-if _SWITCH not in ("0", "eager", "1"):
-    raise ValueError(f"MUSE_FUSED_STREAMS={_SWITCH!r}; accepted: 0, eager, 1")
-ENABLED = _SWITCH != "0"
-UNDER_COMPILE = _SWITCH == "1"
+# ModelConfig.fused_kernels (training.fused_kernels in a plan) says where the connections use
+# these ops: off (the default), eager (eager mode only) or on (under torch.compile too). Off by
+# default: measured through ``muse plan run`` only slightly faster than Inductor's own fusion
+# (docs/bench_plan_run.md). One mhc connection forward and backward, bf16 state, 16k tokens × 4 ×
+# 1024, H100: eager 10.0 ms unfused, 4.9 fused; compiled 2.5 ms inductor's own fusion, 2.8 fused
+# (the same 1.6 ms of device time: the custom ops cost host time, and inductor merges more).
 MAPS = True  # with the stream ops, mHC's maps through maps_project (False: torch's; to compare)
 MAX_BLOCK_C = 1024  # channels a program handles at once (fewer for a narrower model)
 
 
-def usable(x: torch.Tensor) -> bool:
-    """Whether connections run this module's ops on x: on CUDA, with Triton, switched on (and
-    under torch.compile only with ``UNDER_COMPILE``)."""
-    return AVAILABLE and ENABLED and x.is_cuda and (UNDER_COMPILE or not torch.compiler.is_compiling())
+def usable(x: torch.Tensor, mode: str) -> bool:
+    """Whether a connection whose config says ``fused_kernels: mode`` runs this module's ops on x:
+    on CUDA, with Triton, mode on (or eager, and not under torch.compile)."""
+    return AVAILABLE and mode != "off" and x.is_cuda and (mode == "on" or not torch.compiler.is_compiling())
 
 
-def maps_usable(x: torch.Tensor) -> bool:
+def maps_usable(x: torch.Tensor, mode: str) -> bool:
     """Whether mHC's maps run ``maps_project`` on x: as ``usable``, for a bf16 x (a bf16 state,
     or eager autocast's copy) only. An fp32 state keeps torch's maps: the kernel's exact fp32
     product took 8.5 ms a connection forward and backward on an H100, against 0.12 ms in TF32
     for a bf16 one (``docs/profile_connection_h100.json``), and TF32 would round an fp32 state's maps."""
-    return MAPS and x.dtype == torch.bfloat16 and usable(x)
+    return MAPS and x.dtype == torch.bfloat16 and usable(x, mode)
 
 
 # ---- public ops on (..., n, C) states --------------------------------------------

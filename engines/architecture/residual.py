@@ -55,8 +55,8 @@ mgt        mHC and DDL together, after Su & You, 2026 (arXiv 2601.01014):
 Speed (measured by scripts/bench_architecture.py, docs/bench_architecture.md):
 Sinkhorn runs as one fused Triton kernel each way on CUDA; mHC's three maps are
 one matmul with the RMSNorm applied as a per-token scale; with
-``MUSE_FUSED_STREAMS=eager`` (eager mode) or ``1`` (under torch.compile too),
-on CUDA with Triton, the stream read H_pre x and the write H_res x + H_post y
+``ModelConfig.fused_kernels`` (a plan's ``training.fused_kernels``) ``eager``
+(eager mode) or ``on`` (under torch.compile too), on CUDA with Triton, the stream read H_pre x and the write H_res x + H_post y
 (for mgt, the delta update as such a write) are one Triton pass each
 (``fused_streams``; off by default, see there), and so are the maps' norm and
 product with φ, each way, and ddl's whole update (``fused_delta``); an mhc
@@ -112,15 +112,15 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
     return log_p.exp().to(logits.dtype)
 
 
-def read_streams(h_pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def read_streams(h_pre: torch.Tensor, x: torch.Tensor, fused: str = "off") -> torch.Tensor:
     """Σ_j h_pre[j] x[j]: (B, T, n), (B, T, n, C) → (B, T, C).
 
-    Fused (``fused_streams.usable``): one Triton pass. Else eager: one
+    Fused (``fused_streams.usable(x, fused)``): one Triton pass. Else eager: one
     batched matmul (in bf16 under autocast, like any matmul). Under
     torch.compile the same sum written as a broadcast, which inductor fuses
     into one pass over x (in x's dtype) instead of calling a bmm with n = 4.
     """
-    if fused_streams.usable(x):
+    if fused_streams.usable(x, fused):
         return fused_streams.stream_read(h_pre, x)
     if torch.compiler.is_compiling():
         return (h_pre.unsqueeze(-1) * x).sum(-2)
@@ -128,14 +128,14 @@ def read_streams(h_pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def write_streams(h_res: torch.Tensor, x: torch.Tensor, h_post: torch.Tensor, y: torch.Tensor,
-                  dtype: torch.dtype) -> torch.Tensor:
+                  dtype: torch.dtype, fused: str = "off") -> torch.Tensor:
     """H_res x + h_post ⊗ y: (B, T, n, n), (B, T, n, C), (B, T, n), (B, T, C) → (B, T, n, C) in
     ``dtype``, the stream state's.
 
-    Fused (``fused_streams.usable``): one Triton pass that reads x and y once and
+    Fused (``fused_streams.usable(x, fused)``): one Triton pass that reads x and y once and
     writes the result; else mix_streams and the broadcast product.
     """
-    if fused_streams.usable(x):
+    if fused_streams.usable(x, fused):
         return fused_streams.stream_write(h_res, x, h_post, y, dtype)
     return (mix_streams(h_res, x) + h_post.unsqueeze(-1) * y.unsqueeze(2)).to(dtype)
 
@@ -384,7 +384,7 @@ class ManifoldMaps(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         n, d = config.streams, config.d_model
-        self.n, self.iters, self.eps = n, config.sinkhorn_iters, config.norm_eps
+        self.n, self.iters, self.eps, self.fused = n, config.sinkhorn_iters, config.norm_eps, config.fused_kernels
         self.phi_pre = nn.Parameter(torch.randn(n * d, n) * 0.02)
         self.phi_post = nn.Parameter(torch.randn(n * d, n) * 0.02)
         self.phi_res = nn.Parameter(torch.randn(n * d, n * n) * 0.02)
@@ -399,7 +399,7 @@ class ManifoldMaps(nn.Module):
         # RMSNorm(x) φ = (x φ)/rms(x): scale the 2n+n² outputs rather than write a
         # normalised copy of x, and read x once for all three maps, not three times
         phi = torch.cat((self.phi_pre, self.phi_post, self.phi_res), dim=1)  # (nC, 2n+n²)
-        if fused_streams.maps_usable(x):  # one Triton pass each way (maps_project)
+        if fused_streams.maps_usable(x, self.fused):  # one Triton pass each way (maps_project)
             proj = fused_streams.maps_project(flat, phi, self.eps)
         else:
             at_least_fp32 = torch.promote_types(flat.dtype, torch.float32)  # a float64 reference stays float64
@@ -420,12 +420,12 @@ class ManifoldHyperConnection(nn.Module):
         self.maps = ManifoldMaps(config)
 
     def forward(self, x: torch.Tensor, f: Sublayer) -> torch.Tensor:
-        xm = matmul_operand(x)  # (B, T, n, C)
-        if fused_mhc.usable(xm):  # the whole connection, one gradient of the state (fused_mhc)
+        xm, fused = matmul_operand(x), self.maps.fused  # (B, T, n, C)
+        if fused_mhc.usable(xm, fused):  # the whole connection, one gradient of the state (fused_mhc)
             return fused_mhc.connection(self.maps, xm, f, x.dtype)
         h_pre, h_post, h_res = self.maps(xm)
-        y = f(read_streams(h_pre, xm))  # (B, T, C)
-        return write_streams(h_res, xm, h_post, y, x.dtype)  # (B, T, n, C), the state's dtype
+        y = f(read_streams(h_pre, xm, fused))  # (B, T, C)
+        return write_streams(h_res, xm, h_post, y, x.dtype, fused)  # (B, T, n, C), the state's dtype
 
 
 class DeltaGate(nn.Module):
@@ -434,7 +434,7 @@ class DeltaGate(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         d = config.d_model
-        self.beta_max, self.eps = config.beta_max, config.norm_eps
+        self.beta_max, self.eps, self.fused = config.beta_max, config.norm_eps, config.fused_kernels
         self.w_beta = nn.Parameter(torch.zeros(d))
         self.b_beta = nn.Parameter(torch.zeros(1))  # β starts at β_max/2: projection-like for β_max = 2
         self.w_v = nn.Parameter(torch.randn(d) * 0.02)
@@ -456,7 +456,7 @@ class DeltaResidual(nn.Module):
 
     def forward(self, x: torch.Tensor, f: Sublayer) -> torch.Tensor:
         u = f(x)
-        if fused_streams.usable(x):  # one Triton pass each way (fused_delta)
+        if fused_streams.usable(x, self.gate.fused):  # one Triton pass each way (fused_delta)
             g = self.gate
             return fused_delta.delta_residual(x, u, g.w_beta, g.b_beta, g.w_v, g.b_v, g.beta_max, g.eps)
         k, beta, v = self.gate(x, u)
@@ -472,17 +472,17 @@ class ManifoldDeltaConnection(nn.Module):
         self.gate = DeltaGate(config)
 
     def forward(self, x: torch.Tensor, f: Sublayer) -> torch.Tensor:
-        xm = matmul_operand(x)  # (B, T, n, C)
+        xm, fused = matmul_operand(x), self.maps.fused  # (B, T, n, C)
         h_pre, h_post, h_res = self.maps(xm)
-        h = read_streams(h_pre, xm)  # (B, T, C)
+        h = read_streams(h_pre, xm, fused)  # (B, T, C)
         k, beta, v = self.gate(h, f(h))  # (B, T, C), (B, T, 1), (B, T, 1)
         target = h_post.unsqueeze(-1) * v.unsqueeze(2)  # (B, T, n, 1): each stream's write
-        if fused_streams.usable(x):
+        if fused_streams.usable(x, fused):
             # H_res X + β k (t − kᵀ H_res X) = H_res X + c ⊗ k with c = β (t − H_res (kᵀX)):
             # the update is a write of k, and kᵀX the n dot products of one pass over X
             kx = fused_streams.stream_dots(xm, k)  # (B, T, n)
             c = beta * (target.squeeze(-1) - (h_res * kx.unsqueeze(-2)).sum(-1))  # (B, T, n), fp32
-            return write_streams(h_res, xm, c, k, x.dtype)
+            return write_streams(h_res, xm, c, k, x.dtype, fused)
         mixed = mix_streams(h_res, xm)  # (B, T, n, C)
         return delta_update(mixed, k.unsqueeze(2), beta.unsqueeze(2), target).to(x.dtype)
 

@@ -34,12 +34,11 @@ def execute(ctx: typer.Context, plan_ref: str, *, resume: bool, run_ref: str | N
             raise PlanError("--alert-thresholds and --log-with are stored with the plan by the main machine: "
                             "give them with --machine-rank 0")
     try:
-        from engines.architecture import fused_streams  # noqa: F401 - it reads MUSE_FUSED_STREAMS
         if inject:
             from muse_plan.executor.loop import Injector
 
             Injector(inject)
-    except ValueError as exc:  # a bad --inject or MUSE_FUSED_STREAMS: one line, before anything runs
+    except ValueError as exc:  # a bad --inject: one line, before anything runs
         raise PlanError(str(exc)) from None
     if alert_thresholds and not launch.launched():
         from muse_plan import api

@@ -101,7 +101,8 @@ class StageSettings:
 
 def decoder_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
     """The decoder shape a stage trains, whatever the family: the stage's shape,
-    else the plan's, else the scale's; residual options from the techniques; the
+    else the plan's, else the scale's; residual options from the techniques (their
+    kernels from ``training.fused_kernels``); the
     stage's context (``seq_len``, else the plan's) with the rotary settings a
     context growth before it chose.
     The optimizer prices every stage with it; ``ValueError`` on a bad shape."""
@@ -118,7 +119,8 @@ def decoder_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
     if t.geometric_scaling is not None:
         extra["beta_max"] = t.geometric_scaling.beta_max
     config = ModelConfig.from_shape(shape, m.vocab_size, stage.seq_len or m.seq_len,
-                                    residual=m.residual or "standard", **extra)
+                                    residual=m.residual or "standard",
+                                    fused_kernels=spec.training_for(stage).fused_kernels or "off", **extra)
     return grown_rope(spec, stage, config)  # a stage after a context growth: the rotary scaling it grew into
 
 

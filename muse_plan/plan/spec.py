@@ -225,6 +225,10 @@ class TrainingSpec(Frozen):
         None, description="what training.compile compiles: the whole model as one graph, or each repeated block "
                           "(and muse's loss head); auto: blocks (one graph measured +0.7% faster for a first "
                           "step five times longer)")
+    fused_kernels: Literal["off", "eager", "on"] | None = Field(
+        None, description="mhc / mgt / ddl connections as fused Triton kernels on a GPU: off (the default), eager "
+                          "(in eager mode only) or on (under torch.compile too); the same function, measured only "
+                          "slightly faster than torch.compile's own fusion (docs/bench_plan_run.md)")
     log_with: TrackerSet = Field(
         None, description="also log the run's metrics and events to these trackers (tensorboard, mlflow, wandb), "
                           "through Accelerate; the run's, not a stage's (monitor/trackers.py)")
