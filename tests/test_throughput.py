@@ -116,7 +116,7 @@ def test_compiled_steps_match_every_plan_run_row_measured_on_the_h100():
             m = ModelConfig(vocab_size=32000, seq_len=data["seq_len"], n_layers=layers, d_model=d_model,
                             n_heads=16, residual=base, stream_dtype="bfloat16" if "bf16" in flags else "float32")
             st = tp.step_time(TrainConfig(m, micro_batch=data["batch"], precision="bf16", compiled=True), H100)
-            if "fused" not in flags:  # MUSE_FUSED_STREAMS on: slower, not what a plan runs
+            if "fused" not in flags:  # training.fused_kernels on: not what the model prices
                 assert st.tokens_per_s == pytest.approx(row["tokens_per_s"], rel=0.1), row["model"]
                 checked += 1
     assert checked >= 10
