@@ -411,3 +411,41 @@ def _kernels(conn: torch.nn.Module, mode: str) -> None:
     for module in conn.modules():
         if hasattr(module, "fused"):
             module.fused = mode
+
+
+def test_a_run_says_what_training_fused_kernels_got(cli, tmp_path: Path) -> None:
+    """On CPU the kernels can't run: the run says so in one event and trains in torch; the
+    other cases through the note itself (a GPU with Triton; a residual without kernels)."""
+    from conftest import TINY, write_plan
+    from muse_plan.executor.loop import _kernels_note
+    from muse_plan.executor.settings import resolve
+    from muse_plan.plan.io import spec_from_dict
+    from muse_plan.store import runs
+    from muse_plan.store.db import Store
+
+    plan = {**TINY, "name": "kern", "training": {**TINY["training"], "fused_kernels": "on"},
+            "stages": [{"name": "pretrain", "kind": "pretrain", "steps": 2, "checkpoint_every": 2, "eval_every": 2}]}
+    assert cli("plan", "import", write_plan(tmp_path, plan)).exit_code == 0
+    result = cli("plan", "run", "kern")
+    assert result.exit_code == 0, result.output
+    with Store().read() as session:
+        events = [e.message for e in runs.events(session, runs.list_runs(session)[0][0].id, limit=50)]
+    assert "training.fused_kernels is on, but they run on a GPU only: the connections run in torch" in events
+
+    class Hooks:
+        def __init__(self) -> None:
+            self.notes: list[str] = []
+
+        def on_notes(self, step: int, notes: list[str], severity: str) -> None:
+            self.notes += notes
+
+    hooks = Hooks()
+    spec = spec_from_dict(plan, "kern")
+    s = resolve(spec, spec.stages[0])
+    _kernels_note(s, True, 0, hooks)
+    standard = spec_from_dict({**plan, "model": {**plan["model"], "residual": "standard"}, "techniques": {}}, "kern")
+    _kernels_note(resolve(standard, standard.stages[0]), True, 0, hooks)
+    assert hooks.notes[1] == "training.fused_kernels is on, but residual standard has none: the connections run in torch"
+    assert hooks.notes[0] == ("fused Triton kernels for the mhc connections, eager and compiled (training.fused_kernels: on)"
+                              if HAS_TRITON else "training.fused_kernels is on, but Triton is not installed: the "
+                              "connections run in torch")

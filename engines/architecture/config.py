@@ -26,6 +26,7 @@ RESIDUAL_NAMES: tuple[str, ...] = tuple(RESIDUAL_MODES)
 MULTI_STREAM: frozenset[str] = frozenset(name for name, m in RESIDUAL_MODES.items() if m.multi_stream)
 STREAM_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 KERNEL_MODES: tuple[str, ...] = ("off", "eager", "on")  # ModelConfig.fused_kernels
+FUSED_RESIDUALS: tuple[str, ...] = ("mhc", "mgt", "ddl")  # the residual modes that have fused kernels
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import threading
 import time
@@ -49,6 +50,7 @@ from typing import Any, Protocol
 import psutil
 import torch
 
+from engines.architecture.config import FUSED_RESIDUALS
 from engines.contract import Trainer
 from muse_plan.executor import checkpoint, optimizers
 from muse_plan.executor.compiled import Compiled, compile_model, first_call
@@ -221,6 +223,7 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
                 trainer.next_batch()
     if main and hooks:
         hooks.on_start(step)
+        _kernels_note(s, accelerator.device.type == "cuda", step, hooks)
     clip = s.clip_grad_norm if s.clip_grad_norm is not None else math.inf
     # On a GPU the step's numbers are read one step late, after the next step's
     # kernels are queued, so the host never waits on the GPU mid-loop.
@@ -297,6 +300,23 @@ def _compile_note(compiled: Compiled, failed: str | None, step: int, hooks: Hook
     elif compiled.active:
         hooks.on_notes(step, [f"compiled {compiled.describe()} ({compiled.backend}): the first step took "
                               f"{compiled.first_step_s:.1f} s with compilation"], "info")
+
+
+def _kernels_note(s: StageSettings, cuda: bool, step: int, hooks: Hooks) -> None:
+    """What ``training.fused_kernels`` gets here, said once a stage: the connections' Triton
+    kernels, or why they run in torch (the same function either way)."""
+    mode, residual = s.model.fused_kernels, s.model.residual
+    if mode == "off":
+        return
+    why = ("" if residual in FUSED_RESIDUALS else f"residual {residual} has none") or \
+        ("" if cuda else "they run on a GPU only") or \
+        ("" if importlib.util.find_spec("triton") else "Triton is not installed")
+    if why:
+        hooks.on_notes(step, [f"training.fused_kernels is {mode}, but {why}: the connections run in torch"], "info")
+    else:
+        where = "eager and compiled" if mode == "on" else "in eager mode only"
+        hooks.on_notes(step, [f"fused Triton kernels for the {residual} connections, {where} "
+                              f"(training.fused_kernels: {mode})"], "info")
 
 
 def _engine_notes(trainer: Trainer, step: int, hooks: Hooks | None) -> None:
