@@ -388,7 +388,7 @@ def test_training_fused_kernels_reaches_every_connection_and_a_bad_value_is_one_
 
     plan = {"name": "t", "model": {"scale": "1M", "seq_len": 32, "vocab_size": 260, "residual": "mgt",
                                    "shape": {"layers": 2, "d_model": 32, "n_heads": 2}},
-            "training": {"fused_kernels": "on"},
+            "training": {"fused_kernels": True},  # YAML's bare `on`
             "stages": [{"name": "p", "kind": "pretrain", "steps": 1},
                        {"name": "c", "kind": "continue", "steps": 1, "training": {"fused_kernels": "eager"}}]}
     spec = spec_from_dict(plan, "t")

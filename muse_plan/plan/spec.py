@@ -104,8 +104,8 @@ TrackerSet = Annotated[tuple[Literal[TRACKER_NAMES], ...] | None, BeforeValidato
 
 # YAML 1.1 reads a bare on / off as true / false (`compile: on`, `--set training.compile=on`):
 # taken back as the words they were
-OnOff = Annotated[Literal["auto", "on", "off"],
-                  BeforeValidator(lambda v: {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v)]
+_YAML_SWITCH = BeforeValidator(lambda v: {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v)
+OnOff = Annotated[Literal["auto", "on", "off"], _YAML_SWITCH]  # YAML reads a bare on / off as a boolean
 
 
 class ModelShape(Frozen):
@@ -225,7 +225,7 @@ class TrainingSpec(Frozen):
         None, description="what training.compile compiles: the whole model as one graph, or each repeated block "
                           "(and muse's loss head); auto: blocks (one graph measured +0.7% faster for a first "
                           "step five times longer)")
-    fused_kernels: Literal["off", "eager", "on"] | None = Field(
+    fused_kernels: Annotated[Literal["off", "eager", "on"], _YAML_SWITCH] | None = Field(
         None, description="mhc / mgt / ddl connections as fused Triton kernels on a GPU: off (the default), eager "
                           "(in eager mode only) or on (under torch.compile too); the same function, measured only "
                           "slightly faster than torch.compile's own fusion (docs/bench_plan_run.md)")
