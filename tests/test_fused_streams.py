@@ -125,7 +125,8 @@ def maps_interpreter_checks() -> None:
         tol = 1e-5 if dtype == torch.float32 else 1.5e-2
         assert got.shape == (2, 3, 24) and _rel(got, want.detach()) < tol, dtype
         upstream = torch.randn(2, 3, 24)
-        for g, w in zip(torch.autograd.grad(got, (x, phi), upstream), torch.autograd.grad(want, (rx, rphi), upstream.double())):
+        for g, w in zip(torch.autograd.grad(got, (x, phi), upstream),
+                        torch.autograd.grad(want, (rx, rphi), upstream.double())):
             assert _rel(g, w) < tol, (dtype, _rel(g, w))
 
 
@@ -445,7 +446,8 @@ def test_a_run_says_what_training_fused_kernels_got(cli, tmp_path: Path) -> None
     _kernels_note(s, True, 0, hooks)
     standard = spec_from_dict({**plan, "model": {**plan["model"], "residual": "standard"}, "techniques": {}}, "kern")
     _kernels_note(resolve(standard, standard.stages[0]), True, 0, hooks)
-    assert hooks.notes[1] == "training.fused_kernels is on, but residual standard has none: the connections run in torch"
-    assert hooks.notes[0] == ("fused Triton kernels for the mhc connections, eager and compiled (training.fused_kernels: on)"
-                              if HAS_TRITON else "training.fused_kernels is on, but Triton is not installed: the "
-                              "connections run in torch")
+    assert hooks.notes[1] == ("training.fused_kernels is on, but residual standard has none: "
+                              "the connections run in torch")
+    assert hooks.notes[0] == ("fused Triton kernels for the mhc connections, eager and compiled "
+                              "(training.fused_kernels: on)" if HAS_TRITON else
+                              "training.fused_kernels is on, but Triton is not installed: the connections run in torch")

@@ -21,6 +21,8 @@ ops are ``torch.library.custom_op``s; the launchers run on CPU under ``TRITON_IN
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from engines.architecture import fused_streams as fs
@@ -36,7 +38,8 @@ def usable(x: torch.Tensor, mode: str) -> bool:
     return ENABLED and x.shape[-2] == 4 and fs.maps_usable(x, mode)
 
 
-def connection(maps: torch.nn.Module, x: torch.Tensor, f, dtype: torch.dtype) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def connection(maps: torch.nn.Module, x: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor],
+               dtype: torch.dtype) -> torch.Tensor:
     """``ManifoldHyperConnection``'s output through ``pre`` and ``write``; ``maps`` its ManifoldMaps."""
     B, T, n, C = x.shape
     phi = torch.cat((maps.phi_pre, maps.phi_post, maps.phi_res), dim=1)

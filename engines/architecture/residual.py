@@ -56,8 +56,9 @@ Speed (measured by scripts/bench_architecture.py, docs/bench_architecture.md):
 Sinkhorn runs as one fused Triton kernel each way on CUDA; mHC's three maps are
 one matmul with the RMSNorm applied as a per-token scale; with
 ``ModelConfig.fused_kernels`` (a plan's ``training.fused_kernels``) ``eager``
-(eager mode) or ``on`` (under torch.compile too), on CUDA with Triton, the stream read H_pre x and the write H_res x + H_post y
-(for mgt, the delta update as such a write) are one Triton pass each
+(eager mode) or ``on`` (under torch.compile too), on CUDA with Triton, the
+stream read H_pre x and the write H_res x + H_post y (for mgt, the delta
+update as such a write) are one Triton pass each
 (``fused_streams``; off by default, see there), and so are the maps' norm and
 product with φ, each way, and ddl's whole update (``fused_delta``); an mhc
 connection with n = 4 and a bf16 state is one op before the sublayer and one
