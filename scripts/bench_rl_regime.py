@@ -1101,8 +1101,14 @@ def plot(tasks: dict[str, dict], path: Path) -> bool:
                 smooth = [statistics.mean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
                 row[2].plot([s for s, _ in reward], smooth, color=color, alpha=0.7, lw=1)
         if base:
+            p = base["greedy"][0]
+            n = next((r["n"] for r in t["runs"] if r.get("n")), 0)
             for ax in row[:2]:
-                ax.axhline(100 * base["greedy"][0], color="gray", ls="--", lw=1, label="base (every call's mean)")
+                ax.axhline(100 * p, color="gray", ls="--", lw=1, label="base (every call's mean)")
+                if n:  # the scale a change is read against: one evaluation's binomial noise
+                    se = 100 * math.sqrt(p * (1 - p) / n)
+                    ax.axhspan(100 * p - se, 100 * p + se, color="gray", alpha=0.12,
+                               label=f"base ± 1 binomial s.e. ({n} problems)")
         title = PAPER[t["task"]]["name"] if t["task"] != "word_problem" else "word problems"
         title += f" ({t['variant']})" if t["variant"] else ""
         row[0].set(title=f"{title}: held-out greedy accuracy", xlabel="RL updates", ylabel="%")
