@@ -427,6 +427,9 @@ def test_a_run_says_what_training_fused_kernels_got(cli, tmp_path: Path) -> None
     plan = {**TINY, "name": "kern", "training": {**TINY["training"], "fused_kernels": "on"},
             "stages": [{"name": "pretrain", "kind": "pretrain", "steps": 2, "checkpoint_every": 2, "eval_every": 2}]}
     assert cli("plan", "import", write_plan(tmp_path, plan)).exit_code == 0
+    optimized = cli("plan", "optimize", "kern", "--dry-run")
+    assert "fused Triton kernels on a GPU (training.fused_kernels), priced as torch's own: pretrain" in \
+        " ".join(optimized.output.split()), optimized.output
     result = cli("plan", "run", "kern")
     assert result.exit_code == 0, result.output
     with Store().read() as session:

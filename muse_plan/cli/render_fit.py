@@ -77,6 +77,9 @@ def settings_line(candidate: Any) -> Text | None:
         return None
     compiled = [s.name for s in candidate.priced if s.settings.compile]
     also = ("\ncompiled with torch.compile (training.compile), as priced: " + ", ".join(compiled)) if compiled else ""
+    fused = [s.name for s in candidate.priced if s.settings.model.fused_kernels != "off"]
+    also += ("\nfused Triton kernels on a GPU (training.fused_kernels), priced as torch's own: " + ", ".join(fused)
+             if fused else "")
     if candidate.settings is not None:
         return Text("settings: " + _knobs_text(candidate.settings) + also)
     return Text("settings per stage:\n" + "\n".join(f"  {s.name}: {_knobs_text(s.knobs)}"
