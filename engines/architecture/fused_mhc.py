@@ -42,9 +42,8 @@ def connection(maps: torch.nn.Module, x: torch.Tensor, f: Callable[[torch.Tensor
                dtype: torch.dtype) -> torch.Tensor:
     """``ManifoldHyperConnection``'s output through ``pre`` and ``write``; ``maps`` its ManifoldMaps."""
     B, T, n, C = x.shape
-    phi = torch.cat((maps.phi_pre, maps.phi_post, maps.phi_res), dim=1)
     flat = x.reshape(-1, n, C).contiguous()
-    y_in, h_post, h_res, tap, _, _ = _pre_op(flat, phi.float(), maps.alpha.float(), maps.b_pre.float(),
+    y_in, h_post, h_res, tap, _, _ = _pre_op(flat, maps.phi().float(), maps.alpha.float(), maps.b_pre.float(),
                                              maps.b_post.float(), maps.b_res.float(), float(maps.eps), int(maps.iters))
     y = f(y_in.view(B, T, C))
     out = _write_op(h_res, flat.detach(), h_post, y.reshape(-1, C).contiguous(), tap, dtype)
@@ -52,14 +51,6 @@ def connection(maps: torch.nn.Module, x: torch.Tensor, f: Callable[[torch.Tensor
 
 
 # ---- launchers: plain tensors, any device -------------------------------------------
-
-def _gates(proj: torch.Tensor, alpha: torch.Tensor, b_pre: torch.Tensor, b_post: torch.Tensor,
-           b_res: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """h_pre, h_post and Sinkhorn's logits from the maps' projections (ManifoldMaps.forward)."""
-    pre, post, res = proj.split((n, n, n * n), dim=-1)
-    return (torch.sigmoid(alpha[0] * pre + b_pre), 2 * torch.sigmoid(alpha[1] * post + b_post),
-            alpha[2] * res.reshape(-1, n, n) + b_res)
-
 
 def state_grad(x: torch.Tensor, g: torch.Tensor, h_res: torch.Tensor, h_pre: torch.Tensor, dy: torch.Tensor,
                phi: torch.Tensor, proj: torch.Tensor, rinv: torch.Tensor, dproj: torch.Tensor) -> torch.Tensor:
@@ -110,11 +101,11 @@ if AVAILABLE:
                     b_res: torch.Tensor, eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                            torch.Tensor, torch.Tensor, torch.Tensor]:
         """(y_in, h_post, H_res, tap, proj, rinv): the last two for the backward alone."""
-        from engines.architecture.residual import _fused_sinkhorn
+        from engines.architecture.residual import _fused_sinkhorn, map_gates  # residual imports this module
 
         M, n, C = x.shape
         proj, rinv = fs._maps_op(x.view(M, n * C), phi, eps)
-        h_pre, h_post, logits = _gates(proj, alpha, b_pre, b_post, b_res, n)
+        h_pre, h_post, logits = map_gates(proj, alpha, b_pre, b_post, b_res, n)
         return (fs._read_op(h_pre, x), h_post, _fused_sinkhorn(logits.contiguous(), iters), torch.empty_like(x),
                 proj, rinv)
 
@@ -172,11 +163,11 @@ if AVAILABLE:
         ctx.iters = iters
 
     def _pre_grad(ctx, dy, dh_post, dh_res, g, _dproj, _drinv):  # type: ignore[no-untyped-def]
-        from engines.architecture.residual import _fused_sinkhorn_backward
+        from engines.architecture.residual import _fused_sinkhorn_backward, map_gates
 
         x, phi, alpha, b_pre, b_post, b_res, h_res, proj, rinv = ctx.saved_tensors
         M, n, C = x.shape
-        h_pre, h_post, logits = _gates(proj, alpha, b_pre, b_post, b_res, n)  # (M, 24): cheap to redo
+        h_pre, h_post, logits = map_gates(proj, alpha, b_pre, b_post, b_res, n)  # (M, 24): cheap to redo
         dy = dy.contiguous()
         pre, post, res = proj.split((n, n, n * n), dim=-1)
         d_pre = fs._dots_op(x, dy) * h_pre * (1 - h_pre)  # through H_pre = σ(·)
@@ -184,7 +175,7 @@ if AVAILABLE:
         d_res = _fused_sinkhorn_backward(logits.contiguous(), dh_res.contiguous(), ctx.iters).view(M, n * n)
         dproj = torch.cat((alpha[0] * d_pre, alpha[1] * d_post, alpha[2] * d_res), dim=-1)
         dx = _state_grad_op(x, g, h_res, h_pre, dy, phi, proj, rinv, dproj.contiguous())
-        d_phi = (x.view(M, n * C).t() @ (dproj * rinv.unsqueeze(-1)).to(x.dtype)).to(phi.dtype)
+        d_phi = fs.phi_grad(x.view(M, n * C), phi, rinv, dproj)
         d_alpha = torch.stack(((d_pre * pre).sum(), (d_post * post).sum(), (d_res * res).sum()))
         return (dx, d_phi, d_alpha, d_pre.sum(0), d_post.sum(0), d_res.sum(0).view(n, n), None, None)
 

@@ -188,6 +188,15 @@ def rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def map_gates(proj: torch.Tensor, alpha: torch.Tensor, b_pre: torch.Tensor, b_post: torch.Tensor,
+              b_res: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mHC's gates from the maps' normalised projections (..., 2n+n²): H_pre = σ(·) and
+    H_post = 2σ(·), each (..., n), and Sinkhorn's logits (..., n, n)."""
+    pre, post, res = proj.split((n, n, n * n), dim=-1)
+    return (torch.sigmoid(alpha[0] * pre + b_pre), 2 * torch.sigmoid(alpha[1] * post + b_post),
+            alpha[2] * res.unflatten(-1, (n, n)) + b_res)
+
+
 def expand_streams(x: torch.Tensor, n: int, dtype: str = "float32") -> torch.Tensor:
     """(B, T, C) → (B, T, n, C) in ``dtype`` (``ModelConfig.stream_dtype``): every
     stream starts as a copy of the embedding. The state stays in that dtype
@@ -399,18 +408,19 @@ class ManifoldMaps(nn.Module):
         flat = x.reshape(B, T, n * C)
         # RMSNorm(x) φ = (x φ)/rms(x): scale the 2n+n² outputs rather than write a
         # normalised copy of x, and read x once for all three maps, not three times
-        phi = torch.cat((self.phi_pre, self.phi_post, self.phi_res), dim=1)  # (nC, 2n+n²)
+        phi = self.phi()
         if fused_streams.maps_usable(x, self.fused):  # one Triton pass each way (maps_project)
             proj = fused_streams.maps_project(flat, phi, self.eps)
         else:
             at_least_fp32 = torch.promote_types(flat.dtype, torch.float32)  # a float64 reference stays float64
             ms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=at_least_fp32).square() / (n * C)
             proj = (flat @ phi) * torch.rsqrt(ms + self.eps)  # (B, T, 2n+n²)
-        pre, post, res = proj.split((n, n, n * n), dim=-1)
-        h_pre = torch.sigmoid(self.alpha[0] * pre + self.b_pre)  # (B, T, n)
-        h_post = 2 * torch.sigmoid(self.alpha[1] * post + self.b_post)  # (B, T, n)
-        res_logits = self.alpha[2] * res.reshape(B, T, n, n) + self.b_res
+        h_pre, h_post, res_logits = map_gates(proj, self.alpha, self.b_pre, self.b_post, self.b_res, n)
         return h_pre, h_post, sinkhorn(res_logits, self.iters)  # H_res: (B, T, n, n)
+
+    def phi(self) -> torch.Tensor:
+        """The three maps' projections as one (nC, 2n+n²) matrix: one product reads x once."""
+        return torch.cat((self.phi_pre, self.phi_post, self.phi_res), dim=1)
 
 
 class ManifoldHyperConnection(nn.Module):

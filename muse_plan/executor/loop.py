@@ -38,7 +38,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import threading
 import time
@@ -308,9 +307,10 @@ def _kernels_note(s: StageSettings, cuda: bool, step: int, hooks: Hooks) -> None
     mode, residual = s.model.fused_kernels, s.model.residual
     if mode == "off":
         return
+    from engines.architecture.fused_streams import AVAILABLE as triton
+
     why = ("" if residual in FUSED_RESIDUALS else f"residual {residual} has none") or \
-        ("" if cuda else "they run on a GPU only") or \
-        ("" if importlib.util.find_spec("triton") else "Triton is not installed")
+        ("" if cuda else "they run on a GPU only") or ("" if triton else "Triton is not installed")
     if why:
         hooks.on_notes(step, [f"training.fused_kernels is {mode}, but {why}: the connections run in torch"], "info")
     else:
