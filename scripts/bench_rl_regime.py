@@ -41,6 +41,10 @@ What it does (``--task multiplication:3x3`` or ``word_problem``, the SVAMP-style
    sampling → all-scenarios RL), and the held-out accuracy after each stage.
 5. ``--merge DIR ...``: the calls' JSON files into one table beside the paper's numbers, learning curves
    (PNG) and diagnostics (``docs/bench_rl_regime.{md,json,png}``).
+6. Choosing RL settings without the test problems: ``--phase rl --held-out val --also K=V ...`` scores every
+   run of the call, and its base, on the validation problems instead; the merge keeps those runs apart from
+   the test rows and names, per task and algorithm, the setting with the highest mean validation Δ — the
+   setting whose test row is the one to report.
 
 Design decisions:
 - Held-out accuracy: the engine's own evaluation (last number of the completion = answer), greedy and one
@@ -175,6 +179,11 @@ class Config:
     lora_layers: float = 0.25  # LoRA on the last quarter of the layers (the paper's); --lora-layers
     l2_lambda: float = 0.01  # T-SPMO's L2 on the LoRA weights (the paper's λ); --l2-lambda
     deadline_s: float = 560.0
+    held_out: str = "test"  # what the RL runs and their base are scored on: test, or val to choose settings
+
+    @property
+    def held_out_n(self) -> int:
+        return self.val_problems if self.held_out == "val" else self.test_problems
 
     @property
     def variant(self) -> str:
@@ -325,7 +334,7 @@ def eval_plan(cfg: Config, files: dict[str, Path], checkpoint: Path, held_out: s
 
 
 def rl_plan(cfg: Config, files: dict[str, Path], base: Path, algorithm: str, seed: int) -> dict:
-    opts = {**ALGORITHMS[algorithm], **_files(cfg, files, "test", cfg.eval_samples), "algorithm": algorithm,
+    opts = {**ALGORITHMS[algorithm], **_files(cfg, files, cfg.held_out, cfg.eval_samples), "algorithm": algorithm,
             "lora": {**LORA, "layers_fraction": cfg.lora_layers}}
     if algorithm == "t_spmo":
         opts.update(group_size=cfg.t_spmo_group, l2_lambda=cfg.l2_lambda)
@@ -587,9 +596,10 @@ def phase_base(call: Call) -> None:
           flush=True)
 
 
-def held_out_result(record: dict, stage: str, cfg: Config) -> dict:
+def held_out_result(record: dict, stage: str, cfg: Config, n: int | None = None) -> dict:
+    # the engine names its held-out metrics test_*, whichever file eval_data is
     return {"greedy": last(record, stage, "test_accuracy"), "sampled": last(record, stage, "test_accuracy_sampled"),
-            "n": cfg.test_problems, "samples": cfg.eval_samples}
+            "n": n or cfg.test_problems, "samples": cfg.eval_samples}
 
 
 VARIED = ("rl_lr", "lora_layers", "l2_lambda")  # the RL settings a variant may change (--also)
@@ -621,7 +631,7 @@ def phase_rl(call: Call, algorithms: list[str], seeds: list[int], also: list[str
     call.result.update(algorithms=algorithms, seeds=seeds, rl=[],
                        variants=[{k: getattr(v, k) for k in VARIED} for v in variants])
     base = build_base(call, scan=cfg.sft_steps is None)
-    launched = [call.run("base-test", eval_plan(cfg, call.files, base, "test", cfg.eval_samples))]
+    launched = [call.run("base-held-out", eval_plan(cfg, call.files, base, cfg.held_out, cfg.eval_samples))]
     plans = {}
     for index, variant in enumerate(variants):  # every variant from the one base: paired comparisons
         for seed in seeds:
@@ -629,7 +639,8 @@ def phase_rl(call: Call, algorithms: list[str], seeds: list[int], also: list[str
                 label = f"{algorithm}-s{seed}" + (f"-v{index}" if index else "")
                 plans[label] = rl_plan(variant, call.files, base, algorithm, seed)
                 launched.append(call.run(label, plans[label], predict=True))
-    print(f"[{call.elapsed():.0f} s] {len(launched) - 1} RL runs and the base's test evaluation started", flush=True)
+    print(f"[{call.elapsed():.0f} s] {len(launched) - 1} RL runs and the base's {cfg.held_out} evaluation started",
+          flush=True)
     call.pending = (launched, plans)
     wait(launched, call.deadline)
     collect_rl(call)
@@ -640,7 +651,7 @@ def collect_rl(call: Call) -> None:
     (launched, plans), call.pending = call.pending, None
     cfg, seeds, algorithms = call.cfg, call.result["seeds"], call.result["algorithms"]
     records = {r.label: (read_record(r.home), r.cut_off) for r in launched}
-    call.result["base"]["test"] = held_out_result(records["base-test"][0], "eval", cfg)
+    call.result["base"][cfg.held_out] = held_out_result(records["base-held-out"][0], "eval", cfg, cfg.held_out_n)
     intervals = [(rec["stages"][s]["start"], rec["stages"][s]["end"]) for rec, _ in records.values()
                  for s in rec["stages"] if rec["stages"][s]["start"] is not None]
     for index, changes in enumerate(call.result.get("variants") or [{}]):
@@ -678,7 +689,7 @@ def summarize(cfg: Config, algorithm: str, seed: int, record: dict, cut: bool,
     memory = [v for _, v, _ in series.get("memory_gib", [])]
     return {"algorithm": algorithm, "seed": seed, "cut_off": cut, "status": stage.get("status"),
             "updates_done": max((s for s, _, _ in series.get("loss", [])), default=0), "updates": cfg.updates,
-            "curve": points, "n": cfg.test_problems, "samples": cfg.eval_samples,
+            "curve": points, "n": cfg.held_out_n, "samples": cfg.eval_samples, "split": cfg.held_out,
             "completions_per_s": statistics.median(per_step) if per_step else None,
             "peak_gib": max(memory) if memory else None, "predicted_gib": record.get("predicted_gib"),
             "seconds": (stage["end"] - stage["start"]) if stage["start"] is not None else None,
@@ -739,8 +750,9 @@ def r1_spec(cfg: Config) -> dict:
 
 # ---- output of one call ----------------------------------------------------------------------
 def print_call(call: Call) -> None:
-    base = call.result["base"].get("test") or {}
-    print(f"base: greedy {base.get('greedy')}, sampled {base.get('sampled')} on {base.get('n')} test problems")
+    split = call.cfg.held_out
+    base = call.result["base"].get(split) or {}
+    print(f"base: greedy {base.get('greedy')}, sampled {base.get('sampled')} on {base.get('n')} {split} problems")
     for r in call.result.get("rl", []):
         final = r["curve"][-1] if r["curve"] else None
         print(f"{r['algorithm']} seed {r['seed']}{' (' + r['variant'] + ')' if r.get('variant') else ''}: "
@@ -808,11 +820,14 @@ def aggregate(calls: list[dict]) -> dict[str, Any]:
         # a run's own variant (a call with --also holds several); older calls: the call's settings
         variants = dict.fromkeys([r.get("variant", called) for r in c.get("rl", [])] or [called])
         base = c.get("base", {})
-        test = base.get("test") or {}
+        # an rl call scored on validation (--held-out val) chooses settings; it is kept apart from the test rows
+        split = c["config"].get("held_out", "test") if c["phase"] == "rl" else "test"
+        test = base.get(split) or {}
         for variant in variants:
-            t = tasks.setdefault(c["task"] + (f" ({variant})" if variant else ""),
-                                 {"task": c["task"], "variant": variant, "bases": [], "runs": [], "scans": [],
-                                  "calls": [], "config": c["config"]})
+            named = ", ".join(x for x in ("validation" if split == "val" else "", variant) if x)
+            t = tasks.setdefault(c["task"] + (f" ({named})" if named else ""),
+                                 {"task": c["task"], "variant": variant, "split": split, "bases": [], "runs": [],
+                                  "scans": [], "calls": [], "config": c["config"]})
             t["calls"].append({k: c.get(k) for k in ("file", "phase", "device", "wall_seconds", "partial", "seeds")})
             if test.get("greedy") is not None:
                 t["bases"].append({**test, "sft_steps": base.get("sft_steps"), "file": c["file"]})
@@ -827,7 +842,7 @@ def aggregate(calls: list[dict]) -> dict[str, Any]:
         mark_superseded(t["runs"])
         t["rows"] = method_rows(t)
     r1 = [c for c in calls if c.get("r1")]
-    return {"tasks": tasks, "r1": r1[-1] if r1 else None}
+    return {"tasks": tasks, "r1": r1[-1] if r1 else None, "chosen": choose_on_validation(tasks)}
 
 
 def mark_superseded(runs: list[dict]) -> None:
@@ -907,7 +922,9 @@ def _num(value: float | None, digits: int = 1) -> str:
 
 def task_section(task: str, t: dict) -> str:
     paper, rows, cfg = PAPER[task], t["rows"], t["config"]
+    val = t.get("split") == "val"
     lines = [f"## {paper['name'] if task != 'word_problem' else 'SVAMP-style word problems (`word_problem`)'}"
+             + (" — on the validation problems, to choose settings" if val else "")
              + (f" — tried: {t['variant']} (not the paper's settings)" if t.get("variant") else ""), ""]
     steps = sorted({b["sft_steps"] for b in t["bases"] if b.get("sft_steps") is not None})
     layers, d_model, heads = cfg["shape"]
@@ -921,7 +938,8 @@ def task_section(task: str, t: dict) -> str:
         f"{100 * cfg['band'][0]:.0f}–{100 * cfg['band'][1]:.0f}% greedy). RL: LoRA rank 8 on q/v of the last "
         f"{cfg.get('lora_layers', 0.25):.0%} of layers, lr {cfg.get('rl_lr', 1e-4):g}, rollouts at T = 0.3, prompts an update "
         f"{prompts}, |G| 8 / 8 / {cfg['t_spmo_group']}. "
-        f"Held-out: {cfg['test_problems']} test problems, greedy and {cfg['eval_samples']} sample(s) a problem at "
+        f"Held-out: {cfg['val_problems'] if val else cfg['test_problems']} {'validation' if val else 'test'} "
+        f"problems, greedy and {cfg['eval_samples']} sample(s) a problem at "
         f"T = 0.3; ± is the s.e. over seeds (one run: binomial). Δ: each run's final greedy accuracy minus its own "
         f"call's base, then mean ± s.e.")
     lines += ["", "| method | runs | updates | held-out greedy (%) | sampled, T=0.3 (%) | Δ greedy vs base (pts) | "
@@ -951,6 +969,48 @@ def task_section(task: str, t: dict) -> str:
               "evaluations included.", ""]
     lines += scan_section(t) + runs_section(t) + diagnostics_section(t)
     return "\n".join(lines)
+
+
+def choose_on_validation(tasks: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """Per task and algorithm, the RL setting (variant) whose mean greedy Δ on the validation problems is
+    highest (calls with ``--held-out val``), beside each candidate's Δ and the chosen setting's test row."""
+    chosen: dict[str, dict[str, dict]] = {}
+    for t in (t for t in tasks.values() if t.get("split") == "val"):
+        for algorithm in ALGORITHMS:
+            row = t["rows"].get(algorithm)
+            if row is None or row["delta"] is None:
+                continue
+            entry = chosen.setdefault(t["task"], {}).setdefault(algorithm, {"candidates": []})
+            entry["candidates"].append({"variant": t["variant"], "delta": row["delta"], "runs": row["runs"],
+                                        "updates": row["updates"]})
+    for task, algorithms in chosen.items():
+        for algorithm, entry in algorithms.items():
+            # a tie goes to the paper's settings (variant "")
+            best = max(entry["candidates"], key=lambda c: (c["delta"][0], not c["variant"]))
+            test = tasks.get(task + (f" ({best['variant']})" if best["variant"] else ""))
+            row = (test or {}).get("rows", {}).get(algorithm)
+            entry.update(variant=best["variant"], test_delta=row["delta"] if row else None,
+                         test_runs=row["runs"] if row else 0)
+    return chosen
+
+
+def selection_section(chosen: dict[str, dict[str, dict]]) -> list[str]:
+    if not chosen:
+        return []
+    out = ["## RL settings chosen on the validation problems", "",
+           "Each candidate setting ran on the validation problems (`--held-out val`: the runs and their base scored "
+           "on the validation file, never the test file); the setting with the highest mean greedy Δ there is the "
+           "one chosen, and its test row (its own section above) is the number to report. Test rows of settings "
+           "not chosen here are shown in their sections for what they are, not chosen on them.", "",
+           "| task | method | candidates: validation Δ greedy (pts, runs, updates) | chosen | test Δ of the chosen |",
+           "|---|---|---|---|---|"]
+    for task, algorithms in chosen.items():
+        for algorithm, e in algorithms.items():
+            cands = "; ".join(f"{c['variant'] or 'paper'}: {_pct(c['delta'])} ({c['runs']}, "
+                              f"{'–'.join(map(str, sorted(set(c['updates']))))})" for c in e["candidates"])
+            test = f"{_pct(e['test_delta'])} ({e['test_runs']} runs)" if e["test_delta"] else "not run on test"
+            out.append(f"| `{task}` | {LABELS[algorithm]} | {cands} | {e['variant'] or 'paper'} | {test} |")
+    return out + [""]
 
 
 def scan_section(t: dict) -> list[str]:
@@ -1137,6 +1197,7 @@ def merge(dirs: list[Path], out: Path) -> Path:
           "Paper: Lee & Tong (arXiv 2504.20834), Qwen2-1.5B with LoRA.", ""]
     for _, t in sorted(merged["tasks"].items(), key=lambda kv: (list(TASKS).index(kv[1]["task"]), kv[1]["variant"])):
         md.append(task_section(t["task"], t))
+    md += selection_section(merged["chosen"])
     if merged["r1"] is not None:
         md.append(r1_section(merged["r1"]))
     if plot(merged["tasks"], out / "bench_rl_regime.png"):
@@ -1147,7 +1208,8 @@ def merge(dirs: list[Path], out: Path) -> Path:
     slim = [{**c, "rl": [{k: v for k, v in r.items() if k not in ("series", "events", "plan")} for r in c["rl"]]}
             if c.get("rl") else c for c in calls]
     (out / "bench_rl_regime.json").write_text(json.dumps({"calls": slim, "summary": {
-        task: {"rows": t["rows"], "bases": t["bases"], "scans": t["scans"]} for task, t in merged["tasks"].items()}},
+        task: {"rows": t["rows"], "bases": t["bases"], "scans": t["scans"]} for task, t in merged["tasks"].items()},
+        "chosen_on_validation": merged["chosen"]},
         indent=1, default=str) + "\n")
     print(text, flush=True)
     return out / "bench_rl_regime.md"
@@ -1181,6 +1243,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-samples", type=int, help="samples a test problem for sampled accuracy (default 1)")
     p.add_argument("--band", help="validation greedy accuracy the base should have, LO,HI as fractions "
                                   "(3×3: 0.02,0.10; word problems: 0.35,0.55)")
+    p.add_argument("--held-out", choices=("test", "val"), default="test",
+                   help="what the rl phase's runs and their base are scored on; val chooses RL settings "
+                        "(--also candidates) without the test problems, and the merge says which won")
     p.add_argument("--base-seed", type=int, default=0, help="the base's seed: its data and training")
     p.add_argument("--deadline-s", type=float, help="stop the call's runs this long after it started (default 560)")
     p.add_argument("--out", type=Path, help="where a call's JSON goes (default: a new temporary folder); "
@@ -1199,7 +1264,7 @@ def config(args: argparse.Namespace) -> Config:
              "pretrain_steps": args.pretrain_steps,
              "test_problems": args.test_problems, "val_problems": args.val_problems,
              "eval_samples": args.eval_samples, "deadline_s": args.deadline_s, "rl_lr": args.rl_lr,
-             "lora_layers": args.lora_layers, "l2_lambda": args.l2_lambda,
+             "lora_layers": args.lora_layers, "l2_lambda": args.l2_lambda, "held_out": args.held_out,
              "band": tuple(float(x) for x in args.band.split(",")) if args.band else None}
     return replace(cfg, **{k: v for k, v in flags.items() if v is not None})
 
