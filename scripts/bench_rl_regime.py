@@ -246,8 +246,9 @@ def estimate(cfg: Config, phase: str, algorithms: list[str], seeds: list[int]) -
     rollouts = sum((cfg.prompts[a] + replays) * cfg.t_spmo_group if a == "t_spmo" else cfg.prompts[a] * 8
                    for a in algorithms)
     rl = len(seeds) * cfg.updates * rollouts * 2 * per / SHARING_GAIN  # rollout + update, shared
-    evals = len(seeds) * len(algorithms) * (cfg.updates // cfg.eval_every) * test_eval / SHARING_GAIN
-    return pretrain + scanned + rebuild + START_S + rl + evals + test_eval / SHARING_GAIN
+    held_out = cfg.held_out_n * (1 + cfg.eval_samples) * per  # the rl runs' evaluations (test or val)
+    evals = len(seeds) * len(algorithms) * (cfg.updates // cfg.eval_every) * held_out / SHARING_GAIN
+    return pretrain + scanned + rebuild + START_S + rl + evals + held_out / SHARING_GAIN
 
 
 # ---- data ----------------------------------------------------------------------------------
