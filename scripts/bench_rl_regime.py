@@ -1120,6 +1120,12 @@ def r1_section(call: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def section_order(item: tuple[str, dict]) -> tuple[int, bool, str]:
+    """Per task: the test rows (the paper's settings first), then the validation runs that chose settings."""
+    t = item[1]
+    return list(TASKS).index(t["task"]), t.get("split") == "val", t["variant"]
+
+
 def plot(tasks: dict[str, dict], path: Path) -> bool:
     """Held-out greedy accuracy against updates and fair-share GPU-seconds, and the rollout reward."""
     try:
@@ -1129,7 +1135,7 @@ def plot(tasks: dict[str, dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    names = [name for name, t in tasks.items() if any(r["curve"] for r in t["runs"])]
+    names = [name for name, t in sorted(tasks.items(), key=section_order) if any(r["curve"] for r in t["runs"])]
     if not names:
         return False
     colors = {"grpo": "tab:blue", "s_grpo": "tab:orange", "t_spmo": "tab:green"}
@@ -1172,7 +1178,8 @@ def plot(tasks: dict[str, dict], path: Path) -> bool:
                                label=f"base ± 1 binomial s.e. ({n} problems)")
         title = PAPER[t["task"]]["name"] if t["task"] != "word_problem" else "word problems"
         title += f" ({t['variant']})" if t["variant"] else ""
-        row[0].set(title=f"{title}: held-out greedy accuracy", xlabel="RL updates", ylabel="%")
+        split = "validation" if t.get("split") == "val" else "held-out"
+        row[0].set(title=f"{title}:\n{split} greedy accuracy", xlabel="RL updates", ylabel="%")
         row[1].set(title="per run, against fair-share GPU-seconds", xlabel="GPU-seconds (shared GPU)", ylabel="%")
         row[2].set(title="rollout reward (moving mean; T-SPMO: replays included)", xlabel="RL updates", ylabel="mean reward")
         row[0].legend(fontsize=8)
@@ -1196,7 +1203,7 @@ def merge(dirs: list[Path], out: Path) -> Path:
           "Made by `scripts/bench_rl_regime.py` (its docstring says how) from these calls, merged with "
           "`python scripts/bench_rl_regime.py --merge ...` (numbers: `bench_rl_regime.json`):", "", sources, "",
           "Paper: Lee & Tong (arXiv 2504.20834), Qwen2-1.5B with LoRA.", ""]
-    for _, t in sorted(merged["tasks"].items(), key=lambda kv: (list(TASKS).index(kv[1]["task"]), kv[1]["variant"])):
+    for _, t in sorted(merged["tasks"].items(), key=section_order):
         md.append(task_section(t["task"], t))
     md += selection_section(merged["chosen"])
     if merged["r1"] is not None:
