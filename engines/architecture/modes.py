@@ -87,6 +87,9 @@ class ResidualMode:
     width_rules: tuple[str, ...] = ()
     # under torch.compile: bytes a layer·d_model·token beyond standard's, (float32, bfloat16) stream state
     compiled_traffic: tuple[float, float] = (0.0, 0.0)
+    # the same with training.fused_kernels on and a bfloat16 state, where the mode has a whole-connection
+    # kernel (mhc: fused_mhc); None: its kernels are priced as torch's own fusion
+    fused_traffic: float | None = None
 
     def params(self, c: ModelConfig) -> int:
         """Parameters one connection (around one sublayer) adds."""
@@ -105,7 +108,7 @@ RESIDUAL_MODES: dict[str, ResidualMode] = {m.name: m for m in (
                  (f"{_WIDTH}:HC_RULES",), compiled_traffic=(520.0, 360.0)),  # assumed: mhc's less its Sinkhorn
     ResidualMode("mhc", True, _mhc, lambda c: _mixing_flops(c) + _sinkhorn_flops(c), 2.835, 2.365,
                  f"{_RES}:ManifoldHyperConnection", f"{_DEPTH}:_identity_manifold", f"{_ACT}:_mhc",
-                 (f"{_WIDTH}:MHC_RULES",), compiled_traffic=(633.0, 440.0)),
+                 (f"{_WIDTH}:MHC_RULES",), compiled_traffic=(633.0, 440.0), fused_traffic=320.0),
     ResidualMode("ddl", False, _ddl, _ddl_flops, 1.581, 1.123,
                  f"{_RES}:DeltaResidual", f"{_DEPTH}:_nothing", f"{_ACT}:_ddl", (f"{_WIDTH}:DDL_RULES",),
                  compiled_traffic=(74.0, 74.0)),  # no streams: the state is the hidden's

@@ -77,9 +77,15 @@ def settings_line(candidate: Any) -> Text | None:
         return None
     compiled = [s.name for s in candidate.priced if s.settings.compile]
     also = ("\ncompiled with torch.compile (training.compile), as priced: " + ", ".join(compiled)) if compiled else ""
-    fused = [s.name for s in candidate.priced if s.settings.model.fused_kernels != "off"]
-    also += ("\nfused Triton kernels on a GPU (training.fused_kernels), priced as torch's own: " + ", ".join(fused)
-             if fused else "")
+    from muse_plan.optimizer.throughput import fused_priced  # the optimizer has it loaded by now
+
+    fused = [s for s in candidate.priced if s.settings.model.fused_kernels != "off"]
+    measured = [s.name for s in fused if fused_priced(s.settings.model)]
+    as_torch = [s.name for s in fused if not fused_priced(s.settings.model)]
+    also += ("\nfused Triton kernels on a GPU (training.fused_kernels), priced as measured: " + ", ".join(measured)
+             if measured else "")
+    also += ("\nfused Triton kernels on a GPU (training.fused_kernels), priced as torch's own: " + ", ".join(as_torch)
+             if as_torch else "")
     if candidate.settings is not None:
         return Text("settings: " + _knobs_text(candidate.settings) + also)
     return Text("settings per stage:\n" + "\n".join(f"  {s.name}: {_knobs_text(s.knobs)}"

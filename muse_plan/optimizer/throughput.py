@@ -68,7 +68,11 @@ and every constant below that it re-derives within 11% of its value here.
   traffic (``ResidualMode.compiled_traffic``, by stream dtype) rather than
   multiplying the step: its state is n·d_model wide, so its share falls with
   width as measured (mhc's bf16 state +57% at 350M, +34% at 1.3B: 457 and 416
-  B fitted, one constant 440 for both).
+  B fitted, one constant 440 for both). With ``training.fused_kernels: on``
+  and a bf16 state, mhc's connection runs ``fused_mhc`` and is priced at
+  ``ResidualMode.fused_traffic`` 320 B: through ``muse plan run`` on an H200
+  (docs/bench_architecture_fused.json) it added 30.8 ms to standard's 94.9 ms
+  step where torch's added 42.3 ms in the same call; 440 × 30.8 / 42.3.
   COMPILED_HOST_S_PER_LAYER 2.1 ms is assumed (half eager's: a compiled block
   launches a few fused kernels where eager launches one per operation); the
   350M compiled row bounds it above, being GPU-bound at 3.8 ms a layer (95.5 of
@@ -272,7 +276,8 @@ def _gpu_s_per_token(cfg: TrainConfig, gpu: GpuKind) -> float:
     c = cfg.model
     mode = RESIDUAL_MODES[c.residual]
     if cfg.compiled:  # the mode's cost is the bytes it moves (modes.py compiled_traffic)
-        traffic = COMPILED_TRAFFIC + mode.compiled_traffic[c.stream_dtype == "bfloat16"]
+        traffic = COMPILED_TRAFFIC + (mode.fused_traffic if fused_priced(c) else
+                                      mode.compiled_traffic[c.stream_dtype == "bfloat16"])
         slowdown = 1.0
     else:
         traffic, slowdown = EAGER_TRAFFIC, RESIDUAL_SLOWDOWN[c.residual]
@@ -280,6 +285,14 @@ def _gpu_s_per_token(cfg: TrainConfig, gpu: GpuKind) -> float:
     seconds = (flops_per_token(c) / (peak_flops(gpu, cfg.precision) * MATMUL_EFFICIENCY)
                + traffic * c.n_layers * c.d_model / (gpu.memory_bandwidth_gbs * GIGA))
     return seconds * _time_scale(cfg) * slowdown * EXECUTOR_OVERHEAD
+
+
+def fused_priced(c: ModelConfig) -> bool:
+    """Whether the model prices this model's fused kernels as measured (``ResidualMode.fused_traffic``):
+    ``fused_kernels: on`` with a bf16 state, for a mode that has a measured whole-connection kernel. Else
+    fused kernels are priced as torch's own fusion (``eager`` runs none under compile)."""
+    return c.fused_kernels == "on" and c.stream_dtype == "bfloat16" and \
+        RESIDUAL_MODES[c.residual].fused_traffic is not None
 
 
 def optimizer_bytes_per_param(cfg: TrainConfig) -> float:
