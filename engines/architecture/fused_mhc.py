@@ -57,6 +57,8 @@ def state_grad(x: torch.Tensor, g: torch.Tensor, h_res: torch.Tensor, h_pre: tor
     """∂x (module docstring): x, g (M, n, C); h_res (M, n, n), h_pre (M, n), dy (M, C), φ (nC, P),
     proj, dproj (M, P), rinv (M,) → (M, n, C) in x's dtype."""
     M, n, C = x.shape
+    if n != 4:  # the kernel holds four streams' gradients at once (usable() admits n = 4 alone)
+        raise ValueError(f"fused_mhc.state_grad takes 4 streams, got {n}")
     dx = torch.empty_like(x)
     phi, consts = fs._maps_args(x, phi)
     _state_grad_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(C, BLOCK_C))](
@@ -69,9 +71,26 @@ if AVAILABLE:
     from engines.architecture.fused_streams import _maps_grad_rows, _token_rows
 
     @triton.jit
+    def _stream_grad_start(x_ptr, phi_ptr, hpre_ptr, dproj, coef, dy, rows, rm, c, tile, cols, j: tl.constexpr,
+                           C: tl.constexpr, N: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BF16: tl.constexpr,
+                           PRECISION: tl.constexpr):
+        """Stream j's ∂x before H_resᵀ g: the maps' terms and h_pre[j] ∂y, (BM, BC) fp32."""
+        col = j * C + c  # the state's flat column of (stream j, channel c): φ's row
+        x = tl.load(x_ptr + rows[:, None] * D + col[None, :], mask=tile, other=0.0).to(tl.float32)
+        phi_t = tl.load(phi_ptr + col[None, :] * P + cols[:, None], mask=(cols < P)[:, None] & (c < C)[None, :],
+                        other=0.0)
+        if BF16:
+            acc = tl.dot(dproj, phi_t)
+        else:
+            acc = tl.dot(dproj, phi_t, input_precision=PRECISION)
+        return acc + coef[:, None] * x + tl.load(hpre_ptr + rows * N + j, mask=rm, other=0.0)[:, None] * dy
+
+    @triton.jit
     def _state_grad_kernel(x_ptr, g_ptr, hres_ptr, hpre_ptr, dy_ptr, phi_ptr, proj_ptr, rinv_ptr, dproj_ptr, dx_ptr, M,
                            C: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, D: tl.constexpr,
                            P: tl.constexpr, PP: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr):
+        """N = 4: the four streams' gradients held at once, so each of g's streams is read once (H_resᵀ g
+        mixes every stream of g into every stream of ∂x; a loop over output streams read g N times)."""
         rows, rm = _token_rows(M, BM)
         c = tl.program_id(1) * BC + tl.arange(0, BC)
         tile = rm[:, None] & (c < C)[None, :]
@@ -80,20 +99,24 @@ if AVAILABLE:
         if BF16:
             dproj = dproj.to(tl.bfloat16)
         dy = tl.load(dy_ptr + rows[:, None] * C + c[None, :], mask=tile, other=0.0).to(tl.float32)
-        for j in tl.static_range(N):
-            col = j * C + c  # the state's flat column of (stream j, channel c): φ's row
-            x = tl.load(x_ptr + rows[:, None] * D + col[None, :], mask=tile, other=0.0).to(tl.float32)
-            phi_t = tl.load(phi_ptr + col[None, :] * P + cols[:, None], mask=(cols < P)[:, None] & (c < C)[None, :],
-                            other=0.0)
-            if BF16:
-                acc = tl.dot(dproj, phi_t)
-            else:
-                acc = tl.dot(dproj, phi_t, input_precision=PRECISION)
-            acc += coef[:, None] * x + tl.load(hpre_ptr + rows * N + j, mask=rm, other=0.0)[:, None] * dy
-            for i in tl.static_range(N):  # H_resᵀ g: stream i's gradient through H_res[i, j]
-                g = tl.load(g_ptr + rows[:, None] * D + (i * C + c)[None, :], mask=tile, other=0.0).to(tl.float32)
-                acc += tl.load(hres_ptr + (rows * N + i) * N + j, mask=rm, other=0.0)[:, None] * g
-            tl.store(dx_ptr + rows[:, None] * D + col[None, :], acc.to(dx_ptr.dtype.element_ty), mask=tile)
+        args = (x_ptr, phi_ptr, hpre_ptr, dproj, coef, dy, rows, rm, c, tile, cols)
+        acc0 = _stream_grad_start(*args, 0, C, N, D, P, BF16, PRECISION)
+        acc1 = _stream_grad_start(*args, 1, C, N, D, P, BF16, PRECISION)
+        acc2 = _stream_grad_start(*args, 2, C, N, D, P, BF16, PRECISION)
+        acc3 = _stream_grad_start(*args, 3, C, N, D, P, BF16, PRECISION)
+        for i in tl.static_range(N):  # H_resᵀ g: ∂x_j += H_res[i, j] g_i
+            g = tl.load(g_ptr + rows[:, None] * D + (i * C + c)[None, :], mask=tile, other=0.0).to(tl.float32)
+            h = hres_ptr + (rows * N + i) * N
+            acc0 += tl.load(h, mask=rm, other=0.0)[:, None] * g
+            acc1 += tl.load(h + 1, mask=rm, other=0.0)[:, None] * g
+            acc2 += tl.load(h + 2, mask=rm, other=0.0)[:, None] * g
+            acc3 += tl.load(h + 3, mask=rm, other=0.0)[:, None] * g
+        out = dx_ptr + rows[:, None] * D + c[None, :]
+        ty = dx_ptr.dtype.element_ty
+        tl.store(out, acc0.to(ty), mask=tile)
+        tl.store(out + C, acc1.to(ty), mask=tile)
+        tl.store(out + 2 * C, acc2.to(ty), mask=tile)
+        tl.store(out + 3 * C, acc3.to(ty), mask=tile)
 
     # ---- the ops ----------------------------------------------------------------------
 
