@@ -13,6 +13,8 @@ full fine-tuning, no KL term (TRL's default β = 0), temperature 1, no vLLM:
   generation a step), activation checkpointing off as muse's; completions/s = the
   completions of a step over its wall time (a callback), median after ``--skip``.
 
+muse's side also says where a step's time went (``step_phases``): the rollout (the store's ``rollout_s``:
+sampling, rewards, the reference pass) and the rest of the step, the update.
 Both sides also report where their wall time went (``phases``, seconds): muse's from
 ``muse plan run``'s launch to the run started, its first step's numbers in the store, its
 last, the run finished and the process gone; TRL's from entering its side (TRL's import,
@@ -110,15 +112,22 @@ def run_muse(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, An
             run = runs.list_runs(session)[0][0]
             all_speed = [v for _, v in runs.metric_series(session, run.id, "tokens_per_s")]
             all_length = [v for _, v in runs.metric_series(session, run.id, "completion_tokens")]
+            rollout = [v for _, v in runs.metric_series(session, run.id, "rollout_s")]
     finally:
         store.close()
     speed, length = all_speed[args.skip:], all_length[args.skip:]
     per_s = [s / n for s, n in zip(speed, length)]
     # every step's seconds (its completion tokens over its tokens/s): a step that compiles stands out
     step_s = [round(args.prompts * args.group * n / s, 2) for s, n in zip(all_speed, all_length) if s > 0]
+    # where a step went (one micro-batch a step here): its rollout (sampling, rewards, reference pass) and the rest,
+    # the update (forward, backward, optimizer), medians over the steps after --skip
+    rollout_s = rollout[args.skip:len(step_s)]
+    update_s = [a - b for a, b in zip(step_s[args.skip:], rollout_s)]
+    step_phases = {"rollout_s": round(statistics.median(rollout_s), 3) if rollout_s else None,
+                   "update_s": round(statistics.median(update_s), 3) if update_s else None}
     return {"completions_per_s": statistics.median(per_s), "mean_completion_tokens": statistics.fmean(length),
             "tokens_per_s": statistics.median(speed), "peak_gib": row["peak_gib"], "wall_s": row["wall_s"],
-            "events": row["events"], "phases": row["phases"], "step_seconds": step_s}
+            "events": row["events"], "phases": row["phases"], "step_seconds": step_s, "step_phases": step_phases}
 
 
 def run_trl(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, Any]:

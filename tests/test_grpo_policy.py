@@ -298,3 +298,16 @@ def test_skipping_a_faults_window_leaves_out_its_problems_without_rolling_them_o
     assert drawn.stream.drawn == 2 * (3 if updates_per_rollout == 1 else 2)
     batch = skipped.next_batch()  # and the next batch is the stream's next problems, sampled now
     assert len(calls) == 1 and len(batch) == 2 and skipped.stream.drawn == drawn.stream.drawn + 2
+
+
+def test_each_micro_step_says_how_long_its_rollout_took_and_a_reused_rollout_took_none():
+    """rollout_s: the seconds spent sampling, scoring and the reference pass for this micro-batch, which
+    the store keeps beside the step's time; a stored rollout served again (updates_per_rollout 2) costs 0."""
+    import time
+
+    t = _trainer("fp32", None, kl_beta=0.04, updates_per_rollout=2)
+    sample = t.policy.sample
+    t.policy.sample = lambda *a, **k: time.sleep(0.2) or sample(*a, **k)  # a rollout at least this long
+    first = t.micro_step(t.next_batch()).metrics["rollout_s"]
+    again = t.micro_step(t.next_batch()).metrics["rollout_s"]
+    assert first >= 0.2 and again == 0.0

@@ -22,11 +22,17 @@ Design decisions:
 - ``all_scenarios_rl`` is GRPO with a weighted multi-objective reward; the
   planner gives it correctness, format, efficiency and the consistency of
   the worked steps.
+- Where a step's time goes: every micro-step reports ``rollout_s``, the
+  seconds its rollout took (sampling, rewards, the π_old and reference
+  passes; on CUDA the device is synchronised once at its end, so the
+  reference pass is in it), 0 when it reuses a stored rollout. The step's
+  time is in the store (its tokens over tokens/s); the rest is the update.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -77,11 +83,14 @@ class ReinforcementLearning:
         # only T-SPMO replays; the buffer exists (and is checkpointed) for every algorithm
         self.replay = ReplayBuffer(options.success_threshold if options.algorithm == "t_spmo" else 1.0)
         self.pending: list[list[Group]] = []
+        self.rollout_s = 0.0  # the last micro-batch's rollout time (module docstring)
 
     # -- rollouts -------------------------------------------------------------
     def next_batch(self) -> list[Group]:
         if self.pending:
+            self.rollout_s = 0.0
             return self.pending.pop()
+        started = time.perf_counter()
         t = self.t
         problems = t.stream.take(t.micro_batch)
         starts = [(t.prompter.ids(p), [], p) for p in problems]
@@ -95,6 +104,9 @@ class ReinforcementLearning:
                 groups += self._rollout(drawn)
         if self.updates > 1:
             self.pending = [groups] * (self.updates - 1)
+        if t.device.type == "cuda":
+            torch.cuda.synchronize()  # the reference pass's kernels belong to the rollout's time
+        self.rollout_s = time.perf_counter() - started
         return groups
 
     def skip(self, n: int) -> None:
@@ -140,7 +152,7 @@ class ReinforcementLearning:
             loss = loss + l2
         rewards = torch.cat([g.rewards for g in groups])
         tokens = sum(len(c) for g in groups for c in g.completions)
-        metrics = {"reward": float(rewards.mean()), "train_accuracy": sum(g.correct for g in groups) / len(groups),
+        metrics = {"reward": float(rewards.mean()), "rollout_s": self.rollout_s, "train_accuracy": sum(g.correct for g in groups) / len(groups),
                    "completion_tokens": tokens / sum(len(g.completions) for g in groups),
                    # groups whose completions all scored alike: no advantage, nothing to learn from them
                    "equal_groups": sum(bool((g.rewards == g.rewards[0]).all()) for g in groups) / len(groups)}
