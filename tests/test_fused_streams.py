@@ -338,8 +338,10 @@ def test_fused_ops_compile_as_they_run_eager(residual: str) -> None:
     eager = _connection_grads(conn, lin, x, grad, autocast=True)
     torch._dynamo.reset()
     compiled = _connection_grads(torch.compile(conn, fullgraph=True), lin, x, grad, autocast=True)
-    for name, a, b in zip(_names(conn), compiled, eager):
-        assert _rel(a.float(), b.double()) < 2 * _bf16_floor(b), (name, _rel(a.float(), b.double()))
+    # every tensor past its bound, with its size, in one message (a device's logs can bury a long report)
+    off = [(name, tuple(b.shape), round(_rel(a.float(), b.double()), 5), 2 * _bf16_floor(b))
+           for name, a, b in zip(_names(conn), compiled, eager) if _rel(a.float(), b.double()) >= 2 * _bf16_floor(b)]
+    assert not off, f"compiled vs eager, (name, shape, relative error, bound): {off}"
 
 
 # ---- the bf16 stream state -------------------------------------------------------------
