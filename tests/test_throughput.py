@@ -158,6 +158,10 @@ def test_the_h200_plan_run_rows_and_the_fused_mhc_connection_are_priced_within_1
     assert predicted("mhc", ["bf16"], "eager") == torch_mhc
     assert predicted("mhc", [], "on") == predicted("mhc", [], "off")
     assert predicted("ddl", [], "on") == predicted("ddl", [], "off")
+    two = [ModelConfig(vocab_size=32000, seq_len=2048, n_layers=24, d_model=1024, n_heads=16, residual="mhc",
+                       streams=2, stream_dtype="bfloat16", fused_kernels=k) for k in ("on", "off")]
+    assert len({tp.step_time(TrainConfig(m, micro_batch=8, precision="bf16", compiled=True), H200).tokens_per_s
+                for m in two}) == 1  # fused_mhc takes 4 streams: 2 run the stream ops, priced as torch's
 
 
 def test_quickstart_on_two_cpu_cores_runs_at_about_6000_tokens_per_s():

@@ -152,7 +152,8 @@ class ReinforcementLearning:
             loss = loss + l2
         rewards = torch.cat([g.rewards for g in groups])
         tokens = sum(len(c) for g in groups for c in g.completions)
-        metrics = {"reward": float(rewards.mean()), "rollout_s": self.rollout_s, "train_accuracy": sum(g.correct for g in groups) / len(groups),
+        metrics = {"reward": float(rewards.mean()), "rollout_s": self.rollout_s,
+                   "train_accuracy": sum(g.correct for g in groups) / len(groups),
                    "completion_tokens": tokens / sum(len(g.completions) for g in groups),
                    # groups whose completions all scored alike: no advantage, nothing to learn from them
                    "equal_groups": sum(bool((g.rewards == g.rewards[0]).all()) for g in groups) / len(groups)}

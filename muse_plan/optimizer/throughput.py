@@ -289,9 +289,10 @@ def _gpu_s_per_token(cfg: TrainConfig, gpu: GpuKind) -> float:
 
 def fused_priced(c: ModelConfig) -> bool:
     """Whether the model prices this model's fused kernels as measured (``ResidualMode.fused_traffic``):
-    ``fused_kernels: on`` with a bf16 state, for a mode that has a measured whole-connection kernel. Else
-    fused kernels are priced as torch's own fusion (``eager`` runs none under compile)."""
-    return c.fused_kernels == "on" and c.stream_dtype == "bfloat16" and \
+    ``fused_kernels: on`` with a bf16 state of 4 streams (``fused_mhc.usable``), for a mode that has a
+    measured whole-connection kernel. Else fused kernels are priced as torch's own fusion (``eager`` runs
+    none under compile)."""
+    return c.fused_kernels == "on" and c.stream_dtype == "bfloat16" and c.streams == 4 and \
         RESIDUAL_MODES[c.residual].fused_traffic is not None
 
 
