@@ -1304,6 +1304,9 @@ def main() -> None:
     unknown = [a for a in algorithms if a not in ALGORITHMS]
     if unknown:
         raise SystemExit(f"unknown algorithm {unknown[0]!r}; accepted: {', '.join(ALGORITHMS)}")
+    if args.held_out == "val" and phase not in ("rl", "all"):
+        raise SystemExit(f"--held-out val chooses RL settings: it applies to --phase rl, not {phase} "
+                         "(the base phase already chooses its SFT length on the validation problems)")
     phases = ["base", "rl", "r1"] if phase == "all" else [phase]
     for name in phases if not args.tiny else []:
         seconds = estimate(cfg, name, algorithms, seeds * (1 + len(args.also)))  # a variant: as many runs again
