@@ -41,5 +41,8 @@ def test_the_cpu_reasoning_plan_runs_every_stage_kind_with_lora(cli, tmp_path: P
                 assert "test_accuracy" in last and "test_accuracy_sampled" in last, stage.name
             if stage.name.startswith(("reasoning_rl", "all_scenarios")):
                 assert "reward" in last and "train_accuracy" in last, stage.name
+                assert last["rollout_s"][1] > 0, stage.name  # one rollout a step: where its time went
+    shown = " ".join(cli("run", "show", "1").output.split())
+    assert "reasoning_rl_grpo at step 2:" in shown and "· reward " in shown and " s a micro-batch" in shown
     manifest = yaml.safe_load((Path(run.run_dir) / "reasoning_rl_grpo" / "step-00000002" / "manifest.json").read_text())
     assert manifest["lora_scaling"] == 2.0  # alpha 16 / rank 8, for merging into the next plain stage

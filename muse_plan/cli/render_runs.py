@@ -16,7 +16,9 @@ STATUS_STYLE = {"completed": "green", "running": "cyan", "failed": "red", "inter
                 "pending": "dim"}
 LOSSES = (("loss", "loss"), ("val_loss", "val loss"), ("unigram_val_loss", "unigram"))
 RATES = {"grad_norm": "grad norm {:.3g}", "lr": "lr {:.2e}", "tokens_per_s": "{:,.0f} tok/s",
-         "memory_gib": "memory {:.2f} GiB"}
+         "memory_gib": "memory {:.2f} GiB",
+         # an RL stage: its surrogate loss says little, the reward does; and what its rollouts cost
+         "reward": "reward {:.3f}", "rollout_s": "rollout {:.2f} s a micro-batch"}
 
 
 def _status(status: str) -> Text:
