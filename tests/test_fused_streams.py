@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
 from engines.architecture import DecoderLM, ModelConfig
 from engines.architecture.residual import RESIDUALS
@@ -191,7 +192,8 @@ def _register_cpu(kernels: dict) -> None:
 def mhc_interpreter_checks() -> None:
     """``fused_mhc``: its state-gradient kernel, and the whole connection (the maps, gates, read and
     write, one gradient of the state through the write's tap) against ManifoldHyperConnection in
-    float64, eager and under AOT autograd (``torch.compile(backend="aot_eager")``)."""
+    float64, eager, under AOT autograd (``torch.compile(backend="aot_eager")``) and under activation
+    checkpointing."""
     import copy
 
     from engines.architecture import fused_mhc as fm
@@ -232,7 +234,13 @@ def mhc_interpreter_checks() -> None:
     want = run(lambda conn, x, f: conn(x, f), copy.deepcopy(conn).double(), copy.deepcopy(lin).double(), x.double(),
                grad.double())
     names = ["out", "x"] + [n for n, _ in conn.named_parameters()] + ["lin.weight", "lin.bias"]
-    for how, connection in (("eager", fused), ("aot_eager", torch.compile(fused, backend="aot_eager", fullgraph=True))):
+    # activation checkpointing (the executor's, non-reentrant) runs the ops again in the backward: the tap
+    # of the recomputed pre must still receive the write's gradient
+    def checkpointed(conn, x, f):  # type: ignore[no-untyped-def]
+        return torch.utils.checkpoint.checkpoint(fused, conn, x, f, use_reentrant=False)
+
+    for how, connection in (("eager", fused), ("aot_eager", torch.compile(fused, backend="aot_eager", fullgraph=True)),
+                            ("checkpoint", checkpointed)):
         for name, got, ref in zip(names, run(connection, conn, lin, x, grad), want):
             assert got is not None and _rel(got, ref) < 2e-5, (how, name, None if got is None else _rel(got, ref))
 
