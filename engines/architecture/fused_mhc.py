@@ -30,7 +30,9 @@ from engines.architecture import fused_streams as fs
 triton, tl = fs.triton, (fs.tl if fs.AVAILABLE else None)
 AVAILABLE = fs.AVAILABLE
 ENABLED = True  # with fused_kernels on; False: fused_streams' three-gradient ops (to compare)
-BLOCK_M, BLOCK_C = 64, 64  # tokens and channels a program of the state's gradient
+# tokens and channels a program of the state's gradient: at 64 × 64 (8 warps) its threads needed more
+# than 255 registers and spilled 656 bytes each, for sm_90 (scripts/check_kernels.py); 32 × 64 needs 198
+BLOCK_M, BLOCK_C = 32, 64
 
 
 def usable(x: torch.Tensor, mode: str) -> bool:
@@ -99,11 +101,15 @@ if AVAILABLE:
         if BF16:
             dproj = dproj.to(tl.bfloat16)
         dy = tl.load(dy_ptr + rows[:, None] * C + c[None, :], mask=tile, other=0.0).to(tl.float32)
-        args = (x_ptr, phi_ptr, hpre_ptr, dproj, coef, dy, rows, rm, c, tile, cols)
-        acc0 = _stream_grad_start(*args, 0, C, N, D, P, BF16, PRECISION)
-        acc1 = _stream_grad_start(*args, 1, C, N, D, P, BF16, PRECISION)
-        acc2 = _stream_grad_start(*args, 2, C, N, D, P, BF16, PRECISION)
-        acc3 = _stream_grad_start(*args, 3, C, N, D, P, BF16, PRECISION)
+        # each argument spelled out: a tuple unpacked into a jit call needs a newer Triton than torch>=2.4 brings
+        acc0 = _stream_grad_start(x_ptr, phi_ptr, hpre_ptr, dproj, coef, dy, rows, rm, c, tile, cols, 0, C, N, D, P,
+                                  BF16, PRECISION)
+        acc1 = _stream_grad_start(x_ptr, phi_ptr, hpre_ptr, dproj, coef, dy, rows, rm, c, tile, cols, 1, C, N, D, P,
+                                  BF16, PRECISION)
+        acc2 = _stream_grad_start(x_ptr, phi_ptr, hpre_ptr, dproj, coef, dy, rows, rm, c, tile, cols, 2, C, N, D, P,
+                                  BF16, PRECISION)
+        acc3 = _stream_grad_start(x_ptr, phi_ptr, hpre_ptr, dproj, coef, dy, rows, rm, c, tile, cols, 3, C, N, D, P,
+                                  BF16, PRECISION)
         for i in tl.static_range(N):  # H_resᵀ g: ∂x_j += H_res[i, j] g_i
             g = tl.load(g_ptr + rows[:, None] * D + (i * C + c)[None, :], mask=tile, other=0.0).to(tl.float32)
             h = hres_ptr + (rows * N + i) * N
