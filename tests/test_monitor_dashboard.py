@@ -246,6 +246,20 @@ def test_render_shows_events_and_plan_rewrites(memory_store):
     assert "8/100" in text and "running" in text
 
 
+def test_an_rl_stage_shows_its_reward_and_what_its_rollouts_cost(memory_store):
+    run_id = hand_run(memory_store, done=4)
+    with memory_store.write() as session:
+        stage = runs.stage_runs(session, runs.get_run(session, run_id))[0]
+        session.add_all(MetricPoint(run_id=run_id, stage_run_id=stage.id, step=4, name=name, value=value,
+                                    time=T0 + timedelta(seconds=9)) for name, value in (("reward", 0.375),
+                                                                                        ("rollout_s", 0.84)))
+    snap = hand_snapshot(memory_store, run_id)
+    assert snap["stages"][0]["metrics"]["reward"] == 0.375
+    assert "reward 0.375 · rollout 0.84 s a micro-batch" in _plain(dashboard.render(snap))
+    plain = hand_snapshot(memory_store, hand_run(memory_store, "pre", done=4))  # a stage without: no such line
+    assert "reward" not in _plain(dashboard.render(plain))
+
+
 def _plain(renderable) -> str:
     from rich.console import Console
 
