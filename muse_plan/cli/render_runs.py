@@ -9,6 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from muse_plan.cli.render import when
+from muse_plan.monitor.dashboard import RL_RATES
 from muse_plan.store.models import Event, Run, StageRun
 from muse_plan.store.runs import revision_text, shown_stage_status
 
@@ -16,9 +17,7 @@ STATUS_STYLE = {"completed": "green", "running": "cyan", "failed": "red", "inter
                 "pending": "dim"}
 LOSSES = (("loss", "loss"), ("val_loss", "val loss"), ("unigram_val_loss", "unigram"))
 RATES = {"grad_norm": "grad norm {:.3g}", "lr": "lr {:.2e}", "tokens_per_s": "{:,.0f} tok/s",
-         "memory_gib": "memory {:.2f} GiB",
-         # an RL stage: its surrogate loss says little, the reward does; and what its rollouts cost
-         "reward": "reward {:.3f}", "rollout_s": "rollout {:.2f} s a micro-batch"}
+         "memory_gib": "memory {:.2f} GiB", **RL_RATES}
 
 
 def _status(status: str) -> Text:

@@ -60,8 +60,10 @@ ETA_FLUSHES = 10     # flushes the step rate is measured over
 ETA_POINTS = 2000    # newest loss points searched for them
 MAX_WINDOW = 20_000  # most loss points a rule reads (plateau:N reads 2N)
 FLUSH_GAP_S = 0.05   # points closer than this were written in one batch
-SHOWN = ("loss", "val_loss", "unigram_val_loss", "grad_norm", "lr", "tokens_per_s", "memory_gib",
-         "reward", "rollout_s")  # the last two: an RL stage's (its reward; its rollout's seconds a micro-batch)
+# an RL stage's own: its surrogate loss says little, its reward does; and what its rollouts cost
+# (muse run show's stage line uses the same words)
+RL_RATES = {"reward": "reward {:.3f}", "rollout_s": "rollout {:.2f} s a micro-batch"}
+SHOWN = ("loss", "val_loss", "unigram_val_loss", "grad_norm", "lr", "tokens_per_s", "memory_gib", *RL_RATES)
 UTILISATION = ("gpu_util", "cpu_percent", "ram_percent")
 REWRITERS = ("recovery", "optimizer", "adapt")
 FINISHED = ("completed", "failed", "interrupted")
@@ -512,10 +514,9 @@ def _rates(snap: dict[str, Any], flagged: set[str]) -> list[Text]:
                 text += f" ({m['memory_percent']:.0f}%)"
             line.append(" · " if i else "", style="dim")
             line.append(text, style="bold red" if current and name in flagged else "dim")
-        if "reward" in m:  # an RL stage: what it earns, and what its rollouts cost of the step
-            line.append(f" · reward {m['reward']:.3f}", style="dim")
-        if "rollout_s" in m:
-            line.append(f" · rollout {m['rollout_s']:.2f} s a micro-batch", style="dim")
+        for name, form in RL_RATES.items():
+            if name in m:
+                line.append(" · " + form.format(m[name]), style="dim")
         lines.append(line)
     return lines
 
