@@ -66,6 +66,9 @@ def record_launches(d_model: int, streams: int, tokens: int) -> list[dict[str, A
         fs.maps_forward(x.view(M, n * C), phi, 1e-6)
         fs.maps_backward(x.view(M, n * C), phi, proj, rinv, dproj)
         fm.state_grad(x, g, h_res, h, dy, phi, proj, rinv, dproj)
+        alpha, b_pre = torch.rand(3), torch.randn(n)
+        fm.pre_read(x, phi, alpha, b_pre, 1e-6)
+        fm.pre_grad(x, g, h_res, dy, phi, proj, rinv, alpha, b_pre, dproj)
         xs, us = torch.randn(M, C, **f32), torch.randn(M, C, **f32)  # DDL's fused update runs in fp32
         w, b = torch.randn(C), torch.randn(1)
         fd.delta_forward(xs, us, w, b, w, b, 2.0, 1e-6)

@@ -12,7 +12,9 @@ kernels under torch.profiler, for
 - ``mhc+streams``: ``fused_streams``' read and write kernels, the maps in torch;
 - ``mhc+fused``: those and ``maps_project`` (norm and product with φ, each way);
 - ``mhc+one``: ``fused_mhc``, the connection as two ops that write the state's gradient once
-  (bf16 states only; an fp32 one runs ``mhc+fused``'s ops);
+  (bf16 states only; an fp32 one runs ``mhc+fused``'s ops), its ``pre`` in two kernels (the maps with
+  the read; the dots with the state's gradient);
+- ``mhc+split``: ``mhc+one`` with ``pre`` in four kernels (maps, read; dots, state's gradient), as before;
 - ``sinkhorn``: the fused Sinkhorn forward + backward alone, on the same tokens' 4×4 logits;
 
 each with a bf16 stream state (``+bf16``, as ``techniques.mhc.stream_dtype: bfloat16``) and
@@ -43,13 +45,14 @@ from engines.architecture import ModelConfig  # noqa: E402
 from engines.architecture import fused_mhc, fused_streams  # noqa: E402
 from engines.architecture import residual  # noqa: E402
 
-VARIANTS = ("standard", "mhc", "mhc+streams", "mhc+fused", "mhc+one")
+VARIANTS = ("standard", "mhc", "mhc+streams", "mhc+fused", "mhc+split", "mhc+one")
 
 
 def setting(name: str) -> tuple[str, bool, bool, bool]:
     """(residual, stream kernels on, maps kernel on, fused_mhc on)."""
     base = name.split("+")[0]
-    return base, name.endswith(("+streams", "+fused", "+one")), name.endswith(("+fused", "+one")), name.endswith("+one")
+    one = name.endswith(("+one", "+split"))
+    return base, one or name.endswith(("+streams", "+fused")), one or name.endswith("+fused"), one
 
 
 def measure(fn, steps: int, warmup: int, cuda: bool) -> list[float]:  # type: ignore[no-untyped-def]
@@ -86,7 +89,7 @@ def connection_case(name: str, stream_dtype: str, shape: tuple[int, int, int, in
                     args: argparse.Namespace) -> dict[str, Any]:
     B, T, n, C = shape
     base, streams, maps, one = setting(name)
-    fused_streams.MAPS, fused_mhc.ENABLED = maps, one
+    fused_streams.MAPS, fused_mhc.ENABLED, fused_mhc.TWO_PASS = maps, one, not name.endswith("+split")
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=64, seq_len=T, n_layers=1, d_model=C, n_heads=max(1, C // 64),

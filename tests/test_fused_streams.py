@@ -213,7 +213,7 @@ def mhc_interpreter_checks() -> None:
 
     _register_cpu({"maps_project": fs.maps_forward, "stream_read": fs.read_forward, "stream_dots": fs.dots_forward,
                    "sinkhorn": sinkhorn, "sinkhorn_backward": sinkhorn_backward, "mhc_pre": fm.pre_forward,
-                   "mhc_state_grad": fm.state_grad, "mhc_write": fm.write_forward,
+                   "mhc_state_grad": fm.state_grad, "mhc_pre_grad": fm.pre_grad, "mhc_write": fm.write_forward,
                    "mhc_write_backward": fm.write_backward})
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=64, seq_len=8, n_layers=1, d_model=48, n_heads=4, residual="mhc",
@@ -240,10 +240,15 @@ def mhc_interpreter_checks() -> None:
     def checkpointed(conn, x, f):  # type: ignore[no-untyped-def]
         return torch.utils.checkpoint.checkpoint(fused, conn, x, f, use_reentrant=False)
 
-    for how, connection in (("eager", fused), ("aot_eager", torch.compile(fused, backend="aot_eager", fullgraph=True)),
-                            ("checkpoint", checkpointed)):
-        for name, got, ref in zip(names, run(connection, conn, lin, x, grad), want):
-            assert got is not None and _rel(got, ref) < 2e-5, (how, name, None if got is None else _rel(got, ref))
+    fm.BLOCK_C = 32  # 48 channels: two blocks, the last partial, so pre's passes run in both orders
+    for two_pass in (True, False):  # pre's two kernels (the maps with the read; the dots with ∂x), or four
+        fm.TWO_PASS = two_pass
+        torch._dynamo.reset()
+        for how, connection in (("eager", fused), ("checkpoint", checkpointed),
+                                ("aot_eager", torch.compile(fused, backend="aot_eager", fullgraph=True))):
+            for name, got, ref in zip(names, run(connection, conn, lin, x, grad), want):
+                assert got is not None and _rel(got, ref) < 2e-5, (two_pass, how, name,
+                                                                   None if got is None else _rel(got, ref))
 
 
 def sinkhorn_interpreter_checks() -> None:
@@ -476,6 +481,7 @@ def test_no_kernel_spills_registers_at_the_350m_shape(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "check_kernels.json").read_text())["rows"]
-    assert len(rows) == 11 and {r["kernel"] for r in rows} >= {"_state_grad_kernel", "_maps_fwd_kernel",
-                                                               "_delta_bwd_kernel", "_sinkhorn_bwd_kernel"}
+    assert len(rows) == 13 and {r["kernel"] for r in rows} >= {"_state_grad_kernel", "_pre_grad_kernel", "_pre_read_kernel",
+                                                               "_maps_fwd_kernel", "_delta_bwd_kernel",
+                                                               "_sinkhorn_bwd_kernel"}
     assert [r["kernel"] for r in rows if r["stack_bytes"]] == [], rows

@@ -33,6 +33,12 @@ ENABLED = True  # with fused_kernels on; False: fused_streams' three-gradient op
 # tokens and channels a program of the state's gradient: at 64 × 64 (8 warps) its threads needed more
 # than 255 registers and spilled 656 bytes each, for sm_90 (scripts/check_kernels.py); 32 × 64 needs 198
 BLOCK_M, BLOCK_C = 32, 64
+# ``pre``'s two kernels read a program's tokens' state twice (the maps, then the read; the dots, then the
+# gradient), the second time channel blocks last to first, to find in L2 what the first pass read last; 16
+# tokens a program keep that small (16 × 4 × 1024 bf16: 128 KiB) and ∂x's kernel unspilled at 8 warps (180
+# registers; at 32 tokens it spilled). False: the maps, read, dots and ∂x as four kernels (to compare)
+TWO_PASS = True
+PRE_BLOCK_M = 16
 
 
 def usable(x: torch.Tensor, mode: str) -> bool:
@@ -69,12 +75,46 @@ def state_grad(x: torch.Tensor, g: torch.Tensor, h_res: torch.Tensor, h_pre: tor
     return dx
 
 
+def pre_read(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b_pre: torch.Tensor,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The maps' projections, their norm and the read in one kernel: x (M, n, C), φ (nC, P) →
+    proj (M, P) and r (M,) as ``fused_streams.maps_forward``'s, y_in = Σ_j σ(α₀ proj_j + b_pre_j) x_j
+    (M, C), all fp32."""
+    M, n, C = x.shape
+    P = phi.shape[1]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    proj, rinv, y = torch.empty(M, P, **f32), torch.empty(M, **f32), torch.empty(M, C, **f32)
+    phi, consts = fs._maps_args(x, phi)
+    _pre_read_kernel[(triton.cdiv(M, PRE_BLOCK_M),)](
+        x, phi, alpha, b_pre, proj, rinv, y, M, eps, C=C, N=n, BC=BLOCK_C, **{**consts, "BM": PRE_BLOCK_M},
+        num_warps=4)
+    return proj, rinv, y
+
+
+def pre_grad(x: torch.Tensor, g: torch.Tensor, h_res: torch.Tensor, dy: torch.Tensor, phi: torch.Tensor,
+             proj: torch.Tensor, rinv: torch.Tensor, alpha: torch.Tensor, b_pre: torch.Tensor,
+             dproj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``state_grad`` with the dots before it in one kernel: ∂x, and ∂(α₀ proj_pre + b_pre) (M, n) fp32,
+    H_pre's part of ∂proj over α₀, which the kernel finds from ⟨x_j, ∂y_in⟩; ``dproj`` (M, P) holds
+    ∂proj's other parts (its first n columns are not read)."""
+    M, n, C = x.shape
+    if n != 4:
+        raise ValueError(f"fused_mhc.pre_grad takes 4 streams, got {n}")
+    dx = torch.empty_like(x)
+    d_pre = torch.empty(M, n, dtype=torch.float32, device=x.device)
+    phi, consts = fs._maps_args(x, phi)
+    _pre_grad_kernel[(triton.cdiv(M, PRE_BLOCK_M),)](
+        x, g.contiguous(), h_res, dy, phi, proj, rinv, alpha, b_pre, dproj, dx, d_pre, M, C=C, N=n, BC=BLOCK_C,
+        **{**consts, "BM": PRE_BLOCK_M}, num_warps=8)
+    return dx, d_pre
+
+
 if AVAILABLE:
     from engines.architecture.fused_streams import _maps_grad_rows, _token_rows
 
     @triton.jit
-    def _stream_grad_start(x_ptr, phi_ptr, hpre_ptr, dproj, coef, dy, rows, rm, c, tile, cols, j: tl.constexpr,
-                           C: tl.constexpr, N: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BF16: tl.constexpr,
+    def _stream_grad_start(x_ptr, phi_ptr, h_pre, dproj, coef, dy, rows, c, tile, cols, j: tl.constexpr,
+                           C: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BF16: tl.constexpr,
                            PRECISION: tl.constexpr):
         """Stream j's ∂x before H_resᵀ g: the maps' terms and h_pre[j] ∂y, (BM, BC) fp32."""
         col = j * C + c  # the state's flat column of (stream j, channel c): φ's row
@@ -85,31 +125,22 @@ if AVAILABLE:
             acc = tl.dot(dproj, phi_t)
         else:
             acc = tl.dot(dproj, phi_t, input_precision=PRECISION)
-        return acc + coef[:, None] * x + tl.load(hpre_ptr + rows * N + j, mask=rm, other=0.0)[:, None] * dy
+        return acc + coef[:, None] * x + h_pre[:, None] * dy
 
     @triton.jit
-    def _state_grad_kernel(x_ptr, g_ptr, hres_ptr, hpre_ptr, dy_ptr, phi_ptr, proj_ptr, rinv_ptr, dproj_ptr, dx_ptr, M,
-                           C: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, D: tl.constexpr,
-                           P: tl.constexpr, PP: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr):
-        """N = 4: the four streams' gradients held at once, so each of g's streams is read once (H_resᵀ g
-        mixes every stream of g into every stream of ∂x; a loop over output streams read g N times)."""
-        rows, rm = _token_rows(M, BM)
-        c = tl.program_id(1) * BC + tl.arange(0, BC)
+    def _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, h0, h1, h2, h3, dproj, coef, rows, rm, c,
+                         cols, C: tl.constexpr, N: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BF16: tl.constexpr,
+                         PRECISION: tl.constexpr):
+        """∂x on BM tokens × BC channels of the four streams at once, so each of g's streams is read once
+        (H_resᵀ g mixes every stream of g into every stream of ∂x; a loop over output streams read g N times).
+        h0..h3: h_pre's four columns (BM,); dproj: ∂proj · r (BM, PP); coef: the norm's term's on x."""
         tile = rm[:, None] & (c < C)[None, :]
-        cols = tl.arange(0, PP)
-        dproj, coef = _maps_grad_rows(dproj_ptr, proj_ptr, rinv_ptr, rows, rm, D, P, PP)
-        if BF16:
-            dproj = dproj.to(tl.bfloat16)
         dy = tl.load(dy_ptr + rows[:, None] * C + c[None, :], mask=tile, other=0.0).to(tl.float32)
         # each argument spelled out: a tuple unpacked into a jit call needs a newer Triton than torch>=2.4 brings
-        acc0 = _stream_grad_start(x_ptr, phi_ptr, hpre_ptr, dproj, coef, dy, rows, rm, c, tile, cols, 0, C, N, D, P,
-                                  BF16, PRECISION)
-        acc1 = _stream_grad_start(x_ptr, phi_ptr, hpre_ptr, dproj, coef, dy, rows, rm, c, tile, cols, 1, C, N, D, P,
-                                  BF16, PRECISION)
-        acc2 = _stream_grad_start(x_ptr, phi_ptr, hpre_ptr, dproj, coef, dy, rows, rm, c, tile, cols, 2, C, N, D, P,
-                                  BF16, PRECISION)
-        acc3 = _stream_grad_start(x_ptr, phi_ptr, hpre_ptr, dproj, coef, dy, rows, rm, c, tile, cols, 3, C, N, D, P,
-                                  BF16, PRECISION)
+        acc0 = _stream_grad_start(x_ptr, phi_ptr, h0, dproj, coef, dy, rows, c, tile, cols, 0, C, D, P, BF16, PRECISION)
+        acc1 = _stream_grad_start(x_ptr, phi_ptr, h1, dproj, coef, dy, rows, c, tile, cols, 1, C, D, P, BF16, PRECISION)
+        acc2 = _stream_grad_start(x_ptr, phi_ptr, h2, dproj, coef, dy, rows, c, tile, cols, 2, C, D, P, BF16, PRECISION)
+        acc3 = _stream_grad_start(x_ptr, phi_ptr, h3, dproj, coef, dy, rows, c, tile, cols, 3, C, D, P, BF16, PRECISION)
         for i in tl.static_range(N):  # H_resᵀ g: ∂x_j += H_res[i, j] g_i
             g = tl.load(g_ptr + rows[:, None] * D + (i * C + c)[None, :], mask=tile, other=0.0).to(tl.float32)
             h = hres_ptr + (rows * N + i) * N
@@ -124,6 +155,107 @@ if AVAILABLE:
         tl.store(out + 2 * C, acc2.to(ty), mask=tile)
         tl.store(out + 3 * C, acc3.to(ty), mask=tile)
 
+    @triton.jit
+    def _state_grad_kernel(x_ptr, g_ptr, hres_ptr, hpre_ptr, dy_ptr, phi_ptr, proj_ptr, rinv_ptr, dproj_ptr, dx_ptr, M,
+                           C: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, D: tl.constexpr,
+                           P: tl.constexpr, PP: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr):
+        """One (BM tokens, BC channels) tile of ∂x, h_pre and ∂proj read from memory."""
+        rows, rm = _token_rows(M, BM)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        cols = tl.arange(0, PP)
+        dproj, coef = _maps_grad_rows(dproj_ptr, proj_ptr, rinv_ptr, rows, rm, D, P, PP)
+        if BF16:
+            dproj = dproj.to(tl.bfloat16)
+        h = hpre_ptr + rows * N
+        _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, tl.load(h, mask=rm, other=0.0),
+                         tl.load(h + 1, mask=rm, other=0.0), tl.load(h + 2, mask=rm, other=0.0),
+                         tl.load(h + 3, mask=rm, other=0.0), dproj, coef, rows, rm, c, cols, C, N, D, P, BF16,
+                         PRECISION)
+
+    @triton.jit
+    def _column(t, cols, j: tl.constexpr):
+        """Column j of t (BM, PP) as (BM,)."""
+        return tl.sum(tl.where((cols == j)[None, :], t, 0.0), axis=1)
+
+    @triton.jit
+    def _pre_read_kernel(x_ptr, phi_ptr, alpha_ptr, bpre_ptr, proj_ptr, rinv_ptr, y_ptr, M, eps, C: tl.constexpr,
+                         N: tl.constexpr, BC: tl.constexpr, D: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
+                         BM: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr):
+        """BM tokens: x φ and the sum of squares, channel block by block (all streams of one block, then
+        the next); then y_in = Σ_j σ(α₀ proj_j + b_pre_j) x_j, blocks last to first."""
+        rows, rm = _token_rows(M, BM)
+        cols = tl.arange(0, PP)
+        pm = cols < P
+        acc = tl.zeros((BM, PP), tl.float32)
+        ss = tl.zeros((BM,), tl.float32)
+        blocks: tl.constexpr = (C + BC - 1) // BC
+        for b in range(blocks):
+            c = b * BC + tl.arange(0, BC)
+            cm = c < C
+            for j in tl.static_range(N):
+                k = j * C + c
+                x = tl.load(x_ptr + rows[:, None] * D + k[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
+                xf = x.to(tl.float32)
+                ss += tl.sum(xf * xf, axis=1)
+                phi = tl.load(phi_ptr + k[:, None] * P + cols[None, :], mask=cm[:, None] & pm[None, :], other=0.0)
+                if BF16:
+                    acc += tl.dot(x, phi)
+                else:
+                    acc += tl.dot(xf, phi, input_precision=PRECISION)
+        rinv = tl.rsqrt(ss / D + eps)
+        proj = acc * rinv[:, None]
+        tl.store(proj_ptr + rows[:, None] * P + cols[None, :], proj, mask=rm[:, None] & pm[None, :])
+        tl.store(rinv_ptr + rows, rinv, mask=rm)
+        h = tl.sigmoid(tl.load(alpha_ptr) * proj + tl.load(bpre_ptr + cols, mask=cols < N, other=0.0)[None, :])
+        for back in range(blocks):
+            c = (blocks - 1 - back) * BC + tl.arange(0, BC)
+            tile = rm[:, None] & (c < C)[None, :]
+            y = tl.zeros((BM, BC), tl.float32)
+            for j in tl.static_range(N):
+                x = tl.load(x_ptr + rows[:, None] * D + (j * C + c)[None, :], mask=tile, other=0.0)
+                y += _column(h, cols, j)[:, None] * x.to(tl.float32)
+            tl.store(y_ptr + rows[:, None] * C + c[None, :], y, mask=tile)
+
+    @triton.jit
+    def _pre_grad_kernel(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, proj_ptr, rinv_ptr, alpha_ptr, bpre_ptr, dproj_ptr,
+                         dx_ptr, dpre_ptr, M, C: tl.constexpr, N: tl.constexpr, BC: tl.constexpr, D: tl.constexpr,
+                         P: tl.constexpr, PP: tl.constexpr, BM: tl.constexpr, BF16: tl.constexpr,
+                         PRECISION: tl.constexpr):
+        """BM tokens: ⟨x_j, ∂y_in⟩ over the channels, so H_pre's part of ∂proj; then ∂x, blocks last to first."""
+        rows, rm = _token_rows(M, BM)
+        cols = tl.arange(0, PP)
+        pre = cols < N
+        small = rm[:, None] & (cols < P)[None, :]
+        proj = tl.load(proj_ptr + rows[:, None] * P + cols[None, :], mask=small, other=0.0)
+        rinv = tl.load(rinv_ptr + rows, mask=rm, other=0.0)
+        a0 = tl.load(alpha_ptr)
+        h = tl.sigmoid(a0 * proj + tl.load(bpre_ptr + cols, mask=pre, other=0.0)[None, :])
+        dots = tl.zeros((BM, PP), tl.float32)  # ⟨x_j, ∂y_in⟩ in column j
+        blocks: tl.constexpr = (C + BC - 1) // BC
+        for b in range(blocks):
+            c = b * BC + tl.arange(0, BC)
+            tile = rm[:, None] & (c < C)[None, :]
+            dy = tl.load(dy_ptr + rows[:, None] * C + c[None, :], mask=tile, other=0.0).to(tl.float32)
+            for j in tl.static_range(N):
+                x = tl.load(x_ptr + rows[:, None] * D + (j * C + c)[None, :], mask=tile, other=0.0).to(tl.float32)
+                dots += tl.where((cols == j)[None, :], tl.sum(x * dy, axis=1)[:, None], 0.0)
+        d_pre = dots * h * (1 - h)  # through H_pre = σ(·); 0 past column N, as dots is
+        tl.store(dpre_ptr + rows[:, None] * N + cols[None, :], d_pre, mask=rm[:, None] & pre[None, :])
+        dproj = tl.load(dproj_ptr + rows[:, None] * P + cols[None, :], mask=small & (cols >= N)[None, :],
+                        other=0.0) + a0 * d_pre
+        coef = -rinv * rinv / D * tl.sum(dproj * proj, axis=1)
+        dproj = dproj * rinv[:, None]
+        if BF16:
+            dproj = dproj.to(tl.bfloat16)
+        h0 = _column(h, cols, 0)
+        h1 = _column(h, cols, 1)
+        h2 = _column(h, cols, 2)
+        h3 = _column(h, cols, 3)
+        for back in range(blocks):
+            c = (blocks - 1 - back) * BC + tl.arange(0, BC)
+            _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, h0, h1, h2, h3, dproj, coef, rows, rm,
+                             c, cols, C, N, D, P, BF16, PRECISION)
+
     # ---- the ops ----------------------------------------------------------------------
 
     def pre_forward(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b_pre: torch.Tensor, b_post: torch.Tensor,
@@ -133,10 +265,14 @@ if AVAILABLE:
         from engines.architecture.residual import _fused_sinkhorn, map_gates  # residual imports this module
 
         M, n, C = x.shape
-        proj, rinv = fs._maps_op(x.view(M, n * C), phi, eps)
-        h_pre, h_post, logits = map_gates(proj, alpha, b_pre, b_post, b_res, n)
-        return (fs._read_op(h_pre, x), h_post, _fused_sinkhorn(logits.contiguous(), iters), torch.empty_like(x),
-                proj, rinv)
+        if TWO_PASS:
+            proj, rinv, y_in = pre_read(x, phi, alpha, b_pre, eps)
+            _, h_post, logits = map_gates(proj, alpha, b_pre, b_post, b_res, n)
+        else:
+            proj, rinv = fs._maps_op(x.view(M, n * C), phi, eps)
+            h_pre, h_post, logits = map_gates(proj, alpha, b_pre, b_post, b_res, n)
+            y_in = fs._read_op(h_pre, x)
+        return y_in, h_post, _fused_sinkhorn(logits.contiguous(), iters), torch.empty_like(x), proj, rinv
 
     _pre_op = torch.library.custom_op("muse_architecture::mhc_pre", mutates_args=(), device_types="cuda")(pre_forward)
 
@@ -153,6 +289,13 @@ if AVAILABLE:
     @_state_grad_op.register_fake
     def _(x, g, h_res, h_pre, dy, phi, proj, rinv, dproj):  # type: ignore[no-untyped-def]
         return torch.empty_like(x)
+
+    _pre_grad_op = torch.library.custom_op("muse_architecture::mhc_pre_grad", mutates_args=(),
+                                           device_types="cuda")(pre_grad)
+
+    @_pre_grad_op.register_fake
+    def _(x, g, h_res, dy, phi, proj, rinv, alpha, b_pre, dproj):  # type: ignore[no-untyped-def]
+        return torch.empty_like(x), x.new_empty(x.shape[:2], dtype=torch.float32)
 
     def write_forward(h_res: torch.Tensor, x: torch.Tensor, h_post: torch.Tensor, y: torch.Tensor, tap: torch.Tensor,
                       dtype: torch.dtype) -> torch.Tensor:
@@ -199,11 +342,16 @@ if AVAILABLE:
         h_pre, h_post, logits = map_gates(proj, alpha, b_pre, b_post, b_res, n)  # (M, 24): cheap to redo
         dy = dy.contiguous()
         pre, post, res = proj.split((n, n, n * n), dim=-1)
-        d_pre = fs._dots_op(x, dy) * h_pre * (1 - h_pre)  # through H_pre = σ(·)
         d_post = dh_post * h_post * (1 - h_post / 2)  # H_post = 2σ(·)
         d_res = _fused_sinkhorn_backward(logits.contiguous(), dh_res.contiguous(), ctx.iters).view(M, n * n)
-        dproj = torch.cat((alpha[0] * d_pre, alpha[1] * d_post, alpha[2] * d_res), dim=-1)
-        dx = _state_grad_op(x, g, h_res, h_pre, dy, phi, proj, rinv, dproj.contiguous())
+        if TWO_PASS:  # the kernel finds H_pre's part from ⟨x_j, ∂y_in⟩; the first n columns are its to fill
+            rest = torch.cat((torch.zeros_like(d_post), alpha[1] * d_post, alpha[2] * d_res), dim=-1)
+            dx, d_pre = _pre_grad_op(x, g, h_res, dy, phi, proj, rinv, alpha, b_pre, rest)
+            dproj = torch.cat((alpha[0] * d_pre, rest[:, n:]), dim=-1)
+        else:
+            d_pre = fs._dots_op(x, dy) * h_pre * (1 - h_pre)  # through H_pre = σ(·)
+            dproj = torch.cat((alpha[0] * d_pre, alpha[1] * d_post, alpha[2] * d_res), dim=-1).contiguous()
+            dx = _state_grad_op(x, g, h_res, h_pre, dy, phi, proj, rinv, dproj)
         d_phi = fs.phi_grad(x.view(M, n * C), phi, rinv, dproj)
         d_alpha = torch.stack(((d_pre * pre).sum(), (d_post * post).sum(), (d_res * res).sum()))
         return (dx, d_phi, d_alpha, d_pre.sum(0), d_post.sum(0), d_res.sum(0).view(n, n), None, None)
