@@ -143,7 +143,28 @@ def launch(home: Path, spec: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, shell=True, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def throughput(spec: dict, device: str, prompts: int, group: int, decodes: list[str]) -> dict:
+def rollout_profile(trainer, device: str) -> dict:  # type: ignore[no-untyped-def]
+    """One more rollout under torch.profiler: its wall time (the profiler's overhead included), the
+    sum of its kernels' device time, how many kernels it launched and the costliest, so a rollout
+    short of its target says whether the GPU or the host sets its pace."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        trainer.next_batch()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.device_time_total > 0]
+    kernels.sort(key=lambda e: -e.device_time_total)
+    return {"wall_s": wall, "kernels_s": sum(e.device_time_total for e in kernels) / 1e6,
+            "kernel_launches": sum(e.count for e in kernels),
+            "top": [{"name": e.key[:100], "ms": e.device_time_total / 1e3, "calls": e.count} for e in kernels[:12]]}
+
+
+def throughput(spec: dict, device: str, prompts: int, group: int, decodes: list[str],
+               profile: bool = False) -> dict:
     """Completions/s for rollout (KV-cache sampling) and for the GRPO update, same model,
     rollouts decoding as ``decodes[0]`` says; each other decode's numbers under ``other_decodes``."""
     import torch
@@ -188,8 +209,11 @@ def throughput(spec: dict, device: str, prompts: int, group: int, decodes: list[
            "rollout_completions_per_s": n / min(rollouts), "rollout_tokens_per_s": tokens / min(rollouts),
            "update_completions_per_s": n / min(updates),
            "parameters": sum(p.numel() for p in trainer.model.parameters())}
+    if profile and device == "cuda":
+        with torch.autocast(device, dtype=dtype):
+            out["profile"] = rollout_profile(trainer, device)
     if decodes[1:]:
-        out["other_decodes"] = {d: throughput(spec, device, prompts, group, [d]) for d in decodes[1:]}
+        out["other_decodes"] = {d: throughput(spec, device, prompts, group, [d], profile) for d in decodes[1:]}
     return out
 
 
@@ -206,11 +230,14 @@ def main() -> None:
 
     parser.add_argument("--decode", nargs="+", choices=DECODES, default=["graphs"],
                         help="how rollouts decode; several to compare, the first in the table")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --throughput-only: one more rollout a decode under torch.profiler (its kernels)")
     args = parser.parse_args()
     STEPS.update(pretrain=args.pretrain_steps, sft=args.sft_steps, rl=args.rl_steps)
     if args.throughput_only:
         result = json.loads((args.out / "bench_grpo.json").read_text())
-        result["throughput"] = throughput(result["plan"], "cuda", prompts=16, group=8, decodes=args.decode)
+        result["throughput"] = throughput(result["plan"], "cuda", prompts=16, group=8, decodes=args.decode,
+                                          profile=args.profile)
         write(result, args.out)
         return
     root = Path(tempfile.mkdtemp(prefix="muse-grpo-"))
