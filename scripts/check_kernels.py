@@ -76,7 +76,7 @@ def record_launches(d_model: int, streams: int, tokens: int) -> list[dict[str, A
         logits = torch.randn(M, n, n)
         r._launch(r._sinkhorn_fwd_kernel, logits, torch.empty_like(logits), iters=20)
         r._launch(r._sinkhorn_bwd_kernel, logits, logits, torch.empty_like(logits),
-                  logits.new_empty((40, *logits.shape)), iters=20)
+                  logits.new_empty((20, *logits.shape)), iters=20)
     finally:
         JITFunction.run = real
     return launches

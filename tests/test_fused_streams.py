@@ -207,7 +207,7 @@ def mhc_interpreter_checks() -> None:
         return out
 
     def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int) -> torch.Tensor:
-        grad_in, saved = torch.empty_like(logits), logits.new_empty((2 * iters, *logits.shape))
+        grad_in, saved = torch.empty_like(logits), logits.new_empty((iters, *logits.shape))
         r._launch(r._sinkhorn_bwd_kernel, logits, grad.contiguous(), grad_in, saved, iters=iters)
         return grad_in
 
@@ -262,7 +262,7 @@ def sinkhorn_interpreter_checks() -> None:
         grad = torch.randn(37, 4, 4)
         out, grad_in = torch.empty_like(logits), torch.empty_like(logits)
         r._launch(r._sinkhorn_fwd_kernel, logits, out, iters=iters)
-        saved = logits.new_empty((2 * iters, *logits.shape))
+        saved = logits.new_empty((iters, *logits.shape))
         r._launch(r._sinkhorn_bwd_kernel, logits, grad, grad_in, saved, iters=iters)
         ref_in = logits.double().requires_grad_()
         ref = r.sinkhorn(ref_in, iters)

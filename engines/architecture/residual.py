@@ -269,47 +269,47 @@ if _FUSED:
                              ITERS: tl.constexpr, BLOCK: tl.constexpr):
         # Each half-step y = x − lse(x) has the backward dx = dy − exp(y)·Σ dy along
         # its axis, so going back through step k needs only that step's outputs. The
-        # forward is run again once, each step's two outputs written to ``saved``
-        # (2·iters matrices a matrix, in the logits' layout), then read back in
-        # reverse. Recomputing each step's outputs from the logits instead (no
-        # scratch) runs iters²/2 dependent steps: 0.17 ms a connection of 16k
-        # tokens on an H100, 15% of what mhc added to a step (docs/bench_plan_run.md).
+        # forward is run again once, writing each iteration's input to ``saved``
+        # (iters matrices a matrix, in the logits' layout: the logits, then each
+        # column step's output but the last), then read back in reverse: iteration
+        # k's column output is the next one's input (or the last, still in
+        # registers), its row output one row step from its own input. Saving both
+        # steps' outputs moved twice the bytes (41 µs a connection of 16k tokens on
+        # an H200); recomputing each step's outputs from the logits instead (no
+        # scratch) runs iters²/2 dependent steps: 0.17 ms on an H100.
         offs, mask = _row_offsets(n_mats, BLOCK)
-        plane = n_mats * 16  # one saved step's matrices
+        plane = n_mats * 16  # one saved iteration's matrices
         r0 = tl.load(logits_ptr + offs, mask=mask, other=0.0)
         r1 = tl.load(logits_ptr + offs + 4, mask=mask, other=0.0)
         r2 = tl.load(logits_ptr + offs + 8, mask=mask, other=0.0)
         r3 = tl.load(logits_ptr + offs + 12, mask=mask, other=0.0)
         for k in range(ITERS):
-            r0, r1, r2, r3 = _row_norm(r0), _row_norm(r1), _row_norm(r2), _row_norm(r3)
-            rows = saved_ptr + (2 * k) * plane + offs
+            rows = saved_ptr + k * plane + offs  # iteration k's input
             tl.store(rows, r0, mask=mask)
             tl.store(rows + 4, r1, mask=mask)
             tl.store(rows + 8, r2, mask=mask)
             tl.store(rows + 12, r3, mask=mask)
-            r0, r1, r2, r3 = _col_norm(r0, r1, r2, r3)
-            cols = saved_ptr + (2 * k + 1) * plane + offs
-            tl.store(cols, r0, mask=mask)
-            tl.store(cols + 4, r1, mask=mask)
-            tl.store(cols + 8, r2, mask=mask)
-            tl.store(cols + 12, r3, mask=mask)
+            r0, r1, r2, r3 = _col_norm(_row_norm(r0), _row_norm(r1), _row_norm(r2), _row_norm(r3))
         g0 = tl.load(grad_out_ptr + offs, mask=mask, other=0.0) * tl.exp(r0)  # through the final exp
         g1 = tl.load(grad_out_ptr + offs + 4, mask=mask, other=0.0) * tl.exp(r1)
         g2 = tl.load(grad_out_ptr + offs + 8, mask=mask, other=0.0) * tl.exp(r2)
         g3 = tl.load(grad_out_ptr + offs + 12, mask=mask, other=0.0) * tl.exp(r3)
-        for back in range(ITERS):
+        for back in range(ITERS):  # r0..r3: iteration k's column output
             k = ITERS - 1 - back
-            cols = saved_ptr + (2 * k + 1) * plane + offs
             col_sum = g0 + g1 + g2 + g3
-            g0 = g0 - tl.exp(tl.load(cols, mask=mask, other=0.0)) * col_sum
-            g1 = g1 - tl.exp(tl.load(cols + 4, mask=mask, other=0.0)) * col_sum
-            g2 = g2 - tl.exp(tl.load(cols + 8, mask=mask, other=0.0)) * col_sum
-            g3 = g3 - tl.exp(tl.load(cols + 12, mask=mask, other=0.0)) * col_sum
-            rows = saved_ptr + (2 * k) * plane + offs
-            g0 = g0 - tl.exp(tl.load(rows, mask=mask, other=0.0)) * tl.sum(g0, axis=1)[:, None]
-            g1 = g1 - tl.exp(tl.load(rows + 4, mask=mask, other=0.0)) * tl.sum(g1, axis=1)[:, None]
-            g2 = g2 - tl.exp(tl.load(rows + 8, mask=mask, other=0.0)) * tl.sum(g2, axis=1)[:, None]
-            g3 = g3 - tl.exp(tl.load(rows + 12, mask=mask, other=0.0)) * tl.sum(g3, axis=1)[:, None]
+            g0 = g0 - tl.exp(r0) * col_sum
+            g1 = g1 - tl.exp(r1) * col_sum
+            g2 = g2 - tl.exp(r2) * col_sum
+            g3 = g3 - tl.exp(r3) * col_sum
+            rows = saved_ptr + k * plane + offs
+            r0 = tl.load(rows, mask=mask, other=0.0)  # iteration k's input: the one before's column output
+            r1 = tl.load(rows + 4, mask=mask, other=0.0)
+            r2 = tl.load(rows + 8, mask=mask, other=0.0)
+            r3 = tl.load(rows + 12, mask=mask, other=0.0)
+            g0 = g0 - tl.exp(_row_norm(r0)) * tl.sum(g0, axis=1)[:, None]
+            g1 = g1 - tl.exp(_row_norm(r1)) * tl.sum(g1, axis=1)[:, None]
+            g2 = g2 - tl.exp(_row_norm(r2)) * tl.sum(g2, axis=1)[:, None]
+            g3 = g3 - tl.exp(_row_norm(r3)) * tl.sum(g3, axis=1)[:, None]
         tl.store(grad_in_ptr + offs, g0, mask=mask)
         tl.store(grad_in_ptr + offs + 4, g1, mask=mask)
         tl.store(grad_in_ptr + offs + 8, g2, mask=mask)
@@ -331,7 +331,7 @@ if _FUSED:
     @torch.library.custom_op("muse_architecture::sinkhorn_backward", mutates_args=(), device_types="cuda")
     def _fused_sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int) -> torch.Tensor:
         grad_in = torch.empty_like(logits)
-        saved = logits.new_empty((2 * iters, *logits.shape))  # each step's outputs: 2·iters·64 B a matrix
+        saved = logits.new_empty((iters, *logits.shape))  # each iteration's input: iters·64 B a matrix
         _launch(_sinkhorn_bwd_kernel, logits, grad.contiguous(), grad_in, saved, iters=iters)
         return grad_in
 
