@@ -89,7 +89,8 @@ def connection_case(name: str, stream_dtype: str, shape: tuple[int, int, int, in
                     args: argparse.Namespace) -> dict[str, Any]:
     B, T, n, C = shape
     base, streams, maps, one = setting(name)
-    fused_streams.MAPS, fused_mhc.ENABLED, fused_mhc.TWO_PASS = maps, one, not name.endswith("+split")
+    fused_streams.MAPS, fused_mhc.ENABLED = maps, one
+    fused_mhc.TWO_PASS_FORWARD = fused_mhc.TWO_PASS_BACKWARD = not name.endswith("+split")
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=64, seq_len=T, n_layers=1, d_model=C, n_heads=max(1, C // 64),
@@ -106,7 +107,9 @@ def connection_case(name: str, stream_dtype: str, shape: tuple[int, int, int, in
         return conn(x, lambda h: h * scale)
 
     run = torch.compile(body) if cuda or args.compile_on_cpu else body
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # and no cached graph: one traced under another case's switches would be taken
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
 
     def step() -> None:
         x.grad = None  # in a model the state's gradient flows on to the block before: nothing accumulates

@@ -240,9 +240,10 @@ def mhc_interpreter_checks() -> None:
     def checkpointed(conn, x, f):  # type: ignore[no-untyped-def]
         return torch.utils.checkpoint.checkpoint(fused, conn, x, f, use_reentrant=False)
 
-    fm.BLOCK_C = 32  # 48 channels: two blocks, the last partial, so pre's passes run in both orders
+    # 48 channels: two blocks, the last partial, so pre's passes run in both orders; 10 tokens, 16 a program
+    fm.TILES = {"state_grad": (16, 32, 4), "pre_read": (16, 32, 4), "pre_grad": (16, 32, 4)}
     for two_pass in (True, False):  # pre's two kernels (the maps with the read; the dots with ∂x), or four
-        fm.TWO_PASS = two_pass
+        fm.TWO_PASS_FORWARD = fm.TWO_PASS_BACKWARD = two_pass
         torch._dynamo.reset()
         for how, connection in (("eager", fused), ("checkpoint", checkpointed),
                                 ("aot_eager", torch.compile(fused, backend="aot_eager", fullgraph=True))):
@@ -347,15 +348,22 @@ def test_fused_connection_is_as_accurate_as_the_torch_one(residual: str, stream_
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("residual", ["mhc", "mgt", "ddl"])
 def test_fused_ops_compile_as_they_run_eager(residual: str) -> None:
+    """Compiled, the fused ops stay as close to fp32 as they are eager. Compiled and eager round in
+    different places, so they are each held to fp32 rather than to each other: a gradient summed over
+    every token whose terms cancel (mgt's w_β) differed by 1.15% between the two on an H100."""
     fused_streams, conn, lin, x, grad = _fused_setup(residual, "float32" if residual == "ddl" else "bfloat16")
     _kernels(conn, "on")
     eager = _connection_grads(conn, lin, x, grad, autocast=True)
+    exact = _connection_grads(conn, lin, x.float(), grad.float(), autocast=False)  # fp32 throughout
     torch._dynamo.reset()
     compiled = _connection_grads(torch.compile(conn, fullgraph=True), lin, x, grad, autocast=True)
     # every tensor past its bound, with its size, in one message (a device's logs can bury a long report)
-    off = [(name, tuple(b.shape), round(_rel(a.float(), b.double()), 5), 2 * _bf16_floor(b))
-           for name, a, b in zip(_names(conn), compiled, eager) if _rel(a.float(), b.double()) >= 2 * _bf16_floor(b)]
-    assert not off, f"compiled vs eager, (name, shape, relative error, bound): {off}"
+    off = []
+    for name, a, b, ref in zip(_names(conn), compiled, eager, exact):
+        err, err_eager = _rel(a.float(), ref.double()), _rel(b.float(), ref.double())
+        if err > max(1.5 * err_eager, _bf16_floor(ref)):
+            off.append((name, tuple(ref.shape), round(err, 5), round(err_eager, 5)))
+    assert not off, f"compiled further from fp32 than eager, (name, shape, compiled's error, eager's): {off}"
 
 
 # ---- the bf16 stream state -------------------------------------------------------------
@@ -431,8 +439,8 @@ def _kernels(conn: torch.nn.Module, mode: str) -> None:
 
 
 def test_a_run_says_what_training_fused_kernels_got(cli, tmp_path: Path) -> None:
-    """On CPU the kernels can't run: the run says so in one event and trains in torch; the
-    other cases through the note itself (a GPU with Triton; a residual without kernels)."""
+    """On CPU the kernels can't run: the run says so in one event and trains in torch (on a GPU
+    with Triton, that they run); the other cases through the note itself (a GPU with Triton; a residual without kernels)."""
     from conftest import TINY, write_plan
     from muse_plan.executor.loop import _kernels_note
     from muse_plan.executor.settings import resolve
@@ -450,7 +458,11 @@ def test_a_run_says_what_training_fused_kernels_got(cli, tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     with Store().read() as session:
         events = [e.message for e in runs.events(session, runs.list_runs(session)[0][0].id, limit=50)]
-    assert "training.fused_kernels is on, but they run on a GPU only: the connections run in torch" in events
+    on_gpu = torch.cuda.is_available()  # the suite also runs on a GPU machine
+    assert ("fused Triton kernels for the mhc connections, eager and compiled (training.fused_kernels: on)"
+            if on_gpu and HAS_TRITON else "training.fused_kernels is on, but Triton is not installed: the connections "
+            "run in torch" if on_gpu else "training.fused_kernels is on, but they run on a GPU only: the connections "
+            "run in torch") in events, events
 
     class Hooks:
         def __init__(self) -> None:

@@ -30,15 +30,16 @@ from engines.architecture import fused_streams as fs
 triton, tl = fs.triton, (fs.tl if fs.AVAILABLE else None)
 AVAILABLE = fs.AVAILABLE
 ENABLED = True  # with fused_kernels on; False: fused_streams' three-gradient ops (to compare)
-# tokens and channels a program of the state's gradient: at 64 × 64 (8 warps) its threads needed more
-# than 255 registers and spilled 656 bytes each, for sm_90 (scripts/check_kernels.py); 32 × 64 needs 198
-BLOCK_M, BLOCK_C = 32, 64
-# ``pre``'s two kernels read a program's tokens' state twice (the maps, then the read; the dots, then the
-# gradient), the second time channel blocks last to first, to find in L2 what the first pass read last; 16
-# tokens a program keep that small (16 × 4 × 1024 bf16: 128 KiB) and ∂x's kernel unspilled at 8 warps (180
-# registers; at 32 tokens it spilled). False: the maps, read, dots and ∂x as four kernels (to compare)
-TWO_PASS = True
-PRE_BLOCK_M = 16
+# (tokens, channels, warps) a program of each kernel; scripts/tune_mhc_kernels.py times the choices on a GPU.
+# The state's gradient at 64 × 64 tiles (8 warps) needed more than 255 registers a thread and spilled (sm_90,
+# scripts/check_kernels.py); at 32 × 64, 198. ``pre``'s two kernels read a program's tokens' state twice (the
+# maps, then the read; the dots, then the gradient), the second time channel blocks last to first, to find in
+# L2 what the first pass read last, so their programs take few tokens.
+TILES = {"state_grad": (32, 64, 8), "pre_read": (16, 64, 4), "pre_grad": (16, 64, 8)}
+# ``pre`` in two kernels (the maps with the read; the dots with the state's gradient), forward and backward;
+# False: the maps, read, dots and state gradient as four kernels
+TWO_PASS_FORWARD = True
+TWO_PASS_BACKWARD = True
 
 
 def usable(x: torch.Tensor, mode: str) -> bool:
@@ -69,9 +70,10 @@ def state_grad(x: torch.Tensor, g: torch.Tensor, h_res: torch.Tensor, h_pre: tor
         raise ValueError(f"fused_mhc.state_grad takes 4 streams, got {n}")
     dx = torch.empty_like(x)
     phi, consts = fs._maps_args(x, phi)
-    _state_grad_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(C, BLOCK_C))](
-        x, g.contiguous(), h_res, h_pre, dy, phi, proj, rinv, dproj, dx, M, C=C, N=n, BC=BLOCK_C,
-        **{**consts, "BM": BLOCK_M}, num_warps=8)
+    bm, bc, warps = TILES["state_grad"]
+    _state_grad_kernel[(triton.cdiv(M, bm), triton.cdiv(C, bc))](
+        x, g.contiguous(), h_res, h_pre, dy, phi, proj, rinv, dproj, dx, M, C=C, N=n, BC=bc, **{**consts, "BM": bm},
+        num_warps=warps)
     return dx
 
 
@@ -85,9 +87,9 @@ def pre_read(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b_pre: tor
     f32 = dict(dtype=torch.float32, device=x.device)
     proj, rinv, y = torch.empty(M, P, **f32), torch.empty(M, **f32), torch.empty(M, C, **f32)
     phi, consts = fs._maps_args(x, phi)
-    _pre_read_kernel[(triton.cdiv(M, PRE_BLOCK_M),)](
-        x, phi, alpha, b_pre, proj, rinv, y, M, eps, C=C, N=n, BC=BLOCK_C, **{**consts, "BM": PRE_BLOCK_M},
-        num_warps=4)
+    bm, bc, warps = TILES["pre_read"]
+    _pre_read_kernel[(triton.cdiv(M, bm),)](x, phi, alpha, b_pre, proj, rinv, y, M, eps, C=C, N=n, BC=bc,
+                                            **{**consts, "BM": bm}, num_warps=warps)
     return proj, rinv, y
 
 
@@ -103,9 +105,10 @@ def pre_grad(x: torch.Tensor, g: torch.Tensor, h_res: torch.Tensor, dy: torch.Te
     dx = torch.empty_like(x)
     d_pre = torch.empty(M, n, dtype=torch.float32, device=x.device)
     phi, consts = fs._maps_args(x, phi)
-    _pre_grad_kernel[(triton.cdiv(M, PRE_BLOCK_M),)](
-        x, g.contiguous(), h_res, dy, phi, proj, rinv, alpha, b_pre, dproj, dx, d_pre, M, C=C, N=n, BC=BLOCK_C,
-        **{**consts, "BM": PRE_BLOCK_M}, num_warps=8)
+    bm, bc, warps = TILES["pre_grad"]
+    _pre_grad_kernel[(triton.cdiv(M, bm),)](
+        x, g.contiguous(), h_res, dy, phi, proj, rinv, alpha, b_pre, dproj, dx, d_pre, M, C=C, N=n, BC=bc,
+        **{**consts, "BM": bm}, num_warps=warps)
     return dx, d_pre
 
 
@@ -265,7 +268,7 @@ if AVAILABLE:
         from engines.architecture.residual import _fused_sinkhorn, map_gates  # residual imports this module
 
         M, n, C = x.shape
-        if TWO_PASS:
+        if TWO_PASS_FORWARD:
             proj, rinv, y_in = pre_read(x, phi, alpha, b_pre, eps)
             _, h_post, logits = map_gates(proj, alpha, b_pre, b_post, b_res, n)
         else:
@@ -344,7 +347,7 @@ if AVAILABLE:
         pre, post, res = proj.split((n, n, n * n), dim=-1)
         d_post = dh_post * h_post * (1 - h_post / 2)  # H_post = 2σ(·)
         d_res = _fused_sinkhorn_backward(logits.contiguous(), dh_res.contiguous(), ctx.iters).view(M, n * n)
-        if TWO_PASS:  # the kernel finds H_pre's part from ⟨x_j, ∂y_in⟩; the first n columns are its to fill
+        if TWO_PASS_BACKWARD:  # the kernel finds H_pre's part from ⟨x_j, ∂y_in⟩; the first n columns are its to fill
             rest = torch.cat((torch.zeros_like(d_post), alpha[1] * d_post, alpha[2] * d_res), dim=-1)
             dx, d_pre = _pre_grad_op(x, g, h_res, dy, phi, proj, rinv, alpha, b_pre, rest)
             dproj = torch.cat((alpha[0] * d_pre, rest[:, n:]), dim=-1)

@@ -1,0 +1,140 @@
+"""The tiles of ``fused_mhc``'s kernels, timed one launch at a time on a GPU.
+
+Each of ``pre``'s two forms, at 350M's shape (8 × 2048 tokens, 4 streams of d_model channels,
+a bf16 state), alone, with CUDA events, for every (tokens, channels, warps) a program in the
+grid below:
+
+- forward: ``fused_streams``' maps kernel and read kernel (two launches, the state read twice
+  from memory) against ``pre_read`` (one launch, its second read meant to come from L2);
+- backward: the dots kernel and ``state_grad`` against ``pre_grad`` (the dots and the state's
+  gradient in one launch).
+
+Each row gives the median milliseconds and the bytes the form must move at least (the state
+and the other tensors read or written once) over that time: the memory speed it reaches.
+``fused_mhc.TILES`` takes the fastest; ``TWO_PASS_FORWARD`` / ``TWO_PASS_BACKWARD`` the faster
+form. Launch configurations that fail to compile (too many registers, shared memory) are listed
+with why.
+
+    PYTHONPATH=. python3 scripts/tune_mhc_kernels.py --out $OUT          # a GPU, ~2 min
+    PYTHONPATH=. python3 scripts/tune_mhc_kernels.py --tiny              # CPU, Triton's interpreter: it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+TINY = "--tiny" in sys.argv
+if TINY:  # before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+from engines.architecture import fused_mhc as fm  # noqa: E402
+from engines.architecture import fused_streams as fs  # noqa: E402
+
+
+def time_ms(fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    if TINY:
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
+    for _ in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--d-model", type=int, default=1024)
+    p.add_argument("--tokens", type=int, default=8 * 2048)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--tiny", action="store_true", help="CPU under Triton's interpreter, a small shape: it runs")
+    args = p.parse_args()
+    if not fs.AVAILABLE or not (TINY or torch.cuda.is_available()):
+        sys.exit("tune_mhc_kernels needs Triton, and CUDA (or --tiny)")
+    torch.manual_seed(0)
+    M, n, C = (32, 4, 64) if TINY else (args.tokens, 4, args.d_model)
+    P = 2 * n + n * n
+    dev = dict(device="cpu" if TINY else "cuda")
+    x, g = torch.randn(M, n, C, dtype=torch.bfloat16, **dev), torch.randn(M, n, C, dtype=torch.bfloat16, **dev)
+    dy = torch.randn(M, C, **dev)  # ∂y_in, fp32 as y_in
+    phi = 0.02 * torch.randn(n * C, P, **dev)
+    alpha, b_pre = torch.rand(3, **dev), torch.randn(n, **dev)
+    h_res = torch.softmax(torch.randn(M, n, n, **dev), -1)
+    proj, rinv = fs.maps_forward(x.view(M, n * C), phi, 1e-6)
+    h_pre = torch.sigmoid(alpha[0] * proj[:, :n] + b_pre)
+    dproj = torch.randn(M, P, **dev)
+    state = x.numel() * x.element_size()
+    small = M * C * 4  # y_in or ∂y_in, fp32
+    # the least each form moves: forward reads the state once and writes y_in; backward reads the state,
+    # g and ∂y_in once and writes ∂x
+    least = {"forward": state + small, "backward": 3 * state + small}
+    rows: list[dict[str, Any]] = []
+
+    def record(part: str, form: str, tiles: tuple[int, int, int] | None, fn: Callable[[], Any]) -> None:
+        row: dict[str, Any] = {"part": part, "form": form, "tiles": tiles}
+        try:
+            row["ms"] = time_ms(fn, args.reps)
+            row["gb_per_s"] = least[part] / row["ms"] / 1e6
+        except Exception as exc:  # a launch configuration this GPU can't compile
+            row["error"] = str(exc).splitlines()[0][:160]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def split_forward() -> None:
+        fs.maps_forward(x.view(M, n * C), phi, 1e-6)
+        fs.read_forward(h_pre, x)
+
+    def split_backward() -> None:
+        fs.dots_forward(x, dy)
+        fm.state_grad(x, g, h_res, h_pre, dy, phi, proj, rinv, dproj)
+
+    record("forward", "maps + read", None, split_forward)
+    grid = [(16, 32, 4)] if TINY else list(itertools.product((16, 32, 64), (32, 64, 128), (4, 8)))
+    for tiles in grid:
+        fm.TILES["pre_read"] = tiles
+        record("forward", "pre_read", tiles, lambda: fm.pre_read(x, phi, alpha, b_pre, 1e-6))
+    for tiles in grid:
+        fm.TILES["state_grad"] = tiles
+        record("backward", "dots + state_grad", tiles, split_backward)
+    for tiles in grid:
+        fm.TILES["pre_grad"] = tiles
+        record("backward", "pre_grad", tiles, lambda: fm.pre_grad(x, g, h_res, dy, phi, proj, rinv, alpha, b_pre,
+                                                                 dproj))
+    best = {}
+    for form in ("maps + read", "pre_read", "dots + state_grad", "pre_grad"):
+        timed = [r for r in rows if r["form"] == form and "ms" in r]
+        if timed:
+            best[form] = min(timed, key=lambda r: r["ms"])
+            print(f"{form:<18} best {best[form]['ms']:.3f} ms ({best[form]['gb_per_s']:.0f} GB/s) at "
+                  f"{best[form]['tiles']}", flush=True)
+    result = {"device": "cpu (interpreter)" if TINY else torch.cuda.get_device_name(), "torch": torch.__version__,
+              "shape": {"tokens": M, "streams": n, "d_model": C},
+              "command": " ".join(["python3", "scripts/tune_mhc_kernels.py", *sys.argv[1:]]),
+              "least_bytes": least, "rows": rows, "best": best}
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "tune_mhc_kernels.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
