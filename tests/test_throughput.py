@@ -164,6 +164,27 @@ def test_the_h200_plan_run_rows_and_the_fused_mhc_connection_are_priced_within_1
                 for m in two}) == 1  # fused_mhc takes 4 streams: 2 run the stream ops, priced as torch's
 
 
+def test_the_h100_fused_rows_through_plan_run_are_priced_within_10_percent():
+    """docs/bench_architecture_fused_h100.json: standard, mhc (torch and fused), ddl and mgt with the fused
+    kernels, one H100 call through `muse plan run`; mgt's fused row priced as fused (torch's 673 B: 13.5% slow)."""
+    import json
+    from pathlib import Path
+
+    data = json.loads((Path(__file__).resolve().parent.parent / "docs" /
+                       "bench_architecture_fused_h100.json").read_text())
+    assert "H100" in data["device"]
+    rows = {row["model"]: row["tokens_per_s"] for row in data["rows"] if row["mode"] == "plan-run"}
+    assert set(rows) == {"standard", "mhc+bf16", "mhc+bf16+fused", "ddl+fused", "mgt+bf16+fused"}
+    for name, measured in rows.items():
+        base, *flags = name.split("+")
+        m = ModelConfig(vocab_size=32000, seq_len=data["seq_len"], n_layers=24, d_model=1024, n_heads=16,
+                        residual=base, stream_dtype="bfloat16" if "bf16" in flags else "float32",
+                        fused_kernels="on" if "fused" in flags else "off")
+        predicted = tp.step_time(TrainConfig(m, micro_batch=data["batch"], precision="bf16", compiled=True),
+                                 H100).tokens_per_s
+        assert predicted == pytest.approx(measured, rel=0.1), (name, predicted, measured)
+
+
 def test_quickstart_on_two_cpu_cores_runs_at_about_6000_tokens_per_s():
     st = tp.step_time(TrainConfig(QUICKSTART, micro_batch=16, precision="fp32"), None, cpu_cores=2)
     assert st.tokens_per_s == pytest.approx(6_000, rel=0.2)

@@ -87,8 +87,10 @@ class ResidualMode:
     width_rules: tuple[str, ...] = ()
     # under torch.compile: bytes a layer·d_model·token beyond standard's, (float32, bfloat16) stream state
     compiled_traffic: tuple[float, float] = (0.0, 0.0)
-    # the same with training.fused_kernels on and a bfloat16 state, where the mode has a whole-connection
-    # kernel (mhc: fused_mhc); None: its kernels are priced as torch's own fusion
+    # the same with training.fused_kernels on and a bfloat16 state of 4 streams, where the mode's kernels were
+    # timed through `muse plan run` (mhc: fused_mhc, 320 on an H200; mgt: fused_streams' maps, read, dots and
+    # write, 470 fitted to 102,351 tok/s on an H100, docs/bench_architecture_fused_h100.json, where its
+    # torch price, 673, predicted 88,533); None: its kernels are priced as torch's own fusion
     fused_traffic: float | None = None
 
     def params(self, c: ModelConfig) -> int:
@@ -115,7 +117,8 @@ RESIDUAL_MODES: dict[str, ResidualMode] = {m.name: m for m in (
     ResidualMode("mgt", True, lambda c: _mhc(c) + _ddl(c),
                  lambda c: _mixing_flops(c) + _sinkhorn_flops(c) + c.streams * _ddl_flops(c), 3.577, 2.989,
                  f"{_RES}:ManifoldDeltaConnection", f"{_DEPTH}:_identity_manifold", f"{_ACT}:_mgt",
-                 (f"{_WIDTH}:MHC_RULES", f"{_WIDTH}:DDL_RULES"), compiled_traffic=(868.0, 673.0)),
+                 (f"{_WIDTH}:MHC_RULES", f"{_WIDTH}:DDL_RULES"), compiled_traffic=(868.0, 673.0),
+                 fused_traffic=470.0),
 )}
 
 

@@ -72,7 +72,10 @@ and every constant below that it re-derives within 11% of its value here.
   and a bf16 state, mhc's connection runs ``fused_mhc`` and is priced at
   ``ResidualMode.fused_traffic`` 320 B: through ``muse plan run`` on an H200
   (docs/bench_architecture_fused.json) it added 30.8 ms to standard's 94.9 ms
-  step where torch's added 42.3 ms in the same call; 440 × 30.8 / 42.3.
+  step where torch's added 42.3 ms in the same call; 440 × 30.8 / 42.3. mgt's
+  fused kernels (``fused_streams``' maps, read, dots and write) are priced at
+  470 B, fitted to its row on an H100 (docs/bench_architecture_fused_h100.json,
+  102,351 tok/s), where torch's 673 B predicted 13.5% too slow.
   COMPILED_HOST_S_PER_LAYER 2.1 ms is assumed (half eager's: a compiled block
   launches a few fused kernels where eager launches one per operation); the
   350M compiled row bounds it above, being GPU-bound at 3.8 ms a layer (95.5 of
