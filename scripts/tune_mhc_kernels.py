@@ -109,7 +109,7 @@ def main() -> None:
         fm.state_grad(x, g, h_res, h_pre, dy, phi, proj, rinv, dproj)
 
     record("forward", "maps + read", None, split_forward)
-    grid = [(16, 32, 4)] if TINY else list(itertools.product((16, 32, 64), (32, 64, 128), (4, 8)))
+    grid = [(16, 32, 4)] if TINY else list(itertools.product((16, 32, 64), (64, 128), (4, 8)))
     for tiles in grid:
         fm.TILES["pre_read"] = tiles
         record("forward", "pre_read", tiles, lambda: fm.pre_read(x, phi, alpha, b_pre, 1e-6))
