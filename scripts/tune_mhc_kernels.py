@@ -89,6 +89,15 @@ def main() -> None:
     # g and ∂y_in once and writes ∂x
     least = {"forward": state + small, "backward": 3 * state + small}
     rows: list[dict[str, Any]] = []
+    result = {"device": "cpu (interpreter)" if TINY else torch.cuda.get_device_name(), "torch": torch.__version__,
+              "shape": {"tokens": M, "streams": n, "d_model": C},
+              "command": " ".join(["python3", "scripts/tune_mhc_kernels.py", *sys.argv[1:]]),
+              "least_bytes": least, "rows": rows}
+
+    def save() -> None:  # after every row: a time limit keeps what was timed
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "tune_mhc_kernels.json").write_text(json.dumps(result, indent=1))
 
     def record(part: str, form: str, tiles: tuple[int, int, int] | None, fn: Callable[[], Any]) -> None:
         row: dict[str, Any] = {"part": part, "form": form, "tiles": tiles}
@@ -99,6 +108,7 @@ def main() -> None:
             row["error"] = str(exc).splitlines()[0][:160]
         rows.append(row)
         print(json.dumps(row), flush=True)
+        save()
 
     def split_forward() -> None:
         fs.maps_forward(x.view(M, n * C), phi, 1e-6)
@@ -109,10 +119,7 @@ def main() -> None:
         fm.state_grad(x, g, h_res, h_pre, dy, phi, proj, rinv, dproj)
 
     record("forward", "maps + read", None, split_forward)
-    grid = [(16, 32, 4)] if TINY else list(itertools.product((16, 32, 64), (64, 128), (4, 8)))
-    for tiles in grid:
-        fm.TILES["pre_read"] = tiles
-        record("forward", "pre_read", tiles, lambda: fm.pre_read(x, phi, alpha, b_pre, 1e-6))
+    grid = [(16, 32, 4)] if TINY else list(itertools.product((16, 32, 64), (64, 128), (4, 8, 16)))
     for tiles in grid:
         fm.TILES["state_grad"] = tiles
         record("backward", "dots + state_grad", tiles, split_backward)
@@ -120,6 +127,9 @@ def main() -> None:
         fm.TILES["pre_grad"] = tiles
         record("backward", "pre_grad", tiles, lambda: fm.pre_grad(x, g, h_res, dy, phi, proj, rinv, alpha, b_pre,
                                                                  dproj))
+    for tiles in grid:
+        fm.TILES["pre_read"] = tiles
+        record("forward", "pre_read", tiles, lambda: fm.pre_read(x, phi, alpha, b_pre, 1e-6))
     best = {}
     for form in ("maps + read", "pre_read", "dots + state_grad", "pre_grad"):
         timed = [r for r in rows if r["form"] == form and "ms" in r]
@@ -127,13 +137,8 @@ def main() -> None:
             best[form] = min(timed, key=lambda r: r["ms"])
             print(f"{form:<18} best {best[form]['ms']:.3f} ms ({best[form]['gb_per_s']:.0f} GB/s) at "
                   f"{best[form]['tiles']}", flush=True)
-    result = {"device": "cpu (interpreter)" if TINY else torch.cuda.get_device_name(), "torch": torch.__version__,
-              "shape": {"tokens": M, "streams": n, "d_model": C},
-              "command": " ".join(["python3", "scripts/tune_mhc_kernels.py", *sys.argv[1:]]),
-              "least_bytes": least, "rows": rows, "best": best}
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "tune_mhc_kernels.json").write_text(json.dumps(result, indent=1))
+    result["best"] = best
+    save()
 
 
 if __name__ == "__main__":
