@@ -12,8 +12,9 @@ grid below:
 Each row gives the median milliseconds and the bytes the form must move at least (the state
 and the other tensors read or written once) over that time: the memory speed it reaches.
 ``fused_mhc.TILES`` takes the fastest; ``TWO_PASS_FORWARD`` / ``TWO_PASS_BACKWARD`` the faster
-form. Launch configurations that fail to compile (too many registers, shared memory) are listed
-with why.
+form: ``--apply`` writes them into ``engines/architecture/fused_mhc.py`` (``--apply-from JSON``
+does so from an earlier run's file, with no GPU). Launch configurations that fail to compile (too
+many registers, shared memory) are listed with why.
 
     PYTHONPATH=. python3 scripts/tune_mhc_kernels.py --out $OUT          # a GPU, ~2 min
     PYTHONPATH=. python3 scripts/tune_mhc_kernels.py --tiny              # CPU, Triton's interpreter: it runs
@@ -61,6 +62,28 @@ def time_ms(fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+SOURCE = ROOT / "engines" / "architecture" / "fused_mhc.py"
+
+
+def apply(best: dict[str, Any]) -> str:
+    """Write the fastest tiles and forms into fused_mhc.py's TILES and TWO_PASS_* lines; what changed."""
+    import re
+
+    text = SOURCE.read_text()
+    tiles = dict(fm.TILES)
+    for form, name in (("dots + state_grad", "state_grad"), ("pre_grad", "pre_grad"), ("pre_read", "pre_read")):
+        if form in best:
+            tiles[name] = tuple(best[form]["tiles"])
+    forward = "pre_read" in best and best["pre_read"]["ms"] < best["maps + read"]["ms"]
+    backward = "pre_grad" in best and best["pre_grad"]["ms"] < best["dots + state_grad"]["ms"]
+    line = "TILES = {" + ", ".join(f'"{k}": {tuple(v)}' for k, v in tiles.items()) + "}"
+    text = re.sub(r"^TILES = \{.*\}$", line, text, count=1, flags=re.M)
+    text = re.sub(r"^TWO_PASS_FORWARD = \w+$", f"TWO_PASS_FORWARD = {forward}", text, count=1, flags=re.M)
+    text = re.sub(r"^TWO_PASS_BACKWARD = \w+$", f"TWO_PASS_BACKWARD = {backward}", text, count=1, flags=re.M)
+    SOURCE.write_text(text)
+    return f"{line}; TWO_PASS_FORWARD = {forward}; TWO_PASS_BACKWARD = {backward}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--d-model", type=int, default=1024)
@@ -68,7 +91,12 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", type=Path)
     p.add_argument("--tiny", action="store_true", help="CPU under Triton's interpreter, a small shape: it runs")
+    p.add_argument("--apply", action="store_true", help="write the fastest tiles and forms into fused_mhc.py")
+    p.add_argument("--apply-from", type=Path, help="an earlier run's tune_mhc_kernels.json: apply it, time nothing")
     args = p.parse_args()
+    if args.apply_from:
+        print(apply(json.loads(args.apply_from.read_text())["best"]))
+        return
     if not fs.AVAILABLE or not (TINY or torch.cuda.is_available()):
         sys.exit("tune_mhc_kernels needs Triton, and CUDA (or --tiny)")
     torch.manual_seed(0)
@@ -139,6 +167,8 @@ def main() -> None:
                   f"{best[form]['tiles']}", flush=True)
     result["best"] = best
     save()
+    if args.apply:
+        print(apply(best))
 
 
 if __name__ == "__main__":
