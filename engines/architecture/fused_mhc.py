@@ -37,9 +37,10 @@ ENABLED = True  # with fused_kernels on; False: fused_streams' three-gradient op
 # L2 what the first pass read last, so their programs take few tokens.
 TILES = {"state_grad": (32, 64, 8), "pre_read": (16, 64, 4), "pre_grad": (16, 64, 8)}
 # ``pre`` in two kernels (the maps with the read; the dots with the state's gradient), forward and backward;
-# False: the maps, read, dots and state gradient as four kernels
-TWO_PASS_FORWARD = True
-TWO_PASS_BACKWARD = True
+# False: the maps, read, dots and state gradient as four kernels. On an H100 the two-kernel forward took
+# 0.283 ms where the four-kernel form's maps and read take 0.123 (docs/bench_plan_run.md, last section)
+TWO_PASS_FORWARD = False
+TWO_PASS_BACKWARD = False
 
 
 def usable(x: torch.Tensor, mode: str) -> bool:
