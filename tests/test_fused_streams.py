@@ -440,7 +440,8 @@ def _kernels(conn: torch.nn.Module, mode: str) -> None:
 
 def test_a_run_says_what_training_fused_kernels_got(cli, tmp_path: Path) -> None:
     """On CPU the kernels can't run: the run says so in one event and trains in torch (on a GPU
-    with Triton, that they run); the other cases through the note itself (a GPU with Triton; a residual without kernels)."""
+    with Triton, that they run); the other cases through the note itself (a GPU with Triton; a
+    residual without kernels)."""
     from conftest import TINY, write_plan
     from muse_plan.executor.loop import _kernels_note
     from muse_plan.executor.settings import resolve
@@ -493,7 +494,7 @@ def test_no_kernel_spills_registers_at_the_350m_shape(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "check_kernels.json").read_text())["rows"]
-    assert len(rows) == 13 and {r["kernel"] for r in rows} >= {"_state_grad_kernel", "_pre_grad_kernel", "_pre_read_kernel",
-                                                               "_maps_fwd_kernel", "_delta_bwd_kernel",
-                                                               "_sinkhorn_bwd_kernel"}
+    assert len(rows) == 13 and {r["kernel"] for r in rows} >= {
+        "_state_grad_kernel", "_pre_grad_kernel", "_pre_read_kernel", "_maps_fwd_kernel", "_delta_bwd_kernel",
+        "_sinkhorn_bwd_kernel"}
     assert [r["kernel"] for r in rows if r["stack_bytes"]] == [], rows

@@ -225,7 +225,8 @@ if AVAILABLE:
                          dx_ptr, dpre_ptr, M, C: tl.constexpr, N: tl.constexpr, BC: tl.constexpr, D: tl.constexpr,
                          P: tl.constexpr, PP: tl.constexpr, BM: tl.constexpr, BF16: tl.constexpr,
                          PRECISION: tl.constexpr):
-        """BM tokens: ⟨x_j, ∂y_in⟩ over the channels, so H_pre's part of ∂proj; then ∂x, blocks last to first."""
+        """BM tokens: ⟨x_j, ∂y_in⟩ over the channels, so H_pre's part of ∂proj; then ∂x, blocks last to
+        first."""
         rows, rm = _token_rows(M, BM)
         cols = tl.arange(0, PP)
         pre = cols < N
@@ -348,7 +349,7 @@ if AVAILABLE:
         pre, post, res = proj.split((n, n, n * n), dim=-1)
         d_post = dh_post * h_post * (1 - h_post / 2)  # H_post = 2σ(·)
         d_res = _fused_sinkhorn_backward(logits.contiguous(), dh_res.contiguous(), ctx.iters).view(M, n * n)
-        if TWO_PASS_BACKWARD:  # the kernel finds H_pre's part from ⟨x_j, ∂y_in⟩; the first n columns are its to fill
+        if TWO_PASS_BACKWARD:  # the kernel finds H_pre's part from ⟨x_j, ∂y_in⟩: the first n columns are its
             rest = torch.cat((torch.zeros_like(d_post), alpha[1] * d_post, alpha[2] * d_res), dim=-1)
             dx, d_pre = _pre_grad_op(x, g, h_res, dy, phi, proj, rinv, alpha, b_pre, rest)
             dproj = torch.cat((alpha[0] * d_pre, rest[:, n:]), dim=-1)
