@@ -30,7 +30,7 @@ from engines.architecture import fused_streams as fs
 triton, tl = fs.triton, (fs.tl if fs.AVAILABLE else None)
 AVAILABLE = fs.AVAILABLE
 ENABLED = True  # with fused_kernels on; False: fused_streams' three-gradient ops (to compare)
-# (tokens, channels, warps) a program of each kernel; scripts/tune_mhc_kernels.py times the choices on a GPU.
+# (tokens, channels, warps) a program of each kernel; scripts/tune_kernels.py times the choices on a GPU.
 # The state's gradient at 64 × 64 tiles (8 warps) needed more than 255 registers a thread and spilled (sm_90,
 # scripts/check_kernels.py); at 32 × 64, 198. ``pre``'s two kernels read a program's tokens' state twice (the
 # maps, then the read; the dots, then the gradient), the second time channel blocks last to first, to find in

@@ -1,4 +1,4 @@
-"""The tiles of ``fused_mhc``'s kernels, timed one launch at a time on a GPU.
+"""The tiles of ``fused_mhc``'s kernels and DDL's tokens a backward program, timed on a GPU.
 
 Each of ``pre``'s two forms, at 350M's shape (8 × 2048 tokens, 4 streams of d_model channels,
 a bf16 state), alone, with CUDA events, for every (tokens, channels, warps) a program in the
@@ -7,17 +7,21 @@ grid below:
 - forward: ``fused_streams``' maps kernel and read kernel (two launches, the state read twice
   from memory) against ``pre_read`` (one launch, its second read meant to come from L2);
 - backward: the dots kernel and ``state_grad`` against ``pre_grad`` (the dots and the state's
-  gradient in one launch).
+  gradient in one launch);
+- DDL's backward (``fused_delta``, fp32 state (tokens, d_model)) at 16 to 128 tokens a program: a
+  program walks its tokens one after another and sums their parameter-gradient shares, so fewer
+  tokens mean more programs in flight and more shares for torch to add.
 
 Each row gives the median milliseconds and the bytes the form must move at least (the state
 and the other tensors read or written once) over that time: the memory speed it reaches.
 ``fused_mhc.TILES`` takes the fastest; ``TWO_PASS_FORWARD`` / ``TWO_PASS_BACKWARD`` the faster
-form: ``--apply`` writes them into ``engines/architecture/fused_mhc.py`` (``--apply-from JSON``
-does so from an earlier run's file, with no GPU). Launch configurations that fail to compile (too
+form, ``fused_delta.TOKENS_PER_PROGRAM`` the fastest count: ``--apply`` writes them into
+``engines/architecture/fused_mhc.py`` and ``fused_delta.py`` (``--apply-from JSON`` does so from
+an earlier run's file, with no GPU). Launch configurations that fail to compile (too
 many registers, shared memory) are listed with why.
 
-    PYTHONPATH=. python3 scripts/tune_mhc_kernels.py --out $OUT          # a GPU, ~2 min
-    PYTHONPATH=. python3 scripts/tune_mhc_kernels.py --tiny              # CPU, Triton's interpreter: it runs
+    PYTHONPATH=. python3 scripts/tune_kernels.py --out $OUT          # a GPU, ~2 min
+    PYTHONPATH=. python3 scripts/tune_kernels.py --tiny              # CPU, Triton's interpreter: it runs
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ if TINY:  # before triton is imported
 
 import torch  # noqa: E402
 
+from engines.architecture import fused_delta as fd  # noqa: E402
 from engines.architecture import fused_mhc as fm  # noqa: E402
 from engines.architecture import fused_streams as fs  # noqa: E402
 
@@ -63,6 +68,7 @@ def time_ms(fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
 
 
 SOURCE = ROOT / "engines" / "architecture" / "fused_mhc.py"
+DELTA_SOURCE = ROOT / "engines" / "architecture" / "fused_delta.py"
 
 
 def apply(best: dict[str, Any]) -> str:
@@ -74,14 +80,26 @@ def apply(best: dict[str, Any]) -> str:
     for form, name in (("dots + state_grad", "state_grad"), ("pre_grad", "pre_grad"), ("pre_read", "pre_read")):
         if form in best:
             tiles[name] = tuple(best[form]["tiles"])
-    forward = "pre_read" in best and best["pre_read"]["ms"] < best["maps + read"]["ms"]
-    backward = "pre_grad" in best and best["pre_grad"]["ms"] < best["dots + state_grad"]["ms"]
+    def faster(one: str, other: str, switch: str) -> bool:  # a form not timed (a time limit): the file's
+        if one in best and other in best:
+            return best[one]["ms"] < best[other]["ms"]
+        return re.search(rf"^{switch} = (\w+)$", text, flags=re.M).group(1) == "True"  # type: ignore[union-attr]
+
+    forward = faster("pre_read", "maps + read", "TWO_PASS_FORWARD")
+    backward = faster("pre_grad", "dots + state_grad", "TWO_PASS_BACKWARD")
     line = "TILES = {" + ", ".join(f'"{k}": {tuple(v)}' for k, v in tiles.items()) + "}"
     text = re.sub(r"^TILES = \{.*\}$", line, text, count=1, flags=re.M)
     text = re.sub(r"^TWO_PASS_FORWARD = \w+$", f"TWO_PASS_FORWARD = {forward}", text, count=1, flags=re.M)
     text = re.sub(r"^TWO_PASS_BACKWARD = \w+$", f"TWO_PASS_BACKWARD = {backward}", text, count=1, flags=re.M)
     SOURCE.write_text(text)
-    return f"{line}; TWO_PASS_FORWARD = {forward}; TWO_PASS_BACKWARD = {backward}"
+    said = f"{line}; TWO_PASS_FORWARD = {forward}; TWO_PASS_BACKWARD = {backward}"
+    if "ddl backward" in best:
+        tokens = best["ddl backward"]["tiles"][0]
+        text = re.sub(r"^TOKENS_PER_PROGRAM = \d+", f"TOKENS_PER_PROGRAM = {tokens}", DELTA_SOURCE.read_text(),
+                      count=1, flags=re.M)
+        DELTA_SOURCE.write_text(text)
+        said += f"; TOKENS_PER_PROGRAM = {tokens}"
+    return said
 
 
 def main() -> None:
@@ -92,13 +110,13 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     p.add_argument("--tiny", action="store_true", help="CPU under Triton's interpreter, a small shape: it runs")
     p.add_argument("--apply", action="store_true", help="write the fastest tiles and forms into fused_mhc.py")
-    p.add_argument("--apply-from", type=Path, help="an earlier run's tune_mhc_kernels.json: apply it, time nothing")
+    p.add_argument("--apply-from", type=Path, help="an earlier run's tune_kernels.json: apply it, time nothing")
     args = p.parse_args()
     if args.apply_from:
         print(apply(json.loads(args.apply_from.read_text())["best"]))
         return
     if not fs.AVAILABLE or not (TINY or torch.cuda.is_available()):
-        sys.exit("tune_mhc_kernels needs Triton, and CUDA (or --tiny)")
+        sys.exit("tune_kernels needs Triton, and CUDA (or --tiny)")
     torch.manual_seed(0)
     M, n, C = (32, 4, 64) if TINY else (args.tokens, 4, args.d_model)
     P = 2 * n + n * n
@@ -115,17 +133,20 @@ def main() -> None:
     small = M * C * 4  # y_in or ∂y_in, fp32
     # the least each form moves: forward reads the state once and writes y_in; backward reads the state,
     # g and ∂y_in once and writes ∂x
-    least = {"forward": state + small, "backward": 3 * state + small}
+    xs, us = torch.randn(M, C, **dev), torch.randn(M, C, **dev)  # DDL: an fp32 state, the sublayer's output
+    w, b = 0.1 * torch.randn(C, **dev), torch.randn(1, **dev)
+    # DDL's backward reads x, u and the gradient and writes ∂x and ∂u, fp32
+    least = {"forward": state + small, "backward": 3 * state + small, "ddl": 5 * M * C * 4}
     rows: list[dict[str, Any]] = []
     result = {"device": "cpu (interpreter)" if TINY else torch.cuda.get_device_name(), "torch": torch.__version__,
               "shape": {"tokens": M, "streams": n, "d_model": C},
-              "command": " ".join(["python3", "scripts/tune_mhc_kernels.py", *sys.argv[1:]]),
+              "command": " ".join(["python3", "scripts/tune_kernels.py", *sys.argv[1:]]),
               "least_bytes": least, "rows": rows}
 
     def save() -> None:  # after every row: a time limit keeps what was timed
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "tune_mhc_kernels.json").write_text(json.dumps(result, indent=1))
+            (args.out / "tune_kernels.json").write_text(json.dumps(result, indent=1))
 
     def record(part: str, form: str, tiles: tuple[int, int, int] | None, fn: Callable[[], Any]) -> None:
         row: dict[str, Any] = {"part": part, "form": form, "tiles": tiles}
@@ -158,8 +179,11 @@ def main() -> None:
     for tiles in grid:
         fm.TILES["pre_read"] = tiles
         record("forward", "pre_read", tiles, lambda: fm.pre_read(x, phi, alpha, b_pre, 1e-6))
+    for tokens in [8] if TINY else [16, 32, 64, 128]:
+        fd.TOKENS_PER_PROGRAM = tokens
+        record("ddl", "ddl backward", (tokens,), lambda: fd.delta_backward(xs, us, w, b, w, b, xs, 2.0, 1e-6))
     best = {}
-    for form in ("maps + read", "pre_read", "dots + state_grad", "pre_grad"):
+    for form in ("maps + read", "pre_read", "dots + state_grad", "pre_grad", "ddl backward"):
         timed = [r for r in rows if r["form"] == form and "ms" in r]
         if timed:
             best[form] = min(timed, key=lambda r: r["ms"])
