@@ -205,3 +205,38 @@ def test_writing_an_alternative_of_a_plan_that_fits_says_there_is_none(cli, tmp_
                  tmp_path / "x.yaml")
     assert result.exit_code == 2 and not (tmp_path / "x.yaml").exists()
     assert "plan 'quickstart-cpu' fits here, and the fit offers no alternative to write" in result.output
+
+
+def test_an_mhc_stage_is_told_what_a_bf16_state_and_the_fused_kernels_would_buy(cli, tmp_path) -> None:
+    """The optimizer prices mhc's faster connection (bf16 state, fused_kernels on) beside what the plan runs
+    and says it as the user's choice; nothing to say once the plan runs it, for standard, or on a CPU."""
+    def mhc(compute: str, **mhc_options):
+        return plan({}, scale="350M", compute=compute, techniques={"mhc": {"streams": 4, **mhc_options}})
+
+    spec = mhc("1xH100-80GB")
+    assert spec.model.residual == "mhc"
+    result = fitting.fit(spec, fitting.hardware_for(spec, host=HOST), alternatives=False)
+    (faster,) = fitting.faster_connections(result.chosen, result.hardware)
+    assert faster.stage == "pretrain"
+    assert faster.changes == ("techniques.mhc.stream_dtype: bfloat16", "training.fused_kernels: on")
+    assert faster.was_tokens_per_s == result.chosen.priced[0].time.tokens_per_s
+    assert faster.tokens_per_s > 1.2 * faster.was_tokens_per_s  # 320 B a layer·d·token against fp32's 633
+    half = mhc("1xH100-80GB", stream_dtype="bfloat16")
+    result = fitting.fit(half, fitting.hardware_for(half, host=HOST), alternatives=False)
+    (faster,) = fitting.faster_connections(result.chosen, result.hardware)
+    assert faster.changes == ("training.fused_kernels: on",)
+    done = complete(spec_from_dict({**half.model_dump(mode="json", exclude_none=True),
+                                    "training": {"fused_kernels": "on"}}, "test"))
+    for other in (done, plan({}, scale="350M", compute="1xH100-80GB"), mhc("cpu")):
+        result = fitting.fit(other, fitting.hardware_for(other, host=HOST), alternatives=False)
+        assert fitting.faster_connections(result.chosen, result.hardware) == []
+
+    from tests.conftest import write_plan
+    assert cli("plan", "import", write_plan(tmp_path, {**spec.model_dump(mode="json", exclude_none=True),
+                                                       "name": "fast"})).exit_code == 0
+    shown = " ".join(cli("plan", "optimize", "fast", "--dry-run").output.split())
+    assert ("faster, your choice: techniques.mhc.stream_dtype: bfloat16 with training.fused_kernels: on would "
+            "train stage pretrain at") in shown
+    data = json.loads(cli("plan", "optimize", "fast", "--dry-run", "--json").output)
+    assert [f["changes"] for f in data["faster_connections"]] == [["techniques.mhc.stream_dtype: bfloat16",
+                                                                   "training.fused_kernels: on"]]

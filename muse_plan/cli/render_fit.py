@@ -92,6 +92,16 @@ def settings_line(candidate: Any) -> Text | None:
                                                      for s in candidate.priced) + also)
 
 
+def faster_lines(candidate: Any, hw: Any) -> list[Text]:
+    """What would make an mhc / mgt stage's connection faster, priced, for the user to choose."""
+    from muse_plan.optimizer.fit import faster_connections
+
+    return [Text(f"faster, your choice: {' with '.join(f.changes)} would train stage {f.stage} at "
+                 f"{f.tokens_per_s:,.0f} tokens/s against {f.was_tokens_per_s:,.0f} (priced as measured; a bf16 "
+                 "state's effect on the loss: docs/bench_stream_dtype.md)", style="cyan")
+            for f in faster_connections(candidate, hw)]
+
+
 def eta_line(eta: Any, timeline: str | None) -> Text:
     total = approx_duration(eta.total_s)
     if eta.timeline_s is None:
@@ -177,6 +187,7 @@ def fit_view(result: Any, stored: Any) -> Group:
                 parts.append(Text(f"not in the ETA: {', '.join(unpriced)} (not priced)", style="dim"))
         if result.meets is not None:
             parts.append(meets_line(result.meets, hw))
+        parts += faster_lines(result.chosen, hw)
     if result.data is not None:
         parts += data_lines(result.data, result.verdict)
     for i, alt in enumerate(result.alternatives, 1):
@@ -196,6 +207,8 @@ def fit_view(result: Any, stored: Any) -> Group:
 
 
 def fit_dict(result: Any, stored: Any) -> dict[str, Any]:
+    from muse_plan.optimizer.fit import faster_connections
+
     def candidate(c: Any) -> dict[str, Any] | None:
         if c is None:
             return None
@@ -230,6 +243,9 @@ def fit_dict(result: Any, stored: Any) -> dict[str, Any]:
         "eta_s": result.eta.total_s if result.eta else None,
         "meets_timeline": result.eta.meets if result.eta else None,
         "to_meet_timeline": vars(result.meets) if result.meets else None,
+        "faster_connections": [{"stage": f.stage, "changes": list(f.changes), "tokens_per_s": f.tokens_per_s,
+                                "was_tokens_per_s": f.was_tokens_per_s}
+                               for f in (faster_connections(result.chosen, result.hardware) if result.chosen else [])],
         "alternatives": [alternative(a) for a in result.alternatives],
         "data": data(result.data),
         "revision": stored.revision.number if stored else None,

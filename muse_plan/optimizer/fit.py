@@ -297,6 +297,44 @@ def price_stage(s: StageSettings, hw: Hardware) -> StageFit:
     return StageFit(s.name, s.kind, s.steps, s, cfg, mem, time)
 
 
+@dataclass(frozen=True)
+class FasterConnection:
+    """Settings of an mhc / mgt stage's connection that price faster than what it runs, and fit."""
+
+    stage: str
+    changes: tuple[str, ...]  # plan fields and values, e.g. "techniques.mhc.stream_dtype: bfloat16"
+    tokens_per_s: float
+    was_tokens_per_s: float
+
+
+def faster_connections(candidate: Candidate, hw: Hardware) -> list[FasterConnection]:
+    """For each compiled GPU stage of a mode with measured fused kernels (``ResidualMode.fused_traffic``)
+    that runs an fp32 stream state or torch's fusion: a bf16 state with ``training.fused_kernels: on``,
+    where that fits the same memory limit and prices at least 2% faster. Both change what the plan
+    runs (a bf16 state rounds the streams between connections), so the optimizer says them and leaves
+    the choice to the user."""
+    from engines.architecture.modes import RESIDUAL_MODES
+
+    out = []
+    for s in candidate.priced:
+        cfg, m = s.config, s.settings.model
+        if hw.gpu is None or cfg is None or s.time is None or not cfg.compiled or m.streams != 4 or \
+                RESIDUAL_MODES[m.residual].fused_traffic is None:
+            continue
+        technique = "geometric_scaling" if m.residual == "mgt" else m.residual
+        changes = ((f"techniques.{technique}.stream_dtype: bfloat16",) if m.stream_dtype != "bfloat16" else ()) + \
+            (("training.fused_kernels: on",) if m.fused_kernels != "on" else ())
+        if not changes:
+            continue
+        faster = replace(cfg, model=replace(cfg.model, stream_dtype="bfloat16", fused_kernels="on"))
+        if memory.estimate(faster, device="cuda").total > candidate.limit:
+            continue
+        time = throughput.step_time(faster, hw.gpu, cpu_cores=hw.cpu_cores, network_gbps=hw.network_gbps)
+        if time.tokens_per_s >= 1.02 * s.time.tokens_per_s:
+            out.append(FasterConnection(s.name, changes, time.tokens_per_s, s.time.tokens_per_s))
+    return out
+
+
 def _limits(hw: Hardware) -> tuple[int, int]:
     return hw.limit_bytes, int(hw.host_ram_gib * 0.8 * GIB / (hw.processes if hw.gpu else 1))
 
