@@ -71,12 +71,27 @@ SOURCE = ROOT / "engines" / "architecture" / "fused_mhc.py"
 DELTA_SOURCE = ROOT / "engines" / "architecture" / "fused_delta.py"
 
 
+FORMS = ("maps + read", "pre_read", "dots + state_grad", "pre_grad", "ddl backward")
+
+
+def fastest(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each form's fastest timed row (a form with none timed is left out)."""
+    best = {}
+    for form in FORMS:
+        timed = [r for r in rows if r["form"] == form and "ms" in r]
+        if timed:
+            best[form] = min(timed, key=lambda r: r["ms"])
+    return best
+
+
 def apply(best: dict[str, Any]) -> str:
-    """Write the fastest tiles and forms into fused_mhc.py's TILES and TWO_PASS_* lines; what changed."""
+    """Write the fastest tiles and forms into fused_mhc.py's TILES and TWO_PASS_* lines; what changed.
+    A form left untimed (a time limit, or no tile compiled) keeps what the file has."""
+    import ast
     import re
 
     text = SOURCE.read_text()
-    tiles = dict(fm.TILES)
+    tiles = ast.literal_eval(re.search(r"^TILES = (\{.*\})$", text, flags=re.M).group(1))  # type: ignore[union-attr]
     for form, name in (("dots + state_grad", "state_grad"), ("pre_grad", "pre_grad"), ("pre_read", "pre_read")):
         if form in best:
             tiles[name] = tuple(best[form]["tiles"])
@@ -112,8 +127,8 @@ def main() -> None:
     p.add_argument("--apply", action="store_true", help="write the fastest tiles and forms into fused_mhc.py")
     p.add_argument("--apply-from", type=Path, help="an earlier run's tune_kernels.json: apply it, time nothing")
     args = p.parse_args()
-    if args.apply_from:
-        print(apply(json.loads(args.apply_from.read_text())["best"]))
+    if args.apply_from:  # a run a time limit cut short has its rows but no "best"
+        print(apply(fastest(json.loads(args.apply_from.read_text())["rows"])))
         return
     if not fs.AVAILABLE or not (TINY or torch.cuda.is_available()):
         sys.exit("tune_kernels needs Triton, and CUDA (or --tiny)")
@@ -182,13 +197,9 @@ def main() -> None:
     for tokens in [8] if TINY else [16, 32, 64, 128]:
         fd.TOKENS_PER_PROGRAM = tokens
         record("ddl", "ddl backward", (tokens,), lambda: fd.delta_backward(xs, us, w, b, w, b, xs, 2.0, 1e-6))
-    best = {}
-    for form in ("maps + read", "pre_read", "dots + state_grad", "pre_grad", "ddl backward"):
-        timed = [r for r in rows if r["form"] == form and "ms" in r]
-        if timed:
-            best[form] = min(timed, key=lambda r: r["ms"])
-            print(f"{form:<18} best {best[form]['ms']:.3f} ms ({best[form]['gb_per_s']:.0f} GB/s) at "
-                  f"{best[form]['tiles']}", flush=True)
+    best = fastest(rows)
+    for form, row in best.items():
+        print(f"{form:<18} best {row['ms']:.3f} ms ({row['gb_per_s']:.0f} GB/s) at {row['tiles']}", flush=True)
     result["best"] = best
     save()
     if args.apply:

@@ -227,9 +227,15 @@ def test_an_mhc_stage_is_told_what_a_bf16_state_and_the_fused_kernels_would_buy(
     assert faster.changes == ("training.fused_kernels: on",)
     done = complete(spec_from_dict({**half.model_dump(mode="json", exclude_none=True),
                                     "training": {"fused_kernels": "on"}}, "test"))
-    for other in (done, plan({}, scale="350M", compute="1xH100-80GB"), mhc("cpu")):
+    # nothing to say: the plan runs it; standard; a CPU; a GPU without bf16 (a T4 trains in fp16, where the
+    # kernels were never timed)
+    for other in (done, plan({}, scale="350M", compute="1xH100-80GB"), mhc("cpu"), mhc("1xT4")):
         result = fitting.fit(other, fitting.hardware_for(other, host=HOST), alternatives=False)
-        assert fitting.faster_connections(result.chosen, result.hardware) == []
+        assert fitting.faster_connections(result.chosen, result.hardware) == [], other.compute
+    mgt = plan({}, scale="350M", compute="1xH100-80GB", techniques={"geometric_scaling": {}})
+    result = fitting.fit(mgt, fitting.hardware_for(mgt, host=HOST), alternatives=False)
+    assert [f.changes for f in fitting.faster_connections(result.chosen, result.hardware)] == [
+        ("techniques.geometric_scaling.stream_dtype: bfloat16", "training.fused_kernels: on")]
 
     from tests.conftest import write_plan
     assert cli("plan", "import", write_plan(tmp_path, {**spec.model_dump(mode="json", exclude_none=True),
@@ -240,3 +246,27 @@ def test_an_mhc_stage_is_told_what_a_bf16_state_and_the_fused_kernels_would_buy(
     data = json.loads(cli("plan", "optimize", "fast", "--dry-run", "--json").output)
     assert [f["changes"] for f in data["faster_connections"]] == [["techniques.mhc.stream_dtype: bfloat16",
                                                                    "training.fused_kernels: on"]]
+
+
+def test_the_faster_connection_is_said_only_when_it_fits_and_is_faster(monkeypatch) -> None:
+    from dataclasses import replace
+
+    from engines.architecture import modes
+    from muse_plan.optimizer import memory
+
+    spec = plan({}, scale="350M", compute="1xH100-80GB",
+                techniques={"mhc": {"streams": 4, "stream_dtype": "bfloat16"}})
+    result = fitting.fit(spec, fitting.hardware_for(spec, host=HOST), alternatives=False)
+    assert len(fitting.faster_connections(result.chosen, result.hardware)) == 1
+    mhc = modes.RESIDUAL_MODES["mhc"]  # fused priced as torch's bf16 fusion: no faster, nothing to say
+    monkeypatch.setitem(modes.RESIDUAL_MODES, "mhc", replace(mhc, fused_traffic=mhc.compiled_traffic[1]))
+    assert fitting.faster_connections(result.chosen, result.hardware) == []
+    monkeypatch.setitem(modes.RESIDUAL_MODES, "mhc", mhc)
+    estimate = memory.estimate  # the faster form over the memory limit: nothing to say
+
+    def heavier(cfg, **kwargs):  # type: ignore[no-untyped-def]
+        got = estimate(cfg, **kwargs)
+        return replace(got, activations=got.activations + 10**12) if cfg.model.fused_kernels == "on" else got
+
+    monkeypatch.setattr(memory, "estimate", heavier)
+    assert fitting.faster_connections(result.chosen, result.hardware) == []

@@ -222,7 +222,7 @@ def mhc_interpreter_checks() -> None:
     with torch.no_grad():  # away from the identity init, so every map matters
         for p in conn.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    x, grad = torch.randn(2, 5, 4, 48), torch.randn(2, 5, 4, 48)  # 10 tokens, 48 channels: partial blocks
+    x, grad = torch.randn(2, 9, 4, 48), torch.randn(2, 9, 4, 48)  # 18 tokens, 48 channels: partial blocks
 
     def run(connection, conn, lin, x, grad):  # type: ignore[no-untyped-def]
         conn.zero_grad(), lin.zero_grad()
@@ -240,7 +240,8 @@ def mhc_interpreter_checks() -> None:
     def checkpointed(conn, x, f):  # type: ignore[no-untyped-def]
         return torch.utils.checkpoint.checkpoint(fused, conn, x, f, use_reentrant=False)
 
-    # 48 channels: two blocks, the last partial, so pre's passes run in both orders; 10 tokens, 16 a program
+    # 48 channels: two blocks, the last partial, so pre's passes run in both orders; 18 tokens, 16 a program:
+    # two programs, the second partial
     fm.TILES = {"state_grad": (16, 32, 4), "pre_read": (16, 32, 4), "pre_grad": (16, 32, 4)}
     for two_pass in (True, False):  # pre's two kernels (the maps with the read; the dots with ∂x), or four
         fm.TWO_PASS_FORWARD = fm.TWO_PASS_BACKWARD = two_pass
@@ -253,7 +254,7 @@ def mhc_interpreter_checks() -> None:
 
 
 def sinkhorn_interpreter_checks() -> None:
-    """The fused Sinkhorn kernels (forward, and the backward that saves each step's outputs)
+    """The fused Sinkhorn kernels (forward, and the backward that saves each iteration's input)
     against float64 autograd through the log-space loop, 4×4 matrices, a partial last block."""
     from engines.architecture import residual as r
 
@@ -343,6 +344,29 @@ def test_fused_connection_is_as_accurate_as_the_torch_one(residual: str, stream_
     for name, a, b, ref in zip(_names(conn), fused, plain, exact):
         err, err_plain = _rel(a.float(), ref.double()), _rel(b.float(), ref.double())
         assert err <= max(1.5 * err_plain, 1e-5 if exact_fp32 else _bf16_floor(ref)), (name, err, err_plain)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_two_kernel_pre_is_as_accurate_as_the_torch_connection(autocast: bool) -> None:
+    """fused_mhc's two-kernel forms (off by default; scripts/tune_kernels.py --apply may turn them on) on a
+    GPU, with their bf16 products, which Triton's interpreter can't run."""
+    from engines.architecture import fused_mhc as fm
+
+    fused_streams, conn, lin, x, grad = _fused_setup("mhc", "bfloat16")
+    _kernels(conn, "off")
+    plain = _connection_grads(conn, lin, x, grad, autocast)
+    exact = _connection_grads(conn, lin, x.float(), grad.float(), autocast=False)
+    _kernels(conn, "on")
+    forms = fm.TWO_PASS_FORWARD, fm.TWO_PASS_BACKWARD
+    fm.TWO_PASS_FORWARD = fm.TWO_PASS_BACKWARD = True
+    try:
+        fused = _connection_grads(conn, lin, x, grad, autocast)
+    finally:
+        fm.TWO_PASS_FORWARD, fm.TWO_PASS_BACKWARD = forms
+    for name, a, b, ref in zip(_names(conn), fused, plain, exact):
+        err, err_plain = _rel(a.float(), ref.double()), _rel(b.float(), ref.double())
+        assert err <= max(1.5 * err_plain, _bf16_floor(ref)), (name, err, err_plain)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -520,6 +544,13 @@ def test_tune_kernels_apply_writes_the_fastest_tiles_and_forms(tmp_path: Path, m
     assert "\nTWO_PASS_FORWARD = False\n" in mhc and "\nTWO_PASS_BACKWARD = True\n" in mhc
     assert "\nTOKENS_PER_PROGRAM = 32  #" in delta
     compile(mhc, "fused_mhc.py", "exec"), compile(delta, "fused_delta.py", "exec")
-    del best["pre_grad"]  # a form a time limit left untimed keeps the file's choice
+    del best["pre_grad"]  # a form a time limit left untimed keeps the file's choice, switch and tiles
+    best["pre_read"] = {"ms": 0.1, "tiles": [32, 64, 8]}
     tune_kernels.apply(best)
-    assert "\nTWO_PASS_BACKWARD = True\n" in (tmp_path / "fused_mhc.py").read_text()
+    mhc = (tmp_path / "fused_mhc.py").read_text()
+    assert "\nTWO_PASS_BACKWARD = True\n" in mhc and "\nTWO_PASS_FORWARD = True\n" in mhc
+    assert '\nTILES = {"state_grad": (16, 64, 8), "pre_read": (32, 64, 8), "pre_grad": (16, 128, 16)}\n' in mhc
+    # --apply-from takes a run's rows, so a JSON a time limit cut short (no "best") still applies
+    rows = [{"form": "maps + read", "tiles": None, "ms": 0.12}, {"form": "pre_read", "tiles": [16, 64, 4], "ms": 0.3},
+            {"form": "pre_read", "tiles": [64, 64, 8], "error": "out of resources"}]
+    assert tune_kernels.fastest(rows) == {"maps + read": rows[0], "pre_read": rows[1]}

@@ -165,8 +165,10 @@ def test_the_h200_plan_run_rows_and_the_fused_mhc_connection_are_priced_within_1
 
 
 def test_the_h100_fused_rows_through_plan_run_are_priced_within_10_percent():
-    """docs/bench_architecture_fused_h100.json: standard, mhc (torch and fused), ddl and mgt with the fused
-    kernels, one H100 call through `muse plan run`; mgt's fused row priced as fused (torch's 673 B: 13.5% slow)."""
+    """docs/bench_architecture_fused_h100.json: standard, mhc (torch), ddl and mgt with the fused kernels, one
+    H100 call through `muse plan run`; mgt's fused row priced as fused (torch's 673 B: 13.5% slow). Its mhc
+    fused row ran fused_mhc's two-kernel form, since turned off, so the model (the default form's price)
+    is not held to it."""
     import json
     from pathlib import Path
 
@@ -175,6 +177,7 @@ def test_the_h100_fused_rows_through_plan_run_are_priced_within_10_percent():
     assert "H100" in data["device"]
     rows = {row["model"]: row["tokens_per_s"] for row in data["rows"] if row["mode"] == "plan-run"}
     assert set(rows) == {"standard", "mhc+bf16", "mhc+bf16+fused", "ddl+fused", "mgt+bf16+fused"}
+    del rows["mhc+bf16+fused"]
     for name, measured in rows.items():
         base, *flags = name.split("+")
         m = ModelConfig(vocab_size=32000, seq_len=data["seq_len"], n_layers=24, d_model=1024, n_heads=16,

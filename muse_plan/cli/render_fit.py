@@ -80,8 +80,8 @@ def settings_line(candidate: Any) -> Text | None:
     from muse_plan.optimizer.throughput import fused_priced  # the optimizer has it loaded by now
 
     fused = [s for s in candidate.priced if s.settings.model.fused_kernels != "off"]
-    measured = [s.name for s in fused if fused_priced(s.settings.model)]
-    as_torch = [s.name for s in fused if not fused_priced(s.settings.model)]
+    measured = [s.name for s in fused if fused_priced(s.settings.model, s.settings.precision)]
+    as_torch = [s.name for s in fused if not fused_priced(s.settings.model, s.settings.precision)]
     also += ("\nfused Triton kernels on a GPU (training.fused_kernels), priced as measured: " + ", ".join(measured)
              if measured else "")
     also += ("\nfused Triton kernels on a GPU (training.fused_kernels), priced as torch's own: " + ", ".join(as_torch)
@@ -97,8 +97,9 @@ def faster_lines(candidate: Any, hw: Any) -> list[Text]:
     from muse_plan.optimizer.fit import faster_connections
 
     return [Text(f"faster, your choice: {' with '.join(f.changes)} would train stage {f.stage} at "
-                 f"{f.tokens_per_s:,.0f} tokens/s against {f.was_tokens_per_s:,.0f} (priced as measured; a bf16 "
-                 "state's effect on the loss: docs/bench_stream_dtype.md)", style="cyan")
+                 f"{f.tokens_per_s:,.0f} tokens/s against {f.was_tokens_per_s:,.0f} (priced from plan runs on an "
+                 "H100 / H200, docs/bench_plan_run.md; a bf16 state's effect on the loss: "
+                 "docs/bench_stream_dtype.md)", style="cyan")
             for f in faster_connections(candidate, hw)]
 
 

@@ -308,18 +308,18 @@ class FasterConnection:
 
 
 def faster_connections(candidate: Candidate, hw: Hardware) -> list[FasterConnection]:
-    """For each compiled GPU stage of a mode with measured fused kernels (``ResidualMode.fused_traffic``)
-    that runs an fp32 stream state or torch's fusion: a bf16 state with ``training.fused_kernels: on``,
-    where that fits the same memory limit and prices at least 2% faster. Both change what the plan
-    runs (a bf16 state rounds the streams between connections), so the optimizer says them and leaves
-    the choice to the user."""
+    """For each compiled stage under bf16 mixed precision on a GPU with bf16, of a mode with timed fused
+    kernels (``ResidualMode.fused_traffic``), that runs an fp32 stream state or torch's fusion: a bf16 state
+    with ``training.fused_kernels: on``, where that fits the same memory limit and prices at least 2%
+    faster. Both change what the plan runs (a bf16 state rounds the streams between connections), so the
+    optimizer says them and leaves the choice to the user."""
     from engines.architecture.modes import RESIDUAL_MODES
 
     out = []
     for s in candidate.priced:
         cfg, m = s.config, s.settings.model
-        if hw.gpu is None or cfg is None or s.time is None or not cfg.compiled or m.streams != 4 or \
-                RESIDUAL_MODES[m.residual].fused_traffic is None:
+        if hw.gpu is None or not hw.gpu.bf16 or cfg is None or s.time is None or not cfg.compiled or \
+                cfg.precision != "bf16" or m.streams != 4 or RESIDUAL_MODES[m.residual].fused_traffic is None:
             continue
         technique = "geometric_scaling" if m.residual == "mgt" else m.residual
         changes = ((f"techniques.{technique}.stream_dtype: bfloat16",) if m.stream_dtype != "bfloat16" else ()) + \
