@@ -114,7 +114,7 @@ def pre_grad(x: torch.Tensor, g: torch.Tensor, h_res: torch.Tensor, dy: torch.Te
 
 
 if AVAILABLE:
-    from engines.architecture.fused_streams import _maps_grad_rows, _token_rows
+    from engines.architecture.fused_streams import _maps_grad_rows, _maps_tile, _token_rows
 
     @triton.jit
     def _stream_grad_start(x_ptr, phi_ptr, h_pre, dproj, coef, dy, rows, c, tile, cols, j: tl.constexpr,
@@ -197,15 +197,9 @@ if AVAILABLE:
             c = b * BC + tl.arange(0, BC)
             cm = c < C
             for j in tl.static_range(N):
-                k = j * C + c
-                x = tl.load(x_ptr + rows[:, None] * D + k[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
-                xf = x.to(tl.float32)
-                ss += tl.sum(xf * xf, axis=1)
-                phi = tl.load(phi_ptr + k[:, None] * P + cols[None, :], mask=cm[:, None] & pm[None, :], other=0.0)
-                if BF16:
-                    acc += tl.dot(x, phi)
-                else:
-                    acc += tl.dot(xf, phi, input_precision=PRECISION)
+                dot, squares = _maps_tile(x_ptr, phi_ptr, rows, rm, j * C + c, cm, cols, pm, D, P, BF16, PRECISION)
+                acc += dot
+                ss += squares
         rinv = tl.rsqrt(ss / D + eps)
         proj = acc * rinv[:, None]
         tl.store(proj_ptr + rows[:, None] * P + cols[None, :], proj, mask=rm[:, None] & pm[None, :])

@@ -309,6 +309,20 @@ if AVAILABLE:
         return g * rinv[:, None], -rinv * rinv / D * tl.sum(g * proj, axis=1)
 
     @triton.jit
+    def _maps_tile(x_ptr, phi_ptr, rows, rm, k, km, cols, pm, D: tl.constexpr, P: tl.constexpr, BF16: tl.constexpr,
+                   PRECISION: tl.constexpr):
+        """One (tokens, state columns k) tile's share of the maps: x φ (BM, PP) and the sum of squares (BM,)."""
+        x = tl.load(x_ptr + rows[:, None] * D + k[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        xf = x.to(tl.float32)
+        squares = tl.sum(xf * xf, axis=1)
+        phi = tl.load(phi_ptr + k[:, None] * P + cols[None, :], mask=km[:, None] & pm[None, :], other=0.0)
+        if BF16:
+            dot = tl.dot(x, phi)
+        else:
+            dot = tl.dot(xf, phi, input_precision=PRECISION)
+        return dot, squares
+
+    @triton.jit
     def _maps_fwd_kernel(x_ptr, phi_ptr, proj_ptr, rinv_ptr, M, eps, D: tl.constexpr, P: tl.constexpr,
                          PP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BF16: tl.constexpr,
                          PRECISION: tl.constexpr):
@@ -320,15 +334,9 @@ if AVAILABLE:
         ss = tl.zeros((BM,), tl.float32)
         for start in range(0, D, BK):
             k = start + tl.arange(0, BK)
-            km = k < D
-            x = tl.load(x_ptr + rows[:, None] * D + k[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-            xf = x.to(tl.float32)
-            ss += tl.sum(xf * xf, axis=1)
-            phi = tl.load(phi_ptr + k[:, None] * P + cols[None, :], mask=km[:, None] & pm[None, :], other=0.0)
-            if BF16:
-                acc += tl.dot(x, phi)
-            else:
-                acc += tl.dot(xf, phi, input_precision=PRECISION)
+            dot, squares = _maps_tile(x_ptr, phi_ptr, rows, rm, k, k < D, cols, pm, D, P, BF16, PRECISION)
+            acc += dot
+            ss += squares
         rinv = tl.rsqrt(ss / D + eps)
         tl.store(proj_ptr + rows[:, None] * P + cols[None, :], acc * rinv[:, None], mask=rm[:, None] & pm[None, :])
         tl.store(rinv_ptr + rows, rinv, mask=rm)
