@@ -128,7 +128,13 @@ def main() -> None:
     p.add_argument("--apply-from", type=Path, help="an earlier run's tune_kernels.json: apply it, time nothing")
     args = p.parse_args()
     if args.apply_from:  # a run a time limit cut short has its rows but no "best"
-        print(apply(fastest(json.loads(args.apply_from.read_text())["rows"])))
+        try:
+            rows = json.loads(args.apply_from.read_text())["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"error: --apply-from {args.apply_from}: not a tune_kernels.json ({type(exc).__name__}: {exc})",
+                  file=sys.stderr)
+            sys.exit(2)
+        print(apply(fastest(rows)))
         return
     if not fs.AVAILABLE or not (TINY or torch.cuda.is_available()):
         sys.exit("tune_kernels needs Triton, and CUDA (or --tiny)")
