@@ -323,3 +323,51 @@ def test_on_cuda_every_decode_reads_the_adapters_as_they_are_now():
         with torch.no_grad():
             for p in lora_b:
                 p.add_(torch.randn_like(p), alpha=0.5)
+
+
+@pytest.mark.parametrize("family", ["decoder", "hf"])
+def test_full_fine_tuning_samples_from_a_narrow_copy_with_the_weights_as_they_are_now(family):
+    """fp32 weights under autocast decode from a copy in the compute dtype: it samples what a model cast to that
+    dtype samples, follows the trained weights after an update (copied in place: the same tensors, so captured
+    and compiled steps stay valid), shares a tied weight, and leaves the fp32 weights and the model's mode alone.
+    LoRA, and a model already in the dtype, decode from the model itself."""
+    import copy
+
+    if family == "decoder":
+        model = _model(2).train()
+    else:
+        transformers = pytest.importorskip("transformers")
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, max_position_embeddings=96, tie_word_embeddings=True)
+        model = transformers.LlamaForCausalLM(config).train()
+    policy = Policy(model, PAD, EOS, decode="graphs", sample_dtype=torch.bfloat16)
+    fp32 = [p.detach().clone() for p in model.parameters()]
+    narrow_out = {}
+    for round_ in range(2):
+        out = policy.sample(PROMPTS, 10, 0.0)
+        cast = copy.deepcopy(model)
+        for p in cast.parameters():  # the weights cast; buffers (rotary tables) stay fp32 as in training
+            p.data = p.data.to(torch.bfloat16)
+        assert out == Policy(cast, PAD, EOS, decode="eager").sample(PROMPTS, 10, 0.0), round_
+        sampler = policy.sampler()
+        assert sampler is not model and all(p.dtype == torch.bfloat16 for p in sampler.parameters())
+        for kept, now in zip(fp32, model.parameters()):
+            assert now.dtype == torch.float32 and torch.equal(kept, now)  # the fp32 weights are untouched
+        assert model.training  # sample() gives the model its mode back
+        narrow_out[round_] = out
+        if round_ == 0:
+            tensors = [p.data_ptr() for p in sampler.parameters()]
+            with torch.no_grad():  # an update
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p), alpha=0.3)
+            fp32 = [p.detach().clone() for p in model.parameters()]
+    assert narrow_out[0] != narrow_out[1]  # the second rollout saw the updated weights
+    assert [p.data_ptr() for p in policy.sampler().parameters()] == tensors  # copied into, not remade
+    params = dict(policy.sampler().named_parameters(remove_duplicate=False))
+    head, emb = ("lm_head.weight", "tok_emb.weight") if family == "decoder" else \
+        ("lm_head.weight", "model.embed_tokens.weight")
+    if head in params and emb in params:
+        assert params[head] is params[emb]  # a tied weight stays one tensor
+    assert Policy(cast, PAD, EOS, sample_dtype=torch.bfloat16).sampler() is cast  # already bf16: no copy
+    assert Policy(model, PAD, EOS, peft=object(), sample_dtype=torch.bfloat16).sampler() is model  # LoRA

@@ -142,7 +142,7 @@ def test_adapters_without_a_recorded_scaling_are_refused():
         load_into(_model(), dict(lora_model.state_dict()), None)
 
 
-def _trainer(frozen: str, lora: dict | None, kl_beta: float = 0.0, **extra):
+def _trainer(frozen: str, lora: dict | None, kl_beta: float = 0.0, decode: str = "eager", **extra):
     from engines.contract import StageSetup
     from engines.grpo.options import parse
     from engines.grpo.trainer import GrpoTrainer
@@ -151,7 +151,7 @@ def _trainer(frozen: str, lora: dict | None, kl_beta: float = 0.0, **extra):
     options = {"tasks": ["multiplication:2x1"], "group_size": 4, "max_new_tokens": 8, "eval_problems": 2,
                "kl_beta": kl_beta, **({"lora": lora} if lora else {}), **extra}
     t = GrpoTrainer()
-    t.setup(StageSetup(name="rl", kind="reasoning_rl", micro_batch=2, frozen_precision=frozen,
+    t.setup(StageSetup(name="rl", kind="reasoning_rl", micro_batch=2, frozen_precision=frozen, decode=decode,
                        options=parse("reasoning_rl", {}, options),
                        model=ModelConfig(vocab_size=260, n_layers=4, d_model=64, n_heads=4, seq_len=48)))
     return t
@@ -200,6 +200,30 @@ def test_a_full_fine_tuning_reference_is_a_bf16_copy_of_the_weights_the_stage_st
     assert {b.dtype for b in t.policy.reference.buffers() if b.is_floating_point()} <= {torch.float32}
     cfg = TrainConfig(model=t.model.config, precision="bf16")
     assert memory.reference_bytes(cfg.with_(generation=GenerationConfig())) == _bytes(reference.values())
+
+
+def test_full_fine_tuning_that_decodes_on_a_gpu_samples_from_a_copy_the_memory_model_counts_exactly():
+    """A stage whose decode steps are captured (a GPU's training.compile) with bf16 mixed precision samples from a
+    bf16 copy of its fp32 weights; the memory model holds exactly its bytes for the stage, and nothing where the
+    stage decodes eagerly, trains LoRA, computes in fp32 or has FSDP shard the parameters."""
+    from muse_plan.optimizer import memory
+    from muse_plan.optimizer.config import GenerationConfig, LoraConfig, TrainConfig
+
+    t = _trainer("bf16", None, decode="graphs")  # on CPU the steps run eagerly; the copy is made all the same
+    t.next_batch()
+    assert t.policy.sample_dtype == torch.bfloat16
+    copy = list(t.policy.sampler().parameters())
+    assert {p.dtype for p in copy} == {torch.bfloat16} and {p.dtype for p in t.model.parameters()} == {torch.float32}
+    cfg = TrainConfig(model=t.model.config, precision="bf16", generation=GenerationConfig(decode="graphs"))
+    assert memory.sampler_bytes(cfg) == _bytes(copy) > 0
+    assert memory.estimate(cfg).generation - memory.estimate(cfg.with_(generation=GenerationConfig())).generation \
+        == _bytes(copy)
+    for frozen, lora, decode in [("bf16", None, "eager"), ("bf16", {"rank": 4}, "graphs"), ("fp32", None, "graphs")]:
+        assert _trainer(frozen, lora, decode=decode).policy.sample_dtype is None, (frozen, lora, decode)
+    assert memory.sampler_bytes(cfg.with_(generation=GenerationConfig(decode="eager"))) == 0
+    assert memory.sampler_bytes(cfg.with_(lora=LoraConfig())) == 0
+    assert memory.sampler_bytes(cfg.with_(precision="fp32")) == 0
+    assert memory.sampler_bytes(cfg.with_(sharding="fsdp", world_size=2)) == 0  # the executor's frozen dtype: fp32
 
 
 def test_adapters_merge_into_a_bf16_base_in_fp32_so_a_small_update_survives():

@@ -27,6 +27,18 @@ Design decisions:
   & Tong put them on the query/value projections of the last quarter or
   third). Hugging Face names map to the decoder's (q_proj → wq, ...), so one
   plan works for both families.
+- Full fine-tuning keeps fp32 weights and computes under autocast; sampling
+  then decodes from a copy of the weights in the compute dtype
+  (``sample_dtype``, the trainer's choice on CUDA), refreshed in place before
+  each ``sample`` (one cast-copy of the weights, about a millisecond at 0.5B on
+  an H100). Under autocast a Hugging Face model's keys come out fp32 (its
+  rotary tables follow the fp32 embedding output) beside bf16 values, so its
+  static cache refused them (``index_copy_``: a dtype mismatch) and every
+  rollout fell back to the dynamic cache; a compiled decode step also casts
+  every fp32 weight again at each token. The copy costs the compute dtype's
+  bytes a parameter for the whole stage (``optimizer/memory.py: sampler_bytes``).
+  The tokens are drawn from the copy; their log-probabilities for the loss
+  come from the trained fp32 weights, as with a separate inference engine.
 - The reference policy for the KL term costs nothing under LoRA: it is the
   same model with the adapters switched off. Without LoRA it is a frozen
   copy of the stage's starting weights, taken once and kept in the engine's
@@ -140,7 +152,8 @@ class Policy:
     """
 
     def __init__(self, model: nn.Module, pad_id: int, eos_id: int, peft: Any = None,
-                 frozen_dtype: torch.dtype = torch.float32, decode: str = "graphs", vocab: int | None = None) -> None:
+                 frozen_dtype: torch.dtype = torch.float32, decode: str = "graphs", vocab: int | None = None,
+                 sample_dtype: torch.dtype | None = None) -> None:
         self.model, self.pad_id, self.eos_id, self.peft = model, pad_id, eos_id, peft
         # ids the tokenizer can decode: a model's vocabulary is often padded past its tokenizer's
         # (Qwen2: 151,936 rows for 151,665 tokens), and sampling never draws the rest
@@ -152,6 +165,32 @@ class Policy:
         self.graphs = decode != "eager"  # decode steps from CUDA graphs (HF: a static cache), on CUDA
         self.compile = decode == "compiled"  # the decoder's step compiled before it is captured
         self.notes: list[str] = []
+        # sampling from a copy of the weights in this dtype (None: from the model itself); LoRA's adapters
+        # and an already-narrow model decode from the model
+        narrow = all(p.dtype == sample_dtype for p in model.parameters())
+        self.sample_dtype = None if peft is not None or sample_dtype is None or narrow else sample_dtype
+        self._sampler: nn.Module | None = None
+        self._copies: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+
+    def sampler(self) -> nn.Module:
+        """The model ``sample`` decodes with: the model, or its copy in ``sample_dtype`` with the
+        model's weights as they are now (made on first use, then copied into in place, so CUDA graphs
+        and compiled steps that read its tensors stay valid)."""
+        if self.sample_dtype is None:
+            return self.model
+        if self._sampler is None:
+            import copy
+
+            # each parameter cast once, never held in fp32 twice (deepcopy takes the memo's objects;
+            # a tied weight is one entry); buffers (rotary tables) are copied as they are
+            params = list(self.model.parameters())
+            memo: dict[int, Any] = {id(p): nn.Parameter(p.detach().to(self.sample_dtype), requires_grad=False)
+                                    for p in params}
+            self._sampler = copy.deepcopy(self.model, memo).eval()
+            self._copies = ([memo[id(p)] for p in params], [p.detach() for p in params])
+        else:
+            torch._foreach_copy_(*self._copies)
+        return self._sampler
 
     def take_notes(self) -> list[str]:
         """Lines worth an event: what decoding stopped doing, and why."""
@@ -203,10 +242,11 @@ class Policy:
         was_training = self.model.training
         self.model.eval()
         try:
-            if isinstance(self.model, DecoderLM):
-                out = self._sample_decoder(prompts, max_new_tokens, temperature)
+            model = self.sampler()
+            if isinstance(model, DecoderLM):
+                out = self._sample_decoder(model, prompts, max_new_tokens, temperature)
             else:
-                out = self._sample_hf(prompts, max_new_tokens, temperature)
+                out = self._sample_hf(model, prompts, max_new_tokens, temperature)
         finally:
             self.model.train(was_training)
         return out
@@ -220,17 +260,17 @@ class Policy:
             valid[i, width - len(p):] = True
         return ids.to(self.device), valid.to(self.device)
 
-    def _sample_decoder(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+    def _sample_decoder(self, model: DecoderLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                         temperature: float) -> list[list[int]]:
         ids, valid = self._left_padded(prompts)
         B, width = ids.shape
-        max_new_tokens = min(max_new_tokens, self.model.config.seq_len - width)
+        max_new_tokens = min(max_new_tokens, model.config.seq_len - width)
         if max_new_tokens <= 0:  # the prompts fill the context
             return [[] for _ in prompts]
-        cache = KVCache(self.model, B, width + max_new_tokens, valid)
-        logits, _ = self.model(ids, cache=cache)  # prefill (B, width, V)
+        cache = KVCache(model, B, width + max_new_tokens, valid)
+        logits, _ = model(ids, cache=cache)  # prefill (B, width, V)
         cache.decode_on_device()
-        rollout = Rollout(self.model, cache, max_new_tokens, temperature, self.pad_id, self.eos_id, self.vocab)
+        rollout = Rollout(model, cache, max_new_tokens, temperature, self.pad_id, self.eos_id, self.vocab)
         rollout.take(logits)
         graphed = None
         if self.graphs and ids.is_cuda:
@@ -253,19 +293,19 @@ class Policy:
         """Whether a Hugging Face model generates with its static cache (compiled decode steps)."""
         return self.graphs and ids.is_cuda
 
-    def _sample_hf(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+    def _sample_hf(self, model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    temperature: float) -> list[list[int]]:
         ids, valid = self._left_padded(prompts)
         static = self._static_cache(ids)
         if static:  # one compiled decode step per bucket, not one per batch's width and row count
-            room = getattr(self.model.config, "max_position_embeddings", None)
+            room = getattr(model.config, "max_position_embeddings", None)
             ids, valid = static_shape(ids, valid, self.pad_id, None if room is None else room - max_new_tokens)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else \
             {"do_sample": False}
-        rows = self.model.get_output_embeddings().weight.size(0)
+        rows = model.get_output_embeddings().weight.size(0)
         if self.vocab is not None and self.vocab < rows:  # the padded rows the tokenizer has no token for
             sampling["suppress_tokens"] = list(range(self.vocab, rows))
-        generate = functools.partial(self.model.generate, input_ids=ids, attention_mask=valid.long(),
+        generate = functools.partial(model.generate, input_ids=ids, attention_mask=valid.long(),
                                      max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
                                      eos_token_id=self.eos_id, use_cache=True, **sampling)
         out = None

@@ -82,8 +82,12 @@ class GrpoTrainer:
         if o.lora is not None:
             peft, self.checkpoint_meta = with_lora(model, o.lora, stage.frozen_precision)
         self.model = model
-        self.policy = Policy(model, self.pad_id, self.tokenizer.eos_id, peft, FROZEN_DTYPES[stage.frozen_precision],
-                             stage.decode, vocab=self.tokenizer.vocab_size)
+        frozen = FROZEN_DTYPES[stage.frozen_precision]
+        # full fine-tuning's fp32 weights under autocast decode from a copy in the compute dtype (policy.py);
+        # where FSDP shards the parameters frozen_precision is fp32, and there is no copy
+        self.policy = Policy(model, self.pad_id, self.tokenizer.eos_id, peft, frozen, stage.decode,
+                             vocab=self.tokenizer.vocab_size,
+                             sample_dtype=frozen if stage.decode != "eager" and frozen != torch.float32 else None)
         self.prompter = Prompter(self.tokenizer, stage.tokenizer, o.prompt_template)
         self.notes: list[str] = []
         if o.data is not None:

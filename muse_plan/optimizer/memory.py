@@ -50,10 +50,12 @@ Terms, per process (P: parameters of ``DecoderLM``, ``param_count``):
   completion) tokens (2 · layers · kv_heads · head_dim values a token, in the
   compute dtype), the reference model for the KL term (a frozen copy in the
   compute dtype under full fine-tuning; nothing under LoRA, whose reference
-  is the same model with the adapters off) and the sampling logits
+  is the same model with the adapters off), under full fine-tuning in mixed
+  precision that decodes on a GPU the copy sampling decodes from (the compute
+  dtype), and the sampling logits
   (prompts × G × V, in the compute dtype and fp32). The GRPO engine samples, frees the cache, then trains, so
   the cache and logits count only for what they need beyond the training
-  step's activations and transient buffers (the reference stays alive).
+  step's activations and transient buffers (the reference and the copy stay alive).
 - ``overhead``: ``CUDA_CONTEXT_BYTES`` plus ``FRAGMENTATION`` of the other
   device terms; 0 on CPU.
 - ``host``: bytes offloaded to host RAM (per process).
@@ -235,6 +237,17 @@ def reference_bytes(cfg: TrainConfig) -> int:
     return _frozen_bytes(cfg) * stored_param_count(cfg.model)
 
 
+def sampler_bytes(cfg: TrainConfig) -> int:
+    """Full fine-tuning under mixed precision that decodes on a GPU (``generation.decode`` graphs or
+    compiled) samples from a copy of the weights in the compute dtype, kept for the stage
+    (``engines/grpo/policy.py``); none under LoRA, in fp32, or where the frozen dtype is fp32 (FSDP)."""
+    g = cfg.generation
+    dtype = _frozen_bytes(cfg)
+    if g is None or g.decode == "eager" or cfg.lora is not None or dtype == FP32:
+        return 0
+    return dtype * stored_param_count(cfg.model)
+
+
 def sampling_bytes(cfg: TrainConfig) -> int:
     """The sampling phase's own bytes: the KV cache of prompts × G sequences and the logits."""
     g = cfg.generation
@@ -313,7 +326,7 @@ def estimate(cfg: TrainConfig, *, device: str = "cuda") -> MemoryBreakdown:
     transient = max(backward, step) - activation - in_backward
     # the engine samples, frees the cache, then trains: the sampling phase adds only what
     # its cache and logits need beyond the training phase's activations and buffers
-    generation = reference_bytes(cfg) + max(0, sampling_bytes(cfg) - activation - transient)
+    generation = reference_bytes(cfg) + sampler_bytes(cfg) + max(0, sampling_bytes(cfg) - activation - transient)
     grads = in_backward + buckets
     device_bytes = weights + grads + optimizer + activation + transient + generation
     return MemoryBreakdown(weights, grads, optimizer, activation, transient, generation,
