@@ -292,8 +292,75 @@ def test_a_static_cache_sees_few_shapes_and_its_padding_changes_no_completion():
                                       num_attention_heads=2, max_position_embeddings=96)
     model = transformers.LlamaForCausalLM(config).eval()
     static = StaticOnCpu(model, PAD, EOS)
+    static.own_static = False  # generate's static cache (a sliding-window model's, or after muse's loop failed)
     assert static.sample(PROMPTS, 12, 0.0) == Policy(model, PAD, EOS, decode="eager").sample(PROMPTS, 12, 0.0)
     assert static.take_notes() == []  # the static cache was used, not a fallback
+
+
+def _hf(family: str, vocab: int = 320):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    shape = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 max_position_embeddings=96)
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_attention_heads=2, **shape))
+    else:  # grouped-query attention, biased projections
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_attention_heads=4, num_key_value_heads=2,
+                                                                       **shape))
+    with torch.no_grad():  # wide enough weights that greedy decoding doesn't repeat one token
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_muse_decodes_a_hugging_face_model_over_a_static_cache_as_generate_does(family, monkeypatch):
+    """On CUDA a Hugging Face policy decodes in muse's own loop over transformers' static cache (each step the
+    same tensors, replayed from a CUDA graph, nothing compiled): forced on CPU, it completes left-padded prompts
+    greedily exactly as ``generate`` with the dynamic cache, stops rows at EOS, never draws past the
+    tokenizer's vocabulary, and never calls ``generate``; at a temperature it draws valid, varied tokens."""
+    model = _hf(family)
+
+    class StaticOnCpu(Policy):
+        def _static_cache(self, ids: torch.Tensor) -> bool:
+            return True
+
+    prompts = PROMPTS * 3
+    expected = Policy(model, PAD, EOS, decode="eager").sample(prompts, 12, 0.0)
+    eos = expected[1][4]  # a token greedy decoding draws mid-row: with it as EOS that row stops there
+    ended = Policy(model, PAD, eos, decode="eager").sample(prompts, 12, 0.0)
+    monkeypatch.setattr(type(model), "generate", lambda *a, **k: pytest.fail("generate was called"))
+    policy = StaticOnCpu(model, PAD, EOS)
+    assert policy.sample(prompts, 12, 0.0) == expected
+    assert StaticOnCpu(model, PAD, eos).sample(prompts, 12, 0.0) == ended
+    assert len(ended[1]) == expected[1].index(eos) + 1 < 12  # the row stopped at EOS
+    assert policy.take_notes() == []
+    limited = StaticOnCpu(model, PAD, EOS, vocab=100).sample(prompts, 12, 1.0)
+    assert all(0 <= t < 100 for row in limited for t in row) and len({t for row in limited for t in row}) > 10
+
+
+def test_when_the_static_cache_fails_generate_decodes_and_a_note_says_why(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    model = _hf("llama")
+
+    class StaticOnCpu(Policy):
+        def _static_cache(self, ids: torch.Tensor) -> bool:
+            return True
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no static cache here")
+
+    expected = Policy(model, PAD, EOS, decode="eager").sample(PROMPTS, 8, 0.0)
+    monkeypatch.setattr(transformers, "StaticCache", refuse)
+    policy = StaticOnCpu(model, PAD, EOS)
+    policy.graphs = True
+    out = policy.sample(PROMPTS, 8, 0.0)
+    notes = policy.take_notes()
+    assert notes[0] == ("decoding with a static cache failed (RuntimeError: no static cache here); generation runs "
+                        "transformers' generate for the rest of the stage")
+    assert out == expected  # from generate
+    assert not policy.own_static
 
 
 @cuda
@@ -371,3 +438,20 @@ def test_full_fine_tuning_samples_from_a_narrow_copy_with_the_weights_as_they_ar
         assert params[head] is params[emb]  # a tied weight stays one tensor
     assert Policy(cast, PAD, EOS, sample_dtype=torch.bfloat16).sampler() is cast  # already bf16: no copy
     assert Policy(model, PAD, EOS, peft=object(), sample_dtype=torch.bfloat16).sampler() is model  # LoRA
+
+
+@cuda
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_on_cuda_a_hugging_face_model_decodes_from_a_graph_as_generate_does(family):
+    """The captured static-cache step replays what ``generate`` computes (fp32, greedy), and a full fine-tuning
+    stage's fp32 weights under bf16 autocast decode from the bf16 copy with no fallback (the static cache took
+    its keys and values)."""
+    model = _hf(family).cuda()
+    graphed = Policy(model, PAD, EOS, decode="graphs")
+    prompts = PROMPTS * 4
+    assert graphed.sample(prompts, 16, 0.0) == Policy(model, PAD, EOS, decode="eager").sample(prompts, 16, 0.0)
+    assert graphed.take_notes() == [] and graphed.hf_graphs
+    mixed = Policy(model, PAD, EOS, decode="graphs", sample_dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = mixed.sample(prompts, 16, 1.0)
+    assert mixed.take_notes() == [] and all(len(row) > 0 for row in out)

@@ -13,7 +13,12 @@ Design decisions:
   lives on the device), picks the next token on the device (no host sync but
   a check every 8 tokens that all rows ended) and, on CUDA, is captured once
   per rollout in a CUDA graph and replayed each token. A Hugging Face model
-  decodes with its static cache on CUDA (``generate`` compiles that step).
+  decodes the same way on CUDA (``HfRollout``): transformers' static cache,
+  an additive mask over its whole length and each row's positions given, so
+  its step too is captured and replayed, with nothing compiled (``generate``
+  with a static cache compiled a step for each cache shape, tens of seconds
+  each on a GPU). A model with sliding-window layers, or whose static cache
+  fails, goes through ``generate``.
   The plan's ``training.compile`` picks (``StageSetup.decode``,
   ``executor/settings.decoding``): ``off`` turns both off; ``on`` also compiles
   the decoder's step before capturing it: Inductor fuses its
@@ -170,6 +175,8 @@ class Policy:
         narrow = all(p.dtype == sample_dtype for p in model.parameters())
         self.sample_dtype = None if peft is not None or sample_dtype is None or narrow else sample_dtype
         self._sampler: nn.Module | None = None
+        # a Hugging Face model on CUDA: muse's static-cache loop (HfRollout), its steps from a CUDA graph
+        self.own_static, self.hf_graphs = True, True
         self._copies: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
 
     def sampler(self) -> nn.Module:
@@ -297,6 +304,10 @@ class Policy:
                    temperature: float) -> list[list[int]]:
         ids, valid = self._left_padded(prompts)
         static = self._static_cache(ids)
+        if static and self.own_static and own_static_loop(model):  # a static cache, steps replayed from a graph
+            done = self._sample_hf_static(model, ids, valid, max_new_tokens, temperature)
+            if done is not None:
+                return done
         if static:  # one compiled decode step per bucket, not one per batch's width and row count
             room = getattr(model.config, "max_position_embeddings", None)
             ids, valid = static_shape(ids, valid, self.pad_id, None if room is None else room - max_new_tokens)
@@ -320,8 +331,45 @@ class Policy:
         completions = out[: len(prompts), ids.size(1):]  # the padding rows' are dropped
         return [_until_eos(row, self.eos_id, self.pad_id) for row in completions.tolist()]
 
+    def _sample_hf_static(self, model: nn.Module, ids: torch.Tensor, valid: torch.Tensor, max_new_tokens: int,
+                          temperature: float) -> list[list[int]] | None:
+        """``_sample_decoder`` for a Hugging Face model: a prefill into transformers' static cache, then
+        one decode step a token over the same tensors (``HfRollout``), captured once in a CUDA graph and
+        replayed (on CUDA): no compiling, so no compile per shape. None where the prefill or the cache
+        fails (the caller goes on with ``generate``, and a note says why)."""
+        try:
+            rollout = HfRollout(model, ids, valid, max_new_tokens, temperature, self.pad_id, self.eos_id, self.vocab)
+        except Exception as exc:  # a model whose forward takes no static cache, 4-D mask or positions
+            self._failed("decoding with a static cache", exc, "generation runs transformers' generate")
+            self.own_static = False
+            return None
+        graphed = Graphed(rollout.step, eager=rollout.step) if ids.is_cuda and self.hf_graphs else None
+        for t in range(1, max_new_tokens):
+            if t % 8 == 0 and bool(rollout.done.all()):
+                break
+            (graphed or rollout.step)()
+        if graphed is not None and graphed.failed is not None:
+            self.hf_graphs = False
+            self._failed("capturing the Hugging Face decode step in a CUDA graph", graphed.failed,
+                         "its decode steps run eagerly")
+        return [_until_eos(row, self.eos_id, self.pad_id) for row in rollout.out.tolist()]
+
 
 STATIC_WIDTH = 32  # a static cache's prompts are left-padded to a multiple of this many tokens
+
+
+def own_static_loop(model: nn.Module) -> bool:
+    """Whether muse decodes a Hugging Face model with its own static-cache loop (``HfRollout``): every
+    layer attends over the whole context (a sliding window would need its own mask) and the model takes
+    a static cache. Else ``generate`` does."""
+    try:
+        from transformers import StaticCache  # noqa: F401
+    except ImportError:
+        return False
+    config = getattr(model, "config", None)
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    return kinds == {"full_attention"} and not getattr(config, "use_sliding_window", False) \
+        and bool(getattr(model, "_supports_static_cache", True)) and not getattr(config, "is_encoder_decoder", False)
 
 
 def static_shape(ids: torch.Tensor, valid: torch.Tensor, pad_id: int,
@@ -373,6 +421,58 @@ class Rollout:
     def step(self) -> None:
         """Feed each row its last token and take the next."""
         self.take(self.model(self.token, cache=self.cache)[0])
+
+
+class HfRollout(Rollout):
+    """``Rollout`` for a Hugging Face causal LM over transformers' ``StaticCache``: the prompts (left-padded,
+    B × W) are prefilled at cache columns 0..W−1, then each step feeds every row its last token at column
+    ``cache_position`` (a device tensor, W then W+1, ...), with each row's own position (its count of real
+    tokens: left padding shifts no row's rotary positions) and an additive mask over the cache's whole
+    length, opened one column a step. Every step reads and writes the same tensors, so a CUDA graph holds it."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, valid: torch.Tensor, steps: int, temperature: float,
+                 pad_id: int, eos_id: int, vocab: int | None = None) -> None:
+        import inspect
+
+        from transformers import StaticCache
+
+        B, W = ids.shape
+        device, length = ids.device, W + steps
+        self.model, self.temperature, self.pad_id, self.eos_id, self.vocab = model, temperature, pad_id, eos_id, vocab
+        self.token = torch.full((B, 1), pad_id, dtype=torch.long, device=device)
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)
+        self.out = torch.full((B, steps), pad_id, dtype=torch.long, device=device)
+        self.column = torch.zeros(1, dtype=torch.long, device=device)
+        self.cache = StaticCache(config=model.config, max_cache_len=length)
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
+            next(model.parameters()).dtype
+        low = torch.finfo(dtype).min
+        keys = torch.zeros(B, length, dtype=torch.bool, device=device)
+        keys[:, :W] = valid
+        causal = torch.ones(W, length, dtype=torch.bool, device=device).tril()  # query i sees columns ≤ i
+        seen = (keys[:, None, :] & causal[None]) | torch.eye(W, length, dtype=torch.bool, device=device)[None]
+        prefill = torch.zeros(B, 1, W, length, dtype=dtype, device=device).masked_fill_(~seen[:, None], low)
+        positions = (valid.long().cumsum(-1) - 1).clamp_(min=0)
+        takes = inspect.signature(model.forward).parameters
+        # the cache's keyword: ``cache`` from transformers 5.2x, ``past_key_values`` before; the column it
+        # writes at: ``cache_position`` where the cache takes it, else the cache counts on the device itself
+        self.cache_kw = "cache" if "cache" in takes else "past_key_values"
+        extra = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}
+        logits = model(input_ids=ids, attention_mask=prefill, position_ids=positions, use_cache=True,
+                       cache_position=torch.arange(W, device=device), **{self.cache_kw: self.cache}, **extra).logits
+        # the decode steps': each row's keys so far (a pad query saw its own key above, so no row is empty)
+        self.mask = torch.zeros(B, 1, 1, length, dtype=dtype, device=device).masked_fill_(~keys[:, None, None], low)
+        self.position = valid.long().sum(-1, keepdim=True)  # (B, 1) the next token's position in its row
+        self.cache_position = torch.full((1,), W, dtype=torch.long, device=device)
+        self.take(logits)
+
+    def step(self) -> None:
+        self.mask.index_fill_(-1, self.cache_position, 0.0)
+        logits = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.position, use_cache=True,
+                            cache_position=self.cache_position, **{self.cache_kw: self.cache}).logits
+        self.take(logits)
+        self.cache_position.add_(1)
+        self.position.add_(1)
 
 
 class Graphed:
