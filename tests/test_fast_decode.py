@@ -455,3 +455,32 @@ def test_on_cuda_a_hugging_face_model_decodes_from_a_graph_as_generate_does(fami
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = mixed.sample(prompts, 16, 1.0)
     assert mixed.take_notes() == [] and all(len(row) > 0 for row in out)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_every_hugging_face_decode_step_runs_the_same_ops_on_the_same_memory_without_a_host_sync(family):
+    """What a CUDA graph needs of ``HfRollout.step``: the same ops on the same shapes every token, no
+    scalar read back to the host, every tensor it keeps where it was (transformers' own code included)."""
+    from engines.grpo.policy import HfRollout
+
+    model = _hf(family)
+    ids = torch.tensor([[PAD, PAD, 256, 1], [256, 5, 6, 7]])
+    with torch.no_grad():
+        rollout = HfRollout(model, ids, ids != PAD, 6, 1.0, PAD, EOS)
+        layers = [t for t in vars(rollout.cache).get("layers", []) for t in (t.keys, t.values)]
+        state = [rollout.token, rollout.done, rollout.out, rollout.column, rollout.mask, rollout.position,
+                 rollout.cache_position, *layers]
+        before = [(t.data_ptr(), t.shape) for t in state]
+        steps = []
+        for _ in range(5):
+            with _Recorded() as recorded:
+                rollout.step()
+            steps.append(recorded.ops)
+    assert all(ops == steps[0] for ops in steps)
+    assert not any("_local_scalar_dense" in name or "item" in name or "nonzero" in name for name, _ in steps[0])
+    assert [(t.data_ptr(), t.shape) for t in state] == before and layers
+    # five steps fed the columns 4..8 at each row's own positions (its real tokens counted): 2.., 4..
+    assert int(rollout.cache_position) == 4 + 5 and rollout.position.tolist() == [[2 + 5], [4 + 5]]
+    shut = torch.finfo(torch.float32).min
+    assert rollout.mask[0, 0, 0].tolist() == [shut, shut] + [0.0] * 7 + [shut]  # left padding stays shut
+    assert rollout.mask[1, 0, 0].tolist() == [0.0] * 9 + [shut]  # the last column: the next step's
