@@ -536,13 +536,13 @@ def test_tune_kernels_apply_writes_the_fastest_tiles_and_forms(tmp_path: Path, m
         monkeypatch.setattr(tune_kernels, attr, copy)
     best = {"maps + read": {"ms": 0.12, "tiles": None}, "pre_read": {"ms": 0.28, "tiles": [64, 64, 8]},
             "dots + state_grad": {"ms": 0.33, "tiles": [16, 64, 8]}, "pre_grad": {"ms": 0.2, "tiles": [16, 128, 16]},
-            "ddl backward": {"ms": 0.1, "tiles": [32]}}
+            "ddl backward": {"ms": 0.1, "tiles": [128]}}
     said = tune_kernels.apply(best)
     mhc, delta = (tmp_path / "fused_mhc.py").read_text(), (tmp_path / "fused_delta.py").read_text()
     line = 'TILES = {"state_grad": (16, 64, 8), "pre_read": (64, 64, 8), "pre_grad": (16, 128, 16)}'
     assert f"\n{line}\n" in mhc and line in said
     assert "\nTWO_PASS_FORWARD = False\n" in mhc and "\nTWO_PASS_BACKWARD = True\n" in mhc
-    assert "\nTOKENS_PER_PROGRAM = 32  #" in delta
+    assert "\nTOKENS_PER_PROGRAM = 128  #" in delta
     compile(mhc, "fused_mhc.py", "exec"), compile(delta, "fused_delta.py", "exec")
     del best["pre_grad"]  # a form a time limit left untimed keeps the file's choice, switch and tiles
     best["pre_read"] = {"ms": 0.1, "tiles": [32, 64, 8]}

@@ -131,9 +131,10 @@ def test_compiled_steps_match_every_plan_run_row_measured_on_the_h100():
     assert share("1.3B", 4) < share("350M", 8) * 0.75
 
 
-def test_the_h200_plan_run_rows_and_the_fused_mhc_connection_are_priced_within_10_percent():
-    """docs/bench_architecture_fused.json (an H200 through `muse plan run`): every row within 10%, the
-    mhc row with fused kernels priced as fused_mhc measured (fused_kernels on, bf16 state), not as torch."""
+def test_the_h200_plan_run_rows_are_priced_within_10_percent_and_fused_mhc_as_it_measures_now():
+    """docs/bench_architecture_fused.json (an H200 through `muse plan run`): every row within 10% but the mhc
+    row with fused kernels, an earlier form of fused_mhc (the state's gradient a stream at a time); the
+    form that runs now is priced as it measured on an H100 (the next test): slower than torch's fusion."""
     import json
     from pathlib import Path
 
@@ -149,11 +150,12 @@ def test_the_h200_plan_run_rows_and_the_fused_mhc_connection_are_priced_within_1
 
     rows = {row["model"]: row["tokens_per_s"] for row in data["rows"] if row["mode"] == "plan-run"}
     assert len(rows) == 5
+    del rows["mhc+bf16+fused"]
     for name, measured in rows.items():
         base, *flags = name.split("+")
         assert predicted(base, flags, "on" if "fused" in flags else "off") == pytest.approx(measured, rel=0.1), name
     torch_mhc, fused_mhc = predicted("mhc", ["bf16"], "off"), predicted("mhc", ["bf16"], "on")
-    assert fused_mhc > torch_mhc * 1.05  # measured 9.1% faster
+    assert fused_mhc < torch_mhc * 0.9  # now measured slower (next test); the optimizer does not offer it
     # eager kernels don't run under compile; an fp32 state and ddl have no measured price: torch's
     assert predicted("mhc", ["bf16"], "eager") == torch_mhc
     assert predicted("mhc", [], "on") == predicted("mhc", [], "off")
@@ -185,6 +187,30 @@ def test_the_h100_fused_rows_through_plan_run_are_priced_within_10_percent():
                         fused_kernels="on" if "fused" in flags else "off")
         predicted = tp.step_time(TrainConfig(m, micro_batch=data["batch"], precision="bf16", compiled=True),
                                  H100).tokens_per_s
+        assert predicted == pytest.approx(measured, rel=0.1), (name, predicted, measured)
+
+
+def test_the_tuned_h100_call_and_fused_mhc_as_it_runs_now_are_priced_within_10_percent():
+    """docs/bench_architecture_tuned_h100.json (one H100 call through `muse plan run`, after
+    scripts/tune_kernels.py): standard and ddl with fused_delta at the 32 tokens a program it chose;
+    docs/bench_architecture_mhc_four_h100.json (the next call on the same machine): mhc with fused_mhc at its
+    committed tiles. The tuned call's mhc row ran tiles not kept (slower), so the model is not held to it."""
+    import json
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    tuned = json.loads((docs / "bench_architecture_tuned_h100.json").read_text())
+    four = json.loads((docs / "bench_architecture_mhc_four_h100.json").read_text())
+    rows = {row["model"]: row["tokens_per_s"] for data in (tuned, four) for row in data["rows"]}
+    assert "H100" in tuned["device"] and "H100" in four["device"]
+    rows["mhc+bf16+fused"] = four["rows"][0]["tokens_per_s"]
+    assert set(rows) == {"standard", "ddl+fused", "mhc+bf16+fused"}
+    for name, measured in rows.items():
+        base, *flags = name.split("+")
+        m = ModelConfig(vocab_size=32000, seq_len=2048, n_layers=24, d_model=1024, n_heads=16, residual=base,
+                        stream_dtype="bfloat16" if "bf16" in flags else "float32",
+                        fused_kernels="on" if "fused" in flags else "off")
+        predicted = tp.step_time(TrainConfig(m, micro_batch=8, precision="bf16", compiled=True), H100).tokens_per_s
         assert predicted == pytest.approx(measured, rel=0.1), (name, predicted, measured)
 
 

@@ -88,9 +88,11 @@ class ResidualMode:
     # under torch.compile: bytes a layer·d_model·token beyond standard's, (float32, bfloat16) stream state
     compiled_traffic: tuple[float, float] = (0.0, 0.0)
     # the same with training.fused_kernels on and a bfloat16 state of 4 streams, where the mode's kernels were
-    # timed through `muse plan run` (mhc: fused_mhc, 320 on an H200; mgt: fused_streams' maps, read, dots and
-    # write, 470 fitted to 102,351 tok/s on an H100, docs/bench_architecture_fused_h100.json, where its
-    # torch price, 673, predicted 88,533); None: its kernels are priced as torch's own fusion
+    # timed through `muse plan run` (mhc: fused_mhc as it is now, 620 fitted to 91,599 tok/s on an H100,
+    # docs/bench_architecture_mhc_four_h100.json, slower than torch's 440: an earlier form measured 320 on an
+    # H200; mgt: fused_streams' maps, read, dots and write, 470 fitted to 102,351 tok/s on an H100,
+    # docs/bench_architecture_fused_h100.json, where its torch price, 673, predicted 88,533); None: its
+    # kernels are priced as torch's own fusion
     fused_traffic: float | None = None
 
     def params(self, c: ModelConfig) -> int:
@@ -110,7 +112,7 @@ RESIDUAL_MODES: dict[str, ResidualMode] = {m.name: m for m in (
                  (f"{_WIDTH}:HC_RULES",), compiled_traffic=(520.0, 360.0)),  # assumed: mhc's less its Sinkhorn
     ResidualMode("mhc", True, _mhc, lambda c: _mixing_flops(c) + _sinkhorn_flops(c), 2.835, 2.365,
                  f"{_RES}:ManifoldHyperConnection", f"{_DEPTH}:_identity_manifold", f"{_ACT}:_mhc",
-                 (f"{_WIDTH}:MHC_RULES",), compiled_traffic=(633.0, 440.0), fused_traffic=320.0),
+                 (f"{_WIDTH}:MHC_RULES",), compiled_traffic=(633.0, 440.0), fused_traffic=620.0),
     ResidualMode("ddl", False, _ddl, _ddl_flops, 1.581, 1.123,
                  f"{_RES}:DeltaResidual", f"{_DEPTH}:_nothing", f"{_ACT}:_ddl", (f"{_WIDTH}:DDL_RULES",),
                  compiled_traffic=(74.0, 74.0)),  # no streams: the state is the hidden's

@@ -70,9 +70,12 @@ and every constant below that it re-derives within 11% of its value here.
   width as measured (mhc's bf16 state +57% at 350M, +34% at 1.3B: 457 and 416
   B fitted, one constant 440 for both). With ``training.fused_kernels: on``
   and a bf16 state, mhc's connection runs ``fused_mhc`` and is priced at
-  ``ResidualMode.fused_traffic`` 320 B: through ``muse plan run`` on an H200
-  (docs/bench_architecture_fused.json) it added 30.8 ms to standard's 94.9 ms
-  step where torch's added 42.3 ms in the same call; 440 × 30.8 / 42.3. mgt's
+  ``ResidualMode.fused_traffic`` 620 B, fitted to its plan run on an H100
+  (docs/bench_architecture_mhc_four_h100.json: 91,599 tok/s, 178.9 ms a step
+  against standard's 101.5 in the call before it on the same machine), slower
+  than torch's fusion (440 B), so the optimizer does not offer it. An earlier
+  form (the state's gradient a stream at a time, spilling) measured 320 B on
+  an H200 (docs/bench_architecture_fused.json). mgt's
   fused kernels (``fused_streams``' maps, read, dots and write) are priced at
   470 B, fitted to its row on an H100 (docs/bench_architecture_fused_h100.json,
   102,351 tok/s), where torch's 673 B predicted 13.5% too slow.
