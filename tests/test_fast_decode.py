@@ -114,6 +114,21 @@ class _Recorded(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _steps_stay_put(rollout: Any, state: list[torch.Tensor], steps: int = 5) -> None:
+    """What a CUDA graph needs of ``rollout.step()``: the same ops on the same shapes and scalar arguments
+    every token (so the position is no host scalar), none that reads a value back to the host, and every
+    tensor it keeps (``state``) where it was."""
+    before = [(t.data_ptr(), t.shape) for t in state]
+    ops = []
+    for _ in range(steps):
+        with _Recorded() as recorded:
+            rollout.step()
+        ops.append(recorded.ops)
+    assert all(step == ops[0] for step in ops)
+    assert not any("_local_scalar_dense" in name or "item" in name or "nonzero" in name for name, _ in ops[0])
+    assert [(t.data_ptr(), t.shape) for t in state] == before
+
+
 def test_every_decode_step_runs_the_same_ops_on_the_same_memory_without_a_host_sync():
     model = _model(2)
     ids = torch.tensor([[PAD, PAD, 256, 1], [256, 5, 6, 7]])
@@ -123,17 +138,8 @@ def test_every_decode_step_runs_the_same_ops_on_the_same_memory_without_a_host_s
         cache.decode_on_device()
         rollout = Rollout(model, cache, 6, 1.0, PAD, EOS)
         rollout.take(logits)
-        state = [rollout.token, rollout.done, rollout.out, rollout.column, cache.position, cache.valid,
-                 *(t for layer in cache.layers for t in (layer.k, layer.v))]
-        before = [(t.data_ptr(), t.shape) for t in state]
-        steps = []
-        for _ in range(5):
-            with _Recorded() as recorded:
-                rollout.step()
-            steps.append(recorded.ops)
-    assert all(ops == steps[0] for ops in steps)  # shapes and scalar arguments alike: the position isn't one
-    assert not any("_local_scalar_dense" in name or "item" in name for name, _ in steps[0])
-    assert [(t.data_ptr(), t.shape) for t in state] == before
+        _steps_stay_put(rollout, [rollout.token, rollout.done, rollout.out, rollout.column, cache.position,
+                                  cache.valid, *(t for layer in cache.layers for t in (layer.k, layer.v))])
     assert int(cache.position) == 4 + 5 and int(rollout.column) == 6 and cache.pos == 4
     assert bool(cache.valid[:, 4:9].all()) and not bool(cache.valid[:, 9:].any())
 
@@ -468,17 +474,9 @@ def test_every_hugging_face_decode_step_runs_the_same_ops_on_the_same_memory_wit
     with torch.no_grad():
         rollout = HfRollout(model, ids, ids != PAD, 6, 1.0, PAD, EOS)
         layers = [t for t in vars(rollout.cache).get("layers", []) for t in (t.keys, t.values)]
-        state = [rollout.token, rollout.done, rollout.out, rollout.column, rollout.mask, rollout.position,
-                 rollout.cache_position, *layers]
-        before = [(t.data_ptr(), t.shape) for t in state]
-        steps = []
-        for _ in range(5):
-            with _Recorded() as recorded:
-                rollout.step()
-            steps.append(recorded.ops)
-    assert all(ops == steps[0] for ops in steps)
-    assert not any("_local_scalar_dense" in name or "item" in name or "nonzero" in name for name, _ in steps[0])
-    assert [(t.data_ptr(), t.shape) for t in state] == before and layers
+        assert layers  # transformers' cache tensors are among what must stay put
+        _steps_stay_put(rollout, [rollout.token, rollout.done, rollout.out, rollout.column, rollout.mask,
+                                  rollout.position, rollout.cache_position, *layers])
     # five steps fed the columns 4..8 at each row's own positions (its real tokens counted): 2.., 4..
     assert int(rollout.cache_position) == 4 + 5 and rollout.position.tolist() == [[2 + 5], [4 + 5]]
     shut = torch.finfo(torch.float32).min
