@@ -143,18 +143,20 @@ def launch(home: Path, spec: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, shell=True, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def rollout_profile(trainer, device: str) -> dict:  # type: ignore[no-untyped-def]
-    """One more rollout under torch.profiler: its wall time (the profiler's overhead included), the
-    sum of its kernels' device time, how many kernels it launched and the costliest, so a rollout
-    short of its target says whether the GPU or the host sets its pace."""
+def rollout_profile(rollout) -> dict:  # type: ignore[no-untyped-def]
+    """One more rollout (``rollout()``) under torch.profiler: its wall time (the profiler's overhead
+    included), the sum of its kernels' device time, how many kernels it launched and the costliest, so a
+    rollout short of its target says whether the GPU or the host sets its pace."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         start = time.perf_counter()
-        trainer.next_batch()
-        torch.cuda.synchronize()
+        rollout()
+        if cuda:
+            torch.cuda.synchronize()
         wall = time.perf_counter() - start
     kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.device_time_total > 0]
     kernels.sort(key=lambda e: -e.device_time_total)
@@ -211,7 +213,7 @@ def throughput(spec: dict, device: str, prompts: int, group: int, decodes: list[
            "parameters": sum(p.numel() for p in trainer.model.parameters())}
     if profile and device == "cuda":
         with torch.autocast(device, dtype=dtype):
-            out["profile"] = rollout_profile(trainer, device)
+            out["profile"] = rollout_profile(trainer.next_batch)
     if decodes[1:]:
         out["other_decodes"] = {d: throughput(spec, device, prompts, group, [d], profile) for d in decodes[1:]}
     return out

@@ -130,6 +130,39 @@ def run_muse(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, An
             "events": row["events"], "phases": row["phases"], "step_seconds": step_s, "step_phases": step_phases}
 
 
+def profile_muse_rollout(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
+    """muse's sampling alone, as its stage runs it, on the same model: fp32 weights decoding from the bf16
+    copy under bf16 autocast (on a GPU), the step replayed from a CUDA graph, the step's prompts × group
+    rows; one rollout to warm (the copy made, the graph captured), one timed and one under torch.profiler."""
+    import torch
+    from bench_grpo import rollout_profile
+    from transformers import AutoModelForCausalLM
+
+    from engines.grpo.policy import Policy
+
+    device = "cuda" if cuda else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+    dtype = torch.bfloat16 if cuda else None
+    policy = Policy(model, PAD, EOS, decode="graphs" if cuda else "eager", vocab=PAD + 1, sample_dtype=dtype)
+    rows = [[BOS, *p.encode()] for p in prompts(args.prompts) for _ in range(args.group)]
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
+
+    def rollout() -> list[list[int]]:
+        with autocast:
+            return policy.sample(rows, args.max_new_tokens, 1.0)
+
+    rollout()
+    start = time.perf_counter()
+    out = rollout()
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    tokens = sum(len(row) for row in out)
+    return {"rows": len(rows), "wall_s": wall, "completions_per_s": len(rows) / wall, "tokens_per_s": tokens / wall,
+            "ms_a_decode_step": 1e3 * wall / max(max(len(row) for row in out), 1), "notes": policy.take_notes(),
+            "profile": rollout_profile(rollout)}
+
+
 def run_trl(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
     entered = time.perf_counter()  # TRL's import, the model's load and the trainer's setup count, as muse's do
     import torch
@@ -185,22 +218,38 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=16, help="prompts a step")
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--profile", action="store_true",
+                   help="also muse's sampling alone on the model, timed and under torch.profiler (its kernels)")
+    p.add_argument("--profile-only", action="store_true", help="the profile alone: no plan run, no TRL")
     args = p.parse_args()
     if args.tiny:
         args.steps, args.skip, args.prompts, args.group, args.max_new_tokens = 3, 1, 2, 4, 8
     import torch
     import transformers
-    import trl
 
+    try:
+        import trl
+    except ImportError:
+        if not args.profile_only:
+            raise
+        trl = None
     cuda = torch.cuda.is_available() and not args.tiny
     folder = Path(tempfile.mkdtemp(prefix="qwen2-random-")) / "model"
     write_model(folder, args.tiny)
     out: dict[str, Any] = {
         "command": "python3 scripts/bench_grpo_trl.py " + " ".join(sys.argv[1:]),
         "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)",
-        "torch": torch.__version__, "transformers": transformers.__version__, "trl_version": trl.__version__,
+        "torch": torch.__version__, "transformers": transformers.__version__, "trl_version": trl.__version__ if trl else None,
         "model": "Qwen2-0.5B configuration, random weights" if not args.tiny else "tiny Qwen2",
         "prompts": args.prompts, "group": args.group, "max_new_tokens": args.max_new_tokens, "steps": args.steps}
+    if args.profile or args.profile_only:
+        out["muse_sampling"] = profile_muse_rollout(folder, args, cuda)
+        print("muse sampling", json.dumps({k: v for k, v in out["muse_sampling"].items() if k != "profile"}),
+              flush=True)
+    if args.profile_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_grpo_trl_profile.json").write_text(json.dumps(out, indent=1) + "\n")
+        return
     out["muse"] = run_muse(folder, args, cuda)
     print("muse", json.dumps(out["muse"]), flush=True)
     out["trl"] = run_trl(folder, args, cuda)

@@ -482,3 +482,23 @@ def test_every_hugging_face_decode_step_runs_the_same_ops_on_the_same_memory_wit
     shut = torch.finfo(torch.float32).min
     assert rollout.mask[0, 0, 0].tolist() == [shut, shut] + [0.0] * 7 + [shut]  # left padding stays shut
     assert rollout.mask[1, 0, 0].tolist() == [0.0] * 9 + [shut]  # the last column: the next step's
+
+
+def test_the_trl_benchmark_profiles_muses_sampling_alone(tmp_path):
+    """scripts/bench_grpo_trl.py --profile-only (here --tiny, on CPU, no TRL needed): muse's sampling of the
+    benchmark's model alone, timed, with its rows (prompts × group), tokens and profile in the JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "scripts" / "bench_grpo_trl.py"), "--tiny", "--profile-only",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    sampled = json.loads((tmp_path / "bench_grpo_trl_profile.json").read_text())["muse_sampling"]
+    assert sampled["rows"] == 2 * 4 and sampled["tokens_per_s"] > 0 and sampled["notes"] == []
+    assert sampled["profile"]["wall_s"] > 0 and 0 < sampled["ms_a_decode_step"] < sampled["wall_s"] * 1e3
