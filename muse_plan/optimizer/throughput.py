@@ -282,7 +282,7 @@ def _gpu_s_per_token(cfg: TrainConfig, gpu: GpuKind) -> float:
     c = cfg.model
     mode = RESIDUAL_MODES[c.residual]
     if cfg.compiled:  # the mode's cost is the bytes it moves (modes.py compiled_traffic)
-        traffic = COMPILED_TRAFFIC + (mode.fused_traffic if fused_priced(c, cfg.precision) else
+        traffic = COMPILED_TRAFFIC + (mode.fused_traffic if fused_priced(c) else
                                       mode.compiled_traffic[c.stream_dtype == "bfloat16"])
         slowdown = 1.0
     else:
@@ -293,12 +293,14 @@ def _gpu_s_per_token(cfg: TrainConfig, gpu: GpuKind) -> float:
     return seconds * _time_scale(cfg) * slowdown * EXECUTOR_OVERHEAD
 
 
-def fused_priced(c: ModelConfig, precision: str) -> bool:
+def fused_priced(c: ModelConfig) -> bool:
     """Whether the model prices this model's fused kernels as measured (``ResidualMode.fused_traffic``):
-    ``fused_kernels: on`` with a bf16 state of 4 streams (``fused_mhc.usable``) under bf16 mixed precision
-    (what they were timed in), for a mode whose kernels were timed. Else fused kernels are priced as torch's
-    own fusion (``eager`` runs none under compile)."""
-    return c.fused_kernels == "on" and c.stream_dtype == "bfloat16" and c.streams == 4 and precision == "bf16" \
+    ``fused_kernels: on`` with a bf16 state of 4 streams (``fused_mhc.usable``), for a mode whose kernels
+    were timed. The kernels run under any precision (they read the bf16 state), so the price holds under
+    each, though it was timed under bf16 mixed precision: priced as torch's fusion under fp16, the kernels
+    made fp16 look faster and the optimizer chose it, where the same kernels would run. Else fused kernels
+    are priced as torch's own fusion (``eager`` runs none under compile)."""
+    return c.fused_kernels == "on" and c.stream_dtype == "bfloat16" and c.streams == 4 \
         and RESIDUAL_MODES[c.residual].fused_traffic is not None
 
 
