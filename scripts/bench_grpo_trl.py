@@ -239,11 +239,14 @@ def main() -> None:
     out: dict[str, Any] = {
         "command": "python3 scripts/bench_grpo_trl.py " + " ".join(sys.argv[1:]),
         "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)",
-        "torch": torch.__version__, "transformers": transformers.__version__, "trl_version": trl.__version__ if trl else None,
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "trl_version": trl.__version__ if trl else None,
         "model": "Qwen2-0.5B configuration, random weights" if not args.tiny else "tiny Qwen2",
         "prompts": args.prompts, "group": args.group, "max_new_tokens": args.max_new_tokens, "steps": args.steps}
     if args.profile or args.profile_only:
         out["muse_sampling"] = profile_muse_rollout(folder, args, cuda)
+        if cuda:  # the profiled model is gone: give its memory back before the two sides run
+            torch.cuda.empty_cache()
         print("muse sampling", json.dumps({k: v for k, v in out["muse_sampling"].items() if k != "profile"}),
               flush=True)
     if args.profile_only:
