@@ -402,8 +402,12 @@ class Rollout:
 
     def __init__(self, model: DecoderLM, cache: KVCache, steps: int, temperature: float,
                  pad_id: int, eos_id: int, vocab: int | None = None) -> None:
-        batch, device = cache.valid.size(0), cache.valid.device
-        self.model, self.cache, self.temperature, self.pad_id, self.eos_id = model, cache, temperature, pad_id, eos_id
+        self.cache = cache
+        self._start(model, cache.valid.size(0), cache.valid.device, steps, temperature, pad_id, eos_id, vocab)
+
+    def _start(self, model: nn.Module, batch: int, device: torch.device, steps: int, temperature: float,
+               pad_id: int, eos_id: int, vocab: int | None) -> None:
+        self.model, self.temperature, self.pad_id, self.eos_id = model, temperature, pad_id, eos_id
         self.vocab = vocab  # draw among the first ``vocab`` ids only (None: all)
         self.token = torch.full((batch, 1), pad_id, dtype=torch.long, device=device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -438,11 +442,7 @@ class HfRollout(Rollout):
 
         B, W = ids.shape
         device, length = ids.device, W + steps
-        self.model, self.temperature, self.pad_id, self.eos_id, self.vocab = model, temperature, pad_id, eos_id, vocab
-        self.token = torch.full((B, 1), pad_id, dtype=torch.long, device=device)
-        self.done = torch.zeros(B, dtype=torch.bool, device=device)
-        self.out = torch.full((B, steps), pad_id, dtype=torch.long, device=device)
-        self.column = torch.zeros(1, dtype=torch.long, device=device)
+        self._start(model, B, device, steps, temperature, pad_id, eos_id, vocab)
         self.cache = StaticCache(config=model.config, max_cache_len=length)
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
             next(model.parameters()).dtype
