@@ -86,10 +86,9 @@ def prompts(n: int) -> list[str]:
     return [multiplication(rng).prompt for _ in range(n)]
 
 
-def run_muse(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
-    from bench_plan_run import run_one
-
-    data = {"name": "grpo-vs-trl",
+def plan_data(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
+    """muse's side: a plan of one ``reasoning_rl`` stage on the model in ``folder``."""
+    return {"name": "grpo-vs-trl",
             "model": {"scale": "500M", "family": "hf", "init_from": str(folder), "residual": "standard",
                       "seq_len": 64 + args.max_new_tokens},
             "techniques": {"grpo": {"group_size": args.group, "temperature": 1.0, "kl_beta": 0.0}},
@@ -100,7 +99,12 @@ def run_muse(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, An
                         "checkpoint_every": 10 * args.steps, "eval_every": 10 * args.steps,
                         "options": {"tasks": ["multiplication:3x3"], "max_new_tokens": args.max_new_tokens,
                                     "eval_problems": 1}}]}
-    row = run_one(data, Path(tempfile.mkdtemp(prefix="muse-inductor-")), skip=args.skip)
+
+
+def run_muse(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
+    from bench_plan_run import run_one
+
+    row = run_one(plan_data(folder, args, cuda), Path(tempfile.mkdtemp(prefix="muse-inductor-")), skip=args.skip)
     if "error" in row:
         return row
     from muse_plan.store import runs
@@ -221,6 +225,9 @@ def main() -> None:
     p.add_argument("--profile", action="store_true",
                    help="also muse's sampling alone on the model, timed and under torch.profiler (its kernels)")
     p.add_argument("--profile-only", action="store_true", help="the profile alone: no plan run, no TRL")
+    p.add_argument("--write-plan", type=Path, metavar="DIR",
+                   help="only write the model (DIR/model) and muse's plan (DIR/plan.yaml), e.g. for "
+                        "scripts/profile_plan_run.py --plan")
     args = p.parse_args()
     if args.tiny:
         args.steps, args.skip, args.prompts, args.group, args.max_new_tokens = 3, 1, 2, 4, 8
@@ -230,12 +237,18 @@ def main() -> None:
     try:
         import trl
     except ImportError:
-        if not args.profile_only:
+        if not (args.profile_only or args.write_plan):
             raise
         trl = None
     cuda = torch.cuda.is_available() and not args.tiny
-    folder = Path(tempfile.mkdtemp(prefix="qwen2-random-")) / "model"
+    folder = (args.write_plan or Path(tempfile.mkdtemp(prefix="qwen2-random-"))) / "model"
     write_model(folder, args.tiny)
+    if args.write_plan:
+        import yaml
+
+        (args.write_plan / "plan.yaml").write_text(yaml.safe_dump(plan_data(folder.resolve(), args, cuda)))
+        print(args.write_plan / "plan.yaml")
+        return
     out: dict[str, Any] = {
         "command": "python3 scripts/bench_grpo_trl.py " + " ".join(sys.argv[1:]),
         "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)",

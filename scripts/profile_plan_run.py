@@ -32,7 +32,13 @@ def main() -> None:
     p.add_argument("--wait", type=int, default=12, help="steps before profiling (compile, warm-up)")
     p.add_argument("--active", type=int, default=5, help="steps profiled")
     p.add_argument("--stream-dtype", default="float32", help="mhc/mgt stream state: float32 or bfloat16")
+    p.add_argument("--kernels", default="off", help="training.fused_kernels: off, eager or on")
+    p.add_argument("--mhc-form", default="committed", choices=["committed", "two-kernel", "four-kernel", "streams"],
+                   help="with --kernels on, mhc's fused connection: as committed, pre in two or four kernels, "
+                        "or fused_streams' ops (fused_mhc.ENABLED off)")
     p.add_argument("--no-trace", action="store_true", help="leave out the Chrome trace (tens of MB)")
+    p.add_argument("--plan", type=Path, help="profile this plan file instead (e.g. bench_grpo_trl.py --write-plan's): "
+                                             "its first stage, long enough for --wait + --active steps")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out", type=Path, default=Path("/tmp/profile_plan_run"))
     args = p.parse_args()
@@ -45,15 +51,24 @@ def main() -> None:
     os.environ["MUSE_HOME"] = str(home)
     cuda = torch.cuda.is_available() and not args.tiny
     steps = args.wait + args.active + 2
-    data = plan(f"profile-{args.residual}", args.residual, args.compile, TINY_SHAPE if args.tiny else SHAPE,
-                64 if args.tiny else 2048, 2 if args.tiny else 8, steps, "bf16" if cuda else "fp32",
-                "1xH100-80GB" if cuda else "cpu", stream_dtype=args.stream_dtype)
+    if args.plan:
+        data = yaml.safe_load(args.plan.read_text())
+        data["stages"] = [{**data["stages"][0], "steps": steps}]
+    else:
+        data = plan(f"profile-{args.residual}", args.residual, args.compile, TINY_SHAPE if args.tiny else SHAPE,
+                    64 if args.tiny else 2048, 2 if args.tiny else 8, steps, "bf16" if cuda else "fp32",
+                    "1xH100-80GB" if cuda else "cpu", stream_dtype=args.stream_dtype, kernels=args.kernels)
     path = home / "plan.yaml"
     path.write_text(yaml.safe_dump(data))
 
     from torch.profiler import ProfilerActivity, profile, schedule
 
+    from engines.architecture import fused_mhc
     from muse_plan.executor import loop
+
+    if args.mhc_form in ("two-kernel", "four-kernel"):
+        fused_mhc.TWO_PASS_FORWARD = fused_mhc.TWO_PASS_BACKWARD = args.mhc_form == "two-kernel"
+    fused_mhc.ENABLED = args.mhc_form != "streams"
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     prof = profile(activities=activities, schedule=schedule(wait=args.wait, warmup=1, active=args.active, repeat=1))
@@ -84,6 +99,7 @@ def main() -> None:
     step_ms = 1e3 * sum(walls) / max(len(walls), 1)
     blocking = [e for e in events if any(s in e.key for s in ("Synchronize", "cudaMemcpy", "item", "_local_scalar"))]
     report = {
+        "compile_mode": os.environ.get("MUSE_COMPILE_MODE") or "default", "kernels": args.kernels, "mhc_form": args.mhc_form, "device": torch.cuda.get_device_name() if cuda else "cpu",
         "step_wall_ms": step_ms,
         "gpu_busy_ms_per_step": busy_us / 1e3 / args.active,
         "top": [{"name": e.key[:90], "ms_per_step": getattr(e, device_key, 0) / 1e3 / args.active,
@@ -94,7 +110,10 @@ def main() -> None:
                      for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"profile_{args.residual}_{args.compile}" + ("_bf16" if args.stream_dtype == "bfloat16" else "")
+    name = (f"profile_{args.plan.stem if args.plan else args.residual}_{args.compile}" + ("_bf16" if args.stream_dtype == "bfloat16" else "")
+            + ("" if args.kernels == "off" else f"_kernels-{args.kernels}")
+            + ("" if args.mhc_form == "committed" else f"_{args.mhc_form}")
+            + (f"_{os.environ['MUSE_COMPILE_MODE']}" if os.environ.get("MUSE_COMPILE_MODE") else ""))
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
     if not args.no_trace:
         prof.export_chrome_trace(str(args.out / f"{name}.trace.json"))

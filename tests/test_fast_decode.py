@@ -502,3 +502,31 @@ def test_the_trl_benchmark_profiles_muses_sampling_alone(tmp_path):
     sampled = json.loads((tmp_path / "bench_grpo_trl_profile.json").read_text())["muse_sampling"]
     assert sampled["rows"] == 2 * 4 and sampled["tokens_per_s"] > 0 and sampled["notes"] == []
     assert sampled["profile"]["wall_s"] > 0 and 0 < sampled["ms_a_decode_step"] < sampled["wall_s"] * 1e3
+
+
+def test_profile_plan_run_profiles_the_grpo_benchmarks_plan(tmp_path) -> None:
+    """scripts/bench_grpo_trl.py --write-plan writes the benchmark's model and muse's plan;
+    scripts/profile_plan_run.py --plan profiles that plan's steps as ``muse plan run`` runs them (here tiny,
+    on CPU): the step's wall time, and the ops of the rollout and the update among the costliest."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    script = lambda name, *args: subprocess.run([sys.executable, str(root / "scripts" / name), *args],  # noqa: E731
+                                                 capture_output=True, text=True, timeout=300, env=env)
+    done = script("bench_grpo_trl.py", "--tiny", "--write-plan", str(tmp_path / "bench"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "bench" / "model" / "config.json").is_file()
+    done = script("profile_plan_run.py", "--plan", str(tmp_path / "bench" / "plan.yaml"), "--tiny", "--wait", "1",
+                  "--active", "2", "--no-trace", "--out", str(tmp_path / "profile"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "profile" / "profile_plan_on.json").read_text())
+    assert report["step_wall_ms"] > 0 and report["device"] == "cpu"
+    ops = {row["name"] for row in report["top"]}
+    # the rollout's draws (temperature 1), the update's products and its optimizer step
+    assert {"aten::exponential_", "aten::mm", "Optimizer.step#AdamW.step"} <= ops, ops

@@ -40,7 +40,10 @@ Design decisions:
   started, and the step runs again eagerly; the run records why
   (``Compiled.fallback``). An error the eager step raises too is the run's.
 - ``MUSE_COMPILE_BACKEND`` picks another backend (``aot_eager`` to tell a
-  graph problem from a code-generation one; ``eager`` to trace only).
+  graph problem from a code-generation one; ``eager`` to trace only);
+  ``MUSE_COMPILE_MODE`` passes Inductor a mode (``reduce-overhead``: each
+  region's kernels replayed from CUDA graphs; the loop marks each micro-step's
+  start), to measure against the default.
 """
 
 from __future__ import annotations
@@ -76,6 +79,13 @@ class Compiled:
     fallback: str | None = None  # why the stage went back to eager
     evaluated: bool = False  # the first evaluation (its own no-grad graph) has compiled
     scope: str = "blocks"  # blocks | model (training.compile_scope)
+    mode: str | None = None  # Inductor's mode (MUSE_COMPILE_MODE); None: its default
+
+    @property
+    def graphs(self) -> bool:
+        """Whether the compiled regions replay CUDA graphs, whose outputs the next step's replay
+        overwrites: the loop marks where each step begins."""
+        return self.active and self.mode is not None and "reduce-overhead" in self.mode
 
     @property
     def active(self) -> bool:
@@ -104,14 +114,16 @@ def compile_model(model: torch.nn.Module, cache_dir: Path, scope: str = "blocks"
         return Compiled(fallback="no repeated blocks to compile")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
     backend = os.environ.get("MUSE_COMPILE_BACKEND", "inductor")
-    compiled = Compiled(found, backend, scope=scope)
+    mode = os.environ.get("MUSE_COMPILE_MODE") or None
+    compiled = Compiled(found, backend, scope=scope, mode=mode)
+    options = {"mode": mode} if mode else {}
     try:
         for module in found:
-            module.compile(backend=backend)
+            module.compile(backend=backend, **options)
         if scope == "model":
             return compiled
         if head and isinstance(model, DecoderLM):
-            model.head = torch.compile(model.head, backend=backend)  # an instance attribute over the method
+            model.head = torch.compile(model.head, backend=backend, **options)  # an instance attribute over the method
             compiled.head_of = model
     except Exception as exc:  # an unknown backend, a torch without dynamo: eager, said so
         compiled.undo(why(exc))

@@ -241,11 +241,12 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
         lr = scheduler.get_last_lr()[0]
         if compiled is not None and compiled.first_step_s is None:  # compiles here; eager again if that fails
             (loss, tokens, extra), failed = first_call(
-                compiled, trainer, lambda: _accumulate(trainer, model, accelerator, s, step + 1, injector))
+                compiled, trainer, lambda: _accumulate(trainer, model, accelerator, s, step + 1, injector, compiled.graphs))
             compiled.first_step_s = time.perf_counter() - started
             _compile_note(compiled, failed, step + 1, hooks if main else None)
         else:
-            loss, tokens, extra = _accumulate(trainer, model, accelerator, s, step + 1, injector)
+            loss, tokens, extra = _accumulate(trainer, model, accelerator, s, step + 1, injector,
+                                              compiled is not None and compiled.graphs)
         loss = accelerator.reduce(loss, "mean")
         if not lag:
             _check_finite(loss, step + 1)  # before the optimizer touches the weights
@@ -385,9 +386,11 @@ def _report(p: _Pending, ended: float | None, accelerator: Any, hooks: Hooks | N
 
 
 def _accumulate(trainer: Trainer, model: torch.nn.Module, accelerator: Any, s: StageSettings,
-                step: int, injector: Injector | None = None) -> tuple[torch.Tensor, int, dict[str, float]]:
+                step: int, injector: Injector | None = None,
+                graphs: bool = False) -> tuple[torch.Tensor, int, dict[str, float]]:
     """Forward and backward over ``grad_accum`` micro-batches: mean loss, tokens,
-    and the mean of each metric the engine reported (host floats, this process)."""
+    and the mean of each metric the engine reported (host floats, this process).
+    ``graphs``: the compiled regions replay CUDA graphs; each micro-step starts a new replay."""
     total = torch.zeros((), device=accelerator.device)
     tokens = 0
     extra: dict[str, float] = {}
@@ -399,6 +402,8 @@ def _accumulate(trainer: Trainer, model: torch.nn.Module, accelerator: Any, s: S
             with accelerator.autocast():  # an engine that samples (GRPO's rollouts) does so in the compute dtype
                 batch = trainer.next_batch()
             sync = i == s.grad_accum - 1
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
                 out = trainer.micro_step(batch)
                 if factor != 1.0:
