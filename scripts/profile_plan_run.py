@@ -94,8 +94,12 @@ def main() -> None:
     walls = [b - a for a, b in zip(stamps[first:first + args.active], stamps[first + 1:first + args.active + 1])]
     events = prof.key_averages()
     device_key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    kernels = sorted(events, key=lambda e: getattr(e, device_key, 0), reverse=True)
-    busy_us = sum(getattr(e, "self_device_time_total", 0) for e in events) if cuda else 0.0
+    from torch.autograd import DeviceType
+
+    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA) if cuda else events,
+                     key=lambda e: getattr(e, device_key, 0), reverse=True)
+    # the kernels' own time: CUDA events only (an op's self device time counts its kernels a second time)
+    busy_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) if cuda else 0.0
     step_ms = 1e3 * sum(walls) / max(len(walls), 1)
     blocking = [e for e in events if any(s in e.key for s in ("Synchronize", "cudaMemcpy", "item", "_local_scalar"))]
     report = {
