@@ -105,16 +105,21 @@ class Compiled:
         return f"{len(self.modules)} blocks" + (" and the loss head" if self.head_of is not None else "")
 
 
-def compile_model(model: torch.nn.Module, cache_dir: Path, scope: str = "blocks", head: bool = True) -> Compiled:
+def compile_model(model: torch.nn.Module, cache_dir: Path, scope: str = "blocks", head: bool = True,
+                  accumulates: bool = False) -> Compiled:
     """Compile ``model`` in place: as one graph (``scope="model"``), or each of its
     blocks and muse's decoder's loss head when ``head``; an empty ``Compiled`` when
-    blocks were asked for and it has none."""
+    blocks were asked for and it has none. ``accumulates``: a step sums several
+    micro-steps' gradients, which CUDA graphs' replays would overwrite (pytorch#169545):
+    Inductor's default mode then, whatever ``MUSE_COMPILE_MODE`` asks."""
     found = [model] if scope == "model" else blocks(model)
     if not found:
         return Compiled(fallback="no repeated blocks to compile")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
     backend = os.environ.get("MUSE_COMPILE_BACKEND", "inductor")
     mode = os.environ.get("MUSE_COMPILE_MODE") or None
+    if accumulates and mode and "reduce-overhead" in mode:
+        mode = None
     compiled = Compiled(found, backend, scope=scope, mode=mode)
     options = {"mode": mode} if mode else {}
     try:
