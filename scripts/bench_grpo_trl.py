@@ -107,13 +107,18 @@ def run_muse(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, An
     row = run_one(plan_data(folder, args, cuda), Path(tempfile.mkdtemp(prefix="muse-inductor-")), skip=args.skip)
     if "error" in row:
         return row
-    from muse_plan.store import runs
+    from muse_plan.store import repo, runs
     from muse_plan.store.db import Store
 
     store = Store()  # run_one left MUSE_HOME at the run's store
     try:
         with store.read() as session:
             run = runs.list_runs(session)[0][0]
+            # what the run trained under (the optimizer may have rewritten the plan to fit): LoRA, checkpointing
+            ran = repo.spec_of(repo.get_revision(session, repo.get_plan(session, run.plan_id), run.under))
+            stage = ran.stages[0]
+            trained = {"revision": run.under, "lora": "lora" in stage.options or ran.techniques.lora is not None,
+                       "activation_checkpointing": ran.training_for(stage).activation_checkpointing}
             all_speed = [v for _, v in runs.metric_series(session, run.id, "tokens_per_s")]
             all_length = [v for _, v in runs.metric_series(session, run.id, "completion_tokens")]
             rollout = [v for _, v in runs.metric_series(session, run.id, "rollout_s")]
@@ -131,7 +136,7 @@ def run_muse(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, An
                    "update_s": round(statistics.median(update_s), 3) if update_s else None}
     return {"completions_per_s": statistics.median(per_s), "mean_completion_tokens": statistics.fmean(length),
             "tokens_per_s": statistics.median(speed), "peak_gib": row["peak_gib"], "wall_s": row["wall_s"],
-            "events": row["events"], "phases": row["phases"], "step_seconds": step_s, "step_phases": step_phases}
+            "trained_as": trained, "events": row["events"], "phases": row["phases"], "step_seconds": step_s, "step_phases": step_phases}
 
 
 def profile_muse_rollout(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, Any]:

@@ -337,8 +337,19 @@ def test_muse_decodes_a_hugging_face_model_over_a_static_cache_as_generate_does(
     eos = expected[1][4]  # a token greedy decoding draws mid-row: with it as EOS that row stops there
     ended = Policy(model, PAD, eos, decode="eager").sample(prompts, 12, 0.0)
     monkeypatch.setattr(type(model), "generate", lambda *a, **k: pytest.fail("generate was called"))
+    from engines.grpo import policy as module
+
+    queries: list[tuple[int, int]] = []  # each decode step's attention: (query length, query heads)
+    attend = module._decode_attention
+    monkeypatch.setattr(module, "_decode_attention",
+                        lambda m, q, *a, **k: queries.append(tuple(q.shape[1:3])) or attend(m, q, *a, **k))
     policy = StaticOnCpu(model, PAD, EOS)
     assert policy.sample(prompts, 12, 0.0) == expected
+    # the decode steps attended in muse's grouped one-query product (no key copied per query head), every layer
+    # of every step after the prefill; the model attends with SDPA again after
+    heads = model.config.num_attention_heads
+    assert queries and set(queries) == {(heads, 1)} and len(queries) % model.config.num_hidden_layers == 0
+    assert model.config._attn_implementation == "sdpa"
     assert StaticOnCpu(model, PAD, eos).sample(prompts, 12, 0.0) == ended
     assert len(ended[1]) == expected[1].index(eos) + 1 < 12  # the row stopped at EOS
     assert policy.take_notes() == []

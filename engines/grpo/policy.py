@@ -344,15 +344,67 @@ class Policy:
             self.own_static = False
             return None
         graphed = Graphed(rollout.step, eager=rollout.step) if ids.is_cuda and self.hf_graphs else None
-        for t in range(1, max_new_tokens):
-            if t % 8 == 0 and bool(rollout.done.all()):
-                break
-            (graphed or rollout.step)()
+        with decode_attention(model):
+            for t in range(1, max_new_tokens):
+                if t % 8 == 0 and bool(rollout.done.all()):
+                    break
+                (graphed or rollout.step)()
         if graphed is not None and graphed.failed is not None:
             self.hf_graphs = False
             self._failed("capturing the Hugging Face decode step in a CUDA graph", graphed.failed,
                          "its decode steps run eagerly")
         return [_until_eos(row, self.eos_id, self.pad_id) for row in rollout.out.tolist()]
+
+
+DECODE_ATTENTION = "muse_decode"  # transformers' name for ``_decode_attention`` while muse decodes
+
+
+def _decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """A decode step's attention, one query a row, as transformers' attention functions take it: query (B, H, 1, D),
+    key and value (B, H_kv, S, D), an additive mask (B, 1, 1, S) → (B, 1, H, D). Each key/value head's G = H / H_kv
+    query heads (heads kv·G … kv·G + G − 1, as ``repeat_kv`` lays them out) meet its keys in one product, so the
+    cache is never copied G times (SDPA with a mask asks for repeated keys: on an H100 those copies and cuDNN's
+    one-query attention took half of a Qwen2-0.5B decode step's kernel time). The softmax runs in fp32. Anything else
+    (the prefill, dropout, a soft cap, a sliding window) goes to transformers' SDPA path."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or dropout or kwargs.get("softcap") is not None or kwargs.get("sliding_window"):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    B, H, _, D = query.shape
+    kv_heads, S = key.shape[1], key.shape[2]
+    scale = scaling if scaling is not None else D ** -0.5
+    q = (query * scale).reshape(B, kv_heads, H // kv_heads, D)
+    scores = torch.matmul(q, key.transpose(-1, -2)).float()  # (B, H_kv, G, S)
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., :S].float()
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    return torch.matmul(probs, value).reshape(B, 1, H, D), None
+
+
+@contextlib.contextmanager
+def decode_attention(model: nn.Module) -> Iterator[None]:
+    """``model`` attends with ``_decode_attention`` inside (a CUDA graph captured here keeps its kernels),
+    its own attention again after; a model whose attention is not SDPA's keeps it."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if before != "sdpa":
+        yield
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(DECODE_ATTENTION, _decode_attention)
+    configs = {id(c): c for c in (m.config for m in model.modules() if hasattr(m, "config"))
+               if getattr(c, "_attn_implementation", None) == "sdpa"}.values()
+    for c in configs:
+        c._attn_implementation = DECODE_ATTENTION
+    try:
+        yield
+    finally:
+        for c in configs:
+            c._attn_implementation = "sdpa"
 
 
 STATIC_WIDTH = 32  # a static cache's prompts are left-padded to a multiple of this many tokens
