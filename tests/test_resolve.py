@@ -80,6 +80,36 @@ def test_an_rl_stage_is_priced_as_prompts_times_its_group_at_its_own_settings() 
     assert stages["pretrain"].knobs.micro_batch == 32 and stages["pretrain"].config.generation is None
 
 
+def test_an_rl_stage_prices_the_prompts_its_tasks_generate_and_the_users_rows_at_the_default(tmp_path) -> None:
+    """Generated tasks' prompts are priced at their longest (in bytes, as the template shows them, + 2): no prompt
+    the stage draws is longer, and the update's sequences are that plus the completion; the user's rows, whose
+    tokens the plan can't count without the tokenizer, at ``PROMPT_TOKENS``. Priced at 128 tokens, an 18-token
+    arithmetic prompt made a Qwen2-0.5B GRPO step look twice its size and the optimizer switched it to LoRA."""
+    import random
+
+    from engines.data.arithmetic import task
+    from engines.grpo.options import parse
+    from muse_plan.executor.settings import PROMPT_TOKENS, prompt_tokens
+
+    options = parse("reasoning_rl", {}, {"tasks": ["multiplication:3x3", "word_problem"], "max_new_tokens": 64,
+                                         "prompt_template": "Q: {prompt}\nA: "})
+    priced = prompt_tokens(options)
+    for seed in range(1, 4):  # other draws than the priced ones: none longer
+        rng = random.Random(seed)
+        longest = max(len(f"Q: {task(name)(rng).prompt}\nA: ".encode()) + 1
+                      for name in ("multiplication:3x3", "word_problem") for _ in range(512))
+        assert longest <= priced < PROMPT_TOKENS
+    assert prompt_tokens(parse("reasoning_rl", {}, {"tasks": ["multiplication:3x3"]})) == len("What is 123*456?") + 2
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(f'{{"prompt": "{i}+2?", "answer": "{i + 2}"}}\n' for i in range(40)))
+    assert prompt_tokens(parse("reasoning_rl", {}, {"data": str(rows)})) == PROMPT_TOKENS
+    spec = complete(load_file("plans/reasoning-grpo-cpu.yaml"))
+    grpo = {s.name: s for s in fitting.price(spec, fitting.hardware_for(spec, host=HOST)).stages}["reasoning_rl_grpo"]
+    stage = next(s for s in spec.stages if s.name == "reasoning_rl_grpo")
+    generation, new = grpo.config.generation, stage.options["max_new_tokens"]
+    assert generation.prompt_tokens < PROMPT_TOKENS and grpo.config.model.seq_len == generation.prompt_tokens + new
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_an_oom_rewrite_of_a_stage_with_its_own_micro_batch_keeps_every_global_batch(world: int) -> None:
     spec = complete(load_file("plans/reasoning-grpo-cpu.yaml"))

@@ -36,6 +36,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -411,7 +412,30 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
     )
 
 
-PROMPT_TOKENS = 128  # a RL prompt's tokens as priced (the generated arithmetic prompts are shorter)
+PROMPT_TOKENS = 128  # a RL prompt's tokens as priced where the stage trains on the user's rows
+TASK_SAMPLES = 256  # generated problems a task's longest prompt is taken over
+
+
+def prompt_tokens(options: Any) -> int:
+    """A stage's prompt as priced, in tokens: for generated ``tasks``, the longest of ``TASK_SAMPLES``
+    problems of each as ``prompt_template`` shows it, in bytes, plus two (BOS, and a tokenizer's word-start
+    piece) — every tokenizer muse reads takes at least a byte a token, so no prompt of the stage is
+    longer; ``PROMPT_TOKENS`` for the user's rows (``data``)."""
+    tasks = getattr(options, "tasks", None)
+    if getattr(options, "data", None) or not tasks:
+        return PROMPT_TOKENS
+    return _longest_prompt_bytes(tuple(tasks), getattr(options, "prompt_template", "{prompt}")) + 2
+
+
+@functools.lru_cache(maxsize=64)
+def _longest_prompt_bytes(tasks: tuple[str, ...], template: str) -> int:
+    import random
+
+    from engines.data.arithmetic import task
+
+    rng = random.Random(0)
+    return max(len(template.replace("{prompt}", task(name)(rng).prompt).encode())
+               for name in tasks for _ in range(TASK_SAMPLES))
 
 
 def train_config(s: StageSettings) -> TrainConfig | None:
@@ -431,10 +455,11 @@ def train_config(s: StageSettings) -> TrainConfig | None:
         prompts = s.micro_batch + getattr(o, "success_budget", 0) + getattr(o, "failure_budget", 0) \
             if getattr(o, "replay", False) else s.micro_batch
         reference = kind.kl_reference and getattr(o, "kl_beta", 0.0) > 0
-        generation = GenerationConfig(prompts=prompts, group_size=group, prompt_tokens=PROMPT_TOKENS,
+        prompt = prompt_tokens(o)
+        generation = GenerationConfig(prompts=prompts, group_size=group, prompt_tokens=prompt,
                                       completion_tokens=o.max_new_tokens, reference_model=reference,
                                       decode=s.decode)
-        model = replace(model, seq_len=PROMPT_TOKENS + o.max_new_tokens)
+        model = replace(model, seq_len=prompt + o.max_new_tokens)
         micro = prompts * group  # every completion of every group trains in one micro-step
     return TrainConfig(model=model, micro_batch=micro, grad_accum=s.grad_accum, world_size=s.world_size,
                        precision=s.precision, checkpointing=s.activation_checkpointing, sharding=s.sharding,
