@@ -96,10 +96,12 @@ def main() -> None:
     device_key = "self_device_time_total" if cuda else "self_cpu_time_total"
     from torch.autograd import DeviceType
 
-    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA) if cuda else events,
-                     key=lambda e: getattr(e, device_key, 0), reverse=True)
+    # annotations on the GPU's timeline (the profiler's step markers, the optimizer's step) span kernels: not kernels
+    on_device = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+                 and not e.key.startswith(("ProfilerStep", "Optimizer."))]
+    kernels = sorted(on_device if cuda else events, key=lambda e: getattr(e, device_key, 0), reverse=True)
     # the kernels' own time: CUDA events only (an op's self device time counts its kernels a second time)
-    busy_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) if cuda else 0.0
+    busy_us = sum(e.self_device_time_total for e in on_device) if cuda else 0.0
     step_ms = 1e3 * sum(walls) / max(len(walls), 1)
     blocking = [e for e in events if any(s in e.key for s in ("Synchronize", "cudaMemcpy", "item", "_local_scalar"))]
     report = {
