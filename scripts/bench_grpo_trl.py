@@ -136,7 +136,8 @@ def run_muse(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, An
                    "update_s": round(statistics.median(update_s), 3) if update_s else None}
     return {"completions_per_s": statistics.median(per_s), "mean_completion_tokens": statistics.fmean(length),
             "tokens_per_s": statistics.median(speed), "peak_gib": row["peak_gib"], "wall_s": row["wall_s"],
-            "trained_as": trained, "events": row["events"], "phases": row["phases"], "step_seconds": step_s, "step_phases": step_phases}
+            "trained_as": trained, "events": row["events"], "phases": row["phases"], "step_seconds": step_s,
+            "step_phases": step_phases}
 
 
 def profile_muse_rollout(folder: Path, args: argparse.Namespace, cuda: bool) -> dict[str, Any]:

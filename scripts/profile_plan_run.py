@@ -105,7 +105,8 @@ def main() -> None:
     step_ms = 1e3 * sum(walls) / max(len(walls), 1)
     blocking = [e for e in events if any(s in e.key for s in ("Synchronize", "cudaMemcpy", "item", "_local_scalar"))]
     report = {
-        "compile_mode": os.environ.get("MUSE_COMPILE_MODE") or "default", "kernels": args.kernels, "mhc_form": args.mhc_form, "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "compile_mode": os.environ.get("MUSE_COMPILE_MODE") or "default", "kernels": args.kernels,
+        "mhc_form": args.mhc_form, "device": torch.cuda.get_device_name() if cuda else "cpu",
         "step_wall_ms": step_ms,
         "gpu_busy_ms_per_step": busy_us / 1e3 / args.active,
         "top": [{"name": e.key[:90], "ms_per_step": getattr(e, device_key, 0) / 1e3 / args.active,
@@ -116,7 +117,8 @@ def main() -> None:
                      for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    name = (f"profile_{args.plan.stem if args.plan else args.residual}_{args.compile}" + ("_bf16" if args.stream_dtype == "bfloat16" else "")
+    name = (f"profile_{args.plan.stem if args.plan else args.residual}_{args.compile}"
+            + ("_bf16" if args.stream_dtype == "bfloat16" else "")
             + ("" if args.kernels == "off" else f"_kernels-{args.kernels}")
             + ("" if args.mhc_form == "committed" else f"_{args.mhc_form}")
             + (f"_{os.environ['MUSE_COMPILE_MODE']}" if os.environ.get("MUSE_COMPILE_MODE") else ""))

@@ -367,10 +367,12 @@ def _decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     query heads (heads kv·G … kv·G + G − 1, as ``repeat_kv`` lays them out) meet its keys in one product, so the
     cache is never copied G times (SDPA with a mask asks for repeated keys: on an H100 those copies and cuDNN's
     one-query attention took half of a Qwen2-0.5B decode step's kernel time). The softmax runs in fp32. Anything else
-    (the prefill, dropout, a soft cap, a sliding window) goes to transformers' SDPA path."""
+    (the prefill, dropout, a soft cap, a sliding window, a position bias, attention sinks) goes to transformers'
+    SDPA path."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if query.shape[2] != 1 or dropout or kwargs.get("softcap") is not None or kwargs.get("sliding_window"):
+    extras = ("softcap", "sliding_window", "position_bias", "s_aux", "sinks")  # terms this product leaves out
+    if query.shape[2] != 1 or dropout or any(kwargs.get(name) is not None for name in extras):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     B, H, _, D = query.shape

@@ -241,8 +241,8 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
         started = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
         if compiled is not None and compiled.first_step_s is None:  # compiles here; eager again if that fails
-            (loss, tokens, extra), failed = first_call(
-                compiled, trainer, lambda: _accumulate(trainer, model, accelerator, s, step + 1, injector, compiled.graphs))
+            (loss, tokens, extra), failed = first_call(compiled, trainer, lambda: _accumulate(
+                trainer, model, accelerator, s, step + 1, injector, compiled.graphs))
             compiled.first_step_s = time.perf_counter() - started
             _compile_note(compiled, failed, step + 1, hooks if main else None)
         else:
