@@ -79,3 +79,20 @@ def test_compiled_lora_finetune_and_recovery_train_as_eager_do(cli, tmp_path, mo
     assert any("continuing under revision 2" in m for m in events), events  # recovered: rewritten, resumed
     assert len(compiled) == len(eager) >= 8
     assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-6)
+
+
+def test_cuda_graphs_are_asked_for_only_where_a_step_has_one_micro_step(tmp_path, monkeypatch) -> None:
+    """``MUSE_COMPILE_MODE=reduce-overhead`` compiles the regions to replay CUDA graphs, and the loop then marks
+    each micro-step (``Compiled.graphs``); a step that accumulates micro-steps gets Inductor's default mode,
+    since each replay would overwrite the gradients the step is summing (pytorch#169545)."""
+    from engines.architecture import DecoderLM, ModelConfig
+    from muse_plan.executor.compiled import compile_model
+
+    config = ModelConfig(vocab_size=32, seq_len=16, n_layers=2, d_model=16, n_heads=2)
+    monkeypatch.setenv("MUSE_COMPILE_MODE", "reduce-overhead")
+    one = compile_model(DecoderLM(config), tmp_path)
+    assert one.mode == "reduce-overhead" and one.graphs
+    summed = compile_model(DecoderLM(config), tmp_path, accumulates=True)
+    assert summed.active and summed.mode is None and not summed.graphs
+    monkeypatch.delenv("MUSE_COMPILE_MODE")
+    assert not compile_model(DecoderLM(config), tmp_path).graphs
