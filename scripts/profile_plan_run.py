@@ -38,7 +38,7 @@ def main() -> None:
                         "or fused_streams' ops (fused_mhc.ENABLED off)")
     p.add_argument("--no-trace", action="store_true", help="leave out the Chrome trace (tens of MB)")
     p.add_argument("--plan", type=Path, help="profile this plan file instead (e.g. bench_grpo_trl.py --write-plan's): "
-                                             "its first stage, long enough for --wait + --active steps")
+                                             "its first stage alone, run for --wait + --active + 2 steps")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out", type=Path, default=Path("/tmp/profile_plan_run"))
     args = p.parse_args()
