@@ -42,6 +42,8 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out", type=Path, default=Path("/tmp/profile_plan_run"))
     args = p.parse_args()
+    if args.plan is not None and not args.plan.is_file():
+        p.error(f"plan file '{args.plan}' not found")
 
     import torch
     import yaml
