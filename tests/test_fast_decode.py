@@ -233,6 +233,7 @@ def test_groups_with_equally_long_prompts_share_a_forward_and_get_what_each_woul
     groups = [make([256, 5, 6], [[7, 8, EOS], [9]]), make([256, 1, 2, 3, 4], [[5, 6]]),
               make([256, 9, 9], [[1, 2, 3, 4, 5, EOS], [6, EOS]])]  # the first and the last share a length
     rl = SimpleNamespace(t=SimpleNamespace(policy=policy, pad_id=PAD, device=torch.device("cpu"), model=model))
+    ReinforcementLearning.logprobs(rl, groups[:1])  # the once-a-model check of the head (two one-row forwards)
     calls = []
     forward = model.forward
     model.forward = lambda *a, **k: calls.append(a[0].shape) or forward(*a, **k)

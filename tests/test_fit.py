@@ -157,6 +157,7 @@ def test_a_plan_fitted_to_fewer_gpus_than_it_names_says_so() -> None:
 
 def test_a_plan_that_does_not_fit_names_the_stages_no_setting_fits() -> None:
     spec = bundled("reasoning-grpo-a100")  # T-SPMO: 50 completions a prompt with a 152k vocabulary, one micro-step
+    spec = spec.model_copy(update={"compute": spec.compute.model_copy(update={"memory_gib": 16.0})})  # fits in 40
     result = fitting.fit(spec, fitting.hardware_for(spec, host=HOST), alternatives=False)
     assert result.verdict == "does_not_fit" and result.unfit == ["reasoning_rl_t_spmo"]
 

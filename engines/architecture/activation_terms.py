@@ -19,6 +19,8 @@ FP32 = 4
 INT64 = 8
 COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 FUSED_SINKHORN_STREAMS = 4  # residual.sinkhorn's Triton kernel handles 4×4 matrices only
+# an RL step's log-probs through the output head (engines/grpo/logprobs.py): fp32 logits a chunk
+LOGPROB_CHUNK_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)

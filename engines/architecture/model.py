@@ -247,6 +247,7 @@ class DecoderLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         self.checkpointing = "none"
+        self.hidden_out = False  # return the final norm's output, not logits (engines/grpo/logprobs.py)
 
     CHECKPOINTING = ("none", "selective", "full")
 
@@ -294,6 +295,8 @@ class DecoderLM(nn.Module):
             cache.advance(T)
         if self.n_streams > 1:
             x = reduce_streams(x)  # (B, T, C)
+        if self.hidden_out:
+            return self.norm(x), None
         return self.head(x, targets)
 
     def head(self, x: torch.Tensor, targets: torch.Tensor | None = None

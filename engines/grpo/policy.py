@@ -49,7 +49,8 @@ Design decisions:
   copy of the stage's starting weights, taken once and kept in the engine's
   state so a resumed stage keeps the same reference.
 - Log-probs are computed only over completion positions, as
-  logit − logsumexp (no (B, T, V) log-softmax kept for a large vocabulary).
+  logit − logsumexp, through the output head a chunk of tokens at a time
+  (``engines/grpo/logprobs.py``): nothing of vocabulary width is kept for backward.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ import torch
 import torch.nn as nn
 
 from engines.architecture.model import DecoderLM, KVCache
+from engines.grpo.logprobs import bare, hidden_out, output_head
+from engines.grpo.logprobs import token_logprobs as chunked_logprobs
 
 # plan (Hugging Face) names → the architecture engine's module names
 DECODES = ("eager", "graphs", "compiled")  # how decode steps run on CUDA (see the module doc)
@@ -164,6 +167,7 @@ class Policy:
         # (Qwen2: 151,936 rows for 151,665 tokens), and sampling never draws the rest
         self.vocab = vocab
         self.reference: nn.Module | None = None  # frozen copy, full fine-tuning only
+        self._head_agrees: dict[int, bool] = {}  # per model: whether chunked log-probs match its logits
         self.frozen_dtype = frozen_dtype  # the reference copy's
         if decode not in DECODES:
             raise ValueError(f"decode {decode!r}: one of {', '.join(DECODES)}")
@@ -218,11 +222,51 @@ class Policy:
         return out[0] if isinstance(out, tuple) else out.logits  # (B, T, V)
 
     def token_logprobs(self, ids: torch.Tensor, start: int, model: nn.Module | None = None) -> torch.Tensor:
-        """log π(ids[:, t] | ids[:, :t]) for t ≥ start: (B, T − start)."""
+        """log π(ids[:, t] | ids[:, :t]) for t ≥ start: (B, T − start). Through the output head a
+        chunk of tokens at a time (``engines/grpo/logprobs.py``) where the model's head is one linear
+        layer and gives what its logits give; else from the full logits."""
+        model = model or self.model
+        head = self._chunked_head(ids, start, model)
+        if head is None:
+            return self._full_logprobs(ids, start, model)
+        with hidden_out(model):
+            hidden = self.logits(ids[:, :-1], model)[:, start - 1:]  # (B, Tc, H)
+        return chunked_logprobs(hidden, head, ids[:, start:])
+
+    def _full_logprobs(self, ids: torch.Tensor, start: int, model: nn.Module) -> torch.Tensor:
         logits = self.logits(ids[:, :-1], model)[:, start - 1:].float()  # (B, Tc, V)
         targets = ids[:, start:]
         picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return picked - torch.logsumexp(logits, dim=-1)
+
+    def _chunked_head(self, ids: torch.Tensor, start: int, model: nn.Module) -> nn.Linear | None:
+        """The head to take log-probs through a chunk at a time, or None. Checked once a model on
+        one row: the head applied to the hidden states must give the model's own logits, so a
+        model that scales or caps its logits after the head stays on the full logits."""
+        head = output_head(model)
+        key = id(bare(model))
+        if head is None or self._head_agrees.get(key) is False:
+            return None
+        if key not in self._head_agrees:
+            m = bare(model)  # in eval mode: no dropout between the two, no random numbers drawn
+            training = m.training
+            m.eval()
+            try:
+                with torch.no_grad():
+                    logits = self.logits(ids[:1, :-1], m).float()
+                    with hidden_out(m):
+                        hidden = self.logits(ids[:1, :-1], m)
+                    ours = head(hidden).float()
+            finally:
+                m.train(training)
+            agrees = ours.shape == logits.shape and torch.allclose(ours, logits, rtol=1e-2, atol=1e-4)
+            self._head_agrees[key] = agrees
+            if not agrees:
+                gap = float((ours - logits).abs().max()) if ours.shape == logits.shape else float("nan")
+                self.notes.append(f"the model's logits are not its output layer's product (they differ by up to "
+                                  f"{gap:.3g}); log-probs come from the full logits for the rest of the stage")
+                return None
+        return head
 
     @contextlib.contextmanager
     def as_reference(self) -> Iterator[nn.Module]:

@@ -129,10 +129,15 @@ def log_probs(c: ModelConfig, nm: Numerics) -> int:
     return c.vocab_size * (FP32 + (nm.act if nm.fp32_ops else 0))
 
 
-def _head(c: ModelConfig, nm: Numerics) -> int:
+# an RL step's log-probs through the head a chunk at a time (engines/grpo/logprobs.py) keep,
+# beside the head's input, a token's target id and logsumexp: nothing of vocabulary width
+CHUNKED_LOG_PROBS = INT64 + FP32
+
+
+def _head(c: ModelConfig, nm: Numerics, chunked: bool = False) -> int:
     """Final norm (of the fp32 stream sum), lm_head's input, the log-probabilities."""
     lm_input = nm.cast(c.d_model) if nm.autocast else c.d_model * FP32
-    return rmsnorm(c, FP32, input_saved=False) + lm_input + log_probs(c, nm)
+    return rmsnorm(c, FP32, input_saved=False) + lm_input + (CHUNKED_LOG_PROBS if chunked else log_probs(c, nm))
 
 
 def _assemble(detail: dict[str, int], per_token: dict[str, int], fixed: dict[str, int],
@@ -144,10 +149,12 @@ def _assemble(detail: dict[str, int], per_token: dict[str, int], fixed: dict[str
 
 
 def activation_detail(model: ModelConfig, micro_batch: int, precision: str, checkpointing: str,
-                      *, device: str = "cuda", lora: LoraConfig | None = None) -> dict[str, int]:
+                      *, device: str = "cuda", lora: LoraConfig | None = None,
+                      chunked_head: bool = False) -> dict[str, int]:
     """Saved bytes at the peak of one micro-batch, by component, summing to
     ``activation_bytes``: tokens, head, weight_casts, and over the layers streams,
-    norms, attention, mlp, residual; recompute (one checkpointed segment)."""
+    norms, attention, mlp, residual; recompute (one checkpointed segment).
+    ``chunked_head``: the log-probs are taken through the head in chunks (an RL step)."""
     if precision not in COMPUTE_BYTES:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(COMPUTE_BYTES)}")
     if checkpointing not in ("none", "selective", "full"):
@@ -155,10 +162,10 @@ def activation_detail(model: ModelConfig, micro_batch: int, precision: str, chec
     c, tokens = model, micro_batch * model.seq_len
     nm = Numerics(COMPUTE_BYTES[precision], device == "cuda")
     if lora is not None:
-        return _lora_detail(c, nm, tokens, checkpointing, lora)
+        return _lora_detail(c, nm, tokens, checkpointing, lora, chunked_head)
     per_token, fixed = _layer(c, nm, checkpointing)
     recompute = per_token.pop("recompute", 0) * tokens
-    detail = {"tokens": 2 * INT64 * tokens + FP32, "head": _head(c, nm) * tokens,  # + nll's total weight
+    detail = {"tokens": 2 * INT64 * tokens + FP32, "head": _head(c, nm, chunked_head) * tokens,  # + nll's total weight
               "weight_casts": nm.cast(matmul_weight_elements(c))}
     if checkpointing == "full":
         # the checkpoint keeps each block's input: the n-stream state in its own dtype
@@ -175,10 +182,10 @@ def activation_detail(model: ModelConfig, micro_batch: int, precision: str, chec
 
 
 def activation_bytes(model: ModelConfig, micro_batch: int, precision: str, checkpointing: str,
-                     *, device: str = "cuda", lora: LoraConfig | None = None) -> int:
+                     *, device: str = "cuda", lora: LoraConfig | None = None, chunked_head: bool = False) -> int:
     """Bytes autograd keeps for backward at the peak of one micro-batch of ``DecoderLM(model)``."""
     return sum(activation_detail(model, micro_batch, precision, checkpointing,
-                                 device=device, lora=lora).values())
+                                 device=device, lora=lora, chunked_head=chunked_head).values())
 
 
 # ---- LoRA -----------------------------------------------------------------------------
@@ -240,14 +247,16 @@ def _lora_layer(c: ModelConfig, nm: Numerics, lora: LoraConfig,
 
 
 def _lora_detail(c: ModelConfig, nm: Numerics, tokens: int, checkpointing: str,
-                 lora: LoraConfig) -> dict[str, int]:
+                 lora: LoraConfig, chunked_head: bool = False) -> dict[str, int]:
     from muse_plan.optimizer.memory import lora_layers, lora_tensors  # memory imports this module
 
     adapted = lora_layers(c, lora)
     per_token, fixed = _lora_layer(c, nm, lora, checkpointing)
     recompute = per_token.pop("recompute", 0) * tokens
     first_norm = c.d_model * FP32 + FP32  # the first adapted layer's attention norm: no gradient reaches it
-    head = c.d_model * FP32 + FP32 + log_probs(c, nm)  # the frozen final norm
+    head = c.d_model * FP32 + FP32  # the frozen final norm
+    # the log-probs: in chunks, the head's input (the frozen norm's output) and a target and logsumexp
+    head += c.d_model * nm.act + CHUNKED_LOG_PROBS if chunked_head else log_probs(c, nm)
     detail = {"tokens": INT64 * tokens + FP32, "head": head * tokens,  # targets: the embedding is frozen
               "weight_casts": nm.cast(sum(lora_tensors(c, lora)))}
     # the stream is in the compute dtype for standard; mHC's fp32 H_post promotes the others' (bound: fp32)

@@ -86,6 +86,7 @@ from __future__ import annotations
 import math
 from dataclasses import astuple, dataclass, fields
 
+from engines.architecture.activation_terms import LOGPROB_CHUNK_BYTES
 from engines.architecture.config import ModelConfig, stored_param_count
 from engines.architecture.modes import RESIDUAL_MODES
 from muse_plan.optimizer import activations as act
@@ -260,13 +261,25 @@ def sampling_bytes(cfg: TrainConfig) -> int:
     return kv + logits
 
 
+def chunked_head(cfg: TrainConfig) -> bool:
+    """Whether the step takes its log-probs through the output head a chunk at a time: an RL
+    stage's (``engines/grpo/logprobs.py``), unless FSDP shards the head's weight."""
+    from muse_plan.executor.settings import FSDP_SHARDING
+
+    return cfg.generation is not None and not (cfg.world_size > 1 and cfg.sharding in FSDP_SHARDING)
+
+
 def _backward_buffers(cfg: TrainConfig, device: str) -> int:
     """The largest working buffers of the backward, beside the activations."""
     c, dtype = cfg.model, act.COMPUTE_BYTES[cfg.precision]
     tokens = cfg.micro_batch * c.seq_len
-    # the log-softmax backward's two fp32 (tokens × V) gradients; under CUDA autocast the
-    # nll backward's one fp32 gradient (beside its fp32 input, saved), then bf16 ones
-    head = (1 if device == "cuda" and dtype != FP32 else 2) * FP32 * tokens * c.vocab_size
+    if chunked_head(cfg):  # a chunk's fp32 logits (made its gradient in place) and its bf16 copy;
+        # the head weight's fp32 gradient sum and a chunk's product, cast to fp32, beside it
+        head = 2 * min(LOGPROB_CHUNK_BYTES, FP32 * tokens * c.vocab_size) + \
+            (2 * FP32 * c.vocab_size * c.d_model if cfg.lora is None else 0)
+    else:  # the log-softmax backward's two fp32 (tokens × V) gradients; under CUDA autocast the
+        # nll backward's one fp32 gradient (beside its fp32 input, saved), then bf16 ones
+        head = (1 if device == "cuda" and dtype != FP32 else 2) * FP32 * tokens * c.vocab_size
     stream = c.n_streams * c.d_model * (FP32 if cfg.lora is None else dtype)
     block = tokens * (stream + 3 * c.ffn_dim * dtype)
     if cfg.lora is None:  # the largest weight gradient: the mm's output and its fp32 cast
@@ -318,7 +331,7 @@ def estimate(cfg: TrainConfig, *, device: str = "cuda") -> MemoryBreakdown:
         weights = min(weights, _layer_weights(cfg))
 
     activation = act.activation_bytes(cfg.model, cfg.micro_batch, cfg.precision, cfg.checkpointing,
-                                      device=device, lora=cfg.lora)
+                                      device=device, lora=cfg.lora, chunked_head=chunked_head(cfg))
     # two candidate peaks: the backward's start and the optimizer step (activations freed)
     in_backward = _gradients_in_backward(cfg, gradients)
     backward = activation + in_backward + _backward_buffers(cfg, device)
