@@ -278,7 +278,10 @@ def test_generation_adds_memory_bound_sampling():
     plain = tp.step_time(TrainConfig(m, micro_batch=16), H100)
     grpo = tp.step_time(TrainConfig(m, micro_batch=16, generation=gen), H100)
     assert plain.generation_s == 0 and grpo.generation_s > 0
-    assert grpo.seconds == pytest.approx(plain.seconds + grpo.generation_s)
+    # and the log-probs' backward recomputes the head's product: 2·V·C a token more
+    head = 2 * m.vocab_size * m.d_model / tp.train_flops(TrainConfig(m, micro_batch=16)) * plain.compute_s
+    assert grpo.recompute_s == pytest.approx(head) and plain.recompute_s == 0
+    assert grpo.seconds == pytest.approx(plain.seconds + grpo.generation_s + grpo.recompute_s)
     # each of the 300 decode steps reads the bf16 weights once at least
     assert grpo.generation_s > 300 * param_count(m) * 2 / (H100.memory_bandwidth_gbs * 1e9)
 

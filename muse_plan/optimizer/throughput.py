@@ -253,13 +253,15 @@ def train_flops(cfg: TrainConfig) -> float:
 
 
 def recompute_flops(cfg: TrainConfig) -> float:
-    """FLOPs a token that activation checkpointing runs again."""
+    """FLOPs a token run again: by activation checkpointing, and by an RL step's log-probs, whose
+    backward recomputes the head's product a chunk at a time (``memory.chunked_head``)."""
     c = cfg.model
+    head = 2.0 * c.vocab_size * c.d_model if memory.chunked_head(cfg) else 0.0
     if cfg.checkpointing == "full":
-        return _forward_layers(c)
+        return _forward_layers(c) + head
     if cfg.checkpointing == "selective":
-        return 4 * c.d_model * c.ffn_dim * c.n_layers  # gate and up projections
-    return 0.0
+        return 4 * c.d_model * c.ffn_dim * c.n_layers + head  # gate and up projections
+    return head
 
 
 # ---- how fast a device trains -----------------------------------------------------
