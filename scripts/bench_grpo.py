@@ -177,9 +177,12 @@ def throughput(spec: dict, device: str, prompts: int, group: int, decodes: list[
     from engines.grpo.trainer import GrpoTrainer
     from muse_plan.plan.spec import ModelShape
 
+    from engines.architecture import model as model_module
+
     shape = ModelShape(**spec["model"]["shape"]).resolved()
     config = ModelConfig.from_shape(shape, 260, spec["model"]["seq_len"])
-    decode = decodes[0]  # as training.compile would set it (executor/settings.decoding)
+    decode, _, attention = decodes[0].partition("+")  # as training.compile would set it (executor/settings.decoding)
+    model_module.ONE_QUERY_PRODUCT = attention != "sdpa"
     trainer = GrpoTrainer()
     trainer.setup(StageSetup(name="t", kind="reasoning_rl", model=config, micro_batch=prompts, device=device,
                              decode=decode,
@@ -207,7 +210,7 @@ def throughput(spec: dict, device: str, prompts: int, group: int, decodes: list[
             updates.append(seconds)
     n = prompts * group
     tokens = sum(len(c) for g in batch for c in g.completions)
-    out = {"decode": decode, "completions": n, "mean_completion_tokens": tokens / n,
+    out = {"decode": decodes[0], "completions": n, "mean_completion_tokens": tokens / n,
            "rollout_completions_per_s": n / min(rollouts), "rollout_tokens_per_s": tokens / min(rollouts),
            "update_completions_per_s": n / min(updates),
            "parameters": sum(p.numel() for p in trainer.model.parameters())}
@@ -230,8 +233,9 @@ def main() -> None:
                         help="re-measure throughput alone (a quiet GPU) into an existing <out>/bench_grpo.json")
     from engines.grpo.policy import DECODES
 
-    parser.add_argument("--decode", nargs="+", choices=DECODES, default=["graphs"],
-                        help="how rollouts decode; several to compare, the first in the table")
+    parser.add_argument("--decode", nargs="+", choices=[*DECODES, *(f"{d}+sdpa" for d in DECODES)], default=["graphs"],
+                        help="how rollouts decode; several to compare, the first in the table; '+sdpa': a decode "
+                             "step's attention by SDPA's kernel instead of muse's product (model.ONE_QUERY_PRODUCT)")
     parser.add_argument("--profile", action="store_true",
                         help="with --throughput-only: one more rollout a decode under torch.profiler (its kernels)")
     args = parser.parse_args()

@@ -542,3 +542,31 @@ def test_profile_plan_run_profiles_the_grpo_benchmarks_plan(tmp_path) -> None:
     ops = {row["name"] for row in report["top"]}
     # the rollout's draws (temperature 1), the update's products and its optimizer step
     assert {"aten::exponential_", "aten::mm", "Optimizer.step#AdamW.step"} <= ops, ops
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_the_decode_steps_own_attention_product_gives_what_sdpa_gives(monkeypatch, n_kv_heads):
+    """A decode step attends with muse's product (``model.one_query_attention``) where SDPA's kernel
+    ran before: the same next-token logits (fp32) and the same greedy rows."""
+    from engines.architecture import model as model_module
+
+    model = _model(n_kv_heads)
+    ours = reference_sample(model, PROMPTS, 12, 0.0)
+    calls = []
+    product = model_module.one_query_attention
+    monkeypatch.setattr(model_module, "one_query_attention", lambda *a: calls.append(1) or product(*a))
+    assert reference_sample(model, PROMPTS, 12, 0.0) == ours and len(calls) >= 2 * 11  # every layer, every step
+    monkeypatch.setattr(model_module, "ONE_QUERY_PRODUCT", False)
+    assert reference_sample(model, PROMPTS, 12, 0.0) == ours
+    ids = torch.randint(0, 256, (3, 9))
+
+    @torch.no_grad()
+    def step() -> torch.Tensor:  # one decode step's logits after an 8-token prefill
+        cache = KVCache(model, 3, 20, torch.ones(3, 8, dtype=torch.bool))
+        model(ids[:, :8], cache=cache)
+        cache.extend(torch.ones(3, 1, dtype=torch.bool))
+        return model(ids[:, 8:], cache=cache)[0]
+
+    sdpa = step()
+    monkeypatch.setattr(model_module, "ONE_QUERY_PRODUCT", True)
+    assert torch.allclose(step(), sdpa, atol=1e-5)

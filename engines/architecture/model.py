@@ -62,6 +62,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
+# a decode step's attention as muse's own product (``one_query_attention``); False: SDPA's kernel
+# (scripts/bench_grpo.py --decode-attention times the two side by side)
+ONE_QUERY_PRODUCT = True
+
+
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                        scale: float) -> torch.Tensor:
+    """Attention of one query a row against a cache: q (B, H_kv, G, D) — each key/value head's G query
+    heads as its rows — k, v (B, H_kv, S, D), an additive mask broadcasting to (B, 1, 1, S) → (B, H_kv, G, D).
+    Two batched products and an fp32 softmax: no copy of the cache, and none of the fixed cost of a
+    fused attention kernel, which for one query row is most of its time."""
+    scores = torch.matmul(q * scale, k.transpose(-1, -2)).float()  # (B, H_kv, G, S)
+    if mask is not None:
+        scores = scores + mask[..., : k.size(2)].float()
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -84,7 +101,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:  # generation: attend over the whole cache, its mask says which keys
             k, v, mask = cache.append(k, v)  # (B, Hkv, S, hd) each, additive mask (B, 1, T, S)
         if mask is not None and T == 1:  # a decode step: a kv head's query heads as its rows, the cache not copied
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.hd), k, v, attn_mask=mask)
+            grouped = q.reshape(B, self.n_kv, -1, self.hd)
+            y = one_query_attention(grouped, k, v, mask, self.hd ** -0.5) if ONE_QUERY_PRODUCT else \
+                F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)
             y = y.reshape(B, self.n_heads, 1, self.hd)
         else:
             if self.n_kv != self.n_heads:  # GQA: each kv head serves a group of query heads

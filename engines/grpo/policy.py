@@ -64,7 +64,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from engines.architecture.model import DecoderLM, KVCache
+from engines.architecture.model import DecoderLM, KVCache, one_query_attention
 from engines.grpo.logprobs import bare, hidden_out, output_head
 from engines.grpo.logprobs import token_logprobs as chunked_logprobs
 
@@ -420,14 +420,9 @@ def _decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     B, H, _, D = query.shape
-    kv_heads, S = key.shape[1], key.shape[2]
-    scale = scaling if scaling is not None else D ** -0.5
-    q = (query * scale).reshape(B, kv_heads, H // kv_heads, D)
-    scores = torch.matmul(q, key.transpose(-1, -2)).float()  # (B, H_kv, G, S)
-    if attention_mask is not None:
-        scores = scores + attention_mask[..., :S].float()
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    return torch.matmul(probs, value).reshape(B, 1, H, D), None
+    grouped = query.reshape(B, key.shape[1], H // key.shape[1], D)
+    out = one_query_attention(grouped, key, value, attention_mask, scaling if scaling is not None else D ** -0.5)
+    return out.reshape(B, 1, H, D), None
 
 
 @contextlib.contextmanager
