@@ -67,8 +67,9 @@ from _timing import timer  # noqa: E402
 
 OURS = ("standard", "mhc", "ddl", "mgt")
 # after "+": bf16 stream state, fused_kernels on or eager; plan-run only: compile_scope model (one
-# graph), and "again": the same plan once more with the Inductor cache the row before filled (a second run)
-VARIANTS = ("bf16", "fused", "fused-eager", "model", "again")
+# graph), "again": the same plan once more with the Inductor cache the row before filled (a second run),
+# "graphs" / "nographs": training.cuda_graphs on / off (else auto)
+VARIANTS = ("bf16", "fused", "fused-eager", "model", "again", "graphs", "nographs")
 SCOPES = ("", "+model")  # the plan-run rows are compared within one compile scope
 TARGET_MFU = 0.60  # standard, compiled
 TARGET_VS_HF = 2.0  # standard compiled tokens/s over the HF peer's
@@ -362,7 +363,8 @@ def plan_run(name: str, config: ModelConfig, setup: Setup, cache: Path) -> dict[
     data = plan(f"{name.replace('+', '-')}-plan-run", base, "on", shape, config.seq_len, setup.batch, steps,
                 "bf16" if setup.amp else "fp32", "1xH100" if cuda else "cpu",
                 stream_dtype="bfloat16" if "bf16" in flags else "float32",
-                scope="model" if "model" in flags else "auto", kernels=kernels(flags))
+                scope="model" if "model" in flags else "auto", kernels=kernels(flags),
+                graphs="on" if "graphs" in flags else "off" if "nographs" in flags else "auto")
     got = run_one(data, cache, skip=setup.warmup)
     row: dict[str, Any] = {"model": name, "mode": "plan-run"}
     if "error" in got:

@@ -43,7 +43,7 @@ TINY_SHAPE = {"layers": 2, "d_model": 64, "n_heads": 2}
 
 def plan(name: str, residual: str, compile_: str, shape: dict, seq: int, micro: int, steps: int,
          precision: str, compute: str, stream_dtype: str = "float32", scope: str = "auto",
-         kernels: str = "off") -> dict:
+         kernels: str = "off", graphs: str = "auto") -> dict:
     mixing = {"mhc": "mhc", "mgt": "geometric_scaling"}.get(residual)  # the technique that sets its streams
     techniques = {mixing: {"streams": 4, "stream_dtype": stream_dtype}} if mixing else {}
     return {"name": name, "model": {"scale": "350M", "residual": residual, "seq_len": seq, "vocab_size": 32000,
@@ -51,7 +51,7 @@ def plan(name: str, residual: str, compile_: str, shape: dict, seq: int, micro: 
             "techniques": techniques, "compute": compute,
             "training": {"precision": precision, "micro_batch": micro, "grad_accum": 1, "lr": 3e-4,
                          "warmup_steps": 5, "compile": compile_,
-                         "compile_scope": scope, "fused_kernels": kernels},
+                         "compile_scope": scope, "fused_kernels": kernels, "cuda_graphs": graphs},
             "stages": [{"name": "pretrain", "kind": "pretrain", "steps": steps, "checkpoint_every": 10 * steps,
                         "eval_every": 10 * steps}]}
 

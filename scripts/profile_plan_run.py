@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--active", type=int, default=5, help="steps profiled")
     p.add_argument("--stream-dtype", default="float32", help="mhc/mgt stream state: float32 or bfloat16")
     p.add_argument("--kernels", default="off", help="training.fused_kernels: off, eager or on")
+    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"], help="training.cuda_graphs")
     p.add_argument("--mhc-form", default="committed", choices=["committed", "two-kernel", "four-kernel", "streams"],
                    help="with --kernels on, mhc's fused connection: as committed, pre in two or four kernels, "
                         "or fused_streams' ops (fused_mhc.ENABLED off)")
@@ -59,7 +60,8 @@ def main() -> None:
     else:
         data = plan(f"profile-{args.residual}", args.residual, args.compile, TINY_SHAPE if args.tiny else SHAPE,
                     64 if args.tiny else 2048, 2 if args.tiny else 8, steps, "bf16" if cuda else "fp32",
-                    "1xH100-80GB" if cuda else "cpu", stream_dtype=args.stream_dtype, kernels=args.kernels)
+                    "1xH100-80GB" if cuda else "cpu", stream_dtype=args.stream_dtype, kernels=args.kernels,
+                    graphs=args.cuda_graphs)
     path = home / "plan.yaml"
     path.write_text(yaml.safe_dump(data))
 
@@ -107,7 +109,7 @@ def main() -> None:
     step_ms = 1e3 * sum(walls) / max(len(walls), 1)
     blocking = [e for e in events if any(s in e.key for s in ("Synchronize", "cudaMemcpy", "item", "_local_scalar"))]
     report = {
-        "compile_mode": os.environ.get("MUSE_COMPILE_MODE") or "default", "kernels": args.kernels,
+        "cuda_graphs": args.cuda_graphs, "kernels": args.kernels,
         "mhc_form": args.mhc_form, "device": torch.cuda.get_device_name() if cuda else "cpu",
         "step_wall_ms": step_ms,
         "gpu_busy_ms_per_step": busy_us / 1e3 / args.active,
@@ -123,7 +125,7 @@ def main() -> None:
             + ("_bf16" if args.stream_dtype == "bfloat16" else "")
             + ("" if args.kernels == "off" else f"_kernels-{args.kernels}")
             + ("" if args.mhc_form == "committed" else f"_{args.mhc_form}")
-            + (f"_{os.environ['MUSE_COMPILE_MODE']}" if os.environ.get("MUSE_COMPILE_MODE") else ""))
+            + ("" if args.cuda_graphs == "auto" else f"_graphs-{args.cuda_graphs}"))
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
     if not args.no_trace:
         prof.export_chrome_trace(str(args.out / f"{name}.trace.json"))

@@ -81,18 +81,25 @@ def test_compiled_lora_finetune_and_recovery_train_as_eager_do(cli, tmp_path, mo
     assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-6)
 
 
-def test_cuda_graphs_are_asked_for_only_where_a_step_has_one_micro_step(tmp_path, monkeypatch) -> None:
-    """``MUSE_COMPILE_MODE=reduce-overhead`` compiles the regions to replay CUDA graphs, and the loop then marks
-    each micro-step (``Compiled.graphs``); a step that accumulates micro-steps gets Inductor's default mode,
-    since each replay would overwrite the gradients the step is summing (pytorch#169545)."""
+def test_cuda_graphs_are_asked_for_only_where_a_step_has_one_micro_step(tmp_path) -> None:
+    """``training.cuda_graphs`` compiles the regions to replay CUDA graphs and the loop then marks each
+    micro-step (``Compiled.graphs``); never where a step accumulates micro-steps, since each replay would
+    overwrite the gradients the step is summing (pytorch#169545), nor on a CPU; ``auto`` asks for them where
+    they measured faster: mHC's fused connection with its bf16 state."""
+    from dataclasses import replace
+
     from engines.architecture import DecoderLM, ModelConfig
     from muse_plan.executor.compiled import compile_model
+    from muse_plan.executor.settings import uses_cuda_graphs
 
     config = ModelConfig(vocab_size=32, seq_len=16, n_layers=2, d_model=16, n_heads=2)
-    monkeypatch.setenv("MUSE_COMPILE_MODE", "reduce-overhead")
-    one = compile_model(DecoderLM(config), tmp_path)
-    assert one.mode == "reduce-overhead" and one.graphs
-    summed = compile_model(DecoderLM(config), tmp_path, accumulates=True)
-    assert summed.active and summed.mode is None and not summed.graphs
-    monkeypatch.delenv("MUSE_COMPILE_MODE")
+    one = compile_model(DecoderLM(config), tmp_path, graphs=True)
+    assert one.mode == "reduce-overhead" and one.graphs and one.describe().endswith("replayed from CUDA graphs")
     assert not compile_model(DecoderLM(config), tmp_path).graphs
+    fused = replace(config, residual="mhc", streams=4, stream_dtype="bfloat16", fused_kernels="on")
+    assert uses_cuda_graphs("auto", True, True, 1, fused) and not uses_cuda_graphs("auto", True, True, 1, config)
+    assert not uses_cuda_graphs("auto", True, True, 1, replace(fused, stream_dtype="float32"))
+    assert not uses_cuda_graphs("auto", True, True, 1, replace(fused, fused_kernels="off"))
+    assert uses_cuda_graphs("on", True, True, 1, config) and not uses_cuda_graphs("off", True, True, 1, fused)
+    for compiled, cuda, accum in ((True, True, 2), (False, True, 1), (True, False, 1)):
+        assert not uses_cuda_graphs("on", compiled, cuda, accum, fused)

@@ -546,18 +546,19 @@ def test_profile_plan_run_profiles_the_grpo_benchmarks_plan(tmp_path) -> None:
 
 @pytest.mark.parametrize("n_kv_heads", [None, 2])
 def test_the_decode_steps_own_attention_product_gives_what_sdpa_gives(monkeypatch, n_kv_heads):
-    """A decode step attends with muse's product (``model.one_query_attention``) where SDPA's kernel
-    ran before: the same next-token logits (fp32) and the same greedy rows."""
+    """A decode step of muse's decoder can attend with muse's product (``model.one_query_attention``, the HF
+    decode's) in place of SDPA's kernel: the same next-token logits (fp32) and the same greedy rows."""
     from engines.architecture import model as model_module
 
     model = _model(n_kv_heads)
-    ours = reference_sample(model, PROMPTS, 12, 0.0)
+    monkeypatch.setattr(model_module, "ONE_QUERY_PRODUCT", False)
+    sdpa_rows = reference_sample(model, PROMPTS, 12, 0.0)
     calls = []
     product = model_module.one_query_attention
     monkeypatch.setattr(model_module, "one_query_attention", lambda *a: calls.append(1) or product(*a))
-    assert reference_sample(model, PROMPTS, 12, 0.0) == ours and len(calls) >= 2 * 11  # every layer, every step
+    monkeypatch.setattr(model_module, "ONE_QUERY_PRODUCT", True)
+    assert reference_sample(model, PROMPTS, 12, 0.0) == sdpa_rows and len(calls) >= 2 * 11  # every layer, step
     monkeypatch.setattr(model_module, "ONE_QUERY_PRODUCT", False)
-    assert reference_sample(model, PROMPTS, 12, 0.0) == ours
     ids = torch.randint(0, 256, (3, 9))
 
     @torch.no_grad()

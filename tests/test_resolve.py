@@ -155,3 +155,33 @@ def test_open_precision_resolves_the_same_for_the_optimizer_and_the_executor() -
         hw = fitting.Hardware(lookup(gpu), 1, lookup(gpu).memory_gib, 64.0)
         assert fitting.price(spec, hw).stages[0].knobs.precision == precision
         assert resolve(spec, spec.stages[0], cuda=True, bf16=lookup(gpu).bf16).precision == precision
+
+
+def test_cuda_graphs_resolve_from_the_plan_and_reach_the_price() -> None:
+    """``training.cuda_graphs``: auto turns them on for mHC's fused connection on a GPU, one micro-step a
+    step; the executor's settings and the throughput model's config carry the same answer."""
+    from muse_plan.optimizer import throughput
+    from muse_plan.hardware.catalog import lookup
+    from muse_plan.plan.io import spec_from_dict
+
+    def spec(training: dict):
+        return spec_from_dict({"name": "p", "model": {"scale": "125M", "seq_len": 512, "residual": "mhc"},
+                               "techniques": {"mhc": {"streams": 4, "stream_dtype": "bfloat16"}},
+                               "training": {"micro_batch": 8, "global_batch": 8, "precision": "bf16", **training},
+                               "stages": [{"name": "pre", "kind": "pretrain", "steps": 10}]})
+
+    fused = spec({"fused_kernels": "on"})
+    s = resolve(fused, fused.stages[0], cuda=True, bf16=True)
+    assert s.compile and s.cuda_graphs and train_config(s).cuda_graphs
+    assert not resolve(fused, fused.stages[0], cuda=False).cuda_graphs
+    for training in ({"fused_kernels": "on", "cuda_graphs": "off"}, {},
+                     {"fused_kernels": "on", "global_batch": 16}):  # two micro-steps a step
+        p = spec(training)
+        assert not resolve(p, p.stages[0], cuda=True, bf16=True).cuda_graphs, training
+    forced = spec({"cuda_graphs": "on"})
+    assert resolve(forced, forced.stages[0], cuda=True, bf16=True).cuda_graphs
+    # priced: the fused connection replayed from graphs at its measured traffic, faster than without
+    graphs = train_config(s)
+    h100 = lookup("H100")
+    assert throughput.step_time(graphs, h100).seconds < throughput.step_time(
+        graphs.with_(cuda_graphs=False), h100).seconds

@@ -62,9 +62,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
-# a decode step's attention as muse's own product (``one_query_attention``); False: SDPA's kernel
-# (scripts/bench_grpo.py --decode-attention times the two side by side)
-ONE_QUERY_PRODUCT = True
+# a decode step's attention as muse's own product (``one_query_attention``) rather than SDPA's kernel:
+# off, as measured (scripts/bench_grpo.py --decode compiled compiled+sdpa graphs graphs+sdpa on an H100: a
+# 128-row rollout of the 38.7M decoder 2% slower compiled and 9% slower graph-replayed with the product;
+# docs/bench_grpo.md). A Hugging Face policy's decode uses it (``engines/grpo/policy.py``), where SDPA
+# with a mask had the cache's keys copied for each query head.
+ONE_QUERY_PRODUCT = False
 
 
 def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

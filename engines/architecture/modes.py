@@ -94,6 +94,10 @@ class ResidualMode:
     # docs/bench_architecture_fused_h100.json, where its torch price, 673, predicted 88,533); None: its
     # kernels are priced as torch's own fusion
     fused_traffic: float | None = None
+    # the same replayed from CUDA graphs (training.cuda_graphs), where timed: mhc's fused step is bound by the
+    # host's launches without them (300 fitted to 118,111 tok/s on an H100, which it predicts at 118,238;
+    # docs/bench_plan_run_graphs_h100.json)
+    fused_graphs_traffic: float | None = None
 
     def params(self, c: ModelConfig) -> int:
         """Parameters one connection (around one sublayer) adds."""
@@ -112,7 +116,8 @@ RESIDUAL_MODES: dict[str, ResidualMode] = {m.name: m for m in (
                  (f"{_WIDTH}:HC_RULES",), compiled_traffic=(520.0, 360.0)),  # assumed: mhc's less its Sinkhorn
     ResidualMode("mhc", True, _mhc, lambda c: _mixing_flops(c) + _sinkhorn_flops(c), 2.835, 2.365,
                  f"{_RES}:ManifoldHyperConnection", f"{_DEPTH}:_identity_manifold", f"{_ACT}:_mhc",
-                 (f"{_WIDTH}:MHC_RULES",), compiled_traffic=(633.0, 440.0), fused_traffic=620.0),
+                 (f"{_WIDTH}:MHC_RULES",), compiled_traffic=(633.0, 440.0), fused_traffic=620.0,
+                 fused_graphs_traffic=300.0),
     ResidualMode("ddl", False, _ddl, _ddl_flops, 1.581, 1.123,
                  f"{_RES}:DeltaResidual", f"{_DEPTH}:_nothing", f"{_ACT}:_ddl", (f"{_WIDTH}:DDL_RULES",),
                  compiled_traffic=(74.0, 74.0)),  # no streams: the state is the hidden's

@@ -41,9 +41,9 @@ Design decisions:
   (``Compiled.fallback``). An error the eager step raises too is the run's.
 - ``MUSE_COMPILE_BACKEND`` picks another backend (``aot_eager`` to tell a
   graph problem from a code-generation one; ``eager`` to trace only);
-  ``MUSE_COMPILE_MODE`` passes Inductor a mode (``reduce-overhead``: each
-  region's kernels replayed from CUDA graphs; the loop marks each micro-step's
-  start), to measure against the default.
+  ``training.cuda_graphs`` (``settings.uses_cuda_graphs``) compiles with
+  Inductor's ``reduce-overhead`` mode: each region's kernels replayed from CUDA
+  graphs, the loop marking each micro-step's start.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class Compiled:
     fallback: str | None = None  # why the stage went back to eager
     evaluated: bool = False  # the first evaluation (its own no-grad graph) has compiled
     scope: str = "blocks"  # blocks | model (training.compile_scope)
-    mode: str | None = None  # Inductor's mode (MUSE_COMPILE_MODE); None: its default
+    mode: str | None = None  # Inductor's mode (reduce-overhead: training.cuda_graphs); None: its default
 
     @property
     def graphs(self) -> bool:
@@ -100,26 +100,24 @@ class Compiled:
         self.fallback = why
 
     def describe(self) -> str:
+        graphs = ", replayed from CUDA graphs" if self.graphs else ""
         if self.scope == "model":
-            return "the whole model"
-        return f"{len(self.modules)} blocks" + (" and the loss head" if self.head_of is not None else "")
+            return "the whole model" + graphs
+        return f"{len(self.modules)} blocks" + (" and the loss head" if self.head_of is not None else "") + graphs
 
 
 def compile_model(model: torch.nn.Module, cache_dir: Path, scope: str = "blocks", head: bool = True,
-                  accumulates: bool = False) -> Compiled:
+                  graphs: bool = False) -> Compiled:
     """Compile ``model`` in place: as one graph (``scope="model"``), or each of its
     blocks and muse's decoder's loss head when ``head``; an empty ``Compiled`` when
-    blocks were asked for and it has none. ``accumulates``: a step sums several
-    micro-steps' gradients, which CUDA graphs' replays would overwrite (pytorch#169545):
-    Inductor's default mode then, whatever ``MUSE_COMPILE_MODE`` asks."""
+    blocks were asked for and it has none. ``graphs``: the regions replay CUDA graphs
+    (``settings.uses_cuda_graphs``, which never asks where a step sums micro-steps)."""
     found = [model] if scope == "model" else blocks(model)
     if not found:
         return Compiled(fallback="no repeated blocks to compile")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
     backend = os.environ.get("MUSE_COMPILE_BACKEND", "inductor")
-    mode = os.environ.get("MUSE_COMPILE_MODE") or None
-    if accumulates and mode and "reduce-overhead" in mode:
-        mode = None
+    mode = "reduce-overhead" if graphs else None
     compiled = Compiled(found, backend, scope=scope, mode=mode)
     options = {"mode": mode} if mode else {}
     try:

@@ -195,7 +195,7 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
 
         compiled = compile_model(accelerator.unwrap_model(model), muse_home() / "cache" / "inductor",
                                  s.compile_scope, head=not optimizers.is_fsdp(accelerator),
-                                 accumulates=s.grad_accum > 1)
+                                 graphs=s.cuda_graphs)
     # growth with optimizer_state: mapped (executor/grow.py): the stage starts from the moments
     # carried through the growth operator, not an empty state (its own lr and decay, set there)
     if initial_optimizer_state is not None and start is None:

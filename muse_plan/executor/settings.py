@@ -81,6 +81,8 @@ class StageSettings:
     optimizer: str = "adamw"
     compile: bool = False  # the model's blocks under torch.compile (executor/compiled.py)
     compile_scope: str = "blocks"  # model | blocks: one graph, or one per block (``compile_scope``)
+    cuda_graphs: bool = False  # the compiled regions replay CUDA graphs (``uses_cuda_graphs``)
+    cuda_graphs_setting: str = "auto"  # the plan's training.cuda_graphs
     eval_at_start: bool = False  # evaluate the starting weights before the first step (step 0)
     decode: str = "eager"  # how a GRPO-engine stage's sampling decodes (``decoding``)
     options: Any = None  # the engine's typed options (plan/kinds.py)
@@ -337,6 +339,18 @@ def compile_scope(setting: str, sharding: str) -> str:
     return "model" if setting == "model" else "blocks"
 
 
+def uses_cuda_graphs(setting: str, compiled: bool, cuda: bool, grad_accum: int, model: ModelConfig) -> bool:
+    """``training.cuda_graphs``: the compiled regions replay their kernels from CUDA graphs (Inductor's
+    ``reduce-overhead``), on a GPU, where a step is one micro-step (a replay would overwrite the gradients a
+    step sums, pytorch#169545). ``auto``: where it was measured faster — mHC's fused connection (its kernels
+    on, a bf16 state of 4 streams), whose step is bound by the host's launches: 138.7 ms a step against
+    190.6 without graphs at 350M on an H100, standard's 100.4 with and ~100 without (docs/bench_plan_run.md)."""
+    if not (compiled and cuda and grad_accum == 1) or setting == "off":
+        return False
+    return setting == "on" or (model.residual == "mhc" and model.fused_kernels == "on"
+                               and model.stream_dtype == "bfloat16" and model.streams == 4)
+
+
 def decoding(setting: str, kind: str, cuda: bool) -> str:
     """``training.compile`` for the GRPO engine's stages, whose sampling decodes a token
     at a time (``engines/grpo/policy.py``): on a GPU ``auto`` replays each decode step
@@ -404,6 +418,9 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
         optimizer=t.optimizer or "adamw",
         compile=compiles(t.compile or "auto", stage.kind, cuda),
         compile_scope=compile_scope(t.compile_scope or "auto", sharding),
+        cuda_graphs=uses_cuda_graphs(t.cuda_graphs or "auto", compiles(t.compile or "auto", stage.kind, cuda), cuda,
+                                     accum, config),
+        cuda_graphs_setting=t.cuda_graphs or "auto",
         decode=decoding(t.compile or "auto", stage.kind, cuda),
         options=typed.engine, control=control,
         lora=lora, adapters_only=adapters_only(spec, stage),
@@ -464,7 +481,7 @@ def train_config(s: StageSettings) -> TrainConfig | None:
     return TrainConfig(model=model, micro_batch=micro, grad_accum=s.grad_accum, world_size=s.world_size,
                        precision=s.precision, checkpointing=s.activation_checkpointing, sharding=s.sharding,
                        offload=s.offload, optimizer=s.optimizer, lora=lora, generation=generation,
-                       compiled=s.compile)
+                       compiled=s.compile, cuda_graphs=s.cuda_graphs)
 
 
 def _wsd(progress: float, floor: float, decay_from: float = 0.8) -> float:

@@ -60,6 +60,7 @@ class TrainConfig:
     lora: LoraConfig | None = None
     generation: GenerationConfig | None = None
     compiled: bool = False  # the blocks under torch.compile (training.compile)
+    cuda_graphs: bool = False  # the compiled regions replayed from CUDA graphs (training.cuda_graphs)
 
     def __post_init__(self) -> None:
         for name, allowed in (("precision", PRECISIONS), ("checkpointing", CHECKPOINTING),

@@ -45,7 +45,7 @@ from typing import Any, Iterator
 
 from engines.options import LoraOptions
 from muse_plan.executor.settings import (DEFAULT_MICRO_BATCH, StageSettings, decoder_config, refusal, resolve,
-                                         train_config)
+                                         train_config, uses_cuda_graphs)
 from muse_plan.hardware.catalog import CATALOG, GpuKind, lookup, variant
 from muse_plan.optimizer import data_budget, memory, throughput
 from muse_plan.optimizer.config import TrainConfig
@@ -326,7 +326,9 @@ def faster_connections(candidate: Candidate, hw: Hardware) -> list[FasterConnect
         technique = "geometric_scaling" if m.residual == "mgt" else m.residual
         best: tuple[float, tuple[str, ...]] | None = None
         for kernels in ("off", "on") if m.streams == 4 else ("off",):
-            form = replace(cfg, model=replace(cfg.model, stream_dtype="bfloat16", fused_kernels=kernels))
+            model = replace(cfg.model, stream_dtype="bfloat16", fused_kernels=kernels)
+            graphs = uses_cuda_graphs(s.settings.cuda_graphs_setting, cfg.compiled, True, cfg.grad_accum, model)
+            form = replace(cfg, model=model, cuda_graphs=graphs)
             changes = ((f"techniques.{technique}.stream_dtype: bfloat16",) if m.stream_dtype != "bfloat16" else ()) \
                 + ((f"training.fused_kernels: {kernels}",) if (m.fused_kernels == "on") != (kernels == "on") else ())
             if not changes or memory.estimate(form, device="cuda").total > candidate.limit:

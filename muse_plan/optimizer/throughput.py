@@ -284,8 +284,9 @@ def _gpu_s_per_token(cfg: TrainConfig, gpu: GpuKind) -> float:
     c = cfg.model
     mode = RESIDUAL_MODES[c.residual]
     if cfg.compiled:  # the mode's cost is the bytes it moves (modes.py compiled_traffic)
-        traffic = COMPILED_TRAFFIC + (mode.fused_traffic if fused_priced(c) else
-                                      mode.compiled_traffic[c.stream_dtype == "bfloat16"])
+        fused = mode.fused_graphs_traffic if cfg.cuda_graphs and mode.fused_graphs_traffic is not None \
+            else mode.fused_traffic
+        traffic = COMPILED_TRAFFIC + (fused if fused_priced(c) else mode.compiled_traffic[c.stream_dtype == "bfloat16"])
         slowdown = 1.0
     else:
         traffic, slowdown = EAGER_TRAFFIC, RESIDUAL_SLOWDOWN[c.residual]
@@ -315,9 +316,12 @@ def optimizer_bytes_per_param(cfg: TrainConfig) -> float:
     return FUSED_OPTIMIZER_BYTES_PER_PARAM if fused else OPTIMIZER_BYTES_PER_PARAM
 
 
-def _host_floor(c: ModelConfig, compiled: bool = False) -> float:
+def _host_floor(c: ModelConfig, compiled: bool = False, graphs: bool = False) -> float:
     """The host's launch time of a micro-step: eager's measured, by the mode's launches;
-    compiled blocks' assumed (COMPILED_HOST_S_PER_LAYER), the mode fused into them."""
+    compiled blocks' assumed (COMPILED_HOST_S_PER_LAYER), the mode fused into them; none
+    assumed where the compiled regions replay CUDA graphs (a replay a region)."""
+    if graphs:
+        return 0.0
     if compiled:
         return COMPILED_HOST_S_PER_LAYER * c.n_layers * EXECUTOR_OVERHEAD
     return HOST_S_PER_LAYER * c.n_layers * RESIDUAL_SLOWDOWN[c.residual] * EXECUTOR_OVERHEAD
@@ -452,7 +456,7 @@ def step_time(cfg: TrainConfig, gpu: GpuKind | None, *, cpu_cores: int | None = 
         micro = tokens * s_per_token
         optimizer = 0.0  # inside the calibrated CPU rate
     else:
-        micro = max(tokens * s_per_token, _host_floor(c, cfg.compiled))
+        micro = max(tokens * s_per_token, _host_floor(c, cfg.compiled, cfg.cuda_graphs))
         stepped = memory.trainable_param_count(cfg)
         if cfg.sharding in ("zero1", "zero2", "zero3", "fsdp"):
             stepped /= cfg.world_size

@@ -225,6 +225,10 @@ class TrainingSpec(Frozen):
         None, description="what training.compile compiles: the whole model as one graph, or each repeated block "
                           "(and muse's loss head); auto: blocks (one graph measured +0.7% faster for a first "
                           "step five times longer)")
+    cuda_graphs: OnOff | None = Field(
+        None, description="replay the compiled regions' kernels from CUDA graphs (Inductor's reduce-overhead), "
+                          "never where a step accumulates micro-steps: auto (for mhc with fused_kernels: on and a "
+                          "bf16 state, measured 27% faster a step on an H100; docs/bench_plan_run.md), on, off")
     fused_kernels: Annotated[Literal["off", "eager", "on"], _YAML_SWITCH] | None = Field(
         None, description="mhc / mgt / ddl connections as fused Triton kernels on a GPU: off (the default), eager "
                           "(in eager mode only) or on (under torch.compile too); the same function, measured only "
