@@ -242,7 +242,7 @@ class Policy:
     def _chunked_head(self, ids: torch.Tensor, start: int, model: nn.Module) -> nn.Linear | None:
         """The head to take log-probs through a chunk at a time, or None. Checked once a model on
         one row: the head applied to the hidden states must give the model's own logits, so a
-        model that scales or caps its logits after the head stays on the full logits."""
+        model that soft-caps its logits after the head stays on the full logits."""
         head = output_head(model)
         key = id(bare(model))
         if head is None or self._head_agrees.get(key) is False:

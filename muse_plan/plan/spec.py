@@ -231,8 +231,9 @@ class TrainingSpec(Frozen):
                           "bf16 state, measured 27% faster a step on an H100; docs/bench_plan_run.md), on, off")
     fused_kernels: Annotated[Literal["off", "eager", "on"], _YAML_SWITCH] | None = Field(
         None, description="mhc / mgt / ddl connections as fused Triton kernels on a GPU: off (the default), eager "
-                          "(in eager mode only) or on (under torch.compile too); the same function, measured only "
-                          "slightly faster than torch.compile's own fusion (docs/bench_plan_run.md)")
+                          "(in eager mode only) or on (under torch.compile too); the same function, faster than "
+                          "torch.compile's own fusion for mgt and ddl, and for mhc replayed from CUDA graphs "
+                          "(training.cuda_graphs; docs/bench_plan_run.md)")
     log_with: TrackerSet = Field(
         None, description="also log the run's metrics and events to these trackers (tensorboard, mlflow, wandb), "
                           "through Accelerate; the run's, not a stage's (monitor/trackers.py)")
