@@ -400,6 +400,7 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
     default_every = max(1, min(1000, steps // 10))
     sharding = t.sharding or ("ddp" if world_size > 1 else "none")
     window = getattr(control, control.plateau) if control.plateau else None
+    compiled = compiles(t.compile or "auto", stage.kind, cuda)
     return StageSettings(
         name=stage.name, kind=stage.kind, engine=stage.engine or "", model=config, steps=steps,
         micro_batch=micro, grad_accum=accum, world_size=world_size, precision=precision,
@@ -416,10 +417,9 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
         activation_checkpointing=t.activation_checkpointing or "none",
         sharding=sharding, offload=t.offload or "none",
         optimizer=t.optimizer or "adamw",
-        compile=compiles(t.compile or "auto", stage.kind, cuda),
+        compile=compiled,
         compile_scope=compile_scope(t.compile_scope or "auto", sharding),
-        cuda_graphs=uses_cuda_graphs(t.cuda_graphs or "auto", compiles(t.compile or "auto", stage.kind, cuda), cuda,
-                                     accum, config),
+        cuda_graphs=uses_cuda_graphs(t.cuda_graphs or "auto", compiled, cuda, accum, config),
         cuda_graphs_setting=t.cuda_graphs or "auto",
         decode=decoding(t.compile or "auto", stage.kind, cuda),
         options=typed.engine, control=control,
