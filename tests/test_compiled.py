@@ -85,7 +85,7 @@ def test_cuda_graphs_are_asked_for_only_where_a_step_has_one_micro_step(tmp_path
     """``training.cuda_graphs`` compiles the regions to replay CUDA graphs and the loop then marks each
     micro-step (``Compiled.graphs``); never where a step accumulates micro-steps, since each replay would
     overwrite the gradients the step is summing (pytorch#169545), nor on a CPU; ``auto`` asks for them where
-    they measured faster: mHC's fused connection with its bf16 state."""
+    they measured faster: the fused connections (ddl's; mHC's and mgt's with a bf16 state of 4 streams)."""
     from dataclasses import replace
 
     from engines.architecture import DecoderLM, ModelConfig
@@ -100,6 +100,11 @@ def test_cuda_graphs_are_asked_for_only_where_a_step_has_one_micro_step(tmp_path
     assert uses_cuda_graphs("auto", True, True, 1, fused) and not uses_cuda_graphs("auto", True, True, 1, config)
     assert not uses_cuda_graphs("auto", True, True, 1, replace(fused, stream_dtype="float32"))
     assert not uses_cuda_graphs("auto", True, True, 1, replace(fused, fused_kernels="off"))
+    assert uses_cuda_graphs("auto", True, True, 1, replace(fused, residual="mgt"))
+    assert not uses_cuda_graphs("auto", True, True, 1, replace(fused, residual="mgt", streams=2))
+    assert uses_cuda_graphs("auto", True, True, 1, replace(config, residual="ddl", fused_kernels="on"))
+    assert not uses_cuda_graphs("auto", True, True, 1, replace(config, residual="ddl"))
+    assert not uses_cuda_graphs("auto", True, True, 1, replace(fused, residual="hc"))  # no kernels of its own
     assert uses_cuda_graphs("on", True, True, 1, config) and not uses_cuda_graphs("off", True, True, 1, fused)
     for compiled, cuda, accum in ((True, True, 2), (False, True, 1), (True, False, 1)):
         assert not uses_cuda_graphs("on", compiled, cuda, accum, fused)

@@ -158,7 +158,7 @@ def test_the_decode_setting_picks_how_decode_steps_run(decode, graphs, compiled)
 def test_training_compile_decides_how_a_sampling_stage_decodes():
     from muse_plan.executor.settings import decoding
 
-    assert [decoding(c, "reasoning_rl", cuda=True) for c in ("auto", "on", "off")] == ["graphs", "compiled", "eager"]
+    assert [decoding(c, "reasoning_rl", cuda=True) for c in ("auto", "on", "off")] == ["compiled", "compiled", "eager"]
     assert decoding("on", "reasoning_rl", cuda=False) == "eager"  # graphs need CUDA
     assert decoding("on", "pretrain", cuda=True) == "eager"  # no sampling there
 

@@ -342,7 +342,7 @@ def test_rollouts_from_a_cuda_graph_are_priced_at_the_measured_share_of_the_laun
     from muse_plan.executor.settings import resolve, train_config
     from muse_plan.plan.io import spec_from_dict
 
-    for compile_, expected in (("auto", "graphs"), ("on", "compiled"), ("off", "eager")):  # the plan decides
+    for compile_, expected in (("auto", "compiled"), ("on", "compiled"), ("off", "eager")):  # the plan decides
         spec = spec_from_dict({
             "name": "rl", "model": {"scale": "1M", "seq_len": 256, "vocab_size": 260,
                                     "shape": {"layers": 2, "d_model": 32, "n_heads": 2}},

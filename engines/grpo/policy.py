@@ -20,13 +20,14 @@ Design decisions:
   each on a GPU). A model with sliding-window layers, or whose static cache
   fails, goes through ``generate``.
   The plan's ``training.compile`` picks (``StageSetup.decode``,
-  ``executor/settings.decoding``): ``off`` turns both off; ``on`` also compiles
-  the decoder's step before capturing it: Inductor fuses its
-  ~670 small kernels (``Policy.sample`` alone on an H100, 38.7M parameters,
+  ``executor/settings.decoding``): ``off`` turns both off; ``auto`` and ``on``
+  on a GPU also compile the decoder's step before capturing it: Inductor fuses
+  its ~670 small kernels (``Policy.sample`` alone on an H100, 38.7M parameters,
   128 rows of 112 tokens: 867 completions/s against 523 captured uncompiled
   and 125 for the per-token loop before), for about 20 s of compiling once
   and again at the second cache width. A failure turns off what failed for
-  the rest of the stage, with a note, and the rollout goes on.
+  the rest of the stage, with a note (a compile: the step is captured
+  uncompiled), and the rollout goes on.
 - LoRA goes through peft on the model in place (``get_peft_model``): adapters
   on the plan's target modules of the last ``layers_fraction`` of layers (Lee
   & Tong put them on the query/value projections of the last quarter or

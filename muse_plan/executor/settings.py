@@ -342,23 +342,34 @@ def compile_scope(setting: str, sharding: str) -> str:
 def uses_cuda_graphs(setting: str, compiled: bool, cuda: bool, grad_accum: int, model: ModelConfig) -> bool:
     """``training.cuda_graphs``: the compiled regions replay their kernels from CUDA graphs (Inductor's
     ``reduce-overhead``), on a GPU, where a step is one micro-step (a replay would overwrite the gradients a
-    step sums, pytorch#169545). ``auto``: where it was measured faster — mHC's fused connection (its kernels
-    on, a bf16 state of 4 streams), whose step is bound by the host's launches: 138.7 ms a step against
-    190.6 without graphs at 350M on an H100, standard's 100.4 with and ~100 without (docs/bench_plan_run.md)."""
+    step sums, pytorch#169545). ``auto``: where they were measured faster, the fused connections
+    (``graphs_measured_faster``); standard gained nothing (100.4 ms a step against ~100 at 350M on an H100)
+    and kept 0.9 GiB more (docs/bench_plan_run.md)."""
     if not (compiled and cuda and grad_accum == 1) or setting == "off":
         return False
-    return setting == "on" or (model.residual == "mhc" and model.fused_kernels == "on"
-                               and model.stream_dtype == "bfloat16" and model.streams == 4)
+    return setting == "on" or graphs_measured_faster(model)
+
+
+def graphs_measured_faster(model: ModelConfig) -> bool:
+    """The connections whose steps CUDA graphs made faster through ``muse plan run`` (350M, H100):
+    ``fused_kernels: on`` for ddl (110.8 → 108.1 ms a step), and for mhc and mgt with a bf16 state of
+    4 streams, the form their kernels run in (mhc 190.6 → 138.7 ms, its step bound by the kernels'
+    launches; mgt 161.9 → 157.9)."""
+    if model.fused_kernels != "on":
+        return False
+    return model.residual == "ddl" or (model.residual in ("mhc", "mgt") and model.stream_dtype == "bfloat16"
+                                       and model.streams == 4)
 
 
 def decoding(setting: str, kind: str, cuda: bool) -> str:
     """``training.compile`` for the GRPO engine's stages, whose sampling decodes a token
-    at a time (``engines/grpo/policy.py``): on a GPU ``auto`` replays each decode step
-    from a CUDA graph (an HF model: its static cache), ``on`` compiles the step first
-    (about 20 s once, then faster rollouts), ``off`` launches every kernel as it comes."""
+    at a time (``engines/grpo/policy.py``): on a GPU ``auto`` and ``on`` compile the decode
+    step and replay it from a CUDA graph (~20 s of compiling once; 755 completions/s against
+    415 replayed uncompiled, docs/bench_grpo.md; an HF model: its static cache, replayed),
+    ``off`` launches every kernel as it comes."""
     if not cuda or setting == "off" or STAGE_KINDS[kind].engine != "grpo":
         return "eager"
-    return "compiled" if setting == "on" else "graphs"
+    return "compiled"
 
 
 def default_precision(cuda: bool, bf16: bool) -> str:

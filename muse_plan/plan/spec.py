@@ -220,15 +220,17 @@ class TrainingSpec(Frozen):
     offload: Literal["none", "optimizer", "parameters"] | None = None
     optimizer: Literal["adamw", "adamw_8bit"] | None = None
     compile: OnOff | None = Field(
-        None, description="torch.compile the model's blocks: auto (on a GPU, for pretrain/continue/finetune), on, off")
+        None, description="torch.compile the model's blocks: auto (on a GPU, for pretrain/continue/finetune; for GRPO "
+                          "stages the decode step, replayed from a CUDA graph), on, off")
     compile_scope: Literal["auto", "model", "blocks"] | None = Field(
         None, description="what training.compile compiles: the whole model as one graph, or each repeated block "
                           "(and muse's loss head); auto: blocks (one graph measured +0.7% faster for a first "
                           "step five times longer)")
     cuda_graphs: OnOff | None = Field(
         None, description="replay the compiled regions' kernels from CUDA graphs (Inductor's reduce-overhead), "
-                          "never where a step accumulates micro-steps: auto (for mhc with fused_kernels: on and a "
-                          "bf16 state, measured 27% faster a step on an H100; docs/bench_plan_run.md), on, off")
+                          "never where a step accumulates micro-steps: auto (with fused_kernels: on for ddl, and "
+                          "for mhc / mgt with a bf16 state: measured 2-27% faster a step on an H100; "
+                          "docs/bench_plan_run.md), on, off")
     fused_kernels: Annotated[Literal["off", "eager", "on"], _YAML_SWITCH] | None = Field(
         None, description="mhc / mgt / ddl connections as fused Triton kernels on a GPU: off (the default), eager "
                           "(in eager mode only) or on (under torch.compile too); the same function, faster than "
