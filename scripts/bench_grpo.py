@@ -16,11 +16,14 @@ numbers on Qwen2-1.5B. Then, at the same model size, rollout throughput
 
 Writes ``<out>/bench_grpo.{json,md}``. ``--tiny`` runs a seconds-long CPU
 version to check the script (its numbers mean nothing). ``--decode`` names
-how rollouts decode (``engines/grpo/policy.py``): ``graphs`` (the default: the
-decode step replayed from a CUDA graph; a plan's ``training.compile: auto``),
-``compiled`` (compiled, then replayed; ``compile: on``) or ``eager``
-(``compile: off``); several are measured one after the other, the first
-in the table, to compare them in one run.
+how the engine's own rollouts decode (``engines/grpo/policy.py``): ``graphs``
+(the default: the decode step replayed from a CUDA graph), ``compiled``
+(compiled, then replayed; a plan's ``training.compile: auto`` and ``on``) or
+``eager`` (``compile: off``); several are measured one after the other, the
+first in the table, to compare them in one run. ``--throughput-only`` times
+rollouts twice: the engine's ``next_batch`` called directly (``--decode``), and
+through ``muse plan run`` (``--plan-run``: a one-stage plan a
+``training.compile`` setting, the rollout time each step records in the store).
 """
 
 from __future__ import annotations
@@ -184,8 +187,10 @@ def throughput(spec: dict, device: str, prompts: int, group: int, decodes: list[
     decode, _, attention = decodes[0].partition("+")  # as training.compile would set it (executor/settings.decoding)
     model_module.ONE_QUERY_PRODUCT = attention != "sdpa"
     trainer = GrpoTrainer()
+    # the weights that never train (the KL reference) and the copy sampling decodes from in the compute dtype,
+    # as the executor sets a bf16 stage up (executor/settings.frozen_precision)
     trainer.setup(StageSetup(name="t", kind="reasoning_rl", model=config, micro_batch=prompts, device=device,
-                             decode=decode,
+                             decode=decode, frozen_precision="bf16" if device == "cuda" else "fp32",
                              options=parse("reasoning_rl", {}, {
                                  "tasks": ["multiplication:3x3"], "group_size": group,
                                  "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "eval_problems": 1})))
@@ -222,6 +227,60 @@ def throughput(spec: dict, device: str, prompts: int, group: int, decodes: list[
     return out
 
 
+PLAN_RUN_STEPS, PLAN_RUN_SKIP = 8, 2  # steps of the rollout plan; the first ones compile and capture
+
+
+def rollout_plan(compile_setting: str, prompts: int, group: int, tiny: bool = False) -> dict:
+    """``throughput``'s rollouts as a user's plan: one reasoning_rl stage of the same decoder (random
+    weights), the same prompts × group rows and completion length, full fine-tuning, the decode step as
+    ``training.compile`` makes it (``executor/settings.decoding``)."""
+    return {
+        "name": f"rollouts-{compile_setting}", "model": _model(tiny), "compute": "cpu" if tiny else None,
+        "training": {"micro_batch": prompts, "lr": 1.0e-5, "warmup_steps": 1, "compile": compile_setting},
+        "stages": [{"name": "rl", "kind": "reasoning_rl", "steps": PLAN_RUN_STEPS, "eval_every": 10_000,
+                    "options": {"tasks": TASK, "group_size": group, "max_new_tokens": MAX_NEW_TOKENS,
+                                "temperature": 1.0, "eval_problems": 1}}],
+    }
+
+
+def plan_run_rollouts(compile_setting: str, prompts: int, group: int, tiny: bool = False) -> dict:
+    """Rollout and update completions/s through ``muse plan run``, read from its store: each micro-step's
+    ``rollout_s`` (sampling, rewards, the reference pass) and its step time less that, medians over the
+    steps after the first PLAN_RUN_SKIP (whose rollouts compile and capture the decode step)."""
+    import statistics
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_plan_run import run_one
+
+    from muse_plan.store import runs
+    from muse_plan.store.db import Store
+
+    row = run_one(rollout_plan(compile_setting, prompts, group, tiny),
+                  Path(tempfile.mkdtemp(prefix="muse-inductor-")), skip=PLAN_RUN_SKIP)
+    if "error" in row:
+        return {"compile": compile_setting, "error": row["error"]}
+    store = Store()  # run_one left MUSE_HOME at the run's store
+    try:
+        with store.read() as session:
+            run = runs.list_runs(session)[0][0]
+            series = {k: [v for _, v in runs.metric_series(session, run.id, k)]
+                      for k in ("rollout_s", "completion_tokens", "tokens_per_s")}
+    finally:
+        store.close()
+    n = prompts * group
+    rollout = series["rollout_s"][PLAN_RUN_SKIP:]
+    lengths = series["completion_tokens"]
+    step = [n * length / speed for length, speed in zip(lengths, series["tokens_per_s"]) if speed > 0]
+    update = [a - b for a, b in zip(step[PLAN_RUN_SKIP:], rollout)]
+    first = series["rollout_s"][:PLAN_RUN_SKIP]
+    return {"compile": compile_setting, "completions": n, "steps": len(step),
+            "rollout_completions_per_s": n / statistics.median(rollout),
+            "update_completions_per_s": n / statistics.median(update) if update else None,
+            "mean_completion_tokens": statistics.fmean(lengths[PLAN_RUN_SKIP:]),
+            "rollout_s": [round(v, 3) for v in series["rollout_s"]], "first_rollouts_s": first,
+            "peak_gib": row.get("peak_gib"), "events": row.get("events", [])[:12]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a seconds-long CPU check of the script")
@@ -236,6 +295,9 @@ def main() -> None:
     parser.add_argument("--decode", nargs="+", choices=[*DECODES, *(f"{d}+sdpa" for d in DECODES)], default=["graphs"],
                         help="how rollouts decode; several to compare, the first in the table; '+sdpa': a decode "
                              "step's attention by SDPA's kernel instead of muse's product (model.ONE_QUERY_PRODUCT)")
+    parser.add_argument("--plan-run", nargs="*", choices=["auto", "on", "off"], default=["auto"],
+                        help="with --throughput-only: rollouts also through `muse plan run`, a one-stage plan "
+                             "for each training.compile given (default: auto; none: skip)")
     parser.add_argument("--profile", action="store_true",
                         help="with --throughput-only: one more rollout a decode under torch.profiler (its kernels)")
     args = parser.parse_args()
@@ -244,6 +306,7 @@ def main() -> None:
         result = json.loads((args.out / "bench_grpo.json").read_text())
         result["throughput"] = throughput(result["plan"], "cuda", prompts=16, group=8, decodes=args.decode,
                                           profile=args.profile)
+        result["throughput"]["plan_run"] = [plan_run_rollouts(c, 16, 8) for c in args.plan_run]
         write(result, args.out)
         return
     root = Path(tempfile.mkdtemp(prefix="muse-grpo-"))
@@ -329,6 +392,13 @@ def write(result: dict, out: Path | None) -> None:
         speed_line += "".join(f"Rollout, decode {d['decode']}: {d['rollout_completions_per_s']:.0f} completions/s, "
                               f"{d['rollout_tokens_per_s']:.0f} tokens/s.\n"
                               for d in [s, *s.get("other_decodes", {}).values()] if "decode" in d)
+        for r in s.get("plan_run", []):
+            speed_line += (f"Rollout through `muse plan run`, training.compile {r['compile']}: failed: "
+                           f"{r['error'][-300:]}\n" if "error" in r else
+                           f"Rollout through `muse plan run`, training.compile {r['compile']}: "
+                           f"{r['rollout_completions_per_s']:.0f} completions/s (mean "
+                           f"{r['mean_completion_tokens']:.0f} tokens), update {r['update_completions_per_s'] or 0:.0f} "
+                           f"completions/s.\n")
     cut = "**Partial: the run was cut off; the rows it did not reach say so.**\n\n" if result.get("partial") else ""
     md = (f"# GRPO vs S-GRPO vs T-SPMO on 3×3-digit multiplication\n\n{cut}"
           f"Command: `{result['command']}` on {gpu}; whole run {wall:.0f} s. The three RL runs start from the "
