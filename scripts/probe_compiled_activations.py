@@ -117,6 +117,9 @@ def forward_bytes(config: ModelConfig, micro: int, checkpointing: str, compiled:
 
 def probe(base: ModelConfig, micro: int, row: tuple[str, str, str, str], device: str, cache: Path) -> dict[str, Any]:
     residual, stream_dtype, kernels, checkpointing = row
+    # one compiled block function serves every row: without a reset, past Dynamo's recompile limit (8)
+    # a later row's blocks would silently run eager
+    torch._dynamo.reset()
     precision = "bf16" if device == "cuda" else "fp32"
     out: dict[str, Any] = {"residual": residual, "stream_dtype": stream_dtype, "fused_kernels": kernels,
                            "checkpointing": checkpointing, "d_model": base.d_model, "micro_batch": micro,
@@ -149,6 +152,10 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="a CPU check of the script (fp32, a small shape)")
     p.add_argument("--widths", default="1024,2048", help="d_model of each pass (heads: d_model / 64)")
     p.add_argument("--wide-configs", type=int, default=5, help="how many CONFIGS the second width runs")
+    p.add_argument("--micro", type=int, default=None, help="micro-batch (default 2)")
+    p.add_argument("--only", default=None,
+                   help="rows to run at the first width, e.g. 'standard:float32:off:none,mhc:bfloat16:on:full'")
+    p.add_argument("--append", action="store_true", help="add to an existing JSON in --out")
     args = p.parse_args()
     device = "cpu" if args.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -157,13 +164,19 @@ def main() -> None:
     cache = Path(tempfile.mkdtemp(prefix="muse-inductor-"))
     widths = [64] if args.tiny else [int(w) for w in args.widths.split(",")]
     seq, micro, vocab = (64, 2, 256) if args.tiny else (2048, 2, 32000)
+    micro = args.micro or micro
+    path = args.out / "probe_compiled_activations.json"
     result: dict[str, Any] = {"command": "python3 scripts/probe_compiled_activations.py" + (" --tiny" if args.tiny else ""),
                               "device": torch.cuda.get_device_name(0) if device == "cuda" else "CPU",
                               "torch": torch.__version__, "rows": []}
+    if args.append and path.exists():
+        result = json.loads(path.read_text())
+    result.setdefault("commands", []).append(" ".join(sys.argv))
+    first = CONFIGS if args.only is None else [tuple(r.split(":")) for r in args.only.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     for i, width in enumerate(widths):
         base = ModelConfig(vocab_size=vocab, seq_len=seq, n_layers=1, d_model=width, n_heads=max(1, width // 64))
-        for row in CONFIGS if i == 0 else CONFIGS[:args.wide_configs]:
+        for row in first if i == 0 else first[:args.wide_configs]:
             if args.tiny and row[2] == "on":
                 continue  # the kernels run on a GPU only
             try:
@@ -173,7 +186,7 @@ def main() -> None:
             result["rows"].append(r)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
                               if not k.endswith(("_L1", "_L3"))}), flush=True)
-            (args.out / "probe_compiled_activations.json").write_text(json.dumps(result, indent=1))
+            path.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
