@@ -81,6 +81,7 @@ class StageSettings:
     optimizer: str = "adamw"
     compile: bool = False  # the model's blocks under torch.compile (executor/compiled.py)
     compile_scope: str = "blocks"  # model | blocks: one graph, or one per block (``compile_scope``)
+    compiled_head: bool = False  # the loss head compiled too: muse's decoder's, or inside a whole-model graph
     cuda_graphs: bool = False  # the compiled regions replay CUDA graphs (``uses_cuda_graphs``)
     cuda_graphs_setting: str = "auto"  # the plan's training.cuda_graphs
     eval_at_start: bool = False  # evaluate the starting weights before the first step (step 0)
@@ -412,6 +413,7 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
     sharding = t.sharding or ("ddp" if world_size > 1 else "none")
     window = getattr(control, control.plateau) if control.plateau else None
     compiled = compiles(t.compile or "auto", stage.kind, cuda)
+    scope = compile_scope(t.compile_scope or "auto", sharding)
     return StageSettings(
         name=stage.name, kind=stage.kind, engine=stage.engine or "", model=config, steps=steps,
         micro_batch=micro, grad_accum=accum, world_size=world_size, precision=precision,
@@ -429,7 +431,7 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
         sharding=sharding, offload=t.offload or "none",
         optimizer=t.optimizer or "adamw",
         compile=compiled,
-        compile_scope=compile_scope(t.compile_scope or "auto", sharding),
+        compile_scope=scope, compiled_head=compiled and (spec.model.family != "hf" or scope == "model"),
         cuda_graphs=uses_cuda_graphs(t.cuda_graphs or "auto", compiled, cuda, accum, config),
         cuda_graphs_setting=t.cuda_graphs or "auto",
         decode=decoding(t.compile or "auto", stage.kind, cuda),
@@ -492,7 +494,7 @@ def train_config(s: StageSettings) -> TrainConfig | None:
     return TrainConfig(model=model, micro_batch=micro, grad_accum=s.grad_accum, world_size=s.world_size,
                        precision=s.precision, checkpointing=s.activation_checkpointing, sharding=s.sharding,
                        offload=s.offload, optimizer=s.optimizer, lora=lora, generation=generation,
-                       compiled=s.compile, cuda_graphs=s.cuda_graphs)
+                       compiled=s.compile, compiled_head=s.compiled_head, cuda_graphs=s.cuda_graphs)
 
 
 def _wsd(progress: float, floor: float, decay_from: float = 0.8) -> float:

@@ -148,13 +148,62 @@ def _assemble(detail: dict[str, int], per_token: dict[str, int], fixed: dict[str
         detail[name] = detail.get(name, 0) + value
 
 
+# ---- compiled training ------------------------------------------------------------------
+# Under torch.compile (``executor/compiled.py``: the blocks, and muse's loss head) Inductor's
+# partitioner saves less than eager autograd: it recomputes pointwise work in the backward.
+# Measured on an H100 (scripts/probe_compiled_activations.py, docs/probe_compiled_activations.json:
+# the bytes a bf16 forward leaves for its backward, at 1 and 3 layers, d_model 1024 and 2048,
+# micro-batch 2 and 4 of 2,048 tokens): a compiled block keeps its weights' bf16 casts as eager
+# autocast does, and of the per-token bytes this module derives for a block the share below, by
+# connection form and checkpointing (within 1% across the widths and micro-batches measured).
+# The fused kernels' forms (``fused``) save what their ops save, priced here as torch's fusion.
+COMPILED_BLOCK_SHARE: dict[tuple[str, str], float] = {
+    ("standard", "none"): 0.628, ("standard", "selective"): 0.376,
+    ("hc", "none"): 0.604,
+    ("mhc", "none"): 0.952, ("mhc+bf16", "none"): 0.738, ("mhc+bf16", "selective"): 0.585,
+    ("mhc+bf16+fused", "none"): 0.791, ("mhc+bf16+fused", "selective"): 0.654,
+    ("ddl", "none"): 0.519, ("ddl+fused", "none"): 0.517, ("ddl+fused", "selective"): 0.326,
+    ("mgt+bf16", "none"): 0.481, ("mgt+bf16+fused", "none"): 0.580, ("mgt+bf16+fused", "selective"): 0.472,
+}
+
+
+def connection_form(c: ModelConfig) -> str:
+    """The residual mode with what changes what it saves: a bf16 state of several streams, and the
+    fused kernels where they run (``fused_kernels: on``; mhc / mgt need that bf16 state of 4 streams)."""
+    form = c.residual
+    if c.n_streams > 1 and c.stream_dtype == "bfloat16":
+        form += "+bf16"
+    if c.fused_kernels == "on" and (c.residual == "ddl" or (form.endswith("+bf16") and c.streams == 4
+                                                             and c.residual in ("mhc", "mgt"))):
+        form += "+fused"
+    return form
+
+
+def compiled_block_share(c: ModelConfig, checkpointing: str) -> float:
+    """COMPILED_BLOCK_SHARE for a model: a form not measured with selective checkpointing takes its
+    share without (selective saved less in every form measured); a form not measured at all, 1."""
+    form = connection_form(c)
+    mode = "none" if checkpointing == "full" else checkpointing
+    return COMPILED_BLOCK_SHARE.get((form, mode), COMPILED_BLOCK_SHARE.get((form, "none"), 1.0))
+
+
+def _compiled_head(c: ModelConfig, nm: Numerics) -> int:
+    """The compiled loss head a token (measured 70,444 B at d_model 1024 and 78,012 at 2048, V 32,000,
+    bf16): the final stream's sum (fp32), the normalised input of the head (compute dtype) and the
+    logits the cross-entropy's backward reads (compute dtype): no fp32 log-probabilities."""
+    return c.d_model * (FP32 + nm.act) + c.vocab_size * nm.act
+
+
 def activation_detail(model: ModelConfig, micro_batch: int, precision: str, checkpointing: str,
                       *, device: str = "cuda", lora: LoraConfig | None = None,
-                      chunked_head: bool = False) -> dict[str, int]:
+                      chunked_head: bool = False, compiled: bool = False,
+                      compiled_head: bool = False) -> dict[str, int]:
     """Saved bytes at the peak of one micro-batch, by component, summing to
     ``activation_bytes``: tokens, head, weight_casts, and over the layers streams,
     norms, attention, mlp, residual; recompute (one checkpointed segment).
-    ``chunked_head``: the log-probs are taken through the head in chunks (an RL step)."""
+    ``chunked_head``: the log-probs are taken through the head in chunks (an RL step).
+    ``compiled`` (on CUDA): the blocks under torch.compile, ``compiled_head`` muse's loss head too
+    (COMPILED_BLOCK_SHARE); LoRA's compiled stages are priced as eager (not measured)."""
     if precision not in COMPUTE_BYTES:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(COMPUTE_BYTES)}")
     if checkpointing not in ("none", "selective", "full"):
@@ -164,9 +213,16 @@ def activation_detail(model: ModelConfig, micro_batch: int, precision: str, chec
     if lora is not None:
         return _lora_detail(c, nm, tokens, checkpointing, lora, chunked_head)
     per_token, fixed = _layer(c, nm, checkpointing)
+    compiled = compiled and device == "cuda"
+    if compiled:
+        share = compiled_block_share(c, checkpointing)
+        per_token = {name: int(share * value) for name, value in per_token.items()}
     recompute = per_token.pop("recompute", 0) * tokens
-    detail = {"tokens": 2 * INT64 * tokens + FP32, "head": _head(c, nm, chunked_head) * tokens,  # + nll's total weight
+    head = _compiled_head(c, nm) if compiled_head and compiled and not chunked_head else _head(c, nm, chunked_head)
+    detail = {"tokens": 2 * INT64 * tokens + FP32, "head": head * tokens,  # + nll's total weight
               "weight_casts": nm.cast(matmul_weight_elements(c))}
+    if compiled and checkpointing == "full":  # the compiled blocks cast their weights again when recomputed
+        detail["weight_casts"] = nm.cast(c.vocab_size * c.d_model)
     if checkpointing == "full":
         # the checkpoint keeps each block's input: the n-stream state in its own dtype
         state_bytes = 2 if c.n_streams > 1 and c.stream_dtype == "bfloat16" else FP32
@@ -182,10 +238,11 @@ def activation_detail(model: ModelConfig, micro_batch: int, precision: str, chec
 
 
 def activation_bytes(model: ModelConfig, micro_batch: int, precision: str, checkpointing: str,
-                     *, device: str = "cuda", lora: LoraConfig | None = None, chunked_head: bool = False) -> int:
+                     *, device: str = "cuda", lora: LoraConfig | None = None, chunked_head: bool = False,
+                     compiled: bool = False, compiled_head: bool = False) -> int:
     """Bytes autograd keeps for backward at the peak of one micro-batch of ``DecoderLM(model)``."""
-    return sum(activation_detail(model, micro_batch, precision, checkpointing,
-                                 device=device, lora=lora, chunked_head=chunked_head).values())
+    return sum(activation_detail(model, micro_batch, precision, checkpointing, device=device, lora=lora,
+                                 chunked_head=chunked_head, compiled=compiled, compiled_head=compiled_head).values())
 
 
 # ---- LoRA -----------------------------------------------------------------------------

@@ -60,6 +60,7 @@ class TrainConfig:
     lora: LoraConfig | None = None
     generation: GenerationConfig | None = None
     compiled: bool = False  # the blocks under torch.compile (training.compile)
+    compiled_head: bool = False  # the loss head compiled too (muse's decoder, or compile_scope: model)
     cuda_graphs: bool = False  # the compiled regions replayed from CUDA graphs (training.cuda_graphs)
 
     def __post_init__(self) -> None:

@@ -331,7 +331,8 @@ def estimate(cfg: TrainConfig, *, device: str = "cuda") -> MemoryBreakdown:
         weights = min(weights, _layer_weights(cfg))
 
     activation = act.activation_bytes(cfg.model, cfg.micro_batch, cfg.precision, cfg.checkpointing,
-                                      device=device, lora=cfg.lora, chunked_head=chunked_head(cfg))
+                                      device=device, lora=cfg.lora, chunked_head=chunked_head(cfg),
+                                      compiled=cfg.compiled, compiled_head=cfg.compiled_head)
     # two candidate peaks: the backward's start and the optimizer step (activations freed)
     in_backward = _gradients_in_backward(cfg, gradients)
     backward = activation + in_backward + _backward_buffers(cfg, device)
