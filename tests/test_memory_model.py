@@ -488,3 +488,120 @@ def test_a_bf16_stream_state_is_priced_as_autograd_saves_it(checkpointing, resid
     measured = measured_activations(model, MICRO, "bf16")
     predicted = activation_bytes(model.config, MICRO, "bf16", checkpointing, device="cpu")
     assert predicted == pytest.approx(measured, rel=0.05)
+
+
+# ---- compiled training (torch.compile through muse plan run) -------------------------------
+
+def _probe_rows() -> list[dict]:
+    import json
+    from pathlib import Path
+
+    data = json.loads((Path(__file__).resolve().parent.parent / "docs" / "probe_compiled_activations.json").read_text())
+    assert "H100" in data["device"]
+    return [r for r in data["rows"] if "error" not in r]
+
+
+def test_the_compiled_shares_are_the_probes_measurements():
+    """activations.COMPILED_BLOCK_SHARE holds what scripts/probe_compiled_activations.py measured on an H100:
+    of the per-token bytes the model derives for a block, the share a compiled block kept (its weights' bf16
+    casts, a per-layer constant, taken out of both), within 0.015 of every row of its form and checkpointing,
+    whatever the width (1024, 2048) and micro-batch (2, 4); full checkpointing's forward kept each block's
+    input alone, casts and all recomputed."""
+    from muse_plan.optimizer.activations import COMPILED_BLOCK_SHARE, connection_form, matmul_weight_elements
+
+    checked = set()
+    for r in _probe_rows():
+        c = ModelConfig(vocab_size=32000, seq_len=r["seq_len"], n_layers=1, d_model=r["d_model"],
+                        n_heads=r["d_model"] // 64, residual=r["residual"], stream_dtype=r["stream_dtype"],
+                        fused_kernels=r["fused_kernels"])
+        tokens = r["micro_batch"] * r["seq_len"]
+        casts = 2 * (matmul_weight_elements(c) - c.vocab_size * c.d_model) / tokens  # one layer's, a token
+        if r["checkpointing"] == "full":  # the block's input: the n-stream state in its dtype
+            assert r["compiled_layer_per_token"] == c.n_streams * c.d_model * (2 if c.n_streams > 1 and
+                                                                                c.stream_dtype == "bfloat16" else 4)
+            continue
+        share = (r["compiled_layer_per_token"] - casts) / (r["model_layer_per_token"] - casts)
+        key = (connection_form(c), r["checkpointing"])
+        assert share == pytest.approx(COMPILED_BLOCK_SHARE[key], abs=0.015), key
+        checked.add(key)
+    assert len(checked) == len(COMPILED_BLOCK_SHARE)
+
+
+def test_the_compiled_loss_head_keeps_its_logits_in_the_compute_dtype():
+    """The probe's bytes outside the blocks a token, less the embedding and head weights' bf16 casts and the
+    token ids: within 3% of the compiled head's formula at both widths (the eager head keeps 2.7-3× as
+    much: fp32 log-probabilities beside bf16 ones)."""
+    from engines.architecture.activation_terms import Numerics
+    from muse_plan.optimizer.activations import _compiled_head, _head
+
+    for r in _probe_rows():
+        c = ModelConfig(vocab_size=32000, seq_len=r["seq_len"], n_layers=1, d_model=r["d_model"],
+                        n_heads=r["d_model"] // 64)
+        tokens = r["micro_batch"] * r["seq_len"]
+        rest = r["compiled_rest_per_token"] - 2 * c.vocab_size * c.d_model / tokens - 16
+        assert _compiled_head(c, Numerics(2, True)) == pytest.approx(rest, rel=0.03)
+        assert _head(c, Numerics(2, True)) > 2.5 * rest
+
+
+def test_compiled_activations_apply_on_cuda_and_not_to_lora():
+    cfg = ModelConfig.from_scale("125M", vocab_size=32000, seq_len=512, residual="mhc", stream_dtype="bfloat16")
+    eager = activation_bytes(cfg, 4, "bf16", "none")
+    compiled = activation_bytes(cfg, 4, "bf16", "none", compiled=True, compiled_head=True)
+    assert compiled < 0.8 * eager
+    assert activation_bytes(cfg, 4, "bf16", "none", device="cpu", compiled=True) == \
+        activation_bytes(cfg, 4, "bf16", "none", device="cpu")  # measured on CUDA only
+    lora = LoraConfig()
+    assert activation_bytes(cfg, 4, "bf16", "none", lora=lora, compiled=True) == \
+        activation_bytes(cfg, 4, "bf16", "none", lora=lora)  # LoRA's compiled stages: not measured
+    full = activation_detail(cfg, 4, "bf16", "full", compiled=True)
+    assert full["weight_casts"] == 2 * cfg.vocab_size * cfg.d_model  # the blocks cast again when recomputed
+    assert full["streams"] == activation_detail(cfg, 4, "bf16", "full")["streams"]
+    # an unmeasured form is priced as eager; one not measured with selective checkpointing as without it
+    from muse_plan.optimizer.activations import compiled_block_share
+
+    from dataclasses import replace
+    assert compiled_block_share(replace(cfg, residual="mgt", stream_dtype="float32"), "none") == 1.0
+    assert compiled_block_share(replace(cfg, residual="ddl"), "selective") == compiled_block_share(
+        replace(cfg, residual="ddl"), "none")
+
+
+def test_the_memory_model_predicts_the_compiled_plan_runs_peaks():
+    """Every plan-run row of docs/bench_plan_run_graphs2_h100.json and bench_plan_run_graphs_h100.json
+    (`muse plan run` on H100s: 350M and 1.3B; standard, ddl, mgt, mhc; fused kernels on and off; CUDA graphs
+    on and off), priced as the executor resolves each plan: the total without the context's overhead within
+    1% of the store's peak. Before compiled steps were priced, it was 10-63% over."""
+    import json
+    import sys as _sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    _sys.path.insert(0, str(root / "scripts"))
+    from bench_plan_run import plan
+
+    from muse_plan.executor.settings import resolve, train_config
+    from muse_plan.plan.io import spec_from_dict
+
+    docs = json.loads((root / "docs" / "bench_plan_run_graphs2_h100.json").read_text())
+    older = json.loads((root / "docs" / "bench_plan_run_graphs_h100.json").read_text())
+    # the older file's calls set graphs by an environment variable (MUSE_COMPILE_MODE) before the plan setting
+    calls = [(docs[k], None) for k in ("a350", "b13_call1", "b13_call2")] + \
+        [(older[k], mode) for k, mode in (("default", "off"), ("reduce_overhead", "on"),
+                                          ("graphs_standard_and_mhc", "on"), ("no_graphs_mhc", "off"))]
+    checked = 0
+    for call, mode in calls:
+        layers, d_model = (int(v) for v in call["shape"].replace(",", "").split()[0:4:3])
+        for row in call["rows"]:
+            base, *flags = row["model"].split("+")
+            # a row without +graphs / +nographs ran under the auto of then: graphs for mhc's fused form alone
+            then = "on" if base == "mhc" and "fused" in flags else "off"
+            graphs = mode or ("on" if "graphs" in flags else "off" if "nographs" in flags else then)
+            data = plan("p", base, "on", {"layers": layers, "d_model": d_model, "n_heads": 16}, call["seq_len"],
+                        call["batch"], 10, "bf16", "1xH100-80GB", "bfloat16" if "bf16" in flags else "float32",
+                        "auto", "on" if "fused" in flags else "off", graphs)
+            spec = spec_from_dict(data, "t")
+            cfg = train_config(resolve(spec, spec.stages[0], cuda=True, bf16=True))
+            e = memory.estimate(cfg)
+            predicted = (e.total - e.overhead) / 2**30
+            assert predicted == pytest.approx(row["peak_mem_gib"], rel=0.01), (row["model"], call["command"])
+            checked += 1
+    assert checked >= 12

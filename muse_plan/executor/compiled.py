@@ -126,32 +126,11 @@ def compile_model(model: torch.nn.Module, cache_dir: Path, scope: str = "blocks"
         if scope == "model":
             return compiled
         if head and isinstance(model, DecoderLM):
-            model.head = loss_head(model, backend, options)  # an instance attribute over the method
+            model.head = torch.compile(model.head, backend=backend, **options)  # an instance attribute over the method
             compiled.head_of = model
     except Exception as exc:  # an unknown backend, a torch without dynamo: eager, said so
         compiled.undo(why(exc))
     return compiled
-
-
-def loss_head(model: DecoderLM, backend: str, options: dict[str, Any]) -> Any:
-    """``model.head`` with the loss compiled: given targets it returns no logits (the trainers read the
-    loss alone), so the region's one output is the loss. A (tokens × vocabulary) logits output would be
-    written out each step, and under CUDA graphs held in their pool beside the copy the backward keeps:
-    +0.88-0.90 GiB at 350M with the logits returned (docs/bench_plan_run.md). Without targets (no
-    training step) it is the eager method."""
-    eager = model.head  # the bound method
-
-    def loss(x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return eager(x, targets)[1]
-
-    compiled = torch.compile(loss, backend=backend, **options)
-
-    def head(x: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if targets is None:
-            return eager(x)
-        return None, compiled(x, targets)
-
-    return head
 
 
 def first_call(compiled: Compiled | None, trainer: Any, fn: Any) -> tuple[Any, str | None]:

@@ -56,6 +56,12 @@ Terms, per process (P: parameters of ``DecoderLM``, ``param_count``):
   (prompts × G × V, in the compute dtype and fp32). The GRPO engine samples, frees the cache, then trains, so
   the cache and logits count only for what they need beyond the training
   step's activations and transient buffers (the reference and the copy stay alive).
+- compiled training (``cfg.compiled``, on CUDA): the activation term as Inductor's partitioner
+  leaves it (``activations.COMPILED_BLOCK_SHARE``, measured per connection form), and under CUDA
+  graphs ``graphs_bytes`` in ``transient``. Against 13 runs through ``muse plan run`` on H100s
+  (350M and 1.3B; standard, ddl, mgt and mhc, their fused kernels, with and without graphs) the
+  total without ``overhead`` came within 0.3% of the peak without graphs and 0.5% with them
+  (docs/bench_memory_model.md, last section).
 - ``overhead``: ``CUDA_CONTEXT_BYTES`` plus ``FRAGMENTATION`` of the other
   device terms; 0 on CPU.
 - ``host``: bytes offloaded to host RAM (per process).
@@ -305,6 +311,16 @@ def _gradients_in_backward(cfg: TrainConfig, gradients: int) -> int:
     return min(gradients, FP32 * cfg.model.vocab_size * cfg.model.d_model)
 
 
+def graphs_bytes(cfg: TrainConfig, device: str) -> int:
+    """What replaying the compiled regions from CUDA graphs (``training.cuda_graphs``) keeps beyond
+    them: one tokens × vocabulary tensor in the compute dtype, the size of the loss head's logits
+    output, which the graphs' pool holds (fitted: +0.88-0.90 GiB at 350M, 16,384 tokens, for standard,
+    ddl, mgt and mhc alike; +0.56-0.59 at 1.3B, 8,192 tokens; vocabulary 32,000, H100)."""
+    if not (cfg.cuda_graphs and device == "cuda"):
+        return 0
+    return cfg.micro_batch * cfg.model.seq_len * cfg.model.vocab_size * act.COMPUTE_BYTES[cfg.precision]
+
+
 def _overhead(device_bytes: int, device: str) -> int:
     return 0 if device != "cuda" else CUDA_CONTEXT_BYTES + int(FRAGMENTATION * device_bytes)
 
@@ -337,7 +353,7 @@ def estimate(cfg: TrainConfig, *, device: str = "cuda") -> MemoryBreakdown:
     in_backward = _gradients_in_backward(cfg, gradients)
     backward = activation + in_backward + _backward_buffers(cfg, device)
     step = gradients + _step_buffers(cfg, device, stepped)
-    transient = max(backward, step) - activation - in_backward
+    transient = max(backward, step) - activation - in_backward + graphs_bytes(cfg, device)
     # the engine samples, frees the cache, then trains: the sampling phase adds only what
     # its cache and logits need beyond the training phase's activations and buffers
     generation = reference_bytes(cfg) + sampler_bytes(cfg) + max(0, sampling_bytes(cfg) - activation - transient)
