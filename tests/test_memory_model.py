@@ -605,3 +605,16 @@ def test_the_memory_model_predicts_the_compiled_plan_runs_peaks():
             assert predicted == pytest.approx(row["peak_mem_gib"], rel=0.01), (row["model"], call["command"])
             checked += 1
     assert checked >= 12
+
+
+def test_compiled_pricing_is_for_muse_decoders_own_compiled_regions():
+    """A Hugging Face model's compiled blocks (not measured) are priced as eager; muse's loss head is priced
+    compiled unless FSDP wraps the model on several processes (the executor leaves that head eager)."""
+    m = ModelConfig.from_scale("125M", vocab_size=32000, seq_len=512)
+    eager = memory.estimate(TrainConfig(m, micro_batch=4)).activations
+    assert memory.estimate(TrainConfig(m, micro_batch=4, compiled=True, hf=True)).activations == eager
+    blocks = memory.estimate(TrainConfig(m, micro_batch=4, compiled=True)).activations
+    both = memory.estimate(TrainConfig(m, micro_batch=4, compiled=True, compiled_head=True)).activations
+    assert both < blocks < eager
+    wrapped = TrainConfig(m, micro_batch=4, compiled=True, compiled_head=True, world_size=2, sharding="fsdp")
+    assert memory.estimate(wrapped).activations == memory.estimate(wrapped.with_(compiled_head=False)).activations

@@ -46,7 +46,7 @@ from engines.architecture.config import ModelConfig
 from engines.architecture.shapes import shape_for_params
 from engines.options import LoraOptions
 from muse_plan.errors import PlanError
-from muse_plan.optimizer.config import GenerationConfig, LoraConfig, TrainConfig
+from muse_plan.optimizer.config import FSDP_SHARDING, GenerationConfig, LoraConfig, TrainConfig
 from muse_plan.plan.kinds import STAGE_KINDS, StageControl, TypedOptions, stage_options
 from muse_plan.plan.spec import PlanSpec, StageSpec, TrainingSpec
 from muse_plan.plan.units import parse_scale
@@ -81,7 +81,8 @@ class StageSettings:
     optimizer: str = "adamw"
     compile: bool = False  # the model's blocks under torch.compile (executor/compiled.py)
     compile_scope: str = "blocks"  # model | blocks: one graph, or one per block (``compile_scope``)
-    compiled_head: bool = False  # the loss head compiled too: muse's decoder's, or inside a whole-model graph
+    compiled_head: bool = False  # muse's decoder's loss head compiled too (but where FSDP wraps the model)
+    hf: bool = False  # a Hugging Face model (model.family: hf)
     cuda_graphs: bool = False  # the compiled regions replay CUDA graphs (``uses_cuda_graphs``)
     cuda_graphs_setting: str = "auto"  # the plan's training.cuda_graphs
     eval_at_start: bool = False  # evaluate the starting weights before the first step (step 0)
@@ -234,7 +235,6 @@ WHY_NOT = {
     ("offload", "parameters"): "streaming the weights from host RAM layer by layer (FSDP's CPU offload) is not "
                                "wired into the loop",
 }
-FSDP_SHARDING = ("zero2", "zero3", "fsdp")
 
 
 def refusal(sharding: str, offload: str, optimizer: str, cuda: bool) -> str | None:
@@ -431,7 +431,8 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
         sharding=sharding, offload=t.offload or "none",
         optimizer=t.optimizer or "adamw",
         compile=compiled,
-        compile_scope=scope, compiled_head=compiled and (spec.model.family != "hf" or scope == "model"),
+        compile_scope=scope, hf=spec.model.family == "hf",
+        compiled_head=compiled and spec.model.family != "hf",
         cuda_graphs=uses_cuda_graphs(t.cuda_graphs or "auto", compiled, cuda, accum, config),
         cuda_graphs_setting=t.cuda_graphs or "auto",
         decode=decoding(t.compile or "auto", stage.kind, cuda),
@@ -494,7 +495,7 @@ def train_config(s: StageSettings) -> TrainConfig | None:
     return TrainConfig(model=model, micro_batch=micro, grad_accum=s.grad_accum, world_size=s.world_size,
                        precision=s.precision, checkpointing=s.activation_checkpointing, sharding=s.sharding,
                        offload=s.offload, optimizer=s.optimizer, lora=lora, generation=generation,
-                       compiled=s.compile, compiled_head=s.compiled_head, cuda_graphs=s.cuda_graphs)
+                       compiled=s.compile, compiled_head=s.compiled_head, hf=s.hf, cuda_graphs=s.cuda_graphs)
 
 
 def _wsd(progress: float, floor: float, decay_from: float = 0.8) -> float:

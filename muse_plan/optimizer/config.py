@@ -22,6 +22,7 @@ from engines.architecture.config import ModelConfig
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINTING = ("none", "selective", "full")
 SHARDING = ("none", "ddp", "zero1", "zero2", "zero3", "fsdp")
+FSDP_SHARDING = ("zero2", "zero3", "fsdp")  # on several processes, FSDP wraps the model (executor/accelerators.py)
 OFFLOAD = ("none", "optimizer", "parameters")
 OPTIMIZERS = ("adamw", "adamw_8bit")
 
@@ -60,7 +61,8 @@ class TrainConfig:
     lora: LoraConfig | None = None
     generation: GenerationConfig | None = None
     compiled: bool = False  # the blocks under torch.compile (training.compile)
-    compiled_head: bool = False  # the loss head compiled too (muse's decoder, or compile_scope: model)
+    compiled_head: bool = False  # muse's decoder's loss head compiled too, where FSDP does not wrap the model
+    hf: bool = False  # a Hugging Face model: its compiled blocks' saved bytes not measured (priced as eager)
     cuda_graphs: bool = False  # the compiled regions replayed from CUDA graphs (training.cuda_graphs)
 
     def __post_init__(self) -> None:

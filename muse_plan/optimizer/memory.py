@@ -57,7 +57,8 @@ Terms, per process (P: parameters of ``DecoderLM``, ``param_count``):
   the cache and logits count only for what they need beyond the training
   step's activations and transient buffers (the reference and the copy stay alive).
 - compiled training (``cfg.compiled``, on CUDA): the activation term as Inductor's partitioner
-  leaves it (``activations.COMPILED_BLOCK_SHARE``, measured per connection form), and under CUDA
+  leaves it (``activations.COMPILED_BLOCK_SHARE``, measured per connection form of muse's decoder;
+  a Hugging Face model's compiled blocks are priced as eager, not measured), and under CUDA
   graphs ``graphs_bytes`` in ``transient``. Against 13 runs through ``muse plan run`` on H100s
   (350M and 1.3B; standard, ddl, mgt and mhc, their fused kernels, with and without graphs) the
   total without ``overhead`` came within 0.3% of the peak without graphs and 0.5% with them
@@ -96,7 +97,7 @@ from engines.architecture.activation_terms import LOGPROB_CHUNK_BYTES
 from engines.architecture.config import ModelConfig, stored_param_count
 from engines.architecture.modes import RESIDUAL_MODES
 from muse_plan.optimizer import activations as act
-from muse_plan.optimizer.config import LoraConfig, TrainConfig
+from muse_plan.optimizer.config import FSDP_SHARDING, LoraConfig, TrainConfig
 
 FP32 = 4
 # measured on an H200 (PyTorch 2.11, CUDA 13): 767-771 MiB outside PyTorch's allocator after a
@@ -199,7 +200,7 @@ def _weights(cfg: TrainConfig) -> int:
 def _frozen_bytes(cfg: TrainConfig) -> int:
     """Bytes per value of weights that never train (LoRA's base, a KL reference): the
     compute dtype, fp32 where FSDP shards the parameters (as the executor keeps them)."""
-    return FP32 if cfg.sharding in ("zero2", "zero3", "fsdp") else act.COMPUTE_BYTES[cfg.precision]
+    return FP32 if cfg.sharding in FSDP_SHARDING else act.COMPUTE_BYTES[cfg.precision]
 
 
 def _base_bytes(cfg: TrainConfig) -> int:
@@ -267,12 +268,15 @@ def sampling_bytes(cfg: TrainConfig) -> int:
     return kv + logits
 
 
+def fsdp_wrapped(cfg: TrainConfig) -> bool:
+    """Whether the executor wraps the model in FSDP (several processes, ``executor/accelerators.py``)."""
+    return cfg.world_size > 1 and cfg.sharding in FSDP_SHARDING
+
+
 def chunked_head(cfg: TrainConfig) -> bool:
     """Whether the step takes its log-probs through the output head a chunk at a time: an RL
     stage's (``engines/grpo/logprobs.py``), unless FSDP shards the head's weight."""
-    from muse_plan.executor.settings import FSDP_SHARDING
-
-    return cfg.generation is not None and not (cfg.world_size > 1 and cfg.sharding in FSDP_SHARDING)
+    return cfg.generation is not None and not fsdp_wrapped(cfg)
 
 
 def _backward_buffers(cfg: TrainConfig, device: str) -> int:
@@ -348,7 +352,8 @@ def estimate(cfg: TrainConfig, *, device: str = "cuda") -> MemoryBreakdown:
 
     activation = act.activation_bytes(cfg.model, cfg.micro_batch, cfg.precision, cfg.checkpointing,
                                       device=device, lora=cfg.lora, chunked_head=chunked_head(cfg),
-                                      compiled=cfg.compiled, compiled_head=cfg.compiled_head)
+                                      compiled=cfg.compiled and not cfg.hf,
+                                      compiled_head=cfg.compiled_head and not fsdp_wrapped(cfg))
     # two candidate peaks: the backward's start and the optimizer step (activations freed)
     in_backward = _gradients_in_backward(cfg, gradients)
     backward = activation + in_backward + _backward_buffers(cfg, device)
