@@ -374,7 +374,7 @@ def plan_run(name: str, config: ModelConfig, setup: Setup, cache: Path) -> dict[
     return {**row, "params": n_params, "step_ms": 1e3 * tokens / got["tokens_per_s"],
             "tokens_per_s": got["tokens_per_s"], "model_flops_per_step": flops_per_token(n_params, config) * tokens,
             "peak_mem_gib": got["peak_gib"], "first_step_s": got["first_step_s"],
-            "predicted_tokens_per_s": got["predicted_tokens_per_s"]}
+            "predicted_tokens_per_s": got["predicted_tokens_per_s"], "predicted_peak_gib": got["predicted_peak_gib"]}
 
 
 HEADER = "| model | mode | params | step ms (median) | tokens/s | MFU | peak mem GiB | 1st step s | vs standard |"

@@ -72,15 +72,18 @@ def run_one(data: dict, cache: Path, skip: int, env: dict[str, str] | None = Non
     if muse(home, cache, "plan", "import", str(path)).returncode:
         raise SystemExit(f"import failed for {data['name']}")
     fit = muse(home, cache, "plan", "optimize", data["name"], "--json", "--dry-run")
-    predicted = None
+    predicted = predicted_peak = None
     if fit.returncode == 0:
-        priced = json.loads(fit.stdout)
-        predicted = (priced.get("chosen") or priced["written"])["stages"][0].get("tokens_per_s")
+        priced = (json.loads(fit.stdout).get("chosen") or json.loads(fit.stdout)["written"])["stages"][0]
+        predicted = priced.get("tokens_per_s")
+        if priced.get("memory"):  # the memory model's peak without the context's overhead: what the store's is
+            predicted_peak = (priced["memory"]["total"] - priced["memory"]["overhead"]) / 2**30
     t0, launched = time.perf_counter(), time.time()
     done = muse(home, cache, "plan", "run", data["name"], "--no-probe", "--force", env=env)
     wall, exited = time.perf_counter() - t0, time.time()
     row: dict[str, Any] = {"name": data["name"], "residual": data["model"]["residual"],
-                           "compile": data["training"]["compile"], "wall_s": wall, "predicted_tokens_per_s": predicted}
+                           "compile": data["training"]["compile"], "wall_s": wall, "predicted_tokens_per_s": predicted,
+                           "predicted_peak_gib": predicted_peak}
     if done.returncode:
         row["error"] = (done.stdout + done.stderr)[-1500:]
         return row
