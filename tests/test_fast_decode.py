@@ -161,6 +161,9 @@ def test_training_compile_decides_how_a_sampling_stage_decodes():
     assert [decoding(c, "reasoning_rl", cuda=True) for c in ("auto", "on", "off")] == ["compiled", "compiled", "eager"]
     assert decoding("on", "reasoning_rl", cuda=False) == "eager"  # graphs need CUDA
     assert decoding("on", "pretrain", cuda=True) == "eager"  # no sampling there
+    # a Hugging Face policy's step is replayed over its static cache, never compiled (Policy._sample_hf_static)
+    assert [decoding(c, "reasoning_rl", cuda=True, hf=True) for c in ("auto", "on", "off")] == \
+        ["graphs", "graphs", "eager"]
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

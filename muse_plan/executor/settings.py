@@ -362,15 +362,16 @@ def graphs_measured_faster(model: ModelConfig) -> bool:
                                        and model.streams == 4)
 
 
-def decoding(setting: str, kind: str, cuda: bool) -> str:
+def decoding(setting: str, kind: str, cuda: bool, hf: bool = False) -> str:
     """``training.compile`` for the GRPO engine's stages, whose sampling decodes a token
-    at a time (``engines/grpo/policy.py``): on a GPU ``auto`` and ``on`` compile the decode
-    step and replay it from a CUDA graph (~20 s of compiling once; 755 completions/s against
-    415 replayed uncompiled, docs/bench_grpo.md; an HF model: its static cache, replayed),
-    ``off`` launches every kernel as it comes."""
+    at a time (``engines/grpo/policy.py``): on a GPU ``auto`` and ``on`` compile muse's
+    decoder's step and replay it from a CUDA graph (~20 s of compiling once; 755
+    completions/s against 415 replayed uncompiled, docs/bench_grpo.md); a Hugging Face
+    model's step over its static cache is replayed uncompiled; ``off`` launches every
+    kernel as it comes."""
     if not cuda or setting == "off" or STAGE_KINDS[kind].engine != "grpo":
         return "eager"
-    return "compiled"
+    return "graphs" if hf else "compiled"
 
 
 def default_precision(cuda: bool, bf16: bool) -> str:
@@ -435,7 +436,7 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
         compiled_head=compiled and spec.model.family != "hf",
         cuda_graphs=uses_cuda_graphs(t.cuda_graphs or "auto", compiled, cuda, accum, config),
         cuda_graphs_setting=t.cuda_graphs or "auto",
-        decode=decoding(t.compile or "auto", stage.kind, cuda),
+        decode=decoding(t.compile or "auto", stage.kind, cuda, hf=spec.model.family == "hf"),
         options=typed.engine, control=control,
         lora=lora, adapters_only=adapters_only(spec, stage),
         plateau=control.plateau,
