@@ -140,12 +140,15 @@ sequences at the forward rate; then each generated token is one decode step
 for the whole batch, memory-bound: one read of the weights (compute dtype, NF4
 under QLoRA) plus the batch's KV cache at its mean length, over bandwidth x
 DECODE_BANDWIDTH_EFFICIENCY (0.7, assumed), or the batch's FLOPs, or the host
-floor of a forward (HOST_S_PER_LAYER/3 a layer, assumed), whichever is slowest;
-a decode step replayed from a CUDA graph or compiled first (``GenerationConfig.decode``,
-from ``training.compile``) has DECODE_FLOOR of that floor: ``Policy.sample`` of
-the 38.7M decoder on an H100, 128 rows, measured 9.41 ms a decode step eager,
-2.20 replayed (0.234) and 1.55 compiled (0.165) (docs/bench_grpo.md);
-and the reference model's forward over every sampled token when it is kept.
+floor of an eager forward (FORWARD_HOST_SHARE of an eager micro-step's), whichever
+is slowest; a decode step replayed from a CUDA graph or compiled first
+(``GenerationConfig.decode``, from ``training.compile``) has DECODE_FLOOR of that
+floor; and the reference model's forward over every sampled token when it is kept.
+Fitted to rollouts through ``muse plan run`` on an H100 (docs/bench_grpo.md, last
+section: the 38.7M decoder, 128 rows, 111 decode steps, a prefill and a reference
+forward a rollout): ``compile: off`` 1.17 s a rollout, a forward's floor of 10.3 ms
+(0.20 of the micro-step's); ``auto`` (compiled) 0.164 s, 1.23 ms a decode step
+(0.119); replayed uncompiled 1.86× the compiled step in the same call (0.222).
 
 LoRA: the frozen base still runs forward and passes activation gradients down
 to the lowest adapted layer (no weight gradients): training FLOPs are the
@@ -198,8 +201,10 @@ DEFAULT_NETWORK_GBPS = 100.0  # assumed where a plan spans hosts and names no ne
 PCIE_GBS = 25.0
 CPU_ADAM_S_PER_PARAM = 4e-9
 DECODE_BANDWIDTH_EFFICIENCY = 0.7
-# a decode step's launch floor against eager's, by how the step runs (GenerationConfig.decode)
-DECODE_FLOOR = {"eager": 1.0, "graphs": 0.234, "compiled": 0.165}
+# an eager forward's host floor against an eager micro-step's (forward and backward), and a decode
+# step's against that forward's, by how the step runs (GenerationConfig.decode); module doc
+FORWARD_HOST_SHARE = 0.20
+DECODE_FLOOR = {"eager": 1.0, "graphs": 0.222, "compiled": 0.119}
 QLORA_SLOWDOWN = 1.3
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -417,7 +422,7 @@ def generation_seconds(cfg: TrainConfig, gpu: GpuKind | None, fwd_s_per_token: f
         bandwidth = CPU_MEMORY_GBS * GIGA
     else:
         bandwidth = gpu.memory_bandwidth_gbs * GIGA * DECODE_BANDWIDTH_EFFICIENCY
-        floor = _host_floor(c) / 3
+        floor = _host_floor(c) * FORWARD_HOST_SHARE
     decode_step = max(read / bandwidth, batch * fwd_s_per_token, floor * DECODE_FLOOR[g.decode])
     prefill = max(batch * g.prompt_tokens * fwd_s_per_token, floor)
     sampled = batch * (g.prompt_tokens + g.completion_tokens)
