@@ -93,6 +93,36 @@ def test_a_policy_takes_log_probs_through_the_head_in_chunks_with_the_full_logit
     assert (model(ids)[0] if isinstance(model, DecoderLM) else model(ids).logits).shape[-1] == vocab
 
 
+@pytest.mark.parametrize("make", [_hf, _decoder], ids=["hugging-face", "decoder"])
+def test_a_supervised_loss_through_the_head_in_chunks_equals_the_full_cross_entropy(monkeypatch, make):
+    """Policy.cross_entropy (the SFT stages' loss): the mean over the targets that are not -1, from the head's
+    product at those positions alone, a chunk at a time: the full logits' cross-entropy and its gradients,
+    with nothing of vocabulary width kept for backward; a soft-capped head keeps the full logits."""
+    import torch.nn.functional as F
+
+    monkeypatch.setattr(logprobs, "CHUNK_BYTES", 4 * 640 * 7)
+    model = make()
+    vocab = model.lm_head.weight.size(0)
+    policy = Policy(model, 0, 1)
+    x = torch.randint(2, vocab, (4, 15))
+    y = torch.randint(2, vocab, (4, 15))
+    y[:, :6] = -1  # the prompts
+    y[1, 11:] = -1  # a shorter completion, padded
+    ours, widths = _saved_widths(lambda: policy.cross_entropy(x, y))
+    assert vocab not in widths
+    logits = model(x)[0] if isinstance(model, DecoderLM) else model(x).logits
+    theirs = F.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1), ignore_index=-1)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(theirs, params)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), float((a - b).abs().max())
+    capped = Policy(_hf(capped=True), 0, 1)
+    out = capped.model(x.clamp(max=639)).logits.float()
+    assert torch.allclose(capped.cross_entropy(x.clamp(max=639), y.clamp(max=639)),
+                          F.cross_entropy(out.reshape(-1, 640), y.clamp(max=639).reshape(-1), ignore_index=-1))
+    assert "not its output layer" in capped.take_notes()[0]
+
+
 def test_a_head_that_caps_its_logits_stays_on_the_full_logits_and_says_so():
     model = _hf(capped=True)
     policy = Policy(model, 0, 1)

@@ -64,6 +64,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from engines.architecture.model import DecoderLM, KVCache, one_query_attention
 from engines.grpo.logprobs import bare, hidden_out, output_head
@@ -227,12 +228,27 @@ class Policy:
         chunk of tokens at a time (``engines/grpo/logprobs.py``) where the model's head is one linear
         layer and gives what its logits give; else from the full logits."""
         model = model or self.model
-        head = self._chunked_head(ids, start, model)
+        head = self._chunked_head(ids[:, :-1], model)
         if head is None:
             return self._full_logprobs(ids, start, model)
         with hidden_out(model):
             hidden = self.logits(ids[:, :-1], model)[:, start - 1:]  # (B, Tc, H)
         return chunked_logprobs(hidden, head, ids[:, start:])
+
+    def cross_entropy(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """The mean of −log π(y_t | x_≤t) over the positions whose target is not −1 (a supervised
+        step's loss), through the output head a chunk of tokens at a time and at those positions
+        only, where the head gives what the logits give (as ``token_logprobs``); else from the
+        full logits."""
+        model = model or self.model
+        head = self._chunked_head(x, model)
+        if head is None:
+            logits = self.logits(x, model)
+            return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
+        keep = y >= 0
+        with hidden_out(model):
+            hidden = self.logits(x, model)  # (B, T, H)
+        return -chunked_logprobs(hidden[keep], head, y[keep]).mean()
 
     def _full_logprobs(self, ids: torch.Tensor, start: int, model: nn.Module) -> torch.Tensor:
         logits = self.logits(ids[:, :-1], model)[:, start - 1:].float()  # (B, Tc, V)
@@ -240,10 +256,10 @@ class Policy:
         picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return picked - torch.logsumexp(logits, dim=-1)
 
-    def _chunked_head(self, ids: torch.Tensor, start: int, model: nn.Module) -> nn.Linear | None:
+    def _chunked_head(self, inputs: torch.Tensor, model: nn.Module) -> nn.Linear | None:
         """The head to take log-probs through a chunk at a time, or None. Checked once a model on
-        one row: the head applied to the hidden states must give the model's own logits, so a
-        model that soft-caps its logits after the head stays on the full logits."""
+        one row of ``inputs``: the head applied to the hidden states must give the model's own
+        logits, so a model that soft-caps its logits after the head stays on the full logits."""
         head = output_head(model)
         key = id(bare(model))
         if head is None or self._head_agrees.get(key) is False:
@@ -254,9 +270,9 @@ class Policy:
             m.eval()
             try:
                 with torch.no_grad():
-                    logits = self.logits(ids[:1, :-1], m).float()
+                    logits = self.logits(inputs[:1], m).float()
                     with hidden_out(m):
-                        hidden = self.logits(ids[:1, :-1], m)
+                        hidden = self.logits(inputs[:1], m)
                     ours = head(hidden).float()
             finally:
                 m.train(training)

@@ -34,9 +34,7 @@ def sft_step(t: GrpoTrainer, examples: list[Example]) -> MicroStep:
     if not examples:  # nothing to learn from
         return MicroStep(loss=zero_loss(t.model), tokens=0, metrics={"kept": 0.0})
     x, y = sft_batch(t.tokenizer, examples, t.pad_id, t.device)
-    logits = t.policy.logits(x, t.model)
-    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
-                                             ignore_index=-1)
+    loss = t.policy.cross_entropy(x, y, t.model)  # the completions' tokens through the head, a chunk at a time
     return MicroStep(loss=loss, tokens=int((y >= 0).sum()), metrics={"kept": float(len(examples))})
 
 

@@ -496,7 +496,8 @@ def train_config(s: StageSettings) -> TrainConfig | None:
     return TrainConfig(model=model, micro_batch=micro, grad_accum=s.grad_accum, world_size=s.world_size,
                        precision=s.precision, checkpointing=s.activation_checkpointing, sharding=s.sharding,
                        offload=s.offload, optimizer=s.optimizer, lora=lora, generation=generation,
-                       compiled=s.compile, compiled_head=s.compiled_head, hf=s.hf, cuda_graphs=s.cuda_graphs)
+                       compiled=s.compile, compiled_head=s.compiled_head, hf=s.hf, cuda_graphs=s.cuda_graphs,
+                       chunked_loss=kind.engine == "grpo")
 
 
 def _wsd(progress: float, floor: float, decay_from: float = 0.8) -> float:

@@ -129,8 +129,9 @@ def log_probs(c: ModelConfig, nm: Numerics) -> int:
     return c.vocab_size * (FP32 + (nm.act if nm.fp32_ops else 0))
 
 
-# an RL step's log-probs through the head a chunk at a time (engines/grpo/logprobs.py) keep,
-# beside the head's input, a token's target id and logsumexp: nothing of vocabulary width
+# a GRPO-engine step's log-probs (RL, or a supervised loss) through the head a chunk at a time
+# (engines/grpo/logprobs.py) keep, beside the head's input, a token's target id and logsumexp:
+# nothing of vocabulary width
 CHUNKED_LOG_PROBS = INT64 + FP32
 
 
@@ -201,7 +202,7 @@ def activation_detail(model: ModelConfig, micro_batch: int, precision: str, chec
     """Saved bytes at the peak of one micro-batch, by component, summing to
     ``activation_bytes``: tokens, head, weight_casts, and over the layers streams,
     norms, attention, mlp, residual; recompute (one checkpointed segment).
-    ``chunked_head``: the log-probs are taken through the head in chunks (an RL step).
+    ``chunked_head``: the log-probs are taken through the head in chunks (a GRPO-engine step).
     ``compiled`` (on CUDA): the blocks under torch.compile, ``compiled_head`` muse's loss head too
     (COMPILED_BLOCK_SHARE); LoRA's compiled stages are priced as eager (not measured)."""
     if precision not in COMPUTE_BYTES:

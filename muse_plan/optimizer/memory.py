@@ -274,9 +274,9 @@ def fsdp_wrapped(cfg: TrainConfig) -> bool:
 
 
 def chunked_head(cfg: TrainConfig) -> bool:
-    """Whether the step takes its log-probs through the output head a chunk at a time: an RL
-    stage's (``engines/grpo/logprobs.py``), unless FSDP shards the head's weight."""
-    return cfg.generation is not None and not fsdp_wrapped(cfg)
+    """Whether the step takes its log-probs through the output head a chunk at a time: a GRPO-engine
+    stage's, RL or supervised (``engines/grpo/logprobs.py``), unless FSDP shards the head's weight."""
+    return (cfg.generation is not None or cfg.chunked_loss) and not fsdp_wrapped(cfg)
 
 
 def _backward_buffers(cfg: TrainConfig, device: str) -> int:
