@@ -557,9 +557,10 @@ def test_compiled_activations_apply_on_cuda_and_not_to_lora():
     assert full["weight_casts"] == 2 * cfg.vocab_size * cfg.d_model  # the blocks cast again when recomputed
     assert full["streams"] == activation_detail(cfg, 4, "bf16", "full")["streams"]
     # an unmeasured form is priced as eager; one not measured with selective checkpointing as without it
+    from dataclasses import replace
+
     from muse_plan.optimizer.activations import compiled_block_share
 
-    from dataclasses import replace
     assert compiled_block_share(replace(cfg, residual="mgt", stream_dtype="float32"), "none") == 1.0
     assert compiled_block_share(replace(cfg, residual="ddl"), "selective") == compiled_block_share(
         replace(cfg, residual="ddl"), "none")
