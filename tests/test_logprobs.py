@@ -79,7 +79,7 @@ def test_a_policy_takes_log_probs_through_the_head_in_chunks_with_the_full_logit
     ids = torch.randint(2, vocab, (5, 19))
     start = 6
     ours, widths = _saved_widths(lambda: policy.token_logprobs(ids, start))
-    assert policy._head_agrees == {id(model): True} and not policy.take_notes()
+    assert policy._heads.agrees == {id(model): True} and not policy.take_notes()
     assert vocab not in widths  # nothing of vocabulary width kept for backward
     theirs, full_widths = _saved_widths(lambda: policy._full_logprobs(ids, start, model))
     assert vocab in full_widths  # (what the full logits keep)
@@ -123,6 +123,27 @@ def test_a_supervised_loss_through_the_head_in_chunks_equals_the_full_cross_entr
     assert "not its output layer" in capped.take_notes()[0]
 
 
+def test_the_architecture_engines_hugging_face_loss_goes_through_the_head_in_chunks(monkeypatch):
+    """A finetune / continue stage of a Hugging Face model (``ArchitectureTrainer._loss``): the full logits'
+    cross-entropy, with nothing of vocabulary width kept for backward; a soft cap's note reaches the stage."""
+    import torch.nn.functional as F
+
+    from engines.architecture.trainer import ArchitectureTrainer
+
+    monkeypatch.setattr(logprobs, "CHUNK_BYTES", 4 * 640 * 7)
+    trainer = ArchitectureTrainer.__new__(ArchitectureTrainer)  # its loss alone: no corpus to build
+    trainer.hf, trainer.model, trainer.heads, trainer.notes = True, _hf(), logprobs.HeadCheck(), []
+    x, y = torch.randint(2, 640, (3, 16)), torch.randint(2, 640, (3, 16))
+    y[2, 10:] = -1
+    ours, widths = _saved_widths(lambda: trainer._loss(x, y))
+    assert 640 not in widths
+    theirs = F.cross_entropy(trainer.model(x).logits.float().reshape(-1, 640), y.reshape(-1), ignore_index=-1)
+    assert torch.allclose(ours, theirs, atol=1e-5) and not trainer.take_notes()
+    trainer.model, trainer.heads = _hf(capped=True), logprobs.HeadCheck()
+    trainer._loss(x, y)
+    assert "not its output layer" in trainer.take_notes()[0]
+
+
 def test_a_head_that_caps_its_logits_stays_on_the_full_logits_and_says_so():
     model = _hf(capped=True)
     policy = Policy(model, 0, 1)
@@ -132,7 +153,7 @@ def test_a_head_that_caps_its_logits_stays_on_the_full_logits_and_says_so():
     notes = policy.take_notes()
     assert len(notes) == 1 and "not its output layer" in notes[0]
     policy.token_logprobs(ids, 4)  # checked once: no second note
-    assert not policy.take_notes() and policy._head_agrees == {id(model): False}
+    assert not policy.take_notes() and policy._heads.agrees == {id(model): False}
 
 
 def test_the_head_is_found_under_peft_and_left_alone_where_lora_adapts_it():
@@ -156,7 +177,7 @@ def test_on_cuda_under_bf16_autocast_the_chunks_give_the_full_logits_values_and_
     with torch.autocast("cuda", dtype=torch.bfloat16):
         ours = policy.token_logprobs(ids, 10)
         theirs = policy._full_logprobs(ids, 10, model)
-    assert policy._head_agrees == {id(model): True}
+    assert policy._heads.agrees == {id(model): True}
     assert (ours - theirs).abs().max() < 2e-2
     for a, b in zip(torch.autograd.grad((ours * advantage).sum(), params),
                     torch.autograd.grad((theirs * advantage).sum(), params)):

@@ -24,7 +24,11 @@ Design decisions:
   Hugging Face causal LM of ``init_from`` (``engines/hf.py``), trained on the
   same batches with the same loss: the logits of the tokens, cross-entropy
   against the next ones (the HF model's own shifted-label loss is not used,
-  so both families see exactly one definition of the objective).
+  so both families see exactly one definition of the objective). An HF
+  model's loss goes through its output head a chunk of tokens at a time
+  (``engines/grpo/logprobs.cross_entropy``), so no tokens × vocabulary logits
+  are kept for backward; muse's decoder's compiled loss head keeps them in
+  the compute dtype.
 - A continue or finetune stage with LoRA (``options.lora``) trains adapters
   through peft (``engines/grpo/policy.add_lora``, the GRPO engine's too), its
   frozen base kept in the stage's frozen precision; each checkpoint records
@@ -36,7 +40,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from engines.architecture.model import DecoderLM
 from engines.architecture.options import ArchitectureOptions
@@ -74,6 +77,11 @@ class ArchitectureTrainer:
         self.sampler.require(stage.micro_batch)
         self.val = eval_batches(self.corpus.val, config.seq_len, stage.micro_batch, stage.eval_batches)
         self.hf = stage.family == "hf"
+        self.heads: Any = None
+        if self.hf:
+            from engines.grpo.logprobs import HeadCheck
+
+            self.heads = HeadCheck()  # whether the HF model's loss may go through its head in chunks
         quantized = options.lora is not None and options.lora.quantize_base == "4bit"
         if quantized and not self.hf:
             raise ValueError("a 4-bit (QLoRA) base is loaded from a Hugging Face model: model.family hf")
@@ -115,13 +123,16 @@ class ArchitectureTrainer:
 
     def take_notes(self) -> list[str]:
         notes, self.notes = self.notes, []
+        if self.heads is not None:
+            notes, self.heads.notes = notes + self.heads.notes, []
         return notes
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.hf:
             return self.model(x, y)[1]
-        logits = self.model(input_ids=x).logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
+        from engines.grpo.logprobs import cross_entropy
+
+        return cross_entropy(self.model, x, y, self.heads)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.sampler.next_batch(self.micro_batch)

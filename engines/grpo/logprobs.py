@@ -110,6 +110,8 @@ def bare(model: nn.Module) -> nn.Module:
 def output_head(model: nn.Module) -> nn.Linear | None:
     """The model's output layer, where it is a plain linear layer whose weight is an ordinary
     tensor here (not sharded by FSDP, not quantised, not adapted by LoRA); else None."""
+    if _fsdp_wrapped(model):  # its weight is FSDP's between forwards: the full logits
+        return None
     m = bare(model)
     head = m.lm_head if isinstance(m, DecoderLM) else getattr(m, "get_output_embeddings", lambda: None)()
     if type(head) is not nn.Linear or head.weight.dim() != 2 or not head.weight.is_floating_point():
@@ -117,6 +119,72 @@ def output_head(model: nn.Module) -> nn.Linear | None:
     if type(head.weight.data) is not torch.Tensor:  # a DTensor (FSDP2) or a quantised subclass
         return None
     return head
+
+
+def _fsdp_wrapped(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a torch without distributed
+        return False
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+
+
+def model_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The logits (B, T, V) of muse's decoder or a Hugging Face causal LM (or, under
+    ``hidden_out``, the final hidden states)."""
+    out = model(ids)
+    return out[0] if isinstance(out, tuple) else out.logits
+
+
+class HeadCheck:
+    """Per model, whether its log-probs may go through its output head a chunk at a time: checked once
+    on one row, the head applied to the hidden states must give the model's own logits, so a model
+    that soft-caps its logits after the head stays on the full logits (said once in ``notes``)."""
+
+    def __init__(self) -> None:
+        self.agrees: dict[int, bool] = {}
+        self.notes: list[str] = []
+
+    def __call__(self, model: nn.Module, inputs: torch.Tensor) -> nn.Linear | None:
+        """The head to take log-probs through, or None; ``inputs``: token ids the model reads."""
+        head = output_head(model)
+        key = id(bare(model))
+        if head is None or self.agrees.get(key) is False:
+            return None
+        if key not in self.agrees:
+            m = bare(model)  # in eval mode: no dropout between the two, no random numbers drawn
+            training = m.training
+            m.eval()
+            try:
+                with torch.no_grad():
+                    logits = model_logits(m, inputs[:1]).float()
+                    with hidden_out(m):
+                        hidden = model_logits(m, inputs[:1])
+                    ours = head(hidden).float()
+            finally:
+                m.train(training)
+            agrees = ours.shape == logits.shape and torch.allclose(ours, logits, rtol=1e-2, atol=1e-4)
+            self.agrees[key] = agrees
+            if not agrees:
+                gap = float((ours - logits).abs().max()) if ours.shape == logits.shape else float("nan")
+                self.notes.append(f"the model's logits are not its output layer's product (they differ by up to "
+                                  f"{gap:.3g}); log-probs come from the full logits for the rest of the stage")
+                return None
+        return head
+
+
+def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, check: HeadCheck) -> torch.Tensor:
+    """The mean of −log p(y_t | x_≤t) over the positions whose target is not −1 (a supervised step's
+    loss): through the output head a chunk of tokens at a time and at those positions only, where
+    ``check`` finds the head gives the logits; else from the full logits in fp32."""
+    head = check(model, x)
+    if head is None:
+        logits = model_logits(model, x)
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
+    keep = y >= 0
+    with hidden_out(model):
+        hidden = model_logits(model, x)  # (B, T, H)
+    return -token_logprobs(hidden[keep], head, y[keep]).mean()
 
 
 @contextlib.contextmanager

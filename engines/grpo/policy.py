@@ -64,10 +64,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from engines.architecture.model import DecoderLM, KVCache, one_query_attention
-from engines.grpo.logprobs import bare, hidden_out, output_head
+from engines.grpo.logprobs import HeadCheck, bare, cross_entropy, hidden_out
 from engines.grpo.logprobs import token_logprobs as chunked_logprobs
 
 # plan (Hugging Face) names → the architecture engine's module names
@@ -169,7 +168,7 @@ class Policy:
         # (Qwen2: 151,936 rows for 151,665 tokens), and sampling never draws the rest
         self.vocab = vocab
         self.reference: nn.Module | None = None  # frozen copy, full fine-tuning only
-        self._head_agrees: dict[int, bool] = {}  # per model: whether chunked log-probs match its logits
+        self._heads = HeadCheck()  # per model: whether chunked log-probs match its logits
         self.frozen_dtype = frozen_dtype  # the reference copy's
         if decode not in DECODES:
             raise ValueError(f"decode {decode!r}: one of {', '.join(DECODES)}")
@@ -206,8 +205,8 @@ class Policy:
         return self._sampler
 
     def take_notes(self) -> list[str]:
-        """Lines worth an event: what decoding stopped doing, and why."""
-        notes, self.notes = self.notes, []
+        """Lines worth an event: what decoding or the log-probs stopped doing, and why."""
+        notes, self.notes, self._heads.notes = self.notes + self._heads.notes, [], []
         return notes
 
     def _failed(self, what: str, exc: BaseException, instead: str) -> None:
@@ -236,19 +235,9 @@ class Policy:
         return chunked_logprobs(hidden, head, ids[:, start:])
 
     def cross_entropy(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
-        """The mean of −log π(y_t | x_≤t) over the positions whose target is not −1 (a supervised
-        step's loss), through the output head a chunk of tokens at a time and at those positions
-        only, where the head gives what the logits give (as ``token_logprobs``); else from the
-        full logits."""
-        model = model or self.model
-        head = self._chunked_head(x, model)
-        if head is None:
-            logits = self.logits(x, model)
-            return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
-        keep = y >= 0
-        with hidden_out(model):
-            hidden = self.logits(x, model)  # (B, T, H)
-        return -chunked_logprobs(hidden[keep], head, y[keep]).mean()
+        """A supervised step's loss (``logprobs.cross_entropy``): the mean −log π of the targets that are
+        not −1, through the output head a chunk at a time where it gives what the logits give."""
+        return cross_entropy(model or self.model, x, y, self._heads)
 
     def _full_logprobs(self, ids: torch.Tensor, start: int, model: nn.Module) -> torch.Tensor:
         logits = self.logits(ids[:, :-1], model)[:, start - 1:].float()  # (B, Tc, V)
@@ -257,33 +246,8 @@ class Policy:
         return picked - torch.logsumexp(logits, dim=-1)
 
     def _chunked_head(self, inputs: torch.Tensor, model: nn.Module) -> nn.Linear | None:
-        """The head to take log-probs through a chunk at a time, or None. Checked once a model on
-        one row of ``inputs``: the head applied to the hidden states must give the model's own
-        logits, so a model that soft-caps its logits after the head stays on the full logits."""
-        head = output_head(model)
-        key = id(bare(model))
-        if head is None or self._head_agrees.get(key) is False:
-            return None
-        if key not in self._head_agrees:
-            m = bare(model)  # in eval mode: no dropout between the two, no random numbers drawn
-            training = m.training
-            m.eval()
-            try:
-                with torch.no_grad():
-                    logits = self.logits(inputs[:1], m).float()
-                    with hidden_out(m):
-                        hidden = self.logits(inputs[:1], m)
-                    ours = head(hidden).float()
-            finally:
-                m.train(training)
-            agrees = ours.shape == logits.shape and torch.allclose(ours, logits, rtol=1e-2, atol=1e-4)
-            self._head_agrees[key] = agrees
-            if not agrees:
-                gap = float((ours - logits).abs().max()) if ours.shape == logits.shape else float("nan")
-                self.notes.append(f"the model's logits are not its output layer's product (they differ by up to "
-                                  f"{gap:.3g}); log-probs come from the full logits for the rest of the stage")
-                return None
-        return head
+        """The head to take log-probs through a chunk at a time, or None (``logprobs.HeadCheck``)."""
+        return self._heads(model, inputs)
 
     @contextlib.contextmanager
     def as_reference(self) -> Iterator[nn.Module]:

@@ -497,7 +497,7 @@ def train_config(s: StageSettings) -> TrainConfig | None:
                        precision=s.precision, checkpointing=s.activation_checkpointing, sharding=s.sharding,
                        offload=s.offload, optimizer=s.optimizer, lora=lora, generation=generation,
                        compiled=s.compile, compiled_head=s.compiled_head, hf=s.hf, cuda_graphs=s.cuda_graphs,
-                       chunked_loss=kind.engine == "grpo")
+                       chunked_loss=kind.engine == "grpo" or s.hf)  # the GRPO engine's; an HF model's loss
 
 
 def _wsd(progress: float, floor: float, decay_from: float = 0.8) -> float:

@@ -63,7 +63,8 @@ class TrainConfig:
     compiled: bool = False  # the blocks under torch.compile (training.compile)
     compiled_head: bool = False  # muse's decoder's loss head compiled too, where FSDP does not wrap the model
     hf: bool = False  # a Hugging Face model: its compiled blocks' saved bytes not measured (priced as eager)
-    chunked_loss: bool = False  # the loss through the output head a chunk of tokens at a time (the GRPO engine's)
+    chunked_loss: bool = False  # the loss through the output head a chunk of tokens at a time (the GRPO
+    # engine's stages; a Hugging Face model's in the architecture engine)
     cuda_graphs: bool = False  # the compiled regions replayed from CUDA graphs (training.cuda_graphs)
 
     def __post_init__(self) -> None:

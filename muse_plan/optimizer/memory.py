@@ -275,7 +275,8 @@ def fsdp_wrapped(cfg: TrainConfig) -> bool:
 
 def chunked_head(cfg: TrainConfig) -> bool:
     """Whether the step takes its log-probs through the output head a chunk at a time: a GRPO-engine
-    stage's, RL or supervised (``engines/grpo/logprobs.py``), unless FSDP shards the head's weight."""
+    stage's, RL or supervised, and a Hugging Face model's loss (``engines/grpo/logprobs.py``), unless
+    FSDP wraps the model (``logprobs.output_head``)."""
     return (cfg.generation is not None or cfg.chunked_loss) and not fsdp_wrapped(cfg)
 
 
