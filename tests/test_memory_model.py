@@ -570,7 +570,7 @@ def test_the_memory_model_predicts_the_compiled_plan_runs_peaks():
     """Every plan-run row of docs/bench_plan_run_graphs2_h100.json and bench_plan_run_graphs_h100.json
     (`muse plan run` on H100s: 350M and 1.3B; standard, ddl, mgt, mhc; fused kernels on and off; CUDA graphs
     on and off), priced as the executor resolves each plan: the total without the context's overhead within
-    1% of the store's peak. Before compiled steps were priced, it was 10-63% over."""
+    1% of the store's peak. Before compiled steps were priced, it was 15-72% over."""
     import json
     import sys as _sys
     from pathlib import Path
