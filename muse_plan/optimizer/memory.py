@@ -59,7 +59,7 @@ Terms, per process (P: parameters of ``DecoderLM``, ``param_count``):
 - compiled training (``cfg.compiled``, on CUDA): the activation term as Inductor's partitioner
   leaves it (``activations.COMPILED_BLOCK_SHARE``, measured per connection form of muse's decoder;
   a Hugging Face model's compiled blocks are priced as eager, not measured), and under CUDA
-  graphs ``graphs_bytes`` in ``transient``. Against 13 runs through ``muse plan run`` on H100s
+  graphs ``graphs_bytes`` in ``transient``. Against 15 runs through ``muse plan run`` on H100s
   (350M and 1.3B; standard, ddl, mgt and mhc, their fused kernels, with and without graphs) the
   total without ``overhead`` came within 0.3% of the peak without graphs and 0.5% with them
   (docs/bench_memory_model.md, last section).
