@@ -74,7 +74,8 @@ def run_one(data: dict, cache: Path, skip: int, env: dict[str, str] | None = Non
     fit = muse(home, cache, "plan", "optimize", data["name"], "--json", "--dry-run")
     predicted = predicted_peak = None
     if fit.returncode == 0:
-        priced = (json.loads(fit.stdout).get("chosen") or json.loads(fit.stdout)["written"])["stages"][0]
+        fitted = json.loads(fit.stdout)
+        priced = (fitted.get("chosen") or fitted["written"])["stages"][0]
         predicted = priced.get("tokens_per_s")
         if priced.get("memory"):  # the memory model's peak without the context's overhead: what the store's is
             predicted_peak = (priced["memory"]["total"] - priced["memory"]["overhead"]) / 2**30

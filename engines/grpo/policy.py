@@ -66,7 +66,7 @@ import torch
 import torch.nn as nn
 
 from engines.architecture.model import DecoderLM, KVCache, one_query_attention
-from engines.grpo.logprobs import HeadCheck, bare, cross_entropy, hidden_out
+from engines.grpo.logprobs import HeadCheck, bare, cross_entropy, hidden_out, model_logits
 from engines.grpo.logprobs import token_logprobs as chunked_logprobs
 
 # plan (Hugging Face) names → the architecture engine's module names
@@ -219,15 +219,14 @@ class Policy:
         return next(self.model.parameters()).device
 
     def logits(self, ids: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
-        out = (model or self.model)(ids)
-        return out[0] if isinstance(out, tuple) else out.logits  # (B, T, V)
+        return model_logits(model or self.model, ids)  # (B, T, V)
 
     def token_logprobs(self, ids: torch.Tensor, start: int, model: nn.Module | None = None) -> torch.Tensor:
         """log π(ids[:, t] | ids[:, :t]) for t ≥ start: (B, T − start). Through the output head a
         chunk of tokens at a time (``engines/grpo/logprobs.py``) where the model's head is one linear
         layer and gives what its logits give; else from the full logits."""
         model = model or self.model
-        head = self._chunked_head(ids[:, :-1], model)
+        head = self._heads(model, ids[:, :-1])
         if head is None:
             return self._full_logprobs(ids, start, model)
         with hidden_out(model):
@@ -244,10 +243,6 @@ class Policy:
         targets = ids[:, start:]
         picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return picked - torch.logsumexp(logits, dim=-1)
-
-    def _chunked_head(self, inputs: torch.Tensor, model: nn.Module) -> nn.Linear | None:
-        """The head to take log-probs through a chunk at a time, or None (``logprobs.HeadCheck``)."""
-        return self._heads(model, inputs)
 
     @contextlib.contextmanager
     def as_reference(self) -> Iterator[nn.Module]:

@@ -258,8 +258,8 @@ def train_flops(cfg: TrainConfig) -> float:
 
 
 def recompute_flops(cfg: TrainConfig) -> float:
-    """FLOPs a token run again: by activation checkpointing, and by an RL step's log-probs, whose
-    backward recomputes the head's product a chunk at a time (``memory.chunked_head``)."""
+    """FLOPs a token run again: by activation checkpointing, and by log-probs taken through the head
+    a chunk at a time, whose backward recomputes the head's product (``memory.chunked_head``)."""
     c = cfg.model
     head = 2.0 * c.vocab_size * c.d_model if memory.chunked_head(cfg) else 0.0
     if cfg.checkpointing == "full":
