@@ -168,6 +168,74 @@ def rollout_profile(rollout) -> dict:  # type: ignore[no-untyped-def]
             "top": [{"name": e.key[:100], "ms": e.device_time_total / 1e3, "calls": e.count} for e in kernels[:12]]}
 
 
+def rollout_phases(trainer) -> dict:  # type: ignore[no-untyped-def]
+    """One more rollout (``trainer.next_batch``) timed by phase, each phase ended by a device sync (the syncs
+    cost a little time of their own): ``setup`` (the sampler's weights, left padding, a new cache and decode
+    step where none is kept; up to the prefill), ``prefill`` (eager, captured or replayed), ``capture`` (the
+    decode step's warm-up calls and capture, where it is not kept), ``decode`` (the rest of sampling: the
+    decode loop and the completions to the host), ``rewards`` (text and reward functions, host only),
+    ``logprobs`` (the reference pass, and the old policy's where it is kept) and ``other``."""
+    import contextlib
+    import functools
+
+    import torch
+
+    from engines.grpo import policy as P
+    from engines.grpo import rl as R
+
+    times = {k: 0.0 for k in ("setup", "prefill", "capture", "decode", "rewards", "logprobs")}
+    sample_began: list[float] = []
+
+    def now() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def timed(key, fn):  # type: ignore[no-untyped-def]
+        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            start = now()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                times[key] += now() - start
+        return wrapper
+
+    def sample(fn):  # type: ignore[no-untyped-def]
+        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            sample_began.append(now())
+            out = fn(*args, **kwargs)
+            times["decode"] += now() - sample_began.pop()
+            return out
+        return wrapper
+
+    def graphed_call(fn):  # type: ignore[no-untyped-def]
+        def wrapper(self):  # type: ignore[no-untyped-def]
+            if isinstance(self.step, functools.partial) and self.step.func is P._prefill:
+                times["setup"] += now() - sample_began[-1]
+                return timed("prefill", fn)(self)
+            if self.graph is not None or self.failed is not None:
+                return fn(self)
+            return timed("capture", fn)(self)
+        return wrapper
+
+    rl = trainer.handler
+    patches = [(P.Policy, "sample", sample), (P.Graphed, "__call__", graphed_call),
+               (R.ReinforcementLearning, "logprobs", lambda fn: timed("logprobs", fn)),
+               (type(trainer), "judged", lambda fn: timed("rewards", fn)),
+               (type(rl.rewards), "score", lambda fn: timed("rewards", fn))]
+    with contextlib.ExitStack() as undo:
+        for owner, name, wrap in patches:
+            before = owner.__dict__[name]
+            setattr(owner, name, wrap(before))
+            undo.callback(setattr, owner, name, before)
+        start = now()
+        trainer.next_batch()
+        total = now() - start
+    times["decode"] -= times["setup"] + times["prefill"] + times["capture"]
+    times["other"] = total - sum(times.values())
+    return {"total_s": total, **{f"{k}_s": v for k, v in times.items()}}
+
+
 def throughput(spec: dict, device: str, prompts: int, group: int, decodes: list[str],
                profile: bool = False) -> dict:
     """Completions/s for rollout (KV-cache sampling) and for the GRPO update, same model,
@@ -206,7 +274,8 @@ def throughput(spec: dict, device: str, prompts: int, group: int, decodes: list[
         return out, time.perf_counter() - start
 
     with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
-        batch, _ = timed(trainer.next_batch)  # warm-up
+        for _ in range(3):  # warm-up: compiling, and capturing the decode step (first) and the prefill (third)
+            batch, _ = timed(trainer.next_batch)
         rollouts, updates = [], []
         for _ in range(3):
             batch, seconds = timed(trainer.next_batch)
@@ -222,6 +291,7 @@ def throughput(spec: dict, device: str, prompts: int, group: int, decodes: list[
     if profile and device == "cuda":
         with torch.autocast(device, dtype=dtype):
             out["profile"] = rollout_profile(trainer.next_batch)
+            out["phases"] = [rollout_phases(trainer) for _ in range(3)]
     if decodes[1:]:
         out["other_decodes"] = {d: throughput(spec, device, prompts, group, [d], profile) for d in decodes[1:]}
     return out

@@ -144,6 +144,38 @@ def test_every_decode_step_runs_the_same_ops_on_the_same_memory_without_a_host_s
     assert bool(cache.valid[:, 4:9].all()) and not bool(cache.valid[:, 9:].any())
 
 
+def _decode(model: DecoderLM, cache: KVCache, rollout: Rollout, ids: torch.Tensor, steps: int) -> list[list[int]]:
+    """The prefill and ``steps`` decode steps, as ``Policy._sample_decoder`` runs them over a cache."""
+    with torch.no_grad():
+        logits, _ = model(ids, cache=cache)
+        cache.decode_on_device()
+        rollout.take(logits)
+        for _ in range(1, steps):
+            rollout.step()
+    return rollout.out.tolist()
+
+
+def test_a_cache_and_rollout_emptied_in_place_decode_the_next_batch_as_new_ones_would():
+    """A kept decode step (on CUDA, its captured graph) replays over the next batch of the same shape: the
+    cache and the rollout are emptied in the same tensors, and the old batch's keys, still there, change
+    nothing."""
+    model = _model(2)
+    first = torch.tensor([[PAD, PAD, 256, 1], [256, 5, 6, 7]])
+    second = torch.tensor([[256, 40, 41, 42], [PAD, PAD, PAD, 256]])
+    cache = KVCache(model, 2, 4 + 8, first != PAD)
+    rollout = Rollout(model, cache, 8, 0.0, PAD, EOS)
+    _decode(model, cache, rollout, first, 8)
+    tensors = [t.data_ptr() for t in (rollout.token, rollout.done, rollout.out, rollout.column, cache.position,
+                                      cache.valid, *(t for layer in cache.layers for t in (layer.k, layer.v)))]
+    cache.reset(second != PAD)
+    rollout.reset()
+    again = _decode(model, cache, rollout, second, 8)
+    fresh = KVCache(model, 2, 4 + 8, second != PAD)
+    assert again == _decode(model, fresh, Rollout(model, fresh, 8, 0.0, PAD, EOS), second, 8)
+    assert [t.data_ptr() for t in (rollout.token, rollout.done, rollout.out, rollout.column, cache.position,
+                                   cache.valid, *(t for layer in cache.layers for t in (layer.k, layer.v)))] == tensors
+
+
 @pytest.mark.parametrize("decode,graphs,compiled", [("graphs", True, False), ("eager", False, False),
                                                     ("compiled", True, True)])
 def test_the_decode_setting_picks_how_decode_steps_run(decode, graphs, compiled):
@@ -187,6 +219,72 @@ def test_on_cuda_the_graph_replays_what_the_eager_step_computes(monkeypatch, tem
     assert outs[True] == outs[False]
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert len(Policy(model, PAD, EOS).sample(PROMPTS, 24, temperature)) == len(PROMPTS)
+
+
+@cuda
+def test_on_cuda_a_captured_decode_step_is_kept_for_the_next_batch_of_its_shape(monkeypatch):
+    """The next rollout of the same rows, width bucket and length replays the decode step captured before
+    (no new capture), its prefill too once captured (at its third call), and samples what eager decoding
+    samples; another shape captures its own, at most KEPT_DECODES are kept, and none whose caches and graphs
+    exceed KEPT_DECODE_BYTES."""
+    import functools
+
+    import engines.grpo.policy as policy_module
+
+    model = _model(2, device="cuda")
+    captures = []
+
+    def capture(self: Graphed, capture=Graphed._capture) -> None:
+        capture(self)
+        prefill = isinstance(self.step, functools.partial) and self.step.func is policy_module._prefill
+        captures.append("prefill" if prefill else "step")
+
+    monkeypatch.setattr(Graphed, "_capture", capture)
+    eager = Policy(model, PAD, EOS)
+    eager.graphs = False
+    policy = Policy(model, PAD, EOS)
+    other = [[256, 9, 8], [256, 3, 3, 3, 3], [256, 2]]  # widths within the same bucket of 8
+    for prompts in (PROMPTS * 4, other * 4, PROMPTS * 4, other * 4):
+        assert policy.sample(prompts, 24, 0.0) == eager.sample(prompts, 24, 0.0)
+    assert captures == ["step", "prefill"] and len(policy._decodes) == 1
+    [kept] = policy._decodes.values()
+    assert kept.nbytes() >= kept.cache.nbytes() > 0
+    policy.sample(PROMPTS * 2, 24, 0.0)  # another number of rows: its own step, both kept
+    policy.sample(PROMPTS * 3, 24, 0.0)  # a third: the oldest goes
+    assert captures[2:] == ["step", "step"] and len(policy._decodes) == policy_module.KEPT_DECODES == 2
+    monkeypatch.setattr(policy_module, "KEPT_DECODE_BYTES", 0)  # nothing small enough
+    small = Policy(model, PAD, EOS)
+    small.sample(PROMPTS * 4, 24, 0.0)
+    small.sample(PROMPTS * 4, 24, 0.0)
+    assert captures[4:] == ["step", "step"] and small._decodes == {}
+
+
+@cuda
+def test_on_cuda_the_compiled_reference_gives_the_eager_ones_log_probs_and_a_failed_compile_says_so(monkeypatch):
+    """Under training.compile the KL reference's blocks are compiled, one graph for every batch width: it gives
+    the eager reference's log-probs; a compile that fails runs the blocks eagerly, with a note."""
+    model = _model(2, device="cuda")
+    ids = torch.tensor([PROMPTS[0] + [5, 6, 7, 8, 9, 10, 11]] * 3, device="cuda")
+
+    def logprobs(policy: Policy, width: int) -> torch.Tensor:
+        with torch.no_grad(), policy.as_reference() as reference:
+            return policy.token_logprobs(ids[:, :width], 4, reference)
+
+    eager, compiled = Policy(model, PAD, EOS, decode="graphs"), Policy(model, PAD, EOS, decode="compiled")
+    for policy in (eager, compiled):
+        policy.snapshot_reference()
+    for width in (9, 12):  # another width: no recompile (dynamic), the same log-probs
+        assert torch.allclose(logprobs(compiled, width), logprobs(eager, width), atol=1e-4)
+    assert compiled.take_notes() == []
+    assert all(block._compiled_call_impl is not None for block in compiled.reference.blocks)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **options: setattr(
+        self, "_compiled_call_impl", lambda *args, **kwargs: 1 / 0))
+    broken = Policy(model, PAD, EOS, decode="compiled")
+    broken.snapshot_reference()
+    assert torch.allclose(logprobs(broken, 12), logprobs(eager, 12), atol=1e-4)
+    assert broken.take_notes() == ["the compiled reference forward failed (ZeroDivisionError: division by zero); "
+                                   "the reference runs eagerly for the rest of the stage"]
+    assert all(block._compiled_call_impl is None for block in broken.reference.blocks)
 
 
 @cuda
@@ -574,3 +672,56 @@ def test_the_decode_steps_own_attention_product_gives_what_sdpa_gives(monkeypatc
     sdpa = step()
     monkeypatch.setattr(model_module, "ONE_QUERY_PRODUCT", True)
     assert torch.allclose(step(), sdpa, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_heads,residual", [(None, "standard"), (2, "mhc")])
+def test_fused_projections_compute_what_the_separate_ones_did_and_follow_writes_to_the_weights(n_kv_heads, residual):
+    """A forward-only copy's q/k/v and gate/up weights as rows of one matrix each: the same logits and the same
+    greedy completions, the same state dict; a write into a weight (a new update copied in, a loaded state dict)
+    reaches the fused matrix; weights that train are left apart."""
+    from engines.architecture.model import fuse_projections
+
+    model = _model(n_kv_heads, residual)
+    ids = torch.tensor([[256, 5, 6, 7, 8, 9, 10]])
+    before, greedy = model(ids)[0], Policy(model, PAD, EOS, decode="eager").sample(PROMPTS, 12, 0.0)
+    assert not fuse_projections(model)  # its weights train: nothing fused
+    frozen = model.requires_grad_(False)
+    keys = list(frozen.state_dict())
+    assert fuse_projections(frozen)
+    attn, mlp = frozen.blocks[0].attn, frozen.blocks[0].mlp
+    assert attn.qkv is not None and mlp.gate_up is not None and list(frozen.state_dict()) == keys
+    assert attn.wk.weight.data_ptr() == attn.qkv[attn.wq.weight.size(0):].data_ptr()  # a view of the rows
+    assert torch.allclose(frozen(ids)[0], before, atol=1e-5)
+    assert Policy(frozen, PAD, EOS, decode="eager").sample(PROMPTS, 12, 0.0) == greedy
+    with torch.no_grad():
+        attn.wv.weight.zero_()  # every value zero: attention adds nothing
+        mlp.w_up.weight.mul_(2.0)
+    assert not attn.qkv[-attn.wv.weight.size(0):].any() and torch.equal(mlp.gate_up[-mlp.w_up.weight.size(0):],
+                                                                          mlp.w_up.weight)
+    frozen.load_state_dict(_model(n_kv_heads, residual).state_dict())  # loading writes the fused matrices too
+    assert torch.allclose(frozen(ids)[0], before, atol=1e-5)
+
+
+def test_a_compiled_function_that_fails_runs_eagerly_from_then_on_and_says_so_once():
+    from engines.grpo.policy import OrEager
+
+    calls, told = [], []
+
+    def broken(x: int) -> int:
+        calls.append("compiled")
+        raise RuntimeError("inductor could not lower this")
+
+    def eager(x: int) -> int:
+        calls.append("eager")
+        return x + 1
+
+    run = OrEager(broken, eager, told.append)
+    assert [run(1), run(2)] == [2, 3]
+    assert calls == ["compiled", "eager", "eager"] and [str(e) for e in told] == ["inductor could not lower this"]
+
+    def short(x: int) -> int:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # a step too big for the device is no compiler's failure
+        OrEager(short, eager, told.append)(1)
+    assert len(told) == 1

@@ -217,13 +217,36 @@ def test_full_fine_tuning_that_decodes_on_a_gpu_samples_from_a_copy_the_memory_m
     cfg = TrainConfig(model=t.model.config, precision="bf16", generation=GenerationConfig(decode="graphs"))
     assert memory.sampler_bytes(cfg) == _bytes(copy) > 0
     assert memory.estimate(cfg).generation - memory.estimate(cfg.with_(generation=GenerationConfig())).generation \
-        == _bytes(copy)
+        == _bytes(copy) + memory.kept_decode_bytes(cfg)
     for frozen, lora, decode in [("bf16", None, "eager"), ("bf16", {"rank": 4}, "graphs"), ("fp32", None, "graphs")]:
         assert _trainer(frozen, lora, decode=decode).policy.sample_dtype is None, (frozen, lora, decode)
     assert memory.sampler_bytes(cfg.with_(generation=GenerationConfig(decode="eager"))) == 0
     assert memory.sampler_bytes(cfg.with_(lora=LoraConfig())) == 0
     assert memory.sampler_bytes(cfg.with_(precision="fp32")) == 0
     assert memory.sampler_bytes(cfg.with_(sharding="fsdp", world_size=2)) == 0  # the executor's frozen dtype: fp32
+
+
+def test_the_memory_model_holds_the_kept_decode_steps_caches_through_the_update():
+    """Where muse's decoder replays captured decode steps, the caches kept for the next rollout (at most
+    KEPT_DECODE_BYTES) and the step's logits are held beside the update's activations; nothing is kept where
+    steps run eagerly or a Hugging Face model decodes (its own static cache, remade each rollout)."""
+    from engines.architecture.config import ModelConfig
+    from engines.grpo.options import KEPT_DECODE_BYTES
+    from muse_plan.optimizer import memory
+    from muse_plan.optimizer.config import GenerationConfig, TrainConfig
+
+    model = ModelConfig(vocab_size=260, n_layers=12, d_model=512, n_heads=8, seq_len=160)
+    generation = GenerationConfig(prompts=16, group_size=8, prompt_tokens=24, completion_tokens=112, decode="compiled")
+    cfg = TrainConfig(model=model, micro_batch=128, precision="bf16", generation=generation)
+    kv = 2 * 12 * 512 * 128 * (24 + 112) * 2  # keys and values, bf16, every row's prompt and completion
+    prefill = 128 * 24 * (3 * model.ffn_dim + 4 * 512) * 2  # the prefill graph's pool: a block's widest tensors
+    logits = 128 * 260 * (2 + 4)
+    assert memory.kept_decode_bytes(cfg) == kv + prefill + logits and kv + prefill < KEPT_DECODE_BYTES
+    eager = cfg.with_(generation=GenerationConfig(**{**generation.__dict__, "decode": "eager"}))
+    assert memory.kept_decode_bytes(eager) == memory.kept_decode_bytes(cfg.with_(hf=True)) == 0
+    assert memory.estimate(cfg).generation - memory.estimate(eager).generation >= kv + prefill + logits
+    long = cfg.with_(generation=GenerationConfig(**{**generation.__dict__, "completion_tokens": 2048}))
+    assert memory.kept_decode_bytes(long) == KEPT_DECODE_BYTES + logits  # at most the cap's caches
 
 
 def test_adapters_merge_into_a_bf16_base_in_fp32_so_a_small_update_survives():

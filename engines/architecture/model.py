@@ -92,13 +92,19 @@ class CausalSelfAttention(nn.Module):
         self.wo = nn.Linear(config.n_heads * self.hd, config.d_model, bias=False)
         self.wo.residual_out = True  # type: ignore[attr-defined]
         self.dropout = config.dropout
+        self.qkv: torch.Tensor | None = None  # wq, wk, wv as rows of one matrix (``fuse_projections``)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        if self.qkv is not None:
+            q, k, v = F.linear(x, self.qkv).split([self.n_heads * self.hd, self.n_kv * self.hd,
+                                                    self.n_kv * self.hd], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask = None
         if cache is not None:  # generation: attend over the whole cache, its mask says which keys
@@ -178,18 +184,36 @@ class KVCache:
         self.keys = torch.arange(width, device=p.device)  # (S,) each key's column
         self.max_len = max_len
         self.pos = 0  # columns written while the host counts them
-        self.position: torch.Tensor | None = None  # (1,) the next column, once it is counted on the device
+        self.position = torch.zeros(1, dtype=torch.long, device=p.device)  # the next column, counted on the device
+        self.on_device = False  # whether forwards take their column from ``position``
         # set once per forward, shared by the layers
         self.columns, self.current_mask = self.keys[:0], torch.zeros(0, dtype=self.dtype, device=p.device)
 
+    def nbytes(self) -> int:
+        """The keys' and values' bytes."""
+        return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers)
+
+    def reset(self, valid: torch.Tensor) -> None:
+        """Empty again for new prompts (left-padded, ``valid`` (B, W)), in the same tensors, so a decode
+        step captured over this cache replays over the next batch. Old keys stay where they are, masked."""
+        self.valid.zero_()
+        self.valid[:, : valid.size(1)] = valid
+        self.pos, self.on_device = 0, False
+
+    def prefilled(self, T: int) -> None:
+        """Decoding from column ``T`` on, on the device: what a prefill of T tokens leaves on the host,
+        set again after one replayed from a CUDA graph (whose host-side steps don't run)."""
+        self.pos, self.on_device = T, True
+
     def decode_on_device(self) -> None:
         """From now on one token a row per forward, at a column held on the device."""
-        self.position = self.keys[self.pos:self.pos + 1].clone()
+        self.position.fill_(self.pos)
+        self.on_device = True
 
     def begin(self, T: int) -> torch.Tensor:
         """The columns (T,) of a forward's T tokens; sets the additive mask (B, 1, T, S)
         its layers share, made once in the attention's dtype rather than by each layer."""
-        if self.position is None:
+        if not self.on_device:
             assert self.pos + T <= self.max_len, f"{self.pos + T} tokens exceed the cache's {self.max_len}"
             self.columns = self.keys[self.pos:self.pos + T]
         else:
@@ -204,7 +228,7 @@ class KVCache:
 
     def advance(self, T: int) -> None:
         """Past a forward's T tokens: on the host, or on the device after ``decode_on_device()``."""
-        if self.position is None:
+        if not self.on_device:
             self.pos += T
         else:
             self.position.add_(1)
@@ -223,8 +247,12 @@ class SwiGLU(nn.Module):
         self.w_down.residual_out = True  # type: ignore[attr-defined]
         self.drop = nn.Dropout(config.dropout)
         self.recompute = False  # selective checkpointing: keep only the input, redo the hidden
+        self.gate_up: torch.Tensor | None = None  # w_gate, w_up as rows of one matrix (``fuse_projections``)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+            return F.silu(gate) * up
         return F.silu(self.w_gate(x)) * self.w_up(x)  # (B, T, ffn_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,6 +261,39 @@ class SwiGLU(nn.Module):
         else:
             h = self.hidden(x)
         return self.drop(self.w_down(h))  # (B, T, C)
+
+
+def fuse_projections(model: nn.Module) -> bool:
+    """For a copy of muse's decoder that only runs forward (the weights rollouts sample from, the frozen
+    KL reference): each attention's q, k and v weights and each SwiGLU's gate and up weights become rows
+    of one matrix, their parameters views of it, so a forward runs one product where it ran three and
+    two. A decode step of a GRPO batch (a hundred-odd rows) is bound by its kernels' launches, not their
+    arithmetic. The parameters stay what they were to a reader or a writer: copying new weights into
+    them (``Policy.sampler``) or loading a state dict writes the fused matrix. Projections that train,
+    or that are not plain bias-free linear layers (LoRA's), stay apart. Returns whether any were fused."""
+    fused = False
+    for module in model.modules():
+        if isinstance(module, CausalSelfAttention) and module.qkv is None:
+            module.qkv = _rows_of_one(module.wq, module.wk, module.wv)
+            fused |= module.qkv is not None
+        elif isinstance(module, SwiGLU) and module.gate_up is None:
+            module.gate_up = _rows_of_one(module.w_gate, module.w_up)
+            fused |= module.gate_up is not None
+    return fused
+
+
+def _rows_of_one(*layers: nn.Module) -> torch.Tensor | None:
+    """The layers' weights stacked into one matrix, each weight's data now a view of its rows."""
+    if any(type(layer) is not nn.Linear or layer.bias is not None or layer.weight.requires_grad
+           for layer in layers):
+        return None
+    weights = [layer.weight for layer in layers]
+    if len({(w.dtype, w.device, w.size(1)) for w in weights}) != 1:
+        return None
+    stacked = torch.cat([w.detach() for w in weights])
+    for w, rows in zip(weights, stacked.split([w.size(0) for w in weights])):
+        w.data = rows
+    return stacked
 
 
 class Block(nn.Module):

@@ -28,6 +28,10 @@ from engines.options import ExampleFiles, LoraOptions, Options, one_line
 RL_ALGORITHMS = ("grpo", "s_grpo", "t_spmo")
 DEFAULT_TASKS = ("multiplication",)
 
+# captured decode steps of muse's decoder kept between rollouts (``policy.Policy._keep``): at most this
+# many, their caches at most this many bytes together (the memory model holds them through the update)
+KEPT_DECODES, KEPT_DECODE_BYTES = 2, 1 << 30
+
 
 class RewardWeights(Options):
     """SEEDS.md's weights for an unstable GRPO run (the KL term is the loss's), and any

@@ -65,9 +65,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from engines.architecture.model import DecoderLM, KVCache, one_query_attention
+from engines.architecture.model import DecoderLM, KVCache, fuse_projections, one_query_attention
 from engines.grpo.logprobs import HeadCheck, bare, cross_entropy, hidden_out, model_logits
 from engines.grpo.logprobs import token_logprobs as chunked_logprobs
+from engines.grpo.options import KEPT_DECODE_BYTES, KEPT_DECODES
 
 # plan (Hugging Face) names → the architecture engine's module names
 DECODES = ("eager", "graphs", "compiled")  # how decode steps run on CUDA (see the module doc)
@@ -183,6 +184,8 @@ class Policy:
         # a Hugging Face model on CUDA: muse's static-cache loop (HfRollout), its steps from a CUDA graph
         self.own_static, self.hf_graphs = True, True
         self._copies: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        # captured decode steps kept for the next batch of the same shape (``_keep``), oldest first
+        self._decodes: dict[tuple[Any, ...], _Decode] = {}
 
     def sampler(self) -> nn.Module:
         """The model ``sample`` decodes with: the model, or its copy in ``sample_dtype`` with the
@@ -199,6 +202,7 @@ class Policy:
             memo: dict[int, Any] = {id(p): nn.Parameter(p.detach().to(self.sample_dtype), requires_grad=False)
                                     for p in params}
             self._sampler = copy.deepcopy(self.model, memo).eval()
+            fuse_projections(self._sampler)  # q/k/v and gate/up one product each: decoding is launch-bound
             self._copies = ([memo[id(p)] for p in params], [p.detach() for p in params])
         else:
             torch._foreach_copy_(*self._copies)
@@ -261,6 +265,23 @@ class Policy:
 
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
             keep_frozen_in(self.reference, self.frozen_dtype)  # parameters only: rotary tables stay fp32
+            fuse_projections(self.reference)
+            if self.compile and isinstance(self.reference, DecoderLM) and self.device.type == "cuda":
+                self._compile_reference(self.reference)
+
+    def _compile_reference(self, reference: DecoderLM) -> None:
+        """Each rollout's reference pass with the blocks compiled (one graph for all of them, its batch and
+        width dynamic: every rollout's differ): its eager kernels took half as long again as the decode's
+        prefill (docs/bench_grpo.md). A compile that fails leaves the blocks eager, with a note."""
+        for block in reference.blocks:
+            block.compile(dynamic=True)
+
+        def eager_again(exc: Exception) -> None:
+            for block in reference.blocks:
+                block._compiled_call_impl = None  # what Module.compile() set
+            self._failed("the compiled reference forward", exc, "the reference runs eagerly")
+
+        reference.forward = OrEager(reference.forward, reference.forward, eager_again)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float) -> list[list[int]]:
@@ -280,41 +301,60 @@ class Policy:
 
     def _left_padded(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        valid = torch.zeros(len(prompts), width, dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-            valid[i, width - len(p):] = True
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long)
+        starts = width - torch.tensor([len(p) for p in prompts])  # one tensor made, not one a row
+        valid = torch.arange(width)[None, :] >= starts[:, None]
         return ids.to(self.device), valid.to(self.device)
 
     def _sample_decoder(self, model: DecoderLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                         temperature: float) -> list[list[int]]:
         ids, valid = self._left_padded(prompts)
+        if ids.is_cuda:  # prompts a few tokens longer or shorter reuse a kept decode (eager decodes alike)
+            ids, valid = static_shape(ids, valid, self.pad_id, model.config.seq_len - max_new_tokens, rows=False,
+                                      multiple=8)
         B, width = ids.shape
         max_new_tokens = min(max_new_tokens, model.config.seq_len - width)
         if max_new_tokens <= 0:  # the prompts fill the context
             return [[] for _ in prompts]
-        cache = KVCache(model, B, width + max_new_tokens, valid)
-        logits, _ = model(ids, cache=cache)  # prefill (B, width, V)
-        cache.decode_on_device()
-        rollout = Rollout(model, cache, max_new_tokens, temperature, self.pad_id, self.eos_id, self.vocab)
-        rollout.take(logits)
-        graphed = None
-        if self.graphs and ids.is_cuda:
-            step = functools.partial(_compiled_step(), rollout) if self.compile else rollout.step
-            graphed = Graphed(step, eager=rollout.step)
+        graphs = self.graphs and ids.is_cuda
+        key = (id(model), B, width, max_new_tokens, temperature, self.compile, torch.get_autocast_dtype("cuda")
+               if torch.is_autocast_enabled("cuda") else None)
+        decode = self._decodes.pop(key, None) if graphs else None
+        if decode is not None:  # the same tensors, emptied: its captured steps replay over this batch
+            decode.cache.reset(valid)
+            decode.rollout.reset()
+            decode.ids.copy_(ids)
+        else:
+            decode = _Decode(model, ids, valid, max_new_tokens, temperature, self.pad_id, self.eos_id, self.vocab,
+                             graphs, self.compile)
+        decode.prefill()
+        decode.cache.prefilled(width)
+        rollout = decode.rollout
         for t in range(1, max_new_tokens):
             if t % 8 == 0 and bool(rollout.done.all()):  # a host sync every few steps, not every step
                 break
-            (graphed or rollout.step)()
-        if graphed is not None and graphed.failed is not None:
+            decode.step()
+        out = rollout.out.tolist()
+        if isinstance(decode.step, Graphed) and decode.step.failed is not None:
             if self.compile:
                 self.compile = False
-                self._failed("the compiled decode step", graphed.failed, "decode steps are captured uncompiled")
+                self._failed("the compiled decode step", decode.step.failed, "decode steps are captured uncompiled")
             else:
                 self.graphs = False
-                self._failed("capturing the decode step in a CUDA graph", graphed.failed, "decoding runs eagerly")
-        return [_until_eos(row, self.eos_id, self.pad_id) for row in rollout.out.tolist()]
+                self._failed("capturing the decode step in a CUDA graph", decode.step.failed,
+                             "decoding runs eagerly")
+        elif graphs:
+            self._keep(key, decode)
+        return [_until_eos(row, self.eos_id, self.pad_id) for row in out[: len(prompts)]]
+
+    def _keep(self, key: tuple[Any, ...], decode: _Decode) -> None:
+        """Keep a decode and its captured steps for the next batch of the same shape, the most recent last,
+        while their caches and graphs' memory come to at most ``KEPT_DECODE_BYTES`` (the memory model holds
+        them through the update): capturing the steps again took a tenth of a rollout, and a prefill whose
+        launches aren't replayed another tenth (docs/bench_grpo.md)."""
+        self._decodes[key] = decode
+        while len(self._decodes) > KEPT_DECODES or sum(d.nbytes() for d in self._decodes.values()) > KEPT_DECODE_BYTES:
+            self._decodes.pop(next(iter(self._decodes)))
 
     def _static_cache(self, ids: torch.Tensor) -> bool:
         """Whether a Hugging Face model generates with its static cache (compiled decode steps)."""
@@ -441,25 +481,26 @@ def own_static_loop(model: nn.Module) -> bool:
         and bool(getattr(model, "_supports_static_cache", True)) and not getattr(config, "is_encoder_decoder", False)
 
 
-def static_shape(ids: torch.Tensor, valid: torch.Tensor, pad_id: int,
-                 max_width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def static_shape(ids: torch.Tensor, valid: torch.Tensor, pad_id: int, max_width: int | None = None,
+                 rows: bool = True, multiple: int = STATIC_WIDTH) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompts (B, W) padded to the shape a static cache compiles for: the width up to a
     multiple of ``STATIC_WIDTH`` (at most ``max_width``, the positions left after the completion), the
     rows up to a power of two (at least 8) with copies of the first prompt, whose completions the
     caller drops. transformers compiles its decode step for each cache shape (rows × prompt width +
     new tokens; on CPU, a new graph for each): unbucketed, every batch with a new longest prompt and
     every evaluation chunk of another size compiles again, and past torch's recompile limit (8) the
-    step runs uncompiled. Masked positions change no row's output."""
-    rows, width = ids.shape
-    wide = -(-width // STATIC_WIDTH) * STATIC_WIDTH
+    step runs uncompiled. Masked positions change no row's output. ``rows=False``: the width only (to a
+    multiple of ``multiple``)."""
+    count, width = ids.shape
+    wide = -(-width // multiple) * multiple
     wide = width if max_width is not None and wide > max_width else wide
-    tall = max(8, 1 << (rows - 1).bit_length())
-    if (tall, wide) == (rows, width):
+    tall = max(8, 1 << (count - 1).bit_length()) if rows else count
+    if (tall, wide) == (count, width):
         return ids, valid
     padded = torch.full((tall, wide), pad_id, dtype=ids.dtype, device=ids.device)
     mask = torch.zeros((tall, wide), dtype=valid.dtype, device=valid.device)
-    padded[:rows, wide - width:], mask[:rows, wide - width:] = ids, valid
-    padded[rows:, wide - width:], mask[rows:, wide - width:] = ids[:1], valid[:1]
+    padded[:count, wide - width:], mask[:count, wide - width:] = ids, valid
+    padded[count:, wide - width:], mask[count:, wide - width:] = ids[:1], valid[:1]
     return padded, mask
 
 
@@ -483,6 +524,13 @@ class Rollout:
         self.out = torch.full((batch, steps), pad_id, dtype=torch.long, device=device)
         self.column = torch.zeros(1, dtype=torch.long, device=device)
 
+    def reset(self) -> None:
+        """Empty again, in the same tensors (a kept decode step's next batch)."""
+        self.token.fill_(self.pad_id)
+        self.done.zero_()
+        self.out.fill_(self.pad_id)
+        self.column.zero_()
+
     def take(self, logits: torch.Tensor) -> None:
         """Each row's next token from its last logits (B, T, V); pad once the row has ended."""
         token = _pick(logits[:, -1, : self.vocab].float(), self.temperature).masked_fill_(self.done, self.pad_id)
@@ -494,6 +542,38 @@ class Rollout:
     def step(self) -> None:
         """Feed each row its last token and take the next."""
         self.take(self.model(self.token, cache=self.cache)[0])
+
+
+class _Decode:
+    """One batch's decoding with muse's decoder: the cache, the rollout's tensors, the prompts' buffer
+    (B, W), the prefill (the last position's logits only: the rest would be B × W × V for nothing) and the
+    decode step; with ``graphs`` both replayed from CUDA graphs once captured, so a kept ``_Decode``
+    (``Policy._keep``) runs the next batch of its shape with no capture and none of the prefill's launches."""
+
+    def __init__(self, model: DecoderLM, ids: torch.Tensor, valid: torch.Tensor, steps: int, temperature: float,
+                 pad_id: int, eos_id: int, vocab: int | None, graphs: bool, compiled: bool) -> None:
+        self.ids = ids
+        self.cache = KVCache(model, ids.size(0), ids.size(1) + steps, valid)
+        self.rollout = Rollout(model, self.cache, steps, temperature, pad_id, eos_id, vocab)
+        prefill = functools.partial(_prefill, model, ids, self.cache, self.rollout)  # no cycle through self
+        self.prefill: Callable[[], None] = prefill
+        self.step: Callable[[], None] = self.rollout.step
+        if graphs:
+            step = functools.partial(_compiled_step(), self.rollout) if compiled else self.rollout.step
+            self.prefill = Graphed(prefill, eager=prefill)
+            self.step = Graphed(step, eager=self.rollout.step)
+
+    def nbytes(self) -> int:
+        """Its cache and its graphs' memory."""
+        graphs = sum(g.pool_bytes for g in (self.prefill, self.step) if isinstance(g, Graphed))
+        return self.cache.nbytes() + graphs
+
+
+def _prefill(model: DecoderLM, ids: torch.Tensor, cache: KVCache, rollout: Rollout) -> None:
+    with hidden_out(model):
+        hidden, _ = model(ids, cache=cache)  # (B, W, C)
+    rollout.take(model.lm_head(hidden[:, -1:]))
+    cache.decode_on_device()
 
 
 class HfRollout(Rollout):
@@ -562,6 +642,7 @@ class Graphed:
         self.step, self.eager, self.calls = step, eager, 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.failed: Exception | None = None
+        self.pool_bytes = 0  # the device memory its capture reserved (the graph's own pool)
 
     def __call__(self) -> None:
         if self.graph is not None:
@@ -585,6 +666,7 @@ class Graphed:
 
     def _capture(self) -> None:
         graph = torch.cuda.CUDAGraph()
+        reserved = torch.cuda.memory_reserved()
         try:
             # thread_local: CUDA calls another thread makes meanwhile (a data loader's) are not the capture's
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
@@ -593,6 +675,28 @@ class Graphed:
             self.failed = exc
         else:
             self.graph = graph
+            self.pool_bytes = torch.cuda.memory_reserved() - reserved
+
+
+class OrEager:
+    """A compiled function that runs its eager form from the first call whose compiling or running raises
+    (told to ``failed`` once), never a dead stage; running out of memory is not a compiler's failure."""
+
+    def __init__(self, compiled: Callable[..., Any], eager: Callable[..., Any],
+                 failed: Callable[[Exception], None]) -> None:
+        self.compiled, self.eager, self.failed = compiled, eager, failed
+        self.broken = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.broken:
+            try:
+                return self.compiled(*args, **kwargs)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:
+                self.broken = True
+                self.failed(exc)
+        return self.eager(*args, **kwargs)
 
 
 @functools.cache

@@ -55,7 +55,9 @@ Terms, per process (P: parameters of ``DecoderLM``, ``param_count``):
   dtype), and the sampling logits
   (prompts × G × V, in the compute dtype and fp32). The GRPO engine samples, frees the cache, then trains, so
   the cache and logits count only for what they need beyond the training
-  step's activations and transient buffers (the reference and the copy stay alive).
+  step's activations and transient buffers (the reference and the copy stay alive). Where
+  muse's decoder replays captured decode steps, the caches kept for the next rollout (at most
+  ``KEPT_DECODE_BYTES``) and the step's logits stay alive through the update too (``kept_decode_bytes``).
 - compiled training (``cfg.compiled``, on CUDA): the activation term as Inductor's partitioner
   leaves it (``activations.COMPILED_BLOCK_SHARE``, measured per connection form of muse's decoder;
   a Hugging Face model's compiled blocks are priced as eager, not measured), and under CUDA
@@ -96,6 +98,7 @@ from dataclasses import astuple, dataclass, fields
 from engines.architecture.activation_terms import LOGPROB_CHUNK_BYTES
 from engines.architecture.config import ModelConfig, stored_param_count
 from engines.architecture.modes import RESIDUAL_MODES
+from engines.grpo.options import KEPT_DECODE_BYTES
 from muse_plan.optimizer import activations as act
 from muse_plan.optimizer.config import FSDP_SHARDING, LoraConfig, TrainConfig
 
@@ -256,16 +259,37 @@ def sampler_bytes(cfg: TrainConfig) -> int:
     return dtype * stored_param_count(cfg.model)
 
 
-def sampling_bytes(cfg: TrainConfig) -> int:
-    """The sampling phase's own bytes: the KV cache of prompts × G sequences and the logits."""
+def _sampling_parts(cfg: TrainConfig) -> tuple[int, int]:
+    """The KV cache of prompts × G sequences and the sampling logits, in bytes."""
     g = cfg.generation
     if g is None:
-        return 0
+        return 0, 0
     c, dtype = cfg.model, act.COMPUTE_BYTES[cfg.precision]
     sequences = g.prompts * g.group_size
     kv = 2 * c.n_layers * c.kv_heads * c.head_dim * sequences * (g.prompt_tokens + g.completion_tokens) * dtype
-    logits = sequences * c.vocab_size * (dtype + FP32)
-    return kv + logits
+    return kv, sequences * c.vocab_size * (dtype + FP32)
+
+
+def sampling_bytes(cfg: TrainConfig) -> int:
+    """The sampling phase's own bytes: the KV cache of prompts × G sequences and the logits."""
+    return sum(_sampling_parts(cfg))
+
+
+def kept_decode_bytes(cfg: TrainConfig) -> int:
+    """What stays allocated between rollouts where muse's decoder replays captured decode steps: the
+    caches and the prefill graphs' memory of the decodes kept for the next batch (at most
+    ``KEPT_DECODE_BYTES`` together, ``engines/grpo/policy.py``) and the logits in the decode step's graph;
+    none where decode steps run eagerly or a Hugging Face model decodes."""
+    g = cfg.generation
+    if g is None or g.decode == "eager" or cfg.hf:
+        return 0
+    kv, logits = _sampling_parts(cfg)
+    c = cfg.model
+    # the prefill graph's pool: a block's widest intermediates over the prompts (gate and up, their
+    # product, the streams and q/k/v), in the compute dtype
+    width = 3 * c.ffn_dim + 4 * c.d_model * c.n_streams
+    prefill = g.prompts * g.group_size * g.prompt_tokens * width * act.COMPUTE_BYTES[cfg.precision]
+    return min(kv + prefill, KEPT_DECODE_BYTES) + logits
 
 
 def fsdp_wrapped(cfg: TrainConfig) -> bool:
@@ -362,7 +386,9 @@ def estimate(cfg: TrainConfig, *, device: str = "cuda") -> MemoryBreakdown:
     transient = max(backward, step) - activation - in_backward + graphs_bytes(cfg, device)
     # the engine samples, frees the cache, then trains: the sampling phase adds only what
     # its cache and logits need beyond the training phase's activations and buffers
-    generation = reference_bytes(cfg) + sampler_bytes(cfg) + max(0, sampling_bytes(cfg) - activation - transient)
+    kept = kept_decode_bytes(cfg)  # held through the update too
+    generation = reference_bytes(cfg) + sampler_bytes(cfg) + kept + \
+        max(0, sampling_bytes(cfg) - kept - activation - transient)
     grads = in_backward + buckets
     device_bytes = weights + grads + optimizer + activation + transient + generation
     return MemoryBreakdown(weights, grads, optimizer, activation, transient, generation,
