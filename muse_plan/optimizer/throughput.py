@@ -143,12 +143,15 @@ DECODE_BANDWIDTH_EFFICIENCY (0.7, assumed), or the batch's FLOPs, or the host
 floor of an eager forward (FORWARD_HOST_SHARE of an eager micro-step's), whichever
 is slowest; a decode step replayed from a CUDA graph or compiled first
 (``GenerationConfig.decode``, from ``training.compile``) has DECODE_FLOOR of that
-floor; and the reference model's forward over every sampled token when it is kept.
-Fitted to rollouts through ``muse plan run`` on an H100 (docs/bench_grpo.md, last
-section: the 38.7M decoder, 128 rows, 111 decode steps, a prefill and a reference
+floor, and muse's decoder's prefill, replayed from a graph too, PREFILL_REPLAYED; and
+the reference model's forward over every sampled token when it is kept.
+Fitted to rollouts through ``muse plan run`` on an H100 (docs/bench_grpo.md, last two
+sections: the 38.7M decoder, 128 rows, 112 new tokens, a prefill and a reference
 forward a rollout): ``compile: off`` 1.17 s a rollout, a forward's floor of 10.3 ms
-(0.20 of the micro-step's); ``auto`` (compiled) 0.164 s, 1.23 ms a decode step
-(0.119); replayed uncompiled 1.86× the compiled step in the same call (0.222).
+(0.20 of the micro-step's); ``auto`` (compiled, the decode kept between rollouts)
+0.097 s: a 3.7 ms prefill (0.36 of the floor), a 10.8 ms compiled reference, 0.74 ms a
+decode step with rewards and text folded in (0.0715); replayed uncompiled 1.86× the
+compiled step, measured while each rollout still captured its step (0.222).
 
 LoRA: the frozen base still runs forward and passes activation gradients down
 to the lowest adapted layer (no weight gradients): training FLOPs are the
@@ -204,7 +207,9 @@ DECODE_BANDWIDTH_EFFICIENCY = 0.7
 # an eager forward's host floor against an eager micro-step's (forward and backward), and a decode
 # step's against that forward's, by how the step runs (GenerationConfig.decode); module doc
 FORWARD_HOST_SHARE = 0.20
-DECODE_FLOOR = {"eager": 1.0, "graphs": 0.222, "compiled": 0.119}
+DECODE_FLOOR = {"eager": 1.0, "graphs": 0.222, "compiled": 0.0715}
+# muse's decoder's prefill replayed from a CUDA graph (decode graphs or compiled), against that forward's floor
+PREFILL_REPLAYED = 0.36
 QLORA_SLOWDOWN = 1.3
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -424,7 +429,8 @@ def generation_seconds(cfg: TrainConfig, gpu: GpuKind | None, fwd_s_per_token: f
         bandwidth = gpu.memory_bandwidth_gbs * GIGA * DECODE_BANDWIDTH_EFFICIENCY
         floor = _host_floor(c) * FORWARD_HOST_SHARE
     decode_step = max(read / bandwidth, batch * fwd_s_per_token, floor * DECODE_FLOOR[g.decode])
-    prefill = max(batch * g.prompt_tokens * fwd_s_per_token, floor)
+    replayed = g.decode != "eager" and not cfg.hf  # muse's decoder's prefill from a graph (HF: not replayed)
+    prefill = max(batch * g.prompt_tokens * fwd_s_per_token, floor * (PREFILL_REPLAYED if replayed else 1.0))
     sampled = batch * (g.prompt_tokens + g.completion_tokens)
     reference = max(sampled * fwd_s_per_token, floor) if g.reference_model else 0.0
     return prefill + g.completion_tokens * decode_step + reference
