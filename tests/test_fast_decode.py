@@ -231,7 +231,7 @@ def test_on_cuda_a_captured_decode_step_is_kept_for_the_next_batch_of_its_shape(
 
     import engines.grpo.policy as policy_module
 
-    model = _model(2, device="cuda")
+    model = _model(2, device="cuda").requires_grad_(False)  # as the copy full fine-tuning samples from
     captures = []
 
     def capture(self: Graphed, capture=Graphed._capture) -> None:
@@ -509,6 +509,8 @@ def test_on_cuda_every_decode_reads_the_adapters_as_they_are_now():
         with torch.no_grad():
             for p in lora_b:
                 p.add_(torch.randn_like(p), alpha=0.5)
+    # adapters that train: no decode kept past its rollout (autocast's casts of them last one rollout)
+    assert all(policy._decodes == {} for policy in policies.values())
 
 
 @pytest.mark.parametrize("family", ["decoder", "hf"])

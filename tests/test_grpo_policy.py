@@ -233,7 +233,7 @@ def test_the_memory_model_holds_the_kept_decode_steps_caches_through_the_update(
     from engines.architecture.config import ModelConfig
     from engines.grpo.options import KEPT_DECODE_BYTES
     from muse_plan.optimizer import memory
-    from muse_plan.optimizer.config import GenerationConfig, TrainConfig
+    from muse_plan.optimizer.config import GenerationConfig, LoraConfig, TrainConfig
 
     model = ModelConfig(vocab_size=260, n_layers=12, d_model=512, n_heads=8, seq_len=160)
     generation = GenerationConfig(prompts=16, group_size=8, prompt_tokens=24, completion_tokens=112, decode="compiled")
@@ -244,6 +244,9 @@ def test_the_memory_model_holds_the_kept_decode_steps_caches_through_the_update(
     assert memory.kept_decode_bytes(cfg) == kv + prefill + logits and kv + prefill < KEPT_DECODE_BYTES
     eager = cfg.with_(generation=GenerationConfig(**{**generation.__dict__, "decode": "eager"}))
     assert memory.kept_decode_bytes(eager) == memory.kept_decode_bytes(cfg.with_(hf=True)) == 0
+    # sampling from weights that train (LoRA's adapters, an fp32 stage's): no copy, nothing kept
+    assert memory.kept_decode_bytes(cfg.with_(lora=LoraConfig())) == memory.kept_decode_bytes(
+        cfg.with_(precision="fp32")) == 0
     assert memory.estimate(cfg).generation - memory.estimate(eager).generation >= kv + prefill + logits
     long = cfg.with_(generation=GenerationConfig(**{**generation.__dict__, "completion_tokens": 2048}))
     assert memory.kept_decode_bytes(long) == KEPT_DECODE_BYTES + logits  # at most the cap's caches

@@ -317,16 +317,20 @@ class Policy:
         if max_new_tokens <= 0:  # the prompts fill the context
             return [[] for _ in prompts]
         graphs = self.graphs and ids.is_cuda
+        # kept (and its prefill captured) only where no weight it reads trains: autocast caches the casts of
+        # weights that train (LoRA's fp32 adapters) for one autocast region, so a graph captured in one
+        # rollout's would read, in the next, casts already freed
+        keeps = graphs and not any(p.requires_grad for p in model.parameters())
         key = (id(model), B, width, max_new_tokens, temperature, self.compile, torch.get_autocast_dtype("cuda")
                if torch.is_autocast_enabled("cuda") else None)
-        decode = self._decodes.pop(key, None) if graphs else None
+        decode = self._decodes.pop(key, None) if keeps else None
         if decode is not None:  # the same tensors, emptied: its captured steps replay over this batch
             decode.cache.reset(valid)
             decode.rollout.reset()
             decode.ids.copy_(ids)
         else:
             decode = _Decode(model, ids, valid, max_new_tokens, temperature, self.pad_id, self.eos_id, self.vocab,
-                             graphs, self.compile)
+                             graphs, self.compile, keeps)
         decode.prefill()
         decode.cache.prefilled(width)
         rollout = decode.rollout
@@ -343,7 +347,7 @@ class Policy:
                 self.graphs = False
                 self._failed("capturing the decode step in a CUDA graph", decode.step.failed,
                              "decoding runs eagerly")
-        elif graphs:
+        elif keeps:
             self._keep(key, decode)
         return [_until_eos(row, self.eos_id, self.pad_id) for row in out[: len(prompts)]]
 
@@ -547,11 +551,12 @@ class Rollout:
 class _Decode:
     """One batch's decoding with muse's decoder: the cache, the rollout's tensors, the prompts' buffer
     (B, W), the prefill (the last position's logits only: the rest would be B × W × V for nothing) and the
-    decode step; with ``graphs`` both replayed from CUDA graphs once captured, so a kept ``_Decode``
-    (``Policy._keep``) runs the next batch of its shape with no capture and none of the prefill's launches."""
+    decode step; with ``graphs`` the step replayed from a CUDA graph once captured, and where the decode is to
+    be ``kept`` (``Policy._keep``) the prefill too, so it runs the next batch of its shape with no capture and
+    none of the prefill's launches."""
 
     def __init__(self, model: DecoderLM, ids: torch.Tensor, valid: torch.Tensor, steps: int, temperature: float,
-                 pad_id: int, eos_id: int, vocab: int | None, graphs: bool, compiled: bool) -> None:
+                 pad_id: int, eos_id: int, vocab: int | None, graphs: bool, compiled: bool, kept: bool) -> None:
         self.ids = ids
         self.cache = KVCache(model, ids.size(0), ids.size(1) + steps, valid)
         self.rollout = Rollout(model, self.cache, steps, temperature, pad_id, eos_id, vocab)
@@ -560,8 +565,9 @@ class _Decode:
         self.step: Callable[[], None] = self.rollout.step
         if graphs:
             step = functools.partial(_compiled_step(), self.rollout) if compiled else self.rollout.step
-            self.prefill = Graphed(prefill, eager=prefill)
             self.step = Graphed(step, eager=self.rollout.step)
+            if kept:  # a prefill is captured at its third call: worth it only for a decode kept that long
+                self.prefill = Graphed(prefill, eager=prefill)
 
     def nbytes(self) -> int:
         """Its cache and its graphs' memory."""
@@ -666,6 +672,7 @@ class Graphed:
 
     def _capture(self) -> None:
         graph = torch.cuda.CUDAGraph()
+        torch.cuda.empty_cache()  # as the capture itself does first, so the growth below is the graph's pool
         reserved = torch.cuda.memory_reserved()
         try:
             # thread_local: CUDA calls another thread makes meanwhile (a data loader's) are not the capture's
@@ -675,7 +682,7 @@ class Graphed:
             self.failed = exc
         else:
             self.graph = graph
-            self.pool_bytes = torch.cuda.memory_reserved() - reserved
+            self.pool_bytes = max(0, torch.cuda.memory_reserved() - reserved)
 
 
 class OrEager:

@@ -279,9 +279,10 @@ def kept_decode_bytes(cfg: TrainConfig) -> int:
     """What stays allocated between rollouts where muse's decoder replays captured decode steps: the
     caches and the prefill graphs' memory of the decodes kept for the next batch (at most
     ``KEPT_DECODE_BYTES`` together, ``engines/grpo/policy.py``) and the logits in the decode step's graph;
-    none where decode steps run eagerly or a Hugging Face model decodes."""
+    none where decode steps run eagerly, a Hugging Face model decodes, or sampling reads weights that train
+    (LoRA's adapters, an fp32 stage's weights: no copy, ``sampler_bytes``)."""
     g = cfg.generation
-    if g is None or g.decode == "eager" or cfg.hf:
+    if g is None or cfg.hf or sampler_bytes(cfg) == 0:  # kept only when sampling from the copy: nothing trains
         return 0
     kv, logits = _sampling_parts(cfg)
     c = cfg.model
