@@ -727,3 +727,29 @@ def test_a_compiled_function_that_fails_runs_eagerly_from_then_on_and_says_so_on
     with pytest.raises(torch.cuda.OutOfMemoryError):  # a step too big for the device is no compiler's failure
         OrEager(short, eager, told.append)(1)
     assert len(told) == 1
+
+
+def test_the_grpo_benchmark_times_a_rollout_phase_by_phase():
+    """scripts/bench_grpo.py's rollout_phases: one rollout of the engine split into its phases, which add up
+    to the rollout's time; on CPU nothing is captured, and sampling and the KL reference pass take time."""
+    import sys as _sys
+    from pathlib import Path
+
+    from engines.contract import StageSetup
+    from engines.grpo.options import parse
+    from engines.grpo.trainer import GrpoTrainer
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from bench_grpo import rollout_phases
+
+    trainer = GrpoTrainer()
+    trainer.setup(StageSetup(name="t", kind="reasoning_rl", model=_model(2).config, micro_batch=2, device="cpu",
+                             decode="eager", options=parse("reasoning_rl", {}, {
+                                 "tasks": ["multiplication:3x3"], "group_size": 4, "max_new_tokens": 16,
+                                 "eval_problems": 1})))
+    trainer.next_batch()
+    phases = rollout_phases(trainer)
+    parts = ("setup", "prefill", "capture", "decode", "rewards", "logprobs", "other")
+    assert sum(phases[f"{k}_s"] for k in parts) == pytest.approx(phases["total_s"])
+    assert phases["capture_s"] == phases["prefill_s"] == 0.0  # no graphs on CPU
+    assert phases["decode_s"] > 0 and phases["logprobs_s"] > 0 and phases["rewards_s"] > 0
