@@ -340,6 +340,14 @@ def test_rollouts_from_a_cuda_graph_are_priced_at_the_measured_share_of_the_laun
     decode_steps = {k: (v - prefill[k]) / 112 for k, v in times.items()}
     assert decode_steps["graphs"] / decode_steps["eager"] == pytest.approx(0.222)
     assert decode_steps["compiled"] / decode_steps["eager"] == pytest.approx(0.0715)
+    # LoRA samples from the model itself, whose adapters train: no decode kept, so each rollout prefills
+    # eagerly and captures its step again
+    from muse_plan.optimizer.config import LoraConfig
+
+    gen = GenerationConfig(prompts=16, group_size=8, prompt_tokens=64, completion_tokens=112,
+                           reference_model=False, decode="compiled")
+    lora = tp.generation_seconds(TrainConfig(small, micro_batch=128, generation=gen, lora=LoraConfig()), H100, 0.0)
+    assert lora - times["compiled"] == pytest.approx(floor * (1.0 - 0.36) + floor * 1.46)
     from muse_plan.executor.settings import resolve, train_config
     from muse_plan.plan.io import spec_from_dict
 

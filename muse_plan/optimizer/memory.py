@@ -275,14 +275,21 @@ def sampling_bytes(cfg: TrainConfig) -> int:
     return sum(_sampling_parts(cfg))
 
 
+def keeps_decodes(cfg: TrainConfig) -> bool:
+    """Whether the GRPO engine keeps its captured decodes (cache, prefill and decode step graphs) between
+    rollouts (``engines/grpo/policy.py``): muse's decoder decoding from CUDA graphs out of the copy full
+    fine-tuning samples from, whose weights don't train (``sampler_bytes``); LoRA's adapters and an fp32
+    stage's weights train, and a Hugging Face model decodes over its own static cache, remade each rollout."""
+    return cfg.generation is not None and not cfg.hf and sampler_bytes(cfg) > 0
+
+
 def kept_decode_bytes(cfg: TrainConfig) -> int:
     """What stays allocated between rollouts where muse's decoder replays captured decode steps: the
     caches and the prefill graphs' memory of the decodes kept for the next batch (at most
-    ``KEPT_DECODE_BYTES`` together, ``engines/grpo/policy.py``) and the logits in the decode step's graph;
-    none where decode steps run eagerly, a Hugging Face model decodes, or sampling reads weights that train
-    (LoRA's adapters, an fp32 stage's weights: no copy, ``sampler_bytes``)."""
+    ``KEPT_DECODE_BYTES`` together) and the logits in the decode step's graph; none where none is kept
+    (``keeps_decodes``)."""
     g = cfg.generation
-    if g is None or cfg.hf or sampler_bytes(cfg) == 0:  # kept only when sampling from the copy: nothing trains
+    if g is None or not keeps_decodes(cfg):
         return 0
     kv, logits = _sampling_parts(cfg)
     c = cfg.model

@@ -143,8 +143,10 @@ DECODE_BANDWIDTH_EFFICIENCY (0.7, assumed), or the batch's FLOPs, or the host
 floor of an eager forward (FORWARD_HOST_SHARE of an eager micro-step's), whichever
 is slowest; a decode step replayed from a CUDA graph or compiled first
 (``GenerationConfig.decode``, from ``training.compile``) has DECODE_FLOOR of that
-floor, and muse's decoder's prefill, replayed from a graph too, PREFILL_REPLAYED; and
-the reference model's forward over every sampled token when it is kept.
+floor; where the decode is kept between rollouts (``memory.keeps_decodes``) its prefill,
+replayed from a graph too, costs PREFILL_REPLAYED of it, and where it is not, capturing the
+step again each rollout CAPTURE_FLOOR (15.0 ms measured, 1.46 of the floor); and the
+reference model's forward over every sampled token when it is kept.
 Fitted to rollouts through ``muse plan run`` on an H100 (docs/bench_grpo.md, last two
 sections: the 38.7M decoder, 128 rows, 112 new tokens, a prefill and a reference
 forward a rollout): ``compile: off`` 1.17 s a rollout, a forward's floor of 10.3 ms
@@ -208,8 +210,9 @@ DECODE_BANDWIDTH_EFFICIENCY = 0.7
 # step's against that forward's, by how the step runs (GenerationConfig.decode); module doc
 FORWARD_HOST_SHARE = 0.20
 DECODE_FLOOR = {"eager": 1.0, "graphs": 0.222, "compiled": 0.0715}
-# muse's decoder's prefill replayed from a CUDA graph (decode graphs or compiled), against that forward's floor
-PREFILL_REPLAYED = 0.36
+# against that forward's floor: muse's decoder's prefill replayed from a CUDA graph (a decode kept between
+# rollouts, memory.keeps_decodes), and capturing the decode step each rollout where none is kept
+PREFILL_REPLAYED, CAPTURE_FLOOR = 0.36, 1.46
 QLORA_SLOWDOWN = 1.3
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -429,11 +432,12 @@ def generation_seconds(cfg: TrainConfig, gpu: GpuKind | None, fwd_s_per_token: f
         bandwidth = gpu.memory_bandwidth_gbs * GIGA * DECODE_BANDWIDTH_EFFICIENCY
         floor = _host_floor(c) * FORWARD_HOST_SHARE
     decode_step = max(read / bandwidth, batch * fwd_s_per_token, floor * DECODE_FLOOR[g.decode])
-    replayed = g.decode != "eager" and not cfg.hf  # muse's decoder's prefill from a graph (HF: not replayed)
-    prefill = max(batch * g.prompt_tokens * fwd_s_per_token, floor * (PREFILL_REPLAYED if replayed else 1.0))
+    kept = memory.keeps_decodes(cfg)  # the prefill replayed, the step captured once (not each rollout)
+    prefill = max(batch * g.prompt_tokens * fwd_s_per_token, floor * (PREFILL_REPLAYED if kept else 1.0))
+    capture = floor * CAPTURE_FLOOR if g.decode != "eager" and not kept else 0.0
     sampled = batch * (g.prompt_tokens + g.completion_tokens)
     reference = max(sampled * fwd_s_per_token, floor) if g.reference_model else 0.0
-    return prefill + g.completion_tokens * decode_step + reference
+    return prefill + capture + g.completion_tokens * decode_step + reference
 
 
 # ---- one optimizer step ---------------------------------------------------------------
