@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -40,6 +41,9 @@ def main() -> None:
     p.add_argument("--no-trace", action="store_true", help="leave out the Chrome trace (tens of MB)")
     p.add_argument("--plan", type=Path, help="profile this plan file instead (e.g. bench_grpo_trl.py --write-plan's): "
                                              "its first stage alone, run for --wait + --active + 2 steps")
+    p.add_argument("--events", action="store_true",
+                   help="no profiler: CUDA events at each step's phases (forward+backward, clipping, the rest), "
+                        "so where an unprofiled step's time goes, idle GPU included")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out", type=Path, default=Path("/tmp/profile_plan_run"))
     args = p.parse_args()
@@ -65,6 +69,8 @@ def main() -> None:
     path = home / "plan.yaml"
     path.write_text(yaml.safe_dump(data))
 
+    if args.events:
+        return events_report(args, data, path, cuda, steps)
     from torch.profiler import ProfilerActivity, profile, schedule
 
     from engines.architecture import fused_mhc
@@ -135,6 +141,72 @@ def main() -> None:
     print("blocking host calls:")
     for row in report["blocking_host"]:
         print(f"  {row['host_ms_per_step']:8.2f} ms  x{row['calls_per_step']:.1f}  {row['name']}")
+
+
+def events_report(args: argparse.Namespace, data: dict, path: Path, cuda: bool, steps: int) -> None:
+    """The run unprofiled, with a CUDA event (a host stamp on CPU) where each step's forward+backward
+    begins and ends and where its clipping begins and ends; the optimizer's step and whatever the loop
+    does until the next step's first kernel fill the rest. Each phase's median over the steps after
+    ``--wait``. An event marks when the GPU reaches it, so a phase counts the GPU's idle inside it."""
+    import statistics
+
+    import torch
+
+    from muse_plan.cli.main import app
+    from muse_plan.executor import loop
+
+    marks: list[tuple[str, Any]] = []
+
+    def mark(name: str) -> None:
+        if cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            marks.append((name, e))
+        else:
+            marks.append((name, time.perf_counter()))
+
+    host: list[float] = []
+    accumulate, clip = loop._accumulate, loop.optimizers.clip_grad_norm
+
+    def timed_accumulate(*a, **k):  # type: ignore[no-untyped-def]
+        host.append(time.perf_counter())
+        mark("step")
+        out = accumulate(*a, **k)
+        mark("backward_done")
+        return out
+
+    def timed_clip(*a, **k):  # type: ignore[no-untyped-def]
+        out = clip(*a, **k)
+        mark("clip_done")
+        return out
+
+    loop._accumulate, loop.optimizers.clip_grad_norm = timed_accumulate, timed_clip
+    try:
+        for argv in (["plan", "import", str(path)], ["plan", "run", data["name"], "--no-probe", "--force"]):
+            app(argv, standalone_mode=False)
+    finally:
+        loop._accumulate, loop.optimizers.clip_grad_norm = accumulate, clip
+    if cuda:
+        torch.cuda.synchronize()
+
+    def between(a: Any, b: Any) -> float:
+        return a.elapsed_time(b) if cuda else 1e3 * (b - a)
+
+    starts = [i for i, (name, _) in enumerate(marks) if name == "step"]
+    phases: dict[str, list[float]] = {"forward_backward": [], "clip": [], "optimizer_and_loop": [], "step": []}
+    for first, nxt in zip(starts[args.wait:], starts[args.wait + 1:]):
+        (_, s), (_, b), (_, c), (_, n) = marks[first], marks[first + 1], marks[first + 2], marks[nxt]
+        phases["forward_backward"].append(between(s, b))
+        phases["clip"].append(between(b, c))
+        phases["optimizer_and_loop"].append(between(c, n))
+        phases["step"].append(between(s, n))
+    launches = [1e3 * (b - a) for a, b in zip(host[args.wait:], host[args.wait + 1:])]
+    report = {"device": torch.cuda.get_device_name() if cuda else "cpu", "plan": data["name"],
+              "steps_measured": len(phases["step"]), "host_launch_to_launch_ms": statistics.median(launches),
+              **{f"{k}_ms": statistics.median(v) for k, v in phases.items() if v}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"events_{data['name']}.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

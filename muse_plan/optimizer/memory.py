@@ -98,7 +98,7 @@ from dataclasses import astuple, dataclass, fields
 from engines.architecture.activation_terms import LOGPROB_CHUNK_BYTES
 from engines.architecture.config import ModelConfig, stored_param_count
 from engines.architecture.modes import RESIDUAL_MODES
-from engines.grpo.options import KEPT_DECODE_BYTES
+from engines.grpo.options import KEPT_DECODE_BYTES, KEPT_DECODES
 from muse_plan.optimizer import activations as act
 from muse_plan.optimizer.config import FSDP_SHARDING, LoraConfig, TrainConfig
 
@@ -278,26 +278,35 @@ def sampling_bytes(cfg: TrainConfig) -> int:
 def keeps_decodes(cfg: TrainConfig) -> bool:
     """Whether the GRPO engine keeps its captured decodes (cache, prefill and decode step graphs) between
     rollouts (``engines/grpo/policy.py``): muse's decoder decoding from CUDA graphs out of the copy full
-    fine-tuning samples from, whose weights don't train (``sampler_bytes``); LoRA's adapters and an fp32
-    stage's weights train, and a Hugging Face model decodes over its own static cache, remade each rollout."""
-    return cfg.generation is not None and not cfg.hf and sampler_bytes(cfg) > 0
+    fine-tuning samples from, whose weights don't train (``sampler_bytes``), where one decode's cache and
+    prefill pool fit ``KEPT_DECODE_BYTES`` (``Policy._keep`` lets go of a larger one at once); LoRA's
+    adapters and an fp32 stage's weights train, and a Hugging Face model decodes over its own static
+    cache, remade each rollout."""
+    return (cfg.generation is not None and not cfg.hf and sampler_bytes(cfg) > 0
+            and _decode_bytes(cfg) <= KEPT_DECODE_BYTES)
+
+
+def _decode_bytes(cfg: TrainConfig) -> int:
+    """One captured decode's cache and prefill graph's pool: the KV cache of every row's prompt and
+    completion, and a block's widest intermediates over the prompts (gate and up, their product, the
+    streams and q/k/v), in the compute dtype."""
+    g, c = cfg.generation, cfg.model
+    if g is None:
+        return 0
+    kv, _ = _sampling_parts(cfg)
+    width = 3 * c.ffn_dim + 4 * c.d_model * c.n_streams
+    return kv + g.prompts * g.group_size * g.prompt_tokens * width * act.COMPUTE_BYTES[cfg.precision]
 
 
 def kept_decode_bytes(cfg: TrainConfig) -> int:
     """What stays allocated between rollouts where muse's decoder replays captured decode steps: the
-    caches and the prefill graphs' memory of the decodes kept for the next batch (at most
-    ``KEPT_DECODE_BYTES`` together) and the logits in the decode step's graph; none where none is kept
-    (``keeps_decodes``)."""
-    g = cfg.generation
-    if g is None or not keeps_decodes(cfg):
+    caches and prefill pools of the decodes kept for the next batches (``KEPT_DECODES`` of them, one a
+    prompt width, at most ``KEPT_DECODE_BYTES`` together) and the logits in the decode step's graph;
+    none where none is kept (``keeps_decodes``)."""
+    if not keeps_decodes(cfg):
         return 0
-    kv, logits = _sampling_parts(cfg)
-    c = cfg.model
-    # the prefill graph's pool: a block's widest intermediates over the prompts (gate and up, their
-    # product, the streams and q/k/v), in the compute dtype
-    width = 3 * c.ffn_dim + 4 * c.d_model * c.n_streams
-    prefill = g.prompts * g.group_size * g.prompt_tokens * width * act.COMPUTE_BYTES[cfg.precision]
-    return min(kv + prefill, KEPT_DECODE_BYTES) + logits
+    _, logits = _sampling_parts(cfg)
+    return min(KEPT_DECODES * _decode_bytes(cfg), KEPT_DECODE_BYTES) + logits
 
 
 def fsdp_wrapped(cfg: TrainConfig) -> bool:
