@@ -8,14 +8,15 @@ grid below:
   from memory) against ``pre_read`` (one launch, its second read meant to come from L2);
 - backward: the dots kernel and ``state_grad`` against ``pre_grad`` (the dots and the state's
   gradient in one launch);
-- DDL's backward (``fused_delta``, fp32 state (tokens, d_model)) at 16 to 128 tokens a program: a
-  program walks its tokens one after another and sums their parameter-gradient shares, so fewer
-  tokens mean more programs in flight and more shares for torch to add.
+- DDL's backward (``fused_delta``, fp32 state (tokens, d_model)) at 16 to 128 tokens a program, 1 to 8
+  of them at once (``ROWS``): a program walks its tokens a few rows at a time and sums their
+  parameter-gradient shares, so fewer tokens mean more programs in flight and more shares for torch
+  to add; and DDL's forward at 1 to 8 tokens a program (``--ddl-only``: these alone).
 
 Each row gives the median milliseconds and the bytes the form must move at least (the state
 and the other tensors read or written once) over that time: the memory speed it reaches.
 ``fused_mhc.TILES`` takes the fastest; ``TWO_PASS_FORWARD`` / ``TWO_PASS_BACKWARD`` the faster
-form, ``fused_delta.TOKENS_PER_PROGRAM`` the fastest count: ``--apply`` writes them into
+form, ``fused_delta.TOKENS_PER_PROGRAM`` and ``ROWS`` the fastest counts: ``--apply`` writes them into
 ``engines/architecture/fused_mhc.py`` and ``fused_delta.py`` (``--apply-from JSON`` does so from
 an earlier run's file, with no GPU). Launch configurations that fail to compile (too
 many registers, shared memory) are listed with why.
@@ -71,7 +72,7 @@ SOURCE = ROOT / "engines" / "architecture" / "fused_mhc.py"
 DELTA_SOURCE = ROOT / "engines" / "architecture" / "fused_delta.py"
 
 
-FORMS = ("maps + read", "pre_read", "dots + state_grad", "pre_grad", "ddl backward")
+FORMS = ("maps + read", "pre_read", "dots + state_grad", "pre_grad", "ddl backward", "ddl forward")
 
 
 def fastest(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -108,12 +109,18 @@ def apply(best: dict[str, Any]) -> str:
     text = re.sub(r"^TWO_PASS_BACKWARD = \w+$", f"TWO_PASS_BACKWARD = {backward}", text, count=1, flags=re.M)
     SOURCE.write_text(text)
     said = f"{line}; TWO_PASS_FORWARD = {forward}; TWO_PASS_BACKWARD = {backward}"
+    delta = DELTA_SOURCE.read_text()
+    rows = ast.literal_eval(re.search(r"^ROWS = (\{.*\})$", delta, flags=re.M).group(1))  # type: ignore[union-attr]
     if "ddl backward" in best:
-        tokens = best["ddl backward"]["tiles"][0]
-        text = re.sub(r"^TOKENS_PER_PROGRAM = \d+", f"TOKENS_PER_PROGRAM = {tokens}", DELTA_SOURCE.read_text(),
-                      count=1, flags=re.M)
-        DELTA_SOURCE.write_text(text)
-        said += f"; TOKENS_PER_PROGRAM = {tokens}"
+        tiles = best["ddl backward"]["tiles"]
+        delta = re.sub(r"^TOKENS_PER_PROGRAM = \d+", f"TOKENS_PER_PROGRAM = {tiles[0]}", delta, count=1, flags=re.M)
+        said += f"; TOKENS_PER_PROGRAM = {tiles[0]}"
+        rows["backward"] = tiles[1] if len(tiles) > 1 else rows["backward"]
+    if "ddl forward" in best:
+        rows["forward"] = best["ddl forward"]["tiles"][0]
+    line = "ROWS = {" + ", ".join(f'"{k}": {v}' for k, v in rows.items()) + "}"
+    DELTA_SOURCE.write_text(re.sub(r"^ROWS = \{.*\}$", line, delta, count=1, flags=re.M))
+    said += f"; {line}"
     return said
 
 
@@ -124,6 +131,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", type=Path)
     p.add_argument("--tiny", action="store_true", help="CPU under Triton's interpreter, a small shape: it runs")
+    p.add_argument("--ddl-only", action="store_true", help="time DDL's kernels alone")
     p.add_argument("--apply", action="store_true", help="write the fastest tiles and forms into fused_mhc.py")
     p.add_argument("--apply-from", type=Path, help="an earlier run's tune_kernels.json: apply it, time nothing")
     args = p.parse_args()
@@ -157,7 +165,8 @@ def main() -> None:
     xs, us = torch.randn(M, C, **dev), torch.randn(M, C, **dev)  # DDL: an fp32 state, the sublayer's output
     w, b = 0.1 * torch.randn(C, **dev), torch.randn(1, **dev)
     # DDL's backward reads x, u and the gradient and writes ∂x and ∂u, fp32
-    least = {"forward": state + small, "backward": 3 * state + small, "ddl": 5 * M * C * 4}
+    least = {"forward": state + small, "backward": 3 * state + small, "ddl": 5 * M * C * 4,
+             "ddl forward": 3 * M * C * 4}
     rows: list[dict[str, Any]] = []
     result = {"device": "cpu (interpreter)" if TINY else torch.cuda.get_device_name(), "torch": torch.__version__,
               "shape": {"tokens": M, "streams": n, "d_model": C},
@@ -188,8 +197,10 @@ def main() -> None:
         fs.dots_forward(x, dy)
         fm.state_grad(x, g, h_res, h_pre, dy, phi, proj, rinv, dproj)
 
-    record("forward", "maps + read", None, split_forward)
-    grid = [(16, 32, 4)] if TINY else list(itertools.product((16, 32, 64), (64, 128), (4, 8, 16)))
+    mhc_grid = [(16, 32, 4)] if TINY else list(itertools.product((16, 32, 64), (64, 128), (4, 8, 16)))
+    grid = [] if args.ddl_only else mhc_grid
+    if grid:
+        record("forward", "maps + read", None, split_forward)
     for tiles in grid:
         fm.TILES["state_grad"] = tiles
         record("backward", "dots + state_grad", tiles, split_backward)
@@ -200,9 +211,12 @@ def main() -> None:
     for tiles in grid:
         fm.TILES["pre_read"] = tiles
         record("forward", "pre_read", tiles, lambda: fm.pre_read(x, phi, alpha, b_pre, 1e-6))
-    for tokens in [8] if TINY else [16, 32, 64, 128]:
-        fd.TOKENS_PER_PROGRAM = tokens
-        record("ddl", "ddl backward", (tokens,), lambda: fd.delta_backward(xs, us, w, b, w, b, xs, 2.0, 1e-6))
+    for tokens, r in [(8, 4)] if TINY else itertools.product((16, 32, 64, 128), (1, 2, 4, 8)):
+        fd.TOKENS_PER_PROGRAM, fd.ROWS["backward"] = tokens, r
+        record("ddl", "ddl backward", (tokens, r), lambda: fd.delta_backward(xs, us, w, b, w, b, xs, 2.0, 1e-6))
+    for r in [4] if TINY else (1, 2, 4, 8):
+        fd.ROWS["forward"] = r
+        record("ddl forward", "ddl forward", (r,), lambda: fd.delta_forward(xs, us, w, b, w, b, 2.0, 1e-6))
     best = fastest(rows)
     for form, row in best.items():
         print(f"{form:<18} best {row['ms']:.3f} ms ({row['gb_per_s']:.0f} GB/s) at {row['tiles']}", flush=True)

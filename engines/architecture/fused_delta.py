@@ -34,6 +34,9 @@ except ImportError:  # CPU-only torch: DeltaResidual's torch path is the only on
 AVAILABLE = triton is not None
 # 32 timed fastest on an H100 (scripts/tune_kernels.py, docs/tune_kernels_h100.json: 0.173 ms against 0.219 at 64)
 TOKENS_PER_PROGRAM = 32  # backward: tokens whose parameter-gradient shares one program sums
+# tokens a program takes at once (a (ROWS, C) tile), backward and forward; scripts/tune_kernels.py times them
+# (1: a row at a time, as timed above)
+ROWS = {"backward": 1, "forward": 1}
 
 
 def delta_residual(x: torch.Tensor, u: torch.Tensor, w_beta: torch.Tensor, b_beta: torch.Tensor,
@@ -48,9 +51,9 @@ def delta_residual(x: torch.Tensor, u: torch.Tensor, w_beta: torch.Tensor, b_bet
 
 # ---- launchers: plain tensors, any device -------------------------------------------
 
-def _consts(C: int) -> dict:
+def _consts(C: int, rows: int) -> dict:
     block = triton.next_power_of_2(C)
-    return dict(C=C, BLOCK_C=block, num_warps=4 if block <= 2048 else 8)
+    return dict(C=C, BLOCK_C=block, R=rows, num_warps=4 if rows * block <= 2048 else 8)
 
 
 def delta_forward(x: torch.Tensor, u: torch.Tensor, w_beta: torch.Tensor, b_beta: torch.Tensor,
@@ -59,7 +62,9 @@ def delta_forward(x: torch.Tensor, u: torch.Tensor, w_beta: torch.Tensor, b_beta
     M, C = x.shape
     out = torch.empty_like(x)
     if M:
-        _delta_fwd_kernel[(M,)](x, u, w_beta, b_beta, w_v, b_v, out, beta_max, eps, **_consts(C))
+        rows = ROWS["forward"]
+        _delta_fwd_kernel[(triton.cdiv(M, rows),)](x, u, w_beta, b_beta, w_v, b_v, out, M, beta_max, eps,
+                                                   **_consts(C, rows))
     return out
 
 
@@ -68,48 +73,57 @@ def delta_backward(x: torch.Tensor, u: torch.Tensor, w_beta: torch.Tensor, b_bet
                    eps: float) -> tuple[torch.Tensor, ...]:
     """(∂x, ∂u, ∂w_β, ∂b_β, ∂w_v, ∂b_v), each in its input's dtype and shape."""
     M, C = x.shape
+    rows = min(ROWS["backward"], TOKENS_PER_PROGRAM)
+    if TOKENS_PER_PROGRAM % rows:
+        raise ValueError(f"fused_delta: TOKENS_PER_PROGRAM {TOKENS_PER_PROGRAM} is not a multiple of {rows} rows")
     programs = max(1, triton.cdiv(M, TOKENS_PER_PROGRAM))
     dx, du = torch.empty_like(x), torch.empty_like(u)
     shares = torch.zeros(programs, 2 * C + 2, dtype=torch.float32, device=x.device)  # ∂w_β, ∂w_v, ∂b_β, ∂b_v
     if M:
         _delta_bwd_kernel[(programs,)](x, u, w_beta, b_beta, w_v, b_v, grad, dx, du, shares, M, beta_max, eps,
-                                       TOKENS=TOKENS_PER_PROGRAM, **_consts(C))
+                                       TOKENS=TOKENS_PER_PROGRAM, **_consts(C, rows))
     total = shares.sum(0)
     part = lambda lo, hi, like: total[lo:hi].to(like.dtype, copy=True)  # noqa: E731 - no output aliases another
     return dx, du, part(0, C, w_beta), part(2 * C, 2 * C + 1, b_beta), part(C, 2 * C, w_v), part(2 * C + 1, None, b_v)
 
 
-# ---- kernels: a token's row in one program ------------------------------------------
+# ---- kernels: a few tokens' rows at once in one program ------------------------------
+# Each pass is a handful of reductions over a token's row (norms and dot products), then a write: one
+# row a step left a program waiting on each load and each reduction in turn, so both kernels take
+# ``ROWS`` tokens a step as a (ROWS, C) tile and reduce along its rows.
 
 if AVAILABLE:
 
     @triton.jit
     def _gate(x, u, w_beta, b_beta, w_v, b_v, beta_max, eps, C: tl.constexpr):
-        """k, ‖u‖ (clamped), β, s = v − kᵀx, r and wᵀ_βx for one token's rows x, u (fp32)."""
-        norm_u = tl.maximum(tl.sqrt(tl.sum(u * u, axis=0)), eps)
+        """k, ‖u‖ (clamped), β, s = v − kᵀx, r and wᵀ_βx for tokens' rows x, u (R, BLOCK_C) fp32;
+        each scalar of a token as (R, 1)."""
+        norm_u = tl.maximum(tl.sqrt(tl.sum(u * u, axis=1)), eps)[:, None]
         k = u / norm_u
-        r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps)
-        wx = tl.sum(w_beta * x, axis=0)
+        r = (1.0 / tl.sqrt(tl.sum(x * x, axis=1) / C + eps))[:, None]
+        wx = tl.sum(w_beta[None, :] * x, axis=1)[:, None]
         beta = beta_max * tl.sigmoid(r * wx + b_beta)
-        s = tl.sum(w_v * u, axis=0) + b_v - tl.sum(k * x, axis=0)
+        s = (tl.sum(w_v[None, :] * u, axis=1) + b_v - tl.sum(k * x, axis=1))[:, None]
         return k, norm_u, beta, s, r, wx
 
     @triton.jit
-    def _delta_fwd_kernel(x_ptr, u_ptr, wb_ptr, bb_ptr, wv_ptr, bv_ptr, out_ptr, beta_max, eps,
-                          C: tl.constexpr, BLOCK_C: tl.constexpr):
-        m = tl.program_id(0).to(tl.int64)
+    def _delta_fwd_kernel(x_ptr, u_ptr, wb_ptr, bb_ptr, wv_ptr, bv_ptr, out_ptr, M, beta_max, eps,
+                          C: tl.constexpr, BLOCK_C: tl.constexpr, R: tl.constexpr):
         c = tl.arange(0, BLOCK_C)
         cm = c < C
-        x = tl.load(x_ptr + m * C + c, mask=cm, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + m * C + c, mask=cm, other=0.0).to(tl.float32)
+        m = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R).to(tl.int64)
+        at, rm = m[:, None] * C + c[None, :], (m < M)[:, None] & cm[None, :]
+        x = tl.load(x_ptr + at, mask=rm, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + at, mask=rm, other=0.0).to(tl.float32)
         w_beta = tl.load(wb_ptr + c, mask=cm, other=0.0)
         w_v = tl.load(wv_ptr + c, mask=cm, other=0.0)
         k, norm_u, beta, s, r, wx = _gate(x, u, w_beta, tl.load(bb_ptr), w_v, tl.load(bv_ptr), beta_max, eps, C)
-        tl.store(out_ptr + m * C + c, (x + beta * s * k).to(out_ptr.dtype.element_ty), mask=cm)
+        tl.store(out_ptr + at, (x + beta * s * k).to(out_ptr.dtype.element_ty), mask=rm)
 
     @triton.jit
     def _delta_bwd_kernel(x_ptr, u_ptr, wb_ptr, bb_ptr, wv_ptr, bv_ptr, g_ptr, dx_ptr, du_ptr, shares_ptr, M,
-                          beta_max, eps, C: tl.constexpr, BLOCK_C: tl.constexpr, TOKENS: tl.constexpr):
+                          beta_max, eps, C: tl.constexpr, BLOCK_C: tl.constexpr, TOKENS: tl.constexpr,
+                          R: tl.constexpr):
         c = tl.arange(0, BLOCK_C)
         cm = c < C
         w_beta = tl.load(wb_ptr + c, mask=cm, other=0.0)
@@ -119,26 +133,27 @@ if AVAILABLE:
         d_wv = tl.zeros((BLOCK_C,), tl.float32)
         d_bb = tl.sum(d_wb, axis=0)  # fp32 scalar zeros
         d_bv = tl.sum(d_wv, axis=0)
-        for t in range(TOKENS):
-            m = tl.program_id(0).to(tl.int64) * TOKENS + t
-            rm = cm & ((c * 0 + m) < M)  # a token past M loads zeros: every share below is then 0
-            x = tl.load(x_ptr + m * C + c, mask=rm, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + m * C + c, mask=rm, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + m * C + c, mask=rm, other=0.0).to(tl.float32)
+        for t in range(0, TOKENS, R):
+            m = tl.program_id(0).to(tl.int64) * TOKENS + t + tl.arange(0, R).to(tl.int64)
+            # a token past M loads zeros: every share below is then 0
+            at, rm = m[:, None] * C + c[None, :], (m < M)[:, None] & cm[None, :]
+            x = tl.load(x_ptr + at, mask=rm, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + at, mask=rm, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + at, mask=rm, other=0.0).to(tl.float32)
             k, norm_u, beta, s, r, wx = _gate(x, u, w_beta, b_beta, w_v, b_v, beta_max, eps, C)
-            kg = tl.sum(k * g, axis=0)
+            kg = tl.sum(k * g, axis=1)[:, None]
             d_beta = s * kg
             d_s = beta * kg
             dk = beta * s * g - d_s * x
             dz = d_beta * beta * (1.0 - beta / beta_max)
-            dx = g - d_s * k + dz * (r * w_beta - (r * r * r / C) * wx * x)
-            du = d_s * w_v + tl.where(norm_u > eps, dk - tl.sum(dk * k, axis=0) * k, dk) / norm_u
-            tl.store(dx_ptr + m * C + c, dx.to(dx_ptr.dtype.element_ty), mask=rm)
-            tl.store(du_ptr + m * C + c, du.to(du_ptr.dtype.element_ty), mask=rm)
-            d_wb += dz * r * x
-            d_wv += d_s * u
-            d_bb += dz
-            d_bv += d_s
+            dx = g - d_s * k + dz * (r * w_beta[None, :] - (r * r * r / C) * wx * x)
+            du = d_s * w_v[None, :] + tl.where(norm_u > eps, dk - tl.sum(dk * k, axis=1)[:, None] * k, dk) / norm_u
+            tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=rm)
+            tl.store(du_ptr + at, du.to(du_ptr.dtype.element_ty), mask=rm)
+            d_wb += tl.sum(dz * r * x, axis=0)
+            d_wv += tl.sum(d_s * u, axis=0)
+            d_bb += tl.sum(tl.sum(dz, axis=1), axis=0)
+            d_bv += tl.sum(tl.sum(d_s, axis=1), axis=0)
         row = shares_ptr + tl.program_id(0).to(tl.int64) * (2 * C + 2)
         tl.store(row + c, d_wb, mask=cm)
         tl.store(row + C + c, d_wv, mask=cm)
