@@ -48,6 +48,18 @@ def test_every_mode_learns_a_pattern_with_finite_gradients(residual: str) -> Non
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_the_loss_trains_and_logits_given_with_it_are_detached() -> None:
+    """With targets the loss is what trains: the logits come back detached, so a compiled head's
+    backward is not handed their unused (B, T, V) gradient as zeros each step; without targets the
+    logits carry the graph (GRPO's log-probabilities backpropagate through them)."""
+    model = DecoderLM(tiny("standard"))
+    x, y = pattern_batch()
+    logits, loss = model(x, y)
+    assert not logits.requires_grad and loss.requires_grad and logits.shape == (*x.shape, 64)
+    alone, none = model(x)
+    assert none is None and alone.requires_grad and torch.allclose(alone.detach(), logits)
+
+
 @pytest.mark.parametrize("residual", MODES)
 @pytest.mark.parametrize("kv_heads", [None, 2, 1])
 def test_param_count_is_exact(residual: str, kv_heads: int | None) -> None:

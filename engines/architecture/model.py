@@ -388,7 +388,10 @@ class DecoderLM(nn.Module):
         (B·T × vocab), which compiled training (``executor/compiled.py``) compiles as one
         region so the loss is not read and written in float32 pass after pass."""
         logits = self.lm_head(self.norm(x))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        # with a loss, the logits come back detached: the loss is what trains. A compiled head's backward
+        # takes a gradient for each output that requires one, and autograd would hand it the (B, T, V)
+        # logits' unused gradient as zeros: a tensor of the step's widest shape written and read each step
+        return logits.detach(), loss
