@@ -15,13 +15,14 @@ from muse_plan.executor.loop import NonFiniteLoss, StepRecord, train_stage
 from muse_plan.executor.settings import resolve
 from muse_plan.plan.io import spec_from_dict
 
-SPEC = spec_from_dict({
+PLAN = {
     "name": "loop",
     "model": {"scale": "1M", "residual": "ddl", "seq_len": 32, "vocab_size": 260,
               "shape": {"layers": 2, "d_model": 32, "n_heads": 2}},
     "training": {"micro_batch": 4, "grad_accum": 2, "lr": 0.01, "warmup_steps": 2, "clip_grad_norm": 0.5},
     "stages": [{"name": "pretrain", "kind": "pretrain", "steps": 8, "checkpoint_every": 5, "eval_every": 4}],
-}, "test")
+}
+SPEC = spec_from_dict(PLAN, "test")
 SETTINGS = resolve(SPEC, SPEC.stages[0])
 
 
@@ -115,3 +116,29 @@ def test_nan_loss_stops_the_stage_before_a_checkpoint_of_bad_weights(tmp_path, l
     assert caught.value.step == bad and math.isnan(caught.value.value)
     assert hooks.saved == []  # step 5's checkpoint was never written
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_prepare_leaves_autocast_to_the_loop_so_logits_stay_in_the_compute_dtype() -> None:
+    """Accelerate's mixed precision wraps a prepared model's forward in autocast and casts its bf16
+    outputs to fp32 (the logits: a tokens × vocabulary copy each step); the executor autocasts every
+    forward itself, so ``optimizers.prepare`` puts the model's own forward back."""
+    from accelerate.state import AcceleratorState
+
+    from engines.architecture.model import DecoderLM
+    from muse_plan.executor import optimizers
+
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    spec = spec_from_dict({**PLAN, "training": {**PLAN["training"], "precision": "bf16"}}, "test")
+    bf16 = resolve(spec, spec.stages[0])
+    model = DecoderLM(SETTINGS.model)
+    x = torch.randint(0, 260, (2, 32))
+    wrapped = accelerator.prepare(DecoderLM(SETTINGS.model))
+    with accelerator.autocast():
+        assert wrapped(x, x)[0].dtype == torch.float32  # what Accelerate alone hands back
+    prepared, _ = optimizers.prepare(accelerator, model, bf16)
+    assert "forward" not in accelerator.unwrap_model(prepared).__dict__
+    with accelerator.autocast():
+        logits, loss = prepared(x, x)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    AcceleratorState._reset_state()
