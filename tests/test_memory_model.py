@@ -566,46 +566,89 @@ def test_compiled_activations_apply_on_cuda_and_not_to_lora():
         replace(cfg, residual="ddl"), "none")
 
 
-def test_the_memory_model_predicts_the_compiled_plan_runs_peaks():
-    """Every plan-run row of docs/bench_plan_run_graphs2_h100.json and bench_plan_run_graphs_h100.json
-    (`muse plan run` on H100s: 350M and 1.3B; standard, ddl, mgt, mhc; fused kernels on and off; CUDA graphs
-    on and off), priced as the executor resolves each plan: the total without the context's overhead within
-    1% of the store's peak. Before compiled steps were priced, it was 15-72% over."""
-    import json
+def _plan_run_peak_predicted(base: str, flags: list[str], graphs: str, shape: str, seq_len: int, batch: int):
+    """The memory model's peak without the context's overhead (GiB) for a bench_plan_run plan, as the
+    executor resolves it, and its config."""
     import sys as _sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    _sys.path.insert(0, str(root / "scripts"))
+    _sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     from bench_plan_run import plan
 
     from muse_plan.executor.settings import resolve, train_config
     from muse_plan.plan.io import spec_from_dict
 
+    layers, d_model = (int(v) for v in shape.replace(",", "").split()[0:4:3])
+    data = plan("p", base, "on", {"layers": layers, "d_model": d_model, "n_heads": 16}, seq_len, batch, 10, "bf16",
+                "1xH100-80GB", "bfloat16" if "bf16" in flags else "float32", "auto", "on" if "fused" in flags else "off",
+                graphs)
+    spec = spec_from_dict(data, "t")
+    cfg = train_config(resolve(spec, spec.stages[0], cuda=True, bf16=True))
+    e = memory.estimate(cfg)
+    return (e.total - e.overhead) / 2**30, cfg
+
+
+def _graphs(flags: list[str], then: str) -> str:
+    return "on" if "graphs" in flags else "off" if "nographs" in flags else then
+
+
+def test_the_memory_model_predicts_the_compiled_plan_runs_peaks():
+    """The plan-run rows of docs/bench_plan_run_logits.json (`muse plan run`, 350M: standard, ddl's fused
+    kernels and mhc's fused bf16 state under CUDA graphs), priced as the executor resolves each plan: the
+    total without the context's overhead within 1% of the store's peak."""
+    import json
+    from pathlib import Path
+
+    docs = json.loads((Path(__file__).resolve().parent.parent / "docs" / "bench_plan_run_logits.json").read_text())
+    calls = [docs["call_h200"]["new"], docs["call_h200_again"]["rows"]]
+    checked = 0
+    for call in calls:
+        for row in call["rows"]:
+            if row["mode"] != "plan-run":
+                continue
+            base, *flags = row["model"].split("+")
+            predicted, _ = _plan_run_peak_predicted(base, flags, _graphs(flags, "auto"), call["shape"], call["seq_len"],
+                                                    call["batch"])
+            assert predicted == pytest.approx(row["peak_mem_gib"], rel=0.01), row["model"]
+            checked += 1
+    assert checked == 4
+
+
+def test_the_earlier_plan_runs_peaks_are_the_model_and_the_tensors_the_executor_no_longer_makes():
+    """Every plan-run row of docs/bench_plan_run_graphs2_h100.json and bench_plan_run_graphs_h100.json
+    (`muse plan run` on H100s before the executor kept the logits in the compute dtype: 350M and 1.3B;
+    standard, ddl, mgt, mhc; fused kernels on and off; CUDA graphs on and off): the model's total within 1%
+    of the store's peak once the two tensors those runs held are added back: a tokens × vocabulary fp32
+    gradient where the compute dtype's is priced now (Accelerate cast the returned logits to fp32), and under
+    graphs one more tokens × vocabulary tensor in the compute dtype (the pool kept the unused logits'
+    gradient's zeros). And the rows of the call between the two fixes (logits detached, still cast) with the
+    first alone."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
     docs = json.loads((root / "docs" / "bench_plan_run_graphs2_h100.json").read_text())
     older = json.loads((root / "docs" / "bench_plan_run_graphs_h100.json").read_text())
+    between = json.loads((root / "docs" / "bench_plan_run_logits.json").read_text())["call_h100"]
     # the older file's calls set graphs by an environment variable (MUSE_COMPILE_MODE) before the plan setting
-    calls = [(docs[k], None) for k in ("a350", "b13_call1", "b13_call2")] + \
-        [(older[k], mode) for k, mode in (("default", "off"), ("reduce_overhead", "on"),
-                                          ("graphs_standard_and_mhc", "on"), ("no_graphs_mhc", "off"))]
+    calls = [(docs[k], None, True) for k in ("a350", "b13_call1", "b13_call2")] + \
+        [(older[k], mode, True) for k, mode in (("default", "off"), ("reduce_overhead", "on"),
+                                                ("graphs_standard_and_mhc", "on"), ("no_graphs_mhc", "off"))] + \
+        [(between["new"], None, False)]
     checked = 0
-    for call, mode in calls:
-        layers, d_model = (int(v) for v in call["shape"].replace(",", "").split()[0:4:3])
+    for call, mode, zeros_kept in calls:
         for row in call["rows"]:
             base, *flags = row["model"].split("+")
             # a row without +graphs / +nographs ran under the auto of then: graphs for mhc's fused form alone
             then = "on" if base == "mhc" and "fused" in flags else "off"
-            graphs = mode or ("on" if "graphs" in flags else "off" if "nographs" in flags else then)
-            data = plan("p", base, "on", {"layers": layers, "d_model": d_model, "n_heads": 16}, call["seq_len"],
-                        call["batch"], 10, "bf16", "1xH100-80GB", "bfloat16" if "bf16" in flags else "float32",
-                        "auto", "on" if "fused" in flags else "off", graphs)
-            spec = spec_from_dict(data, "t")
-            cfg = train_config(resolve(spec, spec.stages[0], cuda=True, bf16=True))
-            e = memory.estimate(cfg)
-            predicted = (e.total - e.overhead) / 2**30
-            assert predicted == pytest.approx(row["peak_mem_gib"], rel=0.01), (row["model"], call["command"])
+            graphs = mode or _graphs(flags, then if zeros_kept else "auto")
+            predicted, cfg = _plan_run_peak_predicted(base, flags, graphs, call["shape"], call["seq_len"], call["batch"])
+            logits = cfg.micro_batch * cfg.model.seq_len * cfg.model.vocab_size
+            removed = logits * (4 - 2) + (logits * 2 if cfg.cuda_graphs and zeros_kept else 0)
+            assert predicted + removed / 2**30 == pytest.approx(row["peak_mem_gib"], rel=0.01), (row["model"],
+                                                                                               call["command"])
             checked += 1
-    assert checked >= 12
+    assert checked >= 14
 
 
 def test_compiled_pricing_is_for_muse_decoders_own_compiled_regions():

@@ -121,3 +121,15 @@ def test_split_csv():
 @pytest.mark.parametrize("seconds, text", [(None, "—"), (0, "0:00:00"), (112.4, "0:01:52"), (43387, "12:03:07")])
 def test_clock(seconds, text):
     assert units.clock(seconds) == text
+
+
+def test_a_share_of_a_budget_keeps_three_digits_so_the_stages_add_up():
+    """A growth plan's stages split one budget: 24% and 76% of 15.2B written with two digits were 3.6B and 11B,
+    3% short of it; with three they add up to the whole within a rounding of the last digit (the planner writes
+    every budget with three)."""
+    assert (units.format_count(11.4e9), units.format_count(11.4e9, 3)) == ("11B", "11.4B")
+    assert [units.format_count(v, 3) for v in (3.648e9, 9.996e9, 999.6e6, 1.05e9, 152.3e9)] == \
+        ["3.65B", "10B", "1000M", "1.05B", "152B"]
+    whole = 15.2e9
+    parts = [units.parse_scale(units.format_count(whole * share, 3)) for share in (0.24, 0.76)]
+    assert abs(sum(parts) - whole) <= 0.005 * whole

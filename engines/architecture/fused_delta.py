@@ -34,8 +34,9 @@ except ImportError:  # CPU-only torch: DeltaResidual's torch path is the only on
 AVAILABLE = triton is not None
 # 32 timed fastest on an H100 (scripts/tune_kernels.py, docs/tune_kernels_h100.json: 0.173 ms against 0.219 at 64)
 TOKENS_PER_PROGRAM = 32  # backward: tokens whose parameter-gradient shares one program sums
-# tokens a program takes at once (a (ROWS, C) tile), backward and forward; scripts/tune_kernels.py times them
-# (1: a row at a time, as timed above)
+# tokens a program takes at once (a (ROWS, C) tile), backward and forward; scripts/tune_kernels.py times them.
+# 1, a row at a time: the H100 tuning of 2026-12-07 picked 8 backward (which spills registers on sm_90) and 2
+# forward, and ddl through plan run came out no faster (docs/bench_plan_run.md)
 ROWS = {"backward": 1, "forward": 1}
 
 
@@ -88,9 +89,8 @@ def delta_backward(x: torch.Tensor, u: torch.Tensor, w_beta: torch.Tensor, b_bet
 
 
 # ---- kernels: a few tokens' rows at once in one program ------------------------------
-# Each pass is a handful of reductions over a token's row (norms and dot products), then a write: one
-# row a step left a program waiting on each load and each reduction in turn, so both kernels take
-# ``ROWS`` tokens a step as a (ROWS, C) tile and reduce along its rows.
+# Each pass is a handful of reductions over a token's row (norms and dot products), then a write; both
+# kernels take ``ROWS`` tokens a step as a (ROWS, C) tile and reduce along its rows.
 
 if AVAILABLE:
 

@@ -147,7 +147,8 @@ def own_autocast(accelerator: Any, model: Any) -> Any:
     """``model`` with the forward Accelerate's mixed precision wrapped put back: the executor runs every
     forward in ``accelerator.autocast()`` itself, and the wrapper also casts every bf16/fp16 output to
     fp32 — the (B·T × vocab) logits a language model returns with its loss, 2 GB written each step of
-    the 350M decoder (1.6 ms of a 101 ms step on an H100), outside any compiled region."""
+    the 350M decoder outside any compiled region (with ``DecoderLM.head``'s detached logits: 96.9 → 93.6 ms
+    a step and 1.0 GiB less at the peak on an H200, docs/bench_plan_run.md)."""
     inner = accelerator.unwrap_model(model)
     original = inner.__dict__.pop("_original_forward", None)
     if original is not None:

@@ -60,11 +60,13 @@ Terms, per process (P: parameters of ``DecoderLM``, ``param_count``):
   ``KEPT_DECODE_BYTES``) and the step's logits stay alive through the update too (``kept_decode_bytes``).
 - compiled training (``cfg.compiled``, on CUDA): the activation term as Inductor's partitioner
   leaves it (``activations.COMPILED_BLOCK_SHARE``, measured per connection form of muse's decoder;
-  a Hugging Face model's compiled blocks are priced as eager, not measured), and under CUDA
-  graphs ``graphs_bytes`` in ``transient``. Against 15 runs through ``muse plan run`` on H100s
-  (350M and 1.3B; standard, ddl, mgt and mhc, their fused kernels, with and without graphs) the
-  total without ``overhead`` came within 0.3% of the peak without graphs and 0.5% with them
-  (docs/bench_memory_model.md, last section).
+  a Hugging Face model's compiled blocks are priced as eager, not measured), and the compiled
+  loss head's backward buffer, its logits' gradient in the compute dtype. Against the runs
+  through ``muse plan run`` since the executor keeps the logits in the compute dtype (standard,
+  ddl and mhc at 350M, CUDA graphs on and off) the total without ``overhead`` came within 0.5%
+  of the store's peak; against 15 earlier ones (350M and 1.3B; standard, ddl, mgt and mhc, with
+  and without graphs), within 1% once the two tensors the executor no longer makes are added
+  back (docs/bench_memory_model.md, last section).
 - ``overhead``: ``CUDA_CONTEXT_BYTES`` plus ``FRAGMENTATION`` of the other
   device terms; 0 on CPU.
 - ``host``: bytes offloaded to host RAM (per process).
@@ -309,6 +311,12 @@ def kept_decode_bytes(cfg: TrainConfig) -> int:
     return min(KEPT_DECODES * _decode_bytes(cfg), KEPT_DECODE_BYTES) + logits
 
 
+def compiled_head(cfg: TrainConfig) -> bool:
+    """Whether muse's decoder's loss head runs compiled (``executor/compiled.py``): a compiled stage of
+    muse's own decoder, its head not owned by FSDP's root module."""
+    return cfg.compiled and cfg.compiled_head and not cfg.hf and not fsdp_wrapped(cfg)
+
+
 def fsdp_wrapped(cfg: TrainConfig) -> bool:
     """Whether the executor wraps the model in FSDP (several processes, ``executor/accelerators.py``)."""
     return cfg.world_size > 1 and cfg.sharding in FSDP_SHARDING
@@ -329,6 +337,10 @@ def _backward_buffers(cfg: TrainConfig, device: str) -> int:
         # the head weight's fp32 gradient sum and a chunk's product, cast to fp32, beside it
         head = 2 * min(LOGPROB_CHUNK_BYTES, FP32 * tokens * c.vocab_size) + \
             (2 * FP32 * c.vocab_size * c.d_model if cfg.lora is None else 0)
+    elif compiled_head(cfg) and device == "cuda":  # muse's compiled loss head: its logits' gradient, in the
+        # compute dtype (docs/bench_plan_run.md: an fp32 one fitted before the executor stopped Accelerate
+        # from casting the logits it returns to fp32, and from their unused gradient's zeros)
+        head = dtype * tokens * c.vocab_size
     else:  # the log-softmax backward's two fp32 (tokens × V) gradients; under CUDA autocast the
         # nll backward's one fp32 gradient (beside its fp32 input, saved), then bf16 ones
         head = (1 if device == "cuda" and dtype != FP32 else 2) * FP32 * tokens * c.vocab_size
@@ -355,16 +367,6 @@ def _gradients_in_backward(cfg: TrainConfig, gradients: int) -> int:
     if cfg.grad_accum > 1 or cfg.lora is not None or cfg.sharding not in ("none", "ddp"):
         return gradients
     return min(gradients, FP32 * cfg.model.vocab_size * cfg.model.d_model)
-
-
-def graphs_bytes(cfg: TrainConfig, device: str) -> int:
-    """What replaying the compiled regions from CUDA graphs (``training.cuda_graphs``) keeps beyond
-    them: one tokens × vocabulary tensor in the compute dtype, the size of the loss head's logits
-    output, which the graphs' pool holds (fitted: +0.88-0.90 GiB at 350M, 16,384 tokens, for standard,
-    ddl, mgt and mhc alike; +0.56-0.59 at 1.3B, 8,192 tokens; vocabulary 32,000, H100)."""
-    if not (cfg.cuda_graphs and device == "cuda"):
-        return 0
-    return cfg.micro_batch * cfg.model.seq_len * cfg.model.vocab_size * act.COMPUTE_BYTES[cfg.precision]
 
 
 def _overhead(device_bytes: int, device: str) -> int:
@@ -395,12 +397,12 @@ def estimate(cfg: TrainConfig, *, device: str = "cuda") -> MemoryBreakdown:
     activation = act.activation_bytes(cfg.model, cfg.micro_batch, cfg.precision, cfg.checkpointing,
                                       device=device, lora=cfg.lora, chunked_head=chunked_head(cfg),
                                       compiled=cfg.compiled and not cfg.hf,
-                                      compiled_head=cfg.compiled_head and not fsdp_wrapped(cfg))
+                                      compiled_head=compiled_head(cfg))
     # two candidate peaks: the backward's start and the optimizer step (activations freed)
     in_backward = _gradients_in_backward(cfg, gradients)
     backward = activation + in_backward + _backward_buffers(cfg, device)
     step = gradients + _step_buffers(cfg, device, stepped)
-    transient = max(backward, step) - activation - in_backward + graphs_bytes(cfg, device)
+    transient = max(backward, step) - activation - in_backward
     # the engine samples, frees the cache, then trains: the sampling phase adds only what
     # its cache and logits need beyond the training phase's activations and buffers
     kept = kept_decode_bytes(cfg)  # held through the update too

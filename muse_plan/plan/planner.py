@@ -64,7 +64,7 @@ def chinchilla_tokens(model: ModelSpec, share: float = 1.0) -> str:
     """``share`` of a compute-optimal pretraining budget for ``model``: 20 tokens a counted
     parameter (Hoffmann et al. 2022), at least 1M. Every budget the planner and the
     optimizer's alternatives give a model comes from here, so one model gets one budget."""
-    return units.format_count(max(1e6, TOKENS_PER_PARAM * model.approx_params() * share))
+    return units.format_count(max(1e6, TOKENS_PER_PARAM * model.approx_params() * share), 3)
 
 
 def _pretrain_tokens(spec: PlanSpec, share: float) -> str:
@@ -119,7 +119,7 @@ def grow_written_pretrain(spec: PlanSpec) -> tuple[StageSpec, ...]:
         if written.steps is not None:
             return {"steps": max(1, round(written.steps * share))}
         if written.tokens is not None:
-            return {"tokens": units.format_count(max(1.0, units.parse_scale(written.tokens) * share))}
+            return {"tokens": units.format_count(max(1.0, units.parse_scale(written.tokens) * share), 3)}
         return {"tokens": _pretrain_tokens(spec, share)}
 
     kept = {k: v for k, v in (("checkpoint_every", written.checkpoint_every), ("eval_every", written.eval_every),

@@ -18,12 +18,18 @@ from dataclasses import dataclass
 from engines.architecture.shapes import _SCALE_RE, parse_scale  # noqa: F401 (the scale parser, re-exported)
 from muse_plan.hardware.catalog import known_kinds, lookup
 
-def format_count(count: float) -> str:
-    """1_300_000_000 → "1.3B": the inverse of ``parse_scale`` on round values."""
+def format_count(count: float, digits: int = 2) -> str:
+    """1_300_000_000 → "1.3B": the inverse of ``parse_scale`` on round values. ``digits=3`` keeps three
+    significant digits where two would round (11.4B, not 11B): the planner's token budgets, so stages
+    that split one budget add up to it and two plans of one model get the same one."""
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if count >= size:
             value = count / size
-            text = f"{value:.1f}" if value < 10 and value != int(value) else f"{value:.0f}"
+            if digits >= 3:
+                text = f"{value:.{max(0, 2 - int(math.log10(value)))}f}"
+                text = text.rstrip("0").rstrip(".") if "." in text else text
+            else:
+                text = f"{value:.1f}" if value < 10 and value != int(value) else f"{value:.0f}"
             return f"{text}{unit}"
     return str(int(count))
 
