@@ -370,7 +370,7 @@ def _flops(value: float) -> str:
 
 
 def _describe_saving(s: GrowthSaving) -> str:
-    tokens = format_count(s.tokens)
+    tokens = format_count(s.tokens, 3)  # as the budgets are written (planner.chinchilla_tokens)
     if s.scratch_s is None:
         return (f"its pretraining: {approx_duration(s.growth_s)} and {_flops(s.growth_flops)}; from scratch "
                 f"the target does not fit here, and {tokens} tokens of it would cost {_flops(s.scratch_flops)} "
