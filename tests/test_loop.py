@@ -49,11 +49,11 @@ class Collect:
         self.saved.append(step)
 
 
-def trainer(tmp_path: Path) -> ArchitectureTrainer:
+def trainer(tmp_path: Path, device: str = "cpu") -> ArchitectureTrainer:
     torch.manual_seed(0)
     t = ArchitectureTrainer()
     t.setup(StageSetup(name="pretrain", kind="pretrain", model=SETTINGS.model, micro_batch=4,
-                       tokens_needed=SETTINGS.steps * SETTINGS.tokens_per_step, cache_dir=tmp_path))
+                       tokens_needed=SETTINGS.steps * SETTINGS.tokens_per_step, cache_dir=tmp_path, device=device))
     return t
 
 
@@ -96,6 +96,33 @@ def test_lag_changes_when_numbers_are_read_not_what_they_are(tmp_path) -> None:
         train_stage(trainer(tmp_path), SETTINGS, Accelerator(cpu=True), tmp_path / f"c{lag}", {}, hooks, lag=lag)
         runs.append([(r.loss, r.grad_norm) for r in hooks.steps])
     assert runs[0] == runs[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_lagged_numbers_come_through_pinned_copies_and_match(tmp_path) -> None:
+    """On a GPU the lagged read waits on the step's own copy to pinned memory, not on the queue
+    behind it; the numbers are the ones an immediate read gives."""
+    from muse_plan.executor import loop
+
+    staged: list[loop._Pending] = []
+    stage = loop._Pending.stage
+
+    def spy(self: loop._Pending) -> None:
+        stage(self)
+        staged.append(self)
+
+    runs = []
+    for lag in (False, True):
+        hooks = Collect()
+        loop._Pending.stage = spy  # type: ignore[method-assign]
+        try:
+            train_stage(trainer(tmp_path, "cuda"), SETTINGS, Accelerator(), tmp_path / f"g{lag}", {}, hooks, lag=lag)
+        finally:
+            loop._Pending.stage = stage  # type: ignore[method-assign]
+        runs.append([(r.loss, r.grad_norm) for r in hooks.steps])
+    assert staged and all(p.copied is not None and p.copied.is_pinned() for p in staged)
+    assert [r[0] for r in runs[1]] == pytest.approx([r[0] for r in runs[0]], rel=1e-4)
+    assert [r[1] for r in runs[1]] == pytest.approx([r[1] for r in runs[0]], rel=1e-3)
 
 
 def test_gradient_norm_is_recorded_before_clipping(tmp_path) -> None:

@@ -12,9 +12,13 @@ Design decisions:
 - The gradient norm is recorded before clipping (that is the number a user
   sets an explosion threshold against); with no clipping the norm is still
   measured.
-- No host sync inside a GPU step: a step's loss and gradient norm are read
-  after the next step has been queued (one step late), and always before an
-  evaluation or a checkpoint. On CPU they are read at once. A non-finite
+- No host sync inside a GPU step: a step's loss and gradient norm are copied
+  to pinned host memory behind an event as the step is queued, and read after
+  the next step has been queued (one step late), waiting on that event alone,
+  so the host never drains the GPU's queue (an ``.item()`` would wait for the
+  next step's kernels too, and the GPU would idle while the host reports and
+  launches); always read before an evaluation or a checkpoint. On CPU they are
+  read at once. A non-finite
   (all-process mean) loss raises ``NonFiniteLoss`` with the step and value
   for the recovery layer: on CPU before the optimizer touches the weights,
   on a GPU one step later — never after a checkpoint of bad weights, since a
@@ -250,7 +254,7 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
                                               compiled is not None and compiled.graphs)
         loss = accelerator.reduce(loss, "mean")
         if not lag:
-            _check_finite(loss, step + 1)  # before the optimizer touches the weights
+            _check_finite(loss.item(), step + 1)  # before the optimizer touches the weights
         grad_norm = optimizers.clip_grad_norm(accelerator, model, optimizer, clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
         optimizer.step()
@@ -259,6 +263,8 @@ def train_stage(trainer: Trainer, s: StageSettings, accelerator: Any, stage_dir:
         step += 1
         _engine_notes(trainer, step, hooks if main else None)
         current = _Pending(step, loss, grad_norm, lr, tokens * accelerator.num_processes, started, extra)
+        if lag:
+            current.stage()
         due = step % s.eval_every == 0 or step % s.checkpoint_every == 0 or step == s.steps
         if pending:  # the previous step ran from its launch to this one's
             _report(pending, started, accelerator, hooks if main else None, result, watch)
@@ -354,11 +360,32 @@ class _Pending:
     tokens: int
     started: float  # host time the step's launch began
     extra: dict[str, float] = field(default_factory=dict)
+    copied: torch.Tensor | None = None  # (loss, grad norm) in pinned host memory, once ``ready`` has passed
+    ready: Any = None  # the CUDA event after that copy
+
+    def stage(self) -> None:
+        """Queue the copy of the step's numbers to the host (on a GPU), so reading them
+        later waits for this step alone, not for whatever was queued after it."""
+        if self.loss.device.type != "cuda":
+            return
+        values = torch.stack([self.loss.detach().float().reshape(()),
+                              torch.as_tensor(self.grad_norm, device=self.loss.device).float().reshape(())])
+        self.copied = torch.empty(2, dtype=torch.float32, pin_memory=True)
+        self.copied.copy_(values, non_blocking=True)
+        self.ready = torch.cuda.Event()
+        self.ready.record()
+
+    def values(self) -> tuple[float, float]:
+        """The loss and the gradient norm, as host floats (a wait on this step's copy when staged)."""
+        if self.copied is None:
+            return self.loss.item(), float(self.grad_norm)
+        self.ready.synchronize()
+        loss, norm = self.copied.tolist()
+        return loss, norm
 
 
-def _check_finite(loss: torch.Tensor, step: int) -> None:
-    if not torch.isfinite(loss):
-        value = loss.item()
+def _check_finite(value: float, step: int) -> None:
+    if not math.isfinite(value):
         raise NonFiniteLoss(f"loss is {value} at step {step}", step, value)
 
 
@@ -369,11 +396,12 @@ def _report(p: _Pending, ended: float | None, accelerator: Any, hooks: Hooks | N
 
     ``ended``: when the next step's launch began; None: now, after the sync.
     """
-    _check_finite(p.loss, p.step)
-    result["loss"] = loss = p.loss.item()
+    loss, grad_norm = p.values()
+    _check_finite(loss, p.step)
+    result["loss"] = loss
     result.update(p.extra)  # the engine's own numbers (an RL stage's reward) reach the run's summary
     seconds = (ended if ended is not None else time.perf_counter()) - p.started
-    record = StepRecord(p.step, loss, float(p.grad_norm), p.lr, p.tokens, p.tokens / max(seconds, 1e-9),
+    record = StepRecord(p.step, loss, grad_norm, p.lr, p.tokens, p.tokens / max(seconds, 1e-9),
                         memory_gib(accelerator.device), p.extra)
     if hooks:
         hooks.on_step(record)
