@@ -354,14 +354,14 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
 def plan_run(name: str, config: ModelConfig, setup: Setup, cache: Path) -> dict[str, Any]:
     """``name`` trained as a plan through ``muse plan run`` (``bench_plan_run.run_one``:
     a subprocess, as a user runs it), its tokens/s and memory read from the store."""
-    from bench_plan_run import plan, run_one
+    from bench_plan_run import gpu_compute, plan, run_one
 
     shape = {"layers": config.n_layers, "d_model": config.d_model, "n_heads": config.n_heads}
     cuda = setup.device.type == "cuda"
     steps = setup.warmup + setup.steps
     base, flags = variant(name)
     data = plan(f"{name.replace('+', '-')}-plan-run", base, "on", shape, config.seq_len, setup.batch, steps,
-                "bf16" if setup.amp else "fp32", "1xH100" if cuda else "cpu",
+                "bf16" if setup.amp else "fp32", gpu_compute() if cuda else "cpu",
                 stream_dtype="bfloat16" if "bf16" in flags else "float32",
                 scope="model" if "model" in flags else "auto", kernels=kernels(flags),
                 graphs="on" if "graphs" in flags else "off" if "nographs" in flags else "auto")

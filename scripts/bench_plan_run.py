@@ -56,6 +56,17 @@ def plan(name: str, residual: str, compile_: str, shape: dict, seq: int, micro: 
                         "eval_every": 10 * steps}]}
 
 
+def gpu_compute() -> str:
+    """The plan's ``compute`` for the GPU this runs on (the catalog's kind its name matches;
+    an H100 when none does), so the throughput model prices the card that was measured."""
+    import torch
+
+    from muse_plan.hardware.catalog import match_device_name
+
+    kind = match_device_name(torch.cuda.get_device_name(0))
+    return f"1x{kind.key if kind is not None else 'H100'}"
+
+
 def muse(home: Path, cache: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env or {}), "MUSE_HOME": str(home), "TORCHINDUCTOR_CACHE_DIR": str(cache),
            "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
@@ -149,7 +160,7 @@ def main() -> None:
 
     cuda = torch.cuda.is_available() and not args.tiny
     shape, seq, micro = (TINY_SHAPE, 64, 4) if args.tiny else (SHAPE, 2048, 8)
-    precision, compute = ("bf16", "1xH100") if cuda else ("fp32", "cpu")
+    precision, compute = ("bf16", gpu_compute()) if cuda else ("fp32", "cpu")
     peak = None
     if cuda:
         peak = measure_peak(Setup(torch.device("cuda"), torch.bfloat16, micro, 0, 0, None, False))

@@ -52,7 +52,7 @@ def main() -> None:
 
     import torch
     import yaml
-    from bench_plan_run import SHAPE, TINY_SHAPE, plan
+    from bench_plan_run import SHAPE, TINY_SHAPE, gpu_compute, plan
 
     home = Path(tempfile.mkdtemp(prefix="muse-profile-"))
     os.environ["MUSE_HOME"] = str(home)
@@ -64,7 +64,7 @@ def main() -> None:
     else:
         data = plan(f"profile-{args.residual}", args.residual, args.compile, TINY_SHAPE if args.tiny else SHAPE,
                     64 if args.tiny else 2048, 2 if args.tiny else 8, steps, "bf16" if cuda else "fp32",
-                    "1xH100-80GB" if cuda else "cpu", stream_dtype=args.stream_dtype, kernels=args.kernels,
+                    gpu_compute() if cuda else "cpu", stream_dtype=args.stream_dtype, kernels=args.kernels,
                     graphs=args.cuda_graphs)
     path = home / "plan.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -8,15 +8,17 @@ grid below:
   from memory) against ``pre_read`` (one launch, its second read meant to come from L2);
 - backward: the dots kernel and ``state_grad`` against ``pre_grad`` (the dots and the state's
   gradient in one launch);
-- DDL's backward (``fused_delta``, fp32 state (tokens, d_model)) at 16 to 128 tokens a program, 1 to 8
-  of them at once (``ROWS``): a program walks its tokens a few rows at a time and sums their
-  parameter-gradient shares, so fewer tokens mean more programs in flight and more shares for torch
-  to add; and DDL's forward at 1 to 8 tokens a program (``--ddl-only``: these alone).
+- DDL's backward (``fused_delta``, fp32 state (tokens, d_model), the sublayer's output bf16) at 8 to
+  32 tokens a program, 1 or 2 of them at once (``ROWS``), 4 to 16 warps (``WARPS``) and 1 to 3 token
+  steps in flight (``STAGES``, Triton's pipelining of the loop): a program walks its tokens a few rows
+  at a time and sums their parameter-gradient shares, so fewer tokens mean more programs in flight and
+  more shares for torch to add; and DDL's forward at 1 to 4 tokens a program and 4 to 16 warps
+  (``--ddl-only``: these alone).
 
 Each row gives the median milliseconds and the bytes the form must move at least (the state
 and the other tensors read or written once) over that time: the memory speed it reaches.
 ``fused_mhc.TILES`` takes the fastest; ``TWO_PASS_FORWARD`` / ``TWO_PASS_BACKWARD`` the faster
-form, ``fused_delta.TOKENS_PER_PROGRAM`` and ``ROWS`` the fastest counts: ``--apply`` writes them into
+form, ``fused_delta.TOKENS_PER_PROGRAM``, ``ROWS``, ``WARPS`` and ``STAGES`` the fastest counts: ``--apply`` writes them into
 ``engines/architecture/fused_mhc.py`` and ``fused_delta.py`` (``--apply-from JSON`` does so from
 an earlier run's file, with no GPU). Launch configurations that fail to compile (too
 many registers, shared memory) are listed with why.
@@ -110,17 +112,19 @@ def apply(best: dict[str, Any]) -> str:
     SOURCE.write_text(text)
     said = f"{line}; TWO_PASS_FORWARD = {forward}; TWO_PASS_BACKWARD = {backward}"
     delta = DELTA_SOURCE.read_text()
-    rows = ast.literal_eval(re.search(r"^ROWS = (\{.*\})$", delta, flags=re.M).group(1))  # type: ignore[union-attr]
-    if "ddl backward" in best:
-        tiles = best["ddl backward"]["tiles"]
-        delta = re.sub(r"^TOKENS_PER_PROGRAM = \d+", f"TOKENS_PER_PROGRAM = {tiles[0]}", delta, count=1, flags=re.M)
-        said += f"; TOKENS_PER_PROGRAM = {tiles[0]}"
-        rows["backward"] = tiles[1] if len(tiles) > 1 else rows["backward"]
-    if "ddl forward" in best:
-        rows["forward"] = best["ddl forward"]["tiles"][0]
-    line = "ROWS = {" + ", ".join(f'"{k}": {v}' for k, v in rows.items()) + "}"
-    DELTA_SOURCE.write_text(re.sub(r"^ROWS = \{.*\}$", line, delta, count=1, flags=re.M))
-    said += f"; {line}"
+    found = lambda name: ast.literal_eval(re.search(rf"^{name} = (.*)$", delta, flags=re.M).group(1))  # type: ignore[union-attr]  # noqa: E731
+    rows, warps, stages = found("ROWS"), found("WARPS"), found("STAGES")
+    if "ddl backward" in best:  # (tokens, rows, warps, stages)
+        tokens, rows["backward"], warps["backward"], stages = best["ddl backward"]["tiles"]
+        delta = re.sub(r"^TOKENS_PER_PROGRAM = \d+", f"TOKENS_PER_PROGRAM = {tokens}", delta, count=1, flags=re.M)
+        said += f"; TOKENS_PER_PROGRAM = {tokens}"
+    if "ddl forward" in best:  # (rows, warps)
+        rows["forward"], warps["forward"] = best["ddl forward"]["tiles"]
+    for name, value in (("ROWS", rows), ("WARPS", warps), ("STAGES", stages)):
+        line = f"{name} = {value!r}".replace("'", '"')
+        delta = re.sub(rf"^{name} = .*$", line, delta, count=1, flags=re.M)
+        said += f"; {line}"
+    DELTA_SOURCE.write_text(delta)
     return said
 
 
@@ -164,9 +168,9 @@ def main() -> None:
     # g and ∂y_in once and writes ∂x
     xs, us = torch.randn(M, C, **dev), torch.randn(M, C, **dev)  # DDL: an fp32 state, the sublayer's output
     w, b = 0.1 * torch.randn(C, **dev), torch.randn(1, **dev)
-    # DDL's backward reads x, u and the gradient and writes ∂x and ∂u, fp32
-    least = {"forward": state + small, "backward": 3 * state + small, "ddl": 5 * M * C * 4,
-             "ddl forward": 3 * M * C * 4}
+    # DDL's backward reads x, u and the gradient and writes ∂x and ∂u: x, the gradient and ∂x fp32, u and ∂u bf16
+    least = {"forward": state + small, "backward": 3 * state + small, "ddl": 3 * M * C * 4 + 2 * M * C * 2,
+             "ddl forward": 2 * M * C * 4 + M * C * 2}
     rows: list[dict[str, Any]] = []
     result = {"device": "cpu (interpreter)" if TINY else torch.cuda.get_device_name(), "torch": torch.__version__,
               "shape": {"tokens": M, "streams": n, "d_model": C},
@@ -211,12 +215,16 @@ def main() -> None:
     for tiles in grid:
         fm.TILES["pre_read"] = tiles
         record("forward", "pre_read", tiles, lambda: fm.pre_read(x, phi, alpha, b_pre, 1e-6))
-    for tokens, r in [(8, 4)] if TINY else itertools.product((16, 32, 64, 128), (1, 2, 4, 8)):
-        fd.TOKENS_PER_PROGRAM, fd.ROWS["backward"] = tokens, r
-        record("ddl", "ddl backward", (tokens, r), lambda: fd.delta_backward(xs, us, w, b, w, b, xs, 2.0, 1e-6))
-    for r in [4] if TINY else (1, 2, 4, 8):
-        fd.ROWS["forward"] = r
-        record("ddl forward", "ddl forward", (r,), lambda: fd.delta_forward(xs, us, w, b, w, b, 2.0, 1e-6))
+    # DDL as the model runs it: an fp32 state x and gradient, the sublayer's output u in bf16
+    ub = us.to(torch.bfloat16)
+    ddl_grid = [(8, 4, 4, 2)] if TINY else itertools.product((8, 16, 32), (1, 2), (4, 8, 16), (1, 2, 3))
+    for tokens, r, warps, stages in ddl_grid:
+        fd.TOKENS_PER_PROGRAM, fd.ROWS["backward"], fd.WARPS["backward"], fd.STAGES = tokens, r, warps, stages
+        record("ddl", "ddl backward", (tokens, r, warps, stages),
+               lambda: fd.delta_backward(xs, ub, w, b, w, b, xs, 2.0, 1e-6))
+    for r, warps in [(4, 4)] if TINY else itertools.product((1, 2, 4), (4, 8, 16)):
+        fd.ROWS["forward"], fd.WARPS["forward"] = r, warps
+        record("ddl forward", "ddl forward", (r, warps), lambda: fd.delta_forward(xs, ub, w, b, w, b, 2.0, 1e-6))
     best = fastest(rows)
     for form, row in best.items():
         print(f"{form:<18} best {row['ms']:.3f} ms ({row['gb_per_s']:.0f} GB/s) at {row['tiles']}", flush=True)

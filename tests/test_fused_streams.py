@@ -526,7 +526,7 @@ def test_no_kernel_spills_registers_at_the_350m_shape(tmp_path: Path) -> None:
 
 def test_tune_kernels_apply_writes_the_fastest_tiles_and_forms(tmp_path: Path, monkeypatch) -> None:
     """scripts/tune_kernels.py --apply-from: the timed winners become fused_mhc's TILES and TWO_PASS_*
-    and fused_delta's TOKENS_PER_PROGRAM and ROWS, in copies of the two files that still compile."""
+    and fused_delta's TOKENS_PER_PROGRAM, ROWS, WARPS and STAGES, in copies of the two files that still compile."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import tune_kernels
 
@@ -536,13 +536,14 @@ def test_tune_kernels_apply_writes_the_fastest_tiles_and_forms(tmp_path: Path, m
         monkeypatch.setattr(tune_kernels, attr, copy)
     best = {"maps + read": {"ms": 0.12, "tiles": None}, "pre_read": {"ms": 0.28, "tiles": [64, 64, 8]},
             "dots + state_grad": {"ms": 0.33, "tiles": [16, 64, 8]}, "pre_grad": {"ms": 0.2, "tiles": [16, 128, 16]},
-            "ddl backward": {"ms": 0.1, "tiles": [128, 8]}, "ddl forward": {"ms": 0.05, "tiles": [2]}}
+            "ddl backward": {"ms": 0.1, "tiles": [16, 2, 8, 3]}, "ddl forward": {"ms": 0.05, "tiles": [2, 16]}}
     said = tune_kernels.apply(best)
     mhc, delta = (tmp_path / "fused_mhc.py").read_text(), (tmp_path / "fused_delta.py").read_text()
     line = 'TILES = {"state_grad": (16, 64, 8), "pre_read": (64, 64, 8), "pre_grad": (16, 128, 16)}'
     assert f"\n{line}\n" in mhc and line in said
     assert "\nTWO_PASS_FORWARD = False\n" in mhc and "\nTWO_PASS_BACKWARD = True\n" in mhc
-    assert "\nTOKENS_PER_PROGRAM = 128  #" in delta and '\nROWS = {"backward": 8, "forward": 2}\n' in delta
+    assert "\nTOKENS_PER_PROGRAM = 16  #" in delta and '\nROWS = {"backward": 2, "forward": 2}\n' in delta
+    assert '\nWARPS = {"backward": 8, "forward": 16}\n' in delta and "\nSTAGES = 3\n" in delta
     compile(mhc, "fused_mhc.py", "exec"), compile(delta, "fused_delta.py", "exec")
     del best["pre_grad"]  # a form a time limit left untimed keeps the file's choice, switch and tiles
     best["pre_read"] = {"ms": 0.1, "tiles": [32, 64, 8]}

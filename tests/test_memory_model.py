@@ -566,7 +566,8 @@ def test_compiled_activations_apply_on_cuda_and_not_to_lora():
         replace(cfg, residual="ddl"), "none")
 
 
-def _plan_run_peak_predicted(base: str, flags: list[str], graphs: str, shape: str, seq_len: int, batch: int):
+def _plan_run_peak_predicted(base: str, flags: list[str], graphs: str, shape: str, seq_len: int, batch: int,
+                             compile_: str = "on"):
     """The memory model's peak without the context's overhead (GiB) for a bench_plan_run plan, as the
     executor resolves it, and its config."""
     import sys as _sys
@@ -579,7 +580,7 @@ def _plan_run_peak_predicted(base: str, flags: list[str], graphs: str, shape: st
     from muse_plan.plan.io import spec_from_dict
 
     layers, d_model = (int(v) for v in shape.replace(",", "").split()[0:4:3])
-    data = plan("p", base, "on", {"layers": layers, "d_model": d_model, "n_heads": 16}, seq_len, batch, 10, "bf16",
+    data = plan("p", base, compile_, {"layers": layers, "d_model": d_model, "n_heads": 16}, seq_len, batch, 10, "bf16",
                 "1xH100-80GB", "bfloat16" if "bf16" in flags else "float32", "auto", "on" if "fused" in flags else "off",
                 graphs)
     spec = spec_from_dict(data, "t")
@@ -593,14 +594,18 @@ def _graphs(flags: list[str], then: str) -> str:
 
 
 def test_the_memory_model_predicts_the_compiled_plan_runs_peaks():
-    """The plan-run rows of docs/bench_plan_run_logits.json (`muse plan run`, 350M: standard, ddl's fused
-    kernels and mhc's fused bf16 state under CUDA graphs), priced as the executor resolves each plan: the
-    total without the context's overhead within 1% of the store's peak."""
+    """The plan-run rows of docs/bench_plan_run_logits.json and bench_plan_run_pinned.json (`muse plan run`,
+    350M: standard, ddl's fused kernels, mhc's and mgt's fused bf16 state under CUDA graphs), priced as the
+    executor resolves each plan: the total without the context's overhead within 1% of the store's peak
+    (4% for the whole model compiled as one graph)."""
     import json
     from pathlib import Path
 
-    docs = json.loads((Path(__file__).resolve().parent.parent / "docs" / "bench_plan_run_logits.json").read_text())
-    calls = [docs["call_h200"]["new"], docs["call_h200_again"]["rows"]]
+    root = Path(__file__).resolve().parent.parent / "docs"
+    docs = json.loads((root / "bench_plan_run_logits.json").read_text())
+    pinned = json.loads((root / "bench_plan_run_pinned.json").read_text())  # session 23, H100: the loop's pinned reads
+    calls = [docs["call_h200"]["new"], docs["call_h200_again"]["rows"], pinned["new"], pinned["call_2"]["tuned"],
+             pinned["call_2"]["untuned"], pinned["call_3"]["hand_built_and_plan_run"]]
     checked = 0
     for call in calls:
         for row in call["rows"]:
@@ -609,9 +614,25 @@ def test_the_memory_model_predicts_the_compiled_plan_runs_peaks():
             base, *flags = row["model"].split("+")
             predicted, _ = _plan_run_peak_predicted(base, flags, _graphs(flags, "auto"), call["shape"], call["seq_len"],
                                                     call["batch"])
-            assert predicted == pytest.approx(row["peak_mem_gib"], rel=0.01), row["model"]
+            # compile_scope: model (one graph) measured 0.7 GiB over the blocks' peak, not priced apart
+            assert predicted == pytest.approx(row["peak_mem_gib"], rel=0.04 if "model" in flags else 0.01), row["model"]
             checked += 1
-    assert checked == 4
+    assert checked == 4 + 3 + 4 + 2 + 1  # 2 of the 3 in pinned["new"] with compile_scope: model
+
+
+def test_the_memory_model_predicts_an_eager_plan_runs_peak():
+    """The eager (compile: off) standard 350M plan run of docs/bench_plan_run_pinned.json (H100, after the
+    executor stopped casting the logits to fp32): the model's total without the context's overhead within 1%
+    of the store's peak."""
+    import json
+    from pathlib import Path
+
+    eager = json.loads((Path(__file__).resolve().parent.parent / "docs" / "bench_plan_run_pinned.json").read_text())
+    (row,) = eager["call_3"]["eager"]["rows"]
+    assert row["name"] == "standard-off"
+    predicted, cfg = _plan_run_peak_predicted("standard", [], "auto", "24 layers, d_model 1024", 2048, 8, "off")
+    assert not cfg.compiled
+    assert predicted == pytest.approx(row["peak_gib"], rel=0.01)
 
 
 def test_the_earlier_plan_runs_peaks_are_the_model_and_the_tensors_the_executor_no_longer_makes():

@@ -38,6 +38,10 @@ TOKENS_PER_PROGRAM = 32  # backward: tokens whose parameter-gradient shares one 
 # 1, a row at a time: the H100 tuning of 2026-12-07 picked 8 backward (which spills registers on sm_90) and 2
 # forward, and ddl through plan run came out no faster (docs/bench_plan_run.md)
 ROWS = {"backward": 1, "forward": 1}
+# warps a program runs (None: 4 for a tile of up to 2048 elements, else 8), and how many of the backward's
+# token steps are in flight at once (Triton's software pipelining of its loop; 1: none); the tuner times them
+WARPS = {"backward": None, "forward": None}
+STAGES = 1
 
 
 def delta_residual(x: torch.Tensor, u: torch.Tensor, w_beta: torch.Tensor, b_beta: torch.Tensor,
@@ -52,9 +56,9 @@ def delta_residual(x: torch.Tensor, u: torch.Tensor, w_beta: torch.Tensor, b_bet
 
 # ---- launchers: plain tensors, any device -------------------------------------------
 
-def _consts(C: int, rows: int) -> dict:
+def _consts(C: int, rows: int, part: str) -> dict:
     block = triton.next_power_of_2(C)
-    return dict(C=C, BLOCK_C=block, R=rows, num_warps=4 if rows * block <= 2048 else 8)
+    return dict(C=C, BLOCK_C=block, R=rows, num_warps=WARPS[part] or (4 if rows * block <= 2048 else 8))
 
 
 def delta_forward(x: torch.Tensor, u: torch.Tensor, w_beta: torch.Tensor, b_beta: torch.Tensor,
@@ -65,7 +69,7 @@ def delta_forward(x: torch.Tensor, u: torch.Tensor, w_beta: torch.Tensor, b_beta
     if M:
         rows = ROWS["forward"]
         _delta_fwd_kernel[(triton.cdiv(M, rows),)](x, u, w_beta, b_beta, w_v, b_v, out, M, beta_max, eps,
-                                                   **_consts(C, rows))
+                                                   **_consts(C, rows, "forward"))
     return out
 
 
@@ -79,10 +83,11 @@ def delta_backward(x: torch.Tensor, u: torch.Tensor, w_beta: torch.Tensor, b_bet
         raise ValueError(f"fused_delta: TOKENS_PER_PROGRAM {TOKENS_PER_PROGRAM} is not a multiple of {rows} rows")
     programs = max(1, triton.cdiv(M, TOKENS_PER_PROGRAM))
     dx, du = torch.empty_like(x), torch.empty_like(u)
-    shares = torch.zeros(programs, 2 * C + 2, dtype=torch.float32, device=x.device)  # ∂w_β, ∂w_v, ∂b_β, ∂b_v
+    # ∂w_β, ∂w_v, ∂b_β, ∂b_v: every program writes its whole row (no tokens: no program, zeros)
+    shares = (torch.empty if M else torch.zeros)(programs, 2 * C + 2, dtype=torch.float32, device=x.device)
     if M:
         _delta_bwd_kernel[(programs,)](x, u, w_beta, b_beta, w_v, b_v, grad, dx, du, shares, M, beta_max, eps,
-                                       TOKENS=TOKENS_PER_PROGRAM, **_consts(C, rows))
+                                       TOKENS=TOKENS_PER_PROGRAM, STAGES=STAGES, **_consts(C, rows, "backward"))
     total = shares.sum(0)
     part = lambda lo, hi, like: total[lo:hi].to(like.dtype, copy=True)  # noqa: E731 - no output aliases another
     return dx, du, part(0, C, w_beta), part(2 * C, 2 * C + 1, b_beta), part(C, 2 * C, w_v), part(2 * C + 1, None, b_v)
@@ -123,7 +128,7 @@ if AVAILABLE:
     @triton.jit
     def _delta_bwd_kernel(x_ptr, u_ptr, wb_ptr, bb_ptr, wv_ptr, bv_ptr, g_ptr, dx_ptr, du_ptr, shares_ptr, M,
                           beta_max, eps, C: tl.constexpr, BLOCK_C: tl.constexpr, TOKENS: tl.constexpr,
-                          R: tl.constexpr):
+                          R: tl.constexpr, STAGES: tl.constexpr):
         c = tl.arange(0, BLOCK_C)
         cm = c < C
         w_beta = tl.load(wb_ptr + c, mask=cm, other=0.0)
@@ -133,7 +138,7 @@ if AVAILABLE:
         d_wv = tl.zeros((BLOCK_C,), tl.float32)
         d_bb = tl.sum(d_wb, axis=0)  # fp32 scalar zeros
         d_bv = tl.sum(d_wv, axis=0)
-        for t in range(0, TOKENS, R):
+        for t in tl.range(0, TOKENS, R, num_stages=STAGES):
             m = tl.program_id(0).to(tl.int64) * TOKENS + t + tl.arange(0, R).to(tl.int64)
             # a token past M loads zeros: every share below is then 0
             at, rm = m[:, None] * C + c[None, :], (m < M)[:, None] & cm[None, :]
