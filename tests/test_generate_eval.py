@@ -353,3 +353,43 @@ def test_a_plan_without_a_run_says_how_to_start_one(cli, tmp_path) -> None:
     assert cli("plan", "import", write_plan(tmp_path, PLAN)).exit_code == 0
     one_error_line(cli("generate", PLAN["name"], "--prompt", "x"),
                    f"plan {PLAN['name']!r} has no run yet; start one with: muse plan run {PLAN['name']}")
+
+
+def test_greedy_decodes_a_batch_of_prompts_as_one_at_a_time_does(tmp_path) -> None:
+    """``Trained.greedy`` (what ``muse eval`` scores answers with) left-pads prompts of several lengths
+    into batches and decodes them together: each completion is the one-prompt argmax loop's, a row
+    stopping at EOS while others go on; a prompt too long for the context with ``max_tokens`` more and
+    an empty prompt go through the one-at-a-time sampler; the order of the prompts is kept. The same
+    for a Hugging Face model."""
+    from engines.data.tokenizer import ByteTokenizer
+    from muse_plan import trained as tr
+    from muse_plan.trained import Trained, open_trained
+
+    torch.manual_seed(3)
+    model = DecoderLM(ModelConfig(vocab_size=260, seq_len=48, n_layers=2, d_model=32, n_heads=2)).eval()
+    with torch.no_grad():  # weights far from the copying start, so completions vary along a row
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    first = _argmax_loop(lambda x: model(x)[0], [EOS, *b"ab"], 12, -1, 48)
+    eos = next(t for i, t in enumerate(first) if i >= 2 and t not in first[:i])  # a token some row meets early
+    t = Trained(model, ByteTokenizer(), "muse", "test", model.config, context=48)
+    t.tokenizer.eos_id = eos  # type: ignore[misc]
+    # in twos by length: (x, ab), (mid size, a longer prompt), then r×38 and q×40, which reach the context
+    # (48) after 7 tokens and go on from their last 48 tokens, r's window 2 shorter than q's (padded);
+    # q×50 longer than the context from the start; the empty prompt starts from EOS
+    texts = (b"ab", b"a longer prompt", b"x", b"q" * 40, b"mid size", b"r" * 38, b"q" * 50)
+    prompts = [[EOS, *p] for p in texts] + [[]]
+    expected = [_argmax_loop(lambda x: model(x)[0], p or [eos], 12, eos, 48) for p in prompts]
+    assert any(len(e) < 12 for e in expected) and any(len(e) == 12 for e in expected)
+    folder = tmp_path / "llama"
+    _tiny_llama(folder)
+    hf = open_trained(str(folder))  # context 64: "x"×55 and "y"×50 padded together past it
+    hf_prompts = [hf.prompt_ids(text) for text in ("Hello", "hi", "y" * 50, "x" * 55)]
+    hf_expected = [_argmax_loop(lambda x: hf.model(input_ids=x).logits, p, 10, hf.eos_id, 64) for p in hf_prompts]
+    tr.GREEDY_BATCH = 2  # several batches
+    try:
+        assert t.greedy(prompts, 12) == expected
+        assert hf.greedy(hf_prompts, 10) == hf_expected
+    finally:
+        tr.GREEDY_BATCH = 32

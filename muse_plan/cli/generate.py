@@ -208,9 +208,8 @@ def evaluate(trained: Any, rows: list[Row], max_tokens: int, reward: str = "corr
     asked = [r for r in rows if r.prompt is not None]
     if asked:
         results = []
-        for r in asked:
-            ids = trained.prompt_ids(r.prompt)
-            generated = list(trained.sample(ids, max_tokens, temperature=0.0))
+        prompts = [trained.prompt_ids(r.prompt) for r in asked]
+        for r, ids, generated in zip(asked, prompts, trained.greedy(prompts, max_tokens)):
             text = trained.completion_text(ids, generated)
             score, _ = judge.score(Completion(text, r.answer, len(generated), max_tokens, r.prompt or "",
                                               r.data or {}))
