@@ -16,9 +16,31 @@ Design decisions:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+# whether validating options reads the user's files (examples, reward modules); off while a stored
+# revision is read back (``files_unchecked``), which was checked when it was written
+_CHECK_FILES: ContextVar[bool] = ContextVar("muse_check_files", default=True)
+
+
+def checks_files() -> bool:
+    return _CHECK_FILES.get()
+
+
+@contextmanager
+def files_unchecked() -> Iterator[None]:
+    """Validate without opening the files options name: a plan read back from the store
+    (listed, shown, monitored, reported) from a folder where its relative paths don't lead."""
+    token = _CHECK_FILES.set(False)
+    try:
+        yield
+    finally:
+        _CHECK_FILES.reset(token)
 
 
 class Options(BaseModel):
@@ -66,6 +88,8 @@ class ExampleFiles(Options):
             return self
         if "tasks" in self.model_fields_set and getattr(self, "tasks", None):
             raise ValueError("give tasks (generated problems) or data (your file), not both")
+        if not checks_files():
+            return self
         rows = read_examples(self.data, self.needs)
         if self.eval_data is not None:
             read_examples(self.eval_data, self._eval_needs)

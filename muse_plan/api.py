@@ -178,7 +178,7 @@ def optimize(store: Store, ref: str, *, gpu_type: str | None = None, available_g
     with store.read() as session:
         plan = repo.get_plan(session, ref)
         head = repo.get_revision(session, plan)
-        spec = repo.spec_of(head)
+        spec = repo.spec_of(head, check_files=True)
     try:
         hw = fitting.hardware_for(spec, gpu=gpu_type, count=available_gpus, memory_budget_gib=budget,
                                   network_gbps=network)

@@ -254,3 +254,32 @@ def test_the_file_stream_resumes_where_it_was_and_walks_epochs_in_a_new_order(tm
     again = ProblemStream([], seed=3, examples=rows)
     again.load_state_dict({"drawn": 7})
     assert again.take(5) == (first + second)[7:12]
+
+
+def test_a_stored_plans_relative_files_are_read_again_only_to_run_it(cli, tmp_path, monkeypatch) -> None:
+    """A plan imported where its relative paths (examples, a reward module) lead is listed, shown and
+    monitored from any folder; only running or fitting it reads the files again, and from a folder where
+    they aren't, that is one line naming the path and the folder it was read from, exit 2, no run stored."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    _qa(work, 24)
+    _rewards_module(work)
+    plan = _plan(work, [{"name": "rl", "kind": "reasoning_rl", "steps": 2,
+                         "options": {**RL, "data": "qa.jsonl", "reward_weights": {"my_rewards.py:flat": 1.0}}}])
+    monkeypatch.chdir(work)
+    assert cli("plan", "import", str(plan)).exit_code == 0
+    monkeypatch.chdir(elsewhere)
+    assert '"name": "mine"' in cli("plan", "list", "--json").stdout
+    shown = cli("plan", "show", "mine", "--json")
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["spec"]["stages"][0]["options"]["data"] == "qa.jsonl"
+    for command in (("plan", "run", "mine"), ("plan", "optimize", "mine", "--dry-run")):
+        one_error_line(cli(*command), f"no such file 'my_rewards.py' (a relative path, read from {elsewhere})")
+    (elsewhere / "my_rewards.py").write_text((work / "my_rewards.py").read_text())  # the module found, not the data
+    one_error_line(cli("plan", "run", "mine"), f"qa.jsonl: no such file (a relative path, read from {elsewhere})")
+    with Store().read() as session:
+        assert runs.list_runs(session) == []
+    monkeypatch.chdir(work)
+    assert cli("plan", "run", "mine").exit_code == 0
+    monkeypatch.chdir(elsewhere)
+    assert cli("monitor", "mine", "--once").exit_code == 0
+    assert cli("run", "show", "1").exit_code == 0

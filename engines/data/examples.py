@@ -129,7 +129,8 @@ def load_examples(path: str | Path, need: Need) -> list[Example]:
     try:
         data = file.read_bytes()
     except FileNotFoundError:
-        raise ValueError(f"{name}: no such file") from None
+        where = "" if file.is_absolute() else f" (a relative path, read from {Path.cwd()})"
+        raise ValueError(f"{name}: no such file{where}") from None
     except IsADirectoryError:
         raise ValueError(f"{name}: a folder, not a .jsonl file") from None
     except OSError as exc:

@@ -49,6 +49,7 @@ class RewardWeights(Options):
     @model_validator(mode="after")
     def _user_rewards(self) -> RewardWeights:
         from engines.grpo.rewards import REWARDS, is_reference, load_reward
+        from engines.options import checks_files
 
         for name, weight in (self.model_extra or {}).items():
             if not is_reference(name):
@@ -56,7 +57,8 @@ class RewardWeights(Options):
                                  "module:function or file.py:function")
             if isinstance(weight, bool) or not isinstance(weight, (int, float)):
                 raise ValueError(f"reward {name!r}: its weight {weight!r} is not a number")
-            load_reward(name)  # a reference that does not import is refused now, not mid-run
+            if checks_files():
+                load_reward(name)  # a reference that does not import is refused now, not mid-run
         return self
 
     def active(self) -> dict[str, float]:

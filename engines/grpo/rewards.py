@@ -166,7 +166,8 @@ def load_reward(reference: str) -> Callable[..., Any]:
         if module_name.endswith(".py"):
             path = Path(module_name).expanduser()
             if not path.is_file():
-                raise ValueError(f"{what}: no such file {module_name!r}")
+                where = "" if path.is_absolute() else f" (a relative path, read from {Path.cwd()})"
+                raise ValueError(f"{what}: no such file {module_name!r}{where}")
             spec = importlib.util.spec_from_file_location(f"muse_reward_{abs(hash(str(path.resolve())))}", path)
             module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
             spec.loader.exec_module(module)  # type: ignore[union-attr]

@@ -73,7 +73,7 @@ def _head(store: Store, plan_ref: str, run_ref: str | None) -> tuple[Any, Any, P
         else:
             plan = repo.get_plan(session, plan_ref)
         revision = repo.get_revision(session, plan)
-        return plan, revision, repo.spec_of(revision)
+        return plan, revision, repo.spec_of(revision, check_files=True)  # the run reads them: here, not mid-run
 
 
 def check_launch(store: Store, plan_ref: str, run_ref: str | None, world_size: int, cuda: bool) -> None:

@@ -31,8 +31,18 @@ from muse_plan.plan.spec import PlanSpec
 from muse_plan.store.models import AUTHORS, Plan, PlanRevision, Run, utcnow
 
 
-def spec_of(revision: PlanRevision) -> PlanSpec:
-    return spec_from_dict(json.loads(revision.spec_json), f"revision {revision.number}")
+def spec_of(revision: PlanRevision, check_files: bool = False) -> PlanSpec:
+    """A stored revision's spec. The files its options name (examples, reward modules) were read
+    when it was written; they are read again only with ``check_files`` (a run, an optimization),
+    so listing, showing, monitoring or reporting a plan works from any folder, where its relative
+    paths may lead nowhere."""
+    data = json.loads(revision.spec_json)
+    if check_files:
+        return spec_from_dict(data, f"revision {revision.number}")
+    from engines.options import files_unchecked
+
+    with files_unchecked():
+        return spec_from_dict(data, f"revision {revision.number}")
 
 
 def _snapshot(spec: PlanSpec) -> str:
