@@ -9,6 +9,11 @@ Design decisions:
   and never a ``dict.get`` with a default of its own.
 - ``LoraOptions`` lives here, not in one engine: it is a technique of the
   plan (``techniques.lora``) that any engine which fine-tunes may take.
+- Files named in options (examples, reward modules) are read when a plan is
+  imported or edited, and again when it runs or is fitted, not when a stored
+  revision is read back to list, show, monitor or report it
+  (``files_unchecked``): its relative paths lead somewhere only from the
+  folder it was imported in.
 - ``one_line`` turns a validation error into the one line the CLI prints:
   each key, its value and what is accepted, so a typo is refused at import
   with a message that says how to fix it.
