@@ -17,7 +17,7 @@ import pytest
 from muse_plan.store import repo, runs
 from muse_plan.store.db import Store
 from muse_plan.store.models import Run
-from tests.conftest import TINY, write_plan
+from tests.conftest import TINY, one_error_line, write_plan
 
 
 def losses(run_id: int, stage_position: int = 0) -> list[tuple[int, float]]:
@@ -173,11 +173,18 @@ def test_a_completed_run_is_not_resumed(cli, tmp_path) -> None:
     assert result.exit_code == 2 and "run 1 already completed" in result.output
 
 
-def test_data_that_does_not_exist_is_a_plan_error(cli, tmp_path) -> None:
+def test_data_that_does_not_exist_is_a_plan_error_before_a_run_exists(cli, tmp_path, monkeypatch) -> None:
     cli("plan", "import", write_plan(tmp_path, data={"source": str(tmp_path / "missing.txt")}))
-    result = cli("plan", "run", "tiny")
-    assert result.exit_code == 2
-    assert "stage 'pretrain': data source" in result.output and "does not exist" in result.output
+    one_error_line(cli("plan", "run", "tiny"), f"stage 'pretrain': data source '{tmp_path / 'missing.txt'}' "
+                                               "does not exist; use 'arithmetic'")
+    monkeypatch.chdir(tmp_path)
+    assert cli("plan", "edit", "tiny", "--set", "data.source=corpus").exit_code == 0
+    one_error_line(cli("plan", "run", "tiny"), f"data source 'corpus' does not exist (a relative path, read from "
+                                               f"{tmp_path})")
+    (tmp_path / "corpus").mkdir()
+    one_error_line(cli("plan", "run", "tiny"), "data folder 'corpus' holds no .txt")
+    with Store().read() as session:
+        assert runs.list_runs(session) == []  # refused before any run was stored
 
 
 def test_a_stage_of_another_precision_gets_its_own_accelerator(cli, tmp_path, muse_home) -> None:

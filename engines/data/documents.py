@@ -45,7 +45,9 @@ def source_files(source: str | Path) -> list[Path]:
     """The accepted files of a local file or folder, resolved and sorted by path."""
     path = Path(source).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"data source '{source}' does not exist; use 'arithmetic' or a local file/folder")
+        where = "" if path.is_absolute() else f" (a relative path, read from {Path.cwd()})"
+        raise FileNotFoundError(f"data source '{source}' does not exist{where}; use 'arithmetic' or a local "
+                                "file/folder")
     accepted = ", ".join(ACCEPTED_SUFFIXES)
     if path.is_file():
         if path.suffix.lower() not in ACCEPTED_SUFFIXES:

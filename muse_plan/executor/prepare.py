@@ -98,6 +98,7 @@ def prepare_run(store: Store, plan_ref: str, resume: bool, run_ref: str | None, 
     if not resume:
         revision, spec = _fit_here(store, plan, revision, spec, world_size, force, view)
     settings = check_stages(spec, world_size, cuda)
+    check_corpus(spec, settings)
     with store.write() as session:
         if resume:
             run, start = _reopen(session, plan, spec, run_ref, revision.number)
@@ -117,6 +118,24 @@ def prepare_run(store: Store, plan_ref: str, resume: bool, run_ref: str | None, 
         events_from = runs.newest_event_id(session, run.id) if resume else 0
     return Prepared(run.id, run.run_dir, plan.name, revision.number,
                     json.dumps(spec_to_dict(spec)), start, resume, stage_ids, events_from)
+
+
+def check_corpus(spec: PlanSpec, settings: list[StageSettings]) -> None:
+    """The plan's corpus (``data.source``, a local file or folder) is there and readable, asked
+    before a run exists rather than when the first stage that reads it starts: a stage of muse's
+    architecture engine without examples of its own."""
+    if spec.data.source == "arithmetic":
+        return
+    readers = [s.name for s in settings if STAGE_KINDS[s.kind].engine == "architecture"
+               and STAGE_KINDS[s.kind].trains and getattr(s.options, "data", None) is None]
+    if not readers:
+        return
+    from engines.data.documents import source_files
+
+    try:
+        source_files(spec.data.source)
+    except (ValueError, FileNotFoundError) as exc:
+        raise PlanError(f"stage {readers[0]!r}: {exc}") from None
 
 
 def _fit_here(store: Store, plan: Any, revision: Any, spec: PlanSpec, world_size: int, force: bool,
