@@ -183,6 +183,10 @@ def test_data_that_does_not_exist_is_a_plan_error_before_a_run_exists(cli, tmp_p
                                                f"{tmp_path})")
     (tmp_path / "corpus").mkdir()
     one_error_line(cli("plan", "run", "tiny"), "data folder 'corpus' holds no .txt")
+    (tmp_path / "corpus" / "a.txt").write_text("some text " * 50)
+    assert cli("plan", "edit", "tiny", "--set", "data.tokenizer=my-tokenizer").exit_code == 0
+    one_error_line(cli("plan", "run", "tiny"), "data.tokenizer: tokenizer 'my-tokenizer' is neither 'byte' nor a "
+                                               f"local tokenizer directory (a relative path, read from {tmp_path})")
     with Store().read() as session:
         assert runs.list_runs(session) == []  # refused before any run was stored
 

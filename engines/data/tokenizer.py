@@ -182,4 +182,5 @@ def load_tokenizer(name: str) -> Tokenizer:
         return ByteTokenizer()
     if Path(name).expanduser().is_dir():
         return HFTokenizer(name)
-    raise ValueError(f"tokenizer '{name}' is neither 'byte' nor a local tokenizer directory")
+    where = "" if Path(name).expanduser().is_absolute() else f" (a relative path, read from {Path.cwd()})"
+    raise ValueError(f"tokenizer '{name}' is neither 'byte' nor a local tokenizer directory{where}")

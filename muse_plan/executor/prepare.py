@@ -98,7 +98,7 @@ def prepare_run(store: Store, plan_ref: str, resume: bool, run_ref: str | None, 
     if not resume:
         revision, spec = _fit_here(store, plan, revision, spec, world_size, force, view)
     settings = check_stages(spec, world_size, cuda)
-    check_corpus(spec, settings)
+    check_data(spec, settings)
     with store.write() as session:
         if resume:
             run, start = _reopen(session, plan, spec, run_ref, revision.number)
@@ -120,10 +120,18 @@ def prepare_run(store: Store, plan_ref: str, resume: bool, run_ref: str | None, 
                     json.dumps(spec_to_dict(spec)), start, resume, stage_ids, events_from)
 
 
-def check_corpus(spec: PlanSpec, settings: list[StageSettings]) -> None:
-    """The plan's corpus (``data.source``, a local file or folder) is there and readable, asked
-    before a run exists rather than when the first stage that reads it starts: a stage of muse's
-    architecture engine without examples of its own."""
+def check_data(spec: PlanSpec, settings: list[StageSettings]) -> None:
+    """The plan's tokenizer (``data.tokenizer``) loads and its corpus (``data.source``, a local
+    file or folder) is there and readable, asked before a run exists rather than when the first
+    stage that reads them starts (every stage reads the tokenizer; the corpus, a stage of muse's
+    architecture engine without examples of its own)."""
+    if spec.data.tokenizer != "byte":
+        from engines.data.tokenizer import load_tokenizer
+
+        try:
+            load_tokenizer(spec.data.tokenizer)
+        except (ValueError, OSError) as exc:
+            raise PlanError(f"data.tokenizer: {exc}") from None
     if spec.data.source == "arithmetic":
         return
     readers = [s.name for s in settings if STAGE_KINDS[s.kind].engine == "architecture"
