@@ -22,6 +22,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from engines.options import read_from
+
 LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "phi3")
 
 
@@ -29,7 +31,8 @@ def hf_config(directory: str) -> dict[str, Any]:
     """The model's ``config.json``; ``ValueError`` in one line when there is none to read."""
     path = Path(directory).expanduser()
     if not path.is_dir():
-        raise ValueError(f"model.init_from {directory!r} is not a Hugging Face model directory: no such folder")
+        raise ValueError(f"model.init_from {directory!r} is not a Hugging Face model directory: no such "
+                         f"folder{read_from(path)}")
     config = path / "config.json"
     try:
         data = json.loads(config.read_text(encoding="utf-8"))

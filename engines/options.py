@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
@@ -35,6 +36,12 @@ _CHECK_FILES: ContextVar[bool] = ContextVar("muse_check_files", default=True)
 
 def checks_files() -> bool:
     return _CHECK_FILES.get()
+
+
+def read_from(path: str | Path) -> str:
+    """What a "no such file" message adds for a relative path: the folder it was looked up from
+    (a plan's relative paths lead somewhere only from the folder muse runs in)."""
+    return "" if Path(path).expanduser().is_absolute() else f" (a relative path, read from {Path.cwd()})"
 
 
 @contextmanager

@@ -30,6 +30,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from engines.options import read_from
+
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl",)
 ACCEPTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
@@ -45,9 +47,8 @@ def source_files(source: str | Path) -> list[Path]:
     """The accepted files of a local file or folder, resolved and sorted by path."""
     path = Path(source).expanduser()
     if not path.exists():
-        where = "" if path.is_absolute() else f" (a relative path, read from {Path.cwd()})"
-        raise FileNotFoundError(f"data source '{source}' does not exist{where}; use 'arithmetic' or a local "
-                                "file/folder")
+        raise FileNotFoundError(f"data source '{source}' does not exist{read_from(path)}; use 'arithmetic' or a "
+                                "local file/folder")
     accepted = ", ".join(ACCEPTED_SUFFIXES)
     if path.is_file():
         if path.suffix.lower() not in ACCEPTED_SUFFIXES:

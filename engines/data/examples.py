@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from engines.options import read_from
+
 Need = Literal["completion", "answer", "either"]  # either: a completion or an answer
 _GSM8K = "####"
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -129,8 +131,7 @@ def load_examples(path: str | Path, need: Need) -> list[Example]:
     try:
         data = file.read_bytes()
     except FileNotFoundError:
-        where = "" if file.is_absolute() else f" (a relative path, read from {Path.cwd()})"
-        raise ValueError(f"{name}: no such file{where}") from None
+        raise ValueError(f"{name}: no such file{read_from(path)}") from None
     except IsADirectoryError:
         raise ValueError(f"{name}: a folder, not a .jsonl file") from None
     except OSError as exc:

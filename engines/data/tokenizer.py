@@ -29,6 +29,8 @@ import json
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
+from engines.options import read_from
+
 _EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[EOS]", "<|eos|>")
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "[BOS]", "<|bos|>")
 _PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>")
@@ -182,5 +184,4 @@ def load_tokenizer(name: str) -> Tokenizer:
         return ByteTokenizer()
     if Path(name).expanduser().is_dir():
         return HFTokenizer(name)
-    where = "" if Path(name).expanduser().is_absolute() else f" (a relative path, read from {Path.cwd()})"
-    raise ValueError(f"tokenizer '{name}' is neither 'byte' nor a local tokenizer directory{where}")
+    raise ValueError(f"tokenizer '{name}' is neither 'byte' nor a local tokenizer directory{read_from(name)}")

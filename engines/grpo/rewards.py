@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from engines.options import read_from
+
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 _EQUATION = re.compile(r"(-?\d+)\s*([-+*/])\s*(\d+)\s*=\s*(-?\d+)")
 _MARKED = re.compile(r"\\boxed\{([^{}]*)\}|####\s*([^\n]+)|<answer>(.*?)</answer>|Answer:\s*([^\n]+)", re.S)
@@ -166,8 +168,7 @@ def load_reward(reference: str) -> Callable[..., Any]:
         if module_name.endswith(".py"):
             path = Path(module_name).expanduser()
             if not path.is_file():
-                where = "" if path.is_absolute() else f" (a relative path, read from {Path.cwd()})"
-                raise ValueError(f"{what}: no such file {module_name!r}{where}")
+                raise ValueError(f"{what}: no such file {module_name!r}{read_from(path)}")
             spec = importlib.util.spec_from_file_location(f"muse_reward_{abs(hash(str(path.resolve())))}", path)
             module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
             spec.loader.exec_module(module)  # type: ignore[union-attr]
