@@ -8,10 +8,12 @@ flags and renders. A function that raises has written nothing.
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engines.options import files_unchecked
 from muse_plan.errors import PlanError
 from muse_plan.monitor.trackers import require as require_trackers
 from muse_plan.plan import io
@@ -106,7 +108,12 @@ def edit(store: Store, ref: str, sets: list[str], *, reason: str | None = None,
         if replan:
             data["stages"] = []
             data.setdefault("model", {}).pop("residual", None)
-        spec = complete(io.spec_from_dict(data, "edited plan"))
+        # the files stages name (examples, rewards) are read again only where the edit may change them:
+        # another setting is edited from any folder, where the plan's relative paths may lead nowhere
+        keys = [item.split("=", 1)[0].strip() for item in sets]
+        checked = replan or any(key.startswith(("stages", "techniques")) for key in keys)
+        with nullcontext() if checked else files_unchecked():
+            spec = complete(io.spec_from_dict(data, "edited plan"))
         if spec.training.log_with != repo.spec_of(head).training.log_with:  # newly named here: installed?
             require_trackers(spec.training.log_with)
         changes = diff(old, io.spec_to_dict(spec))

@@ -257,9 +257,10 @@ def test_the_file_stream_resumes_where_it_was_and_walks_epochs_in_a_new_order(tm
 
 
 def test_a_stored_plans_relative_files_are_read_again_only_to_run_it(cli, tmp_path, monkeypatch) -> None:
-    """A plan imported where its relative paths (examples, a reward module) lead is listed, shown and
-    monitored from any folder; only running or fitting it reads the files again, and from a folder where
-    they aren't, that is one line naming the path and the folder it was read from, exit 2, no run stored."""
+    """A plan imported where its relative paths (examples, a reward module) lead is listed, shown,
+    monitored and edited (outside its stages) from any folder; only running, fitting it or editing its
+    stages reads the files again, and from a folder where they aren't, that is one line naming the path
+    and the folder it was read from, exit 2, no run or revision stored."""
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir(), elsewhere.mkdir()
     _qa(work, 24)
@@ -278,6 +279,9 @@ def test_a_stored_plans_relative_files_are_read_again_only_to_run_it(cli, tmp_pa
     one_error_line(cli("plan", "run", "mine"), f"qa.jsonl: no such file (a relative path, read from {elsewhere})")
     with Store().read() as session:
         assert runs.list_runs(session) == []
+    # an edit of another setting is written from here; one that may change the stages' files is checked
+    assert cli("plan", "edit", "mine", "--set", "training.lr=0.002").exit_code == 0
+    one_error_line(cli("plan", "edit", "mine", "--set", "stages.rl.steps=3"), "qa.jsonl: no such file")
     monkeypatch.chdir(work)
     assert cli("plan", "run", "mine").exit_code == 0
     monkeypatch.chdir(elsewhere)
