@@ -507,11 +507,21 @@ def _build(path: Path, manifest: dict[str, Any], spec: PlanSpec | None) -> tuple
     if manifest.get("weights") == checkpoint.ADAPTERS:  # LoRA adapters only: they go on their base as it is
         return _hf_base(str(manifest.get("base_model") or "")), None
     if spec is not None and spec.model.family == "hf" and spec.model.init_from:
-        return _hf_from_config(spec.model.init_from), None
+        return _hf_from_config(_in_workdir(spec.model.init_from, manifest)), None
     why = ("its plan is a muse decoder's" if spec is not None else
            "and no plan in the store says what model it holds")
     raise PlanError(f"checkpoint {path}: its manifest records no model_config ({why}); "
                     "it holds no language model muse can open")
+
+
+def _in_workdir(name: str, manifest: dict[str, Any]) -> str:
+    """A plan's relative path (a tokenizer, ``init_from``) as its run read it: from the folder the run
+    ran in (the manifest's ``workdir``) when it leads nowhere from here; otherwise as written."""
+    path = Path(name).expanduser()
+    workdir = manifest.get("workdir")
+    if name == "byte" or path.is_absolute() or path.exists() or not workdir or not (Path(workdir) / path).exists():
+        return name
+    return str(Path(workdir) / path)
 
 
 def _load_weights(path: Path, model: torch.nn.Module) -> None:
@@ -537,7 +547,7 @@ def _trained(path: Path, manifest: dict[str, Any], model: torch.nn.Module, confi
         source = f"checkpoint {path}"
     if spec is not None:
         try:
-            tokenizer = load_tokenizer(spec.data.tokenizer)
+            tokenizer = load_tokenizer(_in_workdir(spec.data.tokenizer, manifest))
         except ValueError as exc:
             raise PlanError(f"{source}: the plan's tokenizer can't be loaded: {exc}") from None
     else:

@@ -393,3 +393,28 @@ def test_greedy_decodes_a_batch_of_prompts_as_one_at_a_time_does(tmp_path) -> No
         assert hf.greedy(hf_prompts, 10) == hf_expected
     finally:
         tr.GREEDY_BATCH = 32
+
+
+def test_a_runs_relative_tokenizer_is_found_from_any_folder(cli, tmp_path, monkeypatch) -> None:
+    """A plan whose tokenizer is a relative folder, run in its own folder: each checkpoint's manifest
+    keeps the folder the run ran in, so ``muse eval`` and ``muse generate`` load that tokenizer from
+    elsewhere (the plan's path read from the run's folder), and say so in one line where it is gone."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    shutil.copytree(Path(__file__).resolve().parent.parent / "plans" / "data" / "tokenizer-ja-en", work / "tok")
+    plan = write_plan(work, {**TINY_STANDARD, "model": {**TINY_STANDARD["model"], "vocab_size": 2048}},
+                      stages=pretrain(2, 2), data={"source": "arithmetic", "tokenizer": "tok"})
+    monkeypatch.chdir(work)
+    assert cli("plan", "import", plan).exit_code == 0
+    assert cli("plan", "run", "tiny").exit_code == 0
+    ckpt = next((work.parent / "muse-home" / "runs" / "run-00001").rglob("manifest.json"))
+    assert json.loads(ckpt.read_text())["workdir"] == str(work)
+    monkeypatch.chdir(elsewhere)
+    (elsewhere / "t.jsonl").write_text(json.dumps({"text": "1 + 2 = 3"}) + "\n")
+    shown = cli("eval", "1", "--data", "t.jsonl", "--json")
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["text"]["tokens"] > 0
+    assert cli("generate", "1", "--prompt", "1 +", "--max-tokens", "3").exit_code == 0
+    shutil.rmtree(work / "tok")
+    one_error_line(cli("eval", "1", "--data", "t.jsonl"), "tokenizer 'tok' is neither 'byte' nor a local tokenizer "
+                                                         f"directory (a relative path, read from {elsewhere})")

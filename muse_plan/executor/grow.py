@@ -60,7 +60,7 @@ import torch
 
 from muse_plan.errors import PlanError
 from muse_plan.executor import checkpoint
-from muse_plan.executor.record import Prepared, Recorder, StageResult, View, model_meta, note
+from muse_plan.executor.record import Prepared, Recorder, StageResult, View, note, stage_meta
 from muse_plan.executor.settings import StageSettings, engine_options, model_config
 from muse_plan.monitor.detectors import Finding, Plateau
 from muse_plan.plan.spec import PlanSpec
@@ -108,8 +108,8 @@ def grow_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
                                   accelerator.autocast, moments, fit_clip=s.clip_grad_norm)
         except (ValueError, checkpoint.CorruptCheckpoint) as exc:
             raise PlanError(f"stage {stage.name!r}: {exc}") from None
-        meta = {"plan": prepared.plan, "revision": prepared.revision, "run": prepared.run_id, "stage": stage.name,
-                **model_meta(trainer.model)}  # the grown model's own config (a width growth rescales norm_eps)
+        meta = stage_meta(prepared, stage.name, trainer.model)  # the grown model's own config (a width
+        # growth rescales norm_eps)
         state = {"engine": trainer.state_dict(), "rng": checkpoint.rng_state()}
         if report.moments is not None:  # by parameter name; the next stage makes its optimizer's form
             state["mapped_optimizer"] = report.moments

@@ -86,6 +86,14 @@ class Prepared:
     events_from: int = 0  # the first of the run's events this process mirrors to its trackers (0: all)
 
 
+def stage_meta(prepared: Prepared, stage: str, model: Any) -> dict[str, Any]:
+    """What a stage's checkpoints' manifests say besides the weights: the plan, revision, run and stage,
+    the folder the run ran in (the plan's relative paths, a tokenizer or ``init_from``, lead somewhere
+    from there: ``muse eval`` and ``muse generate`` find them from any folder) and the model's config."""
+    return {"plan": prepared.plan, "revision": prepared.revision, "run": prepared.run_id, "stage": stage,
+            "workdir": str(Path.cwd()), **model_meta(model)}
+
+
 def model_meta(model: Any) -> dict[str, Any]:
     """The manifest's ``model_config``: the full config the weights were built with,
     so a later stage (or a resume) builds exactly that model; {} for a model without one."""

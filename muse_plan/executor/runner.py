@@ -44,8 +44,8 @@ from muse_plan.executor import checkpoint
 from muse_plan.executor.accelerators import accelerator_for
 from muse_plan.executor.loop import STOP, Fault, Injector, train_stage
 from muse_plan.executor.prepare import prepare_run, set_up, stage_settings
-from muse_plan.executor.record import (Prepared, Recorder, RunResult, StageResult, View, mark_stopped, model_meta,
-                                       note)
+from muse_plan.executor.record import (Prepared, Recorder, RunResult, StageResult, View, mark_stopped, note,
+                                       stage_meta)
 from muse_plan.monitor.detectors import Watch
 from muse_plan.monitor.trackers import LiveMirror, open_live
 from muse_plan.plan.io import spec_from_dict, spec_to_dict
@@ -244,8 +244,7 @@ def _run_stage(store: Store | None, accelerator: Any, spec: PlanSpec, prepared: 
     start = _starting_point(store, accelerator, spec, prepared, position, resuming, trainer, view)
     if starts is not None:
         starts.append(start.step if start else 0)
-    meta = {"plan": prepared.plan, "revision": prepared.revision, "run": prepared.run_id, "stage": stage.name,
-            **model_meta(trainer.model)}
+    meta = stage_meta(prepared, stage.name, trainer.model)
     if s.adapters_only:  # the base is model.init_from's as it is: checkpoints hold the adapters
         base = Path(spec.model.init_from or "").expanduser().resolve()
         meta.update(weights=checkpoint.ADAPTERS, base_model=str(base))
