@@ -23,8 +23,9 @@ Design decisions:
   renamed. FSDP and ZeRO-3 shard around the blocks: they compile blocks.
   Measured through ``muse plan run`` (350M, H100, docs/bench_plan_run.md):
   164,981 tokens/s against the blocks' 163,863 (+0.7%), for a first step of
-  61.8 s against 11.6 s (6.5 s on a second run with the cache), so ``auto``
-  compiles blocks.
+  61.8 s against 11.6 s (6.5 s on a second run with the cache); after the
+  loop's fixes of session 23, 96.2 ms a step both (first step 53.7 s against
+  11.9; docs/bench_plan_run_pinned.json), so ``auto`` compiles blocks.
 - **Which stages.** ``training.compile: auto`` compiles the architecture
   engine's stages (pretrain, continue, finetune) on a GPU; ``on`` compiles
   them on any device; ``off`` never. The GRPO engine's stages train eager
