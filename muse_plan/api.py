@@ -108,10 +108,9 @@ def edit(store: Store, ref: str, sets: list[str], *, reason: str | None = None,
         if replan:
             data["stages"] = []
             data.setdefault("model", {}).pop("residual", None)
-        # the files stages name (examples, rewards) are read again only where the edit may change them:
-        # another setting is edited from any folder, where the plan's relative paths may lead nowhere
-        keys = [item.split("=", 1)[0].strip() for item in sets]
-        checked = replan or any(key.startswith(("stages", "techniques")) for key in keys)
+        # the files stages name (examples, rewards) are read again only where the edit changed the stages or
+        # techniques: another setting is edited from any folder, where the plan's relative paths may lead nowhere
+        checked = replan or any(data.get(part) != old.get(part) for part in ("stages", "techniques"))
         with nullcontext() if checked else files_unchecked():
             spec = complete(io.spec_from_dict(data, "edited plan"))
         if spec.training.log_with != repo.spec_of(head).training.log_with:  # newly named here: installed?
