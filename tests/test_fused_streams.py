@@ -243,13 +243,15 @@ def mhc_interpreter_checks() -> None:
     # 48 channels: two blocks, the last partial, so pre's passes run in both orders; 18 tokens, 16 a program:
     # two programs, the second partial
     fm.TILES = {"state_grad": (16, 32, 4), "pre_read": (16, 32, 4), "pre_grad": (16, 32, 4)}
-    for two_pass in (True, False):  # pre's two kernels (the maps with the read; the dots with ∂x), or four
+    # pre's two kernels (the maps with the read; the dots with ∂x), or four; φ as stored, or φᵀ (PHI_TRANSPOSED)
+    for two_pass, phi_t in ((True, True), (False, False), (False, True)):
         fm.TWO_PASS_FORWARD = fm.TWO_PASS_BACKWARD = two_pass
+        fm.PHI_TRANSPOSED = phi_t
         torch._dynamo.reset()
         for how, connection in (("eager", fused), ("checkpoint", checkpointed),
                                 ("aot_eager", torch.compile(fused, backend="aot_eager", fullgraph=True))):
             for name, got, ref in zip(names, run(connection, conn, lin, x, grad), want):
-                assert got is not None and _rel(got, ref) < 2e-5, (two_pass, how, name,
+                assert got is not None and _rel(got, ref) < 2e-5, (two_pass, phi_t, how, name,
                                                                    None if got is None else _rel(got, ref))
 
 

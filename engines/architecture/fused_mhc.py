@@ -41,6 +41,10 @@ TILES = {"state_grad": (32, 64, 8), "pre_read": (16, 64, 4), "pre_grad": (16, 64
 # 0.283 ms where the four-kernel form's maps and read take 0.123 (docs/bench_plan_run.md, last section)
 TWO_PASS_FORWARD = False
 TWO_PASS_BACKWARD = False
+# The state's gradient reads φᵀ tiles, (columns, channels): from φ (nC, P) as stored each channel's 24 columns lie
+# together and a tile's loads along its channels step 24 apart; True: the launcher passes φᵀ (P, nC), contiguous
+# along the channels, so they coalesce (the tuner times both)
+PHI_TRANSPOSED = False
 
 
 def usable(x: torch.Tensor, mode: str) -> bool:
@@ -71,11 +75,19 @@ def state_grad(x: torch.Tensor, g: torch.Tensor, h_res: torch.Tensor, h_pre: tor
         raise ValueError(f"fused_mhc.state_grad takes 4 streams, got {n}")
     dx = torch.empty_like(x)
     phi, consts = fs._maps_args(x, phi)
+    phi, strides = _phi_layout(phi)
     bm, bc, warps = TILES["state_grad"]
     _state_grad_kernel[(triton.cdiv(M, bm), triton.cdiv(C, bc))](
         x, g.contiguous(), h_res, h_pre, dy, phi, proj, rinv, dproj, dx, M, C=C, N=n, BC=bc, **{**consts, "BM": bm},
-        num_warps=warps)
+        **strides, num_warps=warps)
     return dx
+
+
+def _phi_layout(phi: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """φ (nC, P) as the state's gradient reads it (``PHI_TRANSPOSED``), and its strides: SK along nC, SP along P."""
+    if PHI_TRANSPOSED:
+        return phi.t().contiguous(), dict(SK=1, SP=phi.shape[0])
+    return phi, dict(SK=phi.shape[1], SP=1)
 
 
 def pre_read(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b_pre: torch.Tensor,
@@ -106,10 +118,11 @@ def pre_grad(x: torch.Tensor, g: torch.Tensor, h_res: torch.Tensor, dy: torch.Te
     dx = torch.empty_like(x)
     d_pre = torch.empty(M, n, dtype=torch.float32, device=x.device)
     phi, consts = fs._maps_args(x, phi)
+    phi, strides = _phi_layout(phi)
     bm, bc, warps = TILES["pre_grad"]
     _pre_grad_kernel[(triton.cdiv(M, bm),)](
         x, g.contiguous(), h_res, dy, phi, proj, rinv, alpha, b_pre, dproj, dx, d_pre, M, C=C, N=n, BC=bc,
-        **{**consts, "BM": bm}, num_warps=warps)
+        **{**consts, "BM": bm}, **strides, num_warps=warps)
     return dx, d_pre
 
 
@@ -119,11 +132,11 @@ if AVAILABLE:
     @triton.jit
     def _stream_grad_start(x_ptr, phi_ptr, h_pre, dproj, coef, dy, rows, c, tile, cols, j: tl.constexpr,
                            C: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BF16: tl.constexpr,
-                           PRECISION: tl.constexpr):
+                           PRECISION: tl.constexpr, SK: tl.constexpr, SP: tl.constexpr):
         """Stream j's ∂x before H_resᵀ g: the maps' terms and h_pre[j] ∂y, (BM, BC) fp32."""
         col = j * C + c  # the state's flat column of (stream j, channel c): φ's row
         x = tl.load(x_ptr + rows[:, None] * D + col[None, :], mask=tile, other=0.0).to(tl.float32)
-        phi_t = tl.load(phi_ptr + col[None, :] * P + cols[:, None], mask=(cols < P)[:, None] & (c < C)[None, :],
+        phi_t = tl.load(phi_ptr + col[None, :] * SK + cols[:, None] * SP, mask=(cols < P)[:, None] & (c < C)[None, :],
                         other=0.0)
         if BF16:
             acc = tl.dot(dproj, phi_t)
@@ -134,17 +147,21 @@ if AVAILABLE:
     @triton.jit
     def _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, h0, h1, h2, h3, dproj, coef, rows, rm, c,
                          cols, C: tl.constexpr, N: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BF16: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, SK: tl.constexpr, SP: tl.constexpr):
         """∂x on BM tokens × BC channels of the four streams at once, so each of g's streams is read once
         (H_resᵀ g mixes every stream of g into every stream of ∂x; a loop over output streams read g N times).
         h0..h3: h_pre's four columns (BM,); dproj: ∂proj · r (BM, PP); coef: the norm's term's on x."""
         tile = rm[:, None] & (c < C)[None, :]
         dy = tl.load(dy_ptr + rows[:, None] * C + c[None, :], mask=tile, other=0.0).to(tl.float32)
         # each argument spelled out: a tuple unpacked into a jit call needs a newer Triton than torch>=2.4 brings
-        acc0 = _stream_grad_start(x_ptr, phi_ptr, h0, dproj, coef, dy, rows, c, tile, cols, 0, C, D, P, BF16, PRECISION)
-        acc1 = _stream_grad_start(x_ptr, phi_ptr, h1, dproj, coef, dy, rows, c, tile, cols, 1, C, D, P, BF16, PRECISION)
-        acc2 = _stream_grad_start(x_ptr, phi_ptr, h2, dproj, coef, dy, rows, c, tile, cols, 2, C, D, P, BF16, PRECISION)
-        acc3 = _stream_grad_start(x_ptr, phi_ptr, h3, dproj, coef, dy, rows, c, tile, cols, 3, C, D, P, BF16, PRECISION)
+        acc0 = _stream_grad_start(x_ptr, phi_ptr, h0, dproj, coef, dy, rows, c, tile, cols, 0, C, D, P, BF16,
+                                  PRECISION, SK, SP)
+        acc1 = _stream_grad_start(x_ptr, phi_ptr, h1, dproj, coef, dy, rows, c, tile, cols, 1, C, D, P, BF16,
+                                  PRECISION, SK, SP)
+        acc2 = _stream_grad_start(x_ptr, phi_ptr, h2, dproj, coef, dy, rows, c, tile, cols, 2, C, D, P, BF16,
+                                  PRECISION, SK, SP)
+        acc3 = _stream_grad_start(x_ptr, phi_ptr, h3, dproj, coef, dy, rows, c, tile, cols, 3, C, D, P, BF16,
+                                  PRECISION, SK, SP)
         for i in tl.static_range(N):  # H_resᵀ g: ∂x_j += H_res[i, j] g_i
             g = tl.load(g_ptr + rows[:, None] * D + (i * C + c)[None, :], mask=tile, other=0.0).to(tl.float32)
             h = hres_ptr + (rows * N + i) * N
@@ -162,7 +179,8 @@ if AVAILABLE:
     @triton.jit
     def _state_grad_kernel(x_ptr, g_ptr, hres_ptr, hpre_ptr, dy_ptr, phi_ptr, proj_ptr, rinv_ptr, dproj_ptr, dx_ptr, M,
                            C: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, D: tl.constexpr,
-                           P: tl.constexpr, PP: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr):
+                           P: tl.constexpr, PP: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr,
+                           SK: tl.constexpr, SP: tl.constexpr):
         """One (BM tokens, BC channels) tile of ∂x, h_pre and ∂proj read from memory."""
         rows, rm = _token_rows(M, BM)
         c = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -174,7 +192,7 @@ if AVAILABLE:
         _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, tl.load(h, mask=rm, other=0.0),
                          tl.load(h + 1, mask=rm, other=0.0), tl.load(h + 2, mask=rm, other=0.0),
                          tl.load(h + 3, mask=rm, other=0.0), dproj, coef, rows, rm, c, cols, C, N, D, P, BF16,
-                         PRECISION)
+                         PRECISION, SK, SP)
 
     @triton.jit
     def _column(t, cols, j: tl.constexpr):
@@ -218,7 +236,7 @@ if AVAILABLE:
     def _pre_grad_kernel(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, proj_ptr, rinv_ptr, alpha_ptr, bpre_ptr, dproj_ptr,
                          dx_ptr, dpre_ptr, M, C: tl.constexpr, N: tl.constexpr, BC: tl.constexpr, D: tl.constexpr,
                          P: tl.constexpr, PP: tl.constexpr, BM: tl.constexpr, BF16: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, SK: tl.constexpr, SP: tl.constexpr):
         """BM tokens: ⟨x_j, ∂y_in⟩ over the channels, so H_pre's part of ∂proj; then ∂x, blocks last to
         first."""
         rows, rm = _token_rows(M, BM)
@@ -253,7 +271,7 @@ if AVAILABLE:
         for back in range(blocks):
             c = (blocks - 1 - back) * BC + tl.arange(0, BC)
             _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, h0, h1, h2, h3, dproj, coef, rows, rm,
-                             c, cols, C, N, D, P, BF16, PRECISION)
+                             c, cols, C, N, D, P, BF16, PRECISION, SK, SP)
 
     # ---- the ops ----------------------------------------------------------------------
 
