@@ -194,9 +194,7 @@ def mhc_interpreter_checks() -> None:
     """``fused_mhc``: its state-gradient kernel, and the whole connection (the maps, gates, read and
     write, one gradient of the state through the write's tap) against ManifoldHyperConnection in
     float64, eager, under AOT autograd (``torch.compile(backend="aot_eager")``) and under activation
-    checkpointing."""
-    import copy
-
+    checkpointing; and mgt's (the dots ⟨X_j, k⟩ too) against ManifoldDeltaConnection."""
     from engines.architecture import fused_mhc as fm
     from engines.architecture import fused_streams as fs
     from engines.architecture import residual as r
@@ -214,11 +212,21 @@ def mhc_interpreter_checks() -> None:
     _register_cpu({"maps_project": fs.maps_forward, "stream_read": fs.read_forward, "stream_dots": fs.dots_forward,
                    "sinkhorn": sinkhorn, "sinkhorn_backward": sinkhorn_backward, "mhc_pre": fm.pre_forward,
                    "mhc_state_grad": fm.state_grad, "mhc_pre_grad": fm.pre_grad, "mhc_write": fm.write_forward,
-                   "mhc_write_backward": fm.write_backward})
+                   "mhc_write_backward": fm.write_backward, "mgt_pre": fm.pre_delta_forward,
+                   "mgt_dots": fm.delta_dots})
+    for residual in ("mhc", "mgt"):
+        _mhc_interpreter_check(residual)
+
+
+def _mhc_interpreter_check(residual: str) -> None:
+    import copy
+
+    from engines.architecture import fused_mhc as fm
+
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=64, seq_len=8, n_layers=1, d_model=48, n_heads=4, residual="mhc",
+    config = ModelConfig(vocab_size=64, seq_len=8, n_layers=1, d_model=48, n_heads=4, residual=residual,
                          sinkhorn_iters=5)
-    conn, lin = RESIDUALS["mhc"].make(config, 0), torch.nn.Linear(48, 48)
+    conn, lin = RESIDUALS[residual].make(config, 0), torch.nn.Linear(48, 48)
     with torch.no_grad():  # away from the identity init, so every map matters
         for p in conn.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -231,7 +239,10 @@ def mhc_interpreter_checks() -> None:
         out.backward(grad)
         return [out.detach(), x.grad] + [p.grad for p in [*conn.parameters(), *lin.parameters()]]
 
-    fused = lambda conn, x, f: fm.connection(conn.maps, x, f, x.dtype)  # noqa: E731
+    if residual == "mhc":
+        fused = lambda conn, x, f: fm.connection(conn.maps, x, f, x.dtype)  # noqa: E731
+    else:  # mgt: the dots' term reaches pre through its two more taps
+        fused = lambda conn, x, f: fm.delta_connection(conn.maps, conn.gate, x, f, x.dtype)  # noqa: E731
     want = run(lambda conn, x, f: conn(x, f), copy.deepcopy(conn).double(), copy.deepcopy(lin).double(), x.double(),
                grad.double())
     names = ["out", "x"] + [n for n, _ in conn.named_parameters()] + ["lin.weight", "lin.bias"]
@@ -244,14 +255,14 @@ def mhc_interpreter_checks() -> None:
     # two programs, the second partial
     fm.TILES = {"state_grad": (16, 32, 4), "pre_read": (16, 32, 4), "pre_grad": (16, 32, 4)}
     # pre's two kernels (the maps with the read; the dots with ∂x), or four; φ as stored, or φᵀ (PHI_TRANSPOSED)
-    for two_pass, phi_t in ((True, True), (False, False), (False, True)):
+    for two_pass, phi_t in ((True, True), (False, False), (False, True)) if residual == "mhc" else ((True, False),):
         fm.TWO_PASS_FORWARD = fm.TWO_PASS_BACKWARD = two_pass
         fm.PHI_TRANSPOSED = phi_t
         torch._dynamo.reset()
         for how, connection in (("eager", fused), ("checkpoint", checkpointed),
                                 ("aot_eager", torch.compile(fused, backend="aot_eager", fullgraph=True))):
             for name, got, ref in zip(names, run(connection, conn, lin, x, grad), want):
-                assert got is not None and _rel(got, ref) < 2e-5, (two_pass, phi_t, how, name,
+                assert got is not None and _rel(got, ref) < 2e-5, (residual, two_pass, phi_t, how, name,
                                                                    None if got is None else _rel(got, ref))
 
 

@@ -64,12 +64,33 @@ def connection(maps: torch.nn.Module, x: torch.Tensor, f: Callable[[torch.Tensor
     return out.view(B, T, n, C)
 
 
+def delta_connection(maps: torch.nn.Module, gate: torch.nn.Module, x: torch.Tensor,
+                     f: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``ManifoldDeltaConnection``'s output, X_{l+1} = H_res X + c ⊗ k with c = β (H_post v − H_res ⟨X, k⟩),
+    through ``pre``, the dots and ``write``, so that the state's gradient is written once: the dots hand
+    their term back to ``pre`` through two more taps. ``gate`` is its DeltaGate."""
+    B, T, n, C = x.shape
+    flat = x.reshape(-1, n, C).contiguous()
+    y_in, h_post, h_res, tap, tap_k, tap_d, _, _ = _pre_delta_op(
+        flat, maps.phi().float(), maps.alpha.float(), maps.b_pre.float(), maps.b_post.float(), maps.b_res.float(),
+        float(maps.eps), int(maps.iters))
+    h = y_in.view(B, T, C)
+    k, beta, v = gate(h, f(h))  # (B, T, C), (B, T, 1), (B, T, 1)
+    k = k.reshape(-1, C).contiguous()
+    kx = _delta_dots_op(flat.detach(), k, tap_k, tap_d)  # (M, n)
+    c = beta.reshape(-1, 1) * (h_post * v.reshape(-1, 1) - (h_res * kx.unsqueeze(-2)).sum(-1))  # (M, n) fp32
+    out = _write_op(h_res, flat.detach(), c, k, tap, dtype)
+    return out.view(B, T, n, C)
+
+
 # ---- launchers: plain tensors, any device -------------------------------------------
 
 def state_grad(x: torch.Tensor, g: torch.Tensor, h_res: torch.Tensor, h_pre: torch.Tensor, dy: torch.Tensor,
-               phi: torch.Tensor, proj: torch.Tensor, rinv: torch.Tensor, dproj: torch.Tensor) -> torch.Tensor:
+               phi: torch.Tensor, proj: torch.Tensor, rinv: torch.Tensor, dproj: torch.Tensor,
+               k: torch.Tensor | None = None, dk: torch.Tensor | None = None) -> torch.Tensor:
     """∂x (module docstring): x, g (M, n, C); h_res (M, n, n), h_pre (M, n), dy (M, C), φ (nC, P),
-    proj, dproj (M, P), rinv (M,) → (M, n, C) in x's dtype."""
+    proj, dproj (M, P), rinv (M,) → (M, n, C) in x's dtype. With k (M, C) and dk (M, n), mgt's dots
+    ⟨x_j, k⟩ add their term dk_j k to each stream's gradient."""
     M, n, C = x.shape
     if n != 4:  # the kernel holds four streams' gradients at once (usable() admits n = 4 alone)
         raise ValueError(f"fused_mhc.state_grad takes 4 streams, got {n}")
@@ -77,9 +98,11 @@ def state_grad(x: torch.Tensor, g: torch.Tensor, h_res: torch.Tensor, h_pre: tor
     phi, consts = fs._maps_args(x, phi)
     phi, strides = _phi_layout(phi)
     bm, bc, warps = TILES["state_grad"]
+    extra = k is not None
     _state_grad_kernel[(triton.cdiv(M, bm), triton.cdiv(C, bc))](
-        x, g.contiguous(), h_res, h_pre, dy, phi, proj, rinv, dproj, dx, M, C=C, N=n, BC=bc, **{**consts, "BM": bm},
-        **strides, num_warps=warps)
+        x, g.contiguous(), h_res, h_pre, dy, phi, proj, rinv, dproj, dx, k.contiguous() if extra else dy,
+        dk.contiguous() if extra else h_pre, M, C=C, N=n, BC=bc, **{**consts, "BM": bm}, **strides, EXTRA=extra,
+        num_warps=warps)
     return dx
 
 
@@ -130,10 +153,11 @@ if AVAILABLE:
     from engines.architecture.fused_streams import _maps_grad_rows, _maps_tile, _token_rows
 
     @triton.jit
-    def _stream_grad_start(x_ptr, phi_ptr, h_pre, dproj, coef, dy, rows, c, tile, cols, j: tl.constexpr,
-                           C: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BF16: tl.constexpr,
-                           PRECISION: tl.constexpr, SK: tl.constexpr, SP: tl.constexpr):
-        """Stream j's ∂x before H_resᵀ g: the maps' terms and h_pre[j] ∂y, (BM, BC) fp32."""
+    def _stream_grad_start(x_ptr, phi_ptr, h_pre, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr,
+                           j: tl.constexpr, C: tl.constexpr, N: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+                           BF16: tl.constexpr, PRECISION: tl.constexpr, SK: tl.constexpr, SP: tl.constexpr,
+                           EXTRA: tl.constexpr):
+        """Stream j's ∂x before H_resᵀ g: the maps' terms and h_pre[j] ∂y (and mgt's dk[j] k), (BM, BC) fp32."""
         col = j * C + c  # the state's flat column of (stream j, channel c): φ's row
         x = tl.load(x_ptr + rows[:, None] * D + col[None, :], mask=tile, other=0.0).to(tl.float32)
         phi_t = tl.load(phi_ptr + col[None, :] * SK + cols[:, None] * SP, mask=(cols < P)[:, None] & (c < C)[None, :],
@@ -142,26 +166,33 @@ if AVAILABLE:
             acc = tl.dot(dproj, phi_t)
         else:
             acc = tl.dot(dproj, phi_t, input_precision=PRECISION)
-        return acc + coef[:, None] * x + h_pre[:, None] * dy
+        acc += coef[:, None] * x + h_pre[:, None] * dy
+        if EXTRA:
+            acc += tl.load(dk_ptr + rows * N + j, mask=rm, other=0.0)[:, None] * k
+        return acc
 
     @triton.jit
-    def _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, h0, h1, h2, h3, dproj, coef, rows, rm, c,
-                         cols, C: tl.constexpr, N: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BF16: tl.constexpr,
-                         PRECISION: tl.constexpr, SK: tl.constexpr, SP: tl.constexpr):
+    def _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, k_ptr, dk_ptr, h0, h1, h2, h3, dproj, coef,
+                         rows, rm, c, cols, C: tl.constexpr, N: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+                         BF16: tl.constexpr, PRECISION: tl.constexpr, SK: tl.constexpr, SP: tl.constexpr,
+                         EXTRA: tl.constexpr):
         """∂x on BM tokens × BC channels of the four streams at once, so each of g's streams is read once
         (H_resᵀ g mixes every stream of g into every stream of ∂x; a loop over output streams read g N times).
         h0..h3: h_pre's four columns (BM,); dproj: ∂proj · r (BM, PP); coef: the norm's term's on x."""
         tile = rm[:, None] & (c < C)[None, :]
         dy = tl.load(dy_ptr + rows[:, None] * C + c[None, :], mask=tile, other=0.0).to(tl.float32)
+        k = dy
+        if EXTRA:
+            k = tl.load(k_ptr + rows[:, None] * C + c[None, :], mask=tile, other=0.0).to(tl.float32)
         # each argument spelled out: a tuple unpacked into a jit call needs a newer Triton than torch>=2.4 brings
-        acc0 = _stream_grad_start(x_ptr, phi_ptr, h0, dproj, coef, dy, rows, c, tile, cols, 0, C, D, P, BF16,
-                                  PRECISION, SK, SP)
-        acc1 = _stream_grad_start(x_ptr, phi_ptr, h1, dproj, coef, dy, rows, c, tile, cols, 1, C, D, P, BF16,
-                                  PRECISION, SK, SP)
-        acc2 = _stream_grad_start(x_ptr, phi_ptr, h2, dproj, coef, dy, rows, c, tile, cols, 2, C, D, P, BF16,
-                                  PRECISION, SK, SP)
-        acc3 = _stream_grad_start(x_ptr, phi_ptr, h3, dproj, coef, dy, rows, c, tile, cols, 3, C, D, P, BF16,
-                                  PRECISION, SK, SP)
+        acc0 = _stream_grad_start(x_ptr, phi_ptr, h0, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr, 0, C,
+                                  N, D, P, BF16, PRECISION, SK, SP, EXTRA)
+        acc1 = _stream_grad_start(x_ptr, phi_ptr, h1, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr, 1, C,
+                                  N, D, P, BF16, PRECISION, SK, SP, EXTRA)
+        acc2 = _stream_grad_start(x_ptr, phi_ptr, h2, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr, 2, C,
+                                  N, D, P, BF16, PRECISION, SK, SP, EXTRA)
+        acc3 = _stream_grad_start(x_ptr, phi_ptr, h3, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr, 3, C,
+                                  N, D, P, BF16, PRECISION, SK, SP, EXTRA)
         for i in tl.static_range(N):  # H_resᵀ g: ∂x_j += H_res[i, j] g_i
             g = tl.load(g_ptr + rows[:, None] * D + (i * C + c)[None, :], mask=tile, other=0.0).to(tl.float32)
             h = hres_ptr + (rows * N + i) * N
@@ -177,10 +208,10 @@ if AVAILABLE:
         tl.store(out + 3 * C, acc3.to(ty), mask=tile)
 
     @triton.jit
-    def _state_grad_kernel(x_ptr, g_ptr, hres_ptr, hpre_ptr, dy_ptr, phi_ptr, proj_ptr, rinv_ptr, dproj_ptr, dx_ptr, M,
-                           C: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, D: tl.constexpr,
-                           P: tl.constexpr, PP: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr,
-                           SK: tl.constexpr, SP: tl.constexpr):
+    def _state_grad_kernel(x_ptr, g_ptr, hres_ptr, hpre_ptr, dy_ptr, phi_ptr, proj_ptr, rinv_ptr, dproj_ptr, dx_ptr,
+                           k_ptr, dk_ptr, M, C: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+                           D: tl.constexpr, P: tl.constexpr, PP: tl.constexpr, BF16: tl.constexpr,
+                           PRECISION: tl.constexpr, SK: tl.constexpr, SP: tl.constexpr, EXTRA: tl.constexpr):
         """One (BM tokens, BC channels) tile of ∂x, h_pre and ∂proj read from memory."""
         rows, rm = _token_rows(M, BM)
         c = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -189,10 +220,10 @@ if AVAILABLE:
         if BF16:
             dproj = dproj.to(tl.bfloat16)
         h = hpre_ptr + rows * N
-        _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, tl.load(h, mask=rm, other=0.0),
+        _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, k_ptr, dk_ptr, tl.load(h, mask=rm, other=0.0),
                          tl.load(h + 1, mask=rm, other=0.0), tl.load(h + 2, mask=rm, other=0.0),
                          tl.load(h + 3, mask=rm, other=0.0), dproj, coef, rows, rm, c, cols, C, N, D, P, BF16,
-                         PRECISION, SK, SP)
+                         PRECISION, SK, SP, EXTRA)
 
     @triton.jit
     def _column(t, cols, j: tl.constexpr):
@@ -270,8 +301,8 @@ if AVAILABLE:
         h3 = _column(h, cols, 3)
         for back in range(blocks):
             c = (blocks - 1 - back) * BC + tl.arange(0, BC)
-            _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, h0, h1, h2, h3, dproj, coef, rows, rm,
-                             c, cols, C, N, D, P, BF16, PRECISION, SK, SP)
+            _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, dy_ptr, dy_ptr, h0, h1, h2, h3, dproj,
+                             coef, rows, rm, c, cols, C, N, D, P, BF16, PRECISION, SK, SP, False)
 
     # ---- the ops ----------------------------------------------------------------------
 
@@ -300,11 +331,43 @@ if AVAILABLE:
         return (torch.empty(M, C, **f32), torch.empty(M, n, **f32), torch.empty(M, n, n, **f32), torch.empty_like(x),
                 torch.empty(M, phi.shape[1], **f32), torch.empty(M, **f32))
 
+    def pre_delta_forward(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b_pre: torch.Tensor,
+                          b_post: torch.Tensor, b_res: torch.Tensor, eps: float,
+                          iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                               torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``pre_forward``'s outputs with two more unwritten taps, for mgt: (M, C) in x's dtype and (M, n)
+        fp32, through which the dots ⟨x_j, k⟩ hand k and their gradient back (``_delta_dots_grad``)."""
+        y_in, h_post, h_res, tap, proj, rinv = pre_forward(x, phi, alpha, b_pre, b_post, b_res, eps, iters)
+        M, n, C = x.shape
+        return (y_in, h_post, h_res, tap, x.new_empty(M, C), x.new_empty(M, n, dtype=torch.float32), proj, rinv)
+
+    _pre_delta_op = torch.library.custom_op("muse_architecture::mgt_pre", mutates_args=(),
+                                            device_types="cuda")(pre_delta_forward)
+
+    @_pre_delta_op.register_fake
+    def _(x, phi, alpha, b_pre, b_post, b_res, eps, iters):  # type: ignore[no-untyped-def]
+        M, n, C = x.shape
+        f32 = dict(dtype=torch.float32, device=x.device)
+        return (torch.empty(M, C, **f32), torch.empty(M, n, **f32), torch.empty(M, n, n, **f32), torch.empty_like(x),
+                x.new_empty(M, C), torch.empty(M, n, **f32), torch.empty(M, phi.shape[1], **f32),
+                torch.empty(M, **f32))
+
+    def delta_dots(x: torch.Tensor, k: torch.Tensor, tap_k: torch.Tensor, tap_d: torch.Tensor) -> torch.Tensor:
+        """⟨x_j, k⟩ (M, n) fp32 for mgt's update; x is not differentiated here (``_delta_dots_grad``)."""
+        return fs.dots_forward(x, k)
+
+    _delta_dots_op = torch.library.custom_op("muse_architecture::mgt_dots", mutates_args=(),
+                                             device_types="cuda")(delta_dots)
+
+    @_delta_dots_op.register_fake
+    def _(x, k, tap_k, tap_d):  # type: ignore[no-untyped-def]
+        return x.new_empty(x.shape[:2], dtype=torch.float32)
+
     _state_grad_op = torch.library.custom_op("muse_architecture::mhc_state_grad", mutates_args=(),
                                              device_types="cuda")(state_grad)
 
     @_state_grad_op.register_fake
-    def _(x, g, h_res, h_pre, dy, phi, proj, rinv, dproj):  # type: ignore[no-untyped-def]
+    def _(x, g, h_res, h_pre, dy, phi, proj, rinv, dproj, k=None, dk=None):  # type: ignore[no-untyped-def]
         return torch.empty_like(x)
 
     _pre_grad_op = torch.library.custom_op("muse_architecture::mhc_pre_grad", mutates_args=(),
@@ -352,6 +415,26 @@ if AVAILABLE:
         ctx.iters = iters
 
     def _pre_grad(ctx, dy, dh_post, dh_res, g, _dproj, _drinv):  # type: ignore[no-untyped-def]
+        return _pre_backward(ctx, dy, dh_post, dh_res, g)
+
+    def _pre_delta_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        _pre_setup(ctx, inputs, (*output[:4], *output[6:]))
+
+    def _pre_delta_grad(ctx, dy, dh_post, dh_res, g, k, dk, _dproj, _drinv):  # type: ignore[no-untyped-def]
+        return _pre_backward(ctx, dy, dh_post, dh_res, g, k, dk)
+
+    def _delta_dots_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(inputs[0], inputs[1])
+        ctx.tap_dtype = inputs[2].dtype
+
+    def _delta_dots_grad(ctx, grad: torch.Tensor):  # type: ignore[no-untyped-def]
+        """∂k = Σ_j ∂d_j x_j; x's term ∂d_j k goes to pre through the taps (k as tap_k's, ∂d as tap_d's), where
+        the state's gradient is written once."""
+        x, k = ctx.saved_tensors
+        grad = grad.contiguous()
+        return None, fs._read_op(grad, x).to(k.dtype), k.to(ctx.tap_dtype), grad
+
+    def _pre_backward(ctx, dy, dh_post, dh_res, g, k=None, dk=None):  # type: ignore[no-untyped-def]
         from engines.architecture.residual import _fused_sinkhorn_backward, map_gates
 
         x, phi, alpha, b_pre, b_post, b_res, h_res, proj, rinv = ctx.saved_tensors
@@ -361,17 +444,19 @@ if AVAILABLE:
         pre, post, res = proj.split((n, n, n * n), dim=-1)
         d_post = dh_post * h_post * (1 - h_post / 2)  # H_post = 2σ(·)
         d_res = _fused_sinkhorn_backward(logits.contiguous(), dh_res.contiguous(), ctx.iters).view(M, n * n)
-        if TWO_PASS_BACKWARD:  # the kernel finds H_pre's part from ⟨x_j, ∂y_in⟩: the first n columns are its
+        if TWO_PASS_BACKWARD and k is None:  # the kernel finds H_pre's part from ⟨x_j, ∂y_in⟩: the first n columns are its
             rest = torch.cat((torch.zeros_like(d_post), alpha[1] * d_post, alpha[2] * d_res), dim=-1)
             dx, d_pre = _pre_grad_op(x, g, h_res, dy, phi, proj, rinv, alpha, b_pre, rest)
             dproj = torch.cat((alpha[0] * d_pre, rest[:, n:]), dim=-1)
         else:
             d_pre = fs._dots_op(x, dy) * h_pre * (1 - h_pre)  # through H_pre = σ(·)
             dproj = torch.cat((alpha[0] * d_pre, alpha[1] * d_post, alpha[2] * d_res), dim=-1).contiguous()
-            dx = _state_grad_op(x, g, h_res, h_pre, dy, phi, proj, rinv, dproj)
+            dx = _state_grad_op(x, g, h_res, h_pre, dy, phi, proj, rinv, dproj, k, dk)
         d_phi = fs.phi_grad(x.view(M, n * C), phi, rinv, dproj)
         d_alpha = torch.stack(((d_pre * pre).sum(), (d_post * post).sum(), (d_res * res).sum()))
         return (dx, d_phi, d_alpha, d_pre.sum(0), d_post.sum(0), d_res.sum(0).view(n, n), None, None)
 
     _write_op.register_autograd(_write_grad, setup_context=_write_setup)
     _pre_op.register_autograd(_pre_grad, setup_context=_pre_setup)
+    _pre_delta_op.register_autograd(_pre_delta_grad, setup_context=_pre_delta_setup)
+    _delta_dots_op.register_autograd(_delta_dots_grad, setup_context=_delta_dots_setup)
