@@ -277,7 +277,7 @@ def analyse(out: dict[str, Any], gpu: GpuKind | None) -> dict[str, Any]:
                 m = r["micro_s"]
                 num += (b / m) * (1 - a / m)
                 den += (b / m) ** 2
-            add("EAGER_TRAFFIC", tp.EAGER_TRAFFIC, num / den,
+            add("EAGER_TRAFFIC", tp.eager_traffic(gpu), num / den,
                 "relative least squares over the GPU-bound micro-steps (" + ", ".join(r["name"] for r in fitted) + ")")
         bytes_pp = [r["optimizer_s"] * gpu.memory_bandwidth_gbs * tp.GIGA / r["params"]
                     for r in models if r["params"] > 2e8]

@@ -50,6 +50,16 @@ and every constant below that it re-derives within 11% of its value here.
   336M -1%, 729M +2%, 1.28B +4%, 2.6B -4%, H100 350M +10% (slower than seen).
   The bench's refit over its five micro-steps: 1476 (+4%).
   On kinds not measured (all but H100/H200) the table is this extrapolation.
+- EAGER_TRAFFIC_MEASURED H100 1190 B: the H100's eager step is faster than the
+  H200 fit scaled by the two datasheet bandwidths says (the H200's HBM3e gave
+  the bench 4.2 of its 4.8 TB/s; part of eager's elementwise time does not
+  scale with bandwidth at all). Fitted to the 350M standard step through
+  ``muse plan run`` after the loop's pinned reads (78,508 tok/s,
+  docs/bench_plan_run_pinned.json); with 1420 it was priced 12.3% slow. Against
+  the other H100 eager measurements at that width: the hand-built loop of
+  docs/bench_architecture.md (78,922, raw) and the executor before its fixes
+  (75,138, docs/bench_plan_run.md), +3% and +4%; mhc's eager row there
+  (27,337) through RESIDUAL_SLOWDOWN +2%. One width (350M) only.
 - EXECUTOR_OVERHEAD 1.035: measured, the executor's step at the 85M plan of
   docs/bench_multi_gpu.md (micro 16 x accumulation 2, 125.3 ms, 261,566 tok/s)
   over the raw loop's (2 x 59.5 ms micro-steps + 2.0 ms optimizer). The model
@@ -187,6 +197,8 @@ FP32 = 4
 
 MATMUL_EFFICIENCY = 0.80
 EAGER_TRAFFIC = 1420.0  # bytes per layer · d_model · trained token (bf16/fp16 autocast)
+# where a kind's eager step was measured apart from the H200 rows the constant above was fitted to (module doc)
+EAGER_TRAFFIC_MEASURED = {"H100": 1190.0}
 COMPILED_TRAFFIC = 315.0  # the same with the blocks compiled: Inductor fuses the elementwise work
 COMPILED_HOST_S_PER_LAYER = 2.1e-3  # assumed: a compiled micro-step's launches (module doc)
 FP32_TRAFFIC = 1.5  # assumed: fp32 moves more, though autocast keeps much traffic fp32
@@ -307,11 +319,16 @@ def _gpu_s_per_token(cfg: TrainConfig, gpu: GpuKind) -> float:
         traffic = COMPILED_TRAFFIC + (fused if fused_priced(c) else mode.compiled_traffic[c.stream_dtype == "bfloat16"])
         slowdown = 1.0
     else:
-        traffic, slowdown = EAGER_TRAFFIC, RESIDUAL_SLOWDOWN[c.residual]
+        traffic, slowdown = eager_traffic(gpu), RESIDUAL_SLOWDOWN[c.residual]
     traffic *= FP32_TRAFFIC if cfg.precision == "fp32" else 1.0
     seconds = (flops_per_token(c) / (peak_flops(gpu, cfg.precision) * MATMUL_EFFICIENCY)
                + traffic * c.n_layers * c.d_model / (gpu.memory_bandwidth_gbs * GIGA))
     return seconds * _time_scale(cfg) * slowdown * EXECUTOR_OVERHEAD
+
+
+def eager_traffic(gpu: GpuKind) -> float:
+    """The bytes an eager micro-step moves a layer · d_model · token on ``gpu``: its own fit where measured."""
+    return EAGER_TRAFFIC_MEASURED.get(gpu.key, EAGER_TRAFFIC)
 
 
 def fused_priced(c: ModelConfig) -> bool:
