@@ -255,14 +255,16 @@ def _mhc_interpreter_check(residual: str) -> None:
     # two programs, the second partial
     fm.TILES = {"state_grad": (16, 32, 4), "pre_read": (16, 32, 4), "pre_grad": (16, 32, 4)}
     # pre's two kernels (the maps with the read; the dots with ∂x), or four; φ as stored, or φᵀ (PHI_TRANSPOSED)
-    for two_pass, phi_t in ((True, True), (False, False), (False, True)) if residual == "mhc" else ((True, False),):
+    # ... and the product with φᵀ on tensor cores or as rank-one updates (PHI_PRODUCT)
+    forms = ((True, True, "dot"), (False, False, "dot"), (False, True, "fma"), (False, False, "fma"))
+    for two_pass, phi_t, product in forms if residual == "mhc" else ((True, False, "dot"), (False, True, "fma")):
         fm.TWO_PASS_FORWARD = fm.TWO_PASS_BACKWARD = two_pass
-        fm.PHI_TRANSPOSED = phi_t
+        fm.PHI_TRANSPOSED, fm.PHI_PRODUCT = phi_t, product
         torch._dynamo.reset()
         for how, connection in (("eager", fused), ("checkpoint", checkpointed),
                                 ("aot_eager", torch.compile(fused, backend="aot_eager", fullgraph=True))):
             for name, got, ref in zip(names, run(connection, conn, lin, x, grad), want):
-                assert got is not None and _rel(got, ref) < 2e-5, (residual, two_pass, phi_t, how, name,
+                assert got is not None and _rel(got, ref) < 2e-5, (residual, two_pass, phi_t, product, how, name,
                                                                    None if got is None else _rel(got, ref))
 
 

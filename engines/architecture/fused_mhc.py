@@ -45,6 +45,9 @@ TWO_PASS_BACKWARD = False
 # together and a tile's loads along its channels step 24 apart; True: the launcher passes φᵀ (P, nC), contiguous
 # along the channels, so they coalesce (the tuner times both)
 PHI_TRANSPOSED = False
+# How the state's gradient multiplies ∂proj by φᵀ: "dot" (tl.dot, tensor cores, bf16 operands for a bf16 state,
+# its result in their layout) or "fma" (P rank-one updates in fp32, in the layout of the state's tiles)
+PHI_PRODUCT = "dot"
 
 
 def usable(x: torch.Tensor, mode: str) -> bool:
@@ -102,7 +105,7 @@ def state_grad(x: torch.Tensor, g: torch.Tensor, h_res: torch.Tensor, h_pre: tor
     _state_grad_kernel[(triton.cdiv(M, bm), triton.cdiv(C, bc))](
         x, g.contiguous(), h_res, h_pre, dy, phi, proj, rinv, dproj, dx, k.contiguous() if extra else dy,
         dk.contiguous() if extra else h_pre, M, C=C, N=n, BC=bc, **{**consts, "BM": bm}, **strides, EXTRA=extra,
-        num_warps=warps)
+        FMA=PHI_PRODUCT == "fma", num_warps=warps)
     return dx
 
 
@@ -153,29 +156,34 @@ if AVAILABLE:
     from engines.architecture.fused_streams import _maps_grad_rows, _maps_tile, _token_rows
 
     @triton.jit
-    def _stream_grad_start(x_ptr, phi_ptr, h_pre, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr,
-                           j: tl.constexpr, C: tl.constexpr, N: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-                           BF16: tl.constexpr, PRECISION: tl.constexpr, SK: tl.constexpr, SP: tl.constexpr,
-                           EXTRA: tl.constexpr):
+    def _stream_grad_start(x_ptr, phi_ptr, h_pre, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr, dproj_ptr,
+                           rinv, j: tl.constexpr, C: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
+                           P: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr, SK: tl.constexpr,
+                           SP: tl.constexpr, EXTRA: tl.constexpr, FMA: tl.constexpr):
         """Stream j's ∂x before H_resᵀ g: the maps' terms and h_pre[j] ∂y (and mgt's dk[j] k), (BM, BC) fp32."""
         col = j * C + c  # the state's flat column of (stream j, channel c): φ's row
         x = tl.load(x_ptr + rows[:, None] * D + col[None, :], mask=tile, other=0.0).to(tl.float32)
-        phi_t = tl.load(phi_ptr + col[None, :] * SK + cols[:, None] * SP, mask=(cols < P)[:, None] & (c < C)[None, :],
-                        other=0.0)
-        if BF16:
-            acc = tl.dot(dproj, phi_t)
+        acc = coef[:, None] * x + h_pre[:, None] * dy
+        if FMA:  # (∂proj · r) φᵀ as P rank-one updates, ∂proj's columns read from memory: no tl.dot layouts
+            for p in tl.static_range(P):
+                d = tl.load(dproj_ptr + rows * P + p, mask=rm, other=0.0) * rinv
+                acc += d[:, None] * tl.load(phi_ptr + col * SK + p * SP, mask=c < C, other=0.0).to(tl.float32)[None, :]
         else:
-            acc = tl.dot(dproj, phi_t, input_precision=PRECISION)
-        acc += coef[:, None] * x + h_pre[:, None] * dy
+            phi_t = tl.load(phi_ptr + col[None, :] * SK + cols[:, None] * SP,
+                            mask=(cols < P)[:, None] & (c < C)[None, :], other=0.0)
+            if BF16:
+                acc += tl.dot(dproj, phi_t)
+            else:
+                acc += tl.dot(dproj, phi_t, input_precision=PRECISION)
         if EXTRA:
             acc += tl.load(dk_ptr + rows * N + j, mask=rm, other=0.0)[:, None] * k
         return acc
 
     @triton.jit
-    def _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, k_ptr, dk_ptr, h0, h1, h2, h3, dproj, coef,
-                         rows, rm, c, cols, C: tl.constexpr, N: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-                         BF16: tl.constexpr, PRECISION: tl.constexpr, SK: tl.constexpr, SP: tl.constexpr,
-                         EXTRA: tl.constexpr):
+    def _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, k_ptr, dk_ptr, dproj_ptr, rinv, h0, h1, h2,
+                         h3, dproj, coef, rows, rm, c, cols, C: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
+                         P: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr, SK: tl.constexpr,
+                         SP: tl.constexpr, EXTRA: tl.constexpr, FMA: tl.constexpr):
         """∂x on BM tokens × BC channels of the four streams at once, so each of g's streams is read once
         (H_resᵀ g mixes every stream of g into every stream of ∂x; a loop over output streams read g N times).
         h0..h3: h_pre's four columns (BM,); dproj: ∂proj · r (BM, PP); coef: the norm's term's on x."""
@@ -185,14 +193,14 @@ if AVAILABLE:
         if EXTRA:
             k = tl.load(k_ptr + rows[:, None] * C + c[None, :], mask=tile, other=0.0).to(tl.float32)
         # each argument spelled out: a tuple unpacked into a jit call needs a newer Triton than torch>=2.4 brings
-        acc0 = _stream_grad_start(x_ptr, phi_ptr, h0, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr, 0, C,
-                                  N, D, P, BF16, PRECISION, SK, SP, EXTRA)
-        acc1 = _stream_grad_start(x_ptr, phi_ptr, h1, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr, 1, C,
-                                  N, D, P, BF16, PRECISION, SK, SP, EXTRA)
-        acc2 = _stream_grad_start(x_ptr, phi_ptr, h2, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr, 2, C,
-                                  N, D, P, BF16, PRECISION, SK, SP, EXTRA)
-        acc3 = _stream_grad_start(x_ptr, phi_ptr, h3, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr, 3, C,
-                                  N, D, P, BF16, PRECISION, SK, SP, EXTRA)
+        acc0 = _stream_grad_start(x_ptr, phi_ptr, h0, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr,
+                                  dproj_ptr, rinv, 0, C, N, D, P, BF16, PRECISION, SK, SP, EXTRA, FMA)
+        acc1 = _stream_grad_start(x_ptr, phi_ptr, h1, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr,
+                                  dproj_ptr, rinv, 1, C, N, D, P, BF16, PRECISION, SK, SP, EXTRA, FMA)
+        acc2 = _stream_grad_start(x_ptr, phi_ptr, h2, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr,
+                                  dproj_ptr, rinv, 2, C, N, D, P, BF16, PRECISION, SK, SP, EXTRA, FMA)
+        acc3 = _stream_grad_start(x_ptr, phi_ptr, h3, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr,
+                                  dproj_ptr, rinv, 3, C, N, D, P, BF16, PRECISION, SK, SP, EXTRA, FMA)
         for i in tl.static_range(N):  # H_resᵀ g: ∂x_j += H_res[i, j] g_i
             g = tl.load(g_ptr + rows[:, None] * D + (i * C + c)[None, :], mask=tile, other=0.0).to(tl.float32)
             h = hres_ptr + (rows * N + i) * N
@@ -211,7 +219,8 @@ if AVAILABLE:
     def _state_grad_kernel(x_ptr, g_ptr, hres_ptr, hpre_ptr, dy_ptr, phi_ptr, proj_ptr, rinv_ptr, dproj_ptr, dx_ptr,
                            k_ptr, dk_ptr, M, C: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
                            D: tl.constexpr, P: tl.constexpr, PP: tl.constexpr, BF16: tl.constexpr,
-                           PRECISION: tl.constexpr, SK: tl.constexpr, SP: tl.constexpr, EXTRA: tl.constexpr):
+                           PRECISION: tl.constexpr, SK: tl.constexpr, SP: tl.constexpr, EXTRA: tl.constexpr,
+                           FMA: tl.constexpr):
         """One (BM tokens, BC channels) tile of ∂x, h_pre and ∂proj read from memory."""
         rows, rm = _token_rows(M, BM)
         c = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -220,10 +229,11 @@ if AVAILABLE:
         if BF16:
             dproj = dproj.to(tl.bfloat16)
         h = hpre_ptr + rows * N
-        _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, k_ptr, dk_ptr, tl.load(h, mask=rm, other=0.0),
+        _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, k_ptr, dk_ptr, dproj_ptr,
+                         tl.load(rinv_ptr + rows, mask=rm, other=0.0), tl.load(h, mask=rm, other=0.0),
                          tl.load(h + 1, mask=rm, other=0.0), tl.load(h + 2, mask=rm, other=0.0),
                          tl.load(h + 3, mask=rm, other=0.0), dproj, coef, rows, rm, c, cols, C, N, D, P, BF16,
-                         PRECISION, SK, SP, EXTRA)
+                         PRECISION, SK, SP, EXTRA, FMA)
 
     @triton.jit
     def _column(t, cols, j: tl.constexpr):
@@ -301,8 +311,8 @@ if AVAILABLE:
         h3 = _column(h, cols, 3)
         for back in range(blocks):
             c = (blocks - 1 - back) * BC + tl.arange(0, BC)
-            _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, dy_ptr, dy_ptr, h0, h1, h2, h3, dproj,
-                             coef, rows, rm, c, cols, C, N, D, P, BF16, PRECISION, SK, SP, False)
+            _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, dy_ptr, dy_ptr, dproj_ptr, rinv, h0, h1,
+                             h2, h3, dproj, coef, rows, rm, c, cols, C, N, D, P, BF16, PRECISION, SK, SP, False, False)
 
     # ---- the ops ----------------------------------------------------------------------
 
