@@ -362,10 +362,13 @@ def test_fused_connection_is_as_accurate_as_the_torch_one(residual: str, stream_
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("form", [dict(TWO_PASS_FORWARD=True, TWO_PASS_BACKWARD=True), dict(PHI_TRANSPOSED=True),
+                                  dict(PHI_PRODUCT="fma"), dict(PHI_TRANSPOSED=True, PHI_PRODUCT="fma")])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_the_two_kernel_pre_is_as_accurate_as_the_torch_connection(autocast: bool) -> None:
-    """fused_mhc's two-kernel forms (off by default; scripts/tune_kernels.py --apply may turn them on) on a
-    GPU, with their bf16 products, which Triton's interpreter can't run."""
+def test_the_other_forms_of_pre_are_as_accurate_as_the_torch_connection(form: dict, autocast: bool) -> None:
+    """fused_mhc's other forms, off by default (the two-kernel pre, which scripts/tune_kernels.py --apply may turn
+    on; φᵀ read contiguous, the product with it as rank-one updates) on a GPU, with their bf16 products, which
+    Triton's interpreter can't run."""
     from engines.architecture import fused_mhc as fm
 
     fused_streams, conn, lin, x, grad = _fused_setup("mhc", "bfloat16")
@@ -373,12 +376,14 @@ def test_the_two_kernel_pre_is_as_accurate_as_the_torch_connection(autocast: boo
     plain = _connection_grads(conn, lin, x, grad, autocast)
     exact = _connection_grads(conn, lin, x.float(), grad.float(), autocast=False)
     _kernels(conn, "on")
-    forms = fm.TWO_PASS_FORWARD, fm.TWO_PASS_BACKWARD
-    fm.TWO_PASS_FORWARD = fm.TWO_PASS_BACKWARD = True
+    before = {name: getattr(fm, name) for name in form}
+    for name, value in form.items():
+        setattr(fm, name, value)
     try:
         fused = _connection_grads(conn, lin, x, grad, autocast)
     finally:
-        fm.TWO_PASS_FORWARD, fm.TWO_PASS_BACKWARD = forms
+        for name, value in before.items():
+            setattr(fm, name, value)
     for name, a, b, ref in zip(_names(conn), fused, plain, exact):
         err, err_plain = _rel(a.float(), ref.double()), _rel(b.float(), ref.double())
         assert err <= max(1.5 * err_plain, _bf16_floor(ref)), (name, err, err_plain)

@@ -30,6 +30,9 @@ from engines.architecture import fused_streams as fs
 triton, tl = fs.triton, (fs.tl if fs.AVAILABLE else None)
 AVAILABLE = fs.AVAILABLE
 ENABLED = True  # with fused_kernels on; False: fused_streams' three-gradient ops (to compare)
+# mgt's connection through ``delta_connection`` (one gradient of its state); False: fused_streams' ops. Off until
+# it has run on a GPU: checked against float64 under Triton's interpreter only
+DELTA = False
 # (tokens, channels, warps) a program of each kernel; scripts/tune_kernels.py times the choices on a GPU.
 # The state's gradient at 64 × 64 tiles (8 warps) needed more than 255 registers a thread and spilled (sm_90,
 # scripts/check_kernels.py); at 32 × 64, 198. ``pre``'s two kernels read a program's tokens' state twice (the
@@ -50,9 +53,9 @@ PHI_TRANSPOSED = False
 PHI_PRODUCT = "dot"
 
 
-def usable(x: torch.Tensor, mode: str) -> bool:
-    """x (..., n, C): n = 4 streams, and what ``fused_streams.maps_usable`` asks."""
-    return ENABLED and x.shape[-2] == 4 and fs.maps_usable(x, mode)
+def usable(x: torch.Tensor, mode: str, residual: str = "mhc") -> bool:
+    """x (..., n, C): n = 4 streams, and what ``fused_streams.maps_usable`` asks; for mgt, ``DELTA`` on."""
+    return ENABLED and (residual != "mgt" or DELTA) and x.shape[-2] == 4 and fs.maps_usable(x, mode)
 
 
 def connection(maps: torch.nn.Module, x: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor],

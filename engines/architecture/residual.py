@@ -484,7 +484,7 @@ class ManifoldDeltaConnection(nn.Module):
 
     def forward(self, x: torch.Tensor, f: Sublayer) -> torch.Tensor:
         xm, fused = matmul_operand(x), self.maps.fused  # (B, T, n, C)
-        if fused_mhc.usable(xm, fused):  # one gradient of the state, as mHC's (fused_mhc)
+        if fused_mhc.usable(xm, fused, "mgt"):  # one gradient of the state, as mHC's (fused_mhc)
             return fused_mhc.delta_connection(self.maps, self.gate, xm, f, x.dtype)
         h_pre, h_post, h_res = self.maps(xm)
         h = read_streams(h_pre, xm, fused)  # (B, T, C)
