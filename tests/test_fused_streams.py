@@ -254,17 +254,13 @@ def _mhc_interpreter_check(residual: str) -> None:
     # 48 channels: two blocks, the last partial, so pre's passes run in both orders; 18 tokens, 16 a program:
     # two programs, the second partial
     fm.TILES = {"state_grad": (16, 32, 4), "pre_read": (16, 32, 4), "pre_grad": (16, 32, 4)}
-    # pre's two kernels (the maps with the read; the dots with ∂x), or four; φ as stored, or φᵀ (PHI_TRANSPOSED)
-    # ... and the product with φᵀ on tensor cores or as rank-one updates (PHI_PRODUCT)
-    forms = ((True, True, "dot"), (False, False, "dot"), (False, True, "fma"), (False, False, "fma"))
-    for two_pass, phi_t, product in forms if residual == "mhc" else ((True, False, "dot"), (False, True, "fma")):
+    for two_pass in (True, False):  # pre's two kernels (the maps with the read; the dots with ∂x), or four
         fm.TWO_PASS_FORWARD = fm.TWO_PASS_BACKWARD = two_pass
-        fm.PHI_TRANSPOSED, fm.PHI_PRODUCT = phi_t, product
         torch._dynamo.reset()
         for how, connection in (("eager", fused), ("checkpoint", checkpointed),
                                 ("aot_eager", torch.compile(fused, backend="aot_eager", fullgraph=True))):
             for name, got, ref in zip(names, run(connection, conn, lin, x, grad), want):
-                assert got is not None and _rel(got, ref) < 2e-5, (residual, two_pass, phi_t, product, how, name,
+                assert got is not None and _rel(got, ref) < 2e-5, (residual, two_pass, how, name,
                                                                    None if got is None else _rel(got, ref))
 
 
@@ -362,13 +358,36 @@ def test_fused_connection_is_as_accurate_as_the_torch_one(residual: str, stream_
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("form", [dict(TWO_PASS_FORWARD=True, TWO_PASS_BACKWARD=True), dict(PHI_TRANSPOSED=True),
-                                  dict(PHI_PRODUCT="fma"), dict(PHI_TRANSPOSED=True, PHI_PRODUCT="fma")])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_the_other_forms_of_pre_are_as_accurate_as_the_torch_connection(form: dict, autocast: bool) -> None:
-    """fused_mhc's other forms, off by default (the two-kernel pre, which scripts/tune_kernels.py --apply may turn
-    on; φᵀ read contiguous, the product with it as rank-one updates) on a GPU, with their bf16 products, which
-    Triton's interpreter can't run."""
+def test_mgts_one_gradient_connection_is_as_accurate_as_the_torch_one(autocast: bool) -> None:
+    """fused_mhc.delta_connection (off by default: ``DELTA``) on a GPU, eager and compiled, held to fp32 as
+    the torch connection is."""
+    from engines.architecture import fused_mhc as fm
+
+    fused_streams, conn, lin, x, grad = _fused_setup("mgt", "bfloat16")
+    _kernels(conn, "off")
+    plain = _connection_grads(conn, lin, x, grad, autocast)
+    exact = _connection_grads(conn, lin, x.float(), grad.float(), autocast=False)
+    _kernels(conn, "on")
+    before, fm.DELTA = fm.DELTA, True
+    try:
+        torch._dynamo.reset()
+        fused = _connection_grads(conn, lin, x, grad, autocast)
+        compiled = _connection_grads(torch.compile(conn, fullgraph=True), lin, x, grad, autocast)
+    finally:
+        fm.DELTA = before
+    for name, a, c, b, ref in zip(_names(conn), fused, compiled, plain, exact):
+        err_plain = _rel(b.float(), ref.double())
+        for how, got in (("eager", a), ("compiled", c)):
+            err = _rel(got.float(), ref.double())
+            assert err <= max(1.5 * err_plain, _bf16_floor(ref)), (how, name, err, err_plain)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_two_kernel_pre_is_as_accurate_as_the_torch_connection(autocast: bool) -> None:
+    """fused_mhc's two-kernel forms (off by default; scripts/tune_kernels.py --apply may turn them on) on a
+    GPU, with their bf16 products, which Triton's interpreter can't run."""
     from engines.architecture import fused_mhc as fm
 
     fused_streams, conn, lin, x, grad = _fused_setup("mhc", "bfloat16")
@@ -376,14 +395,12 @@ def test_the_other_forms_of_pre_are_as_accurate_as_the_torch_connection(form: di
     plain = _connection_grads(conn, lin, x, grad, autocast)
     exact = _connection_grads(conn, lin, x.float(), grad.float(), autocast=False)
     _kernels(conn, "on")
-    before = {name: getattr(fm, name) for name in form}
-    for name, value in form.items():
-        setattr(fm, name, value)
+    forms = fm.TWO_PASS_FORWARD, fm.TWO_PASS_BACKWARD
+    fm.TWO_PASS_FORWARD = fm.TWO_PASS_BACKWARD = True
     try:
         fused = _connection_grads(conn, lin, x, grad, autocast)
     finally:
-        for name, value in before.items():
-            setattr(fm, name, value)
+        fm.TWO_PASS_FORWARD, fm.TWO_PASS_BACKWARD = forms
     for name, a, b, ref in zip(_names(conn), fused, plain, exact):
         err, err_plain = _rel(a.float(), ref.double()), _rel(b.float(), ref.double())
         assert err <= max(1.5 * err_plain, _bf16_floor(ref)), (name, err, err_plain)

@@ -30,8 +30,9 @@ from engines.architecture import fused_streams as fs
 triton, tl = fs.triton, (fs.tl if fs.AVAILABLE else None)
 AVAILABLE = fs.AVAILABLE
 ENABLED = True  # with fused_kernels on; False: fused_streams' three-gradient ops (to compare)
-# mgt's connection through ``delta_connection`` (one gradient of its state); False: fused_streams' ops. Off until
-# it has run on a GPU: checked against float64 under Triton's interpreter only
+# mgt's connection through ``delta_connection`` (one gradient of its state); False: fused_streams' ops. Off: as
+# accurate as torch's on an H100 but no faster through ``muse plan run`` (154.9 against 154.2 ms a step,
+# docs/bench_plan_run.md, session 24)
 DELTA = False
 # (tokens, channels, warps) a program of each kernel; scripts/tune_kernels.py times the choices on a GPU.
 # The state's gradient at 64 × 64 tiles (8 warps) needed more than 255 registers a thread and spilled (sm_90,
@@ -44,13 +45,6 @@ TILES = {"state_grad": (32, 64, 8), "pre_read": (16, 64, 4), "pre_grad": (16, 64
 # 0.283 ms where the four-kernel form's maps and read take 0.123 (docs/bench_plan_run.md, last section)
 TWO_PASS_FORWARD = False
 TWO_PASS_BACKWARD = False
-# The state's gradient reads φᵀ tiles, (columns, channels): from φ (nC, P) as stored each channel's 24 columns lie
-# together and a tile's loads along its channels step 24 apart; True: the launcher passes φᵀ (P, nC), contiguous
-# along the channels, so they coalesce (the tuner times both)
-PHI_TRANSPOSED = False
-# How the state's gradient multiplies ∂proj by φᵀ: "dot" (tl.dot, tensor cores, bf16 operands for a bf16 state,
-# its result in their layout) or "fma" (P rank-one updates in fp32, in the layout of the state's tiles)
-PHI_PRODUCT = "dot"
 
 
 def usable(x: torch.Tensor, mode: str, residual: str = "mhc") -> bool:
@@ -102,21 +96,14 @@ def state_grad(x: torch.Tensor, g: torch.Tensor, h_res: torch.Tensor, h_pre: tor
         raise ValueError(f"fused_mhc.state_grad takes 4 streams, got {n}")
     dx = torch.empty_like(x)
     phi, consts = fs._maps_args(x, phi)
-    phi, strides = _phi_layout(phi)
     bm, bc, warps = TILES["state_grad"]
     extra = k is not None
     _state_grad_kernel[(triton.cdiv(M, bm), triton.cdiv(C, bc))](
         x, g.contiguous(), h_res, h_pre, dy, phi, proj, rinv, dproj, dx, k.contiguous() if extra else dy,
-        dk.contiguous() if extra else h_pre, M, C=C, N=n, BC=bc, **{**consts, "BM": bm}, **strides, EXTRA=extra,
-        FMA=PHI_PRODUCT == "fma", num_warps=warps)
+        dk.contiguous() if extra else h_pre, M, C=C, N=n, BC=bc, **{**consts, "BM": bm}, EXTRA=extra,
+        num_warps=warps)
     return dx
 
-
-def _phi_layout(phi: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """φ (nC, P) as the state's gradient reads it (``PHI_TRANSPOSED``), and its strides: SK along nC, SP along P."""
-    if PHI_TRANSPOSED:
-        return phi.t().contiguous(), dict(SK=1, SP=phi.shape[0])
-    return phi, dict(SK=phi.shape[1], SP=1)
 
 
 def pre_read(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b_pre: torch.Tensor,
@@ -147,11 +134,10 @@ def pre_grad(x: torch.Tensor, g: torch.Tensor, h_res: torch.Tensor, dy: torch.Te
     dx = torch.empty_like(x)
     d_pre = torch.empty(M, n, dtype=torch.float32, device=x.device)
     phi, consts = fs._maps_args(x, phi)
-    phi, strides = _phi_layout(phi)
     bm, bc, warps = TILES["pre_grad"]
     _pre_grad_kernel[(triton.cdiv(M, bm),)](
         x, g.contiguous(), h_res, dy, phi, proj, rinv, alpha, b_pre, dproj, dx, d_pre, M, C=C, N=n, BC=bc,
-        **{**consts, "BM": bm}, **strides, num_warps=warps)
+        **{**consts, "BM": bm}, num_warps=warps)
     return dx, d_pre
 
 
@@ -159,34 +145,27 @@ if AVAILABLE:
     from engines.architecture.fused_streams import _maps_grad_rows, _maps_tile, _token_rows
 
     @triton.jit
-    def _stream_grad_start(x_ptr, phi_ptr, h_pre, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr, dproj_ptr,
-                           rinv, j: tl.constexpr, C: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
-                           P: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr, SK: tl.constexpr,
-                           SP: tl.constexpr, EXTRA: tl.constexpr, FMA: tl.constexpr):
+    def _stream_grad_start(x_ptr, phi_ptr, h_pre, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr,
+                           j: tl.constexpr, C: tl.constexpr, N: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+                           BF16: tl.constexpr, PRECISION: tl.constexpr, EXTRA: tl.constexpr):
         """Stream j's ∂x before H_resᵀ g: the maps' terms and h_pre[j] ∂y (and mgt's dk[j] k), (BM, BC) fp32."""
         col = j * C + c  # the state's flat column of (stream j, channel c): φ's row
         x = tl.load(x_ptr + rows[:, None] * D + col[None, :], mask=tile, other=0.0).to(tl.float32)
-        acc = coef[:, None] * x + h_pre[:, None] * dy
-        if FMA:  # (∂proj · r) φᵀ as P rank-one updates, ∂proj's columns read from memory: no tl.dot layouts
-            for p in tl.static_range(P):
-                d = tl.load(dproj_ptr + rows * P + p, mask=rm, other=0.0) * rinv
-                acc += d[:, None] * tl.load(phi_ptr + col * SK + p * SP, mask=c < C, other=0.0).to(tl.float32)[None, :]
+        phi_t = tl.load(phi_ptr + col[None, :] * P + cols[:, None], mask=(cols < P)[:, None] & (c < C)[None, :],
+                        other=0.0)
+        if BF16:
+            acc = tl.dot(dproj, phi_t)
         else:
-            phi_t = tl.load(phi_ptr + col[None, :] * SK + cols[:, None] * SP,
-                            mask=(cols < P)[:, None] & (c < C)[None, :], other=0.0)
-            if BF16:
-                acc += tl.dot(dproj, phi_t)
-            else:
-                acc += tl.dot(dproj, phi_t, input_precision=PRECISION)
+            acc = tl.dot(dproj, phi_t, input_precision=PRECISION)
+        acc += coef[:, None] * x + h_pre[:, None] * dy
         if EXTRA:
             acc += tl.load(dk_ptr + rows * N + j, mask=rm, other=0.0)[:, None] * k
         return acc
 
     @triton.jit
-    def _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, k_ptr, dk_ptr, dproj_ptr, rinv, h0, h1, h2,
-                         h3, dproj, coef, rows, rm, c, cols, C: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
-                         P: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr, SK: tl.constexpr,
-                         SP: tl.constexpr, EXTRA: tl.constexpr, FMA: tl.constexpr):
+    def _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, k_ptr, dk_ptr, h0, h1, h2, h3, dproj, coef,
+                         rows, rm, c, cols, C: tl.constexpr, N: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+                         BF16: tl.constexpr, PRECISION: tl.constexpr, EXTRA: tl.constexpr):
         """∂x on BM tokens × BC channels of the four streams at once, so each of g's streams is read once
         (H_resᵀ g mixes every stream of g into every stream of ∂x; a loop over output streams read g N times).
         h0..h3: h_pre's four columns (BM,); dproj: ∂proj · r (BM, PP); coef: the norm's term's on x."""
@@ -196,14 +175,14 @@ if AVAILABLE:
         if EXTRA:
             k = tl.load(k_ptr + rows[:, None] * C + c[None, :], mask=tile, other=0.0).to(tl.float32)
         # each argument spelled out: a tuple unpacked into a jit call needs a newer Triton than torch>=2.4 brings
-        acc0 = _stream_grad_start(x_ptr, phi_ptr, h0, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr,
-                                  dproj_ptr, rinv, 0, C, N, D, P, BF16, PRECISION, SK, SP, EXTRA, FMA)
-        acc1 = _stream_grad_start(x_ptr, phi_ptr, h1, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr,
-                                  dproj_ptr, rinv, 1, C, N, D, P, BF16, PRECISION, SK, SP, EXTRA, FMA)
-        acc2 = _stream_grad_start(x_ptr, phi_ptr, h2, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr,
-                                  dproj_ptr, rinv, 2, C, N, D, P, BF16, PRECISION, SK, SP, EXTRA, FMA)
-        acc3 = _stream_grad_start(x_ptr, phi_ptr, h3, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr,
-                                  dproj_ptr, rinv, 3, C, N, D, P, BF16, PRECISION, SK, SP, EXTRA, FMA)
+        acc0 = _stream_grad_start(x_ptr, phi_ptr, h0, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr, 0, C,
+                                  N, D, P, BF16, PRECISION, EXTRA)
+        acc1 = _stream_grad_start(x_ptr, phi_ptr, h1, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr, 1, C,
+                                  N, D, P, BF16, PRECISION, EXTRA)
+        acc2 = _stream_grad_start(x_ptr, phi_ptr, h2, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr, 2, C,
+                                  N, D, P, BF16, PRECISION, EXTRA)
+        acc3 = _stream_grad_start(x_ptr, phi_ptr, h3, dproj, coef, dy, rows, rm, c, tile, cols, k, dk_ptr, 3, C,
+                                  N, D, P, BF16, PRECISION, EXTRA)
         for i in tl.static_range(N):  # H_resᵀ g: ∂x_j += H_res[i, j] g_i
             g = tl.load(g_ptr + rows[:, None] * D + (i * C + c)[None, :], mask=tile, other=0.0).to(tl.float32)
             h = hres_ptr + (rows * N + i) * N
@@ -222,8 +201,7 @@ if AVAILABLE:
     def _state_grad_kernel(x_ptr, g_ptr, hres_ptr, hpre_ptr, dy_ptr, phi_ptr, proj_ptr, rinv_ptr, dproj_ptr, dx_ptr,
                            k_ptr, dk_ptr, M, C: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
                            D: tl.constexpr, P: tl.constexpr, PP: tl.constexpr, BF16: tl.constexpr,
-                           PRECISION: tl.constexpr, SK: tl.constexpr, SP: tl.constexpr, EXTRA: tl.constexpr,
-                           FMA: tl.constexpr):
+                           PRECISION: tl.constexpr, EXTRA: tl.constexpr):
         """One (BM tokens, BC channels) tile of ∂x, h_pre and ∂proj read from memory."""
         rows, rm = _token_rows(M, BM)
         c = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -232,11 +210,10 @@ if AVAILABLE:
         if BF16:
             dproj = dproj.to(tl.bfloat16)
         h = hpre_ptr + rows * N
-        _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, k_ptr, dk_ptr, dproj_ptr,
-                         tl.load(rinv_ptr + rows, mask=rm, other=0.0), tl.load(h, mask=rm, other=0.0),
+        _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, k_ptr, dk_ptr, tl.load(h, mask=rm, other=0.0),
                          tl.load(h + 1, mask=rm, other=0.0), tl.load(h + 2, mask=rm, other=0.0),
                          tl.load(h + 3, mask=rm, other=0.0), dproj, coef, rows, rm, c, cols, C, N, D, P, BF16,
-                         PRECISION, SK, SP, EXTRA, FMA)
+                         PRECISION, EXTRA)
 
     @triton.jit
     def _column(t, cols, j: tl.constexpr):
@@ -280,7 +257,7 @@ if AVAILABLE:
     def _pre_grad_kernel(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, proj_ptr, rinv_ptr, alpha_ptr, bpre_ptr, dproj_ptr,
                          dx_ptr, dpre_ptr, M, C: tl.constexpr, N: tl.constexpr, BC: tl.constexpr, D: tl.constexpr,
                          P: tl.constexpr, PP: tl.constexpr, BM: tl.constexpr, BF16: tl.constexpr,
-                         PRECISION: tl.constexpr, SK: tl.constexpr, SP: tl.constexpr):
+                         PRECISION: tl.constexpr):
         """BM tokens: ⟨x_j, ∂y_in⟩ over the channels, so H_pre's part of ∂proj; then ∂x, blocks last to
         first."""
         rows, rm = _token_rows(M, BM)
@@ -314,8 +291,8 @@ if AVAILABLE:
         h3 = _column(h, cols, 3)
         for back in range(blocks):
             c = (blocks - 1 - back) * BC + tl.arange(0, BC)
-            _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, dy_ptr, dy_ptr, dproj_ptr, rinv, h0, h1,
-                             h2, h3, dproj, coef, rows, rm, c, cols, C, N, D, P, BF16, PRECISION, SK, SP, False, False)
+            _state_grad_tile(x_ptr, g_ptr, hres_ptr, dy_ptr, phi_ptr, dx_ptr, dy_ptr, dy_ptr, h0, h1, h2, h3, dproj,
+                             coef, rows, rm, c, cols, C, N, D, P, BF16, PRECISION, False)
 
     # ---- the ops ----------------------------------------------------------------------
 
