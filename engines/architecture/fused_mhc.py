@@ -15,6 +15,10 @@ one pass that reads x, g and ∂y_in (``_state_grad_kernel``), after the dots �
 ∂h_pre needs and the gates' small backward (sigmoids; Sinkhorn by its fused kernel). The write's
 own backward then reads x, g and y for ∂H_res, ∂h_post and ∂y and writes no state gradient.
 
+mgt's connection (``delta_connection``, behind ``DELTA``) has a fourth consumer of the state, the dots
+d_j = ⟨x_j, k⟩ of its delta update; their op hands k and ∂d back as the gradients of two more taps of
+``pre``, so the same one pass writes ∂x with their term ∂d_j k added.
+
 n = 4 (the fused Sinkhorn's size), a bf16 state on a GPU (as ``fused_streams.maps_usable``). The
 ops are ``torch.library.custom_op``s; the launchers run on CPU under ``TRITON_INTERPRET=1``.
 """
@@ -103,7 +107,6 @@ def state_grad(x: torch.Tensor, g: torch.Tensor, h_res: torch.Tensor, h_pre: tor
         dk.contiguous() if extra else h_pre, M, C=C, N=n, BC=bc, **{**consts, "BM": bm}, EXTRA=extra,
         num_warps=warps)
     return dx
-
 
 
 def pre_read(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b_pre: torch.Tensor,
@@ -434,7 +437,9 @@ if AVAILABLE:
         pre, post, res = proj.split((n, n, n * n), dim=-1)
         d_post = dh_post * h_post * (1 - h_post / 2)  # H_post = 2σ(·)
         d_res = _fused_sinkhorn_backward(logits.contiguous(), dh_res.contiguous(), ctx.iters).view(M, n * n)
-        if TWO_PASS_BACKWARD and k is None:  # the kernel finds H_pre's part from ⟨x_j, ∂y_in⟩: the first n columns are its
+        # the two-kernel form finds H_pre's part from ⟨x_j, ∂y_in⟩ (the first n columns are its); mgt's dots take
+        # the four-kernel one
+        if TWO_PASS_BACKWARD and k is None:
             rest = torch.cat((torch.zeros_like(d_post), alpha[1] * d_post, alpha[2] * d_res), dim=-1)
             dx, d_pre = _pre_grad_op(x, g, h_res, dy, phi, proj, rinv, alpha, b_pre, rest)
             dproj = torch.cat((alpha[0] * d_pre, rest[:, n:]), dim=-1)

@@ -57,9 +57,9 @@ and every constant below that it re-derives within 11% of its value here.
   ``muse plan run`` after the loop's pinned reads (78,508 tok/s,
   docs/bench_plan_run_pinned.json); with 1420 it was priced 12.3% slow. Against
   the other H100 eager measurements at that width: the hand-built loop of
-  docs/bench_architecture.md (78,922, raw) and the executor before its fixes
-  (75,138, docs/bench_plan_run.md), +3% and +4%; mhc's eager row there
-  (27,337) through RESIDUAL_SLOWDOWN +2%. One width (350M) only.
+  docs/bench_architecture.md (78,922) and the executor before its fixes
+  (75,138, docs/bench_plan_run.md), -1% and +4%; the hand-built mhc, ddl and
+  mgt rows through RESIDUAL_SLOWDOWN within 0.5%. One width (350M) only.
 - EXECUTOR_OVERHEAD 1.035: measured, the executor's step at the 85M plan of
   docs/bench_multi_gpu.md (micro 16 x accumulation 2, 125.3 ms, 261,566 tok/s)
   over the raw loop's (2 x 59.5 ms micro-steps + 2.0 ms optimizer). The model
