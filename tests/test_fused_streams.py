@@ -309,9 +309,14 @@ def _connection_grads(conn: torch.nn.Module, lin: torch.nn.Module, x: torch.Tens
     return [out.detach(), x.grad] + [p.grad for p in conn.parameters()]
 
 
-def _fused_setup(residual: str, stream_dtype: str):
-    from engines.architecture import fused_streams
+def _fused_setup(residual: str, stream_dtype: str, monkeypatch: pytest.MonkeyPatch | None = None):
+    """``residual`` "mgt+delta": mgt through fused_mhc.delta_connection (``DELTA``, off by default)."""
+    from engines.architecture import fused_mhc, fused_streams
 
+    residual, _, delta = residual.partition("+")
+    if delta:
+        assert monkeypatch is not None, "mgt+delta sets fused_mhc.DELTA through the test's monkeypatch"
+        monkeypatch.setattr(fused_mhc, "DELTA", True)
     if not fused_streams.AVAILABLE:
         pytest.skip("triton is not installed")
     torch.manual_seed(0)
@@ -340,10 +345,12 @@ def _names(conn: torch.nn.Module) -> list[str]:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("residual,stream_dtype", [("mhc", "float32"), ("mhc", "bfloat16"), ("mgt", "float32"),
-                                                    ("mgt", "bfloat16"), ("ddl", "float32")])  # ddl's state: fp32
+                                                    ("mgt", "bfloat16"), ("mgt+delta", "bfloat16"),
+                                                    ("ddl", "float32")])  # ddl's state: fp32
 @pytest.mark.parametrize("autocast", [False, True])
-def test_fused_connection_is_as_accurate_as_the_torch_one(residual: str, stream_dtype: str, autocast: bool) -> None:
-    fused_streams, conn, lin, x, grad = _fused_setup(residual, stream_dtype)
+def test_fused_connection_is_as_accurate_as_the_torch_one(residual: str, stream_dtype: str, autocast: bool,
+                                                          monkeypatch) -> None:
+    fused_streams, conn, lin, x, grad = _fused_setup(residual, stream_dtype, monkeypatch)
     _kernels(conn, "on")
     fused = _connection_grads(conn, lin, x, grad, autocast)
     _kernels(conn, "off")
@@ -355,32 +362,6 @@ def test_fused_connection_is_as_accurate_as_the_torch_one(residual: str, stream_
     for name, a, b, ref in zip(_names(conn), fused, plain, exact):
         err, err_plain = _rel(a.float(), ref.double()), _rel(b.float(), ref.double())
         assert err <= max(1.5 * err_plain, 1e-5 if exact_fp32 else _bf16_floor(ref)), (name, err, err_plain)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("autocast", [False, True])
-def test_mgts_one_gradient_connection_is_as_accurate_as_the_torch_one(autocast: bool) -> None:
-    """fused_mhc.delta_connection (off by default: ``DELTA``) on a GPU, eager and compiled, held to fp32 as
-    the torch connection is."""
-    from engines.architecture import fused_mhc as fm
-
-    fused_streams, conn, lin, x, grad = _fused_setup("mgt", "bfloat16")
-    _kernels(conn, "off")
-    plain = _connection_grads(conn, lin, x, grad, autocast)
-    exact = _connection_grads(conn, lin, x.float(), grad.float(), autocast=False)
-    _kernels(conn, "on")
-    before, fm.DELTA = fm.DELTA, True
-    try:
-        torch._dynamo.reset()
-        fused = _connection_grads(conn, lin, x, grad, autocast)
-        compiled = _connection_grads(torch.compile(conn, fullgraph=True), lin, x, grad, autocast)
-    finally:
-        fm.DELTA = before
-    for name, a, c, b, ref in zip(_names(conn), fused, compiled, plain, exact):
-        err_plain = _rel(b.float(), ref.double())
-        for how, got in (("eager", a), ("compiled", c)):
-            err = _rel(got.float(), ref.double())
-            assert err <= max(1.5 * err_plain, _bf16_floor(ref)), (how, name, err, err_plain)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -407,12 +388,13 @@ def test_the_two_kernel_pre_is_as_accurate_as_the_torch_connection(autocast: boo
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("residual", ["mhc", "mgt", "ddl"])
-def test_fused_ops_compile_as_they_run_eager(residual: str) -> None:
+@pytest.mark.parametrize("residual", ["mhc", "mgt", "mgt+delta", "ddl"])
+def test_fused_ops_compile_as_they_run_eager(residual: str, monkeypatch) -> None:
     """Compiled, the fused ops stay as close to fp32 as they are eager. Compiled and eager round in
     different places, so they are each held to fp32 rather than to each other: a gradient summed over
     every token whose terms cancel (mgt's w_β) differed by 1.15% between the two on an H100."""
-    fused_streams, conn, lin, x, grad = _fused_setup(residual, "float32" if residual == "ddl" else "bfloat16")
+    fused_streams, conn, lin, x, grad = _fused_setup(residual, "float32" if residual == "ddl" else "bfloat16",
+                                                     monkeypatch)
     _kernels(conn, "on")
     eager = _connection_grads(conn, lin, x, grad, autocast=True)
     exact = _connection_grads(conn, lin, x.float(), grad.float(), autocast=False)  # fp32 throughout
