@@ -10,7 +10,12 @@ would otherwise pick, eager.
 
 Design decisions:
 - MFU is against the bf16 matmul rate measured in the same run (an 8192³
-  product timed with CUDA events), not a datasheet number.
+  product timed with CUDA events; on a GPU the higher of the readings at the
+  run's start and end), not a datasheet number.
+- ``--rounds N`` runs every setting N times in turn; each residual mode's
+  overhead is over the standard row of its own round, and the verdicts read
+  each setting's median (``medians``), since a target's margin can be smaller
+  than the spread from one invocation to the next.
 - Model FLOPs per token = 6·N + 12·L·d·T: N every parameter (the tied
   embedding counts once, as the output projection that uses it), and the
   attention term without causal halving (PaLM's convention). The same
@@ -44,6 +49,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import gc
+import itertools
 import json
 import platform
 import shlex
@@ -294,16 +300,39 @@ def free(device: torch.device) -> None:
 # ---- report ------------------------------------------------------------------------
 
 def add_derived(rows: list[dict[str, Any]], peak: float) -> None:
-    """MFU, and each residual mode's step-time overhead over standard in the same mode."""
-    standard = {(r["mode"], scope_of(r["model"])): r["step_ms"] for r in rows
+    """MFU, and each residual mode's step-time overhead over standard in the same mode (and round)."""
+    standard = {(r["mode"], scope_of(r["model"]), r.get("round")): r["step_ms"] for r in rows
                 if variant(r["model"])[0] == "standard" and "again" not in r["model"] and "step_ms" in r}
     for r in rows:
         if "step_ms" not in r:
             continue
         r["mfu"] = r["model_flops_per_step"] / (r["step_ms"] / 1e3) / peak
-        key = (r["mode"], scope_of(r["model"]))
+        key = (r["mode"], scope_of(r["model"]), r.get("round"))
         if variant(r["model"])[0] in OURS and key in standard:
             r["overhead_vs_standard"] = r["step_ms"] / standard[key] - 1
+
+
+def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """With ``--rounds``: each setting's median over its rounds, as a row (``round``: "median"). The
+    overhead over standard is the median of each round's own (a round's standard ran beside it); the
+    peak memory the largest; the first step the first round's (later rounds start from Inductor's cache)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if "step_ms" in r and isinstance(r.get("round"), int):
+            groups.setdefault((r["model"], r["mode"]), []).append(r)
+    out = []
+    for group in groups.values():
+        first, step = group[0], statistics.median(r["step_ms"] for r in group)
+        row = {**first, "round": "median", "rounds": len(group), "step_ms": step,
+               "tokens_per_s": first["tokens_per_s"] * first["step_ms"] / step, "mfu": first["mfu"] * first["step_ms"] / step}
+        row.pop("overhead_vs_standard", None)
+        overs = [r["overhead_vs_standard"] for r in group if "overhead_vs_standard" in r]
+        if overs:
+            row["overhead_vs_standard"] = statistics.median(overs)
+        mems = [r["peak_mem_gib"] for r in group if r.get("peak_mem_gib") is not None]
+        row["peak_mem_gib"] = max(mems) if mems else None
+        out.append(row)
+    return out
 
 
 def scope_of(name: str) -> str:
@@ -388,8 +417,10 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             continue
         mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"
         over = f"{r['overhead_vs_standard']:+.1%}" if "overhead_vs_standard" in r else ""
+        name = r["model"] + (f" (median of {r['rounds']})" if r.get("round") == "median" else
+                             f" (round {r['round'] + 1})" if isinstance(r.get("round"), int) else "")
         lines.append(
-            f"| {r['model']} | {r['mode']} | {r['params'] / 1e6:.1f}M | {r['step_ms']:.1f} | "
+            f"| {name} | {r['mode']} | {r['params'] / 1e6:.1f}M | {r['step_ms']:.1f} | "
             f"{r['tokens_per_s']:,.0f} | {r.get('mfu', float('nan')):.1%} | {mem} | "
             f"{r.get('first_step_s', float('nan')):.1f} | {over} |"
         )
@@ -443,11 +474,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda when available (cpu with --tiny)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 3 with --tiny)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3; 1 with --tiny)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every setting this many times, in turn (standard, ddl, standard, ddl, ...); the "
+                        "verdicts take each setting's median: from one invocation to the next on one H100 a "
+                        "step moved by ±1 ms in 100, the size of some targets' margins")
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    if args.rounds < 1:
+        sys.exit(f"--rounds takes a count of 1 or more, got {args.rounds}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     cuda = device.type == "cuda"
     if args.tiny:
@@ -510,23 +547,24 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     print(HEADER.replace("|", " ").strip(), flush=True)
     cache = Path(tempfile.mkdtemp(prefix="muse-inductor-"))  # the plan runs' shared Inductor cache
-    for name in models:
-        for mode in modes:
-            if mode == "plan-run" and name == "hf-llama":
-                continue
-            if mode != "plan-run" and name != "hf-llama" and (
-                    variant(name)[1] & {"model", "again"} or (hand_built is not None and name not in hand_built)):
-                continue  # a plan's own setting (compile_scope, a second run), or left to plan-run by --hand-built
-            try:
-                row = plan_run(name, config, setup, cache) if mode == "plan-run" else bench(name, mode, config, setup)
-            except Exception as exc:  # a failed setting is a result too; the others still run
-                row = {"model": name, "mode": mode, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-            free(device)
-            rows.append(row)
-            add_derived(rows, peak)
-            meta["verdicts"] = verdicts(rows)
-            write(args.out, meta, rows)
-            say(table([row])[-1])
+    for rnd, name, mode in itertools.product(range(args.rounds), models, modes):
+        if mode == "plan-run" and name == "hf-llama":
+            continue
+        if mode != "plan-run" and name != "hf-llama" and (
+                variant(name)[1] & {"model", "again"} or (hand_built is not None and name not in hand_built)):
+            continue  # a plan's own setting (compile_scope, a second run), or left to plan-run by --hand-built
+        try:
+            row = plan_run(name, config, setup, cache) if mode == "plan-run" else bench(name, mode, config, setup)
+        except Exception as exc:  # a failed setting is a result too; the others still run
+            row = {"model": name, "mode": mode, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+        free(device)
+        if args.rounds > 1:
+            row["round"] = rnd
+        rows.append(row)
+        add_derived(rows, peak)
+        meta["verdicts"] = verdicts(medians(rows) or rows)
+        write(args.out, meta, rows + medians(rows))
+        say(table([row])[-1])
     if cuda:
         # MFU against the higher of the two measurements: the same card's peak read 760 and 782 TFLOP/s at
         # the starts of two invocations on an H100, and the lower one would flatter every row by 3%
@@ -534,9 +572,9 @@ def main() -> None:
         say(f"matmul peak at the end {meta['peak_tflops_at_end']:.1f} TFLOP/s")
         meta["peak_tflops"] = max(meta["peak_tflops"], meta["peak_tflops_at_end"])
         add_derived(rows, meta["peak_tflops"] * 1e12)
-        meta["verdicts"] = verdicts(rows)
-    write(args.out, meta, rows)
-    print("\n".join(table(rows)))
+        meta["verdicts"] = verdicts(medians(rows) or rows)
+    write(args.out, meta, rows + medians(rows))
+    print("\n".join(table(rows + medians(rows))))
     for v in meta["verdicts"]:
         print(v)
 
