@@ -108,3 +108,40 @@ def test_cuda_graphs_are_asked_for_only_where_a_step_has_one_micro_step(tmp_path
     assert uses_cuda_graphs("on", True, True, 1, config) and not uses_cuda_graphs("off", True, True, 1, fused)
     for compiled, cuda, accum in ((True, True, 2), (False, True, 1), (True, False, 1)):
         assert not uses_cuda_graphs("on", compiled, cuda, accum, fused)
+
+
+def test_fused_kernels_that_fail_give_way_to_torchs_connections_at_the_same_data(cli, tmp_path, monkeypatch) -> None:
+    """``training.fused_kernels``, on by default for ddl on a GPU: where its kernels fail (here made to run on
+    a CPU, which has none of them) after a compile that failed, the step runs once more with torch's
+    connections, the same function, from the same data, with no gradient left by the failed tries; the
+    event says so."""
+    from engines.architecture import fused_streams
+
+    @torch._dynamo.register_backend(name="muse_test_breaks_too")
+    def breaks(graph, example_inputs):  # noqa: ARG001 - a backend's signature
+        raise RuntimeError("no code generator here")
+
+    ddl = {**TINY_STANDARD["model"], "residual": "ddl"}
+    stages = [{"name": "pretrain", "kind": "pretrain", "steps": 4, "checkpoint_every": 4, "eval_every": 4}]
+
+    def run(name: str, compile_: str, kernels: str) -> tuple[list[float], list[str]]:
+        plan = write_plan(tmp_path, {**TINY_STANDARD, "name": name, "model": ddl},
+                          training={**TINY_STANDARD["training"], "compile": compile_, "fused_kernels": kernels},
+                          stages=stages)
+        assert cli("plan", "import", plan).exit_code == 0
+        result = cli("plan", "run", name)
+        assert result.exit_code == 0, result.output
+        with Store().read() as session:
+            run_id = max(r.id for r, *_ in runs.list_runs(session))
+            return ([v for _, v in runs.metric_series(session, run_id, "loss")],
+                    [e.message for e in runs.events(session, run_id, limit=50)])
+
+    torch_losses, _ = run("plain", "off", "off")
+    monkeypatch.setattr(fused_streams, "usable", lambda x, mode: mode != "off")  # the kernels, wherever asked
+    monkeypatch.setenv("MUSE_COMPILE_BACKEND", "muse_test_breaks_too")
+    losses, events = run("fails", "on", "on")
+    assert losses == pytest.approx(torch_losses, rel=1e-6, abs=1e-7)
+    said = [m for m in events if m.startswith("torch.compile failed (")]
+    assert len(said) == 1 and "no code generator here" in said[0] and \
+        "; eager, the fused connection kernels failed too (" in said[0] and \
+        said[0].endswith("the connections run in torch's ops); the stage trains eager from here"), events

@@ -213,8 +213,9 @@ def test_an_mhc_stage_is_told_the_fastest_connection_as_priced(cli, tmp_path) ->
     fused_kernels on) beside what the plan runs and says the fastest as the user's choice: for mhc a bf16 state
     with its fused kernels replayed from CUDA graphs (training.cuda_graphs: auto; without graphs the fused step
     measured slower than torch's fusion on an H100, so fused_kernels off where graphs are off); for mgt a bf16
-    state with its fused kernels; nothing once the plan runs the fastest, for standard, or on a CPU or a GPU
-    without bf16."""
+    state with its fused kernels; under training.fused_kernels auto (the default) a bf16 state of 4 streams
+    gets its kernels without a word more; nothing once the plan runs the fastest, for standard, or on a CPU
+    or a GPU without bf16."""
     def mhc(compute: str, **mhc_options):
         return plan({}, scale="350M", compute=compute, techniques={"mhc": {"streams": 4, **mhc_options}})
 
@@ -223,11 +224,17 @@ def test_an_mhc_stage_is_told_the_fastest_connection_as_priced(cli, tmp_path) ->
     result = fitting.fit(spec, fitting.hardware_for(spec, host=HOST), alternatives=False)
     (faster,) = fitting.faster_connections(result.chosen, result.hardware)
     assert faster.stage == "pretrain"
-    assert faster.changes == ("techniques.mhc.stream_dtype: bfloat16", "training.fused_kernels: on")
+    assert faster.changes == ("techniques.mhc.stream_dtype: bfloat16",)  # fused_kernels auto: then on
     assert faster.was_tokens_per_s == result.chosen.priced[0].time.tokens_per_s
     assert faster.tokens_per_s > 1.2 * faster.was_tokens_per_s  # 300 B a layer·d·token against fp32's 633
     half = mhc("1xH100-80GB", stream_dtype="bfloat16")
     result = fitting.fit(half, fitting.hardware_for(half, host=HOST), alternatives=False)
+    chosen = result.chosen.priced[0].settings  # auto: the kernels, replayed from graphs
+    assert chosen.model.fused_kernels == "on" and chosen.cuda_graphs
+    assert fitting.faster_connections(result.chosen, result.hardware) == []
+    torch_fusion = complete(spec_from_dict({**half.model_dump(mode="json", exclude_none=True),
+                                            "training": {"fused_kernels": "off"}}, "test"))
+    result = fitting.fit(torch_fusion, fitting.hardware_for(torch_fusion, host=HOST), alternatives=False)
     assert [f.changes for f in fitting.faster_connections(result.chosen, result.hardware)] == [
         ("training.fused_kernels: on",)]  # 300 B replayed from graphs against torch's 440
     fused = complete(spec_from_dict({**half.model_dump(mode="json", exclude_none=True),
@@ -248,17 +255,15 @@ def test_an_mhc_stage_is_told_the_fastest_connection_as_priced(cli, tmp_path) ->
     mgt = plan({}, scale="350M", compute="1xH100-80GB", techniques={"geometric_scaling": {}})
     result = fitting.fit(mgt, fitting.hardware_for(mgt, host=HOST), alternatives=False)
     assert [f.changes for f in fitting.faster_connections(result.chosen, result.hardware)] == [
-        ("techniques.geometric_scaling.stream_dtype: bfloat16", "training.fused_kernels: on")]
+        ("techniques.geometric_scaling.stream_dtype: bfloat16",)]
 
     from tests.conftest import write_plan
     assert cli("plan", "import", write_plan(tmp_path, {**spec.model_dump(mode="json", exclude_none=True),
                                                        "name": "fast"})).exit_code == 0
     shown = " ".join(cli("plan", "optimize", "fast", "--dry-run").output.split())
-    assert "faster, your choice: techniques.mhc.stream_dtype: bfloat16 with training.fused_kernels: on would " \
-        "train stage pretrain at" in shown
+    assert "faster, your choice: techniques.mhc.stream_dtype: bfloat16 would train stage pretrain at" in shown
     data = json.loads(cli("plan", "optimize", "fast", "--dry-run", "--json").output)
-    assert [f["changes"] for f in data["faster_connections"]] == [["techniques.mhc.stream_dtype: bfloat16",
-                                                                   "training.fused_kernels: on"]]
+    assert [f["changes"] for f in data["faster_connections"]] == [["techniques.mhc.stream_dtype: bfloat16"]]
 
 
 def test_the_faster_connection_is_said_only_when_it_fits_and_is_faster(monkeypatch) -> None:
@@ -267,7 +272,7 @@ def test_the_faster_connection_is_said_only_when_it_fits_and_is_faster(monkeypat
     from engines.architecture import modes
     from muse_plan.optimizer import memory
 
-    spec = plan({}, scale="350M", compute="1xH100-80GB",
+    spec = plan({"fused_kernels": "off"}, scale="350M", compute="1xH100-80GB",
                 techniques={"geometric_scaling": {"streams": 4, "stream_dtype": "bfloat16"}})
     result = fitting.fit(spec, fitting.hardware_for(spec, host=HOST), alternatives=False)
     assert [f.changes for f in fitting.faster_connections(result.chosen, result.hardware)] == [

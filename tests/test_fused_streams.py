@@ -467,11 +467,38 @@ def test_training_fused_kernels_reaches_every_connection_and_a_bad_value_is_one_
     assert modes == ["on"] * (2 * 2 * 2)  # 2 layers × 2 connections × (maps, gate)
     del plan["training"]
     assert decoder_config(spec_from_dict(plan, "t"), spec.stages[0]).fused_kernels == "off"
-    with pytest.raises(PlanError, match=r"^t: training\.fused_kernels: Input should be 'off', 'eager' or 'on' "
-                                        r"\(got 'yes'\)$"):
+    with pytest.raises(PlanError, match=r"^t: training\.fused_kernels: Input should be 'auto', 'off', 'eager' or "
+                                        r"'on' \(got 'yes'\)$"):
         spec_from_dict({**plan, "training": {"fused_kernels": "yes"}}, "t")
     with pytest.raises(ValueError, match="unknown fused_kernels 'yes'; accepted: off, eager, on$"):
         ModelConfig(vocab_size=64, seq_len=16, n_layers=1, d_model=32, n_heads=4, fused_kernels="yes")
+
+
+@pytest.mark.parametrize("residual,techniques,on_gpu", [
+    ("ddl", {}, "on"),
+    ("mhc", {"mhc": {"streams": 4}}, "off"),  # an fp32 state: its kernels would need the bf16 one
+    ("mhc", {"mhc": {"streams": 4, "stream_dtype": "bfloat16"}}, "on"),
+    ("mhc", {"mhc": {"streams": 2, "stream_dtype": "bfloat16"}}, "off"),  # measured at 4 streams
+    ("mgt", {"geometric_scaling": {"streams": 4, "stream_dtype": "bfloat16"}}, "on"),
+    ("standard", {}, "off")])
+def test_training_fused_kernels_auto_is_on_where_the_kernels_were_measured_faster(residual, techniques,
+                                                                                  on_gpu) -> None:
+    """The default (auto, or the field left out): the kernels the optimizer prices and the executor runs in
+    a stage compiled on a GPU, the same resolution for both; off on CPU and in a stage not compiled (where
+    the kernels were not timed and a failing one has no way back); an explicit off stays off."""
+    from muse_plan.executor.settings import resolve, train_config
+    from muse_plan.plan.io import spec_from_dict
+
+    plan = {"name": "t", "model": {"scale": "1M", "seq_len": 32, "vocab_size": 260, "residual": residual,
+                                   "shape": {"layers": 2, "d_model": 32, "n_heads": 2}},
+            "techniques": techniques, "stages": [{"name": "p", "kind": "pretrain", "steps": 1}]}
+    for training, cuda, want in (({}, True, on_gpu), ({"fused_kernels": "auto"}, True, on_gpu), ({}, False, "off"),
+                                 ({"fused_kernels": "off"}, True, "off"), ({"compile": "off"}, True, "off")):
+        spec = spec_from_dict({**plan, "training": training}, "t")
+        settings = resolve(spec, spec.stages[0], cuda=cuda, bf16=cuda)
+        assert settings.model.fused_kernels == want, (training, cuda)
+        assert train_config(settings).model.fused_kernels == want  # what the throughput and memory models price
+        assert settings.fused_kernels_setting == training.get("fused_kernels", "auto")
 
 
 def _kernels(conn: torch.nn.Module, mode: str) -> None:

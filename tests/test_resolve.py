@@ -174,7 +174,9 @@ def test_cuda_graphs_resolve_from_the_plan_and_reach_the_price() -> None:
     s = resolve(fused, fused.stages[0], cuda=True, bf16=True)
     assert s.compile and s.cuda_graphs and train_config(s).cuda_graphs
     assert not resolve(fused, fused.stages[0], cuda=False).cuda_graphs
-    for training in ({"fused_kernels": "on", "cuda_graphs": "off"}, {},
+    default = spec({})  # fused_kernels auto: on for this bf16 state of 4 streams, so graphs too
+    assert resolve(default, default.stages[0], cuda=True, bf16=True).cuda_graphs
+    for training in ({"fused_kernels": "on", "cuda_graphs": "off"}, {"fused_kernels": "off"},
                      {"fused_kernels": "on", "global_batch": 16}):  # two micro-steps a step
         p = spec(training)
         assert not resolve(p, p.stages[0], cuda=True, bf16=True).cuda_graphs, training

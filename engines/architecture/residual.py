@@ -500,6 +500,17 @@ class ManifoldDeltaConnection(nn.Module):
         return delta_update(mixed, k.unsqueeze(2), beta.unsqueeze(2), target).to(x.dtype)
 
 
+def torch_connections(modules: list[nn.Module]) -> bool:
+    """Every connection among ``modules`` (and inside them) that runs fused kernels back to torch's ops,
+    the same function: whether there was one (a stage whose kernels fail goes on without them)."""
+    changed = False
+    for root in modules:
+        for module in root.modules():
+            if isinstance(module, (ManifoldMaps, DeltaGate)) and module.fused != "off":
+                module.fused, changed = "off", True
+    return changed
+
+
 # ---- registry -----------------------------------------------------------------
 
 @dataclass(frozen=True)

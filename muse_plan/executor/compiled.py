@@ -39,7 +39,11 @@ Design decisions:
   step's forward; if that step raises, the blocks are put back to eager, the
   data position and the random generators are rewound to where the step
   started, and the step runs again eagerly; the run records why
-  (``Compiled.fallback``). An error the eager step raises too is the run's.
+  (``Compiled.fallback``). Where the eager step fails too and the model's
+  connections ran fused Triton kernels (``training.fused_kernels``, on by
+  default for ddl and a bf16 mhc / mgt state on a GPU), it runs once more with
+  torch's connections, said in the same event; any other error the eager step
+  raises is the run's.
 - ``MUSE_COMPILE_BACKEND`` picks another backend (``aot_eager`` to tell a
   graph problem from a code-generation one; ``eager`` to trace only);
   ``training.cuda_graphs`` (``settings.uses_cuda_graphs``) compiles with
@@ -52,11 +56,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from engines.architecture.model import DecoderLM
+from engines.architecture.residual import torch_connections
 
 BLOCK_LISTS = ("blocks", "layers", "h")
 
@@ -136,7 +141,10 @@ def compile_model(model: torch.nn.Module, cache_dir: Path, scope: str = "blocks"
 
 def first_call(compiled: Compiled | None, trainer: Any, fn: Any) -> tuple[Any, str | None]:
     """``fn()`` — a stage's first compiled step or evaluation — and, when compiling it
-    failed, the reason after ``fn()`` ran again eagerly from the same data and generators."""
+    failed, the reason after ``fn()`` ran again eagerly from the same data and generators;
+    where that failed too and connections ran fused kernels (``training.fused_kernels``),
+    once more with torch's connections, the same function. Each retry starts from no
+    gradients: a backward that failed part way may have left some."""
     if compiled is None or not compiled.active:
         return fn(), None
     # the step and the evaluation compile once each; only those first calls need the rewind
@@ -150,8 +158,17 @@ def first_call(compiled: Compiled | None, trainer: Any, fn: Any) -> tuple[Any, s
     except Exception as exc:  # whatever compiling raised: the stage goes on eager
         reason = why(exc)
         compiled.undo(reason)
-        rewind(trainer, saved)
+        rewind(trainer, saved, compiled.modules)
+    try:
         return fn(), reason
+    except (Fault, KeyboardInterrupt, torch.cuda.OutOfMemoryError, MemoryError):
+        raise
+    except Exception as again:  # eager failed too: the connections' fused kernels, if any, go
+        if not torch_connections(compiled.modules):
+            raise
+        rewind(trainer, saved, compiled.modules)
+        return fn(), f"{reason}; eager, the fused connection kernels failed too ({why(again)}): " \
+                     "the connections run in torch's ops"
 
 
 def rewindable(trainer: Any) -> dict[str, Any]:
@@ -161,11 +178,17 @@ def rewindable(trainer: Any) -> dict[str, Any]:
     return {"engine": trainer.state_dict(), "rng": checkpoint.rng_state()}
 
 
-def rewind(trainer: Any, state: dict[str, Any]) -> None:
+def rewind(trainer: Any, state: dict[str, Any], modules: Sequence[torch.nn.Module] = ()) -> None:
+    """The data position and generators back to ``state``, and no gradient on the trainer's model
+    or ``modules``."""
     from muse_plan.executor import checkpoint
 
     trainer.load_state_dict(state["engine"])
     checkpoint.set_rng_state(state["rng"])
+    model = getattr(trainer, "model", None)
+    for module in [*modules, *([model] if isinstance(model, torch.nn.Module) else [])]:
+        for param in module.parameters():
+            param.grad = None
 
 
 def why(exc: BaseException) -> str:

@@ -312,19 +312,19 @@ def _compile_note(compiled: Compiled, failed: str | None, step: int, hooks: Hook
 def _kernels_note(s: StageSettings, cuda: bool, step: int, hooks: Hooks) -> None:
     """What ``training.fused_kernels`` gets here, said once a stage: the connections' Triton
     kernels, or why they run in torch (the same function either way)."""
-    mode, residual = s.model.fused_kernels, s.model.residual
+    mode, residual, asked = s.model.fused_kernels, s.model.residual, s.fused_kernels_setting
     if mode == "off":
         return
     from engines.architecture.fused_streams import AVAILABLE as triton
 
     why = ("" if residual in FUSED_RESIDUALS else f"residual {residual} has none") or \
         ("" if cuda else "they run on a GPU only") or ("" if triton else "Triton is not installed")
-    if why:
+    if why and asked != "auto":  # auto asked for nothing: where the kernels can't run, torch's is the default
         hooks.on_notes(step, [f"training.fused_kernels is {mode}, but {why}: the connections run in torch"], "info")
-    else:
+    elif not why:
         where = "eager and compiled" if mode == "on" else "in eager mode only"
         hooks.on_notes(step, [f"fused Triton kernels for the {residual} connections, {where} "
-                              f"(training.fused_kernels: {mode})"], "info")
+                              f"(training.fused_kernels: {asked})"], "info")
 
 
 def _engine_notes(trainer: Trainer, step: int, hooks: Hooks | None) -> None:

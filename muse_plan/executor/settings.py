@@ -85,6 +85,7 @@ class StageSettings:
     hf: bool = False  # a Hugging Face model (model.family: hf)
     cuda_graphs: bool = False  # the compiled regions replay CUDA graphs (``uses_cuda_graphs``)
     cuda_graphs_setting: str = "auto"  # the plan's training.cuda_graphs
+    fused_kernels_setting: str = "auto"  # the plan's training.fused_kernels (model.fused_kernels: what it resolved to)
     eval_at_start: bool = False  # evaluate the starting weights before the first step (step 0)
     decode: str = "eager"  # how a GRPO-engine stage's sampling decodes (``decoding``)
     options: Any = None  # the engine's typed options (plan/kinds.py)
@@ -123,10 +124,25 @@ def decoder_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
         extra.update(streams=mixing.streams, sinkhorn_iters=mixing.sinkhorn_iters, stream_dtype=mixing.stream_dtype)
     if t.geometric_scaling is not None:
         extra["beta_max"] = t.geometric_scaling.beta_max
+    kernels = spec.training_for(stage).fused_kernels
     config = ModelConfig.from_shape(shape, m.vocab_size, stage.seq_len or m.seq_len,
                                     residual=m.residual or "standard",
-                                    fused_kernels=spec.training_for(stage).fused_kernels or "off", **extra)
+                                    fused_kernels="off" if kernels in (None, "auto") else kernels, **extra)
     return grown_rope(spec, stage, config)  # a stage after a context growth: the rotary scaling it grew into
+
+
+def auto_kernels(config: ModelConfig) -> str:
+    """``training.fused_kernels: auto`` (the default) for a stage compiled on a GPU (``compiles``: pretrain,
+    continue, finetune): ``on`` for the connections whose fused kernels compute the function the plan asks
+    for and were measured faster than torch's fusion through ``muse plan run`` (350M, H100: ddl +5.5-7.9%
+    over standard against +9%; mhc with a bf16 state of 4 streams +36-38% against +50%, mgt's +56-60%
+    against +83%; docs/bench_plan_run.md); ``off`` elsewhere, an fp32 state of mhc / mgt among them (their
+    kernels need the bf16 state, a numeric choice the user makes). Stages not compiled (the GRPO engine's,
+    or off a GPU) keep torch's: there the kernels were not timed, and a compiled stage's first step has a way
+    back to torch's connections where they fail (``compiled.first_call``)."""
+    measured = config.residual == "ddl" or (config.residual in ("mhc", "mgt") and config.stream_dtype == "bfloat16"
+                                            and config.streams == 4)
+    return "on" if measured else "off"
 
 
 def _hf_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
@@ -386,6 +402,9 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
     if check:
         _supported(t, cuda)
     config = model_config(spec, stage) if check else _priced_config(spec, stage)
+    compiled = compiles(t.compile or "auto", stage.kind, cuda)
+    if compiled and t.fused_kernels in (None, "auto") and spec.model.family != "hf":
+        config = replace(config, fused_kernels=auto_kernels(config))
     micro, accum = _batching(spec, stage, world_size)
     if stage.steps is not None:
         steps = stage.steps
@@ -413,7 +432,6 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
     default_every = max(1, min(1000, steps // 10))
     sharding = t.sharding or ("ddp" if world_size > 1 else "none")
     window = getattr(control, control.plateau) if control.plateau else None
-    compiled = compiles(t.compile or "auto", stage.kind, cuda)
     scope = compile_scope(t.compile_scope or "auto", sharding)
     return StageSettings(
         name=stage.name, kind=stage.kind, engine=stage.engine or "", model=config, steps=steps,
@@ -435,7 +453,7 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
         compile_scope=scope, hf=spec.model.family == "hf",
         compiled_head=compiled and spec.model.family != "hf",
         cuda_graphs=uses_cuda_graphs(t.cuda_graphs or "auto", compiled, cuda, accum, config),
-        cuda_graphs_setting=t.cuda_graphs or "auto",
+        cuda_graphs_setting=t.cuda_graphs or "auto", fused_kernels_setting=t.fused_kernels or "auto",
         decode=decoding(t.compile or "auto", stage.kind, cuda, hf=spec.model.family == "hf"),
         options=typed.engine, control=control,
         lora=lora, adapters_only=adapters_only(spec, stage),

@@ -44,8 +44,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 from engines.options import LoraOptions
-from muse_plan.executor.settings import (DEFAULT_MICRO_BATCH, StageSettings, decoder_config, refusal, resolve,
-                                         train_config, uses_cuda_graphs)
+from muse_plan.executor.settings import (DEFAULT_MICRO_BATCH, StageSettings, auto_kernels, decoder_config, refusal,
+                                         resolve, train_config, uses_cuda_graphs)
 from muse_plan.hardware.catalog import CATALOG, GpuKind, lookup, variant
 from muse_plan.optimizer import data_budget, memory, throughput
 from muse_plan.optimizer.config import TrainConfig
@@ -329,8 +329,11 @@ def faster_connections(candidate: Candidate, hw: Hardware) -> list[FasterConnect
             model = replace(cfg.model, stream_dtype="bfloat16", fused_kernels=kernels)
             graphs = uses_cuda_graphs(s.settings.cuda_graphs_setting, cfg.compiled, True, cfg.grad_accum, model)
             form = replace(cfg, model=model, cuda_graphs=graphs)
+            # what the user writes: under training.fused_kernels auto a bf16 state of 4 streams gets its kernels
+            given = s.settings.fused_kernels_setting == "auto" and auto_kernels(model) == kernels
             changes = ((f"techniques.{technique}.stream_dtype: bfloat16",) if m.stream_dtype != "bfloat16" else ()) \
-                + ((f"training.fused_kernels: {kernels}",) if (m.fused_kernels == "on") != (kernels == "on") else ())
+                + ((f"training.fused_kernels: {kernels}",)
+                   if (m.fused_kernels == "on") != (kernels == "on") and not given else ())
             if not changes or memory.estimate(form, device="cuda").total > candidate.limit:
                 continue
             speed = throughput.step_time(form, hw.gpu, cpu_cores=hw.cpu_cores, network_gbps=hw.network_gbps)

@@ -231,11 +231,12 @@ class TrainingSpec(Frozen):
                           "never where a step accumulates micro-steps: auto (with fused_kernels: on for ddl, and "
                           "for mhc / mgt with a bf16 state: measured 2-27% faster a step on an H100; "
                           "docs/bench_plan_run.md), on, off")
-    fused_kernels: Annotated[Literal["off", "eager", "on"], _YAML_SWITCH] | None = Field(
-        None, description="mhc / mgt / ddl connections as fused Triton kernels on a GPU: off (the default), eager "
-                          "(in eager mode only) or on (under torch.compile too); the same function, faster than "
-                          "torch.compile's own fusion for mgt and ddl, and for mhc replayed from CUDA graphs "
-                          "(training.cuda_graphs; docs/bench_plan_run.md)")
+    fused_kernels: Annotated[Literal["auto", "off", "eager", "on"], _YAML_SWITCH] | None = Field(
+        None, description="mhc / mgt / ddl connections as fused Triton kernels on a GPU: auto (the default: on for "
+                          "ddl, and for mhc / mgt with a bf16 state of 4 streams, the forms measured faster through "
+                          "muse plan run; off elsewhere), off, eager (in eager mode only) or on (under "
+                          "torch.compile too); the same function as torch's, which a stage whose kernels fail "
+                          "goes on with, said in an event (training.cuda_graphs; docs/bench_plan_run.md)")
     log_with: TrackerSet = Field(
         None, description="also log the run's metrics and events to these trackers (tensorboard, mlflow, wandb), "
                           "through Accelerate; the run's, not a stage's (monitor/trackers.py)")
