@@ -113,8 +113,7 @@ def test_cuda_graphs_are_asked_for_only_where_a_step_has_one_micro_step(tmp_path
 def test_fused_kernels_that_fail_give_way_to_torchs_connections_at_the_same_data(cli, tmp_path, monkeypatch) -> None:
     """``training.fused_kernels``, on by default for ddl on a GPU: where its kernels fail (here made to run on
     a CPU, which has none of them) after a compile that failed, the step runs once more with torch's
-    connections, the same function, from the same data, with no gradient left by the failed tries; the
-    event says so."""
+    connections, the same function, from the same data; the event says so."""
     from engines.architecture import fused_streams
 
     @torch._dynamo.register_backend(name="muse_test_breaks_too")
@@ -145,3 +144,28 @@ def test_fused_kernels_that_fail_give_way_to_torchs_connections_at_the_same_data
     assert len(said) == 1 and "no code generator here" in said[0] and \
         "; eager, the fused connection kernels failed too (" in said[0] and \
         said[0].endswith("the connections run in torch's ops); the stage trains eager from here"), events
+
+
+def test_a_rewound_first_step_starts_from_no_gradients() -> None:
+    """A retried first step must not add to gradients a failed backward left part way: ``rewind`` clears
+    them on the given modules and on the trainer's model, and puts the data position back."""
+    from muse_plan.executor.compiled import rewind, rewindable
+
+    class Trainer:
+        def __init__(self) -> None:
+            self.model, self.position = torch.nn.Linear(3, 2), 0
+
+        def state_dict(self) -> dict:
+            return {"position": self.position}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.position = state["position"]
+
+    trainer, block = Trainer(), torch.nn.Linear(2, 2)
+    saved = rewindable(trainer)
+    trainer.position = 5
+    for module in (trainer.model, block):
+        module(torch.ones(1, module.in_features)).sum().backward()
+    assert all(p.grad is not None for p in [*trainer.model.parameters(), *block.parameters()])
+    rewind(trainer, saved, [block])
+    assert trainer.position == 0 and all(p.grad is None for p in [*trainer.model.parameters(), *block.parameters()])
