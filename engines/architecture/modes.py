@@ -96,7 +96,9 @@ class ResidualMode:
     fused_traffic: float | None = None
     # the same replayed from CUDA graphs (training.cuda_graphs), where timed: mhc's fused step is bound by the
     # host's launches without them (300 fitted to 118,111 tok/s on an H100, which it predicts at 118,238;
-    # docs/bench_plan_run_graphs_h100.json)
+    # docs/bench_plan_run_graphs_h100.json); ddl's fused_delta (56, fitted to the mean of its three H100
+    # invocations beside standard in one call, +7.9%, +5.5% and +7.7%: docs/bench_plan_run_pinned.json and
+    # docs/bench_plan_run_session25_h100.json; without graphs it measured +9.7%, level with torch's 74)
     fused_graphs_traffic: float | None = None
 
     def params(self, c: ModelConfig) -> int:
@@ -120,7 +122,7 @@ RESIDUAL_MODES: dict[str, ResidualMode] = {m.name: m for m in (
                  fused_graphs_traffic=300.0),
     ResidualMode("ddl", False, _ddl, _ddl_flops, 1.581, 1.123,
                  f"{_RES}:DeltaResidual", f"{_DEPTH}:_nothing", f"{_ACT}:_ddl", (f"{_WIDTH}:DDL_RULES",),
-                 compiled_traffic=(74.0, 74.0)),  # no streams: the state is the hidden's
+                 compiled_traffic=(74.0, 74.0), fused_graphs_traffic=56.0),  # no streams: the state is the hidden's
     ResidualMode("mgt", True, lambda c: _mhc(c) + _ddl(c),
                  lambda c: _mixing_flops(c) + _sinkhorn_flops(c) + c.streams * _ddl_flops(c), 3.577, 2.989,
                  f"{_RES}:ManifoldDeltaConnection", f"{_DEPTH}:_identity_manifold", f"{_ACT}:_mgt",

@@ -80,8 +80,8 @@ def settings_line(candidate: Any) -> Text | None:
     from muse_plan.optimizer.throughput import fused_priced  # the optimizer has it loaded by now
 
     fused = [s for s in candidate.priced if s.settings.model.fused_kernels != "off"]
-    measured = [s.name for s in fused if fused_priced(s.settings.model)]
-    as_torch = [s.name for s in fused if not fused_priced(s.settings.model)]
+    measured = [s.name for s in fused if fused_priced(s.settings.model, s.settings.cuda_graphs)]
+    as_torch = [s.name for s in fused if not fused_priced(s.settings.model, s.settings.cuda_graphs)]
     also += ("\nfused Triton kernels on a GPU (training.fused_kernels), priced as measured: " + ", ".join(measured)
              if measured else "")
     also += ("\nfused Triton kernels on a GPU (training.fused_kernels), priced as torch's own: " + ", ".join(as_torch)

@@ -93,7 +93,11 @@ and every constant below that it re-derives within 11% of its value here.
   an H200 (docs/bench_architecture_fused.json). mgt's
   fused kernels (``fused_streams``' maps, read, dots and write) are priced at
   470 B, fitted to its row on an H100 (docs/bench_architecture_fused_h100.json,
-  102,351 tok/s), where torch's 673 B predicted 13.5% too slow.
+  102,351 tok/s), where torch's 673 B predicted 13.5% too slow. ddl's
+  ``fused_delta`` replayed from CUDA graphs (``fused_graphs_traffic``) is
+  priced at 56 B, fitted to its overhead over standard in three H100
+  invocations (+7.9, +5.5, +7.7%), where torch's 74 B said +9.2%; without
+  graphs it measured +9.7% and keeps torch's price (``fused_traffic``).
   COMPILED_HOST_S_PER_LAYER 2.1 ms is assumed (half eager's: a compiled block
   launches a few fused kernels where eager launches one per operation); the
   350M compiled row bounds it above, being GPU-bound at 3.8 ms a layer (95.5 of
@@ -314,9 +318,8 @@ def _gpu_s_per_token(cfg: TrainConfig, gpu: GpuKind) -> float:
     c = cfg.model
     mode = RESIDUAL_MODES[c.residual]
     if cfg.compiled:  # the mode's cost is the bytes it moves (modes.py compiled_traffic)
-        fused = mode.fused_graphs_traffic if cfg.cuda_graphs and mode.fused_graphs_traffic is not None \
-            else mode.fused_traffic
-        traffic = COMPILED_TRAFFIC + (fused if fused_priced(c) else mode.compiled_traffic[c.stream_dtype == "bfloat16"])
+        fused = fused_traffic(c, cfg.cuda_graphs)
+        traffic = COMPILED_TRAFFIC + (fused if fused is not None else mode.compiled_traffic[c.stream_dtype == "bfloat16"])
         slowdown = 1.0
     else:
         traffic, slowdown = eager_traffic(gpu), RESIDUAL_SLOWDOWN[c.residual]
@@ -331,15 +334,23 @@ def eager_traffic(gpu: GpuKind) -> float:
     return EAGER_TRAFFIC_MEASURED.get(gpu.key, EAGER_TRAFFIC)
 
 
-def fused_priced(c: ModelConfig) -> bool:
-    """Whether the model prices this model's fused kernels as measured (``ResidualMode.fused_traffic``):
-    ``fused_kernels: on`` with a bf16 state of 4 streams (``fused_mhc.usable``), for a mode whose kernels
-    were timed. The kernels run under any precision (they read the bf16 state), so the price holds under
-    each, though it was timed under bf16 mixed precision: priced as torch's fusion under fp16, the kernels
-    made fp16 look faster and the optimizer chose it, where the same kernels would run. Else fused kernels
-    are priced as torch's own fusion (``eager`` runs none under compile)."""
-    return c.fused_kernels == "on" and c.stream_dtype == "bfloat16" and c.streams == 4 \
-        and RESIDUAL_MODES[c.residual].fused_traffic is not None
+def fused_traffic(c: ModelConfig, graphs: bool) -> float | None:
+    """The bytes a layer · d_model · token this model's fused kernels add to a compiled step, as measured
+    (``ResidualMode.fused_graphs_traffic`` where the regions replay CUDA graphs and that was timed, else
+    ``fused_traffic``): with ``fused_kernels: on``, for ddl, and for mhc / mgt with a bf16 state of 4
+    streams (``fused_mhc.usable``). The kernels run under any precision (they read the bf16 state), so the
+    price holds under each, though it was timed under bf16 mixed precision: priced as torch's fusion under
+    fp16, the kernels made fp16 look faster and the optimizer chose it, where the same kernels would run.
+    None: priced as torch's own fusion (``eager`` runs none under compile; a form never timed)."""
+    mode = RESIDUAL_MODES[c.residual]
+    if c.fused_kernels != "on" or (mode.multi_stream and not (c.stream_dtype == "bfloat16" and c.streams == 4)):
+        return None
+    return mode.fused_graphs_traffic if graphs and mode.fused_graphs_traffic is not None else mode.fused_traffic
+
+
+def fused_priced(c: ModelConfig, graphs: bool = False) -> bool:
+    """Whether the model prices this model's fused kernels as measured (``fused_traffic``)."""
+    return fused_traffic(c, graphs) is not None
 
 
 def optimizer_bytes_per_param(cfg: TrainConfig) -> float:
