@@ -106,6 +106,9 @@ def test_cuda_graphs_are_asked_for_only_where_a_step_has_one_micro_step(tmp_path
     assert not uses_cuda_graphs("auto", True, True, 1, replace(config, residual="ddl"))
     assert not uses_cuda_graphs("auto", True, True, 1, replace(fused, residual="hc"))  # no kernels of its own
     assert uses_cuda_graphs("on", True, True, 1, config) and not uses_cuda_graphs("off", True, True, 1, fused)
+    # auto on one process only (never run under DDP or sharding); asked for, as asked
+    assert not uses_cuda_graphs("auto", True, True, 1, fused, world_size=2)
+    assert uses_cuda_graphs("on", True, True, 1, fused, world_size=2)
     for compiled, cuda, accum in ((True, True, 2), (False, True, 1), (True, False, 1)):
         assert not uses_cuda_graphs("on", compiled, cuda, accum, fused)
 

@@ -356,15 +356,17 @@ def compile_scope(setting: str, sharding: str) -> str:
     return "model" if setting == "model" else "blocks"
 
 
-def uses_cuda_graphs(setting: str, compiled: bool, cuda: bool, grad_accum: int, model: ModelConfig) -> bool:
+def uses_cuda_graphs(setting: str, compiled: bool, cuda: bool, grad_accum: int, model: ModelConfig,
+                     world_size: int = 1) -> bool:
     """``training.cuda_graphs``: the compiled regions replay their kernels from CUDA graphs (Inductor's
     ``reduce-overhead``), on a GPU, where a step is one micro-step (a replay would overwrite the gradients a
     step sums, pytorch#169545). ``auto``: where they were measured faster, the fused connections
-    (``graphs_measured_faster``); standard gained nothing (100.4 ms a step against ~100 at 350M on an H100)
-    and kept 0.9 GiB more (docs/bench_plan_run.md)."""
+    (``graphs_measured_faster``), on one process: they were never run under DDP or sharding, where FSDP
+    frees and gathers the parameters a replay would read; standard gained nothing (100.4 ms a step against
+    ~100 at 350M on an H100) and kept 0.9 GiB more (docs/bench_plan_run.md)."""
     if not (compiled and cuda and grad_accum == 1) or setting == "off":
         return False
-    return setting == "on" or graphs_measured_faster(model)
+    return setting == "on" or (world_size == 1 and graphs_measured_faster(model))
 
 
 def graphs_measured_faster(model: ModelConfig) -> bool:
@@ -452,7 +454,7 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
         compile=compiled,
         compile_scope=scope, hf=spec.model.family == "hf",
         compiled_head=compiled and spec.model.family != "hf",
-        cuda_graphs=uses_cuda_graphs(t.cuda_graphs or "auto", compiled, cuda, accum, config),
+        cuda_graphs=uses_cuda_graphs(t.cuda_graphs or "auto", compiled, cuda, accum, config, world_size),
         cuda_graphs_setting=t.cuda_graphs or "auto", fused_kernels_setting=t.fused_kernels or "auto",
         decode=decoding(t.compile or "auto", stage.kind, cuda, hf=spec.model.family == "hf"),
         options=typed.engine, control=control,

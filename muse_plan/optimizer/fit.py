@@ -327,7 +327,8 @@ def faster_connections(candidate: Candidate, hw: Hardware) -> list[FasterConnect
         best: tuple[float, tuple[str, ...]] | None = None
         for kernels in ("off", "on") if m.streams == 4 else ("off",):
             model = replace(cfg.model, stream_dtype="bfloat16", fused_kernels=kernels)
-            graphs = uses_cuda_graphs(s.settings.cuda_graphs_setting, cfg.compiled, True, cfg.grad_accum, model)
+            graphs = uses_cuda_graphs(s.settings.cuda_graphs_setting, cfg.compiled, True, cfg.grad_accum, model,
+                                      cfg.world_size)
             form = replace(cfg, model=model, cuda_graphs=graphs)
             # what the user writes: under training.fused_kernels auto a bf16 state of 4 streams gets its kernels
             given = s.settings.fused_kernels_setting == "auto" and auto_kernels(model) == kernels

@@ -229,8 +229,8 @@ class TrainingSpec(Frozen):
     cuda_graphs: OnOff | None = Field(
         None, description="replay the compiled regions' kernels from CUDA graphs (Inductor's reduce-overhead), "
                           "never where a step accumulates micro-steps: auto (with fused_kernels: on for ddl, and "
-                          "for mhc / mgt with a bf16 state: measured 2-27% faster a step on an H100; "
-                          "docs/bench_plan_run.md), on, off")
+                          "for mhc / mgt with a bf16 state, on one process: measured 2-27% faster a step on an "
+                          "H100, never run under DDP or sharding; docs/bench_plan_run.md), on, off")
     fused_kernels: Annotated[Literal["auto", "off", "eager", "on"], _YAML_SWITCH] | None = Field(
         None, description="mhc / mgt / ddl connections as fused Triton kernels on a GPU: auto (the default: on for "
                           "ddl, and for mhc / mgt with a bf16 state of 4 streams, the forms measured faster through "
