@@ -562,8 +562,9 @@ def main() -> None:
             row["round"] = rnd
         rows.append(row)
         add_derived(rows, peak)
-        meta["verdicts"] = verdicts(medians(rows) or rows)
-        write(args.out, meta, rows + medians(rows))
+        summary = medians(rows)
+        meta["verdicts"] = verdicts(summary or rows)
+        write(args.out, meta, rows + summary)
         say(table([row])[-1])
     if cuda:
         # MFU against the higher of the two measurements: the same card's peak read 760 and 782 TFLOP/s at
@@ -572,9 +573,10 @@ def main() -> None:
         say(f"matmul peak at the end {meta['peak_tflops_at_end']:.1f} TFLOP/s")
         meta["peak_tflops"] = max(meta["peak_tflops"], meta["peak_tflops_at_end"])
         add_derived(rows, meta["peak_tflops"] * 1e12)
-        meta["verdicts"] = verdicts(medians(rows) or rows)
-    write(args.out, meta, rows + medians(rows))
-    print("\n".join(table(rows + medians(rows))))
+    summary = medians(rows)
+    meta["verdicts"] = verdicts(summary or rows)
+    write(args.out, meta, rows + summary)
+    print("\n".join(table(rows + summary)))
     for v in meta["verdicts"]:
         print(v)
 

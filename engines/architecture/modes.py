@@ -131,6 +131,14 @@ RESIDUAL_MODES: dict[str, ResidualMode] = {m.name: m for m in (
 )}
 
 
+def fused_form(c: ModelConfig) -> bool:
+    """Whether ``c``'s connections are in the form their fused kernels were measured in through ``muse plan
+    run`` (its kernels on or not): ddl's update, and mhc's / mgt's with a bf16 state of 4 streams (the form
+    ``fused_mhc.usable`` takes). The one rule that turns the kernels on by default, prices them as measured
+    and replays them from CUDA graphs."""
+    return c.residual == "ddl" or (c.residual in ("mhc", "mgt") and c.stream_dtype == "bfloat16" and c.streams == 4)
+
+
 def load(path: str) -> Callable:
     """The object a record names as ``module:name`` (its module may be importing still)."""
     import importlib

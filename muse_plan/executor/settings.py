@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engines.architecture.config import ModelConfig
+from engines.architecture.modes import fused_form
 from engines.architecture.shapes import shape_for_params
 from engines.options import LoraOptions
 from muse_plan.errors import PlanError
@@ -140,9 +141,7 @@ def auto_kernels(config: ModelConfig) -> str:
     kernels need the bf16 state, a numeric choice the user makes). Stages not compiled (the GRPO engine's,
     or off a GPU) keep torch's: there the kernels were not timed, and a compiled stage's first step has a way
     back to torch's connections where they fail (``compiled.first_call``)."""
-    measured = config.residual == "ddl" or (config.residual in ("mhc", "mgt") and config.stream_dtype == "bfloat16"
-                                            and config.streams == 4)
-    return "on" if measured else "off"
+    return "on" if fused_form(config) else "off"
 
 
 def _hf_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
@@ -374,10 +373,7 @@ def graphs_measured_faster(model: ModelConfig) -> bool:
     ``fused_kernels: on`` for ddl (110.8 → 108.1 ms a step), and for mhc and mgt with a bf16 state of
     4 streams, the form their kernels run in (mhc 190.6 → 138.7 ms, its step bound by the kernels'
     launches; mgt 161.9 → 157.9)."""
-    if model.fused_kernels != "on":
-        return False
-    return model.residual == "ddl" or (model.residual in ("mhc", "mgt") and model.stream_dtype == "bfloat16"
-                                       and model.streams == 4)
+    return model.fused_kernels == "on" and fused_form(model)
 
 
 def decoding(setting: str, kind: str, cuda: bool, hf: bool = False) -> str:
