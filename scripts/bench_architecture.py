@@ -74,8 +74,9 @@ from _timing import timer  # noqa: E402
 OURS = ("standard", "mhc", "ddl", "mgt")
 # after "+": bf16 stream state, fused_kernels on or eager; plan-run only: compile_scope model (one
 # graph), "again": the same plan once more with the Inductor cache the row before filled (a second run),
-# "graphs" / "nographs": training.cuda_graphs on / off (else auto)
-VARIANTS = ("bf16", "fused", "fused-eager", "model", "again", "graphs", "nographs")
+# "graphs" / "nographs": training.cuda_graphs on / off (else auto); "default" (plan-run only): the plan
+# names neither fused_kernels nor cuda_graphs, and gets what muse's defaults resolve to
+VARIANTS = ("bf16", "fused", "fused-eager", "model", "again", "graphs", "nographs", "default")
 SCOPES = ("", "+model")  # the plan-run rows are compared within one compile scope
 TARGET_MFU = 0.60  # standard, compiled
 TARGET_VS_HF = 2.0  # standard compiled tokens/s over the HF peer's
@@ -392,8 +393,10 @@ def plan_run(name: str, config: ModelConfig, setup: Setup, cache: Path) -> dict[
     data = plan(f"{name.replace('+', '-')}-plan-run", base, "on", shape, config.seq_len, setup.batch, steps,
                 "bf16" if setup.amp else "fp32", gpu_compute() if cuda else "cpu",
                 stream_dtype="bfloat16" if "bf16" in flags else "float32",
-                scope="model" if "model" in flags else "auto", kernels=kernels(flags),
-                graphs="on" if "graphs" in flags else "off" if "nographs" in flags else "auto")
+                scope="model" if "model" in flags else "auto",
+                kernels=None if "default" in flags else kernels(flags),
+                graphs=None if "default" in flags else "on" if "graphs" in flags else "off" if "nographs" in flags
+                else "auto")
     got = run_one(data, cache, skip=setup.warmup)
     row: dict[str, Any] = {"model": name, "mode": "plan-run"}
     if "error" in got:
@@ -403,7 +406,10 @@ def plan_run(name: str, config: ModelConfig, setup: Setup, cache: Path) -> dict[
     return {**row, "params": n_params, "step_ms": 1e3 * tokens / got["tokens_per_s"],
             "tokens_per_s": got["tokens_per_s"], "model_flops_per_step": flops_per_token(n_params, config) * tokens,
             "peak_mem_gib": got["peak_gib"], "first_step_s": got["first_step_s"],
-            "predicted_tokens_per_s": got["predicted_tokens_per_s"], "predicted_peak_gib": got["predicted_peak_gib"]}
+            "predicted_tokens_per_s": got["predicted_tokens_per_s"], "predicted_peak_gib": got["predicted_peak_gib"],
+            # what the run compiled and ran: its regions and graphs, its connections' kernels
+            "compile_event": got["compile_event"],
+            "kernels_event": next((m for m in got["events"] if "fused_kernels" in m), None)}
 
 
 HEADER = "| model | mode | params | step ms (median) | tokens/s | MFU | peak mem GiB | 1st step s | vs standard |"

@@ -43,15 +43,18 @@ TINY_SHAPE = {"layers": 2, "d_model": 64, "n_heads": 2}
 
 def plan(name: str, residual: str, compile_: str, shape: dict, seq: int, micro: int, steps: int,
          precision: str, compute: str, stream_dtype: str = "float32", scope: str = "auto",
-         kernels: str = "off", graphs: str = "auto") -> dict:
+         kernels: str | None = "off", graphs: str | None = "auto") -> dict:
+    """A one-stage pretrain plan; ``kernels`` / ``graphs`` None leave ``training.fused_kernels`` /
+    ``cuda_graphs`` out, so the plan gets muse's defaults as a user's plan that never names them does."""
     mixing = {"mhc": "mhc", "mgt": "geometric_scaling"}.get(residual)  # the technique that sets its streams
     techniques = {mixing: {"streams": 4, "stream_dtype": stream_dtype}} if mixing else {}
     return {"name": name, "model": {"scale": "350M", "residual": residual, "seq_len": seq, "vocab_size": 32000,
                                     "shape": shape},
             "techniques": techniques, "compute": compute,
             "training": {"precision": precision, "micro_batch": micro, "grad_accum": 1, "lr": 3e-4,
-                         "warmup_steps": 5, "compile": compile_,
-                         "compile_scope": scope, "fused_kernels": kernels, "cuda_graphs": graphs},
+                         "warmup_steps": 5, "compile": compile_, "compile_scope": scope,
+                         **({"fused_kernels": kernels} if kernels is not None else {}),
+                         **({"cuda_graphs": graphs} if graphs is not None else {})},
             "stages": [{"name": "pretrain", "kind": "pretrain", "steps": steps, "checkpoint_every": 10 * steps,
                         "eval_every": 10 * steps}]}
 
