@@ -501,6 +501,36 @@ def test_training_fused_kernels_auto_is_on_where_the_kernels_were_measured_faste
         assert settings.fused_kernels_setting == training.get("fused_kernels", "auto")
 
 
+@pytest.mark.parametrize("residual,techniques,replayed,unreplayed", [
+    ("ddl", {}, "on", "off"),  # unreplayed +9.7% over standard, level with torch's fusion
+    ("mhc", {"mhc": {"streams": 4, "stream_dtype": "bfloat16"}}, "on", "off"),  # unreplayed +90% against +50%
+    ("mgt", {"geometric_scaling": {"streams": 4, "stream_dtype": "bfloat16"}}, "on", "on")])  # +60% against +83%
+def test_training_fused_kernels_auto_follows_the_cuda_graphs_the_step_gets(residual, techniques, replayed,
+                                                                          unreplayed) -> None:
+    """auto's kernels are the form priced faster given the graphs the step would replay: one micro-step a
+    step on one process replays them (so ddl's and mhc's kernels, measured faster so); a step that sums
+    micro-steps, several processes or an explicit cuda_graphs off don't, and there ddl and mhc keep torch's
+    fusion, which measured as fast or faster than their kernels unreplayed, while mgt keeps its kernels.
+    The optimizer prices what the executor runs (train_config), and an explicit setting is kept."""
+    from muse_plan.executor.settings import resolve, train_config
+    from muse_plan.plan.io import spec_from_dict
+
+    plan = {"name": "t", "model": {"scale": "1M", "seq_len": 32, "vocab_size": 260, "residual": residual,
+                                   "shape": {"layers": 2, "d_model": 32, "n_heads": 2}},
+            "techniques": techniques, "stages": [{"name": "p", "kind": "pretrain", "steps": 1}]}
+    for training, world, want, graphs in (({"micro_batch": 4, "global_batch": 4}, 1, replayed, True),
+                                          ({"micro_batch": 4, "global_batch": 8}, 1, unreplayed, False),
+                                          ({"micro_batch": 4, "global_batch": 8}, 2, unreplayed, False),
+                                          ({"cuda_graphs": "off"}, 1, unreplayed, False),
+                                          ({"micro_batch": 4, "global_batch": 8, "fused_kernels": "on"}, 1, "on",
+                                           False)):
+        spec = spec_from_dict({**plan, "training": training}, "t")
+        settings = resolve(spec, spec.stages[0], world_size=world, cuda=True, bf16=True)
+        assert (settings.model.fused_kernels, settings.cuda_graphs) == (want, graphs and want == "on"), training
+        assert train_config(settings).model.fused_kernels == want and train_config(settings).cuda_graphs == \
+            settings.cuda_graphs
+
+
 def _kernels(conn: torch.nn.Module, mode: str) -> None:
     """The connection's fused_kernels setting, as its config would have set it."""
     for module in conn.modules():

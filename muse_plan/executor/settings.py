@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engines.architecture.config import ModelConfig
-from engines.architecture.modes import fused_form
+from engines.architecture.modes import fused_faster, fused_form
 from engines.architecture.shapes import shape_for_params
 from engines.options import LoraOptions
 from muse_plan.errors import PlanError
@@ -132,16 +132,34 @@ def decoder_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
     return grown_rope(spec, stage, config)  # a stage after a context growth: the rotary scaling it grew into
 
 
-def auto_kernels(config: ModelConfig) -> str:
+def auto_kernels(config: ModelConfig, graphs: bool) -> str:
     """``training.fused_kernels: auto`` (the default) for a stage compiled on a GPU (``compiles``: pretrain,
-    continue, finetune): ``on`` for the connections whose fused kernels compute the function the plan asks
-    for and were measured faster than torch's fusion through ``muse plan run`` (350M, H100: ddl +5.5-7.9%
-    over standard against +9%; mhc with a bf16 state of 4 streams +36-38% against +50%, mgt's +56-60%
-    against +83%; docs/bench_plan_run.md); ``off`` elsewhere, an fp32 state of mhc / mgt among them (their
-    kernels need the bf16 state, a numeric choice the user makes). Stages not compiled (the GRPO engine's,
-    or off a GPU) keep torch's: there the kernels were not timed, and a compiled stage's first step has a way
-    back to torch's connections where they fail (``compiled.first_call``)."""
-    return "on" if fused_form(config) else "off"
+    continue, finetune): ``on`` where the connection's fused kernels compute the function the plan asks for
+    and price below torch's fusion of it (``modes.fused_faster``, prices fitted to ``muse plan run`` at
+    350M on an H100, docs/bench_plan_run.md), given whether the step replays CUDA graphs (``graphs``:
+    what ``uses_cuda_graphs`` gives with the kernels on). So ddl and mhc with a bf16 state of 4 streams get
+    them where a step is one micro-step on one process (replayed: ddl +5.4-7.9% over standard against +9%,
+    mhc +33-38% against +47%), and torch's fusion where it sums micro-steps or runs on several processes
+    (unreplayed, ddl's kernels measured +9.7%, level with torch's, and mhc's +90% against +50%, bound by
+    their launches); mgt's bf16 state of 4 streams gets them either way (+55-60% against +83%). ``off``
+    elsewhere, an fp32 state of mhc / mgt among them (their kernels need the bf16 state, a numeric choice
+    the user makes). Stages not compiled (the GRPO engine's, or off a GPU) keep torch's: there the kernels
+    were not timed, and a compiled stage's first step has a way back to torch's connections where they fail
+    (``compiled.first_call``)."""
+    return "on" if fused_faster(config, graphs) else "off"
+
+
+def kernels_and_graphs(kernels: str, graphs: str, compiled: bool, cuda: bool, grad_accum: int,
+                       config: ModelConfig, world_size: int) -> tuple[ModelConfig, bool]:
+    """The model with ``training.fused_kernels`` resolved, and whether its compiled regions replay CUDA
+    graphs (``training.cuda_graphs``), the two settings decided together: ``auto`` kernels where they price
+    faster given the graphs they would get, the graphs where the kernels that run were measured faster with
+    them. ``kernels`` / ``graphs``: the plan's settings (``auto`` where it leaves them out)."""
+    if compiled and kernels == "auto":
+        replayed = uses_cuda_graphs(graphs, compiled, cuda, grad_accum, replace(config, fused_kernels="on"),
+                                    world_size)
+        config = replace(config, fused_kernels=auto_kernels(config, replayed))
+    return config, uses_cuda_graphs(graphs, compiled, cuda, grad_accum, config, world_size)
 
 
 def _hf_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
@@ -401,9 +419,10 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
         _supported(t, cuda)
     config = model_config(spec, stage) if check else _priced_config(spec, stage)
     compiled = compiles(t.compile or "auto", stage.kind, cuda)
-    if compiled and t.fused_kernels in (None, "auto") and spec.model.family != "hf":
-        config = replace(config, fused_kernels=auto_kernels(config))
     micro, accum = _batching(spec, stage, world_size)
+    hf = spec.model.family == "hf"  # a Hugging Face model has no connections of muse's
+    config, graphs = kernels_and_graphs("off" if hf else t.fused_kernels or "auto", t.cuda_graphs or "auto",
+                                        compiled, cuda, accum, config, world_size)
     if stage.steps is not None:
         steps = stage.steps
     elif stage.tokens is not None:
@@ -450,7 +469,7 @@ def resolve(spec: PlanSpec, stage: StageSpec, *, world_size: int = 1, cuda: bool
         compile=compiled,
         compile_scope=scope, hf=spec.model.family == "hf",
         compiled_head=compiled and spec.model.family != "hf",
-        cuda_graphs=uses_cuda_graphs(t.cuda_graphs or "auto", compiled, cuda, accum, config, world_size),
+        cuda_graphs=graphs,
         cuda_graphs_setting=t.cuda_graphs or "auto", fused_kernels_setting=t.fused_kernels or "auto",
         decode=decoding(t.compile or "auto", stage.kind, cuda, hf=spec.model.family == "hf"),
         options=typed.engine, control=control,

@@ -191,7 +191,7 @@ import os
 from dataclasses import dataclass
 
 from engines.architecture.config import ModelConfig, param_count, stored_param_count
-from engines.architecture.modes import RESIDUAL_MODES, fused_form
+from engines.architecture.modes import RESIDUAL_MODES, fused_price
 from muse_plan.hardware.catalog import CATALOG, GpuKind
 from muse_plan.optimizer import memory
 from muse_plan.optimizer.config import TrainConfig
@@ -342,10 +342,7 @@ def fused_traffic(c: ModelConfig, graphs: bool) -> float | None:
     price holds under each, though it was timed under bf16 mixed precision: priced as torch's fusion under
     fp16, the kernels made fp16 look faster and the optimizer chose it, where the same kernels would run.
     None: priced as torch's own fusion (``eager`` runs none under compile; a form never timed)."""
-    mode = RESIDUAL_MODES[c.residual]
-    if c.fused_kernels != "on" or not fused_form(c):
-        return None
-    return mode.fused_graphs_traffic if graphs and mode.fused_graphs_traffic is not None else mode.fused_traffic
+    return fused_price(c, graphs) if c.fused_kernels == "on" else None
 
 
 def fused_priced(c: ModelConfig, graphs: bool = False) -> bool:
