@@ -583,6 +583,17 @@ def test_a_run_says_what_training_fused_kernels_got(cli, tmp_path: Path) -> None
     assert hooks.notes[0] == ("fused Triton kernels for the mhc connections, eager and compiled "
                               "(training.fused_kernels: on)" if HAS_TRITON else
                               "training.fused_kernels is on, but Triton is not installed: the connections run in torch")
+    # auto, where the step won't replay CUDA graphs: torch's fusion for mhc's bf16 state, and the run says why
+    auto = {**plan, "training": {**TINY["training"], "micro_batch": 2, "global_batch": 4, "precision": "bf16"},
+            "techniques": {"mhc": {"streams": 4, "stream_dtype": "bfloat16"}}}
+    summed = spec_from_dict(auto, "kern")
+    s = resolve(summed, summed.stages[0], cuda=True, bf16=True)
+    assert s.model.fused_kernels == "off" and s.grad_accum == 2
+    _kernels_note(s, True, 0, hooks)
+    assert hooks.notes[2] == ("torch's fusion for the mhc connections (training.fused_kernels: auto): their fused "
+                              "kernels are faster only replayed from CUDA graphs, and the step sums micro-steps")
+    _kernels_note(s, False, 0, hooks)  # on CPU auto asks for nothing: nothing to say
+    assert len(hooks.notes) == 3
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

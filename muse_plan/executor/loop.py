@@ -54,6 +54,7 @@ import psutil
 import torch
 
 from engines.architecture.config import FUSED_RESIDUALS
+from engines.architecture.modes import fused_form
 from engines.contract import Trainer
 from muse_plan.executor import checkpoint, optimizers
 from muse_plan.executor.compiled import Compiled, compile_model, first_call
@@ -314,6 +315,12 @@ def _kernels_note(s: StageSettings, cuda: bool, step: int, hooks: Hooks) -> None
     kernels, or why they run in torch (the same function either way)."""
     mode, residual, asked = s.model.fused_kernels, s.model.residual, s.fused_kernels_setting
     if mode == "off":
+        if asked == "auto" and cuda and s.compile and fused_form(s.model):  # auto chose torch's: say why
+            why = ("the step sums micro-steps" if s.grad_accum > 1 else "it runs on several processes"
+                   if s.world_size > 1 else "training.cuda_graphs is off")
+            hooks.on_notes(step, [f"torch's fusion for the {residual} connections (training.fused_kernels: auto): "
+                                  f"their fused kernels are faster only replayed from CUDA graphs, and {why}"],
+                           "info")
         return
     from engines.architecture.fused_streams import AVAILABLE as triton
 
