@@ -233,8 +233,9 @@ class TrainingSpec(Frozen):
                           "H100, never run under DDP or sharding; docs/bench_plan_run.md), on, off")
     fused_kernels: Annotated[Literal["auto", "off", "eager", "on"], _YAML_SWITCH] | None = Field(
         None, description="mhc / mgt / ddl connections as fused Triton kernels on a GPU: auto (the default: on for "
-                          "ddl, and for mhc / mgt with a bf16 state of 4 streams, the forms measured faster through "
-                          "muse plan run; off elsewhere), off, eager (in eager mode only) or on (under "
+                          "mgt with a bf16 state of 4 streams, and for ddl and mhc's bf16 state of 4 streams where "
+                          "the step replays CUDA graphs, the forms measured faster through muse plan run; off "
+                          "elsewhere), off, eager (in eager mode only) or on (under "
                           "torch.compile too); the same function as torch's, which a stage whose kernels fail "
                           "goes on with, said in an event (training.cuda_graphs; docs/bench_plan_run.md)")
     log_with: TrackerSet = Field(
