@@ -44,8 +44,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 from engines.options import LoraOptions
-from muse_plan.executor.settings import (DEFAULT_MICRO_BATCH, StageSettings, decoder_config, kernels_and_graphs, refusal,
-                                         resolve, train_config, uses_cuda_graphs)
+from muse_plan.executor.settings import (DEFAULT_MICRO_BATCH, StageSettings, decoder_config, kernels_and_graphs,
+                                         refusal, resolve, train_config, uses_cuda_graphs)
 from muse_plan.hardware.catalog import CATALOG, GpuKind, lookup, variant
 from muse_plan.optimizer import data_budget, memory, throughput
 from muse_plan.optimizer.config import TrainConfig
@@ -331,6 +331,7 @@ def faster_connections(candidate: Candidate, hw: Hardware) -> list[FasterConnect
                                       cfg.world_size)
             form = replace(cfg, model=model, cuda_graphs=graphs)
             # what the user writes: under training.fused_kernels auto a bf16 state of 4 streams gets its kernels
+            # where they price faster (mhc's where the step replays CUDA graphs)
             given = s.settings.fused_kernels_setting == "auto" and kernels_and_graphs(
                 "auto", s.settings.cuda_graphs_setting, cfg.compiled, True, cfg.grad_accum, model,
                 cfg.world_size)[0].fused_kernels == kernels
