@@ -266,6 +266,36 @@ def test_an_mhc_stage_is_told_the_fastest_connection_as_priced(cli, tmp_path) ->
     assert [f["changes"] for f in data["faster_connections"]] == [["techniques.mhc.stream_dtype: bfloat16"]]
 
 
+def test_a_step_summing_micro_steps_is_told_one_micro_step_replays_the_fused_kernels() -> None:
+    """mhc's bf16 state under training.fused_kernels auto runs torch's fusion where a step sums micro-steps
+    (its kernels measured faster only replayed from CUDA graphs); where the same global batch as one
+    micro-step fits one GPU, the optimizer says so, priced as that step runs (kernels and graphs), and the
+    plan with the change runs it. Not on two GPUs (no graphs under DDP by default), nor where it won't fit."""
+    def mhc(training: dict, compute: str = "1xH100-80GB"):
+        return plan(training, scale="350M", compute=compute,
+                    techniques={"mhc": {"streams": 4, "stream_dtype": "bfloat16"}})
+
+    summed = mhc({"micro_batch": 8, "global_batch": 16, "precision": "bf16"})
+    result = fitting.fit(summed, fitting.hardware_for(summed, host=HOST), alternatives=False)
+    ran = result.chosen.priced[0]
+    assert (ran.settings.grad_accum, ran.settings.model.fused_kernels, ran.settings.cuda_graphs) == (2, "off", False)
+    (faster,) = fitting.faster_connections(result.chosen, result.hardware)
+    assert faster.changes == ("training.micro_batch: 16", "training.grad_accum: 1")
+    changed = mhc({"micro_batch": 16, "grad_accum": 1, "global_batch": 16, "precision": "bf16"})
+    again = fitting.fit(changed, fitting.hardware_for(changed, host=HOST), alternatives=False).chosen.priced[0]
+    assert (again.settings.grad_accum, again.settings.model.fused_kernels, again.settings.cuda_graphs) == \
+        (1, "on", True)
+    assert again.time.tokens_per_s == pytest.approx(faster.tokens_per_s)  # priced as the changed plan runs
+    assert faster.tokens_per_s > 1.1 * faster.was_tokens_per_s
+    two = mhc({"micro_batch": 8, "global_batch": 32, "precision": "bf16"}, compute="2xH100-80GB")
+    result = fitting.fit(two, fitting.hardware_for(two, host=HOST), alternatives=False)
+    assert result.chosen.priced[0].settings.grad_accum == 2
+    assert fitting.faster_connections(result.chosen, result.hardware) == []
+    huge = mhc({"micro_batch": 8, "global_batch": 512, "precision": "bf16"})  # 512 sequences at once: no fit
+    result = fitting.fit(huge, fitting.hardware_for(huge, host=HOST), alternatives=False)
+    assert fitting.faster_connections(result.chosen, result.hardware) == []
+
+
 def test_the_faster_connection_is_said_only_when_it_fits_and_is_faster(monkeypatch) -> None:
     from dataclasses import replace
 

@@ -98,8 +98,9 @@ def faster_lines(candidate: Any, hw: Any) -> list[Text]:
 
     return [Text(f"faster, your choice: {' with '.join(f.changes)} would train stage {f.stage} at "
                  f"{f.tokens_per_s:,.0f} tokens/s against {f.was_tokens_per_s:,.0f} (priced from plan runs on an "
-                 "H100 / H200, docs/bench_plan_run.md; a bf16 state's effect on the loss: "
-                 "docs/bench_stream_dtype.md)", style="cyan")
+                 "H100 / H200, docs/bench_plan_run.md"
+                 + ("; a bf16 state's effect on the loss: docs/bench_stream_dtype.md"
+                    if any("stream_dtype" in change for change in f.changes) else "") + ")", style="cyan")
             for f in faster_connections(candidate, hw)]
 
 

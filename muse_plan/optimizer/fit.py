@@ -314,7 +314,9 @@ def faster_connections(candidate: Candidate, hw: Hardware) -> list[FasterConnect
     ``training.fused_kernels: on``, where that is not what the stage runs, fits the same memory limit and
     prices at least 2% faster. A bf16 state rounds the streams between connections, so the optimizer says
     it and leaves the choice to the user; so too where the fused kernels the plan asks for price slower than
-    torch's fusion (``training.fused_kernels: off``)."""
+    torch's fusion (``training.fused_kernels: off``), and where a step that sums micro-steps on one GPU would,
+    as one micro-step of the same global batch, replay CUDA graphs with the kernels (a micro-batch the plan
+    chose, or the largest that fits, which a larger one may not)."""
     from engines.architecture.modes import RESIDUAL_MODES
 
     out = []
@@ -325,19 +327,23 @@ def faster_connections(candidate: Candidate, hw: Hardware) -> list[FasterConnect
             continue
         technique = "geometric_scaling" if m.residual == "mgt" else m.residual
         best: tuple[float, tuple[str, ...]] | None = None
-        for kernels in ("off", "on") if m.streams == 4 else ("off",):
+        batches = [(cfg.micro_batch, cfg.grad_accum)]
+        if cfg.grad_accum > 1 and cfg.world_size == 1:  # one micro-step a step, the step CUDA graphs can replay
+            batches.append((cfg.micro_batch * cfg.grad_accum, 1))
+        for kernels, (micro, accum) in itertools.product(("off", "on") if m.streams == 4 else ("off",), batches):
             model = replace(cfg.model, stream_dtype="bfloat16", fused_kernels=kernels)
-            graphs = uses_cuda_graphs(s.settings.cuda_graphs_setting, cfg.compiled, True, cfg.grad_accum, model,
+            graphs = uses_cuda_graphs(s.settings.cuda_graphs_setting, cfg.compiled, True, accum, model,
                                       cfg.world_size)
-            form = replace(cfg, model=model, cuda_graphs=graphs)
+            form = replace(cfg, model=model, cuda_graphs=graphs, micro_batch=micro, grad_accum=accum)
             # what the user writes: under training.fused_kernels auto a bf16 state of 4 streams gets its kernels
             # where they price faster (mhc's where the step replays CUDA graphs)
             given = s.settings.fused_kernels_setting == "auto" and kernels_and_graphs(
-                "auto", s.settings.cuda_graphs_setting, cfg.compiled, True, cfg.grad_accum, model,
+                "auto", s.settings.cuda_graphs_setting, cfg.compiled, True, accum, model,
                 cfg.world_size)[0].fused_kernels == kernels
             changes = ((f"techniques.{technique}.stream_dtype: bfloat16",) if m.stream_dtype != "bfloat16" else ()) \
                 + ((f"training.fused_kernels: {kernels}",)
-                   if (m.fused_kernels == "on") != (kernels == "on") and not given else ())
+                   if (m.fused_kernels == "on") != (kernels == "on") and not given else ()) \
+                + ((f"training.micro_batch: {micro}", "training.grad_accum: 1") if accum != cfg.grad_accum else ())
             if not changes or memory.estimate(form, device="cuda").total > candidate.limit:
                 continue
             speed = throughput.step_time(form, hw.gpu, cpu_cores=hw.cpu_cores, network_gbps=hw.network_gbps)
