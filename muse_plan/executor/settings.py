@@ -132,33 +132,28 @@ def decoder_config(spec: PlanSpec, stage: StageSpec) -> ModelConfig:
     return grown_rope(spec, stage, config)  # a stage after a context growth: the rotary scaling it grew into
 
 
-def auto_kernels(config: ModelConfig, graphs: bool) -> str:
-    """``training.fused_kernels: auto`` (the default) for a stage compiled on a GPU (``compiles``: pretrain,
-    continue, finetune): ``on`` where the connection's fused kernels compute the function the plan asks for
-    and price below torch's fusion of it (``modes.fused_faster``, prices fitted to ``muse plan run`` at
-    350M on an H100, docs/bench_plan_run.md), given whether the step replays CUDA graphs (``graphs``:
-    what ``uses_cuda_graphs`` gives with the kernels on). So ddl and mhc with a bf16 state of 4 streams get
-    them where a step is one micro-step on one process (replayed: ddl +5.4-7.9% over standard against +9%,
-    mhc +33-38% against +47%), and torch's fusion where it sums micro-steps or runs on several processes
-    (unreplayed, ddl's kernels measured +9.7%, level with torch's, and mhc's +90% against +50%, bound by
-    their launches); mgt's bf16 state of 4 streams gets them either way (+55-60% against +83%). ``off``
-    elsewhere, an fp32 state of mhc / mgt among them (their kernels need the bf16 state, a numeric choice
-    the user makes). Stages not compiled (the GRPO engine's, or off a GPU) keep torch's: there the kernels
-    were not timed, and a compiled stage's first step has a way back to torch's connections where they fail
-    (``compiled.first_call``)."""
-    return "on" if fused_faster(config, graphs) else "off"
-
-
 def kernels_and_graphs(kernels: str, graphs: str, compiled: bool, cuda: bool, grad_accum: int,
                        config: ModelConfig, world_size: int) -> tuple[ModelConfig, bool]:
     """The model with ``training.fused_kernels`` resolved, and whether its compiled regions replay CUDA
-    graphs (``training.cuda_graphs``), the two settings decided together: ``auto`` kernels where they price
-    faster given the graphs they would get, the graphs where the kernels that run were measured faster with
-    them. ``kernels`` / ``graphs``: the plan's settings (``auto`` where it leaves them out)."""
+    graphs (``training.cuda_graphs``), decided together. ``kernels`` / ``graphs``: the plan's settings
+    (``auto`` where it leaves them out).
+
+    ``auto`` kernels (the default) in a stage compiled on a GPU (``compiles``: pretrain, continue,
+    finetune): ``on`` where the connection's fused kernels compute the function the plan asks for and price
+    below torch's fusion of it (``modes.fused_faster``, prices fitted to ``muse plan run`` at 350M on an
+    H100, docs/bench_plan_run.md), given the graphs the step would replay with them on. So ddl and mhc with a
+    bf16 state of 4 streams get them where a step is one micro-step on one process (replayed: ddl +5.4-7.9%
+    over standard against +9%, mhc +33-38% against +47%), and torch's fusion where it sums micro-steps or
+    runs on several processes (unreplayed, ddl's kernels measured +9.7%, level with torch's, and mhc's +90%
+    against +50%, bound by their launches); mgt's bf16 state of 4 streams gets them either way (+55-60%
+    against +83%). ``off`` elsewhere, an fp32 state of mhc / mgt among them (their kernels need the bf16
+    state, a numeric choice the user makes). Stages not compiled (the GRPO engine's, or off a GPU) keep
+    torch's: there the kernels were not timed, and a compiled stage's first step has a way back to torch's
+    connections where they fail (``compiled.first_call``). The graphs then follow the kernels that run."""
     if compiled and kernels == "auto":
         replayed = uses_cuda_graphs(graphs, compiled, cuda, grad_accum, replace(config, fused_kernels="on"),
                                     world_size)
-        config = replace(config, fused_kernels=auto_kernels(config, replayed))
+        config = replace(config, fused_kernels="on" if fused_faster(config, replayed) else "off")
     return config, uses_cuda_graphs(graphs, compiled, cuda, grad_accum, config, world_size)
 
 
